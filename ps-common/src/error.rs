@@ -1,0 +1,22 @@
+//! The error type of `ps-common`: malformed wire data and invalid specs.
+
+/// Everything that can be wrong with data or settings before it reaches a
+/// store or a model. Servers wrap it in their own error (and map that to a
+/// gRPC status in one place); workers wrap it in theirs.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    #[error("{what}: byte length {len} is not a multiple of {width}")]
+    Misaligned { what: &'static str, len: usize, width: usize },
+    #[error("{what}: expected {expected} values, got {got}")]
+    LengthMismatch { what: &'static str, expected: usize, got: usize },
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    #[error("invalid optimizer settings: {0}")]
+    InvalidOptimizer(String),
+    #[error("invalid initializer: {0}")]
+    InvalidInitializer(String),
+    #[error("invalid table spec: {0}")]
+    InvalidSpec(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

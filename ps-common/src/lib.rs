@@ -1,0 +1,24 @@
+//! Shared vocabulary of the parameter server: the wire protocol, the
+//! partitioning of keys and tensor chunks over shards, and the optimizer rules.
+//!
+//! - [`wire`] holds the generated protobuf/gRPC types (package `ps.v1`) and the
+//!   only conversions between them and the domain types. Nothing else in the
+//!   project builds or reads a prost struct.
+//! - [`codec`] packs and unpacks the little-endian value and key buffers.
+//! - [`partition`] is the single function family that maps a sparse key or a
+//!   dense chunk to its shard. Servers and workers both call it.
+//! - [`optim`] holds the update rules (SGD, momentum/Nesterov, Adagrad,
+//!   Adam/AdamW, FTRL-proximal) as pure functions over slices; the caller owns
+//!   the locking and the optimizer state.
+//! - [`spec`] is the domain form of a table: layout, initializer, optimizer.
+//!
+//! `partition`, `optim`, `codec` and `spec` do no I/O and use neither tonic nor tokio.
+
+pub mod codec;
+pub mod error;
+pub mod optim;
+pub mod partition;
+pub mod spec;
+pub mod wire;
+
+pub use error::{Error, Result};

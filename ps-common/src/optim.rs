@@ -1,0 +1,1317 @@
+//! Optimizer update rules as pure functions over `f32` slices.
+//!
+//! A [`Rule`] is a value: the hyper-parameters of one update rule. It owns no
+//! state. The caller (the server's store) owns each block's parameters, its
+//! optimizer state and its step count, takes whatever lock it needs, and calls
+//! [`Rule::apply`], which is a deterministic function of
+//! `(param, grad, state, step, lr_scale)`. Nothing here allocates, locks or
+//! does I/O.
+//!
+//! The rules follow `torch.optim` (SGD, SGD with momentum/Nesterov, Adagrad,
+//! Adam, AdamW) operation by operation, and FTRL-proximal follows Algorithm 1
+//! of McMahan et al., "Ad Click Prediction: a View from the Trenches"
+//! (KDD 2013). Each variant documents its formula.
+//!
+//! # State layout
+//!
+//! A block of `n` parameters needs `n * rule.state_per_param()` state values,
+//! slot-major: `state[k * n..(k + 1) * n]` is slot `k` for all `n` parameters
+//! (momentum: the buffer; Adagrad: the sum of squares; Adam: `m` then `v`;
+//! FTRL: `z` then `n`). A fresh buffer is filled by [`Rule::init_state`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// An update rule with its hyper-parameters.
+///
+/// Deserializes from a table tagged by `rule`, e.g. `{ rule = "adam", lr = 1e-3 }`.
+/// Omitted fields take the defaults noted on them (PyTorch's, where PyTorch has
+/// the rule); unknown fields are rejected. Call [`Rule::validate`] after
+/// deserializing.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rule", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Rule {
+    /// `torch.optim.SGD` without momentum:
+    ///
+    /// ```text
+    /// g ← g + weight_decay·p
+    /// p ← p − lr·g
+    /// ```
+    Sgd {
+        lr: f32,
+        /// L2 penalty added to the gradient. Default 0.
+        #[serde(default)]
+        weight_decay: f32,
+    },
+    /// `torch.optim.SGD` with momentum, dampening and Nesterov. One state slot,
+    /// the momentum buffer `b`:
+    ///
+    /// ```text
+    /// g ← g + weight_decay·p
+    /// b ← g                              on step 1 (no dampening, as PyTorch)
+    /// b ← momentum·b + (1 − dampening)·g on later steps
+    /// g ← g + momentum·b  if nesterov, else  g ← b
+    /// p ← p − lr·g
+    /// ```
+    ///
+    /// With `momentum = 0` PyTorch keeps no buffer and this is plain SGD; so is
+    /// this rule (the buffer stays untouched).
+    Momentum {
+        lr: f32,
+        momentum: f32,
+        /// Default 0.
+        #[serde(default)]
+        dampening: f32,
+        /// Default false. Requires `momentum > 0` and `dampening = 0`.
+        #[serde(default)]
+        nesterov: bool,
+        /// Default 0.
+        #[serde(default)]
+        weight_decay: f32,
+    },
+    /// `torch.optim.Adagrad` with `lr_decay = 0`. One state slot, the sum of
+    /// squared gradients `s`, initially `initial_accumulator`:
+    ///
+    /// ```text
+    /// g ← g + weight_decay·p
+    /// s ← s + g²
+    /// p ← p − lr·g / (√s + eps)          eps outside the square root
+    /// ```
+    Adagrad {
+        lr: f32,
+        /// Default 1e-10.
+        #[serde(default = "defaults::adagrad_eps")]
+        eps: f32,
+        /// Default 0.
+        #[serde(default)]
+        initial_accumulator: f32,
+        /// Default 0.
+        #[serde(default)]
+        weight_decay: f32,
+    },
+    /// `torch.optim.Adam` (`decoupled = false`) or `torch.optim.AdamW`
+    /// (`decoupled = true`). Two state slots, `m` then `v`; `t` is the step:
+    ///
+    /// ```text
+    /// Adam:  g ← g + weight_decay·p      AdamW: p ← p·(1 − lr·weight_decay)
+    /// m ← β1·m + (1 − β1)·g
+    /// v ← β2·v + (1 − β2)·g²
+    /// m̂ ← m / (1 − β1ᵗ),  v̂ ← v / (1 − β2ᵗ)
+    /// p ← p − lr·m̂ / (√v̂ + eps)         eps outside the square root,
+    ///                                    added after bias correction
+    /// ```
+    ///
+    /// The bias corrections are computed in `f64`, and the update is evaluated
+    /// as PyTorch does: `p − (lr / (1 − β1ᵗ))·m / (√v / √(1 − β2ᵗ) + eps)`.
+    Adam {
+        lr: f32,
+        /// Default 0.9.
+        #[serde(default = "defaults::adam_beta1")]
+        beta1: f32,
+        /// Default 0.999.
+        #[serde(default = "defaults::adam_beta2")]
+        beta2: f32,
+        /// Default 1e-8.
+        #[serde(default = "defaults::adam_eps")]
+        eps: f32,
+        /// Default 0 (note: `torch.optim.AdamW` defaults to 0.01).
+        #[serde(default)]
+        weight_decay: f32,
+        /// Default false: L2 penalty in the gradient (Adam). True: decoupled
+        /// weight decay (AdamW).
+        #[serde(default)]
+        decoupled: bool,
+    },
+    /// FTRL-proximal, McMahan et al. (KDD 2013), Algorithm 1, per coordinate.
+    /// Two state slots, `z` then `n`; the parameter is the weight `w`:
+    ///
+    /// ```text
+    /// σ ← (√(n + g²) − √n) / alpha
+    /// z ← z + g − σ·w
+    /// n ← n + g²
+    /// w ← 0                                                    if |z| ≤ l1
+    /// w ← −(z − sign(z)·l1) / ((beta + √n) / alpha + l2)      otherwise
+    /// ```
+    ///
+    /// The weight is a function of `(z, n)`; `apply` overwrites the parameter
+    /// with it. See [`Rule::init_state`] for the initial state.
+    Ftrl {
+        alpha: f32,
+        /// Default 1.
+        #[serde(default = "defaults::ftrl_beta")]
+        beta: f32,
+        /// Default 0.
+        #[serde(default)]
+        l1: f32,
+        /// Default 0.
+        #[serde(default)]
+        l2: f32,
+    },
+}
+
+mod defaults {
+    pub(super) fn adagrad_eps() -> f32 {
+        1e-10
+    }
+    pub(super) fn adam_beta1() -> f32 {
+        0.9
+    }
+    pub(super) fn adam_beta2() -> f32 {
+        0.999
+    }
+    pub(super) fn adam_eps() -> f32 {
+        1e-8
+    }
+    pub(super) fn ftrl_beta() -> f32 {
+        1.0
+    }
+}
+
+impl Rule {
+    /// Adam with PyTorch's defaults: β1 = 0.9, β2 = 0.999, eps = 1e-8, no
+    /// weight decay.
+    pub fn adam(lr: f32) -> Rule {
+        Rule::Adam {
+            lr,
+            beta1: defaults::adam_beta1(),
+            beta2: defaults::adam_beta2(),
+            eps: defaults::adam_eps(),
+            weight_decay: 0.0,
+            decoupled: false,
+        }
+    }
+
+    /// Plain SGD without weight decay.
+    pub fn sgd(lr: f32) -> Rule {
+        Rule::Sgd {
+            lr,
+            weight_decay: 0.0,
+        }
+    }
+
+    /// The rule's name, as in the serialized `rule` tag.
+    fn name(&self) -> &'static str {
+        match self {
+            Rule::Sgd { .. } => "sgd",
+            Rule::Momentum { .. } => "momentum",
+            Rule::Adagrad { .. } => "adagrad",
+            Rule::Adam { .. } => "adam",
+            Rule::Ftrl { .. } => "ftrl",
+        }
+    }
+
+    /// Checks every hyper-parameter: all are finite; `lr`, `alpha` and `eps`
+    /// are `> 0`; `momentum`, `beta1` and `beta2` are in `[0, 1)`;
+    /// `dampening` is in `[0, 1]`; weight decays, `initial_accumulator`,
+    /// FTRL's `beta`, `l1` and `l2` are `>= 0`. Nesterov needs `momentum > 0`
+    /// and `dampening = 0` (as PyTorch). FTRL needs `beta / alpha + l2 > 0`,
+    /// or the weight is undefined before the first non-zero gradient.
+    ///
+    /// The error names the rule and the field, e.g.
+    /// `adam.beta2 must be finite and in [0, 1), got 1`.
+    pub fn validate(&self) -> Result<()> {
+        let rule = self.name();
+        let field = |name: &str, value: f32, ok: bool, want: &str| {
+            if value.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(Error::InvalidOptimizer(format!(
+                    "{rule}.{name} must be finite and {want}, got {value}"
+                )))
+            }
+        };
+        let positive = |name: &str, v: f32| field(name, v, v > 0.0, "> 0");
+        let non_negative = |name: &str, v: f32| field(name, v, v >= 0.0, ">= 0");
+        let unit = |name: &str, v: f32| field(name, v, (0.0..1.0).contains(&v), "in [0, 1)");
+        match *self {
+            Rule::Sgd { lr, weight_decay } => {
+                positive("lr", lr)?;
+                non_negative("weight_decay", weight_decay)?;
+            }
+            Rule::Momentum {
+                lr,
+                momentum,
+                dampening,
+                nesterov,
+                weight_decay,
+            } => {
+                positive("lr", lr)?;
+                unit("momentum", momentum)?;
+                field(
+                    "dampening",
+                    dampening,
+                    (0.0..=1.0).contains(&dampening),
+                    "in [0, 1]",
+                )?;
+                non_negative("weight_decay", weight_decay)?;
+                if nesterov && (momentum == 0.0 || dampening != 0.0) {
+                    return Err(Error::InvalidOptimizer(format!(
+                        "{rule}.nesterov requires momentum > 0 and dampening = 0, \
+                         got momentum {momentum} and dampening {dampening}"
+                    )));
+                }
+            }
+            Rule::Adagrad {
+                lr,
+                eps,
+                initial_accumulator,
+                weight_decay,
+            } => {
+                positive("lr", lr)?;
+                positive("eps", eps)?;
+                non_negative("initial_accumulator", initial_accumulator)?;
+                non_negative("weight_decay", weight_decay)?;
+            }
+            Rule::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                decoupled: _,
+            } => {
+                positive("lr", lr)?;
+                unit("beta1", beta1)?;
+                unit("beta2", beta2)?;
+                positive("eps", eps)?;
+                non_negative("weight_decay", weight_decay)?;
+            }
+            Rule::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => {
+                positive("alpha", alpha)?;
+                non_negative("beta", beta)?;
+                non_negative("l1", l1)?;
+                non_negative("l2", l2)?;
+                if beta / alpha + l2 <= 0.0 {
+                    return Err(Error::InvalidOptimizer(format!(
+                        "{rule}: beta / alpha + l2 must be > 0 (the weight is undefined \
+                         before the first gradient otherwise), got beta {beta}, \
+                         alpha {alpha}, l2 {l2}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How many `f32` state slots each parameter needs: SGD 0, momentum 1,
+    /// Adagrad 1, Adam 2 (`m`, `v`), FTRL 2 (`z`, `n`).
+    pub fn state_per_param(&self) -> usize {
+        match self {
+            Rule::Sgd { .. } => 0,
+            Rule::Momentum { .. } | Rule::Adagrad { .. } => 1,
+            Rule::Adam { .. } | Rule::Ftrl { .. } => 2,
+        }
+    }
+
+    /// Fills a fresh state buffer (`state.len() == param.len() *
+    /// state_per_param()`, slot-major) for a block whose initial parameters
+    /// are `param`.
+    ///
+    /// Momentum and Adam start from zeros; Adagrad's sum starts at
+    /// `initial_accumulator`.
+    ///
+    /// FTRL defines the weight as a function of `(z, n)`, so its state must
+    /// encode the initial weights. We start with `n = 0` and pick `z` so that
+    /// the closed form gives back `w` exactly (in exact arithmetic):
+    ///
+    /// ```text
+    /// z = −(w·(beta / alpha + l2) + sign(w)·l1),  n = 0
+    /// ```
+    ///
+    /// (`sign(0) = 0`, so zero weights give `z = 0`, the paper's start.) The
+    /// first update then sees the same weight the paper's algorithm would
+    /// compute at the start of the round. [`Rule::validate`] guarantees
+    /// `beta / alpha + l2 > 0`, so every initial weight is representable.
+    pub fn init_state(&self, param: &[f32], state: &mut [f32]) {
+        let n = param.len();
+        debug_assert_eq!(state.len(), n * self.state_per_param(), "state length");
+        match *self {
+            Rule::Sgd { .. } => {}
+            Rule::Momentum { .. } | Rule::Adam { .. } => state.fill(0.0),
+            Rule::Adagrad {
+                initial_accumulator,
+                ..
+            } => state.fill(initial_accumulator),
+            Rule::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => {
+                let (z, acc) = state.split_at_mut(n);
+                let d = beta / alpha + l2;
+                for (z, &w) in z.iter_mut().zip(param) {
+                    let shift = if w == 0.0 { 0.0 } else { l1.copysign(w) };
+                    *z = -(w * d + shift);
+                }
+                acc.fill(0.0);
+            }
+        }
+    }
+
+    /// Applies one update in place.
+    ///
+    /// - `step` is the 1-based count of updates applied to this block so far,
+    ///   including this one (the caller stores it per block or row). Momentum
+    ///   uses it to detect the first step, Adam for bias correction.
+    /// - `lr_scale` multiplies the learning rate (`lr`; FTRL's `alpha`) for
+    ///   this update only: 1 normally, `1 / (1 + τ)` for a gradient that is τ
+    ///   versions stale. For AdamW the decay is `lr·lr_scale·weight_decay`.
+    /// - `state` is the block's state, laid out as in the module docs.
+    ///
+    /// Preconditions, checked by the caller (only debug-asserted here):
+    /// `grad.len() == param.len()`, `state.len() == param.len() *
+    /// state_per_param()`, `step >= 1`, `lr_scale` finite and `> 0`, and the
+    /// rule passed [`Rule::validate`].
+    ///
+    /// Each rule is one pass over the slices with no branch on the rule inside
+    /// the loop, written so that LLVM vectorizes it.
+    pub fn apply(
+        &self,
+        step: u64,
+        lr_scale: f32,
+        param: &mut [f32],
+        grad: &[f32],
+        state: &mut [f32],
+    ) {
+        let n = param.len();
+        debug_assert_eq!(grad.len(), n, "gradient length");
+        debug_assert_eq!(state.len(), n * self.state_per_param(), "state length");
+        debug_assert!(step >= 1, "step is 1-based");
+        debug_assert!(
+            lr_scale.is_finite() && lr_scale > 0.0,
+            "lr_scale {lr_scale}"
+        );
+        match *self {
+            Rule::Sgd { lr, weight_decay } => sgd(lr * lr_scale, weight_decay, param, grad),
+            Rule::Momentum {
+                lr,
+                momentum,
+                dampening,
+                nesterov,
+                weight_decay,
+            } => {
+                let lr = lr * lr_scale;
+                let k = MomentumConsts {
+                    lr,
+                    momentum,
+                    keep: 1.0 - dampening,
+                    weight_decay,
+                };
+                match (momentum == 0.0, step == 1, nesterov) {
+                    (true, _, _) => sgd(lr, weight_decay, param, grad),
+                    (false, true, false) => momentum_kernel::<true, false>(k, param, grad, state),
+                    (false, true, true) => momentum_kernel::<true, true>(k, param, grad, state),
+                    (false, false, false) => momentum_kernel::<false, false>(k, param, grad, state),
+                    (false, false, true) => momentum_kernel::<false, true>(k, param, grad, state),
+                }
+            }
+            Rule::Adagrad {
+                lr,
+                eps,
+                initial_accumulator: _,
+                weight_decay,
+            } => {
+                let lr = lr * lr_scale;
+                for ((p, &g), s) in param.iter_mut().zip(grad).zip(state.iter_mut()) {
+                    let g = g + weight_decay * *p;
+                    *s += g * g;
+                    *p -= lr * (g / (s.sqrt() + eps));
+                }
+            }
+            Rule::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                decoupled,
+            } => {
+                let lr = lr * lr_scale;
+                // One loop for both: Adam adds `l2·p` to the gradient, AdamW
+                // scales `p` by `shrink` first; the other factor is neutral.
+                let (l2, shrink) = if decoupled {
+                    (0.0, 1.0 - lr * weight_decay)
+                } else {
+                    (weight_decay, 1.0)
+                };
+                // β^t underflows to 0 long before t reaches i32::MAX.
+                let t = i32::try_from(step).unwrap_or(i32::MAX);
+                let bias1 = 1.0 - f64::from(beta1).powi(t);
+                let bias2 = 1.0 - f64::from(beta2).powi(t);
+                let step_size = (f64::from(lr) / bias1) as f32;
+                let inv_sqrt_bias2 = (1.0 / bias2.sqrt()) as f32;
+                let (c1, c2) = (1.0 - beta1, 1.0 - beta2);
+                let (m, v) = state.split_at_mut(n);
+                for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(m).zip(v) {
+                    let g = g + l2 * *p;
+                    *p *= shrink;
+                    *m = beta1 * *m + c1 * g;
+                    *v = beta2 * *v + c2 * (g * g);
+                    let denom = v.sqrt() * inv_sqrt_bias2 + eps;
+                    *p -= step_size * (*m / denom);
+                }
+            }
+            Rule::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => {
+                let inv_alpha = 1.0 / (alpha * lr_scale);
+                let (z, acc) = state.split_at_mut(n);
+                for (((w, &g), z), acc) in param.iter_mut().zip(grad).zip(z).zip(acc) {
+                    let sqrt_old = acc.sqrt();
+                    *acc += g * g;
+                    let sqrt_new = acc.sqrt();
+                    let sigma = (sqrt_new - sqrt_old) * inv_alpha;
+                    *z += g - sigma * *w;
+                    let denom = (beta + sqrt_new) * inv_alpha + l2;
+                    // `l1.copysign(z)` is sign(z)·l1 whenever |z| > l1 >= 0.
+                    *w = if z.abs() <= l1 {
+                        0.0
+                    } else {
+                        (l1.copysign(*z) - *z) / denom
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// `p ← p − lr·(g + weight_decay·p)`.
+#[inline(always)]
+fn sgd(lr: f32, weight_decay: f32, param: &mut [f32], grad: &[f32]) {
+    for (p, &g) in param.iter_mut().zip(grad) {
+        let g = g + weight_decay * *p;
+        *p -= lr * g;
+    }
+}
+
+#[derive(Clone, Copy)]
+struct MomentumConsts {
+    lr: f32,
+    momentum: f32,
+    /// `1 − dampening`.
+    keep: f32,
+    weight_decay: f32,
+}
+
+/// The momentum update, specialized on the first step and on Nesterov so the
+/// loop body has no branches.
+#[inline(always)]
+fn momentum_kernel<const FIRST: bool, const NESTEROV: bool>(
+    k: MomentumConsts,
+    param: &mut [f32],
+    grad: &[f32],
+    buf: &mut [f32],
+) {
+    for ((p, &g), b) in param.iter_mut().zip(grad).zip(buf) {
+        let g = g + k.weight_decay * *p;
+        *b = if FIRST {
+            g
+        } else {
+            k.momentum * *b + k.keep * g
+        };
+        let d = if NESTEROV { g + k.momentum * *b } else { *b };
+        *p -= k.lr * d;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    use super::*;
+
+    // ---------------------------------------------------------------------
+    // Fixed reference values.
+    //
+    // The expected numbers were printed by this Python script (plain f64
+    // floats), written from the algorithm boxes of the PyTorch docs for
+    // torch.optim.SGD, Adagrad, Adam and AdamW, and from Algorithm 1 of
+    // McMahan et al. (KDD 2013) for FTRL-proximal:
+    //
+    // import math
+    // P0 = [1.0, -0.5, 0.0, 2.0]
+    // G = [[0.5, -1.0, 2.0, 0.0], [-0.3, -0.8, 1.5, 0.1], [0.2, 0.4, -2.5, 0.0],
+    //      [1.0, -0.2, 0.7, -0.05], [-0.6, 0.9, 0.3, 0.2]]
+    //
+    // def sgd(lr, mu=0.0, tau=0.0, nesterov=False, wd=0.0, T=5):
+    //     th = list(P0); b = [0.0] * 4
+    //     for t in range(1, T + 1):
+    //         for i in range(4):
+    //             g = G[t - 1][i]
+    //             if wd != 0: g = g + wd * th[i]
+    //             if mu != 0:
+    //                 b[i] = mu * b[i] + (1 - tau) * g if t > 1 else g
+    //                 g = g + mu * b[i] if nesterov else b[i]
+    //             th[i] = th[i] - lr * g
+    //     return th
+    //
+    // def adagrad(lr, eps=1e-10, init=0.0, wd=0.0, T=5):
+    //     th = list(P0); s = [init] * 4
+    //     for t in range(1, T + 1):
+    //         for i in range(4):
+    //             g = G[t - 1][i]
+    //             if wd != 0: g = g + wd * th[i]
+    //             s[i] = s[i] + g * g
+    //             th[i] = th[i] - lr * g / (math.sqrt(s[i]) + eps)
+    //     return th
+    //
+    // def adam(lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, adamw=False, T=5):
+    //     th = list(P0); m = [0.0] * 4; v = [0.0] * 4
+    //     for t in range(1, T + 1):
+    //         for i in range(4):
+    //             g = G[t - 1][i]
+    //             if adamw: th[i] = th[i] - lr * wd * th[i]
+    //             elif wd != 0: g = g + wd * th[i]
+    //             m[i] = b1 * m[i] + (1 - b1) * g
+    //             v[i] = b2 * v[i] + (1 - b2) * g * g
+    //             mh = m[i] / (1 - b1 ** t); vh = v[i] / (1 - b2 ** t)
+    //             th[i] = th[i] - lr * mh / (math.sqrt(vh) + eps)
+    //     return th
+    //
+    // def ftrl(alpha, beta=1.0, l1=0.0, l2=0.0, T=5):
+    //     sgn = lambda x: (x > 0) - (x < 0)
+    //     def weight(z, n):
+    //         return 0.0 if abs(z) <= l1 else -(z - sgn(z) * l1) / ((beta + math.sqrt(n)) / alpha + l2)
+    //     # Initial state (optim.rs's documented choice): n = 0 and z chosen so that
+    //     # the closed-form weight of the paper equals the initial parameter.
+    //     z = [-(w * (beta / alpha + l2) + sgn(w) * l1) for w in P0]; n = [0.0] * 4
+    //     assert all(abs(weight(z[i], n[i]) - P0[i]) < 1e-12 for i in range(4))
+    //     for t in range(1, T + 1):
+    //         for i in range(4):
+    //             w = weight(z[i], n[i]); g = G[t - 1][i]
+    //             sigma = (math.sqrt(n[i] + g * g) - math.sqrt(n[i])) / alpha
+    //             z[i] += g - sigma * w
+    //             n[i] += g * g
+    //     return [weight(z[i], n[i]) for i in range(4)]
+    //
+    // print(sgd(0.1, mu=0.9, nesterov=True))  # and so on, one call per case below
+    // ---------------------------------------------------------------------
+
+    const P0: [f32; 4] = [1.0, -0.5, 0.0, 2.0];
+    const G: [[f32; 4]; 5] = [
+        [0.5, -1.0, 2.0, 0.0],
+        [-0.3, -0.8, 1.5, 0.1],
+        [0.2, 0.4, -2.5, 0.0],
+        [1.0, -0.2, 0.7, -0.05],
+        [-0.6, 0.9, 0.3, 0.2],
+    ];
+
+    /// Runs `steps` updates from `P0` (step `t` uses `grads[(t - 1) % len]`)
+    /// and compares with `expected` to 1e-6 relative to the parameter scale
+    /// (about 1 here; f32 rounding over five steps stays well below that).
+    #[track_caller]
+    fn check(rule: Rule, steps: u64, grads: &[[f32; 4]], expected: [f64; 4]) {
+        rule.validate().unwrap();
+        let mut param = P0;
+        let mut state = vec![f32::NAN; P0.len() * rule.state_per_param()];
+        rule.init_state(&param, &mut state);
+        for t in 1..=steps {
+            let g = &grads[(t as usize - 1) % grads.len()];
+            rule.apply(t, 1.0, &mut param, g, &mut state);
+        }
+        for (i, (&got, want)) in param.iter().zip(expected).enumerate() {
+            let diff = (f64::from(got) - want).abs();
+            assert!(
+                diff <= 1e-6 * (1.0 + want.abs()),
+                "{rule:?}: param {i} is {got}, expected {want} (|diff| {diff:e})"
+            );
+        }
+    }
+
+    #[test]
+    #[rustfmt::skip] // one case per line
+    fn sgd_matches_pytorch_values() {
+        check(Rule::sgd(0.1), 5, &G, [9.200000000e-01, -4.300000000e-01, -2.000000000e-01, 1.975000000e+00]);
+        check(
+            Rule::Sgd { lr: 0.1, weight_decay: 0.1 },
+            5,
+            &G,
+            [8.734672194e-01, -4.112155040e-01, -1.919390520e-01, 1.877227110e+00],
+        );
+    }
+
+    #[test]
+    #[rustfmt::skip] // one case per line
+    fn momentum_matches_pytorch_values() {
+        let m = |momentum, dampening, nesterov, weight_decay| Rule::Momentum {
+            lr: 0.1,
+            momentum,
+            dampening,
+            nesterov,
+            weight_decay,
+        };
+        check(m(0.9, 0.0, false, 0.0), 5, &G, [7.142150000e-01, 2.423000000e-02, -8.203700000e-01, 1.955110000e+00]);
+        check(m(0.9, 0.0, true, 0.0), 5, &G, [6.627935000e-01, 4.180700000e-02, -9.383330000e-01, 1.934599000e+00]);
+        check(m(0.9, 0.5, false, 0.05), 5, &G, [7.139553685e-01, -1.675008297e-02, -8.105394407e-01, 1.892066329e+00]);
+        // momentum = 0 is plain SGD in PyTorch, whatever the dampening.
+        check(m(0.0, 0.5, false, 0.0), 5, &G, [9.200000000e-01, -4.300000000e-01, -2.000000000e-01, 1.975000000e+00]);
+    }
+
+    #[test]
+    #[rustfmt::skip] // one case per line
+    fn adagrad_matches_pytorch_values() {
+        let a = |eps, initial_accumulator, weight_decay| Rule::Adagrad {
+            lr: 0.1,
+            eps,
+            initial_accumulator,
+            weight_decay,
+        };
+        check(a(1e-10, 0.0, 0.0), 5, &G, [8.793655209e-01, -4.078870999e-01, -1.170063191e-01, 1.857434204e+00]);
+        check(a(1e-3, 0.1, 0.1), 5, &G, [8.573010974e-01, -4.039971162e-01, -1.142900229e-01, 1.764379575e+00]);
+    }
+
+    #[test]
+    #[rustfmt::skip] // one case per line
+    fn adam_matches_pytorch_values() {
+        let a = |beta2, eps, weight_decay, decoupled| Rule::Adam {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2,
+            eps,
+            weight_decay,
+            decoupled,
+        };
+        check(Rule::adam(0.01), 5, &G, [9.758057755e-01, -4.688590733e-01, -2.446721027e-02, 1.979766519e+00]);
+        check(a(0.999, 1e-3, 0.1, false), 5, &G, [9.694114891e-01, -4.673862755e-01, -2.443024040e-02, 1.951377519e+00]);
+        check(a(0.99, 1e-8, 0.1, true), 5, &G, [9.708942009e-01, -4.664105532e-01, -2.440853377e-02, 1.969871506e+00]);
+    }
+
+    #[test]
+    #[rustfmt::skip] // one case per line
+    fn ftrl_matches_paper_values() {
+        let f = |l1| Rule::Ftrl { alpha: 0.5, beta: 1.0, l1, l2: 0.1 };
+        check(f(1.0), 5, &G, [7.724365936e-01, -2.945829027e-01, -2.099502324e-01, 1.899861799e+00]);
+        // A larger l1 keeps the coordinate that starts at 0 at exactly 0.
+        check(f(3.0), 5, &G, [7.724365936e-01, -2.945829027e-01, 0.0, 1.899861799e+00]);
+    }
+
+    #[test]
+    fn constructors_use_pytorch_defaults() {
+        assert_eq!(
+            Rule::adam(1e-3),
+            Rule::Adam {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                decoupled: false
+            }
+        );
+        assert_eq!(
+            Rule::sgd(0.5),
+            Rule::Sgd {
+                lr: 0.5,
+                weight_decay: 0.0
+            }
+        );
+        assert_eq!(
+            [Rule::sgd(1.0), Rule::adam(1.0)].map(|r| r.state_per_param()),
+            [0, 2]
+        );
+    }
+
+    #[test]
+    fn validate_names_field_and_reason() {
+        let err = |rule: Rule| rule.validate().unwrap_err().to_string();
+        assert_eq!(
+            err(Rule::Adam {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 1.0,
+                eps: 1e-8,
+                weight_decay: 0.0,
+                decoupled: false
+            }),
+            "invalid optimizer settings: adam.beta2 must be finite and in [0, 1), got 1"
+        );
+        assert_eq!(
+            err(Rule::Sgd {
+                lr: 0.0,
+                weight_decay: 0.0
+            }),
+            "invalid optimizer settings: sgd.lr must be finite and > 0, got 0"
+        );
+        let momentum = |momentum, dampening, nesterov| Rule::Momentum {
+            lr: 0.1,
+            momentum,
+            dampening,
+            nesterov,
+            weight_decay: 0.0,
+        };
+        assert!(
+            err(momentum(0.9, 0.1, true))
+                .contains("momentum.nesterov requires momentum > 0 and dampening = 0")
+        );
+        assert!(err(momentum(0.0, 0.0, true)).contains("momentum.nesterov requires"));
+        assert!(
+            err(momentum(1.0, 0.0, false))
+                .contains("momentum.momentum must be finite and in [0, 1), got 1")
+        );
+        assert!(
+            err(Rule::Ftrl {
+                alpha: 1.0,
+                beta: 0.0,
+                l1: 1.0,
+                l2: 0.0
+            })
+            .contains("beta / alpha + l2 must be > 0")
+        );
+        Rule::Ftrl {
+            alpha: 1.0,
+            beta: 0.0,
+            l1: 0.0,
+            l2: 0.1,
+        }
+        .validate()
+        .unwrap();
+    }
+
+    #[test]
+    fn adam_bias_correction_survives_huge_steps() {
+        let rule = Rule::adam(0.1);
+        let (mut p, mut state) = ([1.0f32], [0.0f32; 2]);
+        rule.apply(u64::MAX, 1.0, &mut p, &[1.0], &mut state);
+        // Both corrections are 1: p = 1 − lr·(1 − β1)·g / (√((1 − β2)·g²) + eps),
+        // with the hyper-parameters as the f32 values the rule holds.
+        let f = |x: f32| f64::from(x);
+        let want = 1.0 - f(0.1) * (1.0 - f(0.9)) / ((1.0 - f(0.999)).sqrt() + f(1e-8));
+        assert!((f64::from(p[0]) - want).abs() < 1e-6, "{} vs {want}", p[0]);
+    }
+
+    // ---------------------------------------------------------------------
+    // Property tests against an f64 reference implementation.
+    // ---------------------------------------------------------------------
+
+    /// One random training run of a block.
+    #[derive(Debug, Clone)]
+    struct Case {
+        param: Vec<f32>,
+        grads: Vec<Vec<f32>>,
+        /// One learning-rate scale per step.
+        lr_scales: Vec<f32>,
+        /// The step number of the first update (later than 1 for a block
+        /// whose state was reset, or to exercise bias correction at large t).
+        first_step: u64,
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        (1usize..64, 1usize..20).prop_flat_map(|(len, steps)| {
+            // Exact zeros are common in sparse gradients and are edge cases
+            // for Adam, Adagrad and FTRL.
+            let grad = prop_oneof![1 => Just(0.0f32), 5 => -10.0f32..10.0];
+            (
+                prop::collection::vec(-10.0f32..10.0, len),
+                prop::collection::vec(prop::collection::vec(grad, len), steps),
+                prop::collection::vec(prop_oneof![Just(1.0f32), 0.05f32..1.0], steps),
+                prop_oneof![4 => Just(1u64), 2 => 2u64..1_000_000, 1 => Just(u64::MAX - 32)],
+            )
+                .prop_map(|(param, grads, lr_scales, first_step)| Case {
+                    param,
+                    grads,
+                    lr_scales,
+                    first_step,
+                })
+        })
+    }
+
+    /// `10^e` for `e` uniform in `[log10 lo, log10 hi)`.
+    fn log_uniform(lo: f64, hi: f64) -> impl Strategy<Value = f32> {
+        (lo.log10()..hi.log10()).prop_map(|e| 10f64.powf(e) as f32)
+    }
+
+    /// Exactly zero a quarter of the time (the default of most fields).
+    fn or_zero(s: impl Strategy<Value = f32>) -> impl Strategy<Value = f32> {
+        prop_oneof![1 => Just(0.0f32), 3 => s]
+    }
+
+    fn sgd_rule() -> impl Strategy<Value = Rule> {
+        (log_uniform(1e-4, 1.0), or_zero(0.0f32..0.1))
+            .prop_map(|(lr, weight_decay)| Rule::Sgd { lr, weight_decay })
+    }
+
+    fn momentum_rule() -> impl Strategy<Value = Rule> {
+        (
+            log_uniform(1e-4, 1.0),
+            or_zero(0.0f32..0.99),
+            or_zero(0.0f32..=1.0),
+            any::<bool>(),
+            or_zero(0.0f32..0.1),
+        )
+            .prop_map(|(lr, momentum, dampening, nesterov, weight_decay)| {
+                let nesterov = nesterov && momentum > 0.0;
+                let dampening = if nesterov { 0.0 } else { dampening };
+                Rule::Momentum {
+                    lr,
+                    momentum,
+                    dampening,
+                    nesterov,
+                    weight_decay,
+                }
+            })
+    }
+
+    fn adagrad_rule() -> impl Strategy<Value = Rule> {
+        (
+            log_uniform(1e-4, 1.0),
+            log_uniform(1e-10, 1.0),
+            or_zero(0.0f32..1.0),
+            or_zero(0.0f32..0.1),
+        )
+            .prop_map(
+                |(lr, eps, initial_accumulator, weight_decay)| Rule::Adagrad {
+                    lr,
+                    eps,
+                    initial_accumulator,
+                    weight_decay,
+                },
+            )
+    }
+
+    fn adam_rule() -> impl Strategy<Value = Rule> {
+        (
+            log_uniform(1e-4, 1.0),
+            prop_oneof![Just(0.9f32), or_zero(0.0f32..0.99)],
+            prop_oneof![Just(0.999f32), 0.5f32..0.99999],
+            // A wide eps range: where eps goes (inside or outside the square
+            // root, before or after bias correction) only shows when eps is
+            // not negligible next to √v̂.
+            log_uniform(1e-10, 1.0),
+            or_zero(0.0f32..0.1),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(lr, beta1, beta2, eps, weight_decay, decoupled)| Rule::Adam {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    decoupled,
+                },
+            )
+    }
+
+    fn ftrl_rule() -> impl Strategy<Value = Rule> {
+        (
+            log_uniform(1e-3, 10.0),
+            or_zero(0.0f32..2.0),
+            or_zero(0.0f32..2.0),
+            or_zero(0.0f32..2.0),
+        )
+            .prop_map(|(alpha, beta, l1, l2)| Rule::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            })
+            .prop_filter("beta / alpha + l2 > 0", |rule| rule.validate().is_ok())
+    }
+
+    fn any_rule() -> impl Strategy<Value = Rule> {
+        prop_oneof![
+            sgd_rule(),
+            momentum_rule(),
+            adagrad_rule(),
+            adam_rule(),
+            ftrl_rule()
+        ]
+    }
+
+    /// The fast f32 path: `init_state`, then one `apply` per gradient.
+    fn run_f32(rule: Rule, case: &Case) -> Vec<f32> {
+        let mut param = case.param.clone();
+        // NaN, so a slot `init_state` forgets poisons the result.
+        let mut state = vec![f32::NAN; param.len() * rule.state_per_param()];
+        rule.init_state(&param, &mut state);
+        for (k, (grad, &lr_scale)) in case.grads.iter().zip(&case.lr_scales).enumerate() {
+            rule.apply(
+                case.first_step + k as u64,
+                lr_scale,
+                &mut param,
+                grad,
+                &mut state,
+            );
+        }
+        param
+    }
+
+    /// The reference: each coordinate on its own, in f64, written from the
+    /// formulas (PyTorch docs; McMahan et al. Algorithm 1) rather than from
+    /// the fast code. Hyper-parameters are the same f32 values widened to f64,
+    /// so differences come from f32 arithmetic only.
+    ///
+    /// Returns `(value, scale)` per coordinate. `scale` is the size of the
+    /// largest quantities, in units of the parameter, that the result was
+    /// computed from: the largest |p| along the way plus the magnitudes of
+    /// every update term (built from |g| + wd·|p| and absolute values of the
+    /// moment buffers, so cancellation inside a term is accounted for). Each
+    /// f32 operation errs by at most 2^-24 of its operands' size, so the f32
+    /// result is off by a small multiple of 2^-24 · scale.
+    fn run_f64(rule: Rule, case: &Case) -> Vec<(f64, f64)> {
+        let f = f64::from;
+        let steps = || case.grads.iter().zip(&case.lr_scales).enumerate();
+        (0..case.param.len())
+            .map(|i| {
+                let mut p = f(case.param[i]);
+                let mut scale = p.abs();
+                let mut largest_p = p.abs();
+                match rule {
+                    Rule::Sgd {
+                        lr,
+                        weight_decay: wd,
+                    } => {
+                        for (_, (grad, &s)) in steps() {
+                            let lr = f(lr) * f(s);
+                            let g = f(grad[i]) + f(wd) * p;
+                            scale += lr * (f(grad[i]).abs() + f(wd) * p.abs());
+                            p -= lr * g;
+                            largest_p = largest_p.max(p.abs());
+                        }
+                    }
+                    Rule::Momentum {
+                        lr,
+                        momentum: mu,
+                        dampening: tau,
+                        nesterov,
+                        weight_decay: wd,
+                    } => {
+                        let (mu, tau, wd) = (f(mu), f(tau), f(wd));
+                        let (mut b, mut b_abs) = (0.0f64, 0.0f64);
+                        for (k, (grad, &s)) in steps() {
+                            let t = case.first_step + k as u64;
+                            let lr = f(lr) * f(s);
+                            let mut g = f(grad[i]) + wd * p;
+                            let g_abs = f(grad[i]).abs() + wd * p.abs();
+                            let step_abs;
+                            if mu != 0.0 {
+                                if t > 1 {
+                                    b = mu * b + (1.0 - tau) * g;
+                                    b_abs = mu * b_abs + (1.0 - tau) * g_abs;
+                                } else {
+                                    b = g;
+                                    b_abs = g_abs;
+                                }
+                                if nesterov {
+                                    g += mu * b;
+                                    step_abs = g_abs + mu * b_abs;
+                                } else {
+                                    g = b;
+                                    step_abs = b_abs;
+                                }
+                            } else {
+                                step_abs = g_abs;
+                            }
+                            scale += lr * step_abs;
+                            p -= lr * g;
+                            largest_p = largest_p.max(p.abs());
+                        }
+                    }
+                    Rule::Adagrad {
+                        lr,
+                        eps,
+                        initial_accumulator,
+                        weight_decay: wd,
+                    } => {
+                        let mut sum = f(initial_accumulator);
+                        for (_, (grad, &s)) in steps() {
+                            let lr = f(lr) * f(s);
+                            let g = f(grad[i]) + f(wd) * p;
+                            let g_abs = f(grad[i]).abs() + f(wd) * p.abs();
+                            sum += g * g;
+                            let denom = sum.sqrt() + f(eps);
+                            scale += lr * g_abs / denom;
+                            p -= lr * g / denom;
+                            largest_p = largest_p.max(p.abs());
+                        }
+                    }
+                    Rule::Adam {
+                        lr,
+                        beta1,
+                        beta2,
+                        eps,
+                        weight_decay,
+                        decoupled,
+                    } => {
+                        let (b1, b2, eps, wd) = (f(beta1), f(beta2), f(eps), f(weight_decay));
+                        let (mut m, mut v, mut m_abs) = (0.0f64, 0.0f64, 0.0f64);
+                        for (k, (grad, &s)) in steps() {
+                            let t = (case.first_step + k as u64) as f64;
+                            let lr = f(lr) * f(s);
+                            let mut g = f(grad[i]);
+                            let mut g_abs = g.abs();
+                            if decoupled {
+                                p -= lr * wd * p;
+                            } else {
+                                g += wd * p;
+                                g_abs += wd * p.abs();
+                            }
+                            m = b1 * m + (1.0 - b1) * g;
+                            m_abs = b1 * m_abs + (1.0 - b1) * g_abs;
+                            v = b2 * v + (1.0 - b2) * g * g;
+                            let m_hat = m / (1.0 - b1.powf(t));
+                            let v_hat = v / (1.0 - b2.powf(t));
+                            let denom = v_hat.sqrt() + eps;
+                            scale += lr * m_abs / (1.0 - b1.powf(t)) / denom;
+                            p -= lr * m_hat / denom;
+                            largest_p = largest_p.max(p.abs());
+                        }
+                    }
+                    Rule::Ftrl {
+                        alpha,
+                        beta,
+                        l1,
+                        l2,
+                    } => {
+                        let (beta, l1, l2) = (f(beta), f(l1), f(l2));
+                        let sign = |x: f64| {
+                            if x > 0.0 {
+                                1.0
+                            } else if x < 0.0 {
+                                -1.0
+                            } else {
+                                0.0
+                            }
+                        };
+                        let weight = |z: f64, n: f64, alpha: f64| {
+                            if z.abs() <= l1 {
+                                0.0
+                            } else {
+                                -(z - sign(z) * l1) / ((beta + n.sqrt()) / alpha + l2)
+                            }
+                        };
+                        // The documented initial state: n = 0, and z such that
+                        // the closed-form weight is the initial parameter.
+                        let mut z = -(p * (beta / f(alpha) + l2) + sign(p) * l1);
+                        let mut n = 0.0f64;
+                        let mut z_abs = z.abs();
+                        for (_, (grad, &s)) in steps() {
+                            let alpha = f(alpha) * f(s);
+                            let g = f(grad[i]);
+                            let sigma = ((n + g * g).sqrt() - n.sqrt()) / alpha;
+                            z += g - sigma * p;
+                            n += g * g;
+                            z_abs += g.abs() + n.sqrt() / alpha * p.abs();
+                            p = weight(z, n, alpha);
+                            let denom = (beta + n.sqrt()) / alpha + l2;
+                            largest_p = largest_p.max(p.abs());
+                            scale = scale.max((z_abs + l1) / denom);
+                        }
+                    }
+                }
+                (p, largest_p + scale)
+            })
+            .collect()
+    }
+
+    /// Allowed error per unit of scale. Twenty steps of a handful of f32
+    /// operations, each off by at most 2^-24 ≈ 6e-8 of its operands, bound
+    /// the error by roughly 100·2^-24·scale ≈ 6e-6·scale in the worst case
+    /// (rounding errors mostly cancel, so observed errors are far smaller).
+    /// 1e-5 leaves margin against flakiness while still catching a misplaced
+    /// eps, a missing bias correction or a wrong first momentum step, which
+    /// change results by percents.
+    const TOLERANCE: f64 = 1e-5;
+
+    fn assert_matches_reference(rule: Rule, case: &Case) -> std::result::Result<(), TestCaseError> {
+        prop_assert!(rule.validate().is_ok(), "{:?}", rule.validate());
+        let got = run_f32(rule, case);
+        for (i, (&a, (b, scale))) in got.iter().zip(run_f64(rule, case)).enumerate() {
+            let (diff, tol) = ((f64::from(a) - b).abs(), TOLERANCE * (1.0 + scale));
+            prop_assert!(
+                diff <= tol,
+                "param {i}: f32 gives {a}, f64 reference {b}; |diff| {diff:e} > {tol:e}"
+            );
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn sgd_matches_f64_reference(rule in sgd_rule(), case in case()) {
+            assert_matches_reference(rule, &case)?;
+        }
+
+        #[test]
+        fn momentum_matches_f64_reference(rule in momentum_rule(), case in case()) {
+            assert_matches_reference(rule, &case)?;
+        }
+
+        #[test]
+        fn adagrad_matches_f64_reference(rule in adagrad_rule(), case in case()) {
+            assert_matches_reference(rule, &case)?;
+        }
+
+        #[test]
+        fn adam_matches_f64_reference(rule in adam_rule(), case in case()) {
+            assert_matches_reference(rule, &case)?;
+        }
+
+        #[test]
+        fn ftrl_matches_f64_reference(rule in ftrl_rule(), case in case()) {
+            assert_matches_reference(rule, &case)?;
+        }
+
+        #[test]
+        fn validate_rejects_non_finite_and_negative(rule in any_rule(), which in any::<Index>(), bad in bad_value()) {
+            prop_assert!(rule.validate().is_ok(), "{:?}", rule.validate());
+            let mut broken = rule;
+            let mut fields = float_fields(&mut broken);
+            let i = which.index(fields.len());
+            let (name, slot) = &mut fields[i];
+            let name = *name;
+            **slot = bad;
+            let err = broken.validate().expect_err("a broken rule validated").to_string();
+            let prefix = format!("{}.{name} must", rule.name());
+            prop_assert!(err.contains(&prefix), "{err:?} does not start with {prefix:?}");
+        }
+
+        #[test]
+        fn zero_gradient_leaves_params_unchanged(
+            rule in prop_oneof![sgd_rule(), momentum_rule(), adagrad_rule(), adam_rule()].prop_map(without_weight_decay),
+            param in prop::collection::vec(-10.0f32..10.0, 1..64),
+            steps in 1u64..10,
+        ) {
+            let mut p = param.clone();
+            let mut state = vec![f32::NAN; p.len() * rule.state_per_param()];
+            rule.init_state(&p, &mut state);
+            let zeros = vec![0.0; p.len()];
+            for t in 1..=steps {
+                rule.apply(t, 1.0, &mut p, &zeros, &mut state);
+            }
+            prop_assert_eq!(p, param);
+        }
+
+        /// FTRL's initial state encodes the initial weights: with zero
+        /// gradients the recomputed weights equal them up to rounding.
+        #[test]
+        fn ftrl_initial_state_reproduces_weights(
+            rule in ftrl_rule(),
+            param in prop::collection::vec(-10.0f32..10.0, 1..64),
+        ) {
+            let Rule::Ftrl { alpha, beta, l1, l2 } = rule else { unreachable!() };
+            let mut p = param.clone();
+            let mut state = vec![f32::NAN; 2 * p.len()];
+            rule.init_state(&p, &mut state);
+            let zeros = vec![0.0; p.len()];
+            rule.apply(1, 1.0, &mut p, &zeros, &mut state);
+            for (&got, &want) in p.iter().zip(&param) {
+                // z = −(w·d + l1) rounds by 2^-24·(|w|·d + l1); dividing by d
+                // gives the bound below (a few roundings more for safety).
+                let tol = 4.0 * f32::EPSILON * (want.abs() + l1 / (beta / alpha + l2));
+                prop_assert!((got - want).abs() <= tol, "{got} vs {want} (tol {tol:e})");
+            }
+        }
+    }
+
+    fn bad_value() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            Just(f32::NAN),
+            Just(f32::INFINITY),
+            Just(f32::NEG_INFINITY),
+            (-30.0f64..6.0).prop_map(|e| -(10f64.powf(e) as f32)),
+        ]
+    }
+
+    /// Every f32 hyper-parameter with its name. All of them must be finite
+    /// and none may be negative.
+    fn float_fields(rule: &mut Rule) -> Vec<(&'static str, &mut f32)> {
+        match rule {
+            Rule::Sgd { lr, weight_decay } => vec![("lr", lr), ("weight_decay", weight_decay)],
+            Rule::Momentum {
+                lr,
+                momentum,
+                dampening,
+                nesterov: _,
+                weight_decay,
+            } => {
+                vec![
+                    ("lr", lr),
+                    ("momentum", momentum),
+                    ("dampening", dampening),
+                    ("weight_decay", weight_decay),
+                ]
+            }
+            Rule::Adagrad {
+                lr,
+                eps,
+                initial_accumulator,
+                weight_decay,
+            } => vec![
+                ("lr", lr),
+                ("eps", eps),
+                ("initial_accumulator", initial_accumulator),
+                ("weight_decay", weight_decay),
+            ],
+            Rule::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                decoupled: _,
+            } => vec![
+                ("lr", lr),
+                ("beta1", beta1),
+                ("beta2", beta2),
+                ("eps", eps),
+                ("weight_decay", weight_decay),
+            ],
+            Rule::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2,
+            } => vec![("alpha", alpha), ("beta", beta), ("l1", l1), ("l2", l2)],
+        }
+    }
+
+    fn without_weight_decay(mut rule: Rule) -> Rule {
+        match &mut rule {
+            Rule::Sgd { weight_decay, .. }
+            | Rule::Momentum { weight_decay, .. }
+            | Rule::Adagrad { weight_decay, .. }
+            | Rule::Adam { weight_decay, .. } => *weight_decay = 0.0,
+            Rule::Ftrl { .. } => {}
+        }
+        rule
+    }
+
+    #[test]
+    #[ignore]
+    fn zz_calibrate() {
+        use proptest::test_runner::{Config, TestRunner};
+        let strategies: Vec<(&str, BoxedStrategy<Rule>)> = vec![
+            ("sgd", sgd_rule().boxed()), ("momentum", momentum_rule().boxed()), ("adagrad", adagrad_rule().boxed()),
+            ("adam", adam_rule().boxed()), ("ftrl", ftrl_rule().boxed())];
+        for (name, strat) in strategies {
+            let mut runner = TestRunner::new(Config::with_cases(50_000));
+            let worst = std::cell::Cell::new(0.0f64);
+            let worst_plain = std::cell::Cell::new(0.0f64);
+            runner.run(&(strat, case()), |(rule, case)| {
+                let got = run_f32(rule, &case);
+                for (i, (&a, (b, scale))) in got.iter().zip(run_f64(rule, &case)).enumerate() {
+                    let d = (f64::from(a) - b).abs();
+                    if d / (1.0 + scale) > 1e-5 { println!("BAD {rule:?} first {} i {i} got {a} want {b} scale {scale}\n p0 {} g {:?} s {:?}", case.first_step, case.param[i], case.grads.iter().map(|g| g[i]).collect::<Vec<_>>(), case.lr_scales); }
+                    worst.set(worst.get().max(d / (1.0 + scale)));
+                    worst_plain.set(worst_plain.get().max(d / (1.0 + b.abs())));
+                }
+                Ok(())
+            }).unwrap();
+            println!("{name}: worst diff/(1+scale) = {:e} = {:.1} eps; worst diff/(1+|b|) = {:e}", worst.get(), worst.get() / f64::from(f32::EPSILON), worst_plain.get());
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Domain form of a table (what a worker registers and a shard stores) and of
+//! a job's consistency model. Only these types cross into server and worker
+//! logic; [`crate::wire`] converts them to and from protobuf at the edge.
+
+use serde::{Deserialize, Serialize};
+
+use crate::optim::Rule;
+use crate::partition::{fnv1a64, splitmix64};
+use crate::{Error, Result};
+
+/// Default dense chunk length in elements (64 KiB of f32).
+pub const DEFAULT_CHUNK_LEN: u32 = 16_384;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableSpec {
+    pub name: String,
+    pub layout: Layout,
+    pub init: Init,
+    pub optimizer: OptimizerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Layout {
+    /// A dense tensor, flattened row-major and cut into chunks.
+    Dense { shape: Vec<u64>, chunk_len: u32 },
+    /// u64 keys to rows of `dim` floats, created on first touch.
+    Sparse { dim: u32 },
+}
+
+impl Layout {
+    /// Total number of elements of a dense tensor.
+    pub fn dense_len(shape: &[u64]) -> Option<usize> {
+        shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
+    }
+}
+
+/// How a table's values start: a pure function of (seed, table name, chunk
+/// index or sparse key), so all shards and restarts agree.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Init {
+    pub kind: InitKind,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InitKind {
+    Constant { value: f32 },
+    Uniform { low: f32, high: f32 },
+    Normal { mean: f32, std: f32 },
+}
+
+impl Init {
+    pub fn zeros() -> Init {
+        Init { kind: InitKind::Constant { value: 0.0 }, seed: 0 }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::InvalidInitializer(m.to_string()));
+        match self.kind {
+            InitKind::Constant { value } if !value.is_finite() => bad("constant must be finite"),
+            InitKind::Uniform { low, high } if !(low.is_finite() && high.is_finite() && low <= high) => {
+                bad("uniform needs finite low <= high")
+            }
+            InitKind::Normal { mean, std } if !(mean.is_finite() && std.is_finite() && std >= 0.0) => {
+                bad("normal needs finite mean and std >= 0")
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Fills `out` with the initial values of block `index` (a dense chunk
+    /// index or a sparse key) of table `table`. The generator is SplitMix64,
+    /// seeded from (seed, FNV-1a of the name, index); normals use Box-Muller.
+    pub fn fill(&self, table: &str, index: u64, out: &mut [f32]) {
+        let mut state = self.seed ^ fnv1a64(table).rotate_left(21) ^ splitmix64(index);
+        let mut next_unit = || {
+            // 24 random bits -> [0, 1) exactly representable in f32.
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            (splitmix64(state) >> 40) as f32 / (1u64 << 24) as f32
+        };
+        match self.kind {
+            InitKind::Constant { value } => out.fill(value),
+            InitKind::Uniform { low, high } => {
+                for v in out.iter_mut() {
+                    *v = low + (high - low) * next_unit();
+                }
+            }
+            InitKind::Normal { mean, std } => {
+                for v in out.iter_mut() {
+                    // u1 in (0, 1] so ln is finite.
+                    let u1 = 1.0 - next_unit();
+                    let u2 = next_unit();
+                    let z = (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
+                    *v = mean + std * z;
+                }
+            }
+        }
+    }
+}
+
+/// An update rule plus how it reacts to stale pushes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct OptimizerConfig {
+    #[serde(flatten)]
+    pub rule: Rule,
+    /// Scale the learning rate by 1 / (1 + tau), tau = the push's staleness.
+    #[serde(default)]
+    pub staleness_aware: bool,
+}
+
+impl From<Rule> for OptimizerConfig {
+    fn from(rule: Rule) -> Self {
+        OptimizerConfig { rule, staleness_aware: false }
+    }
+}
+
+impl TableSpec {
+    pub fn dense(name: impl Into<String>, shape: &[u64], init: Init, optimizer: OptimizerConfig) -> Self {
+        TableSpec {
+            name: name.into(),
+            layout: Layout::Dense { shape: shape.to_vec(), chunk_len: DEFAULT_CHUNK_LEN },
+            init,
+            optimizer,
+        }
+    }
+
+    pub fn sparse(name: impl Into<String>, dim: u32, init: Init, optimizer: OptimizerConfig) -> Self {
+        TableSpec { name: name.into(), layout: Layout::Sparse { dim }, init, optimizer }
+    }
+
+    /// Checks the whole spec; a server calls this before creating anything.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidSpec(m));
+        if self.name.is_empty() || self.name.len() > 256 {
+            return bad(format!("table name must be 1..=256 bytes, got {}", self.name.len()));
+        }
+        match &self.layout {
+            Layout::Dense { shape, chunk_len } => {
+                if *chunk_len == 0 {
+                    return bad("chunk_len must be positive".into());
+                }
+                match Layout::dense_len(shape) {
+                    Some(len) if len > 0 && len <= (1 << 34) => {}
+                    _ => return bad(format!("dense shape {shape:?} must have 1..=2^34 elements")),
+                }
+                if crate::partition::num_chunks(Layout::dense_len(shape).unwrap_or(0), *chunk_len as usize)
+                    > u32::MAX as usize
+                {
+                    return bad("too many chunks".into());
+                }
+            }
+            Layout::Sparse { dim } => {
+                if *dim == 0 || *dim > 1 << 16 {
+                    return bad(format!("row width must be 1..=65536, got {dim}"));
+                }
+            }
+        }
+        self.init.validate()?;
+        self.optimizer.rule.validate()
+    }
+}
+
+/// How stale a worker's reads may be. Enforced by every shard on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "model", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Consistency {
+    /// Asynchronous: reads never wait.
+    #[default]
+    Asp,
+    /// Stale synchronous with bound `staleness`: a worker at clock c reads
+    /// only once every worker has finished clock c - staleness - 1.
+    Ssp { staleness: u32 },
+    /// Bulk synchronous: SSP with bound 0.
+    Bsp,
+}
+
+impl Consistency {
+    /// The staleness bound, or `None` for ASP.
+    pub fn bound(&self) -> Option<u64> {
+        match self {
+            Consistency::Asp => None,
+            Consistency::Ssp { staleness } => Some(u64::from(*staleness)),
+            Consistency::Bsp => Some(0),
+        }
+    }
+}
+
+impl std::fmt::Display for Consistency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Consistency::Asp => write!(f, "ASP"),
+            Consistency::Ssp { staleness } => write!(f, "SSP(s={staleness})"),
+            Consistency::Bsp => write!(f, "BSP"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_is_deterministic_and_in_range() {
+        let init = Init { kind: InitKind::Uniform { low: -0.5, high: 0.5 }, seed: 7 };
+        let mut a = vec![0.0; 1000];
+        let mut b = vec![0.0; 1000];
+        init.fill("w", 3, &mut a);
+        init.fill("w", 3, &mut b);
+        assert_eq!(a, b);
+        assert!(a.iter().all(|v| (-0.5..0.5).contains(v)));
+        init.fill("w", 4, &mut b);
+        assert_ne!(a, b, "different blocks get different values");
+        let mean = a.iter().sum::<f32>() / 1000.0;
+        assert!(mean.abs() < 0.05, "mean {mean}");
+    }
+
+    #[test]
+    fn normal_init_has_the_right_moments() {
+        let init = Init { kind: InitKind::Normal { mean: 1.0, std: 2.0 }, seed: 1 };
+        let mut v = vec![0.0; 100_000];
+        init.fill("e", 0, &mut v);
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+        assert!((mean - 1.0).abs() < 0.03, "mean {mean}");
+        assert!((var.sqrt() - 2.0).abs() < 0.03, "std {}", var.sqrt());
+    }
+
+    #[test]
+    fn bad_specs_are_rejected() {
+        let opt = OptimizerConfig::from(Rule::sgd(0.1));
+        assert!(TableSpec::dense("w", &[3, 4], Init::zeros(), opt).validate().is_ok());
+        assert!(TableSpec::dense("w", &[3, 0], Init::zeros(), opt).validate().is_err());
+        assert!(TableSpec::dense("", &[3], Init::zeros(), opt).validate().is_err());
+        assert!(TableSpec::sparse("e", 0, Init::zeros(), opt).validate().is_err());
+        let nan = Init { kind: InitKind::Constant { value: f32::NAN }, seed: 0 };
+        assert!(TableSpec::sparse("e", 4, nan, opt).validate().is_err());
+        let bad_lr = OptimizerConfig::from(Rule::sgd(-1.0));
+        assert!(TableSpec::sparse("e", 4, Init::zeros(), bad_lr).validate().is_err());
+    }
+}

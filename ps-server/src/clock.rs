@@ -1,0 +1,321 @@
+//! Consistency control of one shard: the clock set of a training job.
+//!
+//! Each worker's clock is the number of iterations it has completed; a push
+//! with `tick` set advances it after the push is applied. Before serving a
+//! read from a worker at clock `c`, a shard under SSP with bound `s` waits
+//! until every member's clock is at least `c - s` (BSP is `s = 0`, ASP never
+//! waits). Since a member's clock passes `t` only after its iteration-`t`
+//! pushes are applied here, the read then includes every update from
+//! iterations `<= c - s - 1` of every worker — the SSP guarantee of Ho et al.
+//! (NIPS 2013), enforced per shard with no central coordinator.
+//!
+//! Members that leave, or whose lease runs out (no request for `lease`), are
+//! dropped from the set so the others go on. Readers outside the set (an
+//! evaluator, a dropped worker) never wait.
+//!
+//! Observed staleness of a push from iteration `c`: how many iterations the
+//! fastest *other* member has completed beyond it, `max(0, max_other - (c+1))`.
+//! Under SSP with bound `s` it never exceeds `s`; under ASP it is unbounded.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use ps_common::spec::Consistency;
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+
+/// Buckets of the staleness histogram; the last one counts everything above.
+pub const STALENESS_BUCKETS: usize = 64;
+
+#[derive(Debug, Clone)]
+struct Member {
+    clock: u64,
+    last_seen: Instant,
+    lease: Duration,
+    /// The minimum clock this member waits for, while blocked in a read.
+    waiting_for: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    model: Option<Consistency>,
+    members: BTreeMap<u64, Member>,
+    histogram: Vec<u64>,
+}
+
+impl State {
+    fn min_clock(&self) -> u64 {
+        self.members.values().map(|m| m.clock).min().unwrap_or(u64::MAX)
+    }
+}
+
+/// One member's row of the status table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub worker: u64,
+    pub clock: u64,
+    pub waiting_for: Option<u64>,
+    /// Members whose clock is below what this one waits for.
+    pub blocked_on: Vec<u64>,
+}
+
+pub struct Clocks {
+    state: Mutex<State>,
+    /// The minimum clock over the members (u64::MAX when there are none),
+    /// republished after every change; readers wait on it.
+    min_tx: watch::Sender<u64>,
+    wait_micros: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Clocks {
+    fn default() -> Self {
+        Clocks {
+            state: Mutex::default(),
+            min_tx: watch::Sender::new(u64::MAX),
+            wait_micros: Default::default(),
+        }
+    }
+}
+
+impl Clocks {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, state: &State) {
+        let min = state.min_clock();
+        self.min_tx.send_if_modified(|m| std::mem::replace(m, min) != min);
+    }
+
+    /// Adds a worker to the clock set (or renews it). The first member fixes
+    /// the job's consistency model; a different one is refused while any
+    /// member remains. Returns the worker's clock.
+    pub fn join(&self, worker: u64, model: Consistency, lease: Duration) -> Result<u64> {
+        let mut st = self.lock();
+        match st.model {
+            Some(current) if current != model && !st.members.is_empty() => {
+                return Err(Error::ConsistencyConflict {
+                    worker,
+                    current: current.to_string(),
+                    requested: model.to_string(),
+                });
+            }
+            _ => st.model = Some(model),
+        }
+        let now = Instant::now();
+        let clock = st.members.get(&worker).map(|m| m.clock).unwrap_or(0);
+        st.members.insert(worker, Member { clock, last_seen: now, lease, waiting_for: None });
+        self.publish(&st);
+        Ok(clock)
+    }
+
+    pub fn model(&self) -> Option<Consistency> {
+        self.lock().model
+    }
+
+    /// Renews a member's lease; false if it is not a member.
+    pub fn touch(&self, worker: u64) -> bool {
+        match self.lock().members.get_mut(&worker) {
+            Some(m) => {
+                m.last_seen = Instant::now();
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn leave(&self, worker: u64) {
+        let mut st = self.lock();
+        if st.members.remove(&worker).is_some() {
+            tracing::info!(worker, "worker left the clock set");
+        }
+        self.publish(&st);
+    }
+
+    /// Drops members whose lease ran out; returns them. A member blocked in a
+    /// read is alive by definition and is not dropped.
+    pub fn reap(&self, now: Instant) -> Vec<u64> {
+        let mut st = self.lock();
+        let dead: Vec<u64> = st
+            .members
+            .iter()
+            .filter(|(_, m)| m.waiting_for.is_none() && now.saturating_duration_since(m.last_seen) > m.lease)
+            .map(|(w, _)| *w)
+            .collect();
+        for w in &dead {
+            st.members.remove(w);
+            tracing::warn!(worker = w, "lease expired: worker dropped from the clock set");
+        }
+        if !dead.is_empty() {
+            self.publish(&st);
+        }
+        dead
+    }
+
+    /// Records a push from `worker` computed at `read_clock`: returns its
+    /// staleness and adds it to the histogram.
+    pub fn observe_push(&self, worker: u64, read_clock: u64) -> u64 {
+        let mut st = self.lock();
+        let fastest_other = st.members.iter().filter(|(w, _)| **w != worker).map(|(_, m)| m.clock).max();
+        let tau = fastest_other.map_or(0, |f| f.saturating_sub(read_clock + 1));
+        if st.histogram.is_empty() {
+            st.histogram = vec![0; STALENESS_BUCKETS];
+        }
+        st.histogram[(tau as usize).min(STALENESS_BUCKETS - 1)] += 1;
+        tau
+    }
+
+    /// Marks `worker`'s iteration `clock` complete (its pushes are applied).
+    pub fn tick(&self, worker: u64, clock: u64) {
+        let mut st = self.lock();
+        if let Some(m) = st.members.get_mut(&worker) {
+            m.clock = m.clock.max(clock + 1);
+            m.last_seen = Instant::now();
+        }
+        self.publish(&st);
+    }
+
+    /// Waits until `worker` may read at `clock`, or fails after `max_wait`.
+    pub async fn wait_read(&self, worker: u64, clock: u64, max_wait: Duration) -> Result<()> {
+        let target = {
+            let mut st = self.lock();
+            let Some(bound) = st.model.and_then(|m| m.bound()) else { return Ok(()) };
+            let target = clock.saturating_sub(bound);
+            if st.min_clock() >= target {
+                return Ok(());
+            }
+            let Some(me) = st.members.get_mut(&worker) else { return Ok(()) };
+            me.waiting_for = Some(target);
+            me.last_seen = Instant::now();
+            target
+        };
+        let started = Instant::now();
+        let mut rx = self.min_tx.subscribe();
+        let waited = tokio::time::timeout(max_wait, rx.wait_for(|&min| min >= target)).await;
+        self.wait_micros.fetch_add(started.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+        let mut st = self.lock();
+        if let Some(me) = st.members.get_mut(&worker) {
+            me.waiting_for = None;
+            me.last_seen = Instant::now();
+        }
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            // The sender lives as long as `self`: cannot be closed here.
+            Ok(Err(_)) => Err(Error::ShuttingDown),
+            Err(_) => {
+                let (slowest, slowest_clock) =
+                    st.members.iter().min_by_key(|(_, m)| m.clock).map(|(w, m)| (*w, m.clock)).unwrap_or((0, 0));
+                Err(Error::WaitTimeout {
+                    worker,
+                    needed: target,
+                    waited_ms: started.elapsed().as_millis() as u64,
+                    slowest,
+                    slowest_clock,
+                })
+            }
+        }
+    }
+
+    /// Who is where, and who waits on whom.
+    pub fn status(&self) -> Vec<MemberStatus> {
+        let st = self.lock();
+        st.members
+            .iter()
+            .map(|(w, m)| MemberStatus {
+                worker: *w,
+                clock: m.clock,
+                waiting_for: m.waiting_for,
+                blocked_on: match m.waiting_for {
+                    Some(t) => st.members.iter().filter(|(_, o)| o.clock < t).map(|(o, _)| *o).collect(),
+                    None => Vec::new(),
+                },
+            })
+            .collect()
+    }
+
+    pub fn histogram(&self) -> Vec<u64> {
+        self.lock().histogram.clone()
+    }
+
+    pub fn wait_micros(&self) -> u64 {
+        self.wait_micros.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(5);
+
+    #[tokio::test(start_paused = true)]
+    async fn bsp_read_waits_for_the_slowest_worker() {
+        let c = std::sync::Arc::new(Clocks::default());
+        c.join(1, Consistency::Bsp, LEASE).unwrap();
+        c.join(2, Consistency::Bsp, LEASE).unwrap();
+        c.tick(1, 0);
+        let c2 = c.clone();
+        let reader = tokio::spawn(async move { c2.wait_read(1, 1, Duration::from_secs(60)).await });
+        tokio::task::yield_now().await;
+        assert!(!reader.is_finished());
+        assert_eq!(c.status()[0].blocked_on, vec![2]);
+        c.tick(2, 0);
+        reader.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ssp_lets_a_worker_run_ahead_by_the_bound() {
+        let c = Clocks::default();
+        c.join(1, Consistency::Ssp { staleness: 2 }, LEASE).unwrap();
+        c.join(2, Consistency::Ssp { staleness: 2 }, LEASE).unwrap();
+        for t in 0..2 {
+            c.tick(1, t);
+        }
+        c.wait_read(1, 2, Duration::from_secs(1)).await.unwrap();
+        c.tick(1, 2);
+        let err = c.wait_read(1, 3, Duration::from_secs(1)).await.unwrap_err();
+        assert!(matches!(err, Error::WaitTimeout { needed: 1, slowest: 2, .. }), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_worker_is_dropped_and_the_others_go_on() {
+        let c = std::sync::Arc::new(Clocks::default());
+        c.join(1, Consistency::Bsp, LEASE).unwrap();
+        c.join(2, Consistency::Bsp, LEASE).unwrap();
+        c.tick(1, 0);
+        tokio::time::advance(LEASE + Duration::from_millis(1)).await;
+        // Worker 1 is blocked in a read, so only worker 2 is reaped.
+        let c2 = c.clone();
+        let reader = tokio::spawn(async move { c2.wait_read(1, 1, Duration::from_secs(60)).await });
+        tokio::task::yield_now().await;
+        assert_eq!(c.reap(Instant::now()), vec![2]);
+        reader.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn staleness_counts_iterations_of_faster_workers() {
+        let c = Clocks::default();
+        c.join(1, Consistency::Asp, LEASE).unwrap();
+        c.join(2, Consistency::Asp, LEASE).unwrap();
+        for t in 0..5 {
+            c.tick(2, t);
+        }
+        // Worker 1 pushes its iteration 0 while worker 2 has done 5.
+        assert_eq!(c.observe_push(1, 0), 4);
+        assert_eq!(c.observe_push(2, 5), 0);
+        assert_eq!(c.histogram()[4], 1);
+    }
+
+    #[test]
+    fn conflicting_models_are_refused() {
+        let c = Clocks::default();
+        c.join(1, Consistency::Bsp, LEASE).unwrap();
+        assert!(c.join(2, Consistency::Asp, LEASE).is_err());
+        c.leave(1);
+        c.join(2, Consistency::Asp, LEASE).unwrap();
+    }
+}

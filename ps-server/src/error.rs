@@ -1,0 +1,66 @@
+//! The error type of a shard, and its one mapping to gRPC status codes.
+
+use ps_common::partition::ShardId;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bad request: {0}")]
+    Malformed(#[from] ps_common::Error),
+    #[error("unknown table `{0}`")]
+    UnknownTable(String),
+    #[error("table `{name}` is {actual}, not {expected}")]
+    WrongKind { name: String, expected: &'static str, actual: &'static str },
+    #[error("table `{0}` already exists with a different spec")]
+    SpecConflict(String),
+    #[error("caller routes over {caller} shards, this server is shard {shard} of {ours}")]
+    ShardCountMismatch { caller: u32, ours: u32, shard: ShardId },
+    #[error("{what} of `{table}` belongs to shard {owner}, not shard {this}")]
+    WrongShard { table: String, what: String, owner: ShardId, this: ShardId },
+    #[error("chunk {index} of `{tensor}` out of range (tensor has {chunks} chunks)")]
+    ChunkOutOfRange { tensor: String, index: u32, chunks: usize },
+    #[error("chunk {index} of `{tensor}`: expected {expected} values, got {got}")]
+    DimMismatch { tensor: String, index: u32, expected: usize, got: usize },
+    #[error("{what} appears twice in one request")]
+    Duplicate { what: String },
+    #[error("non-finite gradient value in {what}")]
+    NonFinite { what: String },
+    #[error("consistency model conflict: job uses {current}, worker {worker} asked for {requested}")]
+    ConsistencyConflict { worker: u64, current: String, requested: String },
+    #[error("worker {worker} waited {waited_ms} ms for clock {needed} (slowest worker {slowest} at {slowest_clock})")]
+    WaitTimeout { worker: u64, needed: u64, waited_ms: u64, slowest: u64, slowest_clock: u64 },
+    #[error("server is shutting down")]
+    ShuttingDown,
+    #[error("invalid server config: {0}")]
+    Config(String),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Code;
+        // One exhaustive match: a new variant forces a choice of code.
+        let code = match &e {
+            Error::Malformed(_)
+            | Error::DimMismatch { .. }
+            | Error::Duplicate { .. }
+            | Error::NonFinite { .. }
+            | Error::ChunkOutOfRange { .. } => Code::InvalidArgument,
+            Error::UnknownTable(_) => Code::NotFound,
+            Error::WrongKind { .. }
+            | Error::ShardCountMismatch { .. }
+            | Error::WrongShard { .. }
+            | Error::ConsistencyConflict { .. }
+            => Code::FailedPrecondition,
+            Error::SpecConflict(_) => Code::AlreadyExists,
+            Error::WaitTimeout { .. } => Code::DeadlineExceeded,
+            Error::ShuttingDown => Code::Unavailable,
+            Error::Config(_) | Error::Io { .. } | Error::Transport(_) => Code::Internal,
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}

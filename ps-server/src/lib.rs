@@ -1,0 +1,130 @@
+//! One parameter-server shard.
+//!
+//! - [`store::Store`] holds the tables this shard owns: dense chunks and
+//!   sparse rows in [`dashmap::DashMap`]s, each block with its optimizer state.
+//!   It validates every push in full before applying it and applies each
+//!   `(worker, seq)` at most once.
+//! - [`clock::Clocks`] is the clock set of the training job: BSP/SSP/ASP read
+//!   gates, leases, and the staleness histogram.
+//! - [`service::Service`] is the gRPC edge: protobuf in, domain calls, protobuf
+//!   out; [`error::Error`] maps to a gRPC status in one place.
+//! - [`serve`] runs a shard on a listener until a shutdown future resolves;
+//!   `main.rs` is a thin wrapper that parses flags and waits for SIGINT/SIGTERM.
+
+pub mod clock;
+pub mod error;
+pub mod service;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ps_common::wire::pb::parameter_server_server::ParameterServerServer;
+use serde::{Deserialize, Serialize};
+
+pub use error::{Error, Result};
+use service::{Service, Shard};
+
+/// Settings of one shard process (TOML file and/or flags).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// This shard's index, `0..num_shards`.
+    pub shard: u32,
+    /// How many shards the deployment has; every worker must agree.
+    pub num_shards: u32,
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    pub listen: SocketAddr,
+    /// Largest request or response accepted, in MiB.
+    pub max_message_mib: usize,
+    /// Longest a BSP/SSP read may wait before failing with DEADLINE_EXCEEDED.
+    pub max_wait_ms: u64,
+    /// How often expired worker leases are checked.
+    pub reap_interval_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            shard: 0,
+            num_shards: 1,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_message_mib: 256,
+            max_wait_ms: 120_000,
+            reap_interval_ms: 250,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.num_shards == 0 || self.shard >= self.num_shards {
+            return bad(format!("shard {} is not in 0..{}", self.shard, self.num_shards));
+        }
+        if self.max_message_mib == 0 || self.max_message_mib > 2047 {
+            return bad(format!("max_message_mib must be 1..=2047, got {}", self.max_message_mib));
+        }
+        if self.reap_interval_ms == 0 {
+            return bad("reap_interval_ms must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Serves one shard on `listener` until `shutdown` resolves, then drains
+/// in-flight requests and returns.
+pub async fn serve(
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    config.validate()?;
+    let shard = Arc::new(Shard {
+        store: store::Store::new(config.shard, config.num_shards),
+        clocks: clock::Clocks::default(),
+        max_wait: Duration::from_millis(config.max_wait_ms),
+    });
+    let reaper = {
+        let shard = Arc::clone(&shard);
+        let every = Duration::from_millis(config.reap_interval_ms);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                shard.clocks.reap(tokio::time::Instant::now());
+            }
+        })
+    };
+    let limit = config.max_message_mib << 20;
+    let svc = ParameterServerServer::new(Service(shard))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20))
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    reaper.abort();
+    result.map_err(Error::from)
+}
+
+/// Binds `config.listen` and serves; `on_bound` learns the actual address
+/// (useful with port 0).
+pub async fn bind_and_serve(
+    config: ServerConfig,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::Io { what: format!("bind {}", config.listen), source: e })?;
+    on_bound(listener.local_addr().map_err(|e| Error::Io { what: "local_addr".into(), source: e })?);
+    serve(config, listener, shutdown).await
+}

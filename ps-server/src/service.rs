@@ -1,0 +1,170 @@
+//! The gRPC service of one shard: converts requests at the edge, enforces
+//! consistency, and calls the store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ps_common::codec;
+use ps_common::spec::{Consistency, TableSpec};
+use ps_common::wire::pb::{self, parameter_server_server::ParameterServer};
+use tonic::{Request, Response, Status};
+
+use crate::clock::Clocks;
+use crate::error::Error;
+use crate::store::{PushInfo, Store};
+
+/// Everything a shard holds: the store and the clock set.
+pub struct Shard {
+    pub store: Store,
+    pub clocks: Clocks,
+    pub max_wait: Duration,
+}
+
+/// The tonic service; cheap to clone.
+#[derive(Clone)]
+pub struct Service(pub Arc<Shard>);
+
+impl Shard {
+    fn after_push(&self, meta: &pb::PushMeta, duplicate: bool) {
+        if meta.tick && !duplicate {
+            self.clocks.tick(meta.worker, meta.clock);
+        }
+    }
+
+    fn push_info(&self, meta: &pb::PushMeta) -> PushInfo {
+        self.clocks.touch(meta.worker);
+        let staleness = self.clocks.observe_push(meta.worker, meta.read_clock);
+        PushInfo { worker: meta.worker, seq: meta.seq, staleness }
+    }
+
+    async fn before_read(&self, meta: Option<&pb::ReadMeta>) -> Result<(), Error> {
+        if let Some(m) = meta {
+            self.clocks.touch(m.worker);
+            self.clocks.wait_read(m.worker, m.clock, self.max_wait).await?;
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl ParameterServer for Service {
+    #[tracing::instrument(skip_all, fields(shard = self.0.store.shard()))]
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = req.into_inner();
+        let spec = TableSpec::try_from(req.table.ok_or(ps_common::Error::MissingField("table")).map_err(Error::from)?)
+            .map_err(Error::from)?;
+        let name = spec.name.clone();
+        let created = self.0.store.register(spec, req.num_shards)?;
+        if created {
+            tracing::info!(table = %name, "table registered");
+        }
+        Ok(Response::new(pb::RegisterResponse { created }))
+    }
+
+    #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), chunks = req.get_ref().chunks.len()))]
+    async fn pull_dense(&self, req: Request<pb::PullDenseRequest>) -> Result<Response<pb::PullDenseResponse>, Status> {
+        let req = req.into_inner();
+        self.0.before_read(req.meta.as_ref()).await?;
+        let ids: Vec<(&str, u32)> = req.chunks.iter().map(|c| (c.tensor.as_str(), c.index)).collect();
+        let values = self.0.store.pull_dense(&ids)?;
+        let chunks = req
+            .chunks
+            .into_iter()
+            .zip(values)
+            .map(|(c, values)| pb::DenseChunk { tensor: c.tensor, index: c.index, values })
+            .collect();
+        Ok(Response::new(pb::PullDenseResponse { chunks }))
+    }
+
+    #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), chunks = req.get_ref().chunks.len()))]
+    async fn push_dense(&self, req: Request<pb::PushDenseRequest>) -> Result<Response<pb::PushResponse>, Status> {
+        let req = req.into_inner();
+        let meta = req.meta.unwrap_or_default();
+        let info = self.0.push_info(&meta);
+        let chunks: Vec<(&str, u32, &[u8])> =
+            req.chunks.iter().map(|c| (c.tensor.as_str(), c.index, c.values.as_ref())).collect();
+        let out = self.0.store.push_dense(&chunks, info)?;
+        self.0.after_push(&meta, out.duplicate);
+        Ok(Response::new(pb::PushResponse { applied: out.applied, duplicate: out.duplicate }))
+    }
+
+    #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), table = %req.get_ref().table))]
+    async fn pull_sparse(&self, req: Request<pb::PullSparseRequest>) -> Result<Response<pb::PullSparseResponse>, Status> {
+        let req = req.into_inner();
+        self.0.before_read(req.meta.as_ref()).await?;
+        let keys = codec::decode_u64("keys", &req.keys).map_err(Error::from)?;
+        let (values, dim) = self.0.store.pull_sparse(&req.table, &keys)?;
+        Ok(Response::new(pb::PullSparseResponse { values, dim: dim as u32 }))
+    }
+
+    #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), table = %req.get_ref().table))]
+    async fn push_sparse(&self, req: Request<pb::PushSparseRequest>) -> Result<Response<pb::PushResponse>, Status> {
+        let req = req.into_inner();
+        let meta = req.meta.unwrap_or_default();
+        let info = self.0.push_info(&meta);
+        let keys = codec::decode_u64("keys", &req.keys).map_err(Error::from)?;
+        let out = self.0.store.push_sparse(&req.table, &keys, &req.grads, info)?;
+        self.0.after_push(&meta, out.duplicate);
+        Ok(Response::new(pb::PushResponse { applied: out.applied, duplicate: out.duplicate }))
+    }
+
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let req = req.into_inner();
+        let model = match req.consistency {
+            Some(c) => Consistency::try_from(c).map_err(Error::from)?,
+            None => Consistency::Asp,
+        };
+        let lease = Duration::from_millis(u64::from(req.lease_ms.clamp(100, 3_600_000)));
+        let clock = self.0.clocks.join(req.worker, model, lease)?;
+        tracing::info!(worker = req.worker, %model, clock, "worker joined");
+        Ok(Response::new(pb::JoinResponse { last_seq: self.0.store.last_seq(req.worker), clock }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.0.clocks.touch(req.into_inner().worker);
+        Ok(Response::new(pb::HeartbeatResponse {}))
+    }
+
+    async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
+        self.0.clocks.leave(req.into_inner().worker);
+        Ok(Response::new(pb::LeaveResponse {}))
+    }
+
+    async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.0.store;
+        let c = &s.counters;
+        let (tables, dense_chunks, sparse_rows) = s.sizes();
+        let clocks = self
+            .0
+            .clocks
+            .status()
+            .into_iter()
+            .map(|m| pb::WorkerClock {
+                worker: m.worker,
+                clock: m.clock,
+                waiting: m.waiting_for.is_some(),
+                waiting_for_clock: m.waiting_for.unwrap_or(0),
+                blocked_on: m.blocked_on,
+                alive: true,
+            })
+            .collect();
+        Ok(Response::new(pb::StatsResponse {
+            shard: s.shard(),
+            num_shards: s.num_shards(),
+            pulls: c.pulls.load(Relaxed),
+            pushes: c.pushes.load(Relaxed),
+            duplicate_pushes: c.duplicate_pushes.load(Relaxed),
+            rejected: c.rejected.load(Relaxed),
+            values_pulled: c.values_pulled.load(Relaxed),
+            values_pushed: c.values_pushed.load(Relaxed),
+            tables,
+            dense_chunks,
+            sparse_rows,
+            staleness_histogram: self.0.clocks.histogram(),
+            clocks,
+            consistency: self.0.clocks.model().map(Into::into),
+            wait_micros: self.0.clocks.wait_micros(),
+        }))
+    }
+}

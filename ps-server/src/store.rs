@@ -1,0 +1,456 @@
+//! The shard's parameter store: tables of blocks in concurrent maps.
+//!
+//! A dense tensor is stored as the chunks this shard owns; a sparse table as
+//! the rows this shard owns, created on first touch. Each block keeps its
+//! values, its optimizer state and its update count together in one boxed
+//! slice, so a row costs one allocation.
+//!
+//! Locking: the [`DashMap`] entry lock of a block is held while it is read or
+//! updated, so each block (chunk or row) is updated atomically. A push is
+//! validated in full before anything is applied: a rejected push changes
+//! nothing. Pushes carrying a `(worker, seq)` pair are applied at most once:
+//! the worker's dedup lock is held from the seq check to the end of the apply,
+//! so a duplicate that races the original waits and is then recognised.
+//!
+//! The store never sees protobuf types; [`crate::service`] converts at the edge.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use ps_common::codec;
+use ps_common::partition::{self, ShardId};
+use ps_common::spec::{Layout, TableSpec};
+
+use crate::error::{Error, Result};
+
+/// Identity and clock of a push, as the store needs it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PushInfo {
+    pub worker: u64,
+    /// 0 means "unsequenced": applied every time it arrives.
+    pub seq: u64,
+    /// Observed staleness of this push (see `clock`); scales the learning
+    /// rate of tables that are staleness-aware.
+    pub staleness: u64,
+}
+
+/// What a push did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PushOutcome {
+    /// Elements (dense) or rows (sparse) updated.
+    pub applied: u64,
+    /// The `(worker, seq)` had been applied before; nothing was done.
+    pub duplicate: bool,
+}
+
+/// A chunk of a dense tensor or a row of a sparse table, with its optimizer
+/// state: `data = values ++ state`, `values.len() = len`.
+struct Block {
+    data: Box<[f32]>,
+    /// Updates applied so far (Adam's bias correction; lazy Adam per row).
+    step: u64,
+}
+
+impl Block {
+    fn new(spec: &TableSpec, index: u64, len: usize) -> Block {
+        let rule = spec.optimizer.rule;
+        let mut data = vec![0.0f32; len * (1 + rule.state_per_param())].into_boxed_slice();
+        let (values, state) = data.split_at_mut(len);
+        spec.init.fill(&spec.name, index, values);
+        rule.init_state(values, state);
+        Block { data, step: 0 }
+    }
+
+    fn values(&self, len: usize) -> &[f32] {
+        &self.data[..len]
+    }
+
+    fn apply(&mut self, spec: &TableSpec, len: usize, grad: &[f32], staleness: u64) {
+        self.step += 1;
+        let lr_scale = if spec.optimizer.staleness_aware { 1.0 / (1.0 + staleness as f32) } else { 1.0 };
+        let (values, state) = self.data.split_at_mut(len);
+        spec.optimizer.rule.apply(self.step, lr_scale, values, grad, state);
+    }
+}
+
+enum Blocks {
+    Dense { len: usize, chunk_len: usize, num_chunks: usize, chunks: DashMap<u32, Block> },
+    Sparse { dim: usize, rows: DashMap<u64, Block> },
+}
+
+struct Table {
+    spec: TableSpec,
+    blocks: Blocks,
+}
+
+impl Table {
+    fn kind(&self) -> &'static str {
+        match self.blocks {
+            Blocks::Dense { .. } => "dense",
+            Blocks::Sparse { .. } => "sparse",
+        }
+    }
+}
+
+/// Counters of one shard (read by the stats RPC and the run's metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub pulls: AtomicU64,
+    pub pushes: AtomicU64,
+    pub duplicate_pushes: AtomicU64,
+    pub rejected: AtomicU64,
+    pub values_pulled: AtomicU64,
+    pub values_pushed: AtomicU64,
+}
+
+pub struct Store {
+    shard: ShardId,
+    num_shards: u32,
+    tables: DashMap<String, Arc<Table>>,
+    /// worker -> last applied seq on this shard.
+    last_seq: DashMap<u64, Arc<Mutex<u64>>>,
+    pub counters: Counters,
+}
+
+/// A validated dense push: table, chunk index, decoded gradient.
+type DenseUpdate = (Arc<Table>, u32, Vec<f32>);
+
+impl Store {
+    pub fn new(shard: ShardId, num_shards: u32) -> Store {
+        assert!(shard < num_shards, "shard {shard} out of range 0..{num_shards}");
+        Store { shard, num_shards, tables: DashMap::new(), last_seq: DashMap::new(), counters: Counters::default() }
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    pub fn num_shards(&self) -> u32 {
+        self.num_shards
+    }
+
+    /// Creates a table, or checks that the existing one has the same spec.
+    /// Returns whether it was created.
+    pub fn register(&self, spec: TableSpec, caller_shards: u32) -> Result<bool> {
+        if caller_shards != self.num_shards {
+            return Err(Error::ShardCountMismatch { caller: caller_shards, ours: self.num_shards, shard: self.shard });
+        }
+        spec.validate()?;
+        let entry = self.tables.entry(spec.name.clone());
+        if let dashmap::Entry::Occupied(existing) = &entry {
+            return if existing.get().spec == spec { Ok(false) } else { Err(Error::SpecConflict(spec.name)) };
+        }
+        let blocks = match &spec.layout {
+            Layout::Dense { shape, chunk_len } => {
+                // validate() guarantees the length fits.
+                let len = Layout::dense_len(shape).unwrap_or(0);
+                let chunk_len = *chunk_len as usize;
+                let num_chunks = partition::num_chunks(len, chunk_len);
+                let chunks = DashMap::new();
+                for i in 0..num_chunks as u32 {
+                    if partition::chunk_shard(&spec.name, i, self.num_shards) == self.shard {
+                        let r = partition::chunk_range(len, chunk_len, i as usize);
+                        chunks.insert(i, Block::new(&spec, u64::from(i), r.len()));
+                    }
+                }
+                Blocks::Dense { len, chunk_len, num_chunks, chunks }
+            }
+            Layout::Sparse { dim } => Blocks::Sparse { dim: *dim as usize, rows: DashMap::new() },
+        };
+        entry.or_insert(Arc::new(Table { spec, blocks }));
+        Ok(true)
+    }
+
+    fn table(&self, name: &str) -> Result<Arc<Table>> {
+        self.tables.get(name).map(|t| Arc::clone(&t)).ok_or_else(|| Error::UnknownTable(name.to_string()))
+    }
+
+    /// Checks that chunk `index` of `table` exists and is ours; returns its length.
+    fn check_chunk(&self, table: &Table, index: u32) -> Result<usize> {
+        let Blocks::Dense { len, chunk_len, num_chunks, .. } = &table.blocks else {
+            return Err(Error::WrongKind { name: table.spec.name.clone(), expected: "dense", actual: table.kind() });
+        };
+        if index as usize >= *num_chunks {
+            return Err(Error::ChunkOutOfRange { tensor: table.spec.name.clone(), index, chunks: *num_chunks });
+        }
+        let owner = partition::chunk_shard(&table.spec.name, index, self.num_shards);
+        if owner != self.shard {
+            return Err(Error::WrongShard {
+                table: table.spec.name.clone(),
+                what: format!("chunk {index}"),
+                owner,
+                this: self.shard,
+            });
+        }
+        Ok(partition::chunk_range(*len, *chunk_len, index as usize).len())
+    }
+
+    fn reject<T>(&self, e: Error) -> Result<T> {
+        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+        Err(e)
+    }
+
+    /// Reads dense chunks, in request order.
+    pub fn pull_dense(&self, chunks: &[(&str, u32)]) -> Result<Vec<Bytes>> {
+        let mut out = Vec::with_capacity(chunks.len());
+        let mut total = 0;
+        for &(name, index) in chunks {
+            let table = match self.table(name) {
+                Ok(t) => t,
+                Err(e) => return self.reject(e),
+            };
+            let len = match self.check_chunk(&table, index) {
+                Ok(len) => len,
+                Err(e) => return self.reject(e),
+            };
+            let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("checked by check_chunk") };
+            let block = chunks.get(&index).expect("owned chunks are created at registration");
+            out.push(codec::encode_f32(block.values(len)));
+            total += len;
+        }
+        self.counters.pulls.fetch_add(1, Ordering::Relaxed);
+        self.counters.values_pulled.fetch_add(total as u64, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Validates and decodes a whole dense push without changing anything.
+    fn validate_dense(&self, chunks: &[(&str, u32, &[u8])]) -> Result<Vec<DenseUpdate>> {
+        let mut seen = HashSet::with_capacity(chunks.len());
+        let mut updates = Vec::with_capacity(chunks.len());
+        for &(name, index, bytes) in chunks {
+            let table = self.table(name)?;
+            let len = self.check_chunk(&table, index)?;
+            if !seen.insert((name, index)) {
+                return Err(Error::Duplicate { what: format!("chunk {index} of `{name}`") });
+            }
+            let n = codec::f32_len("gradient", bytes)?;
+            if n != len {
+                return Err(Error::DimMismatch { tensor: name.to_string(), index, expected: len, got: n });
+            }
+            let mut grad = vec![0.0; len];
+            codec::decode_f32_into("gradient", bytes, &mut grad)?;
+            if grad.iter().any(|g| !g.is_finite()) {
+                return Err(Error::NonFinite { what: format!("chunk {index} of `{name}`") });
+            }
+            updates.push((table, index, grad));
+        }
+        Ok(updates)
+    }
+
+    /// Applies a dense push: all chunks or, on any error, none.
+    pub fn push_dense(&self, chunks: &[(&str, u32, &[u8])], info: PushInfo) -> Result<PushOutcome> {
+        let updates = match self.validate_dense(chunks) {
+            Ok(u) => u,
+            Err(e) => return self.reject(e),
+        };
+        self.exactly_once(info, || {
+            let mut applied = 0;
+            for (table, index, grad) in &updates {
+                let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("validated") };
+                let mut block = chunks.get_mut(index).expect("owned chunks are created at registration");
+                block.apply(&table.spec, grad.len(), grad, info.staleness);
+                applied += grad.len() as u64;
+            }
+            applied
+        })
+    }
+
+    /// Runs `apply` unless `(worker, seq)` was applied before. The worker's
+    /// lock is held across the check and the apply.
+    fn exactly_once(&self, info: PushInfo, apply: impl FnOnce() -> u64) -> Result<PushOutcome> {
+        let applied = if info.seq == 0 {
+            apply()
+        } else {
+            let lock = Arc::clone(&self.last_seq.entry(info.worker).or_default());
+            let mut last = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if info.seq <= *last {
+                self.counters.duplicate_pushes.fetch_add(1, Ordering::Relaxed);
+                return Ok(PushOutcome { applied: 0, duplicate: true });
+            }
+            let applied = apply();
+            *last = info.seq;
+            applied
+        };
+        self.counters.pushes.fetch_add(1, Ordering::Relaxed);
+        self.counters.values_pushed.fetch_add(applied, Ordering::Relaxed);
+        Ok(PushOutcome { applied, duplicate: false })
+    }
+
+    /// The last seq applied for `worker` on this shard (0 if none).
+    pub fn last_seq(&self, worker: u64) -> u64 {
+        self.last_seq.get(&worker).map(|l| *l.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or(0)
+    }
+
+    fn sparse_table(&self, name: &str) -> Result<(Arc<Table>, usize)> {
+        let table = self.table(name)?;
+        match table.blocks {
+            Blocks::Sparse { dim, .. } => Ok((table, dim)),
+            Blocks::Dense { .. } => {
+                Err(Error::WrongKind { name: name.to_string(), expected: "sparse", actual: table.kind() })
+            }
+        }
+    }
+
+    fn check_keys(&self, table: &str, keys: &[u64]) -> Result<()> {
+        for &key in keys {
+            let owner = partition::key_shard(key, self.num_shards);
+            if owner != self.shard {
+                return Err(Error::WrongShard {
+                    table: table.to_string(),
+                    what: format!("key {key}"),
+                    owner,
+                    this: self.shard,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads rows (creating missing ones with the table's initializer), in
+    /// request order: `keys.len() * dim` floats.
+    pub fn pull_sparse(&self, name: &str, keys: &[u64]) -> Result<(Bytes, usize)> {
+        let checked = self.sparse_table(name).and_then(|(t, dim)| self.check_keys(name, keys).map(|()| (t, dim)));
+        let (table, dim) = match checked {
+            Ok(x) => x,
+            Err(e) => return self.reject(e),
+        };
+        let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
+        let mut out = Vec::with_capacity(keys.len() * dim * 4);
+        for &key in keys {
+            let push_row = |out: &mut Vec<u8>, b: &Block| {
+                for v in b.values(dim) {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            };
+            match rows.get(&key) {
+                Some(b) => push_row(&mut out, &b),
+                None => push_row(&mut out, &rows.entry(key).or_insert_with(|| Block::new(&table.spec, key, dim))),
+            }
+        }
+        self.counters.pulls.fetch_add(1, Ordering::Relaxed);
+        self.counters.values_pulled.fetch_add((keys.len() * dim) as u64, Ordering::Relaxed);
+        Ok((Bytes::from(out), dim))
+    }
+
+    fn validate_sparse(&self, name: &str, keys: &[u64], grads: &[u8]) -> Result<(Arc<Table>, usize, Vec<f32>)> {
+        let (table, dim) = self.sparse_table(name)?;
+        self.check_keys(name, keys)?;
+        let n = codec::f32_len("gradient", grads)?;
+        if n != keys.len() * dim {
+            return Err(ps_common::Error::LengthMismatch { what: "sparse gradient", expected: keys.len() * dim, got: n }
+                .into());
+        }
+        let mut seen = HashSet::with_capacity(keys.len());
+        if let Some(k) = keys.iter().find(|&&k| !seen.insert(k)) {
+            return Err(Error::Duplicate { what: format!("key {k} of `{name}`") });
+        }
+        let grad = codec::decode_f32("gradient", grads)?;
+        if let Some(i) = grad.iter().position(|g| !g.is_finite()) {
+            return Err(Error::NonFinite { what: format!("row of key {} of `{name}`", keys[i / dim]) });
+        }
+        Ok((table, dim, grad))
+    }
+
+    /// Applies a sparse push: all rows or, on any error, none.
+    pub fn push_sparse(&self, name: &str, keys: &[u64], grads: &[u8], info: PushInfo) -> Result<PushOutcome> {
+        let (table, dim, grad) = match self.validate_sparse(name, keys, grads) {
+            Ok(x) => x,
+            Err(e) => return self.reject(e),
+        };
+        let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("validated") };
+        self.exactly_once(info, || {
+            for (&key, g) in keys.iter().zip(grad.chunks_exact(dim)) {
+                let mut row = rows.entry(key).or_insert_with(|| Block::new(&table.spec, key, dim));
+                row.apply(&table.spec, dim, g, info.staleness);
+            }
+            keys.len() as u64
+        })
+    }
+
+    /// (tables, dense chunks held, sparse rows held).
+    pub fn sizes(&self) -> (u64, u64, u64) {
+        let (mut chunks, mut rows) = (0, 0);
+        for t in self.tables.iter() {
+            match &t.blocks {
+                Blocks::Dense { chunks: c, .. } => chunks += c.len() as u64,
+                Blocks::Sparse { rows: r, .. } => rows += r.len() as u64,
+            }
+        }
+        (self.tables.len() as u64, chunks, rows)
+    }
+
+    /// A copy of the values of every block of a table this shard holds, as
+    /// (index or key, values): for checkpoints, export and tests.
+    pub fn snapshot(&self, name: &str) -> Result<Vec<(u64, Vec<f32>)>> {
+        let table = self.table(name)?;
+        let mut out: Vec<(u64, Vec<f32>)> = match &table.blocks {
+            Blocks::Dense { len, chunk_len, chunks, .. } => chunks
+                .iter()
+                .map(|b| {
+                    let n = partition::chunk_range(*len, *chunk_len, *b.key() as usize).len();
+                    (u64::from(*b.key()), b.values(n).to_vec())
+                })
+                .collect(),
+            Blocks::Sparse { dim, rows } => rows.iter().map(|b| (*b.key(), b.values(*dim).to_vec())).collect(),
+        };
+        out.sort_unstable_by_key(|(k, _)| *k);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ps_common::optim::Rule;
+    use ps_common::spec::{Init, InitKind};
+
+    fn sgd_dense(name: &str, len: u64, chunk_len: u32) -> TableSpec {
+        let mut t = TableSpec::dense(name, &[len], Init::zeros(), Rule::sgd(0.5).into());
+        t.layout = Layout::Dense { shape: vec![len], chunk_len };
+        t
+    }
+
+    fn ones(n: usize) -> Vec<u8> {
+        codec::encode_f32(&vec![1.0; n]).to_vec()
+    }
+
+    #[test]
+    fn register_is_idempotent_and_detects_conflicts() {
+        let s = Store::new(0, 1);
+        assert!(s.register(sgd_dense("w", 10, 4), 1).unwrap());
+        assert!(!s.register(sgd_dense("w", 10, 4), 1).unwrap());
+        assert!(matches!(s.register(sgd_dense("w", 11, 4), 1), Err(Error::SpecConflict(_))));
+        assert!(matches!(s.register(sgd_dense("x", 11, 4), 2), Err(Error::ShardCountMismatch { .. })));
+    }
+
+    #[test]
+    fn dense_push_applies_sgd_and_dedups() {
+        let s = Store::new(0, 1);
+        s.register(sgd_dense("w", 10, 4), 1).unwrap();
+        let g = ones(4);
+        let info = PushInfo { worker: 1, seq: 1, staleness: 0 };
+        assert_eq!(s.push_dense(&[("w", 0, &g)], info).unwrap(), PushOutcome { applied: 4, duplicate: false });
+        assert_eq!(s.push_dense(&[("w", 0, &g)], info).unwrap(), PushOutcome { applied: 0, duplicate: true });
+        let v = codec::decode_f32("v", &s.pull_dense(&[("w", 0)]).unwrap()[0]).unwrap();
+        assert_eq!(v, vec![-0.5; 4]);
+        assert_eq!(s.last_seq(1), 1);
+    }
+
+    #[test]
+    fn sparse_rows_are_created_on_first_touch_with_the_initializer() {
+        let s = Store::new(0, 1);
+        let init = Init { kind: InitKind::Constant { value: 2.0 }, seed: 0 };
+        s.register(TableSpec::sparse("e", 3, init, Rule::sgd(1.0).into()), 1).unwrap();
+        let (bytes, dim) = s.pull_sparse("e", &[7, 9]).unwrap();
+        assert_eq!(dim, 3);
+        assert_eq!(codec::decode_f32("v", &bytes).unwrap(), vec![2.0; 6]);
+        let g = codec::encode_f32(&[1.0, 1.0, 1.0]);
+        s.push_sparse("e", &[9], &g, PushInfo::default()).unwrap();
+        let (bytes, _) = s.pull_sparse("e", &[9, 7]).unwrap();
+        assert_eq!(codec::decode_f32("v", &bytes).unwrap(), vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+        assert_eq!(s.sizes(), (1, 0, 2));
+    }
+}

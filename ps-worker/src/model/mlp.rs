@@ -1,0 +1,485 @@
+//! A dense multi-layer perceptron: ReLU hidden layers, softmax cross-entropy output.
+//!
+//! Layer `l` maps `sizes[l]` inputs to `sizes[l + 1]` outputs as `X · W + b`, with `W`
+//! of shape `[in, out]` row-major (Keras' kernel layout), so a batch goes forward as
+//! `X (batch x in) · W` without transposes. The parameters are the tensors
+//! `fc1.weight, fc1.bias, fc2.weight, ...` laid end to end in one flat slice.
+//!
+//! The matrix products run through ndarray's `general_mat_mul` (the `matrixmultiply`
+//! crate's SIMD kernels) on views into the flat parameter and gradient slices and into a
+//! preallocated [`Workspace`], so a training step allocates nothing. When a batch of
+//! inputs is mostly zeros (MNIST is), the first layer instead skips the zeros (see
+//! `sparse_input`), which is exact and several times faster.
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{ArrayView2, ArrayViewMut2};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use super::sparse_input::SparseRows;
+use super::{InitKind, ParamSpec};
+
+/// Rows per forward pass in [`Mlp::evaluate`].
+const EVAL_BATCH: usize = 1000;
+/// Default for [`Mlp::with_sparse_input`]. Skipping zeros costs about as much per
+/// non-zero as the dense kernel does per entry, so it pays below about half non-zeros.
+const SPARSE_INPUT_MAX_DENSITY: f32 = 0.5;
+
+/// The network's shape; parameters are passed in, so one `Mlp` serves any number of
+/// parameter vectors (and threads).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mlp {
+    sizes: Vec<usize>,
+    /// Offset of layer `l`'s weight in the flat vector; its bias follows the weight.
+    offsets: Vec<usize>,
+    num_params: usize,
+    sparse_input_max_density: f32,
+}
+
+/// Per-batch buffers for [`Mlp::loss_and_grad`], sized for a number of rows and grown
+/// (the only allocation) if a larger batch comes.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    sizes: Vec<usize>,
+    rows: usize,
+    /// `acts[l]`: the output of layer `l`, `rows x sizes[l + 1]`. The backward pass
+    /// overwrites each with the gradient of the loss with respect to its pre-activation.
+    acts: Vec<Vec<f32>>,
+    /// Gradient with respect to a hidden layer's output, before the ReLU mask.
+    scratch: Vec<f32>,
+    /// The current batch's inputs, compacted if `sparse_active`.
+    sparse: SparseRows,
+    sparse_active: bool,
+}
+
+impl Workspace {
+    /// Buffers for `mlp` and batches of up to `rows` rows.
+    pub fn new(mlp: &Mlp, rows: usize) -> Self {
+        let mut ws = Self {
+            sizes: mlp.sizes.clone(),
+            rows: 0,
+            acts: Vec::new(),
+            scratch: Vec::new(),
+            sparse: SparseRows::default(),
+            sparse_active: false,
+        };
+        ws.reserve(rows);
+        ws
+    }
+
+    fn reserve(&mut self, rows: usize) {
+        if rows <= self.rows {
+            return;
+        }
+        self.rows = rows;
+        self.acts = self.sizes[1..].iter().map(|&n| vec![0.0; rows * n]).collect();
+        let widest_hidden = self.sizes[1..self.sizes.len() - 1].iter().copied().max().unwrap_or(0);
+        self.scratch = vec![0.0; rows * widest_hidden];
+    }
+}
+
+impl Mlp {
+    /// A network with `sizes[0]` inputs, `sizes.last()` classes and hidden layers of the
+    /// sizes in between. Panics unless there are at least two sizes, all positive.
+    pub fn new(sizes: &[usize]) -> Self {
+        assert!(sizes.len() >= 2, "an MLP needs input and output sizes, got {sizes:?}");
+        assert!(sizes.iter().all(|&n| n > 0), "layer sizes must be positive, got {sizes:?}");
+        let mut offsets = Vec::with_capacity(sizes.len() - 1);
+        let mut next = 0;
+        for pair in sizes.windows(2) {
+            offsets.push(next);
+            next += pair[0] * pair[1] + pair[1];
+        }
+        Self { sizes: sizes.to_vec(), offsets, num_params: next, sparse_input_max_density: SPARSE_INPUT_MAX_DENSITY }
+    }
+
+    /// Batches whose fraction of non-zero inputs is at most `max_density` take the
+    /// zero-skipping first layer; `0.0` always uses the dense kernel. The default is 0.5.
+    /// Both paths compute the same function, up to floating-point summation order.
+    pub fn with_sparse_input(mut self, max_density: f32) -> Self {
+        self.sparse_input_max_density = max_density;
+        self
+    }
+
+    pub fn sizes(&self) -> &[usize] {
+        &self.sizes
+    }
+
+    pub fn num_classes(&self) -> usize {
+        *self.sizes.last().expect("at least two sizes")
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.num_params
+    }
+
+    /// `fc{l}.weight` (`[in, out]`, Glorot uniform) and `fc{l}.bias` (`[out]`, zeros) for
+    /// each layer, as Keras initializes `Dense`.
+    pub fn param_specs(&self) -> Vec<ParamSpec> {
+        self.sizes
+            .windows(2)
+            .enumerate()
+            .flat_map(|(l, pair)| {
+                let (fan_in, fan_out) = (pair[0], pair[1]);
+                [
+                    ParamSpec {
+                        name: format!("fc{}.weight", l + 1),
+                        shape: vec![fan_in, fan_out],
+                        init: InitKind::glorot_uniform(fan_in, fan_out),
+                    },
+                    ParamSpec { name: format!("fc{}.bias", l + 1), shape: vec![fan_out], init: InitKind::Zeros },
+                ]
+            })
+            .collect()
+    }
+
+    /// A parameter vector drawn from [`Mlp::param_specs`]' initializers.
+    pub fn init_params(&self, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut params = vec![0.0; self.num_params];
+        let mut at = 0;
+        for spec in self.param_specs() {
+            spec.init.sample(&mut rng, &mut params[at..at + spec.len()]);
+            at += spec.len();
+        }
+        params
+    }
+
+    /// Buffers for batches of up to `rows` rows.
+    pub fn workspace(&self, rows: usize) -> Workspace {
+        Workspace::new(self, rows)
+    }
+
+    /// Mean cross-entropy of the batch `(x, y)` and its gradient.
+    ///
+    /// `params` is the concatenation of the tensors of [`Mlp::param_specs`]; `grads`, of
+    /// the same layout, is overwritten with the gradient of the mean loss. Returns the mean
+    /// loss and the number of rows whose arg-max prediction equals the label.
+    ///
+    /// Panics if lengths or shapes disagree with the network, or a label is not a class;
+    /// these are programming errors (the loaders check labels).
+    pub fn loss_and_grad(
+        &self,
+        params: &[f32],
+        x: ArrayView2<'_, f32>,
+        y: &[u32],
+        grads: &mut [f32],
+        ws: &mut Workspace,
+    ) -> (f32, usize) {
+        assert_eq!(grads.len(), self.num_params, "gradient length");
+        let rows = x.nrows();
+        if rows == 0 {
+            grads.fill(0.0);
+            return (0.0, 0);
+        }
+        self.forward(params, x, y, ws);
+
+        // Softmax cross-entropy; the logits become dL/dlogits in place.
+        let classes = self.num_classes();
+        let last = self.sizes.len() - 2;
+        let scale = 1.0 / rows as f32;
+        let mut loss = 0.0f64;
+        let mut correct = 0;
+        for (row, &label) in ws.acts[last][..rows * classes].chunks_exact_mut(classes).zip(y) {
+            let (row_loss, hit) = softmax_xent(row, label as usize, Some(scale));
+            loss += row_loss;
+            correct += usize::from(hit);
+        }
+
+        // Backward, from the last layer to the first. Invariant: `ws.acts[l]` holds the
+        // gradient with respect to layer l's pre-activation.
+        for l in (0..=last).rev() {
+            let (n_in, n_out) = (self.sizes[l], self.sizes[l + 1]);
+            let (w_at, b_at) = (self.offsets[l], self.offsets[l] + n_in * n_out);
+            let (below, this) = ws.acts.split_at_mut(l);
+            let dz = view(&this[0], rows, n_out);
+
+            let (gw, gb) = grads[w_at..b_at + n_out].split_at_mut(n_in * n_out);
+            match below.last() {
+                None if ws.sparse_active => ws.sparse.weight_grad(&this[0][..rows * n_out], n_out, gw),
+                None => general_mat_mul(1.0, &x.t(), &dz, 0.0, &mut weight_grad_view(gw, n_in, n_out)),
+                Some(input) => general_mat_mul(
+                    1.0,
+                    &view(input, rows, n_in).t(),
+                    &dz,
+                    0.0,
+                    &mut weight_grad_view(gw, n_in, n_out),
+                ),
+            }
+            gb.fill(0.0);
+            for dz_row in this[0][..rows * n_out].chunks_exact(n_out) {
+                gb.iter_mut().zip(dz_row).for_each(|(g, &d)| *g += d);
+            }
+
+            if let Some(input) = below.last_mut() {
+                // dL/d(input) = dz · Wᵀ, masked by ReLU' (the input's activation > 0).
+                let w = ArrayView2::from_shape((n_in, n_out), &params[w_at..b_at]).expect("weight shape");
+                let mut da = ArrayViewMut2::from_shape((rows, n_in), &mut ws.scratch[..rows * n_in])
+                    .expect("scratch shape");
+                general_mat_mul(1.0, &dz, &w.t(), 0.0, &mut da);
+                for (a, &d) in input[..rows * n_in].iter_mut().zip(&ws.scratch[..rows * n_in]) {
+                    *a = if *a > 0.0 { d } else { 0.0 };
+                }
+            }
+        }
+        ((loss * f64::from(scale)) as f32, correct)
+    }
+
+    /// Mean cross-entropy and accuracy of the model on `(x, y)`, in batches of 1000 rows.
+    pub fn evaluate(&self, params: &[f32], x: ArrayView2<'_, f32>, y: &[u32]) -> (f32, f32) {
+        let rows = x.nrows();
+        if rows == 0 {
+            return (0.0, 0.0);
+        }
+        let classes = self.num_classes();
+        let last = self.sizes.len() - 2;
+        let mut ws = self.workspace(EVAL_BATCH.min(rows));
+        let (mut loss, mut correct) = (0.0f64, 0usize);
+        for start in (0..rows).step_by(EVAL_BATCH) {
+            let end = (start + EVAL_BATCH).min(rows);
+            let yb = &y[start..end];
+            self.forward(params, x.slice(ndarray::s![start..end, ..]), yb, &mut ws);
+            for (row, &label) in ws.acts[last][..(end - start) * classes].chunks_exact_mut(classes).zip(yb) {
+                let (row_loss, hit) = softmax_xent(row, label as usize, None);
+                loss += row_loss;
+                correct += usize::from(hit);
+            }
+        }
+        ((loss / rows as f64) as f32, correct as f32 / rows as f32)
+    }
+
+    /// Runs the batch through the network: `ws.acts[l]` gets layer `l`'s output (ReLU
+    /// applied for hidden layers, raw logits for the last).
+    fn forward(&self, params: &[f32], x: ArrayView2<'_, f32>, y: &[u32], ws: &mut Workspace) {
+        assert_eq!(params.len(), self.num_params, "parameter length");
+        assert_eq!(x.ncols(), self.sizes[0], "input width");
+        assert_eq!(y.len(), x.nrows(), "one label per row");
+        let classes = self.num_classes();
+        assert!(y.iter().all(|&c| (c as usize) < classes), "label outside 0..{classes}");
+        assert_eq!(ws.sizes, self.sizes, "workspace made for another network");
+        let rows = x.nrows();
+        ws.reserve(rows);
+        ws.sparse_active = ws.sparse.compact_if_sparse(x, self.sparse_input_max_density);
+
+        let last = self.sizes.len() - 2;
+        for l in 0..=last {
+            let (n_in, n_out) = (self.sizes[l], self.sizes[l + 1]);
+            let (w_at, b_at) = (self.offsets[l], self.offsets[l] + n_in * n_out);
+            let w = ArrayView2::from_shape((n_in, n_out), &params[w_at..b_at]).expect("weight shape");
+            let bias = &params[b_at..b_at + n_out];
+
+            let (below, this) = ws.acts.split_at_mut(l);
+            let out = &mut this[0][..rows * n_out];
+            if l == 0 && ws.sparse_active {
+                ws.sparse.forward(w.as_slice().expect("row-major"), bias, out, l < last);
+                continue;
+            }
+            let mut z = ArrayViewMut2::from_shape((rows, n_out), &mut *out).expect("activation shape");
+            match below.last() {
+                None => general_mat_mul(1.0, &x, &w, 0.0, &mut z),
+                Some(input) => general_mat_mul(1.0, &view(input, rows, n_in), &w, 0.0, &mut z),
+            }
+            if l < last {
+                for row in out.chunks_exact_mut(n_out) {
+                    row.iter_mut().zip(bias).for_each(|(v, &b)| *v = (*v + b).max(0.0));
+                }
+            } else {
+                for row in out.chunks_exact_mut(n_out) {
+                    row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b);
+                }
+            }
+        }
+    }
+}
+
+fn weight_grad_view(gw: &mut [f32], n_in: usize, n_out: usize) -> ArrayViewMut2<'_, f32> {
+    ArrayViewMut2::from_shape((n_in, n_out), gw).expect("weight gradient shape")
+}
+
+/// The first `rows x cols` values of `buf` as a matrix.
+fn view(buf: &[f32], rows: usize, cols: usize) -> ArrayView2<'_, f32> {
+    ArrayView2::from_shape((rows, cols), &buf[..rows * cols]).expect("buffer holds rows * cols")
+}
+
+/// Cross-entropy of one row of logits against `label`, and whether the arg-max (first
+/// on ties) is `label`. With `grad_scale: Some(s)` the row is overwritten with
+/// `s * (softmax - onehot(label))`, the gradient of `s * loss`.
+///
+/// Stable form: with `m = max(z)`, `loss = ln Σ exp(z - m) - (z_label - m)`.
+fn softmax_xent(row: &mut [f32], label: usize, grad_scale: Option<f32>) -> (f64, bool) {
+    let (mut arg, mut max) = (0, row[0]);
+    for (j, &v) in row.iter().enumerate().skip(1) {
+        if v > max {
+            (arg, max) = (j, v);
+        }
+    }
+    let shifted_label = row[label] - max;
+    let mut sum = 0.0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let loss = f64::from(sum.ln() - shifted_label);
+    if let Some(scale) = grad_scale {
+        let k = scale / sum;
+        row.iter_mut().for_each(|v| *v *= k);
+        row[label] -= scale;
+    }
+    (loss, arg == label)
+}
+
+#[cfg(test)]
+mod tests {
+    use ndarray::Array2;
+    use rand::Rng;
+
+    use super::*;
+
+    /// The loss computed naively in f64, for finite differences that are exact enough to
+    /// judge the f32 gradient by.
+    fn reference_loss(mlp: &Mlp, params: &[f64], x: &Array2<f32>, y: &[u32]) -> f64 {
+        let sizes = mlp.sizes();
+        let mut total = 0.0;
+        for (r, &label) in y.iter().enumerate() {
+            let mut a: Vec<f64> = x.row(r).iter().map(|&v| f64::from(v)).collect();
+            for l in 0..sizes.len() - 1 {
+                let (n_in, n_out, at) = (sizes[l], sizes[l + 1], mlp.offsets[l]);
+                let mut z: Vec<f64> = params[at + n_in * n_out..at + n_in * n_out + n_out].to_vec();
+                for (i, &ai) in a.iter().enumerate() {
+                    for (j, zj) in z.iter_mut().enumerate() {
+                        *zj += ai * params[at + i * n_out + j];
+                    }
+                }
+                if l < sizes.len() - 2 {
+                    z.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
+                a = z;
+            }
+            let m = a.iter().copied().fold(f64::MIN, f64::max);
+            let lse = m + a.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+            total += lse - a[label as usize];
+        }
+        total / y.len() as f64
+    }
+
+    fn random_batch(rows: usize, cols: usize, classes: u32, seed: u64) -> (Array2<f32>, Vec<u32>) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let x = Array2::from_shape_fn((rows, cols), |_| rng.random_range(-1.0..1.0));
+        let y = (0..rows).map(|_| rng.random_range(0..classes)).collect();
+        (x, y)
+    }
+
+    #[test]
+    fn param_specs_follow_keras_dense() {
+        let mlp = Mlp::new(&[784, 64, 64, 10]);
+        let specs = mlp.param_specs();
+        let names: Vec<_> = specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]);
+        assert_eq!(specs[0].shape, [784, 64]);
+        assert_eq!(specs[5].shape, [10]);
+        assert_eq!(specs.iter().map(ParamSpec::len).sum::<usize>(), mlp.num_params());
+        assert_eq!(mlp.num_params(), 55_050);
+        let limit = (6.0f32 / 848.0).sqrt();
+        assert_eq!(specs[0].init, InitKind::Uniform { low: -limit, high: limit });
+        assert_eq!(specs[1].init, InitKind::Zeros);
+
+        let params = mlp.init_params(7);
+        assert_eq!(params, mlp.init_params(7));
+        assert!(params[..784 * 64].iter().all(|v| v.abs() <= limit));
+        assert!(params[784 * 64..784 * 64 + 64].iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn gradient_matches_finite_differences() {
+        for (sizes, rows) in [(&[5, 4, 3][..], 3), (&[6, 5, 4, 3][..], 4), (&[3, 2][..], 2)] {
+            let mlp = Mlp::new(sizes);
+            let params = mlp.init_params(11);
+            let (x, y) = random_batch(rows, sizes[0], *sizes.last().unwrap() as u32, 5);
+            let mut grads = vec![f32::NAN; mlp.num_params()];
+            let mut ws = mlp.workspace(1);
+            let (loss, _) = mlp.loss_and_grad(&params, x.view(), &y, &mut grads, &mut ws);
+
+            let p64: Vec<f64> = params.iter().map(|&p| f64::from(p)).collect();
+            let reference = reference_loss(&mlp, &p64, &x, &y);
+            assert!((f64::from(loss) - reference).abs() < 1e-5, "loss {loss} vs {reference}");
+
+            let eps = 1e-6;
+            for i in 0..params.len() {
+                let (mut plus, mut minus) = (p64.clone(), p64.clone());
+                plus[i] += eps;
+                minus[i] -= eps;
+                let numeric = (reference_loss(&mlp, &plus, &x, &y) - reference_loss(&mlp, &minus, &x, &y)) / (2.0 * eps);
+                let analytic = f64::from(grads[i]);
+                assert!(
+                    (analytic - numeric).abs() <= 1e-5 + 1e-3 * numeric.abs(),
+                    "{sizes:?} param {i}: analytic {analytic} vs numeric {numeric}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn uniform_logits_cost_ln_of_the_class_count() {
+        let mlp = Mlp::new(&[784, 64, 64, 10]);
+        let params = vec![0.0; mlp.num_params()];
+        let (x, y) = random_batch(8, 784, 10, 1);
+        let mut grads = vec![0.0; mlp.num_params()];
+        let (loss, _) = mlp.loss_and_grad(&params, x.view(), &y, &mut grads, &mut mlp.workspace(8));
+        assert!((loss - 10f32.ln()).abs() < 1e-6, "{loss}");
+        assert!(grads.iter().all(|g| g.is_finite()));
+        let (eval_loss, _) = mlp.evaluate(&params, x.view(), &y);
+        assert!((eval_loss - 10f32.ln()).abs() < 1e-6, "{eval_loss}");
+    }
+
+    #[test]
+    fn batch_size_may_change_between_calls() {
+        let mlp = Mlp::new(&[6, 5, 3]);
+        let params = mlp.init_params(3);
+        let (x, y) = random_batch(9, 6, 3, 2);
+        let mut ws = mlp.workspace(2);
+        let mut big = vec![0.0; mlp.num_params()];
+        mlp.loss_and_grad(&params, x.view(), &y, &mut big, &mut ws);
+        let mut small = vec![0.0; mlp.num_params()];
+        let (x2, y2) = (x.slice(ndarray::s![..2, ..]), &y[..2]);
+        let (loss, _) = mlp.loss_and_grad(&params, x2, y2, &mut small, &mut ws);
+        let mut fresh = vec![0.0; mlp.num_params()];
+        let (fresh_loss, _) = mlp.loss_and_grad(&params, x2, y2, &mut fresh, &mut mlp.workspace(2));
+        assert_eq!((loss, &small), (fresh_loss, &fresh));
+    }
+
+    #[test]
+    fn evaluate_agrees_with_the_training_loss_and_counts() {
+        let mlp = Mlp::new(&[7, 6, 4]);
+        let params = mlp.init_params(9);
+        let (x, y) = random_batch(2500, 7, 4, 8);
+        let mut grads = vec![0.0; mlp.num_params()];
+        let (loss, correct) = mlp.loss_and_grad(&params, x.view(), &y, &mut grads, &mut mlp.workspace(1));
+        let (eval_loss, accuracy) = mlp.evaluate(&params, x.view(), &y);
+        assert!((loss - eval_loss).abs() < 1e-5, "{loss} vs {eval_loss}");
+        assert_eq!(accuracy, correct as f32 / 2500.0);
+    }
+
+    #[test]
+    fn sgd_on_2000_mnist_rows_fits_them() {
+        use crate::data::{Batches, BatchBuf, Split, load_mnist};
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/mnist");
+        let data = load_mnist(&dir, Split::Train).unwrap();
+        let (x, y) = data.slice(0..2000);
+
+        let mlp = Mlp::new(&[784, 64, 64, 10]);
+        let mut params = mlp.init_params(1);
+        let mut grads = vec![0.0; mlp.num_params()];
+        let mut ws = mlp.workspace(32);
+        let mut batches = Batches::new(2000, 32, 1);
+        let mut buf = BatchBuf::new();
+        for epoch in 0..10 {
+            for rows in batches.epoch(epoch) {
+                buf.fill(x, y, rows);
+                mlp.loss_and_grad(&params, buf.x(), buf.y(), &mut grads, &mut ws);
+                params.iter_mut().zip(&grads).for_each(|(p, g)| *p -= 0.1 * g);
+            }
+        }
+        let (loss, accuracy) = mlp.evaluate(&params, x, y);
+        assert!(accuracy > 0.85, "train accuracy {accuracy}, loss {loss}");
+    }
+}
