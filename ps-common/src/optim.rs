@@ -171,6 +171,7 @@ mod defaults {
 impl Rule {
     /// Adam with PyTorch's defaults: β1 = 0.9, β2 = 0.999, eps = 1e-8, no
     /// weight decay.
+    #[must_use]
     pub fn adam(lr: f32) -> Rule {
         Rule::Adam {
             lr,
@@ -183,6 +184,7 @@ impl Rule {
     }
 
     /// Plain SGD without weight decay.
+    #[must_use]
     pub fn sgd(lr: f32) -> Rule {
         Rule::Sgd {
             lr,
@@ -210,6 +212,10 @@ impl Rule {
     ///
     /// The error names the rule and the field, e.g.
     /// `adam.beta2 must be finite and in [0, 1), got 1`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidOptimizer`] for the first offending field.
     pub fn validate(&self) -> Result<()> {
         let rule = self.name();
         let field = |name: &str, value: f32, ok: bool, want: &str| {
@@ -633,12 +639,7 @@ mod tests {
     #[rustfmt::skip] // one case per line
     fn sgd_matches_pytorch_values() {
         check(Rule::sgd(0.1), 5, &G, [9.200000000e-01, -4.300000000e-01, -2.000000000e-01, 1.975000000e+00]);
-        check(
-            Rule::Sgd { lr: 0.1, weight_decay: 0.1 },
-            5,
-            &G,
-            [8.734672194e-01, -4.112155040e-01, -1.919390520e-01, 1.877227110e+00],
-        );
+        check(Rule::Sgd { lr: 0.1, weight_decay: 0.1 }, 5, &G, [8.734672194e-01, -4.112155040e-01, -1.919390520e-01, 1.877227110e+00]);
     }
 
     #[test]
@@ -883,6 +884,9 @@ mod tests {
         (
             log_uniform(1e-4, 1.0),
             prop_oneof![Just(0.9f32), or_zero(0.0f32..0.99)],
+            // Not below 0.5: with β2 near 0 and L2 decay the step is about
+            // m / |g + wd·p|, which amplifies rounding without bound as
+            // g + wd·p nears 0, so no f32 result is "close" to the f64 one.
             prop_oneof![Just(0.999f32), 0.5f32..0.99999],
             // A wide eps range: where eps goes (inside or outside the square
             // root, before or after bias correction) only shows when eps is
@@ -1115,14 +1119,14 @@ mod tests {
             .collect()
     }
 
-    /// Allowed error per unit of scale. Twenty steps of a handful of f32
-    /// operations, each off by at most 2^-24 ≈ 6e-8 of its operands, bound
-    /// the error by roughly 100·2^-24·scale ≈ 6e-6·scale in the worst case
-    /// (rounding errors mostly cancel, so observed errors are far smaller).
-    /// 1e-5 leaves margin against flakiness while still catching a misplaced
-    /// eps, a missing bias correction or a wrong first momentum step, which
-    /// change results by percents.
-    const TOLERANCE: f64 = 1e-5;
+    /// Allowed error per unit of scale: 32 f32 epsilons (≈ 3.8e-6). Up to 20
+    /// steps of a handful of operations, each off by at most half an epsilon
+    /// of its operands, could in the worst case add up to ~50 epsilons, but
+    /// rounding errors mostly cancel: over 50,000 random cases per rule the
+    /// largest error seen was 5 epsilons (Adam; 2–3 for the others). 32 keeps
+    /// a wide margin against flakiness while a misplaced eps, a missing bias
+    /// correction or a wrong first momentum step change results by percents.
+    const TOLERANCE: f64 = 32.0 * f32::EPSILON as f64;
 
     fn assert_matches_reference(rule: Rule, case: &Case) -> std::result::Result<(), TestCaseError> {
         prop_assert!(rule.validate().is_ok(), "{:?}", rule.validate());
@@ -1288,30 +1292,5 @@ mod tests {
             Rule::Ftrl { .. } => {}
         }
         rule
-    }
-
-    #[test]
-    #[ignore]
-    fn zz_calibrate() {
-        use proptest::test_runner::{Config, TestRunner};
-        let strategies: Vec<(&str, BoxedStrategy<Rule>)> = vec![
-            ("sgd", sgd_rule().boxed()), ("momentum", momentum_rule().boxed()), ("adagrad", adagrad_rule().boxed()),
-            ("adam", adam_rule().boxed()), ("ftrl", ftrl_rule().boxed())];
-        for (name, strat) in strategies {
-            let mut runner = TestRunner::new(Config::with_cases(50_000));
-            let worst = std::cell::Cell::new(0.0f64);
-            let worst_plain = std::cell::Cell::new(0.0f64);
-            runner.run(&(strat, case()), |(rule, case)| {
-                let got = run_f32(rule, &case);
-                for (i, (&a, (b, scale))) in got.iter().zip(run_f64(rule, &case)).enumerate() {
-                    let d = (f64::from(a) - b).abs();
-                    if d / (1.0 + scale) > 1e-5 { println!("BAD {rule:?} first {} i {i} got {a} want {b} scale {scale}\n p0 {} g {:?} s {:?}", case.first_step, case.param[i], case.grads.iter().map(|g| g[i]).collect::<Vec<_>>(), case.lr_scales); }
-                    worst.set(worst.get().max(d / (1.0 + scale)));
-                    worst_plain.set(worst_plain.get().max(d / (1.0 + b.abs())));
-                }
-                Ok(())
-            }).unwrap();
-            println!("{name}: worst diff/(1+scale) = {:e} = {:.1} eps; worst diff/(1+|b|) = {:e}", worst.get(), worst.get() / f64::from(f32::EPSILON), worst_plain.get());
-        }
     }
 }

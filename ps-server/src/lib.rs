@@ -11,6 +11,7 @@
 //! - [`serve`] runs a shard on a listener until a shutdown future resolves;
 //!   `main.rs` is a thin wrapper that parses flags and waits for SIGINT/SIGTERM.
 
+pub mod cli;
 pub mod clock;
 pub mod error;
 pub mod service;
@@ -102,9 +103,15 @@ pub async fn serve(
     let svc = ParameterServerServer::new(Service(shard))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's tcp_nodelay only applies to listeners it binds itself:
+    // set it on every accepted socket here. Without it, responses of a few
+    // hundred KiB stall on Nagle's algorithm against delayed ACKs.
+    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+        s.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
     let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .add_service(svc)

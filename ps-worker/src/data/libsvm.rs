@@ -97,9 +97,8 @@ fn parse(path: &Path, text: &str, num_features: Option<usize>) -> Result<SparseD
 
         let mut prev = 0u64;
         for field in fields {
-            let (index, value) = field
-                .split_once(':')
-                .ok_or_else(|| bad(format!("feature {field:?} is not index:value")))?;
+            let (index, value) =
+                field.split_once(':').ok_or_else(|| bad(format!("feature {field:?} is not index:value")))?;
             let index: u64 = index
                 .parse()
                 .map_err(|_| bad(format!("feature index {index:?} is not a positive integer")))?;
@@ -114,9 +113,8 @@ fn parse(path: &Path, text: &str, num_features: Option<usize>) -> Result<SparseD
             if index <= prev {
                 return Err(bad(format!("feature index {index} follows {prev}: indices must ascend")));
             }
-            let value: f32 = value
-                .parse()
-                .map_err(|_| bad(format!("feature value {value:?} is not a number")))?;
+            let value: f32 =
+                value.parse().map_err(|_| bad(format!("feature value {value:?} is not a number")))?;
             if !value.is_finite() {
                 return Err(bad(format!("feature value {value} is not finite")));
             }

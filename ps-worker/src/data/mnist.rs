@@ -68,8 +68,7 @@ pub fn load_mnist(dir: &Path, split: Split) -> Result<DenseDataset, DataError> {
     }
 
     let x: Vec<f32> = pixels.iter().map(|&b| f32::from(b) / 255.0).collect();
-    let x = Array2::from_shape_vec((num_images, rows * cols), x)
-        .expect("length checked by parse_idx");
+    let x = Array2::from_shape_vec((num_images, rows * cols), x).expect("length checked by parse_idx");
     let y = labels.iter().map(|&l| u32::from(l)).collect();
     Ok(DenseDataset { x, y, num_classes: NUM_CLASSES })
 }
@@ -82,11 +81,7 @@ fn locate(dir: &Path, name: &str) -> PathBuf {
 
 /// Checks an IDX header with `expected` magic and returns its dimensions and payload,
 /// whose length is checked to be exactly the product of the dimensions.
-fn parse_idx<'a>(
-    path: &Path,
-    bytes: &'a [u8],
-    expected: u32,
-) -> Result<(Vec<usize>, &'a [u8]), DataError> {
+fn parse_idx<'a>(path: &Path, bytes: &'a [u8], expected: u32) -> Result<(Vec<usize>, &'a [u8]), DataError> {
     let num_dims = (expected & 0xff) as usize;
     let header_len = 4 + 4 * num_dims;
     let truncated = |expected: usize| DataError::Truncated {

@@ -142,8 +142,7 @@ pub(crate) mod test_util {
             use std::sync::atomic::{AtomicUsize, Ordering};
             static NEXT: AtomicUsize = AtomicUsize::new(0);
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir()
-                .join(format!("ps-worker-{tag}-{}-{n}", std::process::id()));
+            let dir = std::env::temp_dir().join(format!("ps-worker-{tag}-{}-{n}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).expect("create temp dir");
             Self(dir)

@@ -30,7 +30,9 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Rating>, DataError> {
         }
         let mut fields = line.split('\t');
         let mut next = |what: &str| {
-            fields.next().ok_or_else(|| bad(format!("missing {what}: expected user, item, rating, timestamp")))
+            fields
+                .next()
+                .ok_or_else(|| bad(format!("missing {what}: expected user, item, rating, timestamp")))
         };
         let (user, item, rating, ts) = (next("user")?, next("item")?, next("rating")?, next("timestamp")?);
         if fields.next().is_some() {

@@ -36,7 +36,10 @@ impl ParamSpec {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum InitKind {
     /// Uniform on `[low, high)`.
-    Uniform { low: f32, high: f32 },
+    Uniform {
+        low: f32,
+        high: f32,
+    },
     Zeros,
 }
 

@@ -1,0 +1,107 @@
+//! Command-line front end of a shard, shared by the `ps-server` binary and
+//! the launcher's `ps-cluster server` subcommand.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::{Error, Result, ServerConfig};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// TOML config file (see examples/config/server.toml); flags override it.
+    #[arg(long, env = "PS_SERVER_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This shard's index, 0..num-shards.
+    #[arg(long)]
+    pub shard: Option<u32>,
+    /// Number of shards in the deployment.
+    #[arg(long)]
+    pub num_shards: Option<u32>,
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Largest message accepted, in MiB.
+    #[arg(long)]
+    pub max_message_mib: Option<usize>,
+    /// Longest a BSP/SSP read may block, in milliseconds.
+    #[arg(long)]
+    pub max_wait_ms: Option<u64>,
+}
+
+/// Reads the config file (if any), applies the flags, validates.
+pub fn config(args: &Args) -> Result<ServerConfig> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|source| Error::Io { what: format!("reading {}", path.display()), source })?;
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
+        }
+        None => ServerConfig::default(),
+    };
+    if let Some(v) = args.shard {
+        config.shard = v;
+    }
+    if let Some(v) = args.num_shards {
+        config.num_shards = v;
+    }
+    if let Some(v) = args.listen {
+        config.listen = v;
+    }
+    if let Some(v) = args.max_message_mib {
+        config.max_message_mib = v;
+    }
+    if let Some(v) = args.max_wait_ms {
+        config.max_wait_ms = v;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// Runs a shard until SIGINT or SIGTERM. Prints `listening on ADDR` as the
+/// first line on stdout.
+pub fn run(args: &Args) -> Result<()> {
+    let config = config(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io { what: "starting the runtime".into(), source })?;
+    runtime.block_on(async move {
+        let shard = config.shard;
+        crate::bind_and_serve(
+            config,
+            |addr| {
+                println!("listening on {addr}");
+                let _ = std::io::stdout().flush();
+                tracing::info!(shard, %addr, "shard serving");
+            },
+            shutdown_signal(),
+        )
+        .await?;
+        tracing::info!(shard, "shard stopped");
+        Ok(())
+    })
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received");
+}

@@ -1,0 +1,46 @@
+//! Command-line front end of a worker, shared by the `ps-worker` binary and
+//! the launcher's `ps-cluster worker` subcommand.
+
+use std::path::PathBuf;
+
+use crate::config::RunConfig;
+use crate::error::{Error, Result};
+use crate::train::{self, StdoutReporter, WorkerId};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Run file (TOML) whose [job] table describes the training job.
+    #[arg(long, env = "PS_WORKER_CONFIG")]
+    pub config: PathBuf,
+    /// Shard addresses in shard order, comma-separated (host:port,...).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub servers: Vec<String>,
+    /// This worker's index, 0..workers.
+    #[arg(long)]
+    pub index: usize,
+    /// Number of workers in the job.
+    #[arg(long)]
+    pub workers: usize,
+}
+
+/// Trains one worker; progress events go to stdout as JSON lines.
+pub fn run(args: &Args) -> Result<()> {
+    let text = std::fs::read_to_string(&args.config)
+        .map_err(|source| Error::Io { what: format!("reading {}", args.config.display()), source })?;
+    let config = RunConfig::from_toml(&text)
+        .map_err(|e| Error::Config(format!("{}: {e}", args.config.display())))?;
+    if args.index >= args.workers {
+        return Err(Error::Config(format!("--index {} must be below --workers {}", args.index, args.workers)));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io { what: "starting the runtime".into(), source })?;
+    runtime.block_on(train::run(
+        &config.job,
+        &args.servers,
+        WorkerId { index: args.index, count: args.workers },
+        &mut StdoutReporter,
+    ))
+}

@@ -1,0 +1,481 @@
+//! The sharded client: splits every request by owning shard (with
+//! `ps_common::partition`), sends one request per shard concurrently, and
+//! reassembles the answers in request order.
+//!
+//! Pushes carry a `(worker, seq)` pair per shard, so a push that times out is
+//! retried with the same seq and applied once. At most one push per shard is
+//! in flight at a time from one client (the methods take `&mut self`), which
+//! keeps the seqs a shard sees increasing.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Duration;
+
+use ps_common::codec;
+use ps_common::partition::{self, ShardId};
+use ps_common::spec::{Consistency, Layout, TableSpec};
+use ps_common::wire::pb::{self, parameter_server_client::ParameterServerClient};
+use futures::future::join_all;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{Error, Result};
+
+/// Connection and retry settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Keep trying to connect for this long (servers may still be starting).
+    pub connect_within: Duration,
+    /// Deadline of one push or non-blocking call.
+    pub request_timeout: Duration,
+    /// Deadline of a read, which may block under BSP/SSP.
+    pub read_timeout: Duration,
+    /// Retries of a push that failed with a transient error.
+    pub push_retries: u32,
+    pub max_message_bytes: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_within: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(180),
+            push_retries: 5,
+            max_message_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Where each element of a flat buffer lives: the chunks of a set of dense
+/// tensors laid end to end, grouped by owning shard.
+#[derive(Debug, Clone)]
+pub struct DenseSet {
+    /// (tensor name, element count) in buffer order.
+    tensors: Vec<(String, usize)>,
+    len: usize,
+    /// Per shard: (tensor, chunk index, range in the flat buffer).
+    by_shard: Vec<Vec<(String, u32, Range<usize>)>>,
+}
+
+impl DenseSet {
+    /// Builds the routing of `specs` (all dense) over `num_shards` shards.
+    pub fn new(specs: &[TableSpec], num_shards: u32) -> Result<DenseSet> {
+        let mut by_shard = vec![Vec::new(); num_shards as usize];
+        let mut tensors = Vec::new();
+        let mut offset = 0;
+        for spec in specs {
+            let Layout::Dense { shape, chunk_len } = &spec.layout else {
+                return Err(Error::Config(format!("`{}` is not a dense tensor", spec.name)));
+            };
+            let len = Layout::dense_len(shape).ok_or_else(|| Error::Config(format!("`{}` too large", spec.name)))?;
+            for i in 0..partition::num_chunks(len, *chunk_len as usize) {
+                let r = partition::chunk_range(len, *chunk_len as usize, i);
+                let shard = partition::chunk_shard(&spec.name, i as u32, num_shards);
+                by_shard[shard as usize].push((spec.name.clone(), i as u32, offset + r.start..offset + r.end));
+            }
+            tensors.push((spec.name.clone(), len));
+            offset += len;
+        }
+        Ok(DenseSet { tensors, len: offset, by_shard })
+    }
+
+    /// Total number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn tensors(&self) -> &[(String, usize)] {
+        &self.tensors
+    }
+
+    /// Elements held by each shard.
+    pub fn shard_loads(&self) -> Vec<usize> {
+        self.by_shard.iter().map(|c| c.iter().map(|(_, _, r)| r.len()).sum()).collect()
+    }
+}
+
+/// One worker's connections to every shard.
+pub struct ShardedClient {
+    shards: Vec<ParameterServerClient<Channel>>,
+    addrs: Vec<String>,
+    worker: u64,
+    /// Next seq per shard.
+    next_seq: Vec<u64>,
+    opts: ClientOptions,
+}
+
+fn is_transient(status: &tonic::Status) -> bool {
+    matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
+}
+
+impl ShardedClient {
+    /// Connects to every shard; `addrs[i]` must be shard `i`.
+    pub async fn connect(addrs: &[String], worker: u64, opts: ClientOptions) -> Result<ShardedClient> {
+        if addrs.is_empty() {
+            return Err(Error::Config("no server addresses".into()));
+        }
+        let mut shards = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            let uri = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
+            let endpoint = Endpoint::from_shared(uri)
+                .map_err(|e| Error::Config(format!("bad server address `{addr}`: {e}")))?
+                .connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .keep_alive_while_idle(true)
+                .initial_stream_window_size(Some(8 << 20))
+                .initial_connection_window_size(Some(16 << 20));
+            let deadline = tokio::time::Instant::now() + opts.connect_within;
+            let channel = loop {
+                match endpoint.connect().await {
+                    Ok(c) => break c,
+                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                        return Err(Error::Connect { addr: addr.clone(), source: e });
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            };
+            shards.push(
+                ParameterServerClient::new(channel)
+                    .max_decoding_message_size(opts.max_message_bytes)
+                    .max_encoding_message_size(opts.max_message_bytes),
+            );
+        }
+        let n = shards.len();
+        Ok(ShardedClient { shards, addrs: addrs.to_vec(), worker, next_seq: vec![1; n], opts })
+    }
+
+    pub fn num_shards(&self) -> u32 {
+        self.shards.len() as u32
+    }
+
+    pub fn worker(&self) -> u64 {
+        self.worker
+    }
+
+    fn status(&self, shard: usize, status: tonic::Status) -> Error {
+        Error::Status { shard: shard as ShardId, addr: self.addrs[shard].clone(), status }
+    }
+
+    fn request<T>(&self, msg: T, timeout: Duration) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(msg);
+        r.set_timeout(timeout);
+        r
+    }
+
+    /// Registers a table on every shard (idempotent for identical specs).
+    pub async fn register(&self, spec: &TableSpec) -> Result<()> {
+        let table = pb::TableSpec::from(spec);
+        let num_shards = self.num_shards();
+        let calls = self.shards.iter().map(|c| {
+            let mut c = c.clone();
+            let req = self.request(pb::RegisterRequest { table: Some(table.clone()), num_shards }, self.opts.request_timeout);
+            async move { c.register(req).await }
+        });
+        for (i, r) in join_all(calls).await.into_iter().enumerate() {
+            r.map_err(|s| self.status(i, s))?;
+        }
+        Ok(())
+    }
+
+    /// Joins the clock set of every shard; returns the last seq each shard
+    /// applied from this worker id (so a restarted worker continues its seqs).
+    pub async fn join(&mut self, consistency: Consistency, lease: Duration) -> Result<()> {
+        let msg = pb::JoinRequest {
+            worker: self.worker,
+            consistency: Some(consistency.into()),
+            lease_ms: lease.as_millis().min(u128::from(u32::MAX)) as u32,
+        };
+        let calls = self.shards.iter().map(|c| {
+            let mut c = c.clone();
+            let req = self.request(msg.clone(), self.opts.request_timeout);
+            async move { c.join(req).await }
+        });
+        let results = join_all(calls).await;
+        for (i, r) in results.into_iter().enumerate() {
+            let last = r.map_err(|s| self.status(i, s))?.into_inner().last_seq;
+            self.next_seq[i] = self.next_seq[i].max(last + 1);
+        }
+        Ok(())
+    }
+
+    /// Leaves the clock set of every shard (best effort on each).
+    pub async fn leave(&self) -> Result<()> {
+        let calls = self.shards.iter().map(|c| {
+            let mut c = c.clone();
+            let req = self.request(pb::LeaveRequest { worker: self.worker }, self.opts.request_timeout);
+            async move { c.leave(req).await }
+        });
+        for (i, r) in join_all(calls).await.into_iter().enumerate() {
+            r.map_err(|s| self.status(i, s))?;
+        }
+        Ok(())
+    }
+
+    /// Spawns a task that renews this worker's lease every `every`.
+    pub fn spawn_heartbeat(&self, every: Duration) -> tokio::task::JoinHandle<()> {
+        let shards = self.shards.clone();
+        let worker = self.worker;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                for c in &shards {
+                    let mut c = c.clone();
+                    let mut req = tonic::Request::new(pb::HeartbeatRequest { worker });
+                    req.set_timeout(every);
+                    if let Err(e) = c.heartbeat(req).await {
+                        tracing::debug!(worker, error = %e, "heartbeat failed");
+                    }
+                }
+            }
+        })
+    }
+
+    /// Pulls every element of `set` into `out` (same layout), reading at
+    /// `clock` (BSP/SSP reads block until the clock set allows it).
+    pub async fn pull_dense(&self, set: &DenseSet, clock: u64, out: &mut [f32]) -> Result<()> {
+        if out.len() != set.len {
+            return Err(Error::Config(format!("pull buffer has {} elements, set has {}", out.len(), set.len)));
+        }
+        let meta = pb::ReadMeta { worker: self.worker, clock };
+        let calls = set.by_shard.iter().enumerate().filter(|(_, c)| !c.is_empty()).map(|(i, chunks)| {
+            let mut c = self.shards[i].clone();
+            let ids = chunks.iter().map(|(t, idx, _)| pb::ChunkId { tensor: t.clone(), index: *idx }).collect();
+            let req = self.request(pb::PullDenseRequest { chunks: ids, meta: Some(meta) }, self.opts.read_timeout);
+            async move { (i, c.pull_dense(req).await) }
+        });
+        for (i, r) in join_all(calls).await {
+            let resp = r.map_err(|s| self.status(i, s))?.into_inner();
+            let expected = &set.by_shard[i];
+            if resp.chunks.len() != expected.len() {
+                return Err(Error::Protocol(format!(
+                    "shard {i} returned {} chunks for {} requested",
+                    resp.chunks.len(),
+                    expected.len()
+                )));
+            }
+            for (chunk, (_, _, range)) in resp.chunks.iter().zip(expected) {
+                codec::decode_f32_into("pulled values", &chunk.values, &mut out[range.clone()])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes `grads` (laid out like `set`) computed at `read_clock` as part of
+    /// iteration `clock`. With `tick`, every shard is told the iteration is
+    /// complete (shards with no chunk of `set` get an empty push).
+    pub async fn push_dense(&mut self, set: &DenseSet, grads: &[f32], clock: u64, read_clock: u64, tick: bool) -> Result<()> {
+        if grads.len() != set.len {
+            return Err(Error::Config(format!("gradient has {} elements, set has {}", grads.len(), set.len)));
+        }
+        let mut requests = Vec::new();
+        for (i, chunks) in set.by_shard.iter().enumerate() {
+            if chunks.is_empty() && !tick {
+                continue;
+            }
+            let chunks = chunks
+                .iter()
+                .map(|(t, idx, r)| pb::DenseChunk { tensor: t.clone(), index: *idx, values: codec::encode_f32(&grads[r.clone()]) })
+                .collect();
+            let meta = self.next_meta(i, clock, read_clock, tick);
+            requests.push((i, pb::PushDenseRequest { chunks, meta: Some(meta) }));
+        }
+        let calls = requests.into_iter().map(|(i, msg)| {
+            let c = self.shards[i].clone();
+            let opts = self.opts.clone();
+            async move {
+                let r = retry(&opts, || {
+                    let mut c = c.clone();
+                    let mut req = tonic::Request::new(msg.clone());
+                    req.set_timeout(opts.request_timeout);
+                    async move { c.push_dense(req).await }
+                })
+                .await;
+                (i, r)
+            }
+        });
+        for (i, r) in join_all(calls).await {
+            r.map_err(|s| self.status(i, s))?;
+        }
+        Ok(())
+    }
+
+    fn next_meta(&mut self, shard: usize, clock: u64, read_clock: u64, tick: bool) -> pb::PushMeta {
+        let seq = self.next_seq[shard];
+        self.next_seq[shard] += 1;
+        pb::PushMeta { worker: self.worker, seq, clock, tick, read_clock }
+    }
+
+    /// Pulls the rows of `keys` (duplicates allowed) into `out`
+    /// (`keys.len() * dim` floats, in key order). Each distinct key is sent
+    /// once, to its shard.
+    pub async fn pull_sparse(&self, table: &str, dim: usize, keys: &[u64], clock: u64, out: &mut [f32]) -> Result<()> {
+        if out.len() != keys.len() * dim {
+            return Err(Error::Config(format!("pull buffer has {} floats, need {}", out.len(), keys.len() * dim)));
+        }
+        let plan = SparsePlan::new(keys, self.num_shards());
+        let meta = pb::ReadMeta { worker: self.worker, clock };
+        let calls = plan.by_shard.iter().enumerate().filter(|(_, k)| !k.is_empty()).map(|(i, ks)| {
+            let mut c = self.shards[i].clone();
+            let req = self.request(
+                pb::PullSparseRequest { table: table.to_string(), keys: codec::encode_u64(ks), meta: Some(meta) },
+                self.opts.read_timeout,
+            );
+            async move { (i, c.pull_sparse(req).await) }
+        });
+        let mut unique = vec![0.0f32; plan.unique * dim];
+        for (i, r) in join_all(calls).await {
+            let resp = r.map_err(|s| self.status(i, s))?.into_inner();
+            if resp.dim as usize != dim {
+                return Err(Error::Protocol(format!("table `{table}` has rows of {}, caller expects {dim}", resp.dim)));
+            }
+            let values = codec::decode_f32("pulled rows", &resp.values)?;
+            if values.len() != plan.by_shard[i].len() * dim {
+                return Err(Error::Protocol(format!("shard {i} returned {} floats", values.len())));
+            }
+            for (row, &u) in values.chunks_exact(dim).zip(&plan.slot_of[i]) {
+                unique[u * dim..(u + 1) * dim].copy_from_slice(row);
+            }
+        }
+        for (o, &u) in out.chunks_exact_mut(dim).zip(&plan.unique_of_key) {
+            o.copy_from_slice(&unique[u * dim..(u + 1) * dim]);
+        }
+        Ok(())
+    }
+
+    /// Pushes per-occurrence row gradients of `keys` (duplicates are summed
+    /// first, so each key is updated once).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn push_sparse(
+        &mut self,
+        table: &str,
+        dim: usize,
+        keys: &[u64],
+        grads: &[f32],
+        clock: u64,
+        read_clock: u64,
+        tick: bool,
+    ) -> Result<()> {
+        if grads.len() != keys.len() * dim {
+            return Err(Error::Config(format!("gradient has {} floats, need {}", grads.len(), keys.len() * dim)));
+        }
+        let plan = SparsePlan::new(keys, self.num_shards());
+        let mut merged = vec![0.0f32; plan.unique * dim];
+        for (g, &u) in grads.chunks_exact(dim).zip(&plan.unique_of_key) {
+            for (m, v) in merged[u * dim..(u + 1) * dim].iter_mut().zip(g) {
+                *m += v;
+            }
+        }
+        let mut requests = Vec::new();
+        for i in 0..self.shards.len() {
+            let ks = &plan.by_shard[i];
+            if ks.is_empty() && !tick {
+                continue;
+            }
+            let mut g = Vec::with_capacity(ks.len() * dim);
+            for &u in &plan.slot_of[i] {
+                g.extend_from_slice(&merged[u * dim..(u + 1) * dim]);
+            }
+            let meta = self.next_meta(i, clock, read_clock, tick);
+            let msg = pb::PushSparseRequest {
+                table: table.to_string(),
+                keys: codec::encode_u64(ks),
+                grads: codec::encode_f32(&g),
+                meta: Some(meta),
+            };
+            requests.push((i, msg));
+        }
+        let calls = requests.into_iter().map(|(i, msg)| {
+            let c = self.shards[i].clone();
+            let opts = self.opts.clone();
+            async move {
+                let r = retry(&opts, || {
+                    let mut c = c.clone();
+                    let mut req = tonic::Request::new(msg.clone());
+                    req.set_timeout(opts.request_timeout);
+                    async move { c.push_sparse(req).await }
+                })
+                .await;
+                (i, r)
+            }
+        });
+        for (i, r) in join_all(calls).await {
+            r.map_err(|s| self.status(i, s))?;
+        }
+        Ok(())
+    }
+
+    /// Stats of every shard, in shard order.
+    pub async fn stats(&self) -> Result<Vec<pb::StatsResponse>> {
+        let calls = self.shards.iter().map(|c| {
+            let mut c = c.clone();
+            let req = self.request(pb::StatsRequest {}, self.opts.request_timeout);
+            async move { c.stats(req).await }
+        });
+        let mut out = Vec::new();
+        for (i, r) in join_all(calls).await.into_iter().enumerate() {
+            out.push(r.map_err(|s| self.status(i, s))?.into_inner());
+        }
+        Ok(out)
+    }
+}
+
+/// Routing of a batch of sparse keys: distinct keys grouped by shard.
+struct SparsePlan {
+    unique: usize,
+    /// For every input key, its index among the distinct keys.
+    unique_of_key: Vec<usize>,
+    /// Per shard: the distinct keys it owns, and their distinct-key index.
+    by_shard: Vec<Vec<u64>>,
+    slot_of: Vec<Vec<usize>>,
+}
+
+impl SparsePlan {
+    fn new(keys: &[u64], num_shards: u32) -> SparsePlan {
+        let mut index: HashMap<u64, usize> = HashMap::with_capacity(keys.len());
+        let mut by_shard = vec![Vec::new(); num_shards as usize];
+        let mut slot_of = vec![Vec::new(); num_shards as usize];
+        let unique_of_key = keys
+            .iter()
+            .map(|&k| {
+                let next = index.len();
+                *index.entry(k).or_insert_with(|| {
+                    let s = partition::key_shard(k, num_shards) as usize;
+                    by_shard[s].push(k);
+                    slot_of[s].push(next);
+                    next
+                })
+            })
+            .collect();
+        SparsePlan { unique: index.len(), unique_of_key, by_shard, slot_of }
+    }
+}
+
+/// Runs `call` until it succeeds, fails for good, or runs out of retries;
+/// transient failures back off exponentially from 50 ms.
+async fn retry<T, F, Fut>(opts: &ClientOptions, mut call: F) -> std::result::Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut backoff = Duration::from_millis(50);
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if is_transient(&s) && attempt < opts.push_retries => {
+                attempt += 1;
+                tracing::warn!(attempt, code = ?s.code(), "push failed, retrying with the same seq");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(s) => return Err(s),
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! The training loop of one worker: pull -> local gradient -> push, one
+//! iteration per clock tick, with progress events on stdout.
+//!
+//! Events are JSON lines (see [`Event`]); the launcher reads them to draw
+//! progress bars and writes them to the run's `metrics.jsonl`.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use ps_common::spec::{Init, InitKind, Layout, TableSpec};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{ClientOptions, DenseSet, ShardedClient};
+use crate::config::{JobConfig, Straggler, Workload};
+use crate::data::{self, Batches, BatchBuf, DenseDataset};
+use crate::error::{Error, Result};
+use crate::model::{self, Mlp};
+
+/// One line of a worker's stdout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Start { worker: usize, iters_per_epoch: u64, epochs: u32, total_iters: u64 },
+    Progress {
+        worker: usize,
+        epoch: u32,
+        iter: u64,
+        wall_s: f64,
+        /// Mean training loss and accuracy since the previous event.
+        loss: f64,
+        acc: f64,
+        samples_per_s: f64,
+    },
+    Eval { worker: usize, epoch: u32, iter: u64, wall_s: f64, test_loss: f64, test_acc: f64 },
+    Done {
+        worker: usize,
+        iters: u64,
+        samples: u64,
+        wall_s: f64,
+        samples_per_s: f64,
+        /// Seconds spent in each phase.
+        pull_s: f64,
+        compute_s: f64,
+        push_s: f64,
+        straggle_s: f64,
+    },
+}
+
+/// Where events go: stdout (as JSON lines) in the worker binary, a closure in tests.
+pub trait Reporter: Send {
+    fn report(&mut self, event: Event);
+}
+
+/// Writes events as JSON lines to stdout.
+pub struct StdoutReporter;
+
+impl Reporter for StdoutReporter {
+    fn report(&mut self, event: Event) {
+        let mut out = std::io::stdout().lock();
+        // A closed stdout (launcher gone) must not kill the worker mid-push.
+        if let Ok(line) = serde_json::to_string(&event) {
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    }
+}
+
+impl<F: FnMut(Event) + Send> Reporter for F {
+    fn report(&mut self, event: Event) {
+        self(event)
+    }
+}
+
+/// The dense tables of an MLP, as registered on the servers.
+pub fn mlp_tables(mlp: &Mlp, job: &JobConfig, chunk_len: u32) -> Vec<TableSpec> {
+    mlp.param_specs()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let kind = match p.init {
+                model::InitKind::Zeros => InitKind::Constant { value: 0.0 },
+                model::InitKind::Uniform { low, high } => InitKind::Uniform { low, high },
+            };
+            TableSpec {
+                name: p.name,
+                layout: Layout::Dense { shape: p.shape.iter().map(|&d| d as u64).collect(), chunk_len },
+                init: Init { kind, seed: job.seed.wrapping_add(i as u64) },
+                optimizer: job.optimizer,
+            }
+        })
+        .collect()
+}
+
+/// Injected slowdown of one worker.
+struct Slowdown {
+    straggler: Option<Straggler>,
+    rng: rand::rngs::StdRng,
+}
+
+impl Slowdown {
+    fn new(job: &JobConfig, worker: usize) -> Slowdown {
+        let applies = match &job.straggler {
+            Some(Straggler::Factor { workers, .. }) | Some(Straggler::Random { workers, .. }) => workers.contains(&worker),
+            None => false,
+        };
+        Slowdown {
+            straggler: if applies { job.straggler.clone() } else { None },
+            rng: rand::rngs::StdRng::seed_from_u64(job.seed ^ (worker as u64).wrapping_mul(0x9e37_79b9)),
+        }
+    }
+
+    /// The extra sleep after an iteration that took `took`.
+    fn delay(&mut self, took: Duration) -> Duration {
+        match &self.straggler {
+            None => Duration::ZERO,
+            Some(Straggler::Factor { factor, .. }) => took.mul_f64(factor - 1.0),
+            Some(Straggler::Random { probability, mean_ms, .. }) => {
+                if self.rng.random::<f64>() < *probability {
+                    // Exponential by inversion.
+                    let u: f64 = self.rng.random::<f64>();
+                    Duration::from_secs_f64(-(1.0 - u).ln() * mean_ms / 1e3)
+                } else {
+                    Duration::ZERO
+                }
+            }
+        }
+    }
+}
+
+/// Identity of this worker in the job.
+#[derive(Debug, Clone)]
+pub struct WorkerId {
+    pub index: usize,
+    pub count: usize,
+}
+
+/// Loads the training and test sets of an MNIST job (limited by `train_limit`).
+pub fn load_mnist(job: &JobConfig) -> Result<(DenseDataset, DenseDataset)> {
+    let Workload::MnistMlp { data_dir, .. } = &job.workload;
+    let mut train = data::load_mnist(data_dir, data::Split::Train)?;
+    if let Some(n) = job.train_limit {
+        let n = n.min(train.len());
+        let (x, y) = train.slice(0..n);
+        train = DenseDataset { x: x.to_owned(), y: y.to_vec(), num_classes: train.num_classes };
+    }
+    let test = data::load_mnist(data_dir, data::Split::Test)?;
+    Ok((train, test))
+}
+
+/// Runs one worker of `job` against the shards at `servers` until its epochs
+/// (or `max_iters`) are done, then leaves the clock set.
+pub async fn run(job: &JobConfig, servers: &[String], id: WorkerId, reporter: &mut dyn Reporter) -> Result<()> {
+    job.validate()?;
+    let Workload::MnistMlp { layers, chunk_len, .. } = &job.workload;
+    let (train, test) = load_mnist(job)?;
+    let shard = train.shard(id.index, id.count)?;
+    let mlp = Mlp::new(layers);
+    let tables = mlp_tables(&mlp, job, *chunk_len);
+
+    let mut client = ShardedClient::connect(servers, id.index as u64, ClientOptions::default()).await?;
+    for t in &tables {
+        client.register(t).await?;
+    }
+    let set = DenseSet::new(&tables, client.num_shards())?;
+    client.join(job.consistency, Duration::from_millis(job.lease_ms)).await?;
+    let heartbeat = client.spawn_heartbeat(Duration::from_millis(job.lease_ms / 4));
+
+    let result = train_loop(job, &mut client, &set, &mlp, &shard, &test, &id, reporter).await;
+    heartbeat.abort();
+    // Leave even after a failure, so the others are not held up.
+    let left = client.leave().await;
+    result?;
+    left
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn train_loop(
+    job: &JobConfig,
+    client: &mut ShardedClient,
+    set: &DenseSet,
+    mlp: &Mlp,
+    shard: &DenseDataset,
+    test: &DenseDataset,
+    id: &WorkerId,
+    reporter: &mut dyn Reporter,
+) -> Result<()> {
+    let mut batches = Batches::new(shard.len(), job.batch_size, job.seed ^ (id.index as u64) << 32);
+    let iters_per_epoch = batches.num_batches() as u64;
+    let total_iters = job.max_iters.map_or(iters_per_epoch * u64::from(job.epochs), |m| {
+        m.min(iters_per_epoch * u64::from(job.epochs))
+    });
+    reporter.report(Event::Start { worker: id.index, iters_per_epoch, epochs: job.epochs, total_iters });
+
+    let mut params = vec![0.0f32; set.len()];
+    let mut grads = vec![0.0f32; set.len()];
+    let mut ws = mlp.workspace(job.batch_size);
+    let mut batch = BatchBuf::new();
+    let mut slow = Slowdown::new(job, id.index);
+
+    let started = Instant::now();
+    let (mut pull_t, mut compute_t, mut push_t, mut straggle_t) = (Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let (mut win_loss, mut win_correct, mut win_n, mut win_start) = (0.0f64, 0usize, 0usize, Instant::now());
+    let mut last_event = Instant::now();
+    let mut clock = 0u64;
+    let mut samples = 0u64;
+
+    'epochs: for epoch in 0..job.epochs {
+        let order: Vec<Vec<usize>> = batches.epoch(u64::from(epoch)).map(<[usize]>::to_vec).collect();
+        for rows in &order {
+            if clock >= total_iters {
+                break 'epochs;
+            }
+            let t0 = Instant::now();
+            client.pull_dense(set, clock, &mut params).await?;
+            let t1 = Instant::now();
+            shard.gather(rows, &mut batch);
+            let (loss, correct) = mlp.loss_and_grad(&params, batch.x(), batch.y(), &mut grads, &mut ws);
+            if !loss.is_finite() {
+                return Err(Error::Diverged(loss));
+            }
+            let t2 = Instant::now();
+            client.push_dense(set, &grads, clock, clock, true).await?;
+            let t3 = Instant::now();
+            let extra = slow.delay(t3 - t0);
+            if !extra.is_zero() {
+                tokio::time::sleep(extra).await;
+                straggle_t += extra;
+            }
+            pull_t += t1 - t0;
+            compute_t += t2 - t1;
+            push_t += t3 - t2;
+            clock += 1;
+            samples += rows.len() as u64;
+            win_loss += f64::from(loss) * rows.len() as f64;
+            win_correct += correct;
+            win_n += rows.len();
+
+            if last_event.elapsed() >= Duration::from_millis(job.progress_every_ms) || clock == total_iters {
+                let secs = win_start.elapsed().as_secs_f64().max(1e-9);
+                reporter.report(Event::Progress {
+                    worker: id.index,
+                    epoch,
+                    iter: clock,
+                    wall_s: started.elapsed().as_secs_f64(),
+                    loss: win_loss / win_n as f64,
+                    acc: win_correct as f64 / win_n as f64,
+                    samples_per_s: win_n as f64 / secs,
+                });
+                (win_loss, win_correct, win_n, win_start) = (0.0, 0, 0, Instant::now());
+                last_event = Instant::now();
+            }
+        }
+        let evaluate = id.index == 0 && job.eval_every_epochs > 0 && (epoch + 1) % job.eval_every_epochs == 0;
+        if evaluate {
+            // Read outside the clock discipline: evaluation must not hold anyone up.
+            client.pull_dense(set, clock, &mut params).await?;
+            let (test_loss, test_acc) = mlp.evaluate(&params, test.x.view(), &test.y);
+            reporter.report(Event::Eval {
+                worker: id.index,
+                epoch,
+                iter: clock,
+                wall_s: started.elapsed().as_secs_f64(),
+                test_loss: f64::from(test_loss),
+                test_acc: f64::from(test_acc),
+            });
+        }
+    }
+    let wall = started.elapsed().as_secs_f64();
+    reporter.report(Event::Done {
+        worker: id.index,
+        iters: clock,
+        samples,
+        wall_s: wall,
+        samples_per_s: samples as f64 / wall.max(1e-9),
+        pull_s: pull_t.as_secs_f64(),
+        compute_s: compute_t.as_secs_f64(),
+        push_s: push_t.as_secs_f64(),
+        straggle_s: straggle_t.as_secs_f64(),
+    });
+    Ok(())
+}
+
+/// The trained model, as written to a run folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedModel {
+    /// Format version of this file.
+    pub version: u32,
+    pub layers: Vec<usize>,
+    /// (name, shape, values) in parameter order.
+    pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
+}
+
+/// Pulls the current parameters of an MNIST job and evaluates them on the
+/// test set; returns (test loss, test accuracy, model).
+pub async fn final_eval(job: &JobConfig, servers: &[String]) -> Result<(f32, f32, SavedModel)> {
+    let Workload::MnistMlp { data_dir, layers, chunk_len } = &job.workload;
+    let test = data::load_mnist(data_dir, data::Split::Test)?;
+    let mlp = Mlp::new(layers);
+    let tables = mlp_tables(&mlp, job, *chunk_len);
+    // An id no training worker uses; it never joins the clock set.
+    let client = ShardedClient::connect(servers, u64::MAX, ClientOptions::default()).await?;
+    let set = DenseSet::new(&tables, client.num_shards())?;
+    let mut params = vec![0.0f32; set.len()];
+    client.pull_dense(&set, 0, &mut params).await?;
+    let (loss, acc) = mlp.evaluate(&params, test.x.view(), &test.y);
+    let mut at = 0;
+    let tensors = mlp
+        .param_specs()
+        .into_iter()
+        .map(|p| {
+            let n = p.len();
+            at += n;
+            (p.name, p.shape, params[at - n..at].to_vec())
+        })
+        .collect();
+    Ok((loss, acc, SavedModel { version: 1, layers: layers.clone(), tensors }))
+}
