@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use ps_common::spec::{Init, InitKind, Layout, TableSpec};
 use rand::{Rng, SeedableRng};
+
 use serde::{Deserialize, Serialize};
 
 use crate::client::{ClientOptions, DenseSet, ShardedClient};
@@ -174,6 +175,141 @@ pub async fn run(job: &JobConfig, servers: &[String], id: WorkerId, reporter: &m
     left
 }
 
+/// Bookkeeping shared by every workload's loop: clock, iteration budget,
+/// straggler injection, phase timers and progress events.
+pub struct Driver<'a> {
+    job: &'a JobConfig,
+    pub worker: usize,
+    reporter: &'a mut dyn Reporter,
+    slow: Slowdown,
+    started: Instant,
+    /// Iterations completed = this worker's clock.
+    pub clock: u64,
+    pub total_iters: u64,
+    samples: u64,
+    pull: Duration,
+    compute: Duration,
+    push: Duration,
+    straggle: Duration,
+    win: (f64, f64, usize, Instant),
+    last_event: Instant,
+}
+
+/// Wall-clock marks of one iteration: start, pulled, computed, pushed.
+#[derive(Debug, Clone, Copy)]
+pub struct Marks {
+    pub start: Instant,
+    pub pulled: Instant,
+    pub computed: Instant,
+    pub pushed: Instant,
+}
+
+impl<'a> Driver<'a> {
+    /// Starts the clock and reports `Start`.
+    pub fn new(job: &'a JobConfig, worker: usize, iters_per_epoch: u64, reporter: &'a mut dyn Reporter) -> Self {
+        let all = iters_per_epoch * u64::from(job.epochs);
+        let total_iters = job.max_iters.map_or(all, |m| m.min(all));
+        reporter.report(Event::Start { worker, iters_per_epoch, epochs: job.epochs, total_iters });
+        let now = Instant::now();
+        Driver {
+            job,
+            worker,
+            reporter,
+            slow: Slowdown::new(job, worker),
+            started: now,
+            clock: 0,
+            total_iters,
+            samples: 0,
+            pull: Duration::ZERO,
+            compute: Duration::ZERO,
+            push: Duration::ZERO,
+            straggle: Duration::ZERO,
+            win: (0.0, 0.0, 0, now),
+            last_event: now,
+        }
+    }
+
+    /// True once the iteration budget is spent.
+    pub fn finished(&self) -> bool {
+        self.clock >= self.total_iters
+    }
+
+    pub fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Ends an iteration: injects the straggler delay, advances the clock,
+    /// and reports progress now and then. `loss` is the batch mean, `score`
+    /// the batch's summed accuracy (or any per-sample metric).
+    pub async fn end_iteration(&mut self, epoch: u32, m: Marks, samples: usize, loss: f32, score: f64) -> Result<()> {
+        if !loss.is_finite() {
+            return Err(Error::Diverged(loss));
+        }
+        let extra = self.slow.delay(m.pushed - m.start);
+        if !extra.is_zero() {
+            tokio::time::sleep(extra).await;
+            self.straggle += extra;
+        }
+        self.pull += m.pulled - m.start;
+        self.compute += m.computed - m.pulled;
+        self.push += m.pushed - m.computed;
+        self.clock += 1;
+        self.samples += samples as u64;
+        self.win.0 += f64::from(loss) * samples as f64;
+        self.win.1 += score;
+        self.win.2 += samples;
+        if self.last_event.elapsed() >= Duration::from_millis(self.job.progress_every_ms) || self.finished() {
+            let (loss, score, n, since) = self.win;
+            let n = n.max(1) as f64;
+            self.reporter.report(Event::Progress {
+                worker: self.worker,
+                epoch,
+                iter: self.clock,
+                wall_s: self.elapsed(),
+                loss: loss / n,
+                acc: score / n,
+                samples_per_s: n / since.elapsed().as_secs_f64().max(1e-9),
+            });
+            self.win = (0.0, 0.0, 0, Instant::now());
+            self.last_event = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// Whether worker 0 should evaluate after `epoch`.
+    pub fn should_eval(&self, epoch: u32) -> bool {
+        self.worker == 0 && self.job.eval_every_epochs > 0 && (epoch + 1) % self.job.eval_every_epochs == 0
+    }
+
+    /// Reports a test-set evaluation (`test_acc` may be any score, e.g. RMSE).
+    pub fn eval(&mut self, epoch: u32, test_loss: f64, test_acc: f64) {
+        self.reporter.report(Event::Eval {
+            worker: self.worker,
+            epoch,
+            iter: self.clock,
+            wall_s: self.elapsed(),
+            test_loss,
+            test_acc,
+        });
+    }
+
+    /// Reports `Done` with the time breakdown.
+    pub fn done(self) {
+        let wall = self.elapsed();
+        self.reporter.report(Event::Done {
+            worker: self.worker,
+            iters: self.clock,
+            samples: self.samples,
+            wall_s: wall,
+            samples_per_s: self.samples as f64 / wall.max(1e-9),
+            pull_s: self.pull.as_secs_f64(),
+            compute_s: self.compute.as_secs_f64(),
+            push_s: self.push.as_secs_f64(),
+            straggle_s: self.straggle.as_secs_f64(),
+        });
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn train_loop(
     job: &JobConfig,
@@ -186,98 +322,38 @@ async fn train_loop(
     reporter: &mut dyn Reporter,
 ) -> Result<()> {
     let mut batches = Batches::new(shard.len(), job.batch_size, job.seed ^ (id.index as u64) << 32);
-    let iters_per_epoch = batches.num_batches() as u64;
-    let total_iters = job.max_iters.map_or(iters_per_epoch * u64::from(job.epochs), |m| {
-        m.min(iters_per_epoch * u64::from(job.epochs))
-    });
-    reporter.report(Event::Start { worker: id.index, iters_per_epoch, epochs: job.epochs, total_iters });
-
+    let mut d = Driver::new(job, id.index, batches.num_batches() as u64, reporter);
     let mut params = vec![0.0f32; set.len()];
     let mut grads = vec![0.0f32; set.len()];
     let mut ws = mlp.workspace(job.batch_size);
     let mut batch = BatchBuf::new();
-    let mut slow = Slowdown::new(job, id.index);
-
-    let started = Instant::now();
-    let (mut pull_t, mut compute_t, mut push_t, mut straggle_t) = (Duration::ZERO, Duration::ZERO, Duration::ZERO, Duration::ZERO);
-    let (mut win_loss, mut win_correct, mut win_n, mut win_start) = (0.0f64, 0usize, 0usize, Instant::now());
-    let mut last_event = Instant::now();
-    let mut clock = 0u64;
-    let mut samples = 0u64;
 
     'epochs: for epoch in 0..job.epochs {
-        let order: Vec<Vec<usize>> = batches.epoch(u64::from(epoch)).map(<[usize]>::to_vec).collect();
-        for rows in &order {
-            if clock >= total_iters {
+        for rows in batches.epoch(u64::from(epoch)) {
+            if d.finished() {
                 break 'epochs;
             }
-            let t0 = Instant::now();
+            let clock = d.clock;
+            let start = Instant::now();
             client.pull_dense(set, clock, &mut params).await?;
-            let t1 = Instant::now();
+            let pulled = Instant::now();
             shard.gather(rows, &mut batch);
             let (loss, correct) = mlp.loss_and_grad(&params, batch.x(), batch.y(), &mut grads, &mut ws);
-            if !loss.is_finite() {
-                return Err(Error::Diverged(loss));
+            let computed = Instant::now();
+            if loss.is_finite() {
+                client.push_dense(set, &grads, clock, clock, true).await?;
             }
-            let t2 = Instant::now();
-            client.push_dense(set, &grads, clock, clock, true).await?;
-            let t3 = Instant::now();
-            let extra = slow.delay(t3 - t0);
-            if !extra.is_zero() {
-                tokio::time::sleep(extra).await;
-                straggle_t += extra;
-            }
-            pull_t += t1 - t0;
-            compute_t += t2 - t1;
-            push_t += t3 - t2;
-            clock += 1;
-            samples += rows.len() as u64;
-            win_loss += f64::from(loss) * rows.len() as f64;
-            win_correct += correct;
-            win_n += rows.len();
-
-            if last_event.elapsed() >= Duration::from_millis(job.progress_every_ms) || clock == total_iters {
-                let secs = win_start.elapsed().as_secs_f64().max(1e-9);
-                reporter.report(Event::Progress {
-                    worker: id.index,
-                    epoch,
-                    iter: clock,
-                    wall_s: started.elapsed().as_secs_f64(),
-                    loss: win_loss / win_n as f64,
-                    acc: win_correct as f64 / win_n as f64,
-                    samples_per_s: win_n as f64 / secs,
-                });
-                (win_loss, win_correct, win_n, win_start) = (0.0, 0, 0, Instant::now());
-                last_event = Instant::now();
-            }
+            let marks = Marks { start, pulled, computed, pushed: Instant::now() };
+            d.end_iteration(epoch, marks, rows.len(), loss, correct as f64).await?;
         }
-        let evaluate = id.index == 0 && job.eval_every_epochs > 0 && (epoch + 1) % job.eval_every_epochs == 0;
-        if evaluate {
-            // Read outside the clock discipline: evaluation must not hold anyone up.
-            client.pull_dense(set, clock, &mut params).await?;
+        if d.should_eval(epoch) {
+            // A read outside the clock discipline: evaluation holds no one up.
+            client.pull_dense(set, d.clock, &mut params).await?;
             let (test_loss, test_acc) = mlp.evaluate(&params, test.x.view(), &test.y);
-            reporter.report(Event::Eval {
-                worker: id.index,
-                epoch,
-                iter: clock,
-                wall_s: started.elapsed().as_secs_f64(),
-                test_loss: f64::from(test_loss),
-                test_acc: f64::from(test_acc),
-            });
+            d.eval(epoch, f64::from(test_loss), f64::from(test_acc));
         }
     }
-    let wall = started.elapsed().as_secs_f64();
-    reporter.report(Event::Done {
-        worker: id.index,
-        iters: clock,
-        samples,
-        wall_s: wall,
-        samples_per_s: samples as f64 / wall.max(1e-9),
-        pull_s: pull_t.as_secs_f64(),
-        compute_s: compute_t.as_secs_f64(),
-        push_s: push_t.as_secs_f64(),
-        straggle_s: straggle_t.as_secs_f64(),
-    });
+    d.done();
     Ok(())
 }
 

@@ -1,0 +1,5 @@
+//! One integration-test binary, one module per area. Every test that needs
+//! a server starts it in-process on 127.0.0.1:0 (or as a child process) and
+//! stops it itself.
+
+mod util;
