@@ -106,6 +106,119 @@ pub enum Workload {
         #[serde(default = "chunk_len")]
         chunk_len: u32,
     },
+    /// Sparse logistic regression on a9a (LIBSVM): one weight per feature in
+    /// a sparse table, the bias under key `num_features`.
+    A9aLogreg {
+        #[serde(default = "a9a_train")]
+        train: PathBuf,
+        #[serde(default = "a9a_test")]
+        test: PathBuf,
+        #[serde(default = "a9a_features")]
+        num_features: usize,
+    },
+    /// Biased matrix factorization on a MovieLens 100k split.
+    MovielensMf {
+        /// Holds `{split}.base` and `{split}.test`, gzipped or plain.
+        #[serde(default = "movielens_dir")]
+        data_dir: PathBuf,
+        #[serde(default = "movielens_split")]
+        split: String,
+        /// Embedding width k.
+        #[serde(default = "mf_dim")]
+        dim: u32,
+        /// L2 penalty on every touched row, per rating.
+        #[serde(default = "mf_reg")]
+        reg: f32,
+        /// Standard deviation of the initial factors.
+        #[serde(default = "mf_init_std")]
+        init_std: f32,
+    },
+    /// Synthetic CTR: Zipf-distributed categorical slots hashed into a
+    /// sparse embedding table, feeding a small MLP.
+    Ctr {
+        #[serde(default = "ctr_slots")]
+        slots: usize,
+        /// Keys are `splitmix64(slot, id) mod key_space`.
+        #[serde(default = "ctr_key_space")]
+        key_space: u64,
+        /// Zipf exponent of the ids of every slot (ids in `1..=key_space`).
+        #[serde(default = "ctr_zipf_exponent")]
+        zipf_exponent: f64,
+        /// Fresh examples per epoch, over all workers.
+        #[serde(default = "ctr_rows_per_epoch")]
+        rows_per_epoch: usize,
+        /// Held-out examples for evaluation.
+        #[serde(default = "ctr_test_rows")]
+        test_rows: usize,
+        #[serde(default = "ctr_emb_dim")]
+        emb_dim: u32,
+        /// Hidden layer widths of the MLP over the concatenated embeddings.
+        #[serde(default = "ctr_hidden")]
+        hidden: Vec<usize>,
+        /// Rule of the embedding table (default: the job's optimizer).
+        #[serde(default)]
+        embedding_optimizer: Option<OptimizerConfig>,
+    },
+}
+
+fn a9a_train() -> PathBuf {
+    PathBuf::from("data/a9a/a9a.gz")
+}
+
+fn a9a_test() -> PathBuf {
+    PathBuf::from("data/a9a/a9a.t.gz")
+}
+
+fn a9a_features() -> usize {
+    123
+}
+
+fn movielens_dir() -> PathBuf {
+    PathBuf::from("../shared/data/ml-100k")
+}
+
+fn movielens_split() -> String {
+    "u1".into()
+}
+
+fn mf_dim() -> u32 {
+    32
+}
+
+fn mf_reg() -> f32 {
+    0.02
+}
+
+fn mf_init_std() -> f32 {
+    0.1
+}
+
+fn ctr_slots() -> usize {
+    26
+}
+
+fn ctr_key_space() -> u64 {
+    1 << 24
+}
+
+fn ctr_zipf_exponent() -> f64 {
+    1.05
+}
+
+fn ctr_rows_per_epoch() -> usize {
+    1_000_000
+}
+
+fn ctr_test_rows() -> usize {
+    20_000
+}
+
+fn ctr_emb_dim() -> u32 {
+    8
+}
+
+fn ctr_hidden() -> Vec<usize> {
+    vec![64]
 }
 
 fn mnist_dir() -> PathBuf {
@@ -165,6 +278,44 @@ impl JobConfig {
                 }
                 if *chunk_len == 0 {
                     return bad("chunk_len must be positive".into());
+                }
+            }
+            Workload::A9aLogreg { num_features, .. } => {
+                if *num_features == 0 || *num_features > u32::MAX as usize {
+                    return bad(format!("num_features must be 1..=2^32-1, got {num_features}"));
+                }
+            }
+            Workload::MovielensMf { split, dim, reg, init_std, .. } => {
+                if split.is_empty() || split.contains(['/', '\\']) {
+                    return bad(format!("split must be a file stem like \"u1\", got {split:?}"));
+                }
+                if *dim == 0 || *dim > 1 << 16 {
+                    return bad(format!("dim must be 1..=65536, got {dim}"));
+                }
+                if !(reg.is_finite() && *reg >= 0.0) || !(init_std.is_finite() && *init_std >= 0.0) {
+                    return bad(format!("reg and init_std must be finite and >= 0, got {reg} and {init_std}"));
+                }
+            }
+            Workload::Ctr {
+                slots, key_space, zipf_exponent, rows_per_epoch, test_rows, emb_dim, hidden, embedding_optimizer,
+            } => {
+                if *slots == 0 || *slots > 1 << 16 {
+                    return bad(format!("slots must be 1..=65536, got {slots}"));
+                }
+                if *key_space == 0 || *key_space > 1 << 48 {
+                    return bad(format!("key_space must be 1..=2^48, got {key_space}"));
+                }
+                if !(zipf_exponent.is_finite() && *zipf_exponent >= 0.0) {
+                    return bad(format!("zipf_exponent must be finite and >= 0, got {zipf_exponent}"));
+                }
+                if *rows_per_epoch == 0 || *test_rows == 0 {
+                    return bad("rows_per_epoch and test_rows must be positive".into());
+                }
+                if *emb_dim == 0 || *emb_dim > 1 << 16 || hidden.iter().any(|&h| h == 0) {
+                    return bad(format!("emb_dim must be 1..=65536 and hidden widths positive: {emb_dim}, {hidden:?}"));
+                }
+                if let Some(o) = embedding_optimizer {
+                    o.rule.validate()?;
                 }
             }
         }

@@ -367,6 +367,27 @@ pub struct SavedModel {
     pub tensors: Vec<(String, Vec<usize>, Vec<f32>)>,
 }
 
+/// The result of evaluating a trained job on its test set.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub loss: f64,
+    /// Accuracy for classifiers, RMSE for regression.
+    pub score: f64,
+    pub score_name: &'static str,
+    /// The model, where the workload has a portable form of it.
+    pub model: Option<SavedModel>,
+}
+
+/// Pulls the trained parameters of `job` from `servers` and evaluates them.
+pub async fn evaluate_job(job: &JobConfig, servers: &[String]) -> Result<Evaluation> {
+    match &job.workload {
+        Workload::MnistMlp { .. } => {
+            let (loss, acc, model) = final_eval(job, servers).await?;
+            Ok(Evaluation { loss: f64::from(loss), score: f64::from(acc), score_name: "accuracy", model: Some(model) })
+        }
+    }
+}
+
 /// Pulls the current parameters of an MNIST job and evaluates them on the
 /// test set; returns (test loss, test accuracy, model).
 pub async fn final_eval(job: &JobConfig, servers: &[String]) -> Result<(f32, f32, SavedModel)> {

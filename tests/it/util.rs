@@ -55,3 +55,24 @@ impl Drop for Shards {
         }
     }
 }
+
+/// The generated gRPC client, for requests the sharded client would never send.
+pub type RawClient =
+    ps_common::wire::pb::parameter_server_client::ParameterServerClient<tonic::transport::Channel>;
+
+/// Connects a raw client to one shard, accepting messages of any size (the
+/// server's limits are what the tests probe).
+pub async fn raw_client(addr: &str) -> RawClient {
+    RawClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect to shard")
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX)
+}
+
+/// A sharded client of worker `worker` over `shards`, with default options.
+pub async fn sharded_client(shards: &Shards, worker: u64) -> ps_worker::client::ShardedClient {
+    ps_worker::client::ShardedClient::connect(&shards.addrs, worker, ps_worker::client::ClientOptions::default())
+        .await
+        .expect("connect sharded client")
+}

@@ -1,0 +1,5 @@
+//! The launcher library behind `ps-cluster`: start a local cluster of shard
+//! and worker processes, watch it, stop it, and write a run folder.
+
+pub mod cluster;
+pub mod run;
