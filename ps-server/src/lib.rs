@@ -114,6 +114,8 @@ pub async fn serve(
     let result = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        // Fewer, larger HTTP/2 frames for the bulk value buffers.
+        .max_frame_size(Some((1 << 20) - 1))
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;

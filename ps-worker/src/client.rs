@@ -129,7 +129,9 @@ impl ShardedClient {
                 .keep_alive_timeout(Duration::from_secs(20))
                 .keep_alive_while_idle(true)
                 .initial_stream_window_size(Some(8 << 20))
-                .initial_connection_window_size(Some(16 << 20));
+                .initial_connection_window_size(Some(16 << 20))
+                // Fewer, larger HTTP/2 frames for the bulk value buffers.
+                .max_frame_size((1 << 20) - 1);
             let deadline = tokio::time::Instant::now() + opts.connect_within;
             let channel = loop {
                 match endpoint.connect().await {
@@ -271,6 +273,30 @@ impl ShardedClient {
     /// iteration `clock`. With `tick`, every shard is told the iteration is
     /// complete (shards with no chunk of `set` get an empty push).
     pub async fn push_dense(&mut self, set: &DenseSet, grads: &[f32], clock: u64, read_clock: u64, tick: bool) -> Result<()> {
+        let requests = self.dense_push_requests(set, grads, clock, read_clock, tick)?;
+        self.send_dense_pushes(requests).await
+    }
+
+    /// Pushes the gradient of iteration `clock` (with `tick`) and, at the same
+    /// time, pulls the parameters for iteration `clock + 1` into `out`. Under
+    /// BSP the shards serve the pull only after this push; under SSP and ASP
+    /// the pull may miss it (one iteration of staleness on the worker's own
+    /// update), which is what buys the overlap.
+    pub async fn push_and_pull_dense(&mut self, set: &DenseSet, grads: &[f32], clock: u64, out: &mut [f32]) -> Result<()> {
+        let requests = self.dense_push_requests(set, grads, clock, clock, true)?;
+        let (pushed, pulled) = tokio::join!(self.send_dense_pushes(requests), self.pull_dense(set, clock + 1, out));
+        pushed.and(pulled)
+    }
+
+    /// Builds one push per shard, taking the next seq of each.
+    fn dense_push_requests(
+        &mut self,
+        set: &DenseSet,
+        grads: &[f32],
+        clock: u64,
+        read_clock: u64,
+        tick: bool,
+    ) -> Result<Vec<(usize, pb::PushDenseRequest)>> {
         if grads.len() != set.len {
             return Err(Error::Config(format!("gradient has {} elements, set has {}", grads.len(), set.len)));
         }
@@ -286,6 +312,10 @@ impl ShardedClient {
             let meta = self.next_meta(i, clock, read_clock, tick);
             requests.push((i, pb::PushDenseRequest { chunks, meta: Some(meta) }));
         }
+        Ok(requests)
+    }
+
+    async fn send_dense_pushes(&self, requests: Vec<(usize, pb::PushDenseRequest)>) -> Result<()> {
         let calls = requests.into_iter().map(|(i, msg)| {
             let c = self.shards[i].clone();
             let opts = self.opts.clone();

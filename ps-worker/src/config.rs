@@ -62,6 +62,10 @@ pub struct JobConfig {
     /// Worker 0 evaluates on the test set every this many epochs (0: never).
     #[serde(default = "defaults::one")]
     pub eval_every_epochs: u32,
+    /// Send the push of iteration c and the pull for c + 1 together, so
+    /// communication overlaps (see `ShardedClient::push_and_pull_dense`).
+    #[serde(default = "defaults::yes")]
+    pub overlap: bool,
     /// Minimum time between progress events.
     #[serde(default = "defaults::progress_every_ms")]
     pub progress_every_ms: u64,
@@ -83,6 +87,9 @@ mod defaults {
     }
     pub fn lease_ms() -> u64 {
         5_000
+    }
+    pub fn yes() -> bool {
+        true
     }
     pub fn one() -> u32 {
         1

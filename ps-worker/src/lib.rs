@@ -13,6 +13,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod model;
+pub mod sparse;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -138,7 +138,9 @@ pub struct WorkerId {
 
 /// Loads the training and test sets of an MNIST job (limited by `train_limit`).
 pub fn load_mnist(job: &JobConfig) -> Result<(DenseDataset, DenseDataset)> {
-    let Workload::MnistMlp { data_dir, .. } = &job.workload;
+    let Workload::MnistMlp { data_dir, .. } = &job.workload else {
+        return Err(Error::Config("not an MNIST job".into()));
+    };
     let mut train = data::load_mnist(data_dir, data::Split::Train)?;
     if let Some(n) = job.train_limit {
         let n = n.min(train.len());
@@ -153,7 +155,12 @@ pub fn load_mnist(job: &JobConfig) -> Result<(DenseDataset, DenseDataset)> {
 /// (or `max_iters`) are done, then leaves the clock set.
 pub async fn run(job: &JobConfig, servers: &[String], id: WorkerId, reporter: &mut dyn Reporter) -> Result<()> {
     job.validate()?;
-    let Workload::MnistMlp { layers, chunk_len, .. } = &job.workload;
+    let (layers, chunk_len) = match &job.workload {
+        Workload::MnistMlp { layers, chunk_len, .. } => (layers, chunk_len),
+        Workload::A9aLogreg { .. } => return crate::sparse::logreg::run(job, servers, id, reporter).await,
+        Workload::MovielensMf { .. } => return crate::sparse::mf::run(job, servers, id, reporter).await,
+        Workload::Ctr { .. } => return crate::sparse::ctr::run(job, servers, id, reporter).await,
+    };
     let (train, test) = load_mnist(job)?;
     let shard = train.shard(id.index, id.count)?;
     let mlp = Mlp::new(layers);
@@ -328,6 +335,8 @@ async fn train_loop(
     let mut ws = mlp.workspace(job.batch_size);
     let mut batch = BatchBuf::new();
 
+    // With overlap, the pull for iteration c + 1 travels with the push of c.
+    let mut have_params = false;
     'epochs: for epoch in 0..job.epochs {
         for rows in batches.epoch(u64::from(epoch)) {
             if d.finished() {
@@ -335,13 +344,21 @@ async fn train_loop(
             }
             let clock = d.clock;
             let start = Instant::now();
-            client.pull_dense(set, clock, &mut params).await?;
+            if !have_params {
+                client.pull_dense(set, clock, &mut params).await?;
+            }
             let pulled = Instant::now();
             shard.gather(rows, &mut batch);
             let (loss, correct) = mlp.loss_and_grad(&params, batch.x(), batch.y(), &mut grads, &mut ws);
             let computed = Instant::now();
             if loss.is_finite() {
-                client.push_dense(set, &grads, clock, clock, true).await?;
+                if job.overlap && clock + 1 < d.total_iters {
+                    client.push_and_pull_dense(set, &grads, clock, &mut params).await?;
+                    have_params = true;
+                } else {
+                    client.push_dense(set, &grads, clock, clock, true).await?;
+                    have_params = false;
+                }
             }
             let marks = Marks { start, pulled, computed, pushed: Instant::now() };
             d.end_iteration(epoch, marks, rows.len(), loss, correct as f64).await?;
@@ -385,13 +402,27 @@ pub async fn evaluate_job(job: &JobConfig, servers: &[String]) -> Result<Evaluat
             let (loss, acc, model) = final_eval(job, servers).await?;
             Ok(Evaluation { loss: f64::from(loss), score: f64::from(acc), score_name: "accuracy", model: Some(model) })
         }
+        Workload::A9aLogreg { .. } => {
+            let (loss, acc) = crate::sparse::logreg::evaluate(job, servers).await?;
+            Ok(Evaluation { loss, score: acc, score_name: "accuracy", model: None })
+        }
+        Workload::MovielensMf { .. } => {
+            let (mse, rmse) = crate::sparse::mf::evaluate(job, servers).await?;
+            Ok(Evaluation { loss: mse, score: rmse, score_name: "rmse", model: None })
+        }
+        Workload::Ctr { .. } => {
+            let (loss, auc) = crate::sparse::ctr::evaluate(job, servers).await?;
+            Ok(Evaluation { loss, score: auc, score_name: "auc", model: None })
+        }
     }
 }
 
 /// Pulls the current parameters of an MNIST job and evaluates them on the
 /// test set; returns (test loss, test accuracy, model).
 pub async fn final_eval(job: &JobConfig, servers: &[String]) -> Result<(f32, f32, SavedModel)> {
-    let Workload::MnistMlp { data_dir, layers, chunk_len } = &job.workload;
+    let Workload::MnistMlp { data_dir, layers, chunk_len } = &job.workload else {
+        return Err(Error::Config("not an MNIST job".into()));
+    };
     let test = data::load_mnist(data_dir, data::Split::Test)?;
     let mlp = Mlp::new(layers);
     let tables = mlp_tables(&mlp, job, *chunk_len);
