@@ -1,5 +1,6 @@
 //! The launcher library behind `ps-cluster`: start a local cluster of shard
 //! and worker processes, watch it, stop it, and write a run folder.
 
+pub mod bench;
 pub mod cluster;
 pub mod run;

@@ -41,6 +41,15 @@ enum Command {
         #[arg(long, value_delimiter = ',', required = true)]
         servers: Vec<String>,
     },
+    /// Print throughput figures, each beside a baseline from the same run.
+    Bench {
+        /// Epochs of each training measurement.
+        #[arg(long, default_value_t = 1)]
+        epochs: u32,
+        /// Repetitions of each transport and apply measurement.
+        #[arg(long, default_value_t = 20)]
+        reps: u32,
+    },
     /// Run one shard (as `ps-server`).
     Server(ps_server::cli::Args),
     /// Run one worker (as `ps-worker`).
@@ -107,6 +116,11 @@ fn main() -> anyhow::Result<()> {
         Command::Server(args) => Ok(ps_server::cli::run(&args)?),
         Command::Worker(args) => Ok(ps_worker::cli::run(&args)?),
         Command::Status { servers } => tokio_runtime()?.block_on(status(servers)),
+        Command::Bench { epochs, reps } => {
+            let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
+            let opts = paramserver::bench::BenchOptions { epochs, reps };
+            Ok(tokio_runtime()?.block_on(paramserver::bench::run_all(&exe, DEFAULT_CONFIG, &opts))?)
+        }
         Command::Train(args) => {
             let summary = tokio_runtime()?.block_on(train(args))?;
             if !summary.failed.is_empty() {

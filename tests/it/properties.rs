@@ -166,7 +166,8 @@ fn grad_value() -> impl Strategy<Value = f32> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0..2usize, vec(grad_value(), 0..=MAX_DENSE_LEN)).prop_map(|(tensor, grad)| Op::Dense { tensor, grad }),
+        (0..2usize, vec(grad_value(), 0..=MAX_DENSE_LEN))
+            .prop_map(|(tensor, grad)| Op::Dense { tensor, grad }),
         (vec(0..KEY_SPACE, 1..=MAX_BATCH), vec(grad_value(), 0..=MAX_BATCH * MAX_DIM))
             .prop_map(|(keys, grads)| Op::Sparse { keys, grads }),
     ]
@@ -174,8 +175,22 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn linearity_case() -> impl Strategy<Value = LinearityCase> {
     let tensor = (1..=MAX_DENSE_LEN, 1..=5u32);
-    (1..=3u32, 0.01f32..1.0, any::<u64>(), [tensor.clone(), tensor], 1..=MAX_DIM, vec(vec(op(), 1..=6), 1..=4))
-        .prop_map(|(shards, lr, seed, dense, dim, clients)| LinearityCase { shards, lr, seed, dense, dim, clients })
+    (
+        1..=3u32,
+        0.01f32..1.0,
+        any::<u64>(),
+        [tensor.clone(), tensor],
+        1..=MAX_DIM,
+        vec(vec(op(), 1..=6), 1..=4),
+    )
+        .prop_map(|(shards, lr, seed, dense, dim, clients)| LinearityCase {
+            shards,
+            lr,
+            seed,
+            dense,
+            dim,
+            clients,
+        })
 }
 
 /// A sum of terms in f64, and what it takes to bound the f32 error of
@@ -231,7 +246,10 @@ async fn check_linearity(case: LinearityCase) -> Result<()> {
     for spec in specs.iter().chain([&sparse]) {
         admin.register(spec).await?;
     }
-    let sets: Vec<DenseSet> = specs.iter().map(|s| DenseSet::new(std::slice::from_ref(s), case.shards)).collect::<Result<_, _>>()?;
+    let sets: Vec<DenseSet> = specs
+        .iter()
+        .map(|s| DenseSet::new(std::slice::from_ref(s), case.shards))
+        .collect::<Result<_, _>>()?;
     let keys: Vec<u64> = (0..KEY_SPACE).collect();
     let dim = case.dim;
     let mut init_dense = Vec::new();
@@ -357,23 +375,22 @@ struct ExactlyOnceCase {
 fn push_plan() -> impl Strategy<Value = PushPlan> {
     (
         (0..3u32, any::<bool>(), any::<u8>(), vec(-8i8..=8, 0..=EO_LEN)),
-        (prop::bool::weighted(0.2), 1..=3usize, any::<bool>(), prop::option::weighted(0.2, 0..2000u16), any::<bool>()),
+        (
+            prop::bool::weighted(0.2),
+            1..=3usize,
+            any::<bool>(),
+            prop::option::weighted(0.2, 0..2000u16),
+            any::<bool>(),
+        ),
     )
-        .prop_map(|((shard, dense, mask, grads), (bad, copies, concurrent, lost_after_us, late))| PushPlan {
-            shard,
-            dense,
-            mask,
-            grads,
-            bad,
-            copies,
-            concurrent,
-            lost_after_us,
-            late,
+        .prop_map(|((shard, dense, mask, grads), (bad, copies, concurrent, lost_after_us, late))| {
+            PushPlan { shard, dense, mask, grads, bad, copies, concurrent, lost_after_us, late }
         })
 }
 
 fn exactly_once_case() -> impl Strategy<Value = ExactlyOnceCase> {
-    (1..=3u32, vec(vec(push_plan(), 1..=6), 1..=3)).prop_map(|(shards, workers)| ExactlyOnceCase { shards, workers })
+    (1..=3u32, vec(vec(push_plan(), 1..=6), 1..=3))
+        .prop_map(|(shards, workers)| ExactlyOnceCase { shards, workers })
 }
 
 /// A push request of either kind, as sent to one shard.
@@ -384,7 +401,11 @@ enum Push {
 }
 
 impl Push {
-    async fn send(&self, c: &RawClient, timeout: Option<Duration>) -> Result<pb::PushResponse, tonic::Status> {
+    async fn send(
+        &self,
+        c: &RawClient,
+        timeout: Option<Duration>,
+    ) -> Result<pb::PushResponse, tonic::Status> {
         let mut c = c.clone();
         let resp = match self {
             Push::Dense(r) => {
@@ -522,7 +543,8 @@ async fn run_worker(addrs: Vec<String>, worker: u64, plans: Vec<PushPlan>) -> Re
     for a in &addrs {
         clients.push(raw_client(a).await);
     }
-    let mut tally: Vec<Tally> = (0..n).map(|_| Tally { dense: vec![0.0; EO_LEN], ..Tally::default() }).collect();
+    let mut tally: Vec<Tally> =
+        (0..n).map(|_| Tally { dense: vec![0.0; EO_LEN], ..Tally::default() }).collect();
     let mut next_seq = vec![1u64; n as usize];
     let mut late = Vec::new();
     for (p, plan) in plans.iter().enumerate() {
@@ -574,7 +596,8 @@ async fn run_worker(addrs: Vec<String>, worker: u64, plans: Vec<PushPlan>) -> Re
         }
     }
     for (shard, push, what) in late {
-        let r = push.send(&clients[shard as usize], None).await.with_context(|| format!("{what}: late copy"))?;
+        let r =
+            push.send(&clients[shard as usize], None).await.with_context(|| format!("{what}: late copy"))?;
         ensure!(r.duplicate && r.applied == 0, "{what}: a late copy was applied: {r:?}");
         tally[shard as usize].acked_duplicates += 1;
     }
@@ -588,10 +611,13 @@ async fn check_exactly_once(case: ExactlyOnceCase) -> Result<()> {
     let admin = sharded_client(&shards, 0).await;
     admin.register(&dense_spec("d", &[EO_LEN as u64], EO_CHUNK as u32, zeros, Rule::sgd(1.0))).await?;
     admin.register(&TableSpec::sparse("s", EO_DIM as u32, zeros, Rule::sgd(1.0).into())).await?;
-    let tasks = case.workers.into_iter().enumerate().map(|(w, plans)| {
-        tokio::spawn(run_worker(shards.addrs.clone(), w as u64 + 1, plans))
-    });
-    let mut totals: Vec<Tally> = (0..n).map(|_| Tally { dense: vec![0.0; EO_LEN], ..Tally::default() }).collect();
+    let tasks = case
+        .workers
+        .into_iter()
+        .enumerate()
+        .map(|(w, plans)| tokio::spawn(run_worker(shards.addrs.clone(), w as u64 + 1, plans)));
+    let mut totals: Vec<Tally> =
+        (0..n).map(|_| Tally { dense: vec![0.0; EO_LEN], ..Tally::default() }).collect();
     for r in join_all(tasks).await {
         for (total, t) in totals.iter_mut().zip(r.context("worker panicked")??) {
             total.distinct += t.distinct;
@@ -617,7 +643,12 @@ async fn check_exactly_once(case: ExactlyOnceCase) -> Result<()> {
         let shard = shard as u32;
         for e in 0..EO_LEN {
             if chunk_shard("d", (e / EO_CHUNK) as u32, n) == shard {
-                ensure!(dense[e] == t.dense[e], "d[{e}] on shard {shard}: got {}, want {}", dense[e], t.dense[e]);
+                ensure!(
+                    dense[e] == t.dense[e],
+                    "d[{e}] on shard {shard}: got {}, want {}",
+                    dense[e],
+                    t.dense[e]
+                );
             }
         }
         let keys: Vec<u64> = t.rows.keys().copied().collect();
@@ -625,8 +656,18 @@ async fn check_exactly_once(case: ExactlyOnceCase) -> Result<()> {
         for (k, got) in keys.iter().zip(rows.chunks(EO_DIM)) {
             ensure!(got == t.rows[k], "s[{k}] on shard {shard}: got {got:?}, want {:?}", t.rows[k]);
         }
-        ensure!(s.pushes == t.distinct, "shard {shard}: {} pushes applied, {} distinct sent", s.pushes, t.distinct);
-        ensure!(s.rejected == t.rejected, "shard {shard}: {} rejected, {} poisoned sent", s.rejected, t.rejected);
+        ensure!(
+            s.pushes == t.distinct,
+            "shard {shard}: {} pushes applied, {} distinct sent",
+            s.pushes,
+            t.distinct
+        );
+        ensure!(
+            s.rejected == t.rejected,
+            "shard {shard}: {} rejected, {} poisoned sent",
+            s.rejected,
+            t.rejected
+        );
         // Every copy that reached the store and was not applied is counted;
         // a lost attempt may or may not have reached it.
         let (lo, hi) = (t.acked_duplicates, t.acked_duplicates + t.lost);
@@ -689,8 +730,8 @@ fn atomicity_case() -> impl Strategy<Value = AtomicityCase> {
         Just(BadBlock::Infinite),
         Just(BadBlock::Short),
     ];
-    (2..=3u32, 12..=30usize, 1..=4u32, any::<u32>(), any::<bool>(), bad, any::<usize>(), any::<u64>()).prop_map(
-        |(shards, len, chunk_len, target, dense, bad, at, seed)| AtomicityCase {
+    (2..=3u32, 12..=30usize, 1..=4u32, any::<u32>(), any::<bool>(), bad, any::<usize>(), any::<u64>())
+        .prop_map(|(shards, len, chunk_len, target, dense, bad, at, seed)| AtomicityCase {
             shards,
             len,
             chunk_len,
@@ -699,8 +740,7 @@ fn atomicity_case() -> impl Strategy<Value = AtomicityCase> {
             bad,
             at,
             seed,
-        },
-    )
+        })
 }
 
 async fn check_atomicity(case: AtomicityCase) -> Result<()> {
@@ -714,7 +754,8 @@ async fn check_atomicity(case: AtomicityCase) -> Result<()> {
     admin.register(&TableSpec::sparse("s", 2, init, Rule::sgd(0.5).into())).await?;
     let chunk_len = case.chunk_len as usize;
     let num_chunks = partition::num_chunks(case.len, chunk_len) as u32;
-    let grad_of = |index: u32| vec![0.5f32; partition::chunk_range(case.len, chunk_len, index as usize).len()];
+    let grad_of =
+        |index: u32| vec![0.5f32; partition::chunk_range(case.len, chunk_len, index as usize).len()];
     let pool: Vec<u64> = (0..).filter(|&k| key_shard(k, n) == target).take(4).collect();
     let foreign_key = (0..).find(|&k| key_shard(k, n) != target).expect("n >= 2");
 
@@ -737,11 +778,12 @@ async fn check_atomicity(case: AtomicityCase) -> Result<()> {
         let bad_block = match case.bad {
             BadBlock::NotOurs => chunk(num_chunks + (case.seed % 3) as u32, vec![0.5]),
             BadBlock::OtherShard => {
-                let i = (0..num_chunks).find(|&i| chunk_shard("d", i, n) != target).expect("chunks >= shards");
+                let i =
+                    (0..num_chunks).find(|&i| chunk_shard("d", i, n) != target).expect("chunks >= shards");
                 chunk(i, grad_of(i))
             }
             BadBlock::Repeated => chunk(first, grad_of(first)),
-            BadBlock::NaN => spoiled(&|g| g[g.len() - 1] = f32::NAN),
+            BadBlock::NaN => spoiled(&|g| *g.last_mut().expect("chunks are not empty") = f32::NAN),
             BadBlock::Infinite => spoiled(&|g| g[0] = f32::NEG_INFINITY),
             BadBlock::Short => spoiled(&|g| {
                 g.pop();
@@ -771,8 +813,10 @@ async fn check_atomicity(case: AtomicityCase) -> Result<()> {
                 keys.insert(case.at % (keys.len() + 1), pool[case.at % pool.len()]);
                 grads.extend([0.5, 0.5]);
             }
-            BadBlock::NaN => grads[case.at % grads.len()] = f32::NAN,
-            BadBlock::Infinite => grads[case.at % grads.len()] = f32::INFINITY,
+            BadBlock::NaN | BadBlock::Infinite => {
+                let i = case.at % grads.len();
+                grads[i] = if matches!(case.bad, BadBlock::NaN) { f32::NAN } else { f32::INFINITY };
+            }
             BadBlock::Short => {
                 grads.pop();
             }
@@ -851,19 +895,25 @@ struct PartitionCase {
 
 fn partition_case() -> impl Strategy<Value = PartitionCase> {
     let tensor = ("[a-z.]{1,6}", vec(1..=6u64, 1..=3), 1..=40u32);
-    (1..=3u32, vec(tensor, 1..=3), vec(any::<u64>(), 0..=20), 1..=3u32).prop_map(|(shards, tensors, keys, dim)| {
-        // Names must differ: suffix the position.
-        let tensors = tensors.into_iter().enumerate().map(|(i, (n, s, c))| (format!("{n}{i}"), s, c)).collect();
-        PartitionCase { shards, tensors, keys, dim }
-    })
+    (1..=3u32, vec(tensor, 1..=3), vec(any::<u64>(), 0..=20), 1..=3u32).prop_map(
+        |(shards, tensors, keys, dim)| {
+            // Names must differ: suffix the position.
+            let tensors =
+                tensors.into_iter().enumerate().map(|(i, (n, s, c))| (format!("{n}{i}"), s, c)).collect();
+            PartitionCase { shards, tensors, keys, dim }
+        },
+    )
 }
 
 async fn check_partitioning(case: PartitionCase) -> Result<()> {
     let n = case.shards;
     let shards = Shards::start(n).await;
     let rule = Rule::sgd(1.0);
-    let specs: Vec<TableSpec> =
-        case.tensors.iter().map(|(name, shape, c)| dense_spec(name, shape, *c, Init::zeros(), rule)).collect();
+    let specs: Vec<TableSpec> = case
+        .tensors
+        .iter()
+        .map(|(name, shape, c)| dense_spec(name, shape, *c, Init::zeros(), rule))
+        .collect();
     let sparse = TableSpec::sparse("e", case.dim, Init::zeros(), rule.into());
     let mut c = sharded_client(&shards, 1).await;
     for spec in specs.iter().chain([&sparse]) {
@@ -909,13 +959,25 @@ async fn check_partitioning(case: PartitionCase) -> Result<()> {
         rows_of[key_shard(k, n) as usize] += 1;
     }
     for (s, st) in stats.iter().enumerate() {
-        ensure!(st.dense_chunks == chunks[s], "shard {s} holds {} chunks, want {}", st.dense_chunks, chunks[s]);
+        ensure!(
+            st.dense_chunks == chunks[s],
+            "shard {s} holds {} chunks, want {}",
+            st.dense_chunks,
+            chunks[s]
+        );
         ensure!(st.sparse_rows == rows_of[s], "shard {s} holds {} rows, want {}", st.sparse_rows, rows_of[s]);
         let pushed = elements[s] + rows_of[s];
-        ensure!(st.values_pushed == pushed, "shard {s} was pushed {} values, want {pushed}", st.values_pushed);
+        ensure!(
+            st.values_pushed == pushed,
+            "shard {s} was pushed {} values, want {pushed}",
+            st.values_pushed
+        );
         ensure!(st.rejected == 0, "shard {s} rejected {} requests", st.rejected);
     }
-    ensure!(set.shard_loads().iter().map(|&l| l as u64).eq(elements.iter().copied()), "client and partition disagree");
+    ensure!(
+        set.shard_loads().iter().map(|&l| l as u64).eq(elements.iter().copied()),
+        "client and partition disagree"
+    );
     drop(c);
     shards.stop().await;
     Ok(())
@@ -947,9 +1009,16 @@ struct SspCase {
 }
 
 fn ssp_case() -> impl Strategy<Value = SspCase> {
-    let consistency = prop_oneof![Just(Consistency::Bsp), (0..=3u32).prop_map(|staleness| Consistency::Ssp { staleness })];
+    let consistency =
+        prop_oneof![Just(Consistency::Bsp), (0..=3u32).prop_map(|staleness| Consistency::Ssp { staleness })];
     (1..=2u32, 2..=MAX_WORKERS, consistency, 1..=6u32, vec((0..=3u8, 0..=3u8), 0..=MAX_WORKERS * K)).prop_map(
-        |(shards, workers, consistency, chunk_len, delays)| SspCase { shards, workers, consistency, chunk_len, delays },
+        |(shards, workers, consistency, chunk_len, delays)| SspCase {
+            shards,
+            workers,
+            consistency,
+            chunk_len,
+            delays,
+        },
     )
 }
 
@@ -964,18 +1033,27 @@ async fn pause(d: u8) {
 /// One worker's loop: read at clock t, then push "worker w did iteration t"
 /// as -1 at element w * K + t (SGD, lr 1, from zeros: the element becomes 1
 /// once the update is applied). Returns the values each read saw.
-async fn ssp_worker(mut c: ShardedClient, set: DenseSet, w: usize, delays: Vec<(u8, u8)>) -> Result<Vec<Vec<f32>>> {
+async fn ssp_worker(
+    mut c: ShardedClient,
+    set: DenseSet,
+    w: usize,
+    delays: Vec<(u8, u8)>,
+) -> Result<Vec<Vec<f32>>> {
     let mut reads = Vec::new();
     for t in 0..K {
         let (before_read, before_push) = delays.get(w * K + t).copied().unwrap_or((0, 0));
         pause(before_read).await;
         let mut values = vec![0.0; set.len()];
-        c.pull_dense(&set, t as u64, &mut values).await.with_context(|| format!("worker {w} read at clock {t}"))?;
+        c.pull_dense(&set, t as u64, &mut values)
+            .await
+            .with_context(|| format!("worker {w} read at clock {t}"))?;
         reads.push(values);
         pause(before_push).await;
         let mut grads = vec![0.0; set.len()];
         grads[w * K + t] = -1.0;
-        c.push_dense(&set, &grads, t as u64, t as u64, true).await.with_context(|| format!("worker {w} push {t}"))?;
+        c.push_dense(&set, &grads, t as u64, t as u64, true)
+            .await
+            .with_context(|| format!("worker {w} push {t}"))?;
     }
     Ok(reads)
 }
@@ -984,7 +1062,8 @@ async fn check_ssp(case: SspCase) -> Result<()> {
     let n = case.shards;
     let shards = Shards::start_with(n, |c| c.max_wait_ms = 20_000).await;
     let s = case.consistency.bound().expect("SSP or BSP") as usize;
-    let spec = dense_spec("clock", &[(case.workers * K) as u64], case.chunk_len, Init::zeros(), Rule::sgd(1.0));
+    let spec =
+        dense_spec("clock", &[(case.workers * K) as u64], case.chunk_len, Init::zeros(), Rule::sgd(1.0));
     let set = DenseSet::new(std::slice::from_ref(&spec), n)?;
     // Every shard must serve reads, or its clocks would not be gated (and its
     // histogram could exceed the bound): guaranteed by chunks >= shards.
@@ -1015,7 +1094,9 @@ async fn check_ssp(case: SspCase) -> Result<()> {
                     let x = values[v * K + t];
                     ensure!(x == 0.0 || x == 1.0, "worker {w} at clock {c} read {x} for ({v}, {t})");
                     let seen = x == 1.0;
-                    let what = format!("read of worker {w} at clock {c}, update of worker {v} iteration {t}, bound {s}");
+                    let what = format!(
+                        "read of worker {w} at clock {c}, update of worker {v} iteration {t}, bound {s}"
+                    );
                     ensure!(seen || t + s + 1 > c, "{what}: missing, but required by the bound");
                     ensure!(seen || v != w || t >= c, "{what}: missing its own earlier update");
                     ensure!(!seen || t <= c + s, "{what}: present, but the writer cannot be that far ahead");

@@ -244,14 +244,19 @@ impl Env {
         let registered = c.stats(pb::StatsRequest {}).await.expect("stats").into_inner().tables > 0;
         if registered {
             for i in (0..W_CHUNKS).filter(|&i| chunk_shard(W, i, SHARDS) == shard as u32) {
-                let req = pb::PullDenseRequest { chunks: vec![pb::ChunkId { tensor: W.into(), index: i }], meta: None };
+                let req = pb::PullDenseRequest {
+                    chunks: vec![pb::ChunkId { tensor: W.into(), index: i }],
+                    meta: None,
+                };
                 let chunk = &c.pull_dense(req).await.expect("pull").into_inner().chunks[0];
                 values.push(codec::decode_f32("values", &chunk.values).expect("decode"));
             }
             let keys: Vec<u64> = KEYS.filter(|&k| key_shard(k, SHARDS) == shard as u32).collect();
             let req = pb::PullSparseRequest { table: E.into(), keys: codec::encode_u64(&keys), meta: None };
             let rows = c.pull_sparse(req).await.expect("pull").into_inner();
-            values.extend(codec::decode_f32("rows", &rows.values).expect("decode").chunks(E_DIM).map(<[f32]>::to_vec));
+            values.extend(
+                codec::decode_f32("rows", &rows.values).expect("decode").chunks(E_DIM).map(<[f32]>::to_vec),
+            );
         }
         // Read after the pulls: the first pull of a row creates it.
         let mut stats = c.stats(pb::StatsRequest {}).await.expect("stats").into_inner();
@@ -327,32 +332,93 @@ async fn rejected_dense_pushes_change_nothing() {
     let (own, other, foreign) = (own_chunk(0), own_chunk(1), foreign_chunk(0));
     let ok = grad(own, 0.25);
     check(&env, 0, push_dense(&[("nope", 0, &[1.0])]), Code::NotFound, "unknown table `nope`").await;
-    check(&env, 0, push_dense(&[(W, foreign, &grad(foreign, 1.0))]), Code::FailedPrecondition, "belongs to shard 1").await;
+    check(
+        &env,
+        0,
+        push_dense(&[(W, foreign, &grad(foreign, 1.0))]),
+        Code::FailedPrecondition,
+        "belongs to shard 1",
+    )
+    .await;
     check(&env, 0, push_dense(&[(W, W_CHUNKS, &[1.0])]), Code::InvalidArgument, "out of range").await;
     check(&env, 0, push_dense(&[(W, u32::MAX, &[1.0])]), Code::InvalidArgument, "out of range").await;
     check(&env, 0, push_dense(&[(W, own, &ok[1..])]), Code::InvalidArgument, "expected").await;
-    check(&env, 0, push_dense(&[(W, own, &[ok.clone(), vec![1.0]].concat())]), Code::InvalidArgument, "expected").await;
+    check(
+        &env,
+        0,
+        push_dense(&[(W, own, &[ok.clone(), vec![1.0]].concat())]),
+        Code::InvalidArgument,
+        "expected",
+    )
+    .await;
     check(&env, 0, push_dense(&[(W, own, &[])]), Code::InvalidArgument, "expected").await;
-    check(&env, 0, push_dense(&[(W, own, &grad_with(own, f32::NAN))]), Code::InvalidArgument, "non-finite").await;
-    check(&env, 0, push_dense(&[(W, own, &grad_with(own, f32::INFINITY))]), Code::InvalidArgument, "non-finite").await;
-    check(&env, 0, push_dense(&[(W, own, &grad_with(own, f32::NEG_INFINITY))]), Code::InvalidArgument, "non-finite").await;
-    check(&env, 0, push_dense_bytes(vec![(W, own, vec![0; 4 * ok.len() - 1])]), Code::InvalidArgument, "multiple of 4")
+    check(&env, 0, push_dense(&[(W, own, &grad_with(own, f32::NAN))]), Code::InvalidArgument, "non-finite")
         .await;
-    check(&env, 0, push_dense(&[(E, 0, &[1.0; E_DIM])]), Code::FailedPrecondition, "is sparse, not dense").await;
+    check(
+        &env,
+        0,
+        push_dense(&[(W, own, &grad_with(own, f32::INFINITY))]),
+        Code::InvalidArgument,
+        "non-finite",
+    )
+    .await;
+    check(
+        &env,
+        0,
+        push_dense(&[(W, own, &grad_with(own, f32::NEG_INFINITY))]),
+        Code::InvalidArgument,
+        "non-finite",
+    )
+    .await;
+    check(
+        &env,
+        0,
+        push_dense_bytes(vec![(W, own, vec![0; 4 * ok.len() - 1])]),
+        Code::InvalidArgument,
+        "multiple of 4",
+    )
+    .await;
+    check(&env, 0, push_dense(&[(E, 0, &[1.0; E_DIM])]), Code::FailedPrecondition, "is sparse, not dense")
+        .await;
     // One bad block spoils the whole push, wherever it is.
     check(&env, 0, push_dense(&[(W, own, &ok), (W, own, &ok)]), Code::InvalidArgument, "appears twice").await;
-    check(&env, 0, push_dense(&[(W, own, &ok), (W, foreign, &grad(foreign, 1.0))]), Code::FailedPrecondition, "belongs")
-        .await;
+    check(
+        &env,
+        0,
+        push_dense(&[(W, own, &ok), (W, foreign, &grad(foreign, 1.0))]),
+        Code::FailedPrecondition,
+        "belongs",
+    )
+    .await;
     check(&env, 0, push_dense(&[(W, own, &ok), (W, 7, &ok)]), Code::InvalidArgument, "out of range").await;
     check(&env, 0, push_dense(&[(W, own, &ok), ("nope", 0, &ok)]), Code::NotFound, "unknown table").await;
     let (s, a, b) = two_chunks();
     let (ok_a, ok_b) = (grad(a, 0.25), grad(b, 0.25));
-    check(&env, s, push_dense(&[(W, a, &ok_a), (W, b, &grad_with(b, f32::NAN))]), Code::InvalidArgument, "non-finite")
-        .await;
-    check(&env, s, push_dense(&[(W, a, &grad_with(a, f32::NAN)), (W, b, &ok_b)]), Code::InvalidArgument, "non-finite")
-        .await;
+    check(
+        &env,
+        s,
+        push_dense(&[(W, a, &ok_a), (W, b, &grad_with(b, f32::NAN))]),
+        Code::InvalidArgument,
+        "non-finite",
+    )
+    .await;
+    check(
+        &env,
+        s,
+        push_dense(&[(W, a, &grad_with(a, f32::NAN)), (W, b, &ok_b)]),
+        Code::InvalidArgument,
+        "non-finite",
+    )
+    .await;
     check(&env, s, push_dense(&[(W, a, &ok_a), (W, b, &ok_b[1..])]), Code::InvalidArgument, "expected").await;
-    check(&env, 1, push_dense(&[(W, other, &grad(other, 1.0)), (W, own, &ok)]), Code::FailedPrecondition, "shard 0").await;
+    check(
+        &env,
+        1,
+        push_dense(&[(W, other, &grad(other, 1.0)), (W, own, &ok)]),
+        Code::FailedPrecondition,
+        "shard 0",
+    )
+    .await;
     env.seq_is_unused(0).await;
     env.seq_is_unused(1).await;
     env.stop().await;
@@ -370,16 +436,32 @@ async fn rejected_sparse_pushes_change_nothing() {
     check(&env, 0, push_sparse(E, &[foreign], &row), Code::FailedPrecondition, "belongs to shard 1").await;
     check(&env, 0, push_sparse(E, &[k, k], &rows2), Code::InvalidArgument, "appears twice").await;
     check(&env, 0, push_sparse(E, &[k, k2], &nan), Code::InvalidArgument, "non-finite").await;
-    check(&env, 0, push_sparse(E, &[k], &[0.5, f32::INFINITY, 0.5]), Code::InvalidArgument, "non-finite").await;
+    check(&env, 0, push_sparse(E, &[k], &[0.5, f32::INFINITY, 0.5]), Code::InvalidArgument, "non-finite")
+        .await;
     check(&env, 0, push_sparse(E, &[k, k2], &row), Code::InvalidArgument, "expected 6 values, got 3").await;
     check(&env, 0, push_sparse(E, &[], &row), Code::InvalidArgument, "expected 0 values").await;
-    check(&env, 0, push_sparse_bytes(E, codec::encode_u64(&[k]).to_vec(), vec![0; 11]), Code::InvalidArgument, "of 4").await;
+    check(
+        &env,
+        0,
+        push_sparse_bytes(E, codec::encode_u64(&[k]).to_vec(), vec![0; 11]),
+        Code::InvalidArgument,
+        "of 4",
+    )
+    .await;
     check(&env, 0, push_sparse(W, &[k], &row), Code::FailedPrecondition, "is dense, not sparse").await;
     // A good key with a bad one: nothing applied.
     check(&env, 0, push_sparse(E, &[k, foreign], &rows2), Code::FailedPrecondition, "belongs").await;
-    check(&env, 0, push_sparse(E, &[k, k2, k], &[0.5; 3 * E_DIM]), Code::InvalidArgument, "appears twice").await;
+    check(&env, 0, push_sparse(E, &[k, k2, k], &[0.5; 3 * E_DIM]), Code::InvalidArgument, "appears twice")
+        .await;
     // Keys are decoded by the service, before the store sees the push.
-    check_uncounted(&env, 0, push_sparse_bytes(E, vec![0; 12], f32s(&row)), Code::InvalidArgument, "multiple of 8").await;
+    check_uncounted(
+        &env,
+        0,
+        push_sparse_bytes(E, vec![0; 12], f32s(&row)),
+        Code::InvalidArgument,
+        "multiple of 8",
+    )
+    .await;
     env.seq_is_unused(0).await;
     env.stop().await;
 }
@@ -388,13 +470,21 @@ async fn rejected_sparse_pushes_change_nothing() {
 async fn rejected_pulls_change_nothing() {
     let env = Env::start().await;
     check(&env, 0, pull_dense(&[("nope", 0)]), Code::NotFound, "unknown table").await;
-    check(&env, 0, pull_dense(&[(W, own_chunk(0)), (W, foreign_chunk(0))]), Code::FailedPrecondition, "belongs").await;
+    check(
+        &env,
+        0,
+        pull_dense(&[(W, own_chunk(0)), (W, foreign_chunk(0))]),
+        Code::FailedPrecondition,
+        "belongs",
+    )
+    .await;
     check(&env, 0, pull_dense(&[(W, W_CHUNKS)]), Code::InvalidArgument, "out of range").await;
     check(&env, 0, pull_dense(&[(E, 0)]), Code::FailedPrecondition, "is sparse, not dense").await;
     check(&env, 0, pull_sparse("nope", &[own_key(0, 0)]), Code::NotFound, "unknown table").await;
     // The key that would be created first is valid: rows are created only
     // once the whole request is checked.
-    check(&env, 0, pull_sparse(E, &[fresh_key(0), foreign_key(0)]), Code::FailedPrecondition, "belongs").await;
+    check(&env, 0, pull_sparse(E, &[fresh_key(0), foreign_key(0)]), Code::FailedPrecondition, "belongs")
+        .await;
     check(&env, 0, pull_sparse(W, &[own_key(0, 0)]), Code::FailedPrecondition, "is dense, not sparse").await;
     check_uncounted(&env, 0, pull_sparse_bytes(E, vec![0; 7]), Code::InvalidArgument, "multiple of 8").await;
     env.stop().await;
@@ -413,24 +503,72 @@ async fn rejected_registrations_and_joins_change_nothing() {
     zero_chunk.layout = Layout::Dense { shape: vec![4], chunk_len: 0 };
     let fresh = |name: &str| TableSpec { name: name.into(), ..dense.clone() };
     let adam = |beta1| {
-        pb::optimizer_spec::Rule::Adam(pb::Adam { lr: 0.1, beta1, beta2: 0.9, eps: 1e-8, ..Default::default() })
+        pb::optimizer_spec::Rule::Adam(pb::Adam {
+            lr: 0.1,
+            beta1,
+            beta2: 0.9,
+            eps: 1e-8,
+            ..Default::default()
+        })
     };
-    check_uncounted(&env, 0, register((&other_shape).into(), SHARDS), Code::AlreadyExists, "different spec").await;
-    check_uncounted(&env, 1, register((&other_lr).into(), SHARDS), Code::AlreadyExists, "different spec").await;
-    check_uncounted(&env, 0, register((&sparse_spec()).into(), 3), Code::FailedPrecondition, "routes over 3").await;
-    check_uncounted(&env, 0, register((&fresh("x")).into(), 1), Code::FailedPrecondition, "routes over 1").await;
-    check_uncounted(&env, 0, register(with_rule(&fresh("x"), sgd(-1.0)), SHARDS), Code::InvalidArgument, "sgd.lr").await;
-    check_uncounted(&env, 0, register(with_rule(&fresh("x"), sgd(f32::NAN)), SHARDS), Code::InvalidArgument, "sgd.lr").await;
-    check_uncounted(&env, 0, register(with_rule(&fresh("x"), adam(1.0)), SHARDS), Code::InvalidArgument, "adam.beta1").await;
-    check_uncounted(&env, 0, register((&zero_chunk).into(), SHARDS), Code::InvalidArgument, "chunk_len").await;
-    check_uncounted(&env, 0, register((&fresh("")).into(), SHARDS), Code::InvalidArgument, "table name").await;
-    check_uncounted(&env, 0, Req::Register(pb::RegisterRequest { table: None, num_shards: 2 }), Code::InvalidArgument, "table")
+    check_uncounted(&env, 0, register((&other_shape).into(), SHARDS), Code::AlreadyExists, "different spec")
         .await;
+    check_uncounted(&env, 1, register((&other_lr).into(), SHARDS), Code::AlreadyExists, "different spec")
+        .await;
+    check_uncounted(&env, 0, register((&sparse_spec()).into(), 3), Code::FailedPrecondition, "routes over 3")
+        .await;
+    check_uncounted(&env, 0, register((&fresh("x")).into(), 1), Code::FailedPrecondition, "routes over 1")
+        .await;
+    check_uncounted(
+        &env,
+        0,
+        register(with_rule(&fresh("x"), sgd(-1.0)), SHARDS),
+        Code::InvalidArgument,
+        "sgd.lr",
+    )
+    .await;
+    check_uncounted(
+        &env,
+        0,
+        register(with_rule(&fresh("x"), sgd(f32::NAN)), SHARDS),
+        Code::InvalidArgument,
+        "sgd.lr",
+    )
+    .await;
+    check_uncounted(
+        &env,
+        0,
+        register(with_rule(&fresh("x"), adam(1.0)), SHARDS),
+        Code::InvalidArgument,
+        "adam.beta1",
+    )
+    .await;
+    check_uncounted(&env, 0, register((&zero_chunk).into(), SHARDS), Code::InvalidArgument, "chunk_len")
+        .await;
+    check_uncounted(&env, 0, register((&fresh("")).into(), SHARDS), Code::InvalidArgument, "table name")
+        .await;
+    check_uncounted(
+        &env,
+        0,
+        Req::Register(pb::RegisterRequest { table: None, num_shards: 2 }),
+        Code::InvalidArgument,
+        "table",
+    )
+    .await;
     // Consistency: the first member fixes the model.
     join(1, pb::ConsistencyModel::Bsp, 0).send(&mut env.clients[0].clone()).await.expect("first join");
-    check_uncounted(&env, 0, join(2, pb::ConsistencyModel::Asp, 0), Code::FailedPrecondition, "uses BSP").await;
-    check_uncounted(&env, 0, join(2, pb::ConsistencyModel::Ssp, 1), Code::FailedPrecondition, "uses BSP").await;
-    check_uncounted(&env, 1, join(2, pb::ConsistencyModel::Unspecified, 0), Code::InvalidArgument, "consistency").await;
+    check_uncounted(&env, 0, join(2, pb::ConsistencyModel::Asp, 0), Code::FailedPrecondition, "uses BSP")
+        .await;
+    check_uncounted(&env, 0, join(2, pb::ConsistencyModel::Ssp, 1), Code::FailedPrecondition, "uses BSP")
+        .await;
+    check_uncounted(
+        &env,
+        1,
+        join(2, pb::ConsistencyModel::Unspecified, 0),
+        Code::InvalidArgument,
+        "consistency",
+    )
+    .await;
     env.stop().await;
 }
 

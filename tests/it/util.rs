@@ -72,7 +72,11 @@ pub async fn raw_client(addr: &str) -> RawClient {
 
 /// A sharded client of worker `worker` over `shards`, with default options.
 pub async fn sharded_client(shards: &Shards, worker: u64) -> ps_worker::client::ShardedClient {
-    ps_worker::client::ShardedClient::connect(&shards.addrs, worker, ps_worker::client::ClientOptions::default())
-        .await
-        .expect("connect sharded client")
+    ps_worker::client::ShardedClient::connect(
+        &shards.addrs,
+        worker,
+        ps_worker::client::ClientOptions::default(),
+    )
+    .await
+    .expect("connect sharded client")
 }
