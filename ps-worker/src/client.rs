@@ -239,6 +239,28 @@ impl ShardedClient {
         })
     }
 
+    /// Start barrier: waits until every shard's clock set has `workers`
+    /// members, or someone has already completed an iteration (the barrier
+    /// was released before, e.g. this worker is a restart), or `within`
+    /// passes (returns false). Without it a worker that joins late finds the
+    /// early ones far ahead, and BSP/SSP bounds do not hold for its pushes.
+    /// Call after [`ShardedClient::join`] and the heartbeat, so waiting keeps
+    /// the lease alive.
+    pub async fn wait_for_members(&self, workers: usize, within: Duration) -> Result<bool> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let stats = self.stats().await?;
+            let started = stats.iter().any(|s| s.clocks.iter().any(|c| c.clock > 0));
+            if started || stats.iter().all(|s| s.clocks.len() >= workers) {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Pulls every element of `set` into `out` (same layout), reading at
     /// `clock` (BSP/SSP reads block until the clock set allows it).
     pub async fn pull_dense(&self, set: &DenseSet, clock: u64, out: &mut [f32]) -> Result<()> {

@@ -173,6 +173,7 @@ pub async fn run(job: &JobConfig, servers: &[String], id: WorkerId, reporter: &m
     let set = DenseSet::new(&tables, client.num_shards())?;
     client.join(job.consistency, Duration::from_millis(job.lease_ms)).await?;
     let heartbeat = client.spawn_heartbeat(Duration::from_millis(job.lease_ms / 4));
+    start_barrier(&client, id.count).await;
 
     let result = train_loop(job, &mut client, &set, &mlp, &shard, &test, &id, reporter).await;
     heartbeat.abort();
@@ -180,6 +181,19 @@ pub async fn run(job: &JobConfig, servers: &[String], id: WorkerId, reporter: &m
     let left = client.leave().await;
     result?;
     left
+}
+
+/// How long a worker waits for the others to join before training alone.
+pub const START_BARRIER: Duration = Duration::from_secs(60);
+
+/// Waits (up to [`START_BARRIER`]) until all `workers` have joined; on
+/// timeout or error it warns and lets the worker start anyway.
+pub async fn start_barrier(client: &ShardedClient, workers: usize) {
+    match client.wait_for_members(workers, START_BARRIER).await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(worker = client.worker(), workers, "not every worker joined in time; starting anyway"),
+        Err(e) => tracing::warn!(worker = client.worker(), error = %e, "start barrier failed; starting anyway"),
+    }
 }
 
 /// Bookkeeping shared by every workload's loop: clock, iteration budget,

@@ -5,3 +5,4 @@
 mod properties;
 mod service;
 mod util;
+mod train;

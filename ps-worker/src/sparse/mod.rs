@@ -51,6 +51,7 @@ impl Session {
         }
         client.join(job.consistency, Duration::from_millis(job.lease_ms)).await?;
         let heartbeat = client.spawn_heartbeat(Duration::from_millis(job.lease_ms / 4));
+        crate::train::start_barrier(&client, id.count).await;
         Ok(Session { client, heartbeat })
     }
 

@@ -1,0 +1,116 @@
+//! End-to-end: the launcher trains the reference MLP on a subset of MNIST with
+//! real shard and worker processes, and writes a complete run folder.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ps-it-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+fn project_path(rel: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel).display().to_string()
+}
+
+#[test]
+fn launcher_trains_mnist_subset_with_two_shards_and_two_workers() {
+    let dir = temp_dir("train");
+    let config = dir.join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[cluster]
+servers = 2
+workers = 2
+
+[job]
+epochs = 2
+batch_size = 32
+train_limit = 8000
+consistency = {{ model = "ssp", staleness = 2 }}
+
+[job.workload]
+kind = "mnist_mlp"
+data_dir = "{}"
+
+[job.optimizer]
+rule = "adam"
+lr = 0.001
+"#,
+            project_path("data/mnist")
+        ),
+    )
+    .expect("write config");
+    let out = Command::new(env!("CARGO_BIN_EXE_ps-cluster"))
+        .args(["train", "--config"])
+        .arg(&config)
+        .arg("--runs-dir")
+        .arg(&dir)
+        .output()
+        .expect("run ps-cluster");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "launcher failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+
+    let run = std::fs::read_dir(&dir)
+        .expect("list runs")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .expect("a run folder");
+    for f in ["config.toml", "metrics.jsonl", "stats.json", "summary.json", "model.msgpack", "server-0.log", "worker-1.log"] {
+        assert!(run.join(f).exists(), "{f} missing from {}", run.display());
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    // 2 epochs over 8,000 images give about 93% on the 10,000 test images;
+    // 85% would still catch a model that does not learn (10% is chance).
+    let acc = summary["test_score"].as_f64().unwrap();
+    assert!(acc > 0.85, "test accuracy {acc}");
+    assert_eq!(summary["failed"].as_array().unwrap().len(), 0);
+    let done = summary["done"].as_array().unwrap();
+    assert_eq!(done.len(), 2, "both workers report done");
+    for d in done {
+        // 4,000 rows per worker, batch 32 -> 125 iterations per epoch.
+        assert_eq!(d["iters"].as_u64(), Some(250), "{d}");
+    }
+    // Under SSP(2) no applied push is staler than the bound.
+    let hist = summary["staleness_histogram"].as_array().unwrap();
+    assert!(hist.len() <= 3, "staleness above the SSP bound: {hist:?}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(metrics.lines().any(|l| l.contains("\"event\":\"eval\"")), "no eval event");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_shipped_config_parses() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/config");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/config") {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            if let Err(e) = ps_worker::config::RunConfig::from_toml(&text) {
+                panic!("{}: {e}", path.display());
+            }
+            n += 1;
+        }
+    }
+    assert!(n >= 1, "no configs found in {}", dir.display());
+}
+
+#[test]
+fn bad_configs_are_rejected_with_a_reason() {
+    let check = |text: &str, needle: &str| {
+        let err = ps_worker::config::RunConfig::from_toml(text).unwrap_err().to_string();
+        assert!(err.contains(needle), "`{err}` does not mention `{needle}`");
+    };
+    check("[job]\nworkload = { kind = \"mnist_mlp\" }\nbatch_size = 0", "batch_size");
+    check("[job]\nworkload = { kind = \"mnist_mlp\" }\nbogus = 1", "bogus");
+    check("[job]\nworkload = { kind = \"mnist_mlp\", layers = [784, 10, 3] }", "layers");
+    check("[job]\nworkload = { kind = \"mnist_mlp\" }\noptimizer = { rule = \"adam\", lr = -1.0 }", "lr");
+    check("[cluster]\nservers = 0\n[job]\nworkload = { kind = \"mnist_mlp\" }", "server");
+}
