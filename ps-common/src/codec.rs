@@ -26,7 +26,7 @@ pub fn encode_u64(keys: &[u64]) -> Bytes {
 
 /// Number of f32 values in `bytes`, or an error if it is not a whole number.
 pub fn f32_len(what: &'static str, bytes: &[u8]) -> Result<usize> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(Error::Misaligned { what, len: bytes.len(), width: 4 });
     }
     Ok(bytes.len() / 4)
@@ -54,7 +54,7 @@ pub fn decode_f32(what: &'static str, bytes: &[u8]) -> Result<Vec<f32>> {
 
 /// Unpacks little-endian u64 bytes into a new vector.
 pub fn decode_u64(what: &'static str, bytes: &[u8]) -> Result<Vec<u64>> {
-    if bytes.len() % 8 != 0 {
+    if !bytes.len().is_multiple_of(8) {
         return Err(Error::Misaligned { what, len: bytes.len(), width: 8 });
     }
     Ok(bytes

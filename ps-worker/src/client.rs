@@ -195,7 +195,7 @@ impl ShardedClient {
         };
         let calls = self.shards.iter().map(|c| {
             let mut c = c.clone();
-            let req = self.request(msg.clone(), self.opts.request_timeout);
+            let req = self.request(msg, self.opts.request_timeout);
             async move { c.join(req).await }
         });
         let results = join_all(calls).await;

@@ -299,7 +299,7 @@ impl<'a> Driver<'a> {
 
     /// Whether worker 0 should evaluate after `epoch`.
     pub fn should_eval(&self, epoch: u32) -> bool {
-        self.worker == 0 && self.job.eval_every_epochs > 0 && (epoch + 1) % self.job.eval_every_epochs == 0
+        self.worker == 0 && self.job.eval_every_epochs > 0 && (epoch + 1).is_multiple_of(self.job.eval_every_epochs)
     }
 
     /// Reports a test-set evaluation (`test_acc` may be any score, e.g. RMSE).
