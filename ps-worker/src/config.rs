@@ -299,12 +299,21 @@ impl JobConfig {
                 if *dim == 0 || *dim > 1 << 16 {
                     return bad(format!("dim must be 1..=65536, got {dim}"));
                 }
-                if !(reg.is_finite() && *reg >= 0.0) || !(init_std.is_finite() && *init_std >= 0.0) {
-                    return bad(format!("reg and init_std must be finite and >= 0, got {reg} and {init_std}"));
+                if !(reg.is_finite() && *reg >= 0.0 && init_std.is_finite() && *init_std >= 0.0) {
+                    return bad(format!(
+                        "reg and init_std must be finite and >= 0, got {reg} and {init_std}"
+                    ));
                 }
             }
             Workload::Ctr {
-                slots, key_space, zipf_exponent, rows_per_epoch, test_rows, emb_dim, hidden, embedding_optimizer,
+                slots,
+                key_space,
+                zipf_exponent,
+                rows_per_epoch,
+                test_rows,
+                emb_dim,
+                hidden,
+                embedding_optimizer,
             } => {
                 if *slots == 0 || *slots > 1 << 16 {
                     return bad(format!("slots must be 1..=65536, got {slots}"));
@@ -318,8 +327,10 @@ impl JobConfig {
                 if *rows_per_epoch == 0 || *test_rows == 0 {
                     return bad("rows_per_epoch and test_rows must be positive".into());
                 }
-                if *emb_dim == 0 || *emb_dim > 1 << 16 || hidden.iter().any(|&h| h == 0) {
-                    return bad(format!("emb_dim must be 1..=65536 and hidden widths positive: {emb_dim}, {hidden:?}"));
+                if *emb_dim == 0 || *emb_dim > 1 << 16 || hidden.contains(&0) {
+                    return bad(format!(
+                        "emb_dim must be 1..=65536 and hidden widths positive: {emb_dim}, {hidden:?}"
+                    ));
                 }
                 if let Some(o) = embedding_optimizer {
                     o.rule.validate()?;

@@ -121,7 +121,12 @@ pub fn tables(job: &JobConfig, s: &Setup) -> (TableSpec, Vec<TableSpec>) {
                 model::InitKind::Uniform { low, high } => InitKind::Uniform { low, high },
             };
             let shape: Vec<u64> = p.shape.iter().map(|&d| d as u64).collect();
-            TableSpec::dense(p.name, &shape, Init { kind, seed: job.seed.wrapping_add(i as u64 + 1) }, job.optimizer)
+            TableSpec::dense(
+                p.name,
+                &shape,
+                Init { kind, seed: job.seed.wrapping_add(i as u64 + 1) },
+                job.optimizer,
+            )
         })
         .collect();
     (emb, dense)
@@ -165,7 +170,8 @@ impl Generator {
     pub fn fill(&self, stream: u64, batch: u64, rows: usize, keys: &mut Vec<u64>, labels: &mut Vec<f32>) {
         keys.clear();
         labels.clear();
-        let mut rng = StdRng::seed_from_u64(splitmix64(self.seed ^ splitmix64(stream) ^ batch.rotate_left(32)));
+        let mut rng =
+            StdRng::seed_from_u64(splitmix64(self.seed ^ splitmix64(stream) ^ batch.rotate_left(32)));
         for _ in 0..rows {
             let mut z = TRUTH_BIAS;
             for slot in 0..self.slots {
@@ -185,7 +191,13 @@ fn stream(epoch: u32, worker: usize) -> u64 {
 }
 
 /// Evaluates at `clock`: returns (test log loss, test AUC).
-async fn eval_on(client: &ShardedClient, clock: u64, s: &Setup, examples: &Generator, set: &DenseSet) -> Result<(f64, f64)> {
+async fn eval_on(
+    client: &ShardedClient,
+    clock: u64,
+    s: &Setup,
+    examples: &Generator,
+    set: &DenseSet,
+) -> Result<(f64, f64)> {
     let tower = s.tower();
     let mut params = vec![0.0f32; set.len()];
     client.pull_dense(set, clock, &mut params).await?;
@@ -218,7 +230,12 @@ pub async fn evaluate(job: &JobConfig, servers: &[String]) -> Result<(f64, f64)>
 }
 
 /// Trains one worker on its share of each epoch's fresh examples.
-pub async fn run(job: &JobConfig, servers: &[String], id: WorkerId, reporter: &mut dyn Reporter) -> Result<()> {
+pub async fn run(
+    job: &JobConfig,
+    servers: &[String],
+    id: WorkerId,
+    reporter: &mut dyn Reporter,
+) -> Result<()> {
     job.validate()?;
     let s = Setup::of(job)?;
     let examples = Generator::new(&s, job.seed)?;
@@ -338,7 +355,9 @@ mod tests {
         let shards = Shards::start(2).await;
         let events = train_workers(&j, &shards.addrs, 2).await;
         let (first, last) = first_and_last_loss(&events);
-        let (test_loss, test_auc) = evaluate(&j, &shards.addrs).await.unwrap();
+        let evaluation = evaluate(&j, &shards.addrs).await.unwrap();
+        let (test_loss, test_auc) = evaluation;
+        eprintln!("training loss {first} -> {last}; evaluation {evaluation:?}");
         assert!(last < first - 0.02, "training loss {first} -> {last}");
         assert!(test_auc > 0.65, "test AUC {test_auc}, log loss {test_loss}");
         shards.stop().await;

@@ -131,7 +131,12 @@ pub async fn evaluate(job: &JobConfig, servers: &[String]) -> Result<(f64, f64)>
 }
 
 /// Trains one worker on its contiguous block of the training rows.
-pub async fn run(job: &JobConfig, servers: &[String], id: WorkerId, reporter: &mut dyn Reporter) -> Result<()> {
+pub async fn run(
+    job: &JobConfig,
+    servers: &[String],
+    id: WorkerId,
+    reporter: &mut dyn Reporter,
+) -> Result<()> {
     job.validate()?;
     let (train, test, num_features) = params(job)?;
     let train = load_libsvm(train, Some(num_features))?;
@@ -222,7 +227,8 @@ mod tests {
         loss_and_grad(&batch, &gather(&theta), &mut grad);
         let h = 1e-2;
         for k in 0..theta.len() {
-            let analytic: f32 = batch.keys.iter().zip(&grad).filter(|&(&key, _)| key == k as u64).map(|(_, g)| g).sum();
+            let analytic: f32 =
+                batch.keys.iter().zip(&grad).filter(|&(&key, _)| key == k as u64).map(|(_, g)| g).sum();
             let keep = theta[k];
             theta[k] = keep + h;
             let up = mean_loss(&theta);
@@ -230,7 +236,10 @@ mod tests {
             let down = mean_loss(&theta);
             theta[k] = keep;
             let numeric = (up - down) / (2.0 * f64::from(h));
-            assert!((numeric - f64::from(analytic)).abs() < 1e-3, "key {k}: numeric {numeric}, analytic {analytic}");
+            assert!(
+                (numeric - f64::from(analytic)).abs() < 1e-3,
+                "key {k}: numeric {numeric}, analytic {analytic}"
+            );
         }
         // The dense scorer agrees with the batch loss on the same rows.
         let mut once = Batch::default();
@@ -246,8 +255,9 @@ mod tests {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data/a9a").join(file)
     }
 
-    /// Two shards, two workers, one epoch of Adagrad: beats the majority
-    /// class (76.4% of the a9a test set is negative) clearly.
+    /// Two shards, two workers, one epoch of Adagrad (255 iterations each):
+    /// the training loss falls well below ln 2 and the test accuracy beats
+    /// the majority class (76.4% of the a9a test set is negative) clearly.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_workers_learn_a9a_in_one_epoch() {
         let text = format!(
@@ -265,9 +275,13 @@ mod tests {
         let job: JobConfig = toml::from_str(&text).unwrap();
         let shards = Shards::start(2).await;
         let events = train_workers(&job, &shards.addrs, 2).await;
+        // Zero weights start at ln 2; the other worker may be well ahead by
+        // the time worker 0 reports, so compare with that, not its first batch.
         let (first, last) = first_and_last_loss(&events);
-        let (test_loss, acc) = evaluate(&job, &shards.addrs).await.unwrap();
-        assert!(last < first * 0.7, "training loss {first} -> {last}");
+        let evaluation = evaluate(&job, &shards.addrs).await.unwrap();
+        let (test_loss, acc) = evaluation;
+        eprintln!("training loss {first} -> {last}; evaluation {evaluation:?}");
+        assert!(last < 0.6 * std::f64::consts::LN_2, "training loss {first} -> {last}");
         assert!(acc > 0.80, "test accuracy {acc}, log loss {test_loss}");
         shards.stop().await;
     }

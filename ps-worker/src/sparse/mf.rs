@@ -60,7 +60,10 @@ fn setup(job: &JobConfig) -> Result<Setup> {
 /// The four tables, in the order they are pushed (the bias of items last).
 pub fn tables(job: &JobConfig) -> Result<Vec<TableSpec>> {
     let s = setup(job)?;
-    let factors = |i: u64| Init { kind: InitKind::Normal { mean: 0.0, std: s.init_std }, seed: job.seed.wrapping_add(i) };
+    let factors = |i: u64| Init {
+        kind: InitKind::Normal { mean: 0.0, std: s.init_std },
+        seed: job.seed.wrapping_add(i),
+    };
     let zeros = Init { seed: job.seed, ..Init::zeros() };
     let k = s.k as u32;
     Ok(vec![
@@ -174,7 +177,13 @@ pub fn global_mean(ratings: &[Rating]) -> f32 {
 
 /// Pulls the rows of every user and item of `test` (reading at `clock`);
 /// returns (MSE, RMSE) of the clipped predictions.
-async fn eval_on(client: &ShardedClient, clock: u64, k: usize, mu: f32, test: &[Rating]) -> Result<(f64, f64)> {
+async fn eval_on(
+    client: &ShardedClient,
+    clock: u64,
+    k: usize,
+    mu: f32,
+    test: &[Rating],
+) -> Result<(f64, f64)> {
     let mut batch = Batch::default();
     batch.fill(test, 0..test.len());
     let mut v = Rows::default();
@@ -215,7 +224,12 @@ pub async fn evaluate(job: &JobConfig, servers: &[String]) -> Result<(f64, f64)>
 }
 
 /// Trains one worker on its contiguous block of the training ratings.
-pub async fn run(job: &JobConfig, servers: &[String], id: WorkerId, reporter: &mut dyn Reporter) -> Result<()> {
+pub async fn run(
+    job: &JobConfig,
+    servers: &[String],
+    id: WorkerId,
+    reporter: &mut dyn Reporter,
+) -> Result<()> {
     job.validate()?;
     let s = setup(job)?;
     let (train, test) = load(job, &s)?;
@@ -293,8 +307,8 @@ mod tests {
     fn gradient_matches_finite_differences() {
         let k = 3;
         // User 1 rates twice, item 7 is rated twice: repeated keys.
-        let ratings = [(1, 7, 4.0), (2, 7, 2.0), (1, 9, 5.0)]
-            .map(|(user, item, rating)| Rating { user, item, rating });
+        let ratings =
+            [(1, 7, 4.0), (2, 7, 2.0), (1, 9, 5.0)].map(|(user, item, rating)| Rating { user, item, rating });
         let mut batch = Batch::default();
         batch.fill(&ratings, 0..3);
         let (mu, reg) = (3.5, 0.1);
@@ -382,7 +396,9 @@ mod tests {
         let shards = Shards::start(2).await;
         let events = train_workers(&job, &shards.addrs, 2).await;
         let (first, last) = first_and_last_loss(&events);
-        let (_, rmse) = evaluate(&job, &shards.addrs).await.unwrap();
+        let evaluation = evaluate(&job, &shards.addrs).await.unwrap();
+        let (_, rmse) = evaluation;
+        eprintln!("training loss {first} -> {last}; evaluation {evaluation:?}");
         assert!(last < first * 0.8, "training loss {first} -> {last}");
         assert!(rmse < 1.0, "test RMSE {rmse}");
         shards.stop().await;

@@ -74,7 +74,11 @@ impl Tower {
                 shape: vec![w[0], w[1]],
                 init: InitKind::glorot_uniform(w[0], w[1]),
             });
-            out.push(ParamSpec { name: format!("{prefix}fc{}.bias", l + 1), shape: vec![w[1]], init: InitKind::Zeros });
+            out.push(ParamSpec {
+                name: format!("{prefix}fc{}.bias", l + 1),
+                shape: vec![w[1]],
+                init: InitKind::Zeros,
+            });
         }
         out
     }
@@ -139,12 +143,14 @@ impl Tower {
             let w = ArrayView2::from_shape((n_in, n_out), &params[w_at..b_at]).expect("weight shape");
             match below.last_mut() {
                 None => {
-                    let mut d = ArrayViewMut2::from_shape((rows, n_in), &mut dx[..rows * n_in]).expect("dx shape");
+                    let mut d =
+                        ArrayViewMut2::from_shape((rows, n_in), &mut dx[..rows * n_in]).expect("dx shape");
                     general_mat_mul(1.0, &dz, &w.t(), 0.0, &mut d);
                 }
                 Some(a) => {
                     let scratch = &mut ws.scratch[..rows * n_in];
-                    let mut d = ArrayViewMut2::from_shape((rows, n_in), &mut *scratch).expect("scratch shape");
+                    let mut d =
+                        ArrayViewMut2::from_shape((rows, n_in), &mut *scratch).expect("scratch shape");
                     general_mat_mul(1.0, &dz, &w.t(), 0.0, &mut d);
                     for (a, &d) in a[..rows * n_in].iter_mut().zip(scratch.iter()) {
                         *a = if *a > 0.0 { d } else { 0.0 };
@@ -225,7 +231,10 @@ mod tests {
         assert!((mean_loss(&params, &x, &mut ws) - f64::from(loss)).abs() < 1e-5);
         let h = 1e-2f32;
         let check = |num: f64, ana: f32, what: &str| {
-            assert!((num - f64::from(ana)).abs() < 2e-3 * (1.0 + num.abs()), "{what}: numeric {num}, analytic {ana}");
+            assert!(
+                (num - f64::from(ana)).abs() < 2e-3 * (1.0 + num.abs()),
+                "{what}: numeric {num}, analytic {ana}"
+            );
         };
         for i in 0..params.len() {
             let keep = params[i];
@@ -251,12 +260,10 @@ mod tests {
     fn specs_cover_the_parameters() {
         let tower = Tower::new(208, &[64]);
         let specs = tower.param_specs("ctr.");
-        assert_eq!(specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), [
-            "ctr.fc1.weight",
-            "ctr.fc1.bias",
-            "ctr.fc2.weight",
-            "ctr.fc2.bias"
-        ]);
+        assert_eq!(
+            specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+            ["ctr.fc1.weight", "ctr.fc1.bias", "ctr.fc2.weight", "ctr.fc2.bias"]
+        );
         assert_eq!(specs.iter().map(ParamSpec::len).sum::<usize>(), tower.num_params());
     }
 }
