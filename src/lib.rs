@@ -3,4 +3,6 @@
 
 pub mod bench;
 pub mod cluster;
+pub mod plot;
 pub mod run;
+pub mod sweep;

@@ -50,6 +50,25 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         reps: u32,
     },
+    /// Run a grid of jobs (consistency x workers x straggler x seed), each on
+    /// its own local cluster, then write results.csv, summary.md and plots.
+    /// Rerunning resumes: points with results are skipped.
+    Sweep {
+        /// Sweep file: a run file plus [grid] (and [sweep]); see examples/sweeps/.
+        file: PathBuf,
+        /// Sweep folder [default: sweeps/<file stem>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Rerun every point, even those with results.
+        #[arg(long)]
+        fresh: bool,
+        /// List the grid points and whether each is done; run nothing.
+        #[arg(long)]
+        list: bool,
+        /// Rewrite the reports from the run folders; run nothing.
+        #[arg(long)]
+        report: bool,
+    },
     /// Run one shard (as `ps-server`).
     Server(ps_server::cli::Args),
     /// Run one worker (as `ps-worker`).
@@ -120,6 +139,16 @@ fn main() -> anyhow::Result<()> {
             let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
             let opts = paramserver::bench::BenchOptions { epochs, reps };
             Ok(tokio_runtime()?.block_on(paramserver::bench::run_all(&exe, DEFAULT_CONFIG, &opts))?)
+        }
+        Command::Sweep { file, out, fresh, list, report } => {
+            let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
+            let opts = paramserver::sweep::Options { file, out, fresh, list, report_only: report, exe };
+            let rows = tokio_runtime()?.block_on(paramserver::sweep::run(&opts))?;
+            if !list && !rows.is_empty() {
+                let summary = std::fs::read_to_string(opts.out_dir().join("summary.md")).unwrap_or_default();
+                println!("{}", summary.split("\n## Plots").next().unwrap_or(""));
+            }
+            Ok(())
         }
         Command::Train(args) => {
             let summary = tokio_runtime()?.block_on(train(args))?;

@@ -193,9 +193,17 @@ impl Clocks {
             me.last_seen = Instant::now();
             target
         };
+        // If this future is dropped mid-wait (the reader's connection died
+        // with its process), the member must not stay "blocked in a read",
+        // which would exempt it from reaping forever.
+        let _clear = ClearWaiting { clocks: self, worker };
         let started = Instant::now();
         let mut rx = self.min_tx.subscribe();
-        let waited = tokio::time::timeout(max_wait, rx.wait_for(|&min| min >= target)).await;
+        // Drop the watch's read guard (`Ref`) before taking the state lock:
+        // `publish` takes them in the other order (state, then the watch's
+        // write lock), and holding both here deadlocked the shard.
+        let wait = async { rx.wait_for(|&min| min >= target).await.map(|_| ()) };
+        let waited = tokio::time::timeout(max_wait, wait).await;
         self.wait_micros.fetch_add(started.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut st = self.lock();
         if let Some(me) = st.members.get_mut(&worker) {
@@ -243,6 +251,20 @@ impl Clocks {
 
     pub fn wait_micros(&self) -> u64 {
         self.wait_micros.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Clears a member's `waiting_for` when a read's wait ends in any way.
+struct ClearWaiting<'a> {
+    clocks: &'a Clocks,
+    worker: u64,
+}
+
+impl Drop for ClearWaiting<'_> {
+    fn drop(&mut self) {
+        if let Some(me) = self.clocks.lock().members.get_mut(&self.worker) {
+            me.waiting_for = None;
+        }
     }
 }
 
@@ -294,6 +316,25 @@ mod tests {
         tokio::task::yield_now().await;
         assert_eq!(c.reap(Instant::now()), vec![2]);
         reader.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reader_that_dies_while_blocked_is_still_reaped() {
+        let c = std::sync::Arc::new(Clocks::default());
+        c.join(1, Consistency::Bsp, LEASE).unwrap();
+        c.join(2, Consistency::Bsp, LEASE).unwrap();
+        c.tick(2, 0);
+        // Worker 2 blocks on worker 1, then its read is dropped (its
+        // connection died with its process).
+        let c2 = c.clone();
+        let reader = tokio::spawn(async move { c2.wait_read(2, 1, Duration::from_secs(60)).await });
+        tokio::task::yield_now().await;
+        assert_eq!(c.status()[1].waiting_for, Some(1));
+        reader.abort();
+        let _ = reader.await;
+        assert_eq!(c.status()[1].waiting_for, None);
+        tokio::time::advance(LEASE + Duration::from_millis(1)).await;
+        assert_eq!(c.reap(Instant::now()), vec![1, 2]);
     }
 
     #[test]
