@@ -156,17 +156,21 @@ impl Clocks {
         dead
     }
 
-    /// Records a push from `worker` computed at `read_clock`: returns its
-    /// staleness and adds it to the histogram.
-    pub fn observe_push(&self, worker: u64, read_clock: u64) -> u64 {
-        let mut st = self.lock();
+    /// The staleness a push from `worker` computed at `read_clock` would have
+    /// if applied now.
+    pub fn staleness(&self, worker: u64, read_clock: u64) -> u64 {
+        let st = self.lock();
         let fastest_other = st.members.iter().filter(|(w, _)| **w != worker).map(|(_, m)| m.clock).max();
-        let tau = fastest_other.map_or(0, |f| f.saturating_sub(read_clock + 1));
+        fastest_other.map_or(0, |f| f.saturating_sub(read_clock + 1))
+    }
+
+    /// Adds an applied push's staleness to the histogram.
+    pub fn record_staleness(&self, tau: u64) {
+        let mut st = self.lock();
         if st.histogram.is_empty() {
             st.histogram = vec![0; STALENESS_BUCKETS];
         }
         st.histogram[(tau as usize).min(STALENESS_BUCKETS - 1)] += 1;
-        tau
     }
 
     /// Marks `worker`'s iteration `clock` complete (its pushes are applied).
@@ -346,8 +350,9 @@ mod tests {
             c.tick(2, t);
         }
         // Worker 1 pushes its iteration 0 while worker 2 has done 5.
-        assert_eq!(c.observe_push(1, 0), 4);
-        assert_eq!(c.observe_push(2, 5), 0);
+        assert_eq!(c.staleness(1, 0), 4);
+        assert_eq!(c.staleness(2, 5), 0);
+        c.record_staleness(4);
         assert_eq!(c.histogram()[4], 1);
     }
 

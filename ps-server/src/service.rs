@@ -25,16 +25,27 @@ pub struct Shard {
 pub struct Service(pub Arc<Shard>);
 
 impl Shard {
-    fn after_push(&self, meta: &pb::PushMeta, duplicate: bool) {
-        if meta.tick && !duplicate {
-            self.clocks.tick(meta.worker, meta.clock);
-        }
+    /// Counts a refused request and turns it into its status.
+    fn refuse(&self, e: impl Into<Error>) -> Status {
+        self.store.counters.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Status::from(e.into())
     }
 
-    fn push_info(&self, meta: &pb::PushMeta) -> PushInfo {
+    fn before_push(&self, meta: &pb::PushMeta) -> PushInfo {
         self.clocks.touch(meta.worker);
-        let staleness = self.clocks.observe_push(meta.worker, meta.read_clock);
+        let staleness = self.clocks.staleness(meta.worker, meta.read_clock);
         PushInfo { worker: meta.worker, seq: meta.seq, staleness }
+    }
+
+    /// Records the staleness of an applied push, then ticks the clock.
+    fn after_push(&self, meta: &pb::PushMeta, info: PushInfo, duplicate: bool) {
+        if duplicate {
+            return;
+        }
+        self.clocks.record_staleness(info.staleness);
+        if meta.tick {
+            self.clocks.tick(meta.worker, meta.clock);
+        }
     }
 
     async fn before_read(&self, meta: Option<&pb::ReadMeta>) -> Result<(), Error> {
@@ -51,10 +62,10 @@ impl ParameterServer for Service {
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard()))]
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = req.into_inner();
-        let spec = TableSpec::try_from(req.table.ok_or(ps_common::Error::MissingField("table")).map_err(Error::from)?)
-            .map_err(Error::from)?;
+        let table = req.table.ok_or(ps_common::Error::MissingField("table")).map_err(|e| self.0.refuse(e))?;
+        let spec = TableSpec::try_from(table).map_err(|e| self.0.refuse(e))?;
         let name = spec.name.clone();
-        let created = self.0.store.register(spec, req.num_shards)?;
+        let created = self.0.store.register(spec, req.num_shards).map_err(|e| self.0.refuse(e))?;
         if created {
             tracing::info!(table = %name, "table registered");
         }
@@ -64,9 +75,9 @@ impl ParameterServer for Service {
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), chunks = req.get_ref().chunks.len()))]
     async fn pull_dense(&self, req: Request<pb::PullDenseRequest>) -> Result<Response<pb::PullDenseResponse>, Status> {
         let req = req.into_inner();
-        self.0.before_read(req.meta.as_ref()).await?;
+        self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let ids: Vec<(&str, u32)> = req.chunks.iter().map(|c| (c.tensor.as_str(), c.index)).collect();
-        let values = self.0.store.pull_dense(&ids)?;
+        let values = self.0.store.pull_dense(&ids).map_err(|e| self.0.refuse(e))?;
         let chunks = req
             .chunks
             .into_iter()
@@ -80,20 +91,20 @@ impl ParameterServer for Service {
     async fn push_dense(&self, req: Request<pb::PushDenseRequest>) -> Result<Response<pb::PushResponse>, Status> {
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
-        let info = self.0.push_info(&meta);
+        let info = self.0.before_push(&meta);
         let chunks: Vec<(&str, u32, &[u8])> =
             req.chunks.iter().map(|c| (c.tensor.as_str(), c.index, c.values.as_ref())).collect();
-        let out = self.0.store.push_dense(&chunks, info)?;
-        self.0.after_push(&meta, out.duplicate);
+        let out = self.0.store.push_dense(&chunks, info).map_err(|e| self.0.refuse(e))?;
+        self.0.after_push(&meta, info, out.duplicate);
         Ok(Response::new(pb::PushResponse { applied: out.applied, duplicate: out.duplicate }))
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), table = %req.get_ref().table))]
     async fn pull_sparse(&self, req: Request<pb::PullSparseRequest>) -> Result<Response<pb::PullSparseResponse>, Status> {
         let req = req.into_inner();
-        self.0.before_read(req.meta.as_ref()).await?;
-        let keys = codec::decode_u64("keys", &req.keys).map_err(Error::from)?;
-        let (values, dim) = self.0.store.pull_sparse(&req.table, &keys)?;
+        self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
+        let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
+        let (values, dim) = self.0.store.pull_sparse(&req.table, &keys).map_err(|e| self.0.refuse(e))?;
         Ok(Response::new(pb::PullSparseResponse { values, dim: dim as u32 }))
     }
 
@@ -101,21 +112,21 @@ impl ParameterServer for Service {
     async fn push_sparse(&self, req: Request<pb::PushSparseRequest>) -> Result<Response<pb::PushResponse>, Status> {
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
-        let info = self.0.push_info(&meta);
-        let keys = codec::decode_u64("keys", &req.keys).map_err(Error::from)?;
-        let out = self.0.store.push_sparse(&req.table, &keys, &req.grads, info)?;
-        self.0.after_push(&meta, out.duplicate);
+        let info = self.0.before_push(&meta);
+        let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
+        let out = self.0.store.push_sparse(&req.table, &keys, &req.grads, info).map_err(|e| self.0.refuse(e))?;
+        self.0.after_push(&meta, info, out.duplicate);
         Ok(Response::new(pb::PushResponse { applied: out.applied, duplicate: out.duplicate }))
     }
 
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
         let req = req.into_inner();
         let model = match req.consistency {
-            Some(c) => Consistency::try_from(c).map_err(Error::from)?,
+            Some(c) => Consistency::try_from(c).map_err(|e| self.0.refuse(e))?,
             None => Consistency::Asp,
         };
         let lease = Duration::from_millis(u64::from(req.lease_ms.clamp(100, 3_600_000)));
-        let clock = self.0.clocks.join(req.worker, model, lease)?;
+        let clock = self.0.clocks.join(req.worker, model, lease).map_err(|e| self.0.refuse(e))?;
         tracing::info!(worker = req.worker, %model, clock, "worker joined");
         Ok(Response::new(pb::JoinResponse { last_seq: self.0.store.last_seq(req.worker), clock }))
     }

@@ -188,24 +188,13 @@ impl Store {
         Ok(partition::chunk_range(*len, *chunk_len, index as usize).len())
     }
 
-    fn reject<T>(&self, e: Error) -> Result<T> {
-        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
-        Err(e)
-    }
-
     /// Reads dense chunks, in request order.
     pub fn pull_dense(&self, chunks: &[(&str, u32)]) -> Result<Vec<Bytes>> {
         let mut out = Vec::with_capacity(chunks.len());
         let mut total = 0;
         for &(name, index) in chunks {
-            let table = match self.table(name) {
-                Ok(t) => t,
-                Err(e) => return self.reject(e),
-            };
-            let len = match self.check_chunk(&table, index) {
-                Ok(len) => len,
-                Err(e) => return self.reject(e),
-            };
+            let table = self.table(name)?;
+            let len = self.check_chunk(&table, index)?;
             let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("checked by check_chunk") };
             let block = chunks.get(&index).expect("owned chunks are created at registration");
             out.push(codec::encode_f32(block.values(len)));
@@ -242,10 +231,7 @@ impl Store {
 
     /// Applies a dense push: all chunks or, on any error, none.
     pub fn push_dense(&self, chunks: &[(&str, u32, &[u8])], info: PushInfo) -> Result<PushOutcome> {
-        let updates = match self.validate_dense(chunks) {
-            Ok(u) => u,
-            Err(e) => return self.reject(e),
-        };
+        let updates = self.validate_dense(chunks)?;
         self.exactly_once(info, || {
             let mut applied = 0;
             for (table, index, grad) in &updates {
@@ -312,11 +298,8 @@ impl Store {
     /// Reads rows (creating missing ones with the table's initializer), in
     /// request order: `keys.len() * dim` floats.
     pub fn pull_sparse(&self, name: &str, keys: &[u64]) -> Result<(Bytes, usize)> {
-        let checked = self.sparse_table(name).and_then(|(t, dim)| self.check_keys(name, keys).map(|()| (t, dim)));
-        let (table, dim) = match checked {
-            Ok(x) => x,
-            Err(e) => return self.reject(e),
-        };
+        let (table, dim) = self.sparse_table(name)?;
+        self.check_keys(name, keys)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
         let mut out = Vec::with_capacity(keys.len() * dim * 4);
         for &key in keys {
@@ -356,10 +339,7 @@ impl Store {
 
     /// Applies a sparse push: all rows or, on any error, none.
     pub fn push_sparse(&self, name: &str, keys: &[u64], grads: &[u8], info: PushInfo) -> Result<PushOutcome> {
-        let (table, dim, grad) = match self.validate_sparse(name, keys, grads) {
-            Ok(x) => x,
-            Err(e) => return self.reject(e),
-        };
+        let (table, dim, grad) = self.validate_sparse(name, keys, grads)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("validated") };
         self.exactly_once(info, || {
             for (&key, g) in keys.iter().zip(grad.chunks_exact(dim)) {
