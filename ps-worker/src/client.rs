@@ -338,15 +338,25 @@ impl ShardedClient {
     }
 
     async fn send_dense_pushes(&self, requests: Vec<(usize, pb::PushDenseRequest)>) -> Result<()> {
+        self.send_pushes(requests, |mut c, req| async move { c.push_dense(req).await }).await
+    }
+
+    /// Sends one push per shard concurrently, each retried on transient
+    /// errors with its seq unchanged.
+    async fn send_pushes<M, F, Fut>(&self, requests: Vec<(usize, M)>, send: F) -> Result<()>
+    where
+        M: Clone,
+        F: Fn(ParameterServerClient<Channel>, tonic::Request<M>) -> Fut + Copy,
+        Fut: std::future::Future<Output = std::result::Result<tonic::Response<pb::PushResponse>, tonic::Status>>,
+    {
         let calls = requests.into_iter().map(|(i, msg)| {
-            let c = self.shards[i].clone();
-            let opts = self.opts.clone();
+            let c = &self.shards[i];
+            let opts = &self.opts;
             async move {
-                let r = retry(&opts, || {
-                    let mut c = c.clone();
+                let r = retry(opts, || {
                     let mut req = tonic::Request::new(msg.clone());
                     req.set_timeout(opts.request_timeout);
-                    async move { c.push_dense(req).await }
+                    send(c.clone(), req)
                 })
                 .await;
                 (i, r)
@@ -443,24 +453,7 @@ impl ShardedClient {
             };
             requests.push((i, msg));
         }
-        let calls = requests.into_iter().map(|(i, msg)| {
-            let c = self.shards[i].clone();
-            let opts = self.opts.clone();
-            async move {
-                let r = retry(&opts, || {
-                    let mut c = c.clone();
-                    let mut req = tonic::Request::new(msg.clone());
-                    req.set_timeout(opts.request_timeout);
-                    async move { c.push_sparse(req).await }
-                })
-                .await;
-                (i, r)
-            }
-        });
-        for (i, r) in join_all(calls).await {
-            r.map_err(|s| self.status(i, s))?;
-        }
-        Ok(())
+        self.send_pushes(requests, |mut c, req| async move { c.push_sparse(req).await }).await
     }
 
     /// Stats of every shard, in shard order.
