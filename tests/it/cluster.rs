@@ -136,6 +136,8 @@ fn simulate(job: &JobConfig, init: &[f32], lr: f32, order: impl Fn(usize) -> Ord
         let orders: Vec<Vec<Vec<usize>>> =
             batches.iter_mut().map(|b| b.epoch(epoch).map(<[usize]>::to_vec).collect()).collect();
         assert_eq!(orders[0].len(), orders[1].len(), "equal shards give equal clocks");
+        // `i` indexes both workers' batch lists, in the order the clock dictates.
+        #[allow(clippy::needless_range_loop)]
         for i in 0..orders[0].len() {
             sum.fill(0.0);
             let workers = match order(clock) {
