@@ -104,7 +104,7 @@ impl ParameterServer for Service {
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
-        let (values, dim) = self.0.store.pull_sparse(&req.table, &keys).map_err(|e| self.0.refuse(e))?;
+        let (values, dim) = self.0.store.pull_sparse(&req.table, &keys, req.read_only).map_err(|e| self.0.refuse(e))?;
         Ok(Response::new(pb::PullSparseResponse { values, dim: dim as u32 }))
     }
 

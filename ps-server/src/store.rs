@@ -295,22 +295,32 @@ impl Store {
         Ok(())
     }
 
-    /// Reads rows (creating missing ones with the table's initializer), in
-    /// request order: `keys.len() * dim` floats.
-    pub fn pull_sparse(&self, name: &str, keys: &[u64]) -> Result<(Bytes, usize)> {
+    /// Reads rows in request order: `keys.len() * dim` floats. Missing rows
+    /// are created with the table's initializer, unless `read_only`, where
+    /// they read as their initial values and stay missing.
+    pub fn pull_sparse(&self, name: &str, keys: &[u64], read_only: bool) -> Result<(Bytes, usize)> {
         let (table, dim) = self.sparse_table(name)?;
         self.check_keys(name, keys)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
         let mut out = Vec::with_capacity(keys.len() * dim * 4);
+        let push_values = |out: &mut Vec<u8>, values: &[f32]| {
+            for v in values {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        };
+        let mut initial = Vec::new();
         for &key in keys {
-            let push_row = |out: &mut Vec<u8>, b: &Block| {
-                for v in b.values(dim) {
-                    out.extend_from_slice(&v.to_le_bytes());
-                }
-            };
             match rows.get(&key) {
-                Some(b) => push_row(&mut out, &b),
-                None => push_row(&mut out, &rows.entry(key).or_insert_with(|| Block::new(&table.spec, key, dim))),
+                Some(b) => push_values(&mut out, b.values(dim)),
+                None if read_only => {
+                    initial.resize(dim, 0.0);
+                    table.spec.init.fill(&table.spec.name, key, &mut initial);
+                    push_values(&mut out, &initial);
+                }
+                None => {
+                    let b = rows.entry(key).or_insert_with(|| Block::new(&table.spec, key, dim));
+                    push_values(&mut out, b.values(dim));
+                }
             }
         }
         self.counters.pulls.fetch_add(1, Ordering::Relaxed);
@@ -424,12 +434,15 @@ mod tests {
         let s = Store::new(0, 1);
         let init = Init { kind: InitKind::Constant { value: 2.0 }, seed: 0 };
         s.register(TableSpec::sparse("e", 3, init, Rule::sgd(1.0).into()), 1).unwrap();
-        let (bytes, dim) = s.pull_sparse("e", &[7, 9]).unwrap();
+        let (bytes, dim) = s.pull_sparse("e", &[7, 9], true).unwrap();
         assert_eq!(dim, 3);
+        assert_eq!(codec::decode_f32("v", &bytes).unwrap(), vec![2.0; 6]);
+        assert_eq!(s.sizes(), (1, 0, 0), "a read-only pull creates nothing");
+        let (bytes, _) = s.pull_sparse("e", &[7, 9], false).unwrap();
         assert_eq!(codec::decode_f32("v", &bytes).unwrap(), vec![2.0; 6]);
         let g = codec::encode_f32(&[1.0, 1.0, 1.0]);
         s.push_sparse("e", &[9], &g, PushInfo::default()).unwrap();
-        let (bytes, _) = s.pull_sparse("e", &[9, 7]).unwrap();
+        let (bytes, _) = s.pull_sparse("e", &[9, 7], true).unwrap();
         assert_eq!(codec::decode_f32("v", &bytes).unwrap(), vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
         assert_eq!(s.sizes(), (1, 0, 2));
     }

@@ -375,9 +375,27 @@ impl ShardedClient {
     }
 
     /// Pulls the rows of `keys` (duplicates allowed) into `out`
-    /// (`keys.len() * dim` floats, in key order). Each distinct key is sent
-    /// once, to its shard.
+    /// (`keys.len() * dim` floats, in key order), creating missing rows on
+    /// their shards. Each distinct key is sent once, to its shard.
     pub async fn pull_sparse(&self, table: &str, dim: usize, keys: &[u64], clock: u64, out: &mut [f32]) -> Result<()> {
+        self.read_sparse(table, dim, keys, clock, out, false).await
+    }
+
+    /// As [`Self::pull_sparse`], but creates nothing: missing rows read as
+    /// their initial values (for evaluation on unseen keys).
+    pub async fn lookup_sparse(&self, table: &str, dim: usize, keys: &[u64], clock: u64, out: &mut [f32]) -> Result<()> {
+        self.read_sparse(table, dim, keys, clock, out, true).await
+    }
+
+    async fn read_sparse(
+        &self,
+        table: &str,
+        dim: usize,
+        keys: &[u64],
+        clock: u64,
+        out: &mut [f32],
+        read_only: bool,
+    ) -> Result<()> {
         if out.len() != keys.len() * dim {
             return Err(Error::Config(format!("pull buffer has {} floats, need {}", out.len(), keys.len() * dim)));
         }
@@ -386,7 +404,12 @@ impl ShardedClient {
         let calls = plan.by_shard.iter().enumerate().filter(|(_, k)| !k.is_empty()).map(|(i, ks)| {
             let mut c = self.shards[i].clone();
             let req = self.request(
-                pb::PullSparseRequest { table: table.to_string(), keys: codec::encode_u64(ks), meta: Some(meta) },
+                pb::PullSparseRequest {
+                    table: table.to_string(),
+                    keys: codec::encode_u64(ks),
+                    meta: Some(meta),
+                    read_only,
+                },
                 self.opts.read_timeout,
             );
             async move { (i, c.pull_sparse(req).await) }

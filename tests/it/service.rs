@@ -168,7 +168,7 @@ fn pull_sparse(table: &str, keys: &[u64]) -> Req {
 }
 
 fn pull_sparse_bytes(table: &str, keys: Vec<u8>) -> Req {
-    Req::PullSparse(pb::PullSparseRequest { table: table.to_string(), keys: keys.into(), meta: None })
+    Req::PullSparse(pb::PullSparseRequest { table: table.to_string(), keys: keys.into(), meta: None, read_only: false })
 }
 
 fn register(spec: pb::TableSpec, num_shards: u32) -> Req {
@@ -251,7 +251,7 @@ impl Env {
                 values.push(codec::decode_f32("values", &chunk.values).expect("decode"));
             }
             let keys: Vec<u64> = KEYS.filter(|&k| key_shard(k, SHARDS) == shard as u32).collect();
-            let req = pb::PullSparseRequest { table: E.into(), keys: codec::encode_u64(&keys), meta: None };
+            let req = pb::PullSparseRequest { table: E.into(), keys: codec::encode_u64(&keys), meta: None, read_only: false };
             let rows = c.pull_sparse(req).await.expect("pull").into_inner();
             values.extend(
                 codec::decode_f32("rows", &rows.values).expect("decode").chunks(E_DIM).map(<[f32]>::to_vec),

@@ -209,7 +209,7 @@ async fn eval_on(
         let rows = EVAL_BATCH.min(s.test_rows - start);
         examples.fill(TEST_STREAM, b as u64, rows, &mut keys, &mut labels);
         x.resize(keys.len() * s.emb_dim, 0.0);
-        client.pull_sparse(EMBEDDINGS, s.emb_dim, &keys, clock, &mut x).await?;
+        client.lookup_sparse(EMBEDDINGS, s.emb_dim, &keys, clock, &mut x).await?;
         for (&z, &y) in tower.logits(&params, &x, &mut ws).iter().zip(&labels) {
             loss += f64::from(bce_with_logits(z, y).0);
             scores.push(z);

@@ -118,7 +118,7 @@ pub fn score(w: &[f32], data: &SparseDataset) -> (f64, f64) {
 async fn eval_on(client: &ShardedClient, clock: u64, test: &SparseDataset) -> Result<(f64, f64)> {
     let keys: Vec<u64> = (0..=test.num_features as u64).collect();
     let mut w = vec![0.0f32; keys.len()];
-    client.pull_sparse(TABLE, 1, &keys, clock, &mut w).await?;
+    client.lookup_sparse(TABLE, 1, &keys, clock, &mut w).await?;
     Ok(score(&w, test))
 }
 

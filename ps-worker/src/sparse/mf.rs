@@ -190,10 +190,10 @@ async fn eval_on(
     v.resize(batch.len(), k);
     let Rows { p, q, bu, bi } = &mut v;
     tokio::try_join!(
-        client.pull_sparse(USERS, k, &batch.users, clock, p),
-        client.pull_sparse(ITEMS, k, &batch.items, clock, q),
-        client.pull_sparse(USER_BIAS, 1, &batch.users, clock, bu),
-        client.pull_sparse(ITEM_BIAS, 1, &batch.items, clock, bi),
+        client.lookup_sparse(USERS, k, &batch.users, clock, p),
+        client.lookup_sparse(ITEMS, k, &batch.items, clock, q),
+        client.lookup_sparse(USER_BIAS, 1, &batch.users, clock, bu),
+        client.lookup_sparse(ITEM_BIAS, 1, &batch.items, clock, bi),
     )?;
     let mut sse = 0.0f64;
     for (j, &r) in batch.ratings.iter().enumerate() {
