@@ -130,6 +130,7 @@ fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command.unwrap_or(Command::Train(TrainArgs::default())) {
         Command::Server(args) => Ok(ps_server::cli::run(&args)?),
