@@ -4,6 +4,8 @@
 //! ```text
 //! ps-cluster                      # = ps-cluster train (examples/config/mnist.toml)
 //! ps-cluster train --config examples/config/a9a.toml --workers 4
+//! ps-cluster sweep examples/sweeps/mnist.toml   # a grid of runs, plots, summary
+//! ps-cluster bench                # throughput figures beside same-run baselines
 //! ps-cluster status --servers 127.0.0.1:7000,127.0.0.1:7001
 //! ps-cluster server ...           # one shard (same flags as ps-server)
 //! ps-cluster worker ...           # one worker (same flags as ps-worker)
