@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use ps_worker::data::{BatchBuf, Batches, Split, load_mnist};
+use ps_common::optim::Rule;
 use ps_worker::model::Mlp;
 
 struct Args {
@@ -59,71 +60,26 @@ fn parse_args() -> Result<Args> {
     Ok(args)
 }
 
-/// Adam (Kingma & Ba, 2015) with Keras' defaults and its bias-correction form:
-/// `p -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)`.
+/// The servers' Adam (`ps_common::optim::Rule`, PyTorch semantics) applied
+/// in-process, with its state and step count.
 struct Adam {
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
-    m: Vec<f32>,
-    v: Vec<f32>,
-    t: i32,
+    rule: Rule,
+    state: Vec<f32>,
+    step: u64,
 }
 
 impl Adam {
-    fn new(lr: f32, len: usize) -> Self {
-        Self { lr, beta1: 0.9, beta2: 0.999, eps: 1e-7, m: vec![0.0; len], v: vec![0.0; len], t: 0 }
+    fn new(lr: f32, params: &[f32]) -> Self {
+        let rule = Rule::adam(lr);
+        let mut state = vec![0.0; params.len() * rule.state_per_param()];
+        rule.init_state(params, &mut state);
+        Self { rule, state, step: 0 }
     }
 
     fn step(&mut self, params: &mut [f32], grads: &[f32]) {
-        self.t += 1;
-        let (b1, b2) = (self.beta1, self.beta2);
-        let alpha = self.lr * (1.0 - b2.powi(self.t)).sqrt() / (1.0 - b1.powi(self.t));
-        let (m, v) = (&mut self.m[..], &mut self.v[..]);
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2, as just checked.
-            return unsafe { adam_update_avx2(params, grads, m, v, alpha, b1, b2, self.eps) };
-        }
-        adam_update(params, grads, m, v, alpha, b1, b2, self.eps);
+        self.step += 1;
+        self.rule.apply(self.step, 1.0, params, grads, &mut self.state);
     }
-}
-
-/// The element-wise Adam update; inlined into an AVX2 build so it runs 8 lanes wide.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn adam_update(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    alpha: f32,
-    b1: f32,
-    b2: f32,
-    eps: f32,
-) {
-    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
-        *m = b1 * *m + (1.0 - b1) * g;
-        *v = b2 * *v + (1.0 - b2) * g * g;
-        *p -= alpha * *m / (v.sqrt() + eps);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
-fn adam_update_avx2(
-    p: &mut [f32],
-    g: &[f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    alpha: f32,
-    b1: f32,
-    b2: f32,
-    eps: f32,
-) {
-    adam_update(p, g, m, v, alpha, b1, b2, eps)
 }
 
 fn rate(samples: usize, time: Duration) -> f64 {
@@ -144,7 +100,7 @@ fn main() -> Result<()> {
     let mut params = mlp.init_params(args.seed);
     let mut grads = vec![0.0; mlp.num_params()];
     let mut ws = mlp.workspace(args.batch);
-    let mut adam = Adam::new(args.lr, mlp.num_params());
+    let mut adam = Adam::new(args.lr, &params);
     let mut batches = Batches::new(train.len(), args.batch, args.seed);
     let mut buf = BatchBuf::new();
     println!(
