@@ -13,9 +13,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use ps_worker::data::{BatchBuf, Batches, Split, load_mnist};
 use ps_common::optim::Rule;
-use ps_worker::model::Mlp;
+use ps_model::Mlp;
+use ps_worker::data::{BatchBuf, Batches, Split, load_mnist};
 
 struct Args {
     epochs: u64,

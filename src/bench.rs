@@ -20,7 +20,7 @@ use ps_server::store::{PushInfo, Store};
 use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
 use ps_worker::config::RunConfig;
 use ps_worker::data::{BatchBuf, Batches};
-use ps_worker::model::Mlp;
+use ps_model::Mlp;
 
 use crate::cluster::{Error, Result};
 use crate::run::{self, Plan};
@@ -56,7 +56,7 @@ pub async fn run_all(exe: &Path, reference: &str, opts: &BenchOptions) -> Result
         let looped: f64 = s
             .done
             .iter()
-            .map(|e| if let ps_worker::train::Event::Done { samples_per_s, .. } = e { *samples_per_s } else { 0.0 })
+            .map(|e| if let ps_worker::event::Event::Done { samples_per_s, .. } = e { *samples_per_s } else { 0.0 })
             .sum();
         println!(
             "{:<44} {:>10.0} samples/s   ({:.2}x baseline; {:.0} samples/s end to end incl. start-up; test acc {:.4})",
@@ -80,7 +80,7 @@ pub async fn run_all(exe: &Path, reference: &str, opts: &BenchOptions) -> Result
 /// One process, no servers: the same model, data order and optimizer.
 fn local_training(config: &RunConfig, epochs: u32) -> Result<f64> {
     let job = &config.job;
-    let (train, _) = ps_worker::train::load_mnist(job)?;
+    let (train, _) = ps_worker::workload::mnist::load(job)?;
     let ps_worker::config::Workload::MnistMlp { layers, .. } = &job.workload else {
         return Err(Error::Config("the bench needs an MNIST job".into()));
     };

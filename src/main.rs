@@ -22,7 +22,7 @@ use paramserver::run::{self, Plan, Summary};
 use ps_common::spec::Consistency;
 use ps_worker::client::{ClientOptions, ShardedClient};
 use ps_worker::config::RunConfig;
-use ps_worker::train::Event;
+use ps_worker::event::Event;
 
 /// The reference job, used when no --config is given.
 const DEFAULT_CONFIG: &str = include_str!("../examples/config/mnist.toml");

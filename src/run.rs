@@ -8,7 +8,7 @@ use std::time::Duration;
 use ps_common::wire::pb;
 use ps_worker::client::{ClientOptions, ShardedClient};
 use ps_worker::config::RunConfig;
-use ps_worker::train::Event;
+use ps_worker::event::Event;
 use serde::Serialize;
 
 use crate::cluster::{self, Error, Result, RunOptions, Servers};

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use ps_common::spec::Consistency;
 use ps_worker::config::{RunConfig, Straggler};
-use ps_worker::train::Event;
+use ps_worker::event::Event;
 use serde::{Deserialize, Serialize};
 
 use crate::plot::{Chart, Series, XAxis};

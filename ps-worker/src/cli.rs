@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
-use crate::train::{self, StdoutReporter, WorkerId};
+use crate::event::StdoutReporter;
+use crate::session::WorkerId;
+use crate::train;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -27,10 +29,13 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .map_err(|source| Error::Io { what: format!("reading {}", args.config.display()), source })?;
-    let config = RunConfig::from_toml(&text)
-        .map_err(|e| Error::Config(format!("{}: {e}", args.config.display())))?;
+    let config =
+        RunConfig::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", args.config.display())))?;
     if args.index >= args.workers {
-        return Err(Error::Config(format!("--index {} must be below --workers {}", args.index, args.workers)));
+        return Err(Error::Config(format!(
+            "--index {} must be below --workers {}",
+            args.index, args.workers
+        )));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads())

@@ -2,13 +2,16 @@
 //!
 //! - [`client::ShardedClient`] routes pulls and pushes to shards (one request
 //!   per shard, concurrently) and retries pushes exactly-once-safely.
+//! - [`session`]: a worker's membership of a job (register, join, heartbeat,
+//!   start barrier, leave) and the outside readers ([`session::EVALUATOR`]).
+//! - [`workload`]: the [`workload::Workload`] trait and its four
+//!   implementations (MNIST MLP, a9a logistic regression, MovieLens matrix
+//!   factorization, CTR embeddings + tower). The models themselves live in
+//!   the `ps-model` crate, where serving can reach them.
+//! - [`train`]: the one training loop that drives any workload, and
+//!   [`train::evaluate_job`]; [`driver::Driver`] is its bookkeeping (clock,
+//!   stragglers, timing, progress) and [`event`] the progress events.
 //! - [`data`] loads MNIST (IDX), LIBSVM files and MovieLens ratings.
-//! - [`model`] computes minibatch gradients with ndarray (the dense MLP).
-//! - [`train`] holds the [`train::Driver`] every loop shares (clock,
-//!   stragglers, timing, progress events) and the dense MLP loop.
-//! - [`sparse`] holds the sparse workloads: logistic regression on LIBSVM
-//!   data, matrix factorization on MovieLens, and a CTR-style model with
-//!   embedding tables feeding a small MLP.
 //! - [`config`] is the run file (`[cluster]`, `[job]`); [`cli`] the shared
 //!   command-line front end.
 
@@ -16,9 +19,11 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod data;
+pub mod driver;
 pub mod error;
-pub mod model;
-pub mod sparse;
+pub mod event;
+pub mod session;
 pub mod train;
+pub mod workload;
 
 pub use error::{Error, Result};

@@ -14,8 +14,10 @@ use ps_common::spec::Consistency;
 use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
 use ps_worker::config::{JobConfig, RunConfig};
 use ps_worker::data::{BatchBuf, Batches};
-use ps_worker::model::Mlp;
-use ps_worker::train::{self, Event, WorkerId};
+use ps_worker::event::Event;
+use ps_worker::session::WorkerId;
+use ps_worker::train;
+use ps_worker::workload::mnist;
 
 use crate::util::Shards;
 
@@ -82,11 +84,7 @@ fn job(text: &str) -> JobConfig {
 
 /// Every parameter of the job's MLP, pulled by a reader outside the clock set.
 async fn pull_params(job: &JobConfig, addrs: &[String]) -> Vec<f32> {
-    let ps_worker::config::Workload::MnistMlp { layers, chunk_len, .. } = &job.workload else {
-        unreachable!()
-    };
-    let mlp = Mlp::new(layers);
-    let tables = train::mlp_tables(&mlp, job, *chunk_len);
+    let (_, tables) = mnist::model(job).expect("an MNIST job");
     let client = ShardedClient::connect(addrs, u64::MAX, ClientOptions::default()).await.expect("connect");
     for t in &tables {
         client.register(t).await.expect("register");
@@ -120,9 +118,8 @@ enum Order {
 /// shard with seed `seed ^ (i << 32)`. `order(clock)` may instead apply the
 /// workers one after the other at some clocks.
 fn simulate(job: &JobConfig, init: &[f32], lr: f32, order: impl Fn(usize) -> Order) -> Vec<f32> {
-    let ps_worker::config::Workload::MnistMlp { layers, .. } = &job.workload else { unreachable!() };
-    let mlp = Mlp::new(layers);
-    let (data, _) = train::load_mnist(job).expect("load mnist");
+    let (mlp, _) = mnist::model(job).expect("an MNIST job");
+    let (data, _) = mnist::load(job).expect("load mnist");
     let shards: Vec<_> = (0..2).map(|i| data.shard(i, 2).expect("shard")).collect();
     let mut batches: Vec<Batches> =
         (0..2).map(|i| Batches::new(shards[i].len(), job.batch_size, job.seed ^ (i as u64) << 32)).collect();

@@ -66,13 +66,24 @@ impl Batches {
 
     /// Shuffles for epoch `epoch` and returns its batches of row indices.
     pub fn epoch(&mut self, epoch: u64) -> std::slice::Chunks<'_, usize> {
+        self.shuffle(epoch);
+        self.order.chunks(self.batch_size)
+    }
+
+    /// Puts the rows in epoch `epoch`'s order; [`Batches::batch`] then cuts it.
+    pub fn shuffle(&mut self, epoch: u64) {
         for (slot, row) in self.order.iter_mut().zip(self.rows.clone()) {
             *slot = row;
         }
         // Distinct epochs get well-separated seeds; seed_from_u64 scrambles them further.
         let mut rng = StdRng::seed_from_u64(self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         self.order.shuffle(&mut rng);
-        self.order.chunks(self.batch_size)
+    }
+
+    /// Batch `b` of the current order (empty past the last batch).
+    pub fn batch(&self, b: usize) -> &[usize] {
+        let start = b.saturating_mul(self.batch_size).min(self.order.len());
+        &self.order[start..(start + self.batch_size).min(self.order.len())]
     }
 
     /// Rows in their original order, cut into batches (for evaluation).
@@ -169,6 +180,16 @@ mod tests {
             prop_assert_eq!(seen, (7..7 + n).collect::<Vec<_>>());
             prop_assert_eq!(b.epoch(epoch).count(), n.div_ceil(batch));
         }
+    }
+
+    #[test]
+    fn indexed_batches_match_the_epoch_chunks() {
+        let mut a = Batches::for_rows(3..103, 32, 7);
+        let chunks: Vec<Vec<usize>> = a.epoch(2).map(|c| c.to_vec()).collect();
+        a.shuffle(2);
+        let indexed: Vec<Vec<usize>> = (0..a.num_batches()).map(|b| a.batch(b).to_vec()).collect();
+        assert_eq!(chunks, indexed);
+        assert!(a.batch(a.num_batches()).is_empty() && a.batch(usize::MAX).is_empty());
     }
 
     #[test]

@@ -3,20 +3,20 @@
 //! embedding rows whose gradients go back to a sparse table.
 //!
 //! Layer `l` maps `sizes[l]` inputs to `sizes[l + 1]` outputs as `X · W + b`
-//! (`W` is `[in, out]` row-major, as in [`crate::model::Mlp`]); hidden layers
+//! (`W` is `[in, out]` row-major, as in [`crate::Mlp`]); hidden layers
 //! use ReLU, the last layer has one output, the logit. Parameters are the
 //! tensors `fc1.weight, fc1.bias, fc2.weight, ...` end to end in one flat
 //! slice. The loss is the mean binary cross-entropy with logits.
 //!
-//! ([`crate::model::Mlp`] has a softmax head and keeps its activations
+//! ([`crate::Mlp`] has a softmax head and keeps its activations
 //! private, so it cannot hand back the input gradient; this is the compact
 //! version that can.)
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-use super::bce_with_logits;
-use crate::model::{InitKind, ParamSpec};
+use crate::loss::bce_with_logits;
+use crate::param::{InitKind, ParamSpec};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tower {

@@ -1,16 +1,8 @@
-//! Models: how a flat parameter vector turns a batch into a loss and a gradient.
+//! Parameters as named tensors laid end to end in one flat `[f32]`.
 //!
-//! A model describes its parameters as a list of named tensors ([`ParamSpec`]) laid end
-//! to end in one flat `[f32]`, in list order. The parameter server stores and updates
-//! them by that layout; the worker pulls the flat vector, calls the model, and pushes a
-//! gradient of the same layout.
-//!
-//! - [`Mlp`]: a dense ReLU network with a softmax cross-entropy head.
-
-mod mlp;
-mod sparse_input;
-
-pub use mlp::{Mlp, Workspace};
+//! A model describes its parameters as a list of [`ParamSpec`]s in list order. The
+//! parameter server stores and updates them by that layout; the worker pulls the flat
+//! vector, calls the model, and pushes a gradient of the same layout.
 
 /// One parameter tensor of a model.
 #[derive(Debug, Clone, PartialEq)]

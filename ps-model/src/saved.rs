@@ -1,0 +1,222 @@
+//! The saved-model file: what a run leaves behind for evaluation, export and
+//! serving (`model.msgpack` in a run folder).
+//!
+//! One [`SavedModel`] holds the architecture ([`ModelKind`]), the dense
+//! tensors and the sparse tables of a trained model, and a format version.
+//! It is MessagePack (rmp-serde, named fields). Reading checks the version and
+//! every shape before anything uses the values, so a hostile or truncated file
+//! is an [`Error`], never a panic or an outsized allocation.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The version this code writes and reads. Version 1 (`layers` and
+/// `tensors`, MLP only) was the first `model.msgpack`; it is not read.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// Largest file [`SavedModel::read`] accepts (4 GiB).
+pub const MAX_FILE_BYTES: u64 = 4 << 30;
+
+/// The architecture of a saved model, with what serving needs to rebuild it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelKind {
+    /// [`crate::Mlp`] with these layer sizes; tensors `fc1.weight`, `fc1.bias`, ...
+    Mlp { layers: Vec<usize> },
+    /// [`crate::logreg`]: one sparse table of width 1, keys `0..num_features`
+    /// for the features and `num_features` for the bias.
+    Logreg { num_features: usize, table: String },
+    /// [`crate::mf`]: user and item factor tables of width `dim`, bias tables
+    /// of width 1, and the global mean of the training ratings.
+    Mf { dim: usize, global_mean: f32, users: String, items: String, user_bias: String, item_bias: String },
+    /// [`crate::ctr`] keys into the embedding table, then a [`crate::Tower`].
+    Ctr {
+        slots: usize,
+        key_space: u64,
+        emb_dim: usize,
+        hidden: Vec<usize>,
+        embeddings: String,
+        tower_prefix: String,
+    },
+}
+
+/// A dense tensor, row-major.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DenseTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+/// The rows of a sparse table that exist: `keys[i]` owns
+/// `values[i * dim..(i + 1) * dim]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SparseTable {
+    pub name: String,
+    pub dim: usize,
+    pub keys: Vec<u64>,
+    pub values: Vec<f32>,
+}
+
+/// A trained model as written to a run folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedModel {
+    /// [`FORMAT_VERSION`] when written by this code.
+    pub version: u32,
+    pub model: ModelKind,
+    pub dense: Vec<DenseTensor>,
+    pub sparse: Vec<SparseTable>,
+}
+
+impl SavedModel {
+    /// A model of the current format version.
+    pub fn new(model: ModelKind, dense: Vec<DenseTensor>, sparse: Vec<SparseTable>) -> SavedModel {
+        SavedModel { version: FORMAT_VERSION, model, dense, sparse }
+    }
+
+    /// Every tensor's length matches its shape and every table's its keys.
+    pub fn validate(&self) -> Result<()> {
+        if self.version != FORMAT_VERSION {
+            return Err(Error::Version { found: self.version, supported: FORMAT_VERSION });
+        }
+        for t in &self.dense {
+            let len = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            if len != Some(t.values.len()) {
+                return Err(Error::Shape {
+                    name: t.name.clone(),
+                    reason: format!("shape {:?} but {} values", t.shape, t.values.len()),
+                });
+            }
+        }
+        for t in &self.sparse {
+            if t.dim == 0 || t.keys.len().checked_mul(t.dim) != Some(t.values.len()) {
+                return Err(Error::Shape {
+                    name: t.name.clone(),
+                    reason: format!("{} keys of width {} but {} values", t.keys.len(), t.dim, t.values.len()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The dense tensor called `name`.
+    pub fn dense(&self, name: &str) -> Option<&DenseTensor> {
+        self.dense.iter().find(|t| t.name == name)
+    }
+
+    /// The sparse table called `name`.
+    pub fn sparse(&self, name: &str) -> Option<&SparseTable> {
+        self.sparse.iter().find(|t| t.name == name)
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        rmp_serde::to_vec_named(self).map_err(|e| Error::Encode(e.to_string()))
+    }
+
+    /// Decodes and validates a model. serde caps what a length prefix can
+    /// preallocate, so a lying header cannot reserve more than the input holds.
+    pub fn from_bytes(bytes: &[u8]) -> Result<SavedModel> {
+        // Read the version alone first, so a newer file says so instead of
+        // failing on a field it does not know.
+        #[derive(Deserialize)]
+        struct Version {
+            version: u32,
+        }
+        let Version { version } = rmp_serde::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))?;
+        if version != FORMAT_VERSION {
+            return Err(Error::Version { found: version, supported: FORMAT_VERSION });
+        }
+        let model: SavedModel = rmp_serde::from_slice(bytes).map_err(|e| Error::Decode(e.to_string()))?;
+        model.validate()?;
+        Ok(model)
+    }
+
+    /// Writes the model to `path` through a temporary file and a rename, so a
+    /// reader never sees half a model.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let io = |what: &str| {
+            let what = format!("{what} {}", path.display());
+            move |source| Error::Io { what, source }
+        };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, self.to_bytes()?).map_err(io("writing"))?;
+        std::fs::rename(&tmp, path).map_err(io("renaming into"))
+    }
+
+    pub fn read(path: &Path) -> Result<SavedModel> {
+        let io = |source| Error::Io { what: format!("reading {}", path.display()), source };
+        let len = std::fs::metadata(path).map_err(io)?.len();
+        if len > MAX_FILE_BYTES {
+            return Err(Error::Decode(format!(
+                "{}: {len} bytes is over the {MAX_FILE_BYTES}-byte limit",
+                path.display()
+            )));
+        }
+        let bytes = std::fs::read(path).map_err(io)?;
+        SavedModel::from_bytes(&bytes).map_err(|e| e.in_file(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model() -> SavedModel {
+        SavedModel::new(
+            ModelKind::Mlp { layers: vec![2, 3] },
+            vec![
+                DenseTensor { name: "fc1.weight".into(), shape: vec![2, 3], values: vec![0.5; 6] },
+                DenseTensor { name: "fc1.bias".into(), shape: vec![3], values: vec![0.0; 3] },
+            ],
+            vec![SparseTable {
+                name: "emb".into(),
+                dim: 2,
+                keys: vec![7, 9],
+                values: vec![1.0, 2.0, 3.0, 4.0],
+            }],
+        )
+    }
+
+    #[test]
+    fn round_trips_through_bytes_and_files() {
+        let m = model();
+        assert_eq!(SavedModel::from_bytes(&m.to_bytes().unwrap()).unwrap(), m);
+        let dir = std::env::temp_dir().join(format!("ps-model-saved-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.msgpack");
+        m.write(&path).unwrap();
+        assert_eq!(SavedModel::read(&path).unwrap(), m);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_newer_versions_bad_shapes_and_garbage() {
+        let mut m = model();
+        m.version = FORMAT_VERSION + 1;
+        let err = SavedModel::from_bytes(&m.to_bytes().unwrap()).unwrap_err().to_string();
+        assert!(err.contains(&format!("version {}", FORMAT_VERSION + 1)), "{err}");
+
+        let mut m = model();
+        m.dense[0].shape = vec![2, 4];
+        let err = SavedModel::from_bytes(&m.to_bytes().unwrap()).unwrap_err().to_string();
+        assert!(err.contains("fc1.weight") && err.contains("[2, 4]"), "{err}");
+
+        let mut m = model();
+        m.sparse[0].keys.push(11);
+        assert!(SavedModel::from_bytes(&m.to_bytes().unwrap()).is_err());
+
+        let mut m = model();
+        m.dense[0].shape = vec![usize::MAX, 2];
+        assert!(SavedModel::from_bytes(&m.to_bytes().unwrap()).is_err());
+
+        let bytes = model().to_bytes().unwrap();
+        for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
+            assert!(SavedModel::from_bytes(&bytes[..cut]).is_err(), "truncated at {cut}");
+        }
+        // A map header claiming 2^32 entries, then nothing.
+        assert!(SavedModel::from_bytes(&[0xdf, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+}

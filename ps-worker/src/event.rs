@@ -1,0 +1,76 @@
+//! Progress events: one JSON line each on a worker's stdout.
+//!
+//! The launcher reads them to draw progress bars and writes them to a run's
+//! `metrics.jsonl`; [`Reporter`] is where a worker sends them (stdout in the
+//! binary, a closure in tests).
+
+use std::io::Write;
+
+use serde::{Deserialize, Serialize};
+
+/// One line of a worker's stdout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Start {
+        worker: usize,
+        iters_per_epoch: u64,
+        epochs: u32,
+        total_iters: u64,
+    },
+    Progress {
+        worker: usize,
+        epoch: u32,
+        iter: u64,
+        wall_s: f64,
+        /// Mean training loss and accuracy since the previous event.
+        loss: f64,
+        acc: f64,
+        samples_per_s: f64,
+    },
+    Eval {
+        worker: usize,
+        epoch: u32,
+        iter: u64,
+        wall_s: f64,
+        test_loss: f64,
+        test_acc: f64,
+    },
+    Done {
+        worker: usize,
+        iters: u64,
+        samples: u64,
+        wall_s: f64,
+        samples_per_s: f64,
+        /// Seconds spent in each phase.
+        pull_s: f64,
+        compute_s: f64,
+        push_s: f64,
+        straggle_s: f64,
+    },
+}
+
+/// Where events go: stdout (as JSON lines) in the worker binary, a closure in tests.
+pub trait Reporter: Send {
+    fn report(&mut self, event: Event);
+}
+
+/// Writes events as JSON lines to stdout.
+pub struct StdoutReporter;
+
+impl Reporter for StdoutReporter {
+    fn report(&mut self, event: Event) {
+        let mut out = std::io::stdout().lock();
+        // A closed stdout (launcher gone) must not kill the worker mid-push.
+        if let Ok(line) = serde_json::to_string(&event) {
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+    }
+}
+
+impl<F: FnMut(Event) + Send> Reporter for F {
+    fn report(&mut self, event: Event) {
+        self(event)
+    }
+}
