@@ -7,14 +7,12 @@
 //! the client sums the occurrences of a key. Only touched rows move, which is
 //! what makes FTRL and lazy Adam apply.
 
-use std::ops::Range;
-
 use ps_common::spec::{Init, TableSpec};
 use ps_model::logreg::{self, Batch};
 use ps_model::loss::bce_with_logits;
 use ps_model::{ModelKind, SavedModel, SparseTable};
 
-use super::{BatchLoss, Iteration, Role, Score, Workload, trainer, wrong_kind};
+use super::{BatchLoss, Iteration, Role, Score, Workload, trainer, worker_batches, wrong_kind};
 use crate::client::ShardedClient;
 use crate::config::{JobConfig, Workload as Kind};
 use crate::data::{Batches, SparseDataset, load_libsvm, shard_range};
@@ -75,8 +73,7 @@ impl Workload for Logreg {
             Role::Train(id) => {
                 let data = load_libsvm(train, Some(*num_features))?;
                 let used = job.train_limit.map_or(data.len(), |n| n.min(data.len()));
-                let rows: Range<usize> = shard_range(used, id.index, id.count)?;
-                let batches = Batches::for_rows(rows, job.batch_size, job.seed ^ ((id.index as u64) << 32));
+                let batches = worker_batches(job, id, shard_range(used, id.index, id.count)?);
                 Some(Train { data, batches, batch: Batch::default(), w: Vec::new(), grad: Vec::new() })
             }
             Role::Evaluate => None,

@@ -17,7 +17,7 @@ use ps_common::spec::{Init, InitKind, TableSpec};
 use ps_model::mf::{self, Batch, Rows};
 use ps_model::{ModelKind, SavedModel, SparseTable};
 
-use super::{BatchLoss, Iteration, Role, Score, Workload, trainer, wrong_kind};
+use super::{BatchLoss, Iteration, Role, Score, Workload, trainer, worker_batches, wrong_kind};
 use crate::client::ShardedClient;
 use crate::config::{JobConfig, Workload as Kind};
 use crate::data::{Batches, Rating, load_ratings, shard_range};
@@ -104,8 +104,7 @@ impl Workload for Mf {
         let items: BTreeSet<u64> = ratings.iter().map(|r| u64::from(r.item)).collect();
         let train = match role {
             Role::Train(id) => {
-                let rows = shard_range(ratings.len(), id.index, id.count)?;
-                let batches = Batches::for_rows(rows, job.batch_size, job.seed ^ ((id.index as u64) << 32));
+                let batches = worker_batches(job, id, shard_range(ratings.len(), id.index, id.count)?);
                 Some(Train {
                     ratings,
                     batches,

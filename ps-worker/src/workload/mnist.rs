@@ -8,7 +8,7 @@
 use ps_common::spec::TableSpec;
 use ps_model::{DenseTensor, Mlp, ModelKind, SavedModel, Workspace};
 
-use super::{BatchLoss, Iteration, Role, Score, Workload, dense_tables, trainer, wrong_kind};
+use super::{BatchLoss, Iteration, Role, Score, Workload, dense_tables, trainer, worker_batches, wrong_kind};
 use crate::client::{DenseSet, ShardedClient};
 use crate::config::{JobConfig, Workload as Kind};
 use crate::data::{self, BatchBuf, Batches, DenseDataset};
@@ -67,7 +67,7 @@ impl Workload for Mnist {
             Role::Train(id) => {
                 let (train, test) = load(job)?;
                 let data = train.shard(id.index, id.count)?;
-                let batches = Batches::new(data.len(), job.batch_size, job.seed ^ (id.index as u64) << 32);
+                let batches = worker_batches(job, id, 0..data.len());
                 let train = Train {
                     data,
                     batches,

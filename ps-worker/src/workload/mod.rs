@@ -18,12 +18,14 @@ pub mod mf;
 pub mod mnist;
 
 use std::future::Future;
+use std::ops::Range;
 
 use ps_common::spec::{self, Init, Layout, OptimizerConfig, TableSpec};
 use ps_model::{ParamSpec, SavedModel};
 
 use crate::client::ShardedClient;
 use crate::config::JobConfig;
+use crate::data::Batches;
 use crate::error::{Error, Result};
 use crate::session::WorkerId;
 
@@ -96,6 +98,12 @@ pub trait Workload: Sized + Send {
     /// The trained model in its portable form, read from the shards; `None`
     /// where the workload cannot enumerate its rows yet.
     fn save(&mut self, client: &ShardedClient) -> impl Future<Output = Result<Option<SavedModel>>> + Send;
+}
+
+/// Batches of worker `id` over `rows`, shuffled per epoch with the seed
+/// `job.seed ^ (id.index << 32)`.
+pub fn worker_batches(job: &JobConfig, id: WorkerId, rows: Range<usize>) -> Batches {
+    Batches::for_rows(rows, job.batch_size, job.seed ^ ((id.index as u64) << 32))
 }
 
 /// The training side of a workload opened with [`Role::Train`].
