@@ -6,12 +6,14 @@
 //! the trained model as an outside reader. Both pick the workload from the
 //! job's `workload` table and call the same generic code.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use ps_model::SavedModel;
 
 use crate::client::ShardedClient;
 use crate::config::{JobConfig, Workload as Kind};
+use crate::data::Batches;
 use crate::driver::{Driver, Marks};
 use crate::error::Result;
 use crate::event::Reporter;
@@ -55,15 +57,17 @@ async fn train_loop<W: Workload>(
     id: WorkerId,
     reporter: &mut dyn Reporter,
 ) -> Result<()> {
-    let per_epoch = w.iters_per_epoch();
+    let mut batches = worker_batches(job, id, w.train_rows());
+    let per_epoch = batches.num_batches() as u64;
     let mut d = Driver::new(job, id.index, per_epoch, reporter);
     'epochs: for epoch in 0..job.epochs {
-        w.begin_epoch(epoch);
+        batches.shuffle(u64::from(epoch));
         for batch in 0..per_epoch {
             if d.finished() {
                 break 'epochs;
             }
-            let it = Iteration { epoch, batch, clock: d.clock, last: d.clock + 1 >= d.total_iters };
+            let rows = batches.batch(batch as usize);
+            let it = Iteration { epoch, batch, clock: d.clock, rows, last: d.clock + 1 >= d.total_iters };
             let start = Instant::now();
             w.pull(client, it).await?;
             let pulled = Instant::now();
@@ -84,6 +88,12 @@ async fn train_loop<W: Workload>(
     }
     d.done();
     Ok(())
+}
+
+/// Batches of worker `id` over `rows`, shuffled per epoch with the seed
+/// `job.seed ^ (id.index << 32)`.
+pub fn worker_batches(job: &JobConfig, id: WorkerId, rows: Range<usize>) -> Batches {
+    Batches::for_rows(rows, job.batch_size, job.seed ^ ((id.index as u64) << 32))
 }
 
 /// The result of evaluating a trained job on its test set.

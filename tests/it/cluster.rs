@@ -114,7 +114,7 @@ enum Order {
 
 /// The serial reading of BSP with plain SGD: at every clock, each worker's
 /// gradient is computed on the same parameters, then all are applied:
-/// `params -= lr * sum`. Data order as in `workload::worker_batches`: worker
+/// `params -= lr * sum`. Data order as in `train::worker_batches`: worker
 /// `i` shuffles its shard with seed `seed ^ (i << 32)`. `order(clock)` may
 /// instead apply the workers one after the other at some clocks.
 fn simulate(job: &JobConfig, init: &[f32], lr: f32, order: impl Fn(usize) -> Order) -> Vec<f32> {

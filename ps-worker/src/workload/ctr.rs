@@ -27,6 +27,8 @@
 //! **Score.** Evaluation reports the test log loss and AUC; progress events
 //! report training log loss and accuracy.
 
+use std::ops::Range;
+
 use ps_common::partition::splitmix64;
 use ps_common::spec::{Init, InitKind, OptimizerConfig, TableSpec};
 use ps_model::loss::{auc, bce_with_logits, sigmoid};
@@ -185,7 +187,6 @@ struct Train {
     worker: usize,
     /// This worker's examples per epoch.
     rows: usize,
-    batch_size: usize,
     keys: Vec<u64>,
     labels: Vec<f32>,
     /// The batch's embedding rows in key order (the tower's input), and
@@ -207,7 +208,6 @@ impl Workload for Ctr {
             Role::Train(id) => Some(Train {
                 worker: id.index,
                 rows: shard_range(setup.rows_per_epoch, id.index, id.count)?.len(),
-                batch_size: job.batch_size,
                 keys: Vec::new(),
                 labels: Vec::new(),
                 x: Vec::new(),
@@ -236,15 +236,16 @@ impl Workload for Ctr {
         all
     }
 
-    fn iters_per_epoch(&self) -> u64 {
-        self.train.as_ref().map_or(0, |t| t.rows.div_ceil(t.batch_size) as u64)
+    /// Examples are generated, not stored: the rows only count them, and
+    /// batch `b` of an epoch is the generator's batch `b`.
+    fn train_rows(&self) -> Range<usize> {
+        self.train.as_ref().map_or(0..0, |t| 0..t.rows)
     }
 
-    async fn pull(&mut self, client: &ShardedClient, it: Iteration) -> Result<()> {
+    async fn pull(&mut self, client: &ShardedClient, it: Iteration<'_>) -> Result<()> {
         let dim = self.setup.emb_dim;
         let t = trainer(&mut self.train)?;
-        let rows = t.batch_size.min(t.rows.saturating_sub(it.batch as usize * t.batch_size));
-        self.examples.fill(stream(it.epoch, t.worker), it.batch, rows, &mut t.keys, &mut t.labels);
+        self.examples.fill(stream(it.epoch, t.worker), it.batch, it.rows.len(), &mut t.keys, &mut t.labels);
         t.x.resize(t.keys.len() * dim, 0.0);
         t.dx.resize(t.x.len(), 0.0);
         tokio::try_join!(
@@ -261,7 +262,7 @@ impl Workload for Ctr {
         BatchLoss { samples: t.labels.len(), loss, score: correct as f64 }
     }
 
-    async fn push(&mut self, client: &mut ShardedClient, it: Iteration) -> Result<()> {
+    async fn push(&mut self, client: &mut ShardedClient, it: Iteration<'_>) -> Result<()> {
         let dim = self.setup.emb_dim;
         let t = trainer(&mut self.train)?;
         client.push_sparse(EMBEDDINGS, dim, &t.keys, &t.dx, it.clock, it.clock, false).await?;

@@ -7,15 +7,17 @@
 //! the client sums the occurrences of a key. Only touched rows move, which is
 //! what makes FTRL and lazy Adam apply.
 
+use std::ops::Range;
+
 use ps_common::spec::{Init, TableSpec};
 use ps_model::logreg::{self, Batch};
 use ps_model::loss::bce_with_logits;
 use ps_model::{ModelKind, SavedModel, SparseTable};
 
-use super::{BatchLoss, Iteration, Role, Score, Workload, trainer, worker_batches, wrong_kind};
+use super::{BatchLoss, Iteration, Role, Score, Workload, trainer, wrong_kind};
 use crate::client::ShardedClient;
 use crate::config::{JobConfig, Workload as Kind};
-use crate::data::{Batches, SparseDataset, load_libsvm, shard_range};
+use crate::data::{SparseDataset, load_libsvm, shard_range};
 use crate::error::Result;
 
 /// The weight table.
@@ -30,7 +32,7 @@ pub struct Logreg {
 
 struct Train {
     data: SparseDataset,
-    batches: Batches,
+    rows: Range<usize>,
     batch: Batch,
     w: Vec<f32>,
     grad: Vec<f32>,
@@ -73,8 +75,8 @@ impl Workload for Logreg {
             Role::Train(id) => {
                 let data = load_libsvm(train, Some(*num_features))?;
                 let used = job.train_limit.map_or(data.len(), |n| n.min(data.len()));
-                let batches = worker_batches(job, id, shard_range(used, id.index, id.count)?);
-                Some(Train { data, batches, batch: Batch::default(), w: Vec::new(), grad: Vec::new() })
+                let rows = shard_range(used, id.index, id.count)?;
+                Some(Train { data, rows, batch: Batch::default(), w: Vec::new(), grad: Vec::new() })
             }
             Role::Evaluate => None,
         };
@@ -85,21 +87,15 @@ impl Workload for Logreg {
         vec![self.table.clone()]
     }
 
-    fn iters_per_epoch(&self) -> u64 {
-        self.train.as_ref().map_or(0, |t| t.batches.num_batches() as u64)
+    fn train_rows(&self) -> Range<usize> {
+        self.train.as_ref().map_or(0..0, |t| t.rows.clone())
     }
 
-    fn begin_epoch(&mut self, epoch: u32) {
-        if let Some(t) = &mut self.train {
-            t.batches.shuffle(u64::from(epoch));
-        }
-    }
-
-    async fn pull(&mut self, client: &ShardedClient, it: Iteration) -> Result<()> {
+    async fn pull(&mut self, client: &ShardedClient, it: Iteration<'_>) -> Result<()> {
         let bias = self.num_features as u64;
         let t = trainer(&mut self.train)?;
         t.batch.clear();
-        for &r in t.batches.batch(it.batch as usize) {
+        for &r in it.rows {
             let (idx, val) = t.data.row(r);
             t.batch.push_row(idx, val, t.data.labels[r], bias);
         }
@@ -114,7 +110,7 @@ impl Workload for Logreg {
         BatchLoss { samples: t.batch.len(), loss, score: correct as f64 }
     }
 
-    async fn push(&mut self, client: &mut ShardedClient, it: Iteration) -> Result<()> {
+    async fn push(&mut self, client: &mut ShardedClient, it: Iteration<'_>) -> Result<()> {
         let t = trainer(&mut self.train)?;
         client.push_sparse(TABLE, 1, &t.batch.keys, &t.grad, it.clock, it.clock, true).await
     }

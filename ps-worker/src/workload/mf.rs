@@ -11,16 +11,17 @@
 //! outside it.
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use ps_common::spec::{Init, InitKind, TableSpec};
 use ps_model::mf::{self, Batch, Rows};
 use ps_model::{ModelKind, SavedModel, SparseTable};
 
-use super::{BatchLoss, Iteration, Role, Score, Workload, trainer, worker_batches, wrong_kind};
+use super::{BatchLoss, Iteration, Role, Score, Workload, trainer, wrong_kind};
 use crate::client::ShardedClient;
 use crate::config::{JobConfig, Workload as Kind};
-use crate::data::{Batches, Rating, load_ratings, shard_range};
+use crate::data::{Rating, load_ratings, shard_range};
 use crate::error::{Error, Result};
 
 pub const USERS: &str = "mf.user";
@@ -43,7 +44,7 @@ pub struct Mf {
 
 struct Train {
     ratings: Vec<Rating>,
-    batches: Batches,
+    rows: Range<usize>,
     batch: Batch,
     values: Rows,
     grads: Rows,
@@ -104,10 +105,10 @@ impl Workload for Mf {
         let items: BTreeSet<u64> = ratings.iter().map(|r| u64::from(r.item)).collect();
         let train = match role {
             Role::Train(id) => {
-                let batches = worker_batches(job, id, shard_range(ratings.len(), id.index, id.count)?);
+                let rows = shard_range(ratings.len(), id.index, id.count)?;
                 Some(Train {
                     ratings,
-                    batches,
+                    rows,
                     batch: Batch::default(),
                     values: Rows::default(),
                     grads: Rows::default(),
@@ -131,21 +132,15 @@ impl Workload for Mf {
         self.tables.clone()
     }
 
-    fn iters_per_epoch(&self) -> u64 {
-        self.train.as_ref().map_or(0, |t| t.batches.num_batches() as u64)
+    fn train_rows(&self) -> Range<usize> {
+        self.train.as_ref().map_or(0..0, |t| t.rows.clone())
     }
 
-    fn begin_epoch(&mut self, epoch: u32) {
-        if let Some(t) = &mut self.train {
-            t.batches.shuffle(u64::from(epoch));
-        }
-    }
-
-    async fn pull(&mut self, client: &ShardedClient, it: Iteration) -> Result<()> {
+    async fn pull(&mut self, client: &ShardedClient, it: Iteration<'_>) -> Result<()> {
         let k = self.k;
         let t = trainer(&mut self.train)?;
         t.batch.clear();
-        for &r in t.batches.batch(it.batch as usize) {
+        for &r in it.rows {
             let r = t.ratings[r];
             t.batch.push(r.user, r.item, r.rating);
         }
@@ -167,7 +162,7 @@ impl Workload for Mf {
         BatchLoss { samples: t.batch.len(), loss, score: sse }
     }
 
-    async fn push(&mut self, client: &mut ShardedClient, it: Iteration) -> Result<()> {
+    async fn push(&mut self, client: &mut ShardedClient, it: Iteration<'_>) -> Result<()> {
         let k = self.k;
         let t = trainer(&mut self.train)?;
         let (b, g, c) = (&t.batch, &t.grads, it.clock);

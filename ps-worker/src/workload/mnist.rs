@@ -5,13 +5,15 @@
 //! the push of `c` (`push_and_pull_dense`), so an iteration's pull phase is
 //! usually empty.
 
+use std::ops::Range;
+
 use ps_common::spec::TableSpec;
 use ps_model::{DenseTensor, Mlp, ModelKind, SavedModel, Workspace};
 
-use super::{BatchLoss, Iteration, Role, Score, Workload, dense_tables, trainer, worker_batches, wrong_kind};
+use super::{BatchLoss, Iteration, Role, Score, Workload, dense_tables, trainer, wrong_kind};
 use crate::client::{DenseSet, ShardedClient};
 use crate::config::{JobConfig, Workload as Kind};
-use crate::data::{self, BatchBuf, Batches, DenseDataset};
+use crate::data::{self, BatchBuf, DenseDataset};
 use crate::error::Result;
 
 pub struct Mnist {
@@ -26,7 +28,7 @@ pub struct Mnist {
 /// What only a training worker holds.
 struct Train {
     data: DenseDataset,
-    batches: Batches,
+    rows: Range<usize>,
     batch: BatchBuf,
     grads: Vec<f32>,
     ws: Workspace,
@@ -67,10 +69,9 @@ impl Workload for Mnist {
             Role::Train(id) => {
                 let (train, test) = load(job)?;
                 let data = train.shard(id.index, id.count)?;
-                let batches = worker_batches(job, id, 0..data.len());
                 let train = Train {
+                    rows: 0..data.len(),
                     data,
-                    batches,
                     batch: BatchBuf::new(),
                     grads: vec![0.0; set.len()],
                     ws: mlp.workspace(job.batch_size),
@@ -88,19 +89,13 @@ impl Workload for Mnist {
         self.tables.clone()
     }
 
-    fn iters_per_epoch(&self) -> u64 {
-        self.train.as_ref().map_or(0, |t| t.batches.num_batches() as u64)
+    fn train_rows(&self) -> Range<usize> {
+        self.train.as_ref().map_or(0..0, |t| t.rows.clone())
     }
 
-    fn begin_epoch(&mut self, epoch: u32) {
-        if let Some(t) = &mut self.train {
-            t.batches.shuffle(u64::from(epoch));
-        }
-    }
-
-    async fn pull(&mut self, client: &ShardedClient, it: Iteration) -> Result<()> {
+    async fn pull(&mut self, client: &ShardedClient, it: Iteration<'_>) -> Result<()> {
         let t = trainer(&mut self.train)?;
-        t.data.gather(t.batches.batch(it.batch as usize), &mut t.batch);
+        t.data.gather(it.rows, &mut t.batch);
         if !t.prefetched {
             client.pull_dense(&self.set, it.clock, &mut self.params).await?;
         }
@@ -114,7 +109,7 @@ impl Workload for Mnist {
         BatchLoss { samples: t.batch.len(), loss, score: correct as f64 }
     }
 
-    async fn push(&mut self, client: &mut ShardedClient, it: Iteration) -> Result<()> {
+    async fn push(&mut self, client: &mut ShardedClient, it: Iteration<'_>) -> Result<()> {
         let t = trainer(&mut self.train)?;
         t.prefetched = t.overlap && !it.last;
         if t.prefetched {

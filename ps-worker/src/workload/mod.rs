@@ -25,7 +25,6 @@ use ps_model::{ParamSpec, SavedModel};
 
 use crate::client::ShardedClient;
 use crate::config::JobConfig;
-use crate::data::Batches;
 use crate::error::{Error, Result};
 use crate::session::WorkerId;
 
@@ -38,12 +37,14 @@ pub enum Role {
     Evaluate,
 }
 
-/// Where the loop is: iteration `batch` of epoch `epoch`, at clock `clock`.
+/// Where the loop is: iteration `batch` of epoch `epoch`, at clock `clock`,
+/// on the rows `rows` (indices into the workload's training data).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Iteration {
+pub struct Iteration<'a> {
     pub epoch: u32,
     pub batch: u64,
     pub clock: u64,
+    pub rows: &'a [usize],
     /// No iteration of this worker follows (so nothing is prefetched).
     pub last: bool,
 }
@@ -77,20 +78,23 @@ pub trait Workload: Sized + Send {
     /// The tables every worker registers.
     fn tables(&self) -> Vec<TableSpec>;
 
-    /// This worker's iterations per epoch.
-    fn iters_per_epoch(&self) -> u64;
-
-    /// Called before the first iteration of each epoch (reshuffle here).
-    fn begin_epoch(&mut self, _epoch: u32) {}
+    /// The rows this worker trains on, as indices into its training data;
+    /// the loop shuffles them every epoch and cuts them into batches. Empty
+    /// when opened for evaluation.
+    fn train_rows(&self) -> Range<usize>;
 
     /// Gathers batch `it` and pulls the parameters it reads, at `it.clock`.
-    fn pull(&mut self, client: &ShardedClient, it: Iteration) -> impl Future<Output = Result<()>> + Send;
+    fn pull(&mut self, client: &ShardedClient, it: Iteration<'_>) -> impl Future<Output = Result<()>> + Send;
 
     /// The loss and gradient of the pulled batch, no I/O.
     fn compute(&mut self) -> BatchLoss;
 
     /// Pushes the gradient; the last push carries `tick`.
-    fn push(&mut self, client: &mut ShardedClient, it: Iteration) -> impl Future<Output = Result<()>> + Send;
+    fn push(
+        &mut self,
+        client: &mut ShardedClient,
+        it: Iteration<'_>,
+    ) -> impl Future<Output = Result<()>> + Send;
 
     /// Scores the parameters read at `clock` on the test set.
     fn evaluate(&mut self, client: &ShardedClient, clock: u64) -> impl Future<Output = Result<Score>> + Send;
@@ -98,12 +102,6 @@ pub trait Workload: Sized + Send {
     /// The trained model in its portable form, read from the shards; `None`
     /// where the workload cannot enumerate its rows yet.
     fn save(&mut self, client: &ShardedClient) -> impl Future<Output = Result<Option<SavedModel>>> + Send;
-}
-
-/// Batches of worker `id` over `rows`, shuffled per epoch with the seed
-/// `job.seed ^ (id.index << 32)`.
-pub fn worker_batches(job: &JobConfig, id: WorkerId, rows: Range<usize>) -> Batches {
-    Batches::for_rows(rows, job.batch_size, job.seed ^ ((id.index as u64) << 32))
 }
 
 /// The training side of a workload opened with [`Role::Train`].
