@@ -18,7 +18,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use paramserver::run::{self, Plan, Summary};
+use paramserver::artifact::RunSummary as Summary;
+use paramserver::run::{self, Plan};
 use ps_common::spec::Consistency;
 use ps_worker::client::{ClientOptions, ShardedClient};
 use ps_worker::config::RunConfig;
@@ -169,7 +170,10 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 async fn train(args: TrainArgs) -> anyhow::Result<Summary> {
     let (text, source) = match &args.config {
-        Some(p) => (std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, p.display().to_string()),
+        Some(p) => (
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            p.display().to_string(),
+        ),
         None => (DEFAULT_CONFIG.to_string(), "built-in examples/config/mnist.toml".to_string()),
     };
     let mut config = RunConfig::from_toml(&text).with_context(|| format!("in {source}"))?;
@@ -187,9 +191,15 @@ async fn train(args: TrainArgs) -> anyhow::Result<Summary> {
     }
     config.validate()?;
     let name = args.name.clone().unwrap_or_else(|| {
-        args.config.as_ref().and_then(|p| p.file_stem()).map_or("mnist".into(), |s| s.to_string_lossy().into_owned())
+        args.config
+            .as_ref()
+            .and_then(|p| p.file_stem())
+            .map_or("mnist".into(), |s| s.to_string_lossy().into_owned())
     });
-    let run_dir = paramserver::cluster::new_run_dir(args.runs_dir.as_deref().unwrap_or(std::path::Path::new("runs")), &name)?;
+    let run_dir = paramserver::cluster::new_run_dir(
+        args.runs_dir.as_deref().unwrap_or(std::path::Path::new("runs")),
+        &name,
+    )?;
     let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
     eprintln!(
         "training {} on {} shard(s) and {} worker(s), {}; run folder {}",
@@ -292,7 +302,8 @@ fn print_summary(s: &Summary) {
         s.staleness_histogram
     );
     println!("blocked in reads {:.1} s (summed over shards)", s.blocked_s);
-    let rss: Vec<String> = s.server_peak_rss.iter().map(|b| format!("{:.1} MiB", *b as f64 / (1 << 20) as f64)).collect();
+    let rss: Vec<String> =
+        s.server_peak_rss.iter().map(|b| format!("{:.1} MiB", *b as f64 / (1 << 20) as f64)).collect();
     println!("server peak RSS {}", rss.join(", "));
     if s.sparse_rows > 0 {
         println!("sparse rows     {}", s.sparse_rows);
@@ -305,7 +316,10 @@ fn print_summary(s: &Summary) {
 async fn status(servers: Vec<String>) -> anyhow::Result<()> {
     let client = ShardedClient::connect(&servers, u64::MAX, ClientOptions::default()).await?;
     for s in client.stats().await? {
-        let model = s.consistency.and_then(|c| Consistency::try_from(c).ok()).map_or("-".to_string(), |c| c.to_string());
+        let model = s
+            .consistency
+            .and_then(|c| Consistency::try_from(c).ok())
+            .map_or("-".to_string(), |c| c.to_string());
         println!("shard {} of {}: {model}, {} pushes, {} pulls", s.shard, s.num_shards, s.pushes, s.pulls);
         for c in &s.clocks {
             let wait = if c.waiting {
