@@ -8,11 +8,13 @@
 //!   and reader.
 //! - [`sweep`] runs a grid of runs and reports on them; [`plot`] draws its
 //!   charts (SVG).
+//! - [`render`] is what a person sees: progress bars, summaries, tables.
 //! - [`bench`] prints throughput figures beside same-run baselines.
 
 pub mod artifact;
 pub mod bench;
 pub mod cluster;
 pub mod plot;
+pub mod render;
 pub mod run;
 pub mod sweep;
