@@ -7,7 +7,7 @@
 //!   (`summary.json`, `stats.json`, `metrics.jsonl`), shared by every writer
 //!   and reader.
 //! - [`sweep`] runs a grid of runs and reports on them; [`plot`] draws its
-//!   charts (SVG).
+//!   charts (SVG, through plotters).
 //! - [`render`] is what a person sees: progress bars, summaries, tables.
 //! - [`bench`] prints throughput figures beside same-run baselines.
 
