@@ -56,7 +56,9 @@ pub async fn run_all(exe: &Path, reference: &str, opts: &BenchOptions) -> Result
         let looped: f64 = s
             .done
             .iter()
-            .map(|e| if let ps_worker::event::Event::Done { samples_per_s, .. } = e { *samples_per_s } else { 0.0 })
+            .map(|e| {
+                if let ps_worker::event::Event::Done { samples_per_s, .. } = e { *samples_per_s } else { 0.0 }
+            })
             .sum();
         println!(
             "{:<44} {:>10.0} samples/s   ({:.2}x baseline; {:.0} samples/s end to end incl. start-up; test acc {:.4})",
@@ -169,11 +171,20 @@ fn apply_rates(reps: u32) -> Result<()> {
     const N: usize = 1 << 20;
     let rules = [
         ("sgd", Rule::sgd(0.01)),
-        ("momentum", Rule::Momentum { lr: 0.01, momentum: 0.9, dampening: 0.0, nesterov: false, weight_decay: 0.0 }),
-        ("nesterov", Rule::Momentum { lr: 0.01, momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 0.0 }),
+        (
+            "momentum",
+            Rule::Momentum { lr: 0.01, momentum: 0.9, dampening: 0.0, nesterov: false, weight_decay: 0.0 },
+        ),
+        (
+            "nesterov",
+            Rule::Momentum { lr: 0.01, momentum: 0.9, dampening: 0.0, nesterov: true, weight_decay: 0.0 },
+        ),
         ("adagrad", Rule::Adagrad { lr: 0.01, eps: 1e-10, initial_accumulator: 0.0, weight_decay: 0.0 }),
         ("adam", Rule::adam(1e-3)),
-        ("adamw", Rule::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, decoupled: true }),
+        (
+            "adamw",
+            Rule::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, decoupled: true },
+        ),
         ("ftrl", Rule::Ftrl { alpha: 0.1, beta: 1.0, l1: 0.01, l2: 0.01 }),
     ];
     let grad: Vec<f32> = (0..N).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
@@ -190,7 +201,12 @@ fn apply_rates(reps: u32) -> Result<()> {
         let bare = rate((N as u64 * u64::from(reps)) as f64, t.elapsed());
 
         let store = Store::new(0, 1);
-        let mut spec = TableSpec::dense("w", &[N as u64], Init { kind: InitKind::Constant { value: 0.1 }, seed: 0 }, rule.into());
+        let mut spec = TableSpec::dense(
+            "w",
+            &[N as u64],
+            Init { kind: InitKind::Constant { value: 0.1 }, seed: 0 },
+            rule.into(),
+        );
         spec.layout = Layout::Dense { shape: vec![N as u64], chunk_len: 1 << 16 };
         store.register(spec, 1).map_err(|e| Error::Config(e.to_string()))?;
         let chunks: Vec<(&str, u32, &[u8])> =

@@ -15,6 +15,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
+use crate::artifact::{MetricsLine, MetricsWriter};
+
 /// Errors of the launcher library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -28,6 +30,10 @@ pub enum Error {
     Worker(#[from] ps_worker::Error),
     #[error("invalid run config: {0}")]
     Config(String),
+    #[error(transparent)]
+    Artifact(#[from] crate::artifact::Error),
+    #[error(transparent)]
+    Model(#[from] ps_model::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -54,7 +60,8 @@ fn command(exe: &Path) -> Command {
 /// Sends SIGTERM (graceful stop) to a child.
 fn terminate(child: &Child) {
     if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
     }
 }
 
@@ -79,7 +86,8 @@ impl Servers {
         let mut addrs = Vec::new();
         for shard in 0..n {
             let log_path = dir.join(format!("server-{shard}.log"));
-            let log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
+            let log =
+                std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
             let mut child = command(exe)
                 .args(["server", "--shard", &shard.to_string(), "--num-shards", &n.to_string()])
                 .args(["--listen", "127.0.0.1:0"])
@@ -89,7 +97,8 @@ impl Servers {
                 .map_err(io(format!("starting shard {shard} from {}", exe.display())))?;
             let stdout = child.stdout.take().expect("stdout is piped");
             let mut lines = BufReader::new(stdout).lines();
-            let fail = |reason: String| Error::ServerStart { shard, reason, log: log_path.display().to_string() };
+            let fail =
+                |reason: String| Error::ServerStart { shard, reason, log: log_path.display().to_string() };
             let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
                 .await
                 .map_err(|_| fail("no address within 30 s".into()))?
@@ -153,8 +162,7 @@ pub async fn run_workers(
     mut on_event: impl FnMut(usize, &Event),
 ) -> Result<RunOutcome> {
     let started = Instant::now();
-    let metrics_path = opts.run_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::File::create(&metrics_path).map_err(io(format!("creating {}", metrics_path.display())))?;
+    let mut metrics = MetricsLine::create(opts.run_dir)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Option<Event>, Option<String>)>();
     let mut children = Vec::new();
     for index in 0..opts.workers as usize {
@@ -204,9 +212,7 @@ pub async fn run_workers(
             }
             Some((index, event, _)) = rx.recv() => {
                 if let Some(e) = event {
-                    use std::io::Write;
-                    let line = serde_json::json!({"t": started.elapsed().as_secs_f64(), "worker": index, "data": &e});
-                    let _ = writeln!(metrics, "{line}");
+                    record(&mut metrics, started, index, &e);
                     if matches!(e, Event::Done { .. }) {
                         outcome.done.push(e.clone());
                     }
@@ -236,6 +242,7 @@ pub async fn run_workers(
     }
     // Drain events still buffered after the last exit.
     while let Ok((index, Some(e), _)) = rx.try_recv() {
+        record(&mut metrics, started, index, &e);
         if matches!(e, Event::Done { .. }) {
             outcome.done.push(e.clone());
         }
@@ -246,9 +253,18 @@ pub async fn run_workers(
     Ok(outcome)
 }
 
+/// Appends an event to `metrics.jsonl`. A full disk loses curve points, not the run.
+fn record(metrics: &mut MetricsWriter, started: Instant, worker: usize, event: &Event) {
+    let line = MetricsLine::new(started.elapsed().as_secs_f64(), worker, event.clone());
+    if let Err(e) = metrics.append(&line) {
+        tracing::warn!(error = %e, "cannot record a worker event");
+    }
+}
+
 /// A fresh run folder `<root>/<timestamp>-<name>`.
 pub fn new_run_dir(root: &Path, name: &str) -> Result<PathBuf> {
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let stamp =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let mut dir = root.join(format!("{stamp}-{name}"));
     let mut n = 1;
     while dir.exists() {

@@ -1,8 +1,20 @@
 //! The launcher library behind `ps-cluster`: start a local cluster of shard
 //! and worker processes, watch it, stop it, and write a run folder.
+//!
+//! - [`cluster`] starts and stops the processes and streams worker events;
+//!   [`run`] is one training run on such a cluster, writing its run folder.
+//! - [`artifact`] holds the typed, versioned files of a run folder
+//!   (`summary.json`, `stats.json`, `metrics.jsonl`), shared by every writer
+//!   and reader.
+//! - [`sweep`] runs a grid of runs and reports on them; [`plot`] draws its
+//!   charts (SVG, through plotters).
+//! - [`render`] is what a person sees: progress bars, summaries, tables.
+//! - [`bench`] prints throughput figures beside same-run baselines.
 
+pub mod artifact;
 pub mod bench;
 pub mod cluster;
 pub mod plot;
+pub mod render;
 pub mod run;
 pub mod sweep;

@@ -11,18 +11,17 @@
 //! ps-cluster worker ...           # one worker (same flags as ps-worker)
 //! ```
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use paramserver::run::{self, Plan, Summary};
+use paramserver::artifact::{RunSummary, ShardStats};
+use paramserver::render;
+use paramserver::run::{self, Plan};
 use ps_common::spec::Consistency;
 use ps_worker::client::{ClientOptions, ShardedClient};
 use ps_worker::config::RunConfig;
-use ps_worker::event::Event;
 
 /// The reference job, used when no --config is given.
 const DEFAULT_CONFIG: &str = include_str!("../examples/config/mnist.toml");
@@ -92,7 +91,7 @@ struct TrainArgs {
     #[arg(long)]
     epochs: Option<u32>,
     /// Override the consistency model: asp, bsp, or ssp:N.
-    #[arg(long, value_parser = parse_consistency)]
+    #[arg(long, value_parser = paramserver::sweep::parse_consistency)]
     consistency: Option<Consistency>,
     /// Where run folders are created [default: runs].
     #[arg(long)]
@@ -103,17 +102,6 @@ struct TrainArgs {
     /// Fault injection: SIGKILL worker W after S seconds (`W:S`).
     #[arg(long, value_parser = parse_kill)]
     kill_worker: Option<(usize, f64)>,
-}
-
-fn parse_consistency(s: &str) -> Result<Consistency, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "asp" => Ok(Consistency::Asp),
-        "bsp" => Ok(Consistency::Bsp),
-        other => match other.strip_prefix("ssp:").map(str::parse) {
-            Some(Ok(staleness)) => Ok(Consistency::Ssp { staleness }),
-            _ => Err(format!("expected asp, bsp or ssp:N, got `{s}`")),
-        },
-    }
 }
 
 fn parse_kill(s: &str) -> Result<(usize, f64), String> {
@@ -148,8 +136,7 @@ fn main() -> anyhow::Result<()> {
             let opts = paramserver::sweep::Options { file, out, fresh, list, report_only: report, exe };
             let rows = tokio_runtime()?.block_on(paramserver::sweep::run(&opts))?;
             if !list && !rows.is_empty() {
-                let summary = std::fs::read_to_string(opts.out_dir().join("summary.md")).unwrap_or_default();
-                println!("{}", summary.split("\n## Plots").next().unwrap_or(""));
+                println!("{}", render::sweep_summary(&opts.out_dir()));
             }
             Ok(())
         }
@@ -167,9 +154,12 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
-async fn train(args: TrainArgs) -> anyhow::Result<Summary> {
+async fn train(args: TrainArgs) -> anyhow::Result<RunSummary> {
     let (text, source) = match &args.config {
-        Some(p) => (std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?, p.display().to_string()),
+        Some(p) => (
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            p.display().to_string(),
+        ),
         None => (DEFAULT_CONFIG.to_string(), "built-in examples/config/mnist.toml".to_string()),
     };
     let mut config = RunConfig::from_toml(&text).with_context(|| format!("in {source}"))?;
@@ -187,9 +177,15 @@ async fn train(args: TrainArgs) -> anyhow::Result<Summary> {
     }
     config.validate()?;
     let name = args.name.clone().unwrap_or_else(|| {
-        args.config.as_ref().and_then(|p| p.file_stem()).map_or("mnist".into(), |s| s.to_string_lossy().into_owned())
+        args.config
+            .as_ref()
+            .and_then(|p| p.file_stem())
+            .map_or("mnist".into(), |s| s.to_string_lossy().into_owned())
     });
-    let run_dir = paramserver::cluster::new_run_dir(args.runs_dir.as_deref().unwrap_or(std::path::Path::new("runs")), &name)?;
+    let run_dir = paramserver::cluster::new_run_dir(
+        args.runs_dir.as_deref().unwrap_or(std::path::Path::new("runs")),
+        &name,
+    )?;
     let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
     eprintln!(
         "training {} on {} shard(s) and {} worker(s), {}; run folder {}",
@@ -199,7 +195,7 @@ async fn train(args: TrainArgs) -> anyhow::Result<Summary> {
         config.job.consistency,
         run_dir.display()
     );
-    let bars = Bars::new();
+    let bars = render::Bars::new();
     let plan = Plan {
         exe: &exe,
         config,
@@ -208,113 +204,13 @@ async fn train(args: TrainArgs) -> anyhow::Result<Summary> {
     };
     let summary = run::run(plan, |w, e| bars.update(w, e)).await?;
     bars.finish();
-    print_summary(&summary);
+    print!("{}", render::run_summary(&summary));
     Ok(summary)
-}
-
-/// One progress bar per worker.
-struct Bars {
-    multi: MultiProgress,
-    bars: std::sync::Mutex<HashMap<usize, ProgressBar>>,
-}
-
-impl Bars {
-    fn new() -> Bars {
-        Bars { multi: MultiProgress::new(), bars: Default::default() }
-    }
-
-    fn bar(&self, worker: usize) -> ProgressBar {
-        let mut bars = self.bars.lock().unwrap_or_else(|p| p.into_inner());
-        bars.entry(worker)
-            .or_insert_with(|| {
-                let style = ProgressStyle::with_template(
-                    "{prefix:>9} [{bar:32.cyan/blue}] {pos:>6}/{len:6} {elapsed_precise} {msg}",
-                )
-                .expect("valid template")
-                .progress_chars("=> ");
-                self.multi.add(ProgressBar::new(0).with_style(style).with_prefix(format!("worker {worker}")))
-            })
-            .clone()
-    }
-
-    fn update(&self, worker: usize, event: &Event) {
-        let bar = self.bar(worker);
-        match event {
-            Event::Start { total_iters, .. } => bar.set_length(*total_iters),
-            Event::Progress { epoch, iter, loss, acc, samples_per_s, .. } => {
-                bar.set_position(*iter);
-                bar.set_message(format!(
-                    "epoch {:>2}  loss {loss:.4}  acc {:5.2}%  {samples_per_s:>7.0} samples/s",
-                    epoch + 1,
-                    acc * 100.0
-                ));
-            }
-            Event::Eval { epoch, test_loss, test_acc, wall_s, .. } => {
-                self.multi.suspend(|| {
-                    eprintln!(
-                        "epoch {:>2}  test loss {test_loss:.4}  test score {test_acc:.4}  ({wall_s:.1} s, worker {worker})",
-                        epoch + 1
-                    )
-                });
-            }
-            Event::Done { .. } => bar.finish(),
-        }
-    }
-
-    fn finish(&self) {
-        let _ = self.multi.clear();
-    }
-}
-
-fn print_summary(s: &Summary) {
-    println!();
-    println!("run folder      {}", s.run_dir.display());
-    println!("cluster         {} shard(s), {} worker(s), {}", s.servers, s.workers, s.consistency);
-    println!("test {:<10} {:.4}   (test loss {:.4})", s.score_name, s.test_score, s.test_loss);
-    println!("wall time       {:.1} s", s.wall_s);
-    println!("throughput      {:.0} samples/s (all workers)", s.samples_per_s);
-    for e in &s.done {
-        if let Event::Done { worker, samples_per_s, pull_s, compute_s, push_s, straggle_s, wall_s, .. } = e {
-            let pct = |x: f64| 100.0 * x / wall_s.max(1e-9);
-            println!(
-                "  worker {worker}: {samples_per_s:>7.0} samples/s; time in pull {:.0}%, compute {:.0}%, push {:.0}%, straggle {:.0}%",
-                pct(*pull_s),
-                pct(*compute_s),
-                pct(*push_s),
-                pct(*straggle_s)
-            );
-        }
-    }
-    println!(
-        "staleness       mean {:.2}, max {} (histogram {:?})",
-        s.mean_staleness(),
-        s.max_staleness(),
-        s.staleness_histogram
-    );
-    println!("blocked in reads {:.1} s (summed over shards)", s.blocked_s);
-    let rss: Vec<String> = s.server_peak_rss.iter().map(|b| format!("{:.1} MiB", *b as f64 / (1 << 20) as f64)).collect();
-    println!("server peak RSS {}", rss.join(", "));
-    if s.sparse_rows > 0 {
-        println!("sparse rows     {}", s.sparse_rows);
-    }
-    for (w, why) in &s.failed {
-        println!("FAILED worker {w}: {why}");
-    }
 }
 
 async fn status(servers: Vec<String>) -> anyhow::Result<()> {
     let client = ShardedClient::connect(&servers, u64::MAX, ClientOptions::default()).await?;
-    for s in client.stats().await? {
-        let model = s.consistency.and_then(|c| Consistency::try_from(c).ok()).map_or("-".to_string(), |c| c.to_string());
-        println!("shard {} of {}: {model}, {} pushes, {} pulls", s.shard, s.num_shards, s.pushes, s.pulls);
-        for c in &s.clocks {
-            let wait = if c.waiting {
-                format!("waiting for clock {} on workers {:?}", c.waiting_for_clock, c.blocked_on)
-            } else {
-                "running".to_string()
-            };
-            println!("  worker {:>3}  clock {:>6}  {wait}", c.worker, c.clock);
-        }
-    }
+    let stats: Vec<ShardStats> = client.stats().await?.iter().map(ShardStats::from_wire).collect();
+    print!("{}", render::status(&stats));
     Ok(())
 }

@@ -1,0 +1,367 @@
+//! The sweep file: `[grid]` and `[sweep]` over a base run file, parsed into
+//! the list of [`Point`]s (the cartesian product, in run order), each with a
+//! stable name that is also its run folder's name.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use ps_common::spec::Consistency;
+use ps_worker::config::{RunConfig, Straggler};
+use serde::Deserialize;
+
+use super::{Error, Result, io};
+
+/// The `[grid]` table. An empty (or missing) list means the base job's value.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grid {
+    /// `bsp`, `asp`, `ssp:N`.
+    #[serde(default)]
+    pub consistency: Vec<String>,
+    #[serde(default)]
+    pub workers: Vec<u32>,
+    /// `none`, `factor:F[@W,..]`, `random:P:MEAN_MS[@W,..]`.
+    #[serde(default)]
+    pub straggler: Vec<String>,
+    #[serde(default)]
+    pub seeds: Vec<u64>,
+    #[serde(default)]
+    pub staleness_aware: Vec<bool>,
+}
+
+/// The `[sweep]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Report the wall time at which the test score first reaches this
+    /// (accuracy and AUC: at least; RMSE: at most).
+    #[serde(default)]
+    pub target_accuracy: Option<f64>,
+    /// A run still going after this long is killed and recorded as `timeout`.
+    #[serde(default = "default_run_timeout_s")]
+    pub run_timeout_s: f64,
+}
+
+fn default_run_timeout_s() -> f64 {
+    900.0
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { target_accuracy: None, run_timeout_s: default_run_timeout_s() }
+    }
+}
+
+/// A straggler setting of the grid, before it is resolved against a worker count.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StragglerSpec {
+    None,
+    Factor { factor: f64, workers: Option<Vec<usize>> },
+    Random { probability: f64, mean_ms: f64, workers: Option<Vec<usize>> },
+}
+
+impl StragglerSpec {
+    pub fn parse(s: &str) -> std::result::Result<StragglerSpec, String> {
+        let bad = || format!("expected none, factor:F[@W,..] or random:P:MEAN_MS[@W,..], got `{s}`");
+        let (spec, workers) = match s.split_once('@') {
+            Some((spec, list)) => {
+                let ws: std::result::Result<Vec<usize>, _> =
+                    list.split(',').map(|w| w.trim().parse()).collect();
+                (spec, Some(ws.map_err(|_| bad())?))
+            }
+            None => (s, None),
+        };
+        let num = |v: &str| v.trim().parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(bad);
+        let parts: Vec<&str> = spec.split(':').collect();
+        match parts.as_slice() {
+            ["none"] if workers.is_none() => Ok(StragglerSpec::None),
+            ["factor", f] => Ok(StragglerSpec::Factor { factor: num(f)?, workers }),
+            ["random", p, m] => Ok(StragglerSpec::Random { probability: num(p)?, mean_ms: num(m)?, workers }),
+            _ => Err(bad()),
+        }
+    }
+
+    /// A short name, safe in a file name: `none`, `factor3`, `factor3-on0`,
+    /// `random0.05x20ms`, `random0.05x20ms-on0+1`.
+    pub fn label(&self) -> String {
+        let on = |w: &Option<Vec<usize>>| match w {
+            Some(ws) => format!("-on{}", ws.iter().map(usize::to_string).collect::<Vec<_>>().join("+")),
+            None => String::new(),
+        };
+        match self {
+            StragglerSpec::None => "none".into(),
+            StragglerSpec::Factor { factor, workers } => format!("factor{factor}{}", on(workers)),
+            StragglerSpec::Random { probability, mean_ms, workers } => {
+                format!("random{probability}x{mean_ms}ms{}", on(workers))
+            }
+        }
+    }
+
+    /// The job's straggler for `workers` workers.
+    pub fn resolve(&self, workers: u32) -> Option<Straggler> {
+        let last = vec![workers.saturating_sub(1) as usize];
+        let all = (0..workers as usize).collect();
+        match self {
+            StragglerSpec::None => None,
+            StragglerSpec::Factor { factor, workers } => {
+                Some(Straggler::Factor { workers: workers.clone().unwrap_or(last), factor: *factor })
+            }
+            StragglerSpec::Random { probability, mean_ms, workers } => Some(Straggler::Random {
+                workers: workers.clone().unwrap_or(all),
+                probability: *probability,
+                mean_ms: *mean_ms,
+            }),
+        }
+    }
+}
+
+/// `bsp`, `asp` or `ssp:N`.
+pub fn parse_consistency(s: &str) -> std::result::Result<Consistency, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "asp" => Ok(Consistency::Asp),
+        "bsp" => Ok(Consistency::Bsp),
+        other => match other.strip_prefix("ssp:").map(str::parse) {
+            Some(Ok(staleness)) => Ok(Consistency::Ssp { staleness }),
+            _ => Err(format!("expected asp, bsp or ssp:N, got `{s}`")),
+        },
+    }
+}
+
+/// Sort key of a consistency model: by staleness bound, ASP last.
+pub(super) fn bound_key(c: Consistency) -> u64 {
+    c.bound().unwrap_or(u64::MAX)
+}
+
+fn model_key(c: Consistency) -> String {
+    match c {
+        Consistency::Asp => "asp".into(),
+        Consistency::Bsp => "bsp".into(),
+        Consistency::Ssp { staleness } => format!("ssp{staleness}"),
+    }
+}
+
+/// One point of the grid.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    pub consistency: Consistency,
+    pub workers: u32,
+    pub straggler: StragglerSpec,
+    pub seed: u64,
+    pub staleness_aware: bool,
+}
+
+impl Point {
+    /// The run folder's name: `bsp-w2-factor3-seed1`, `-sa` appended when
+    /// the learning rate is staleness-aware.
+    pub fn name(&self) -> String {
+        let sa = if self.staleness_aware { "-sa" } else { "" };
+        format!(
+            "{}-w{}-{}-seed{}{sa}",
+            model_key(self.consistency),
+            self.workers,
+            self.straggler.label(),
+            self.seed
+        )
+    }
+
+    /// The base run with this point's settings.
+    pub fn config(&self, base: &RunConfig) -> RunConfig {
+        let mut c = base.clone();
+        c.cluster.workers = self.workers;
+        c.job.consistency = self.consistency;
+        c.job.seed = self.seed;
+        c.job.straggler = self.straggler.resolve(self.workers);
+        c.job.optimizer.staleness_aware = self.staleness_aware;
+        c
+    }
+}
+
+/// A parsed sweep file.
+#[derive(Debug, Clone)]
+pub struct Sweep {
+    pub base: RunConfig,
+    pub settings: Settings,
+    pub grid: Grid,
+    /// In run order: seeds, workers, stragglers, staleness-awareness, then
+    /// consistency models innermost.
+    pub points: Vec<Point>,
+}
+
+impl Sweep {
+    pub fn parse(text: &str) -> std::result::Result<Sweep, String> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        let grid: Grid = match table.remove("grid") {
+            Some(v) => v.try_into().map_err(|e| format!("[grid]: {e}"))?,
+            None => Grid::default(),
+        };
+        let settings: Settings = match table.remove("sweep") {
+            Some(v) => v.try_into().map_err(|e| format!("[sweep]: {e}"))?,
+            None => Settings::default(),
+        };
+        if !(settings.run_timeout_s.is_finite() && settings.run_timeout_s > 0.0) {
+            return Err(format!("run_timeout_s must be positive, got {}", settings.run_timeout_s));
+        }
+        let base: RunConfig = toml::Value::Table(table).try_into().map_err(|e| e.to_string())?;
+        base.validate().map_err(|e| e.to_string())?;
+        if base.job.straggler.is_some() {
+            return Err("[job] straggler is set: list stragglers in [grid] straggler instead".into());
+        }
+
+        let models = if grid.consistency.is_empty() {
+            vec![base.job.consistency]
+        } else {
+            grid.consistency.iter().map(|s| parse_consistency(s)).collect::<std::result::Result<_, _>>()?
+        };
+        let stragglers = if grid.straggler.is_empty() {
+            vec![StragglerSpec::None]
+        } else {
+            grid.straggler.iter().map(|s| StragglerSpec::parse(s)).collect::<std::result::Result<_, _>>()?
+        };
+        let mut points = Vec::new();
+        for &seed in &or(&grid.seeds, base.job.seed) {
+            for &workers in &or(&grid.workers, base.cluster.workers) {
+                for straggler in &stragglers {
+                    for &staleness_aware in &or(&grid.staleness_aware, base.job.optimizer.staleness_aware) {
+                        for &consistency in &models {
+                            points.push(Point {
+                                consistency,
+                                workers,
+                                straggler: straggler.clone(),
+                                seed,
+                                staleness_aware,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let mut names = BTreeSet::new();
+        for p in &points {
+            if !names.insert(p.name()) {
+                return Err(format!("grid point {} appears twice", p.name()));
+            }
+            if let Some(Straggler::Factor { workers, .. } | Straggler::Random { workers, .. }) =
+                p.straggler.resolve(p.workers)
+                && let Some(w) = workers.iter().find(|&&w| w >= p.workers as usize)
+            {
+                return Err(format!("{}: straggler worker {w} does not exist", p.name()));
+            }
+            // A factor straggler sleeps in proportion to its iteration time,
+            // which includes time blocked in reads: two of them under a
+            // staleness bound wait for each other's sleeps, which then grow
+            // without end.
+            if let Some(Straggler::Factor { workers, .. }) = p.straggler.resolve(p.workers)
+                && workers.len() > 1
+                && p.consistency.bound().is_some()
+            {
+                return Err(format!(
+                    "{}: a factor straggler on several workers feeds on itself under BSP/SSP (its delay grows with \
+                     time blocked in reads); slow one worker, or use random:P:MEAN_MS",
+                    p.name()
+                ));
+            }
+            p.config(&base).validate().map_err(|e| format!("{}: {e}", p.name()))?;
+        }
+        Ok(Sweep { base, settings, grid, points })
+    }
+
+    pub fn load(path: &Path) -> Result<Sweep> {
+        let text = std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())))?;
+        Sweep::parse(&text).map_err(|reason| Error::Config { path: path.display().to_string(), reason })
+    }
+}
+
+/// `v`, or `[d]` if it is empty.
+fn or<T: Clone>(v: &[T], d: T) -> Vec<T> {
+    if v.is_empty() { vec![d] } else { v.to_vec() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[cluster]
+servers = 2
+workers = 2
+
+[job]
+epochs = 1
+consistency = { model = "asp" }
+
+[job.workload]
+kind = "mnist_mlp"
+"#;
+
+    #[test]
+    fn stragglers_parse_label_and_resolve() {
+        let f = StragglerSpec::parse("factor:3").unwrap();
+        assert_eq!(f.label(), "factor3");
+        assert_eq!(f.resolve(4), Some(Straggler::Factor { workers: vec![3], factor: 3.0 }));
+        let r = StragglerSpec::parse("random:0.05:20").unwrap();
+        assert_eq!(r.label(), "random0.05x20ms");
+        assert_eq!(
+            r.resolve(2),
+            Some(Straggler::Random { workers: vec![0, 1], probability: 0.05, mean_ms: 20.0 })
+        );
+        let on = StragglerSpec::parse("factor:1.5@0,2").unwrap();
+        assert_eq!(on.label(), "factor1.5-on0+2");
+        assert_eq!(on.resolve(3), Some(Straggler::Factor { workers: vec![0, 2], factor: 1.5 }));
+        assert_eq!(StragglerSpec::parse("none").unwrap().resolve(2), None);
+        for bad in ["", "factor", "factor:x", "random:0.1", "none@1", "slow:2", "factor:inf"] {
+            assert!(StragglerSpec::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_grid_is_a_cartesian_product_with_stable_names() {
+        let text = format!(
+            "{BASE}\n[grid]\nconsistency = [\"bsp\", \"ssp:2\", \"asp\"]\nstraggler = [\"none\", \"factor:3\"]\nseeds = [1, 2]\nstaleness_aware = [false, true]\n[sweep]\ntarget_accuracy = 0.9\n"
+        );
+        let s = Sweep::parse(&text).unwrap();
+        assert_eq!(s.points.len(), 3 * 2 * 2 * 2);
+        assert_eq!(s.points[0].name(), "bsp-w2-none-seed1");
+        assert_eq!(s.points[1].name(), "ssp2-w2-none-seed1");
+        assert_eq!(s.points[3].name(), "bsp-w2-none-seed1-sa");
+        assert_eq!(s.points.last().unwrap().name(), "asp-w2-factor3-seed2-sa");
+        let c = s.points[7].config(&s.base);
+        assert_eq!(c.job.consistency, Consistency::Ssp { staleness: 2 });
+        assert_eq!(c.job.straggler, Some(Straggler::Factor { workers: vec![1], factor: 3.0 }));
+        assert!(!c.job.optimizer.staleness_aware);
+        assert_eq!(s.settings.target_accuracy, Some(0.9));
+    }
+
+    #[test]
+    fn an_empty_grid_is_the_base_job() {
+        let s = Sweep::parse(BASE).unwrap();
+        assert_eq!(s.points.len(), 1);
+        assert_eq!(s.points[0].name(), "asp-w2-none-seed42");
+        assert_eq!(s.points[0].config(&s.base), s.base);
+    }
+
+    #[test]
+    fn bad_sweeps_are_refused() {
+        for (grid, why) in [
+            ("consistency = [\"bsp\", \"bsp\"]", "twice"),
+            ("consistency = [\"ssp\"]", "ssp:N"),
+            ("straggler = [\"factor:3@5\"]", "does not exist"),
+            ("straggler = [\"factor:0.5\"]", "factor"),
+            ("consistency = [\"bsp\"]\nstraggler = [\"factor:2@0,1\"]", "feeds on itself"),
+            ("wokers = [2]", "unknown field"),
+        ] {
+            let err = Sweep::parse(&format!("{BASE}\n[grid]\n{grid}\n")).unwrap_err();
+            assert!(err.contains(why), "{grid}: {err}");
+        }
+        assert!(Sweep::parse(&format!("{BASE}\n[sweep]\nrun_timeout_s = 0\n")).is_err());
+    }
+
+    #[test]
+    fn the_example_sweeps_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sweeps");
+        for (file, points) in [("mnist.toml", 21), ("a9a.toml", 21)] {
+            let s = Sweep::load(&dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+            assert_eq!(s.points.len(), points, "{file}");
+            assert!(s.settings.target_accuracy.is_some(), "{file}");
+        }
+    }
+}
