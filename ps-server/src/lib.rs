@@ -106,11 +106,12 @@ pub async fn serve(
     // The builder's tcp_nodelay only applies to listeners it binds itself:
     // set it on every accepted socket here. Without it, responses of a few
     // hundred KiB stall on Nagle's algorithm against delayed ACKs.
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
-        s.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
-    });
+    let incoming =
+        tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
+            s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        });
     let result = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))

@@ -60,7 +60,10 @@ impl Shard {
 #[tonic::async_trait]
 impl ParameterServer for Service {
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard()))]
-    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = req.into_inner();
         let table = req.table.ok_or(ps_common::Error::MissingField("table")).map_err(|e| self.0.refuse(e))?;
         let spec = TableSpec::try_from(table).map_err(|e| self.0.refuse(e))?;
@@ -73,7 +76,10 @@ impl ParameterServer for Service {
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), chunks = req.get_ref().chunks.len()))]
-    async fn pull_dense(&self, req: Request<pb::PullDenseRequest>) -> Result<Response<pb::PullDenseResponse>, Status> {
+    async fn pull_dense(
+        &self,
+        req: Request<pb::PullDenseRequest>,
+    ) -> Result<Response<pb::PullDenseResponse>, Status> {
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let ids: Vec<(&str, u32)> = req.chunks.iter().map(|c| (c.tensor.as_str(), c.index)).collect();
@@ -88,7 +94,10 @@ impl ParameterServer for Service {
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), chunks = req.get_ref().chunks.len()))]
-    async fn push_dense(&self, req: Request<pb::PushDenseRequest>) -> Result<Response<pb::PushResponse>, Status> {
+    async fn push_dense(
+        &self,
+        req: Request<pb::PushDenseRequest>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
         let info = self.0.before_push(&meta);
@@ -100,21 +109,29 @@ impl ParameterServer for Service {
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), table = %req.get_ref().table))]
-    async fn pull_sparse(&self, req: Request<pb::PullSparseRequest>) -> Result<Response<pb::PullSparseResponse>, Status> {
+    async fn pull_sparse(
+        &self,
+        req: Request<pb::PullSparseRequest>,
+    ) -> Result<Response<pb::PullSparseResponse>, Status> {
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
-        let (values, dim) = self.0.store.pull_sparse(&req.table, &keys, req.read_only).map_err(|e| self.0.refuse(e))?;
+        let (values, dim) =
+            self.0.store.pull_sparse(&req.table, &keys, req.read_only).map_err(|e| self.0.refuse(e))?;
         Ok(Response::new(pb::PullSparseResponse { values, dim: dim as u32 }))
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), table = %req.get_ref().table))]
-    async fn push_sparse(&self, req: Request<pb::PushSparseRequest>) -> Result<Response<pb::PushResponse>, Status> {
+    async fn push_sparse(
+        &self,
+        req: Request<pb::PushSparseRequest>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
         let info = self.0.before_push(&meta);
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
-        let out = self.0.store.push_sparse(&req.table, &keys, &req.grads, info).map_err(|e| self.0.refuse(e))?;
+        let out =
+            self.0.store.push_sparse(&req.table, &keys, &req.grads, info).map_err(|e| self.0.refuse(e))?;
         self.0.after_push(&meta, info, out.duplicate);
         Ok(Response::new(pb::PushResponse { applied: out.applied, duplicate: out.duplicate }))
     }
@@ -131,7 +148,10 @@ impl ParameterServer for Service {
         Ok(Response::new(pb::JoinResponse { last_seq: self.0.store.last_seq(req.worker), clock }))
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.0.clocks.touch(req.into_inner().worker);
         Ok(Response::new(pb::HeartbeatResponse {}))
     }

@@ -121,7 +121,13 @@ type DenseUpdate = (Arc<Table>, u32, Vec<f32>);
 impl Store {
     pub fn new(shard: ShardId, num_shards: u32) -> Store {
         assert!(shard < num_shards, "shard {shard} out of range 0..{num_shards}");
-        Store { shard, num_shards, tables: DashMap::new(), last_seq: DashMap::new(), counters: Counters::default() }
+        Store {
+            shard,
+            num_shards,
+            tables: DashMap::new(),
+            last_seq: DashMap::new(),
+            counters: Counters::default(),
+        }
     }
 
     pub fn shard(&self) -> ShardId {
@@ -136,7 +142,11 @@ impl Store {
     /// Returns whether it was created.
     pub fn register(&self, spec: TableSpec, caller_shards: u32) -> Result<bool> {
         if caller_shards != self.num_shards {
-            return Err(Error::ShardCountMismatch { caller: caller_shards, ours: self.num_shards, shard: self.shard });
+            return Err(Error::ShardCountMismatch {
+                caller: caller_shards,
+                ours: self.num_shards,
+                shard: self.shard,
+            });
         }
         spec.validate()?;
         let entry = self.tables.entry(spec.name.clone());
@@ -171,10 +181,18 @@ impl Store {
     /// Checks that chunk `index` of `table` exists and is ours; returns its length.
     fn check_chunk(&self, table: &Table, index: u32) -> Result<usize> {
         let Blocks::Dense { len, chunk_len, num_chunks, .. } = &table.blocks else {
-            return Err(Error::WrongKind { name: table.spec.name.clone(), expected: "dense", actual: table.kind() });
+            return Err(Error::WrongKind {
+                name: table.spec.name.clone(),
+                expected: "dense",
+                actual: table.kind(),
+            });
         };
         if index as usize >= *num_chunks {
-            return Err(Error::ChunkOutOfRange { tensor: table.spec.name.clone(), index, chunks: *num_chunks });
+            return Err(Error::ChunkOutOfRange {
+                tensor: table.spec.name.clone(),
+                index,
+                chunks: *num_chunks,
+            });
         }
         let owner = partition::chunk_shard(&table.spec.name, index, self.num_shards);
         if owner != self.shard {
@@ -328,13 +346,22 @@ impl Store {
         Ok((Bytes::from(out), dim))
     }
 
-    fn validate_sparse(&self, name: &str, keys: &[u64], grads: &[u8]) -> Result<(Arc<Table>, usize, Vec<f32>)> {
+    fn validate_sparse(
+        &self,
+        name: &str,
+        keys: &[u64],
+        grads: &[u8],
+    ) -> Result<(Arc<Table>, usize, Vec<f32>)> {
         let (table, dim) = self.sparse_table(name)?;
         self.check_keys(name, keys)?;
         let n = codec::f32_len("gradient", grads)?;
         if n != keys.len() * dim {
-            return Err(ps_common::Error::LengthMismatch { what: "sparse gradient", expected: keys.len() * dim, got: n }
-                .into());
+            return Err(ps_common::Error::LengthMismatch {
+                what: "sparse gradient",
+                expected: keys.len() * dim,
+                got: n,
+            }
+            .into());
         }
         let mut seen = HashSet::with_capacity(keys.len());
         if let Some(k) = keys.iter().find(|&&k| !seen.insert(k)) {
@@ -384,7 +411,9 @@ impl Store {
                     (u64::from(*b.key()), b.values(n).to_vec())
                 })
                 .collect(),
-            Blocks::Sparse { dim, rows } => rows.iter().map(|b| (*b.key(), b.values(*dim).to_vec())).collect(),
+            Blocks::Sparse { dim, rows } => {
+                rows.iter().map(|b| (*b.key(), b.values(*dim).to_vec())).collect()
+            }
         };
         out.sort_unstable_by_key(|(k, _)| *k);
         Ok(out)
@@ -422,7 +451,10 @@ mod tests {
         s.register(sgd_dense("w", 10, 4), 1).unwrap();
         let g = ones(4);
         let info = PushInfo { worker: 1, seq: 1, staleness: 0 };
-        assert_eq!(s.push_dense(&[("w", 0, &g)], info).unwrap(), PushOutcome { applied: 4, duplicate: false });
+        assert_eq!(
+            s.push_dense(&[("w", 0, &g)], info).unwrap(),
+            PushOutcome { applied: 4, duplicate: false }
+        );
         assert_eq!(s.push_dense(&[("w", 0, &g)], info).unwrap(), PushOutcome { applied: 0, duplicate: true });
         let v = codec::decode_f32("v", &s.pull_dense(&[("w", 0)]).unwrap()[0]).unwrap();
         assert_eq!(v, vec![-0.5; 4]);

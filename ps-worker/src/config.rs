@@ -280,8 +280,14 @@ impl JobConfig {
         self.optimizer.rule.validate()?;
         match &self.workload {
             Workload::MnistMlp { layers, chunk_len, .. } => {
-                if layers.len() < 2 || layers.contains(&0) || layers[0] != 784 || *layers.last().unwrap_or(&0) != 10 {
-                    return bad(format!("mnist layers must start at 784, end at 10, all positive: {layers:?}"));
+                if layers.len() < 2
+                    || layers.contains(&0)
+                    || layers[0] != 784
+                    || *layers.last().unwrap_or(&0) != 10
+                {
+                    return bad(format!(
+                        "mnist layers must start at 784, end at 10, all positive: {layers:?}"
+                    ));
                 }
                 if *chunk_len == 0 {
                     return bad("chunk_len must be positive".into());

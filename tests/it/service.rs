@@ -168,7 +168,12 @@ fn pull_sparse(table: &str, keys: &[u64]) -> Req {
 }
 
 fn pull_sparse_bytes(table: &str, keys: Vec<u8>) -> Req {
-    Req::PullSparse(pb::PullSparseRequest { table: table.to_string(), keys: keys.into(), meta: None, read_only: false })
+    Req::PullSparse(pb::PullSparseRequest {
+        table: table.to_string(),
+        keys: keys.into(),
+        meta: None,
+        read_only: false,
+    })
 }
 
 fn register(spec: pb::TableSpec, num_shards: u32) -> Req {
@@ -251,7 +256,12 @@ impl Env {
                 values.push(codec::decode_f32("values", &chunk.values).expect("decode"));
             }
             let keys: Vec<u64> = KEYS.filter(|&k| key_shard(k, SHARDS) == shard as u32).collect();
-            let req = pb::PullSparseRequest { table: E.into(), keys: codec::encode_u64(&keys), meta: None, read_only: false };
+            let req = pb::PullSparseRequest {
+                table: E.into(),
+                keys: codec::encode_u64(&keys),
+                meta: None,
+                read_only: false,
+            };
             let rows = c.pull_sparse(req).await.expect("pull").into_inner();
             values.extend(
                 codec::decode_f32("rows", &rows.values).expect("decode").chunks(E_DIM).map(<[f32]>::to_vec),
@@ -450,14 +460,8 @@ async fn rejected_sparse_pushes_change_nothing() {
     check(&env, 0, push_sparse(E, &[k, k2, k], &[0.5; 3 * E_DIM]), Code::InvalidArgument, "appears twice")
         .await;
     // Keys are decoded by the service, before the store sees the push.
-    check(
-        &env,
-        0,
-        push_sparse_bytes(E, vec![0; 12], f32s(&row)),
-        Code::InvalidArgument,
-        "multiple of 8",
-    )
-    .await;
+    check(&env, 0, push_sparse_bytes(E, vec![0; 12], f32s(&row)), Code::InvalidArgument, "multiple of 8")
+        .await;
     env.seq_is_unused(0).await;
     env.stop().await;
 }
@@ -507,42 +511,18 @@ async fn rejected_registrations_and_joins_change_nothing() {
             ..Default::default()
         })
     };
-    check(&env, 0, register((&other_shape).into(), SHARDS), Code::AlreadyExists, "different spec")
+    check(&env, 0, register((&other_shape).into(), SHARDS), Code::AlreadyExists, "different spec").await;
+    check(&env, 1, register((&other_lr).into(), SHARDS), Code::AlreadyExists, "different spec").await;
+    check(&env, 0, register((&sparse_spec()).into(), 3), Code::FailedPrecondition, "routes over 3").await;
+    check(&env, 0, register((&fresh("x")).into(), 1), Code::FailedPrecondition, "routes over 1").await;
+    check(&env, 0, register(with_rule(&fresh("x"), sgd(-1.0)), SHARDS), Code::InvalidArgument, "sgd.lr")
         .await;
-    check(&env, 1, register((&other_lr).into(), SHARDS), Code::AlreadyExists, "different spec")
+    check(&env, 0, register(with_rule(&fresh("x"), sgd(f32::NAN)), SHARDS), Code::InvalidArgument, "sgd.lr")
         .await;
-    check(&env, 0, register((&sparse_spec()).into(), 3), Code::FailedPrecondition, "routes over 3")
+    check(&env, 0, register(with_rule(&fresh("x"), adam(1.0)), SHARDS), Code::InvalidArgument, "adam.beta1")
         .await;
-    check(&env, 0, register((&fresh("x")).into(), 1), Code::FailedPrecondition, "routes over 1")
-        .await;
-    check(
-        &env,
-        0,
-        register(with_rule(&fresh("x"), sgd(-1.0)), SHARDS),
-        Code::InvalidArgument,
-        "sgd.lr",
-    )
-    .await;
-    check(
-        &env,
-        0,
-        register(with_rule(&fresh("x"), sgd(f32::NAN)), SHARDS),
-        Code::InvalidArgument,
-        "sgd.lr",
-    )
-    .await;
-    check(
-        &env,
-        0,
-        register(with_rule(&fresh("x"), adam(1.0)), SHARDS),
-        Code::InvalidArgument,
-        "adam.beta1",
-    )
-    .await;
-    check(&env, 0, register((&zero_chunk).into(), SHARDS), Code::InvalidArgument, "chunk_len")
-        .await;
-    check(&env, 0, register((&fresh("")).into(), SHARDS), Code::InvalidArgument, "table name")
-        .await;
+    check(&env, 0, register((&zero_chunk).into(), SHARDS), Code::InvalidArgument, "chunk_len").await;
+    check(&env, 0, register((&fresh("")).into(), SHARDS), Code::InvalidArgument, "table name").await;
     check(
         &env,
         0,
@@ -553,18 +533,9 @@ async fn rejected_registrations_and_joins_change_nothing() {
     .await;
     // Consistency: the first member fixes the model.
     join(1, pb::ConsistencyModel::Bsp, 0).send(&mut env.clients[0].clone()).await.expect("first join");
-    check(&env, 0, join(2, pb::ConsistencyModel::Asp, 0), Code::FailedPrecondition, "uses BSP")
-        .await;
-    check(&env, 0, join(2, pb::ConsistencyModel::Ssp, 1), Code::FailedPrecondition, "uses BSP")
-        .await;
-    check(
-        &env,
-        1,
-        join(2, pb::ConsistencyModel::Unspecified, 0),
-        Code::InvalidArgument,
-        "consistency",
-    )
-    .await;
+    check(&env, 0, join(2, pb::ConsistencyModel::Asp, 0), Code::FailedPrecondition, "uses BSP").await;
+    check(&env, 0, join(2, pb::ConsistencyModel::Ssp, 1), Code::FailedPrecondition, "uses BSP").await;
+    check(&env, 1, join(2, pb::ConsistencyModel::Unspecified, 0), Code::InvalidArgument, "consistency").await;
     env.stop().await;
 }
 
