@@ -1,5 +1,9 @@
 //! The gRPC service of one shard: converts requests at the edge, enforces
 //! consistency, and calls the store.
+//!
+//! This is the only place in the shard that sees wire bytes: keys and
+//! gradients are decoded here (`ps_common::codec`) before the store sees
+//! them, and pulled values are encoded here as the store hands them out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,7 +87,9 @@ impl ParameterServer for Service {
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let ids: Vec<(&str, u32)> = req.chunks.iter().map(|c| (c.tensor.as_str(), c.index)).collect();
-        let values = self.0.store.pull_dense(&ids).map_err(|e| self.0.refuse(e))?;
+        let mut values = Vec::with_capacity(ids.len());
+        // Encoded straight from each block, under its lock: one copy.
+        self.0.store.pull_dense(&ids, |v| values.push(codec::encode_f32(v))).map_err(|e| self.0.refuse(e))?;
         let chunks = req
             .chunks
             .into_iter()
@@ -101,8 +107,11 @@ impl ParameterServer for Service {
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
         let info = self.0.before_push(&meta);
-        let chunks: Vec<(&str, u32, &[u8])> =
-            req.chunks.iter().map(|c| (c.tensor.as_str(), c.index, c.values.as_ref())).collect();
+        let grads = (req.chunks.iter().map(|c| codec::decode_f32("gradient", &c.values)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.0.refuse(e))?;
+        let chunks: Vec<(&str, u32, &[f32])> =
+            req.chunks.iter().zip(&grads).map(|(c, g)| (c.tensor.as_str(), c.index, g.as_slice())).collect();
         let out = self.0.store.push_dense(&chunks, info).map_err(|e| self.0.refuse(e))?;
         self.0.after_push(&meta, info, out.duplicate);
         Ok(Response::new(pb::PushResponse { applied: out.applied, duplicate: out.duplicate }))
@@ -116,9 +125,18 @@ impl ParameterServer for Service {
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
-        let (values, dim) =
-            self.0.store.pull_sparse(&req.table, &keys, req.read_only).map_err(|e| self.0.refuse(e))?;
-        Ok(Response::new(pb::PullSparseResponse { values, dim: dim as u32 }))
+        let mut values = Vec::new();
+        let dim = self
+            .0
+            .store
+            .pull_sparse(&req.table, &keys, req.read_only, |row| {
+                if values.is_empty() {
+                    values.reserve_exact(keys.len() * row.len() * 4);
+                }
+                codec::append_f32(&mut values, row);
+            })
+            .map_err(|e| self.0.refuse(e))?;
+        Ok(Response::new(pb::PullSparseResponse { values: values.into(), dim: dim as u32 }))
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), table = %req.get_ref().table))]
@@ -130,8 +148,8 @@ impl ParameterServer for Service {
         let meta = req.meta.unwrap_or_default();
         let info = self.0.before_push(&meta);
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
-        let out =
-            self.0.store.push_sparse(&req.table, &keys, &req.grads, info).map_err(|e| self.0.refuse(e))?;
+        let grads = codec::decode_f32("gradient", &req.grads).map_err(|e| self.0.refuse(e))?;
+        let out = self.0.store.push_sparse(&req.table, &keys, &grads, info).map_err(|e| self.0.refuse(e))?;
         self.0.after_push(&meta, info, out.duplicate);
         Ok(Response::new(pb::PushResponse { applied: out.applied, duplicate: out.duplicate }))
     }
