@@ -15,23 +15,30 @@ use futures::future::join_all;
 use ps_common::codec;
 use ps_common::partition::{self, ShardId};
 use ps_common::spec::{Consistency, Layout, TableSpec};
+use ps_common::transport::{self, TransportConfig, duration_ms};
 use ps_common::wire::pb::{self, parameter_server_client::ParameterServerClient};
-use tonic::transport::{Channel, Endpoint};
+use serde::{Deserialize, Serialize};
+use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 
-/// Connection and retry settings.
-#[derive(Debug, Clone)]
+/// Connection and retry settings (the `[job.client]` table of a run file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ClientOptions {
     /// Keep trying to connect for this long (servers may still be starting).
+    #[serde(rename = "connect_within_ms", with = "duration_ms")]
     pub connect_within: Duration,
     /// Deadline of one push or non-blocking call.
+    #[serde(rename = "request_timeout_ms", with = "duration_ms")]
     pub request_timeout: Duration,
     /// Deadline of a read, which may block under BSP/SSP.
+    #[serde(rename = "read_timeout_ms", with = "duration_ms")]
     pub read_timeout: Duration,
     /// Retries of a push that failed with a transient error.
     pub push_retries: u32,
-    pub max_message_bytes: usize,
+    /// HTTP/2 settings and the message limit (`[job.client.transport]`).
+    pub transport: TransportConfig,
 }
 
 impl Default for ClientOptions {
@@ -41,8 +48,22 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(180),
             push_retries: 5,
-            max_message_bytes: 256 << 20,
+            transport: TransportConfig::default(),
         }
+    }
+}
+
+impl ClientOptions {
+    pub fn validate(&self) -> Result<()> {
+        for (name, d) in
+            [("request_timeout_ms", self.request_timeout), ("read_timeout_ms", self.read_timeout)]
+        {
+            if d.is_zero() {
+                return Err(Error::Config(format!("client {name} must be positive")));
+            }
+        }
+        self.transport.validate()?;
+        Ok(())
     }
 }
 
@@ -125,18 +146,7 @@ impl ShardedClient {
         }
         let mut shards = Vec::with_capacity(addrs.len());
         for addr in addrs {
-            let uri = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-            let endpoint = Endpoint::from_shared(uri)
-                .map_err(|e| Error::Config(format!("bad server address `{addr}`: {e}")))?
-                .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(20))
-                .keep_alive_while_idle(true)
-                .initial_stream_window_size(Some(8 << 20))
-                .initial_connection_window_size(Some(16 << 20))
-                // Fewer, larger HTTP/2 frames for the bulk value buffers.
-                .max_frame_size((1 << 20) - 1);
+            let endpoint = transport::endpoint(&opts.transport, addr)?;
             let deadline = tokio::time::Instant::now() + opts.connect_within;
             let channel = loop {
                 match endpoint.connect().await {
@@ -147,11 +157,7 @@ impl ShardedClient {
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             };
-            shards.push(
-                ParameterServerClient::new(channel)
-                    .max_decoding_message_size(opts.max_message_bytes)
-                    .max_encoding_message_size(opts.max_message_bytes),
-            );
+            shards.push(transport::client(&opts.transport, channel));
         }
         let n = shards.len();
         Ok(ShardedClient { shards, addrs: addrs.to_vec(), worker, next_seq: vec![1; n], opts })
@@ -604,5 +610,27 @@ where
             }
             Err(s) => return Err(s),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_read_from_a_run_file_table() {
+        assert_eq!(toml::from_str::<ClientOptions>("").unwrap(), ClientOptions::default());
+        let text = "read_timeout_ms = 1500\npush_retries = 0\n[transport]\nmax_message_mib = 64\n";
+        let opts: ClientOptions = toml::from_str(text).unwrap();
+        assert_eq!(opts.read_timeout, Duration::from_millis(1500));
+        assert_eq!((opts.push_retries, opts.transport.max_message_mib), (0, 64));
+        assert_eq!(opts.request_timeout, ClientOptions::default().request_timeout);
+        let back: ClientOptions = toml::from_str(&toml::to_string(&opts).unwrap()).unwrap();
+        assert_eq!(back, opts);
+        assert!(toml::from_str::<ClientOptions>("read_timeout = 5").is_err(), "unknown keys are errors");
+        let zero: ClientOptions = toml::from_str("request_timeout_ms = 0").unwrap();
+        assert!(zero.validate().is_err());
+        let bad: ClientOptions = toml::from_str("[transport]\nmax_message_mib = 0").unwrap();
+        assert!(matches!(bad.validate(), Err(Error::Wire(ps_common::Error::InvalidTransport(_)))));
     }
 }

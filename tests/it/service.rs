@@ -554,7 +554,7 @@ async fn push_before_registration_is_not_found() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_messages_are_refused() {
-    let shards = Shards::start_with(SHARDS, |c| c.max_message_mib = 1).await;
+    let shards = Shards::start_with(SHARDS, |c| c.transport.max_message_mib = 1).await;
     let env = Env::unregistered(shards).await;
     for shard in 0..SHARDS as usize {
         env.register(shard, &dense_spec()).await;
