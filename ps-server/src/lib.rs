@@ -12,10 +12,13 @@
 //!   with the server built by `ps_common::transport` from
 //!   [`ServerConfig::transport`]; `main.rs` is a thin wrapper that parses flags
 //!   and waits for SIGINT/SIGTERM.
+//! - [`local::LocalShards`] starts N shards in-process on loopback, for tests,
+//!   benchmarks and examples.
 
 pub mod cli;
 pub mod clock;
 pub mod error;
+pub mod local;
 pub mod service;
 pub mod store;
 

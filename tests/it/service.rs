@@ -19,9 +19,11 @@ use ps_common::optim::Rule;
 use ps_common::partition::{chunk_range, chunk_shard, key_shard};
 use ps_common::spec::{Init, InitKind, Layout, TableSpec};
 use ps_common::wire::pb;
+use ps_server::ServerConfig;
+use ps_server::local::LocalShards;
 use tonic::{Code, Status};
 
-use crate::util::{RawClient, Shards, raw_client};
+use crate::util::{RawClient, raw_client};
 
 const SHARDS: u32 = 2;
 /// A dense tensor of 10 elements in chunks of 4, 4 and 2.
@@ -203,7 +205,7 @@ fn join(worker: u64, model: pb::ConsistencyModel, staleness: u32) -> Req {
 
 /// Two shards with `W` and `E` registered, and a raw client to each.
 struct Env {
-    shards: Shards,
+    shards: LocalShards,
     clients: Vec<RawClient>,
 }
 
@@ -220,7 +222,7 @@ struct State {
 
 impl Env {
     async fn start() -> Env {
-        let env = Env::unregistered(Shards::start(SHARDS).await).await;
+        let env = Env::unregistered(LocalShards::start(SHARDS).await.expect("start shards")).await;
         for shard in 0..SHARDS as usize {
             for spec in [dense_spec(), sparse_spec()] {
                 env.register(shard, &spec).await;
@@ -229,7 +231,7 @@ impl Env {
         env
     }
 
-    async fn unregistered(shards: Shards) -> Env {
+    async fn unregistered(shards: LocalShards) -> Env {
         let mut clients = Vec::new();
         for addr in &shards.addrs {
             clients.push(raw_client(addr).await);
@@ -297,7 +299,7 @@ impl Env {
 
     async fn stop(self) {
         drop(self.clients);
-        self.shards.stop().await;
+        self.shards.stop().await.expect("stop shards");
     }
 }
 
@@ -541,7 +543,7 @@ async fn rejected_registrations_and_joins_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_before_registration_is_not_found() {
-    let env = Env::unregistered(Shards::start(SHARDS).await).await;
+    let env = Env::unregistered(LocalShards::start(SHARDS).await.expect("start shards")).await;
     env.register(0, &dense_spec()).await;
     env.register(0, &sparse_spec()).await;
     let i = own_chunk(1);
@@ -554,7 +556,11 @@ async fn push_before_registration_is_not_found() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_messages_are_refused() {
-    let shards = Shards::start_with(SHARDS, |c| c.transport.max_message_mib = 1).await;
+    let shards = {
+        let mut config = ServerConfig::default();
+        config.transport.max_message_mib = 1;
+        LocalShards::start_with(&config, SHARDS).await.expect("start shards")
+    };
     let env = Env::unregistered(shards).await;
     for shard in 0..SHARDS as usize {
         env.register(shard, &dense_spec()).await;
