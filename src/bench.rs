@@ -8,12 +8,11 @@
 //! 2. Transport: pull and push of a 1M-float dense tensor over loopback gRPC,
 //!    against a plain memcpy of the same bytes.
 //! 3. Server apply: params/s of each optimizer rule applied by the store
-//!    (validation, decode, locking), against the bare rule on a slice.
+//!    (validation, locking), against the bare rule on a slice.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ps_common::codec;
 use ps_common::optim::Rule;
 use ps_common::spec::{Init, InitKind, Layout, TableSpec};
 use ps_server::store::{PushInfo, Store};
@@ -188,7 +187,6 @@ fn apply_rates(reps: u32) -> Result<()> {
         ("ftrl", Rule::Ftrl { alpha: 0.1, beta: 1.0, l1: 0.01, l2: 0.01 }),
     ];
     let grad: Vec<f32> = (0..N).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
-    let grad_bytes = codec::encode_f32(&grad);
     println!("{:<10} {:>16} {:>18} {:>8}", "rule", "bare Mparams/s", "store Mparams/s", "ratio");
     for (name, rule) in rules {
         let mut params = vec![0.1f32; N];
@@ -209,8 +207,8 @@ fn apply_rates(reps: u32) -> Result<()> {
         );
         spec.layout = Layout::Dense { shape: vec![N as u64], chunk_len: 1 << 16 };
         store.register(spec, 1).map_err(|e| Error::Config(e.to_string()))?;
-        let chunks: Vec<(&str, u32, &[u8])> =
-            (0..16).map(|i| ("w", i as u32, &grad_bytes[i * (1 << 18)..(i + 1) * (1 << 18)])).collect();
+        let chunks: Vec<(&str, u32, &[f32])> =
+            (0..16).map(|i| ("w", i as u32, &grad[i * (1 << 16)..(i + 1) * (1 << 16)])).collect();
         let t = Instant::now();
         for _ in 0..reps {
             store.push_dense(&chunks, PushInfo::default()).map_err(|e| Error::Config(e.to_string()))?;

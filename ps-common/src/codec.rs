@@ -9,10 +9,17 @@ use crate::{Error, Result};
 /// Packs `values` as little-endian f32 bytes.
 pub fn encode_f32(values: &[f32]) -> Bytes {
     let mut out = Vec::with_capacity(values.len() * 4);
+    append_f32(&mut out, values);
+    Bytes::from(out)
+}
+
+/// Appends `values` to `out` as little-endian f32 bytes (for answers built
+/// block by block).
+pub fn append_f32(out: &mut Vec<u8>, values: &[f32]) {
+    out.reserve(values.len() * 4);
     for v in values {
         out.extend_from_slice(&v.to_le_bytes());
     }
-    Bytes::from(out)
 }
 
 /// Packs `keys` as little-endian u64 bytes.
@@ -77,6 +84,9 @@ mod tests {
             let a: Vec<u32> = values.iter().map(|v| v.to_bits()).collect();
             let b: Vec<u32> = back.iter().map(|v| v.to_bits()).collect();
             prop_assert_eq!(a, b);
+            let mut appended = vec![7u8];
+            append_f32(&mut appended, &values);
+            prop_assert_eq!(&appended[1..], &bytes[..]);
         }
 
         #[test]

@@ -1,4 +1,5 @@
-//! The error type of `ps-common`: malformed wire data and invalid specs.
+//! The error type of `ps-common`: malformed wire data, invalid specs and
+//! invalid transport settings.
 
 /// Everything that can be wrong with data or settings before it reaches a
 /// store or a model. Servers wrap it in their own error (and map that to a
@@ -17,6 +18,10 @@ pub enum Error {
     InvalidInitializer(String),
     #[error("invalid table spec: {0}")]
     InvalidSpec(String),
+    #[error("invalid transport settings: {0}")]
+    InvalidTransport(String),
+    #[error("bad server address `{addr}`: {reason}")]
+    InvalidAddress { addr: String, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -11,14 +11,19 @@
 //!   Adam/AdamW, FTRL-proximal) as pure functions over slices; the caller owns
 //!   the locking and the optimizer state.
 //! - [`spec`] is the domain form of a table: layout, initializer, optimizer.
+//! - [`transport`] builds every server and client channel (HTTP/2 windows and
+//!   frames, keep-alive, `TCP_NODELAY`, message limits) from one
+//!   [`transport::TransportConfig`].
 //!
-//! `partition`, `optim`, `codec` and `spec` do no I/O and use neither tonic nor tokio.
+//! `partition`, `optim`, `codec` and `spec` do no I/O and use neither tonic nor
+//! tokio; `wire` and `transport` are the only modules that touch them.
 
 pub mod codec;
 pub mod error;
 pub mod optim;
 pub mod partition;
 pub mod spec;
+pub mod transport;
 pub mod wire;
 
 pub use error::{Error, Result};

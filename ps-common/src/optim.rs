@@ -186,10 +186,7 @@ impl Rule {
     /// Plain SGD without weight decay.
     #[must_use]
     pub fn sgd(lr: f32) -> Rule {
-        Rule::Sgd {
-            lr,
-            weight_decay: 0.0,
-        }
+        Rule::Sgd { lr, weight_decay: 0.0 }
     }
 
     /// The rule's name, as in the serialized `rule` tag.
@@ -222,9 +219,7 @@ impl Rule {
             if value.is_finite() && ok {
                 Ok(())
             } else {
-                Err(Error::InvalidOptimizer(format!(
-                    "{rule}.{name} must be finite and {want}, got {value}"
-                )))
+                Err(Error::InvalidOptimizer(format!("{rule}.{name} must be finite and {want}, got {value}")))
             }
         };
         let positive = |name: &str, v: f32| field(name, v, v > 0.0, "> 0");
@@ -235,21 +230,10 @@ impl Rule {
                 positive("lr", lr)?;
                 non_negative("weight_decay", weight_decay)?;
             }
-            Rule::Momentum {
-                lr,
-                momentum,
-                dampening,
-                nesterov,
-                weight_decay,
-            } => {
+            Rule::Momentum { lr, momentum, dampening, nesterov, weight_decay } => {
                 positive("lr", lr)?;
                 unit("momentum", momentum)?;
-                field(
-                    "dampening",
-                    dampening,
-                    (0.0..=1.0).contains(&dampening),
-                    "in [0, 1]",
-                )?;
+                field("dampening", dampening, (0.0..=1.0).contains(&dampening), "in [0, 1]")?;
                 non_negative("weight_decay", weight_decay)?;
                 if nesterov && (momentum == 0.0 || dampening != 0.0) {
                     return Err(Error::InvalidOptimizer(format!(
@@ -258,37 +242,20 @@ impl Rule {
                     )));
                 }
             }
-            Rule::Adagrad {
-                lr,
-                eps,
-                initial_accumulator,
-                weight_decay,
-            } => {
+            Rule::Adagrad { lr, eps, initial_accumulator, weight_decay } => {
                 positive("lr", lr)?;
                 positive("eps", eps)?;
                 non_negative("initial_accumulator", initial_accumulator)?;
                 non_negative("weight_decay", weight_decay)?;
             }
-            Rule::Adam {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-                decoupled: _,
-            } => {
+            Rule::Adam { lr, beta1, beta2, eps, weight_decay, decoupled: _ } => {
                 positive("lr", lr)?;
                 unit("beta1", beta1)?;
                 unit("beta2", beta2)?;
                 positive("eps", eps)?;
                 non_negative("weight_decay", weight_decay)?;
             }
-            Rule::Ftrl {
-                alpha,
-                beta,
-                l1,
-                l2,
-            } => {
+            Rule::Ftrl { alpha, beta, l1, l2 } => {
                 positive("alpha", alpha)?;
                 non_negative("beta", beta)?;
                 non_negative("l1", l1)?;
@@ -340,16 +307,8 @@ impl Rule {
         match *self {
             Rule::Sgd { .. } => {}
             Rule::Momentum { .. } | Rule::Adam { .. } => state.fill(0.0),
-            Rule::Adagrad {
-                initial_accumulator,
-                ..
-            } => state.fill(initial_accumulator),
-            Rule::Ftrl {
-                alpha,
-                beta,
-                l1,
-                l2,
-            } => {
+            Rule::Adagrad { initial_accumulator, .. } => state.fill(initial_accumulator),
+            Rule::Ftrl { alpha, beta, l1, l2 } => {
                 let (z, acc) = state.split_at_mut(n);
                 let d = beta / alpha + l2;
                 for (z, &w) in z.iter_mut().zip(param) {
@@ -378,38 +337,17 @@ impl Rule {
     ///
     /// Each rule is one pass over the slices with no branch on the rule inside
     /// the loop, written so that LLVM vectorizes it.
-    pub fn apply(
-        &self,
-        step: u64,
-        lr_scale: f32,
-        param: &mut [f32],
-        grad: &[f32],
-        state: &mut [f32],
-    ) {
+    pub fn apply(&self, step: u64, lr_scale: f32, param: &mut [f32], grad: &[f32], state: &mut [f32]) {
         let n = param.len();
         debug_assert_eq!(grad.len(), n, "gradient length");
         debug_assert_eq!(state.len(), n * self.state_per_param(), "state length");
         debug_assert!(step >= 1, "step is 1-based");
-        debug_assert!(
-            lr_scale.is_finite() && lr_scale > 0.0,
-            "lr_scale {lr_scale}"
-        );
+        debug_assert!(lr_scale.is_finite() && lr_scale > 0.0, "lr_scale {lr_scale}");
         match *self {
             Rule::Sgd { lr, weight_decay } => sgd(lr * lr_scale, weight_decay, param, grad),
-            Rule::Momentum {
-                lr,
-                momentum,
-                dampening,
-                nesterov,
-                weight_decay,
-            } => {
+            Rule::Momentum { lr, momentum, dampening, nesterov, weight_decay } => {
                 let lr = lr * lr_scale;
-                let k = MomentumConsts {
-                    lr,
-                    momentum,
-                    keep: 1.0 - dampening,
-                    weight_decay,
-                };
+                let k = MomentumConsts { lr, momentum, keep: 1.0 - dampening, weight_decay };
                 match (momentum == 0.0, step == 1, nesterov) {
                     (true, _, _) => sgd(lr, weight_decay, param, grad),
                     (false, true, false) => momentum_kernel::<true, false>(k, param, grad, state),
@@ -418,12 +356,7 @@ impl Rule {
                     (false, false, true) => momentum_kernel::<false, true>(k, param, grad, state),
                 }
             }
-            Rule::Adagrad {
-                lr,
-                eps,
-                initial_accumulator: _,
-                weight_decay,
-            } => {
+            Rule::Adagrad { lr, eps, initial_accumulator: _, weight_decay } => {
                 let lr = lr * lr_scale;
                 for ((p, &g), s) in param.iter_mut().zip(grad).zip(state.iter_mut()) {
                     let g = g + weight_decay * *p;
@@ -431,22 +364,12 @@ impl Rule {
                     *p -= lr * (g / (s.sqrt() + eps));
                 }
             }
-            Rule::Adam {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-                decoupled,
-            } => {
+            Rule::Adam { lr, beta1, beta2, eps, weight_decay, decoupled } => {
                 let lr = lr * lr_scale;
                 // One loop for both: Adam adds `l2·p` to the gradient, AdamW
                 // scales `p` by `shrink` first; the other factor is neutral.
-                let (l2, shrink) = if decoupled {
-                    (0.0, 1.0 - lr * weight_decay)
-                } else {
-                    (weight_decay, 1.0)
-                };
+                let (l2, shrink) =
+                    if decoupled { (0.0, 1.0 - lr * weight_decay) } else { (weight_decay, 1.0) };
                 // β^t underflows to 0 long before t reaches i32::MAX.
                 let t = i32::try_from(step).unwrap_or(i32::MAX);
                 let bias1 = 1.0 - f64::from(beta1).powi(t);
@@ -464,12 +387,7 @@ impl Rule {
                     *p -= step_size * (*m / denom);
                 }
             }
-            Rule::Ftrl {
-                alpha,
-                beta,
-                l1,
-                l2,
-            } => {
+            Rule::Ftrl { alpha, beta, l1, l2 } => {
                 let inv_alpha = 1.0 / (alpha * lr_scale);
                 let (z, acc) = state.split_at_mut(n);
                 for (((w, &g), z), acc) in param.iter_mut().zip(grad).zip(z).zip(acc) {
@@ -480,11 +398,7 @@ impl Rule {
                     *z += g - sigma * *w;
                     let denom = (beta + sqrt_new) * inv_alpha + l2;
                     // `l1.copysign(z)` is sign(z)·l1 whenever |z| > l1 >= 0.
-                    *w = if z.abs() <= l1 {
-                        0.0
-                    } else {
-                        (l1.copysign(*z) - *z) / denom
-                    };
+                    *w = if z.abs() <= l1 { 0.0 } else { (l1.copysign(*z) - *z) / denom };
                 }
             }
         }
@@ -520,11 +434,7 @@ fn momentum_kernel<const FIRST: bool, const NESTEROV: bool>(
 ) {
     for ((p, &g), b) in param.iter_mut().zip(grad).zip(buf) {
         let g = g + k.weight_decay * *p;
-        *b = if FIRST {
-            g
-        } else {
-            k.momentum * *b + k.keep * g
-        };
+        *b = if FIRST { g } else { k.momentum * *b + k.keep * g };
         let d = if NESTEROV { g + k.momentum * *b } else { *b };
         *p -= k.lr * d;
     }
@@ -701,26 +611,10 @@ mod tests {
     fn constructors_use_pytorch_defaults() {
         assert_eq!(
             Rule::adam(1e-3),
-            Rule::Adam {
-                lr: 1e-3,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: 0.0,
-                decoupled: false
-            }
+            Rule::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, decoupled: false }
         );
-        assert_eq!(
-            Rule::sgd(0.5),
-            Rule::Sgd {
-                lr: 0.5,
-                weight_decay: 0.0
-            }
-        );
-        assert_eq!(
-            [Rule::sgd(1.0), Rule::adam(1.0)].map(|r| r.state_per_param()),
-            [0, 2]
-        );
+        assert_eq!(Rule::sgd(0.5), Rule::Sgd { lr: 0.5, weight_decay: 0.0 });
+        assert_eq!([Rule::sgd(1.0), Rule::adam(1.0)].map(|r| r.state_per_param()), [0, 2]);
     }
 
     #[test]
@@ -738,10 +632,7 @@ mod tests {
             "invalid optimizer settings: adam.beta2 must be finite and in [0, 1), got 1"
         );
         assert_eq!(
-            err(Rule::Sgd {
-                lr: 0.0,
-                weight_decay: 0.0
-            }),
+            err(Rule::Sgd { lr: 0.0, weight_decay: 0.0 }),
             "invalid optimizer settings: sgd.lr must be finite and > 0, got 0"
         );
         let momentum = |momentum, dampening, nesterov| Rule::Momentum {
@@ -757,26 +648,13 @@ mod tests {
         );
         assert!(err(momentum(0.0, 0.0, true)).contains("momentum.nesterov requires"));
         assert!(
-            err(momentum(1.0, 0.0, false))
-                .contains("momentum.momentum must be finite and in [0, 1), got 1")
+            err(momentum(1.0, 0.0, false)).contains("momentum.momentum must be finite and in [0, 1), got 1")
         );
         assert!(
-            err(Rule::Ftrl {
-                alpha: 1.0,
-                beta: 0.0,
-                l1: 1.0,
-                l2: 0.0
-            })
-            .contains("beta / alpha + l2 must be > 0")
+            err(Rule::Ftrl { alpha: 1.0, beta: 0.0, l1: 1.0, l2: 0.0 })
+                .contains("beta / alpha + l2 must be > 0")
         );
-        Rule::Ftrl {
-            alpha: 1.0,
-            beta: 0.0,
-            l1: 0.0,
-            l2: 0.1,
-        }
-        .validate()
-        .unwrap();
+        Rule::Ftrl { alpha: 1.0, beta: 0.0, l1: 0.0, l2: 0.1 }.validate().unwrap();
     }
 
     #[test]
@@ -853,31 +731,18 @@ mod tests {
             .prop_map(|(lr, momentum, dampening, nesterov, weight_decay)| {
                 let nesterov = nesterov && momentum > 0.0;
                 let dampening = if nesterov { 0.0 } else { dampening };
-                Rule::Momentum {
-                    lr,
-                    momentum,
-                    dampening,
-                    nesterov,
-                    weight_decay,
-                }
+                Rule::Momentum { lr, momentum, dampening, nesterov, weight_decay }
             })
     }
 
     fn adagrad_rule() -> impl Strategy<Value = Rule> {
-        (
-            log_uniform(1e-4, 1.0),
-            log_uniform(1e-10, 1.0),
-            or_zero(0.0f32..1.0),
-            or_zero(0.0f32..0.1),
-        )
-            .prop_map(
-                |(lr, eps, initial_accumulator, weight_decay)| Rule::Adagrad {
-                    lr,
-                    eps,
-                    initial_accumulator,
-                    weight_decay,
-                },
-            )
+        (log_uniform(1e-4, 1.0), log_uniform(1e-10, 1.0), or_zero(0.0f32..1.0), or_zero(0.0f32..0.1))
+            .prop_map(|(lr, eps, initial_accumulator, weight_decay)| Rule::Adagrad {
+                lr,
+                eps,
+                initial_accumulator,
+                weight_decay,
+            })
     }
 
     fn adam_rule() -> impl Strategy<Value = Rule> {
@@ -895,42 +760,24 @@ mod tests {
             or_zero(0.0f32..0.1),
             any::<bool>(),
         )
-            .prop_map(
-                |(lr, beta1, beta2, eps, weight_decay, decoupled)| Rule::Adam {
-                    lr,
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                    decoupled,
-                },
-            )
+            .prop_map(|(lr, beta1, beta2, eps, weight_decay, decoupled)| Rule::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                decoupled,
+            })
     }
 
     fn ftrl_rule() -> impl Strategy<Value = Rule> {
-        (
-            log_uniform(1e-3, 10.0),
-            or_zero(0.0f32..2.0),
-            or_zero(0.0f32..2.0),
-            or_zero(0.0f32..2.0),
-        )
-            .prop_map(|(alpha, beta, l1, l2)| Rule::Ftrl {
-                alpha,
-                beta,
-                l1,
-                l2,
-            })
+        (log_uniform(1e-3, 10.0), or_zero(0.0f32..2.0), or_zero(0.0f32..2.0), or_zero(0.0f32..2.0))
+            .prop_map(|(alpha, beta, l1, l2)| Rule::Ftrl { alpha, beta, l1, l2 })
             .prop_filter("beta / alpha + l2 > 0", |rule| rule.validate().is_ok())
     }
 
     fn any_rule() -> impl Strategy<Value = Rule> {
-        prop_oneof![
-            sgd_rule(),
-            momentum_rule(),
-            adagrad_rule(),
-            adam_rule(),
-            ftrl_rule()
-        ]
+        prop_oneof![sgd_rule(), momentum_rule(), adagrad_rule(), adam_rule(), ftrl_rule()]
     }
 
     /// The fast f32 path: `init_state`, then one `apply` per gradient.
@@ -940,13 +787,7 @@ mod tests {
         let mut state = vec![f32::NAN; param.len() * rule.state_per_param()];
         rule.init_state(&param, &mut state);
         for (k, (grad, &lr_scale)) in case.grads.iter().zip(&case.lr_scales).enumerate() {
-            rule.apply(
-                case.first_step + k as u64,
-                lr_scale,
-                &mut param,
-                grad,
-                &mut state,
-            );
+            rule.apply(case.first_step + k as u64, lr_scale, &mut param, grad, &mut state);
         }
         param
     }
@@ -972,10 +813,7 @@ mod tests {
                 let mut scale = p.abs();
                 let mut largest_p = p.abs();
                 match rule {
-                    Rule::Sgd {
-                        lr,
-                        weight_decay: wd,
-                    } => {
+                    Rule::Sgd { lr, weight_decay: wd } => {
                         for (_, (grad, &s)) in steps() {
                             let lr = f(lr) * f(s);
                             let g = f(grad[i]) + f(wd) * p;
@@ -984,13 +822,7 @@ mod tests {
                             largest_p = largest_p.max(p.abs());
                         }
                     }
-                    Rule::Momentum {
-                        lr,
-                        momentum: mu,
-                        dampening: tau,
-                        nesterov,
-                        weight_decay: wd,
-                    } => {
+                    Rule::Momentum { lr, momentum: mu, dampening: tau, nesterov, weight_decay: wd } => {
                         let (mu, tau, wd) = (f(mu), f(tau), f(wd));
                         let (mut b, mut b_abs) = (0.0f64, 0.0f64);
                         for (k, (grad, &s)) in steps() {
@@ -1022,12 +854,7 @@ mod tests {
                             largest_p = largest_p.max(p.abs());
                         }
                     }
-                    Rule::Adagrad {
-                        lr,
-                        eps,
-                        initial_accumulator,
-                        weight_decay: wd,
-                    } => {
+                    Rule::Adagrad { lr, eps, initial_accumulator, weight_decay: wd } => {
                         let mut sum = f(initial_accumulator);
                         for (_, (grad, &s)) in steps() {
                             let lr = f(lr) * f(s);
@@ -1040,14 +867,7 @@ mod tests {
                             largest_p = largest_p.max(p.abs());
                         }
                     }
-                    Rule::Adam {
-                        lr,
-                        beta1,
-                        beta2,
-                        eps,
-                        weight_decay,
-                        decoupled,
-                    } => {
+                    Rule::Adam { lr, beta1, beta2, eps, weight_decay, decoupled } => {
                         let (b1, b2, eps, wd) = (f(beta1), f(beta2), f(eps), f(weight_decay));
                         let (mut m, mut v, mut m_abs) = (0.0f64, 0.0f64, 0.0f64);
                         for (k, (grad, &s)) in steps() {
@@ -1072,12 +892,7 @@ mod tests {
                             largest_p = largest_p.max(p.abs());
                         }
                     }
-                    Rule::Ftrl {
-                        alpha,
-                        beta,
-                        l1,
-                        l2,
-                    } => {
+                    Rule::Ftrl { alpha, beta, l1, l2 } => {
                         let (beta, l1, l2) = (f(beta), f(l1), f(l2));
                         let sign = |x: f64| {
                             if x > 0.0 {
@@ -1235,13 +1050,7 @@ mod tests {
     fn float_fields(rule: &mut Rule) -> Vec<(&'static str, &mut f32)> {
         match rule {
             Rule::Sgd { lr, weight_decay } => vec![("lr", lr), ("weight_decay", weight_decay)],
-            Rule::Momentum {
-                lr,
-                momentum,
-                dampening,
-                nesterov: _,
-                weight_decay,
-            } => {
+            Rule::Momentum { lr, momentum, dampening, nesterov: _, weight_decay } => {
                 vec![
                     ("lr", lr),
                     ("momentum", momentum),
@@ -1249,37 +1058,22 @@ mod tests {
                     ("weight_decay", weight_decay),
                 ]
             }
-            Rule::Adagrad {
-                lr,
-                eps,
-                initial_accumulator,
-                weight_decay,
-            } => vec![
+            Rule::Adagrad { lr, eps, initial_accumulator, weight_decay } => vec![
                 ("lr", lr),
                 ("eps", eps),
                 ("initial_accumulator", initial_accumulator),
                 ("weight_decay", weight_decay),
             ],
-            Rule::Adam {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-                decoupled: _,
-            } => vec![
+            Rule::Adam { lr, beta1, beta2, eps, weight_decay, decoupled: _ } => vec![
                 ("lr", lr),
                 ("beta1", beta1),
                 ("beta2", beta2),
                 ("eps", eps),
                 ("weight_decay", weight_decay),
             ],
-            Rule::Ftrl {
-                alpha,
-                beta,
-                l1,
-                l2,
-            } => vec![("alpha", alpha), ("beta", beta), ("l1", l1), ("l2", l2)],
+            Rule::Ftrl { alpha, beta, l1, l2 } => {
+                vec![("alpha", alpha), ("beta", beta), ("l1", l1), ("l2", l2)]
+            }
         }
     }
 

@@ -173,13 +173,27 @@ mod tests {
                     weight_decay
                 }
             ),
-            (lr.clone(), 1e-10f32..1e-3, p.clone(), p.clone()).prop_map(|(lr, eps, initial_accumulator, weight_decay)| {
-                Rule::Adagrad { lr, eps, initial_accumulator, weight_decay }
-            }),
-            (lr.clone(), p.clone(), p.clone(), 1e-10f32..1e-3, p.clone(), any::<bool>()).prop_map(
-                |(lr, beta1, beta2, eps, weight_decay, decoupled)| Rule::Adam { lr, beta1, beta2, eps, weight_decay, decoupled }
+            (lr.clone(), 1e-10f32..1e-3, p.clone(), p.clone()).prop_map(
+                |(lr, eps, initial_accumulator, weight_decay)| {
+                    Rule::Adagrad { lr, eps, initial_accumulator, weight_decay }
+                }
             ),
-            (lr, 0.0f32..2.0, p.clone(), p).prop_map(|(alpha, beta, l1, l2)| Rule::Ftrl { alpha, beta, l1, l2 }),
+            (lr.clone(), p.clone(), p.clone(), 1e-10f32..1e-3, p.clone(), any::<bool>()).prop_map(
+                |(lr, beta1, beta2, eps, weight_decay, decoupled)| Rule::Adam {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    weight_decay,
+                    decoupled
+                }
+            ),
+            (lr, 0.0f32..2.0, p.clone(), p).prop_map(|(alpha, beta, l1, l2)| Rule::Ftrl {
+                alpha,
+                beta,
+                l1,
+                l2
+            }),
         ]
     }
 

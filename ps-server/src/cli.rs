@@ -9,7 +9,7 @@ use crate::{Error, Result, ServerConfig};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// TOML config file (see examples/config/server.toml); flags override it.
+    /// TOML config file (see README.md, Configuration); flags override it.
     #[arg(long, env = "PS_SERVER_CONFIG")]
     pub config: Option<PathBuf>,
     /// This shard's index, 0..num-shards.
@@ -21,9 +21,9 @@ pub struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// Largest message accepted, in MiB.
+    /// Largest message accepted or sent, in MiB (`transport.max_message_mib`).
     #[arg(long)]
-    pub max_message_mib: Option<usize>,
+    pub max_message_mib: Option<u32>,
     /// Longest a BSP/SSP read may block, in milliseconds.
     #[arg(long)]
     pub max_wait_ms: Option<u64>,
@@ -49,7 +49,7 @@ pub fn config(args: &Args) -> Result<ServerConfig> {
         config.listen = v;
     }
     if let Some(v) = args.max_message_mib {
-        config.max_message_mib = v;
+        config.transport.max_message_mib = v;
     }
     if let Some(v) = args.max_wait_ms {
         config.max_wait_ms = v;

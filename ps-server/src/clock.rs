@@ -208,7 +208,8 @@ impl Clocks {
         // write lock), and holding both here deadlocked the shard.
         let wait = async { rx.wait_for(|&min| min >= target).await.map(|_| ()) };
         let waited = tokio::time::timeout(max_wait, wait).await;
-        self.wait_micros.fetch_add(started.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.wait_micros
+            .fetch_add(started.elapsed().as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
         let mut st = self.lock();
         if let Some(me) = st.members.get_mut(&worker) {
             me.waiting_for = None;
@@ -219,8 +220,12 @@ impl Clocks {
             // The sender lives as long as `self`: cannot be closed here.
             Ok(Err(_)) => Err(Error::ShuttingDown),
             Err(_) => {
-                let (slowest, slowest_clock) =
-                    st.members.iter().min_by_key(|(_, m)| m.clock).map(|(w, m)| (*w, m.clock)).unwrap_or((0, 0));
+                let (slowest, slowest_clock) = st
+                    .members
+                    .iter()
+                    .min_by_key(|(_, m)| m.clock)
+                    .map(|(w, m)| (*w, m.clock))
+                    .unwrap_or((0, 0));
                 Err(Error::WaitTimeout {
                     worker,
                     needed: target,

@@ -26,7 +26,9 @@ pub enum Error {
     NonFinite { what: String },
     #[error("consistency model conflict: job uses {current}, worker {worker} asked for {requested}")]
     ConsistencyConflict { worker: u64, current: String, requested: String },
-    #[error("worker {worker} waited {waited_ms} ms for clock {needed} (slowest worker {slowest} at {slowest_clock})")]
+    #[error(
+        "worker {worker} waited {waited_ms} ms for clock {needed} (slowest worker {slowest} at {slowest_clock})"
+    )]
     WaitTimeout { worker: u64, needed: u64, waited_ms: u64, slowest: u64, slowest_clock: u64 },
     #[error("server is shutting down")]
     ShuttingDown,
@@ -54,8 +56,7 @@ impl From<Error> for tonic::Status {
             Error::WrongKind { .. }
             | Error::ShardCountMismatch { .. }
             | Error::WrongShard { .. }
-            | Error::ConsistencyConflict { .. }
-            => Code::FailedPrecondition,
+            | Error::ConsistencyConflict { .. } => Code::FailedPrecondition,
             Error::SpecConflict(_) => Code::AlreadyExists,
             Error::WaitTimeout { .. } => Code::DeadlineExceeded,
             Error::ShuttingDown => Code::Unavailable,

@@ -8,12 +8,17 @@
 //!   gates, leases, and the staleness histogram.
 //! - [`service::Service`] is the gRPC edge: protobuf in, domain calls, protobuf
 //!   out; [`error::Error`] maps to a gRPC status in one place.
-//! - [`serve`] runs a shard on a listener until a shutdown future resolves;
-//!   `main.rs` is a thin wrapper that parses flags and waits for SIGINT/SIGTERM.
+//! - [`serve`] runs a shard on a listener until a shutdown future resolves,
+//!   with the server built by `ps_common::transport` from
+//!   [`ServerConfig::transport`]; `main.rs` is a thin wrapper that parses flags
+//!   and waits for SIGINT/SIGTERM.
+//! - [`local::LocalShards`] starts N shards in-process on loopback, for tests,
+//!   benchmarks and examples.
 
 pub mod cli;
 pub mod clock;
 pub mod error;
+pub mod local;
 pub mod service;
 pub mod store;
 
@@ -22,7 +27,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ps_common::wire::pb::parameter_server_server::ParameterServerServer;
+use ps_common::transport::{self, TransportConfig};
 use serde::{Deserialize, Serialize};
 
 pub use error::{Error, Result};
@@ -38,12 +43,12 @@ pub struct ServerConfig {
     pub num_shards: u32,
     /// Address to listen on; port 0 picks a free port (printed at start).
     pub listen: SocketAddr,
-    /// Largest request or response accepted, in MiB.
-    pub max_message_mib: usize,
     /// Longest a BSP/SSP read may wait before failing with DEADLINE_EXCEEDED.
     pub max_wait_ms: u64,
     /// How often expired worker leases are checked.
     pub reap_interval_ms: u64,
+    /// HTTP/2 settings and the message limit (`[transport]`).
+    pub transport: TransportConfig,
 }
 
 impl Default for ServerConfig {
@@ -52,9 +57,9 @@ impl Default for ServerConfig {
             shard: 0,
             num_shards: 1,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            max_message_mib: 256,
             max_wait_ms: 120_000,
             reap_interval_ms: 250,
+            transport: TransportConfig::default(),
         }
     }
 }
@@ -65,13 +70,10 @@ impl ServerConfig {
         if self.num_shards == 0 || self.shard >= self.num_shards {
             return bad(format!("shard {} is not in 0..{}", self.shard, self.num_shards));
         }
-        if self.max_message_mib == 0 || self.max_message_mib > 2047 {
-            return bad(format!("max_message_mib must be 1..=2047, got {}", self.max_message_mib));
-        }
         if self.reap_interval_ms == 0 {
             return bad("reap_interval_ms must be positive".into());
         }
-        Ok(())
+        self.transport.validate().map_err(|e| Error::Config(e.to_string()))
     }
 }
 
@@ -88,7 +90,9 @@ pub async fn serve(
         clocks: clock::Clocks::default(),
         max_wait: Duration::from_millis(config.max_wait_ms),
     });
-    let reaper = {
+    // Aborted on drop too, so a shard whose serve future is dropped (aborted
+    // in tests) leaves no reaper behind.
+    let _reaper = AbortOnDrop({
         let shard = Arc::clone(&shard);
         let every = Duration::from_millis(config.reap_interval_ms);
         tokio::spawn(async move {
@@ -98,28 +102,12 @@ pub async fn serve(
                 shard.clocks.reap(tokio::time::Instant::now());
             }
         })
-    };
-    let limit = config.max_message_mib << 20;
-    let svc = ParameterServerServer::new(Service(shard))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
-    // The builder's tcp_nodelay only applies to listeners it binds itself:
-    // set it on every accepted socket here. Without it, responses of a few
-    // hundred KiB stall on Nagle's algorithm against delayed ACKs.
-    let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |s| {
-        s.inspect(|s| {
-            let _ = s.set_nodelay(true);
-        })
     });
-    let result = tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        // Fewer, larger HTTP/2 frames for the bulk value buffers.
-        .max_frame_size(Some((1 << 20) - 1))
-        .add_service(svc)
-        .serve_with_incoming_shutdown(incoming, shutdown)
+    let t = &config.transport;
+    let result = transport::server(t)
+        .add_service(transport::service(t, Service(shard)))
+        .serve_with_incoming_shutdown(transport::incoming(t, listener), shutdown)
         .await;
-    reaper.abort();
     result.map_err(Error::from)
 }
 
@@ -136,4 +124,13 @@ pub async fn bind_and_serve(
         .map_err(|e| Error::Io { what: format!("bind {}", config.listen), source: e })?;
     on_bound(listener.local_addr().map_err(|e| Error::Io { what: "local_addr".into(), source: e })?);
     serve(config, listener, shutdown).await
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

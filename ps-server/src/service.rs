@@ -1,5 +1,9 @@
 //! The gRPC service of one shard: converts requests at the edge, enforces
 //! consistency, and calls the store.
+//!
+//! This is the only place in the shard that sees wire bytes: keys and
+//! gradients are decoded here (`ps_common::codec`) before the store sees
+//! them, and pulled values are encoded here as the store hands them out.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,7 +64,10 @@ impl Shard {
 #[tonic::async_trait]
 impl ParameterServer for Service {
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard()))]
-    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        req: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
         let req = req.into_inner();
         let table = req.table.ok_or(ps_common::Error::MissingField("table")).map_err(|e| self.0.refuse(e))?;
         let spec = TableSpec::try_from(table).map_err(|e| self.0.refuse(e))?;
@@ -73,11 +80,16 @@ impl ParameterServer for Service {
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), chunks = req.get_ref().chunks.len()))]
-    async fn pull_dense(&self, req: Request<pb::PullDenseRequest>) -> Result<Response<pb::PullDenseResponse>, Status> {
+    async fn pull_dense(
+        &self,
+        req: Request<pb::PullDenseRequest>,
+    ) -> Result<Response<pb::PullDenseResponse>, Status> {
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let ids: Vec<(&str, u32)> = req.chunks.iter().map(|c| (c.tensor.as_str(), c.index)).collect();
-        let values = self.0.store.pull_dense(&ids).map_err(|e| self.0.refuse(e))?;
+        let mut values = Vec::with_capacity(ids.len());
+        // Encoded straight from each block, under its lock: one copy.
+        self.0.store.pull_dense(&ids, |v| values.push(codec::encode_f32(v))).map_err(|e| self.0.refuse(e))?;
         let chunks = req
             .chunks
             .into_iter()
@@ -88,33 +100,56 @@ impl ParameterServer for Service {
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), chunks = req.get_ref().chunks.len()))]
-    async fn push_dense(&self, req: Request<pb::PushDenseRequest>) -> Result<Response<pb::PushResponse>, Status> {
+    async fn push_dense(
+        &self,
+        req: Request<pb::PushDenseRequest>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
         let info = self.0.before_push(&meta);
-        let chunks: Vec<(&str, u32, &[u8])> =
-            req.chunks.iter().map(|c| (c.tensor.as_str(), c.index, c.values.as_ref())).collect();
+        let grads = (req.chunks.iter().map(|c| codec::decode_f32("gradient", &c.values)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.0.refuse(e))?;
+        let chunks: Vec<(&str, u32, &[f32])> =
+            req.chunks.iter().zip(&grads).map(|(c, g)| (c.tensor.as_str(), c.index, g.as_slice())).collect();
         let out = self.0.store.push_dense(&chunks, info).map_err(|e| self.0.refuse(e))?;
         self.0.after_push(&meta, info, out.duplicate);
         Ok(Response::new(pb::PushResponse { applied: out.applied, duplicate: out.duplicate }))
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), table = %req.get_ref().table))]
-    async fn pull_sparse(&self, req: Request<pb::PullSparseRequest>) -> Result<Response<pb::PullSparseResponse>, Status> {
+    async fn pull_sparse(
+        &self,
+        req: Request<pb::PullSparseRequest>,
+    ) -> Result<Response<pb::PullSparseResponse>, Status> {
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
-        let (values, dim) = self.0.store.pull_sparse(&req.table, &keys, req.read_only).map_err(|e| self.0.refuse(e))?;
-        Ok(Response::new(pb::PullSparseResponse { values, dim: dim as u32 }))
+        let mut values = Vec::new();
+        let dim = self
+            .0
+            .store
+            .pull_sparse(&req.table, &keys, req.read_only, |row| {
+                if values.is_empty() {
+                    values.reserve_exact(keys.len() * row.len() * 4);
+                }
+                codec::append_f32(&mut values, row);
+            })
+            .map_err(|e| self.0.refuse(e))?;
+        Ok(Response::new(pb::PullSparseResponse { values: values.into(), dim: dim as u32 }))
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), table = %req.get_ref().table))]
-    async fn push_sparse(&self, req: Request<pb::PushSparseRequest>) -> Result<Response<pb::PushResponse>, Status> {
+    async fn push_sparse(
+        &self,
+        req: Request<pb::PushSparseRequest>,
+    ) -> Result<Response<pb::PushResponse>, Status> {
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
         let info = self.0.before_push(&meta);
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
-        let out = self.0.store.push_sparse(&req.table, &keys, &req.grads, info).map_err(|e| self.0.refuse(e))?;
+        let grads = codec::decode_f32("gradient", &req.grads).map_err(|e| self.0.refuse(e))?;
+        let out = self.0.store.push_sparse(&req.table, &keys, &grads, info).map_err(|e| self.0.refuse(e))?;
         self.0.after_push(&meta, info, out.duplicate);
         Ok(Response::new(pb::PushResponse { applied: out.applied, duplicate: out.duplicate }))
     }
@@ -131,7 +166,10 @@ impl ParameterServer for Service {
         Ok(Response::new(pb::JoinResponse { last_seq: self.0.store.last_seq(req.worker), clock }))
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.0.clocks.touch(req.into_inner().worker);
         Ok(Response::new(pb::HeartbeatResponse {}))
     }

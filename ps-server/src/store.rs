@@ -12,15 +12,18 @@
 //! the worker's dedup lock is held from the seq check to the end of the apply,
 //! so a duplicate that races the original waits and is then recognised.
 //!
-//! The store never sees protobuf types; [`crate::service`] converts at the edge.
+//! The store speaks in domain terms: keys are `u64`s, values and gradients
+//! `f32` slices. It never sees protobuf types or wire bytes; [`crate::service`]
+//! decodes requests and encodes answers at the edge. Reads hand each block's
+//! values to a caller's closure while the block is locked, so the service
+//! encodes straight from the block (one copy) and a checkpoint or another
+//! codec can consume the same values without a wire format in between.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
 use dashmap::DashMap;
-use ps_common::codec;
 use ps_common::partition::{self, ShardId};
 use ps_common::spec::{Layout, TableSpec};
 
@@ -115,13 +118,19 @@ pub struct Store {
     pub counters: Counters,
 }
 
-/// A validated dense push: table, chunk index, decoded gradient.
-type DenseUpdate = (Arc<Table>, u32, Vec<f32>);
+/// A validated dense chunk reference: table, chunk index, chunk length.
+type ChunkRef = (Arc<Table>, u32, usize);
 
 impl Store {
     pub fn new(shard: ShardId, num_shards: u32) -> Store {
         assert!(shard < num_shards, "shard {shard} out of range 0..{num_shards}");
-        Store { shard, num_shards, tables: DashMap::new(), last_seq: DashMap::new(), counters: Counters::default() }
+        Store {
+            shard,
+            num_shards,
+            tables: DashMap::new(),
+            last_seq: DashMap::new(),
+            counters: Counters::default(),
+        }
     }
 
     pub fn shard(&self) -> ShardId {
@@ -136,7 +145,11 @@ impl Store {
     /// Returns whether it was created.
     pub fn register(&self, spec: TableSpec, caller_shards: u32) -> Result<bool> {
         if caller_shards != self.num_shards {
-            return Err(Error::ShardCountMismatch { caller: caller_shards, ours: self.num_shards, shard: self.shard });
+            return Err(Error::ShardCountMismatch {
+                caller: caller_shards,
+                ours: self.num_shards,
+                shard: self.shard,
+            });
         }
         spec.validate()?;
         let entry = self.tables.entry(spec.name.clone());
@@ -171,10 +184,18 @@ impl Store {
     /// Checks that chunk `index` of `table` exists and is ours; returns its length.
     fn check_chunk(&self, table: &Table, index: u32) -> Result<usize> {
         let Blocks::Dense { len, chunk_len, num_chunks, .. } = &table.blocks else {
-            return Err(Error::WrongKind { name: table.spec.name.clone(), expected: "dense", actual: table.kind() });
+            return Err(Error::WrongKind {
+                name: table.spec.name.clone(),
+                expected: "dense",
+                actual: table.kind(),
+            });
         };
         if index as usize >= *num_chunks {
-            return Err(Error::ChunkOutOfRange { tensor: table.spec.name.clone(), index, chunks: *num_chunks });
+            return Err(Error::ChunkOutOfRange {
+                tensor: table.spec.name.clone(),
+                index,
+                chunks: *num_chunks,
+            });
         }
         let owner = partition::chunk_shard(&table.spec.name, index, self.num_shards);
         if owner != self.shard {
@@ -188,57 +209,72 @@ impl Store {
         Ok(partition::chunk_range(*len, *chunk_len, index as usize).len())
     }
 
-    /// Reads dense chunks, in request order.
-    pub fn pull_dense(&self, chunks: &[(&str, u32)]) -> Result<Vec<Bytes>> {
-        let mut out = Vec::with_capacity(chunks.len());
+    /// Checks that every chunk exists and is ours, without reading anything.
+    fn resolve_chunks(&self, chunks: &[(&str, u32)]) -> Result<Vec<ChunkRef>> {
+        chunks
+            .iter()
+            .map(|&(name, index)| {
+                let table = self.table(name)?;
+                let len = self.check_chunk(&table, index)?;
+                Ok((table, index, len))
+            })
+            .collect()
+    }
+
+    /// Reads dense chunks: `visit` gets each chunk's values, in request order,
+    /// while that chunk is locked. Every chunk is checked before the first
+    /// is read, so on an error `visit` has not been called.
+    pub fn pull_dense(&self, chunks: &[(&str, u32)], mut visit: impl FnMut(&[f32])) -> Result<()> {
+        let resolved = self.resolve_chunks(chunks)?;
         let mut total = 0;
-        for &(name, index) in chunks {
-            let table = self.table(name)?;
-            let len = self.check_chunk(&table, index)?;
+        for (table, index, len) in &resolved {
             let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("checked by check_chunk") };
-            let block = chunks.get(&index).expect("owned chunks are created at registration");
-            out.push(codec::encode_f32(block.values(len)));
+            let block = chunks.get(index).expect("owned chunks are created at registration");
+            visit(block.values(*len));
             total += len;
         }
         self.counters.pulls.fetch_add(1, Ordering::Relaxed);
         self.counters.values_pulled.fetch_add(total as u64, Ordering::Relaxed);
-        Ok(out)
+        Ok(())
     }
 
-    /// Validates and decodes a whole dense push without changing anything.
-    fn validate_dense(&self, chunks: &[(&str, u32, &[u8])]) -> Result<Vec<DenseUpdate>> {
+    /// Validates a whole dense push without changing anything.
+    fn validate_dense(&self, chunks: &[(&str, u32, &[f32])]) -> Result<Vec<ChunkRef>> {
         let mut seen = HashSet::with_capacity(chunks.len());
-        let mut updates = Vec::with_capacity(chunks.len());
-        for &(name, index, bytes) in chunks {
+        let mut resolved = Vec::with_capacity(chunks.len());
+        for &(name, index, grad) in chunks {
             let table = self.table(name)?;
             let len = self.check_chunk(&table, index)?;
             if !seen.insert((name, index)) {
                 return Err(Error::Duplicate { what: format!("chunk {index} of `{name}`") });
             }
-            let n = codec::f32_len("gradient", bytes)?;
-            if n != len {
-                return Err(Error::DimMismatch { tensor: name.to_string(), index, expected: len, got: n });
+            if grad.len() != len {
+                return Err(Error::DimMismatch {
+                    tensor: name.to_string(),
+                    index,
+                    expected: len,
+                    got: grad.len(),
+                });
             }
-            let mut grad = vec![0.0; len];
-            codec::decode_f32_into("gradient", bytes, &mut grad)?;
             if grad.iter().any(|g| !g.is_finite()) {
                 return Err(Error::NonFinite { what: format!("chunk {index} of `{name}`") });
             }
-            updates.push((table, index, grad));
+            resolved.push((table, index, len));
         }
-        Ok(updates)
+        Ok(resolved)
     }
 
-    /// Applies a dense push: all chunks or, on any error, none.
-    pub fn push_dense(&self, chunks: &[(&str, u32, &[u8])], info: PushInfo) -> Result<PushOutcome> {
-        let updates = self.validate_dense(chunks)?;
+    /// Applies a dense push of `(tensor, chunk index, gradient)`: all chunks
+    /// or, on any error, none.
+    pub fn push_dense(&self, chunks: &[(&str, u32, &[f32])], info: PushInfo) -> Result<PushOutcome> {
+        let resolved = self.validate_dense(chunks)?;
         self.exactly_once(info, || {
             let mut applied = 0;
-            for (table, index, grad) in &updates {
+            for ((table, index, len), &(_, _, grad)) in resolved.iter().zip(chunks) {
                 let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("validated") };
                 let mut block = chunks.get_mut(index).expect("owned chunks are created at registration");
-                block.apply(&table.spec, grad.len(), grad, info.staleness);
-                applied += grad.len() as u64;
+                block.apply(&table.spec, *len, grad, info.staleness);
+                applied += *len as u64;
             }
             applied
         })
@@ -295,64 +331,71 @@ impl Store {
         Ok(())
     }
 
-    /// Reads rows in request order: `keys.len() * dim` floats. Missing rows
-    /// are created with the table's initializer, unless `read_only`, where
-    /// they read as their initial values and stay missing.
-    pub fn pull_sparse(&self, name: &str, keys: &[u64], read_only: bool) -> Result<(Bytes, usize)> {
+    /// Reads rows: `visit` gets each key's `dim` values, in request order,
+    /// while that row is locked; returns `dim`. Missing rows are created with
+    /// the table's initializer, unless `read_only`, where they read as their
+    /// initial values and stay missing. Every key is checked before the first
+    /// row is read, so on an error `visit` has not been called.
+    pub fn pull_sparse(
+        &self,
+        name: &str,
+        keys: &[u64],
+        read_only: bool,
+        mut visit: impl FnMut(&[f32]),
+    ) -> Result<usize> {
         let (table, dim) = self.sparse_table(name)?;
         self.check_keys(name, keys)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
-        let mut out = Vec::with_capacity(keys.len() * dim * 4);
-        let push_values = |out: &mut Vec<u8>, values: &[f32]| {
-            for v in values {
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-        };
         let mut initial = Vec::new();
         for &key in keys {
             match rows.get(&key) {
-                Some(b) => push_values(&mut out, b.values(dim)),
+                Some(b) => visit(b.values(dim)),
                 None if read_only => {
                     initial.resize(dim, 0.0);
                     table.spec.init.fill(&table.spec.name, key, &mut initial);
-                    push_values(&mut out, &initial);
+                    visit(&initial);
                 }
                 None => {
                     let b = rows.entry(key).or_insert_with(|| Block::new(&table.spec, key, dim));
-                    push_values(&mut out, b.values(dim));
+                    visit(b.values(dim));
                 }
             }
         }
         self.counters.pulls.fetch_add(1, Ordering::Relaxed);
         self.counters.values_pulled.fetch_add((keys.len() * dim) as u64, Ordering::Relaxed);
-        Ok((Bytes::from(out), dim))
+        Ok(dim)
     }
 
-    fn validate_sparse(&self, name: &str, keys: &[u64], grads: &[u8]) -> Result<(Arc<Table>, usize, Vec<f32>)> {
+    fn validate_sparse(&self, name: &str, keys: &[u64], grads: &[f32]) -> Result<(Arc<Table>, usize)> {
         let (table, dim) = self.sparse_table(name)?;
         self.check_keys(name, keys)?;
-        let n = codec::f32_len("gradient", grads)?;
-        if n != keys.len() * dim {
-            return Err(ps_common::Error::LengthMismatch { what: "sparse gradient", expected: keys.len() * dim, got: n }
-                .into());
+        if grads.len() != keys.len() * dim {
+            let (expected, got) = (keys.len() * dim, grads.len());
+            return Err(ps_common::Error::LengthMismatch { what: "sparse gradient", expected, got }.into());
         }
         let mut seen = HashSet::with_capacity(keys.len());
         if let Some(k) = keys.iter().find(|&&k| !seen.insert(k)) {
             return Err(Error::Duplicate { what: format!("key {k} of `{name}`") });
         }
-        let grad = codec::decode_f32("gradient", grads)?;
-        if let Some(i) = grad.iter().position(|g| !g.is_finite()) {
+        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
             return Err(Error::NonFinite { what: format!("row of key {} of `{name}`", keys[i / dim]) });
         }
-        Ok((table, dim, grad))
+        Ok((table, dim))
     }
 
-    /// Applies a sparse push: all rows or, on any error, none.
-    pub fn push_sparse(&self, name: &str, keys: &[u64], grads: &[u8], info: PushInfo) -> Result<PushOutcome> {
-        let (table, dim, grad) = self.validate_sparse(name, keys, grads)?;
+    /// Applies a sparse push: `grads` holds `dim` values per key, in key
+    /// order. All rows or, on any error, none.
+    pub fn push_sparse(
+        &self,
+        name: &str,
+        keys: &[u64],
+        grads: &[f32],
+        info: PushInfo,
+    ) -> Result<PushOutcome> {
+        let (table, dim) = self.validate_sparse(name, keys, grads)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("validated") };
         self.exactly_once(info, || {
-            for (&key, g) in keys.iter().zip(grad.chunks_exact(dim)) {
+            for (&key, g) in keys.iter().zip(grads.chunks_exact(dim)) {
                 let mut row = rows.entry(key).or_insert_with(|| Block::new(&table.spec, key, dim));
                 row.apply(&table.spec, dim, g, info.staleness);
             }
@@ -384,7 +427,9 @@ impl Store {
                     (u64::from(*b.key()), b.values(n).to_vec())
                 })
                 .collect(),
-            Blocks::Sparse { dim, rows } => rows.iter().map(|b| (*b.key(), b.values(*dim).to_vec())).collect(),
+            Blocks::Sparse { dim, rows } => {
+                rows.iter().map(|b| (*b.key(), b.values(*dim).to_vec())).collect()
+            }
         };
         out.sort_unstable_by_key(|(k, _)| *k);
         Ok(out)
@@ -403,8 +448,18 @@ mod tests {
         t
     }
 
-    fn ones(n: usize) -> Vec<u8> {
-        codec::encode_f32(&vec![1.0; n]).to_vec()
+    /// Pulls dense chunks as one vector per chunk.
+    fn pull(s: &Store, chunks: &[(&str, u32)]) -> Result<Vec<Vec<f32>>> {
+        let mut out = Vec::new();
+        s.pull_dense(chunks, |v| out.push(v.to_vec()))?;
+        Ok(out)
+    }
+
+    /// Pulls sparse rows as one flat vector.
+    fn pull_rows(s: &Store, name: &str, keys: &[u64], read_only: bool) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        s.pull_sparse(name, keys, read_only, |row| out.extend_from_slice(row))?;
+        Ok(out)
     }
 
     #[test]
@@ -420,13 +475,43 @@ mod tests {
     fn dense_push_applies_sgd_and_dedups() {
         let s = Store::new(0, 1);
         s.register(sgd_dense("w", 10, 4), 1).unwrap();
-        let g = ones(4);
+        let g = [1.0; 4];
         let info = PushInfo { worker: 1, seq: 1, staleness: 0 };
-        assert_eq!(s.push_dense(&[("w", 0, &g)], info).unwrap(), PushOutcome { applied: 4, duplicate: false });
+        assert_eq!(
+            s.push_dense(&[("w", 0, &g)], info).unwrap(),
+            PushOutcome { applied: 4, duplicate: false }
+        );
         assert_eq!(s.push_dense(&[("w", 0, &g)], info).unwrap(), PushOutcome { applied: 0, duplicate: true });
-        let v = codec::decode_f32("v", &s.pull_dense(&[("w", 0)]).unwrap()[0]).unwrap();
-        assert_eq!(v, vec![-0.5; 4]);
+        assert_eq!(pull(&s, &[("w", 0), ("w", 2)]).unwrap(), vec![vec![-0.5; 4], vec![0.0; 2]]);
         assert_eq!(s.last_seq(1), 1);
+    }
+
+    #[test]
+    fn a_rejected_dense_push_changes_nothing() {
+        let s = Store::new(0, 1);
+        s.register(sgd_dense("w", 10, 4), 1).unwrap();
+        let info = PushInfo { worker: 1, seq: 1, staleness: 0 };
+        let (g, short, bad) = ([1.0; 4], [1.0; 3], [1.0, f32::NAN]);
+        let check = |chunks: &[(&str, u32, &[f32])]| s.push_dense(chunks, info).unwrap_err();
+        assert!(matches!(
+            check(&[("w", 0, &g), ("w", 1, &short)]),
+            Error::DimMismatch { expected: 4, got: 3, .. }
+        ));
+        assert!(matches!(check(&[("w", 0, &g), ("w", 2, &bad)]), Error::NonFinite { .. }));
+        assert!(matches!(check(&[("w", 0, &g), ("w", 0, &g)]), Error::Duplicate { .. }));
+        assert!(matches!(check(&[("w", 0, &g), ("w", 3, &g)]), Error::ChunkOutOfRange { chunks: 3, .. }));
+        assert!(matches!(check(&[("w", 0, &g), ("v", 0, &g)]), Error::UnknownTable(_)));
+        assert_eq!(
+            pull(&s, &[("w", 0), ("w", 1), ("w", 2)]).unwrap(),
+            vec![vec![0.0; 4], vec![0.0; 4], vec![0.0; 2]]
+        );
+        assert_eq!(s.last_seq(1), 0, "a rejected push does not consume its seq");
+        let mut visited = 0;
+        assert!(matches!(
+            s.pull_dense(&[("w", 0), ("w", 3)], |_| visited += 1),
+            Err(Error::ChunkOutOfRange { .. })
+        ));
+        assert_eq!(visited, 0, "a rejected pull reads nothing");
     }
 
     #[test]
@@ -434,16 +519,32 @@ mod tests {
         let s = Store::new(0, 1);
         let init = Init { kind: InitKind::Constant { value: 2.0 }, seed: 0 };
         s.register(TableSpec::sparse("e", 3, init, Rule::sgd(1.0).into()), 1).unwrap();
-        let (bytes, dim) = s.pull_sparse("e", &[7, 9], true).unwrap();
-        assert_eq!(dim, 3);
-        assert_eq!(codec::decode_f32("v", &bytes).unwrap(), vec![2.0; 6]);
+        assert_eq!(s.pull_sparse("e", &[7, 9], true, |_| {}).unwrap(), 3);
+        assert_eq!(pull_rows(&s, "e", &[7, 9], true).unwrap(), vec![2.0; 6]);
         assert_eq!(s.sizes(), (1, 0, 0), "a read-only pull creates nothing");
-        let (bytes, _) = s.pull_sparse("e", &[7, 9], false).unwrap();
-        assert_eq!(codec::decode_f32("v", &bytes).unwrap(), vec![2.0; 6]);
-        let g = codec::encode_f32(&[1.0, 1.0, 1.0]);
-        s.push_sparse("e", &[9], &g, PushInfo::default()).unwrap();
-        let (bytes, _) = s.pull_sparse("e", &[9, 7], true).unwrap();
-        assert_eq!(codec::decode_f32("v", &bytes).unwrap(), vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
+        assert_eq!(pull_rows(&s, "e", &[7, 9], false).unwrap(), vec![2.0; 6]);
+        s.push_sparse("e", &[9], &[1.0, 1.0, 1.0], PushInfo::default()).unwrap();
+        assert_eq!(pull_rows(&s, "e", &[9, 7], true).unwrap(), vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
         assert_eq!(s.sizes(), (1, 0, 2));
+    }
+
+    #[test]
+    fn a_rejected_sparse_push_changes_nothing() {
+        let s = Store::new(0, 1);
+        s.register(TableSpec::sparse("e", 2, Init::zeros(), Rule::sgd(1.0).into()), 1).unwrap();
+        let check =
+            |keys: &[u64], grads: &[f32]| s.push_sparse("e", keys, grads, PushInfo::default()).unwrap_err();
+        assert!(matches!(
+            check(&[1, 2], &[1.0; 3]),
+            Error::Malformed(ps_common::Error::LengthMismatch { expected: 4, got: 3, .. })
+        ));
+        assert!(matches!(check(&[1, 1], &[1.0; 4]), Error::Duplicate { .. }));
+        assert!(matches!(check(&[1, 2], &[1.0, 1.0, f32::INFINITY, 1.0]), Error::NonFinite { .. }));
+        assert_eq!(s.sizes(), (1, 0, 0));
+        let other = Store::new(0, 2);
+        other.register(TableSpec::sparse("e", 2, Init::zeros(), Rule::sgd(1.0).into()), 2).unwrap();
+        let theirs = (0..).find(|&k| partition::key_shard(k, 2) == 1).unwrap();
+        let err = other.push_sparse("e", &[theirs], &[1.0; 2], PushInfo::default()).unwrap_err();
+        assert!(matches!(err, Error::WrongShard { owner: 1, this: 0, .. }));
     }
 }

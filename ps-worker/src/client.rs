@@ -11,27 +11,34 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::time::Duration;
 
+use futures::future::join_all;
 use ps_common::codec;
 use ps_common::partition::{self, ShardId};
 use ps_common::spec::{Consistency, Layout, TableSpec};
+use ps_common::transport::{self, TransportConfig, duration_ms};
 use ps_common::wire::pb::{self, parameter_server_client::ParameterServerClient};
-use futures::future::join_all;
-use tonic::transport::{Channel, Endpoint};
+use serde::{Deserialize, Serialize};
+use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 
-/// Connection and retry settings.
-#[derive(Debug, Clone)]
+/// Connection and retry settings (the `[job.client]` table of a run file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ClientOptions {
     /// Keep trying to connect for this long (servers may still be starting).
+    #[serde(rename = "connect_within_ms", with = "duration_ms")]
     pub connect_within: Duration,
     /// Deadline of one push or non-blocking call.
+    #[serde(rename = "request_timeout_ms", with = "duration_ms")]
     pub request_timeout: Duration,
     /// Deadline of a read, which may block under BSP/SSP.
+    #[serde(rename = "read_timeout_ms", with = "duration_ms")]
     pub read_timeout: Duration,
     /// Retries of a push that failed with a transient error.
     pub push_retries: u32,
-    pub max_message_bytes: usize,
+    /// HTTP/2 settings and the message limit (`[job.client.transport]`).
+    pub transport: TransportConfig,
 }
 
 impl Default for ClientOptions {
@@ -41,8 +48,22 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(180),
             push_retries: 5,
-            max_message_bytes: 256 << 20,
+            transport: TransportConfig::default(),
         }
+    }
+}
+
+impl ClientOptions {
+    pub fn validate(&self) -> Result<()> {
+        for (name, d) in
+            [("request_timeout_ms", self.request_timeout), ("read_timeout_ms", self.read_timeout)]
+        {
+            if d.is_zero() {
+                return Err(Error::Config(format!("client {name} must be positive")));
+            }
+        }
+        self.transport.validate()?;
+        Ok(())
     }
 }
 
@@ -67,11 +88,16 @@ impl DenseSet {
             let Layout::Dense { shape, chunk_len } = &spec.layout else {
                 return Err(Error::Config(format!("`{}` is not a dense tensor", spec.name)));
             };
-            let len = Layout::dense_len(shape).ok_or_else(|| Error::Config(format!("`{}` too large", spec.name)))?;
+            let len = Layout::dense_len(shape)
+                .ok_or_else(|| Error::Config(format!("`{}` too large", spec.name)))?;
             for i in 0..partition::num_chunks(len, *chunk_len as usize) {
                 let r = partition::chunk_range(len, *chunk_len as usize, i);
                 let shard = partition::chunk_shard(&spec.name, i as u32, num_shards);
-                by_shard[shard as usize].push((spec.name.clone(), i as u32, offset + r.start..offset + r.end));
+                by_shard[shard as usize].push((
+                    spec.name.clone(),
+                    i as u32,
+                    offset + r.start..offset + r.end,
+                ));
             }
             tensors.push((spec.name.clone(), len));
             offset += len;
@@ -120,18 +146,7 @@ impl ShardedClient {
         }
         let mut shards = Vec::with_capacity(addrs.len());
         for addr in addrs {
-            let uri = if addr.contains("://") { addr.clone() } else { format!("http://{addr}") };
-            let endpoint = Endpoint::from_shared(uri)
-                .map_err(|e| Error::Config(format!("bad server address `{addr}`: {e}")))?
-                .connect_timeout(Duration::from_secs(5))
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(20))
-                .keep_alive_while_idle(true)
-                .initial_stream_window_size(Some(8 << 20))
-                .initial_connection_window_size(Some(16 << 20))
-                // Fewer, larger HTTP/2 frames for the bulk value buffers.
-                .max_frame_size((1 << 20) - 1);
+            let endpoint = transport::endpoint(&opts.transport, addr)?;
             let deadline = tokio::time::Instant::now() + opts.connect_within;
             let channel = loop {
                 match endpoint.connect().await {
@@ -142,11 +157,7 @@ impl ShardedClient {
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             };
-            shards.push(
-                ParameterServerClient::new(channel)
-                    .max_decoding_message_size(opts.max_message_bytes)
-                    .max_encoding_message_size(opts.max_message_bytes),
-            );
+            shards.push(transport::client(&opts.transport, channel));
         }
         let n = shards.len();
         Ok(ShardedClient { shards, addrs: addrs.to_vec(), worker, next_seq: vec![1; n], opts })
@@ -176,7 +187,10 @@ impl ShardedClient {
         let num_shards = self.num_shards();
         let calls = self.shards.iter().map(|c| {
             let mut c = c.clone();
-            let req = self.request(pb::RegisterRequest { table: Some(table.clone()), num_shards }, self.opts.request_timeout);
+            let req = self.request(
+                pb::RegisterRequest { table: Some(table.clone()), num_shards },
+                self.opts.request_timeout,
+            );
             async move { c.register(req).await }
         });
         for (i, r) in join_all(calls).await.into_iter().enumerate() {
@@ -265,13 +279,19 @@ impl ShardedClient {
     /// `clock` (BSP/SSP reads block until the clock set allows it).
     pub async fn pull_dense(&self, set: &DenseSet, clock: u64, out: &mut [f32]) -> Result<()> {
         if out.len() != set.len {
-            return Err(Error::Config(format!("pull buffer has {} elements, set has {}", out.len(), set.len)));
+            return Err(Error::Config(format!(
+                "pull buffer has {} elements, set has {}",
+                out.len(),
+                set.len
+            )));
         }
         let meta = pb::ReadMeta { worker: self.worker, clock };
         let calls = set.by_shard.iter().enumerate().filter(|(_, c)| !c.is_empty()).map(|(i, chunks)| {
             let mut c = self.shards[i].clone();
-            let ids = chunks.iter().map(|(t, idx, _)| pb::ChunkId { tensor: t.clone(), index: *idx }).collect();
-            let req = self.request(pb::PullDenseRequest { chunks: ids, meta: Some(meta) }, self.opts.read_timeout);
+            let ids =
+                chunks.iter().map(|(t, idx, _)| pb::ChunkId { tensor: t.clone(), index: *idx }).collect();
+            let req =
+                self.request(pb::PullDenseRequest { chunks: ids, meta: Some(meta) }, self.opts.read_timeout);
             async move { (i, c.pull_dense(req).await) }
         });
         for (i, r) in join_all(calls).await {
@@ -294,7 +314,14 @@ impl ShardedClient {
     /// Pushes `grads` (laid out like `set`) computed at `read_clock` as part of
     /// iteration `clock`. With `tick`, every shard is told the iteration is
     /// complete (shards with no chunk of `set` get an empty push).
-    pub async fn push_dense(&mut self, set: &DenseSet, grads: &[f32], clock: u64, read_clock: u64, tick: bool) -> Result<()> {
+    pub async fn push_dense(
+        &mut self,
+        set: &DenseSet,
+        grads: &[f32],
+        clock: u64,
+        read_clock: u64,
+        tick: bool,
+    ) -> Result<()> {
         let requests = self.dense_push_requests(set, grads, clock, read_clock, tick)?;
         self.send_dense_pushes(requests).await
     }
@@ -304,9 +331,16 @@ impl ShardedClient {
     /// BSP the shards serve the pull only after this push; under SSP and ASP
     /// the pull may miss it (one iteration of staleness on the worker's own
     /// update), which is what buys the overlap.
-    pub async fn push_and_pull_dense(&mut self, set: &DenseSet, grads: &[f32], clock: u64, out: &mut [f32]) -> Result<()> {
+    pub async fn push_and_pull_dense(
+        &mut self,
+        set: &DenseSet,
+        grads: &[f32],
+        clock: u64,
+        out: &mut [f32],
+    ) -> Result<()> {
         let requests = self.dense_push_requests(set, grads, clock, clock, true)?;
-        let (pushed, pulled) = tokio::join!(self.send_dense_pushes(requests), self.pull_dense(set, clock + 1, out));
+        let (pushed, pulled) =
+            tokio::join!(self.send_dense_pushes(requests), self.pull_dense(set, clock + 1, out));
         pushed.and(pulled)
     }
 
@@ -329,7 +363,11 @@ impl ShardedClient {
             }
             let chunks = chunks
                 .iter()
-                .map(|(t, idx, r)| pb::DenseChunk { tensor: t.clone(), index: *idx, values: codec::encode_f32(&grads[r.clone()]) })
+                .map(|(t, idx, r)| pb::DenseChunk {
+                    tensor: t.clone(),
+                    index: *idx,
+                    values: codec::encode_f32(&grads[r.clone()]),
+                })
                 .collect();
             let meta = self.next_meta(i, clock, read_clock, tick);
             requests.push((i, pb::PushDenseRequest { chunks, meta: Some(meta) }));
@@ -347,7 +385,9 @@ impl ShardedClient {
     where
         M: Clone,
         F: Fn(ParameterServerClient<Channel>, tonic::Request<M>) -> Fut + Copy,
-        Fut: std::future::Future<Output = std::result::Result<tonic::Response<pb::PushResponse>, tonic::Status>>,
+        Fut: std::future::Future<
+                Output = std::result::Result<tonic::Response<pb::PushResponse>, tonic::Status>,
+            >,
     {
         let calls = requests.into_iter().map(|(i, msg)| {
             let c = &self.shards[i];
@@ -377,13 +417,27 @@ impl ShardedClient {
     /// Pulls the rows of `keys` (duplicates allowed) into `out`
     /// (`keys.len() * dim` floats, in key order), creating missing rows on
     /// their shards. Each distinct key is sent once, to its shard.
-    pub async fn pull_sparse(&self, table: &str, dim: usize, keys: &[u64], clock: u64, out: &mut [f32]) -> Result<()> {
+    pub async fn pull_sparse(
+        &self,
+        table: &str,
+        dim: usize,
+        keys: &[u64],
+        clock: u64,
+        out: &mut [f32],
+    ) -> Result<()> {
         self.read_sparse(table, dim, keys, clock, out, false).await
     }
 
     /// As [`Self::pull_sparse`], but creates nothing: missing rows read as
     /// their initial values (for evaluation on unseen keys).
-    pub async fn lookup_sparse(&self, table: &str, dim: usize, keys: &[u64], clock: u64, out: &mut [f32]) -> Result<()> {
+    pub async fn lookup_sparse(
+        &self,
+        table: &str,
+        dim: usize,
+        keys: &[u64],
+        clock: u64,
+        out: &mut [f32],
+    ) -> Result<()> {
         self.read_sparse(table, dim, keys, clock, out, true).await
     }
 
@@ -397,7 +451,11 @@ impl ShardedClient {
         read_only: bool,
     ) -> Result<()> {
         if out.len() != keys.len() * dim {
-            return Err(Error::Config(format!("pull buffer has {} floats, need {}", out.len(), keys.len() * dim)));
+            return Err(Error::Config(format!(
+                "pull buffer has {} floats, need {}",
+                out.len(),
+                keys.len() * dim
+            )));
         }
         let plan = SparsePlan::new(keys, self.num_shards());
         let meta = pb::ReadMeta { worker: self.worker, clock };
@@ -418,7 +476,10 @@ impl ShardedClient {
         for (i, r) in join_all(calls).await {
             let resp = r.map_err(|s| self.status(i, s))?.into_inner();
             if resp.dim as usize != dim {
-                return Err(Error::Protocol(format!("table `{table}` has rows of {}, caller expects {dim}", resp.dim)));
+                return Err(Error::Protocol(format!(
+                    "table `{table}` has rows of {}, caller expects {dim}",
+                    resp.dim
+                )));
             }
             let values = codec::decode_f32("pulled rows", &resp.values)?;
             if values.len() != plan.by_shard[i].len() * dim {
@@ -448,7 +509,11 @@ impl ShardedClient {
         tick: bool,
     ) -> Result<()> {
         if grads.len() != keys.len() * dim {
-            return Err(Error::Config(format!("gradient has {} floats, need {}", grads.len(), keys.len() * dim)));
+            return Err(Error::Config(format!(
+                "gradient has {} floats, need {}",
+                grads.len(),
+                keys.len() * dim
+            )));
         }
         let plan = SparsePlan::new(keys, self.num_shards());
         let mut merged = vec![0.0f32; plan.unique * dim];
@@ -545,5 +610,27 @@ where
             }
             Err(s) => return Err(s),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_read_from_a_run_file_table() {
+        assert_eq!(toml::from_str::<ClientOptions>("").unwrap(), ClientOptions::default());
+        let text = "read_timeout_ms = 1500\npush_retries = 0\n[transport]\nmax_message_mib = 64\n";
+        let opts: ClientOptions = toml::from_str(text).unwrap();
+        assert_eq!(opts.read_timeout, Duration::from_millis(1500));
+        assert_eq!((opts.push_retries, opts.transport.max_message_mib), (0, 64));
+        assert_eq!(opts.request_timeout, ClientOptions::default().request_timeout);
+        let back: ClientOptions = toml::from_str(&toml::to_string(&opts).unwrap()).unwrap();
+        assert_eq!(back, opts);
+        assert!(toml::from_str::<ClientOptions>("read_timeout = 5").is_err(), "unknown keys are errors");
+        let zero: ClientOptions = toml::from_str("request_timeout_ms = 0").unwrap();
+        assert!(zero.validate().is_err());
+        let bad: ClientOptions = toml::from_str("[transport]\nmax_message_mib = 0").unwrap();
+        assert!(matches!(bad.validate(), Err(Error::Wire(ps_common::Error::InvalidTransport(_)))));
     }
 }

@@ -8,6 +8,7 @@ use ps_common::optim::Rule;
 use ps_common::spec::{Consistency, OptimizerConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::client::ClientOptions;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,6 +70,9 @@ pub struct JobConfig {
     /// Minimum time between progress events.
     #[serde(default = "defaults::progress_every_ms")]
     pub progress_every_ms: u64,
+    /// Connection, timeout and retry settings of the workers' clients.
+    #[serde(default)]
+    pub client: ClientOptions,
 }
 
 mod defaults {
@@ -278,10 +282,17 @@ impl JobConfig {
             return bad(format!("lease_ms must be at least 100, got {}", self.lease_ms));
         }
         self.optimizer.rule.validate()?;
+        self.client.validate()?;
         match &self.workload {
             Workload::MnistMlp { layers, chunk_len, .. } => {
-                if layers.len() < 2 || layers.contains(&0) || layers[0] != 784 || *layers.last().unwrap_or(&0) != 10 {
-                    return bad(format!("mnist layers must start at 784, end at 10, all positive: {layers:?}"));
+                if layers.len() < 2
+                    || layers.contains(&0)
+                    || layers[0] != 784
+                    || *layers.last().unwrap_or(&0) != 10
+                {
+                    return bad(format!(
+                        "mnist layers must start at 784, end at 10, all positive: {layers:?}"
+                    ));
                 }
                 if *chunk_len == 0 {
                     return bad("chunk_len must be positive".into());

@@ -1,7 +1,7 @@
 //! Consistency models end to end: BSP against a serial simulation, workers
 //! killed mid-run under BSP and SSP, and Ctrl-C on the launcher.
 //!
-//! The in-process tests run shards ([`Shards`]) and workers
+//! The in-process tests run shards ([`LocalShards`]) and workers
 //! (`ps_worker::train::run`) as tasks of the test; the others start the real
 //! launcher binary, which starts shard and worker processes. Every job is a
 //! small MLP on a subset of MNIST, seeded.
@@ -11,6 +11,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ps_common::spec::Consistency;
+use ps_server::ServerConfig;
+use ps_server::local::LocalShards;
 use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
 use ps_worker::config::{JobConfig, RunConfig};
 use ps_worker::data::{BatchBuf, Batches};
@@ -18,8 +20,6 @@ use ps_worker::event::Event;
 use ps_worker::session::WorkerId;
 use ps_worker::train;
 use ps_worker::workload::mnist;
-
-use crate::util::Shards;
 
 /// A temporary folder, removed on drop.
 struct TempDir(PathBuf);
@@ -183,7 +183,7 @@ overlap = true
 straggler = { kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 50.0 }"#,
     );
     let job = job(&text);
-    let shards = Shards::start(2).await;
+    let shards = LocalShards::start(2).await.expect("start shards");
     let init = pull_params(&job, &shards.addrs).await;
     let workers: Vec<_> =
         (0..2).map(|i| tokio::spawn(train_worker(job.clone(), shards.addrs.clone(), i))).collect();
@@ -192,7 +192,7 @@ straggler = { kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 50
         assert!(matches!(events.last(), Some(Event::Done { iters: 20, .. })), "{events:?}");
     }
     let trained = pull_params(&job, &shards.addrs).await;
-    shards.stop().await;
+    shards.stop().await.expect("stop shards");
 
     let first = |w| move |clock| if clock == 0 { Order::First(w) } else { Order::Together };
     let admissible = [
@@ -226,7 +226,10 @@ consistency = { model = "bsp" }
 straggler = { kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 5.0 }"#,
     );
     let job = job(&text);
-    let shards = Shards::start_with(2, |c| c.reap_interval_ms = 50).await;
+    let shards =
+        LocalShards::start_with(&ServerConfig { reap_interval_ms: 50, ..ServerConfig::default() }, 2)
+            .await
+            .expect("start shards");
     let started = Instant::now();
     let doomed =
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
@@ -263,7 +266,7 @@ straggler = { kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 5.
         assert_eq!(s.consistency.and_then(|c| Consistency::try_from(c).ok()), Some(Consistency::Bsp));
     }
     assert!(started.elapsed() < Duration::from_secs(30));
-    shards.stop().await;
+    shards.stop().await.expect("stop shards");
 }
 
 /// Runs `ps-cluster train` on `run_file` with worker 1 SIGKILLed after

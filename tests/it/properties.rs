@@ -67,10 +67,12 @@ use ps_common::optim::Rule;
 use ps_common::partition::{self, chunk_shard, key_shard};
 use ps_common::spec::{Consistency, Init, InitKind, Layout, TableSpec};
 use ps_common::wire::pb;
+use ps_server::ServerConfig;
+use ps_server::local::LocalShards;
 use ps_worker::client::{DenseSet, ShardedClient};
 use tonic::Code;
 
-use crate::util::{RawClient, Shards, raw_client, sharded_client};
+use crate::util::{RawClient, raw_client, sharded_client};
 
 // ------------------------------------------------------------------ harness
 
@@ -151,12 +153,8 @@ async fn within<T>(secs: u64, what: &str, fut: impl Future<Output = Result<T>>) 
 }
 
 /// Stops the shards, failing instead of hanging if a connection lingers.
-async fn stop(shards: Shards) -> Result<()> {
-    within(10, "graceful shutdown of the shards", async {
-        shards.stop().await;
-        Ok(())
-    })
-    .await
+async fn stop(shards: LocalShards) -> Result<()> {
+    within(10, "graceful shutdown of the shards", async { shards.stop().await.context("stop shards") }).await
 }
 
 fn dense_spec(name: &str, shape: &[u64], chunk_len: u32, init: Init, rule: Rule) -> TableSpec {
@@ -295,7 +293,7 @@ impl Acc {
 }
 
 async fn check_linearity(case: LinearityCase) -> Result<()> {
-    let shards = Shards::start(case.shards).await;
+    let shards = LocalShards::start(case.shards).await.expect("start shards");
     let init = Init { kind: InitKind::Uniform { low: -1.0, high: 1.0 }, seed: case.seed };
     let rule = Rule::sgd(case.lr);
     let specs: Vec<TableSpec> = case
@@ -689,7 +687,7 @@ async fn run_worker(addrs: Vec<String>, worker: u64, plans: Vec<PushPlan>) -> Re
 
 async fn check_exactly_once(case: ExactlyOnceCase) -> Result<()> {
     let n = case.shards;
-    let shards = Shards::start(n).await;
+    let shards = LocalShards::start(n).await.expect("start shards");
     let zeros = Init::zeros();
     let admin = sharded_client(&shards, 0).await;
     admin.register(&dense_spec("d", &[EO_LEN as u64], EO_CHUNK as u32, zeros, Rule::sgd(1.0))).await?;
@@ -823,7 +821,7 @@ fn atomicity_case() -> impl Strategy<Value = AtomicityCase> {
 async fn check_atomicity(case: AtomicityCase) -> Result<()> {
     let n = case.shards;
     let target = case.target % n;
-    let shards = Shards::start(n).await;
+    let shards = LocalShards::start(n).await.expect("start shards");
     let init = Init { kind: InitKind::Uniform { low: -1.0, high: 1.0 }, seed: case.seed };
     let spec = dense_spec("d", &[case.len as u64], case.chunk_len, init, Rule::sgd(0.5));
     let admin = sharded_client(&shards, 0).await;
@@ -990,7 +988,7 @@ fn partition_case() -> impl Strategy<Value = PartitionCase> {
 
 async fn check_partitioning(case: PartitionCase) -> Result<()> {
     let n = case.shards;
-    let shards = Shards::start(n).await;
+    let shards = LocalShards::start(n).await.expect("start shards");
     let rule = Rule::sgd(1.0);
     let specs: Vec<TableSpec> = case
         .tensors
@@ -1142,7 +1140,9 @@ async fn ssp_worker(
 
 async fn check_ssp(case: SspCase) -> Result<()> {
     let n = case.shards;
-    let shards = Shards::start_with(n, |c| c.max_wait_ms = 15_000).await;
+    let shards = LocalShards::start_with(&ServerConfig { max_wait_ms: 15_000, ..ServerConfig::default() }, n)
+        .await
+        .expect("start shards");
     let s = case.consistency.bound().expect("SSP or BSP") as usize;
     let spec =
         dense_spec("clock", &[(case.workers * K) as u64], case.chunk_len, Init::zeros(), Rule::sgd(1.0));
@@ -1204,7 +1204,7 @@ async fn check_ssp(case: SspCase) -> Result<()> {
     stop(shards).await
 }
 
-async fn shards_stats(shards: &Shards) -> Result<Vec<pb::StatsResponse>> {
+async fn shards_stats(shards: &LocalShards) -> Result<Vec<pb::StatsResponse>> {
     let mut out = Vec::new();
     for a in &shards.addrs {
         out.push(raw_client(a).await.stats(pb::StatsRequest {}).await?.into_inner());

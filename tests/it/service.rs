@@ -19,9 +19,11 @@ use ps_common::optim::Rule;
 use ps_common::partition::{chunk_range, chunk_shard, key_shard};
 use ps_common::spec::{Init, InitKind, Layout, TableSpec};
 use ps_common::wire::pb;
+use ps_server::ServerConfig;
+use ps_server::local::LocalShards;
 use tonic::{Code, Status};
 
-use crate::util::{RawClient, Shards, raw_client};
+use crate::util::{RawClient, raw_client};
 
 const SHARDS: u32 = 2;
 /// A dense tensor of 10 elements in chunks of 4, 4 and 2.
@@ -168,7 +170,12 @@ fn pull_sparse(table: &str, keys: &[u64]) -> Req {
 }
 
 fn pull_sparse_bytes(table: &str, keys: Vec<u8>) -> Req {
-    Req::PullSparse(pb::PullSparseRequest { table: table.to_string(), keys: keys.into(), meta: None, read_only: false })
+    Req::PullSparse(pb::PullSparseRequest {
+        table: table.to_string(),
+        keys: keys.into(),
+        meta: None,
+        read_only: false,
+    })
 }
 
 fn register(spec: pb::TableSpec, num_shards: u32) -> Req {
@@ -198,7 +205,7 @@ fn join(worker: u64, model: pb::ConsistencyModel, staleness: u32) -> Req {
 
 /// Two shards with `W` and `E` registered, and a raw client to each.
 struct Env {
-    shards: Shards,
+    shards: LocalShards,
     clients: Vec<RawClient>,
 }
 
@@ -215,7 +222,7 @@ struct State {
 
 impl Env {
     async fn start() -> Env {
-        let env = Env::unregistered(Shards::start(SHARDS).await).await;
+        let env = Env::unregistered(LocalShards::start(SHARDS).await.expect("start shards")).await;
         for shard in 0..SHARDS as usize {
             for spec in [dense_spec(), sparse_spec()] {
                 env.register(shard, &spec).await;
@@ -224,7 +231,7 @@ impl Env {
         env
     }
 
-    async fn unregistered(shards: Shards) -> Env {
+    async fn unregistered(shards: LocalShards) -> Env {
         let mut clients = Vec::new();
         for addr in &shards.addrs {
             clients.push(raw_client(addr).await);
@@ -251,7 +258,12 @@ impl Env {
                 values.push(codec::decode_f32("values", &chunk.values).expect("decode"));
             }
             let keys: Vec<u64> = KEYS.filter(|&k| key_shard(k, SHARDS) == shard as u32).collect();
-            let req = pb::PullSparseRequest { table: E.into(), keys: codec::encode_u64(&keys), meta: None, read_only: false };
+            let req = pb::PullSparseRequest {
+                table: E.into(),
+                keys: codec::encode_u64(&keys),
+                meta: None,
+                read_only: false,
+            };
             let rows = c.pull_sparse(req).await.expect("pull").into_inner();
             values.extend(
                 codec::decode_f32("rows", &rows.values).expect("decode").chunks(E_DIM).map(<[f32]>::to_vec),
@@ -287,7 +299,7 @@ impl Env {
 
     async fn stop(self) {
         drop(self.clients);
-        self.shards.stop().await;
+        self.shards.stop().await.expect("stop shards");
     }
 }
 
@@ -450,14 +462,8 @@ async fn rejected_sparse_pushes_change_nothing() {
     check(&env, 0, push_sparse(E, &[k, k2, k], &[0.5; 3 * E_DIM]), Code::InvalidArgument, "appears twice")
         .await;
     // Keys are decoded by the service, before the store sees the push.
-    check(
-        &env,
-        0,
-        push_sparse_bytes(E, vec![0; 12], f32s(&row)),
-        Code::InvalidArgument,
-        "multiple of 8",
-    )
-    .await;
+    check(&env, 0, push_sparse_bytes(E, vec![0; 12], f32s(&row)), Code::InvalidArgument, "multiple of 8")
+        .await;
     env.seq_is_unused(0).await;
     env.stop().await;
 }
@@ -507,42 +513,18 @@ async fn rejected_registrations_and_joins_change_nothing() {
             ..Default::default()
         })
     };
-    check(&env, 0, register((&other_shape).into(), SHARDS), Code::AlreadyExists, "different spec")
+    check(&env, 0, register((&other_shape).into(), SHARDS), Code::AlreadyExists, "different spec").await;
+    check(&env, 1, register((&other_lr).into(), SHARDS), Code::AlreadyExists, "different spec").await;
+    check(&env, 0, register((&sparse_spec()).into(), 3), Code::FailedPrecondition, "routes over 3").await;
+    check(&env, 0, register((&fresh("x")).into(), 1), Code::FailedPrecondition, "routes over 1").await;
+    check(&env, 0, register(with_rule(&fresh("x"), sgd(-1.0)), SHARDS), Code::InvalidArgument, "sgd.lr")
         .await;
-    check(&env, 1, register((&other_lr).into(), SHARDS), Code::AlreadyExists, "different spec")
+    check(&env, 0, register(with_rule(&fresh("x"), sgd(f32::NAN)), SHARDS), Code::InvalidArgument, "sgd.lr")
         .await;
-    check(&env, 0, register((&sparse_spec()).into(), 3), Code::FailedPrecondition, "routes over 3")
+    check(&env, 0, register(with_rule(&fresh("x"), adam(1.0)), SHARDS), Code::InvalidArgument, "adam.beta1")
         .await;
-    check(&env, 0, register((&fresh("x")).into(), 1), Code::FailedPrecondition, "routes over 1")
-        .await;
-    check(
-        &env,
-        0,
-        register(with_rule(&fresh("x"), sgd(-1.0)), SHARDS),
-        Code::InvalidArgument,
-        "sgd.lr",
-    )
-    .await;
-    check(
-        &env,
-        0,
-        register(with_rule(&fresh("x"), sgd(f32::NAN)), SHARDS),
-        Code::InvalidArgument,
-        "sgd.lr",
-    )
-    .await;
-    check(
-        &env,
-        0,
-        register(with_rule(&fresh("x"), adam(1.0)), SHARDS),
-        Code::InvalidArgument,
-        "adam.beta1",
-    )
-    .await;
-    check(&env, 0, register((&zero_chunk).into(), SHARDS), Code::InvalidArgument, "chunk_len")
-        .await;
-    check(&env, 0, register((&fresh("")).into(), SHARDS), Code::InvalidArgument, "table name")
-        .await;
+    check(&env, 0, register((&zero_chunk).into(), SHARDS), Code::InvalidArgument, "chunk_len").await;
+    check(&env, 0, register((&fresh("")).into(), SHARDS), Code::InvalidArgument, "table name").await;
     check(
         &env,
         0,
@@ -553,24 +535,15 @@ async fn rejected_registrations_and_joins_change_nothing() {
     .await;
     // Consistency: the first member fixes the model.
     join(1, pb::ConsistencyModel::Bsp, 0).send(&mut env.clients[0].clone()).await.expect("first join");
-    check(&env, 0, join(2, pb::ConsistencyModel::Asp, 0), Code::FailedPrecondition, "uses BSP")
-        .await;
-    check(&env, 0, join(2, pb::ConsistencyModel::Ssp, 1), Code::FailedPrecondition, "uses BSP")
-        .await;
-    check(
-        &env,
-        1,
-        join(2, pb::ConsistencyModel::Unspecified, 0),
-        Code::InvalidArgument,
-        "consistency",
-    )
-    .await;
+    check(&env, 0, join(2, pb::ConsistencyModel::Asp, 0), Code::FailedPrecondition, "uses BSP").await;
+    check(&env, 0, join(2, pb::ConsistencyModel::Ssp, 1), Code::FailedPrecondition, "uses BSP").await;
+    check(&env, 1, join(2, pb::ConsistencyModel::Unspecified, 0), Code::InvalidArgument, "consistency").await;
     env.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn push_before_registration_is_not_found() {
-    let env = Env::unregistered(Shards::start(SHARDS).await).await;
+    let env = Env::unregistered(LocalShards::start(SHARDS).await.expect("start shards")).await;
     env.register(0, &dense_spec()).await;
     env.register(0, &sparse_spec()).await;
     let i = own_chunk(1);
@@ -583,7 +556,11 @@ async fn push_before_registration_is_not_found() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_messages_are_refused() {
-    let shards = Shards::start_with(SHARDS, |c| c.max_message_mib = 1).await;
+    let shards = {
+        let mut config = ServerConfig::default();
+        config.transport.max_message_mib = 1;
+        LocalShards::start_with(&config, SHARDS).await.expect("start shards")
+    };
     let env = Env::unregistered(shards).await;
     for shard in 0..SHARDS as usize {
         env.register(shard, &dense_spec()).await;
