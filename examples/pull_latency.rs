@@ -14,12 +14,18 @@ async fn main() -> anyhow::Result<()> {
     c.register(&t).await?;
     let set = DenseSet::new(&[t], 1)?;
     let mut buf = vec![0.0; n as usize];
-    for _ in 0..10 { c.pull_dense(&set, 0, &mut buf).await?; }
+    for _ in 0..10 {
+        c.pull_dense(&set, 0, &mut buf).await?;
+    }
     let t0 = Instant::now();
-    for _ in 0..200 { c.pull_dense(&set, 0, &mut buf).await?; }
+    for _ in 0..200 {
+        c.pull_dense(&set, 0, &mut buf).await?;
+    }
     println!("pull {} floats: {:.3} ms", n, t0.elapsed().as_secs_f64() * 1e3 / 200.0);
     let t0 = Instant::now();
-    for _ in 0..200 { c.push_dense(&set, &buf, 0, 0, false).await?; }
+    for _ in 0..200 {
+        c.push_dense(&set, &buf, 0, 0, false).await?;
+    }
     println!("push {} floats: {:.3} ms", n, t0.elapsed().as_secs_f64() * 1e3 / 200.0);
     Ok(())
 }

@@ -15,11 +15,11 @@ use std::time::{Duration, Instant};
 
 use ps_common::optim::Rule;
 use ps_common::spec::{Init, InitKind, Layout, TableSpec};
+use ps_model::Mlp;
 use ps_server::store::{PushInfo, Store};
 use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
 use ps_worker::config::RunConfig;
 use ps_worker::data::{BatchBuf, Batches};
-use ps_model::Mlp;
 
 use crate::cluster::{Error, Result};
 use crate::run::{self, Plan};

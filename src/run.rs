@@ -5,7 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ps_worker::client::{ClientOptions, ShardedClient};
 use ps_worker::config::RunConfig;
 use ps_worker::event::Event;
 
@@ -47,7 +46,7 @@ async fn run_on(
     };
     let outcome = cluster::run_workers(opts, servers, on_event).await?;
 
-    let client = ShardedClient::connect(&servers.addrs, u64::MAX, ClientOptions::default()).await?;
+    let client = ps_worker::session::evaluator(job, &servers.addrs).await?;
     let stats = StatsFile::new(client.stats().await?.iter().map(ShardStats::from_wire).collect());
     stats.write(&plan.run_dir)?;
     let eval = ps_worker::train::evaluate_job(job, &servers.addrs).await?;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use ps_common::spec::TableSpec;
 use tokio::task::JoinHandle;
 
-use crate::client::{ClientOptions, ShardedClient};
+use crate::client::ShardedClient;
 use crate::config::JobConfig;
 use crate::error::Result;
 
@@ -63,18 +63,14 @@ impl Session {
     }
 }
 
-/// Connects worker `id` of `job` to every shard.
+/// Connects worker `id` of `job` to every shard, with the job's client options.
 pub async fn connect(job: &JobConfig, servers: &[String], id: WorkerId) -> Result<ShardedClient> {
-    ShardedClient::connect(servers, id.index as u64, client_options(job)).await
+    ShardedClient::connect(servers, id.index as u64, job.client.clone()).await
 }
 
 /// A client of `job` for evaluation (id [`EVALUATOR`]).
 pub async fn evaluator(job: &JobConfig, servers: &[String]) -> Result<ShardedClient> {
-    ShardedClient::connect(servers, EVALUATOR, client_options(job)).await
-}
-
-fn client_options(_job: &JobConfig) -> ClientOptions {
-    ClientOptions::default()
+    ShardedClient::connect(servers, EVALUATOR, job.client.clone()).await
 }
 
 /// Waits (up to [`START_BARRIER`]) until all `workers` have joined; on

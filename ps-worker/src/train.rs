@@ -132,53 +132,9 @@ pub(crate) mod testing {
 
     use std::sync::{Arc, Mutex};
 
-    use tokio::sync::oneshot;
-    use tokio::task::JoinHandle;
-
     use crate::config::JobConfig;
     use crate::event::Event;
     use crate::session::WorkerId;
-
-    pub struct Shards {
-        pub addrs: Vec<String>,
-        stops: Vec<oneshot::Sender<()>>,
-        tasks: Vec<JoinHandle<ps_server::Result<()>>>,
-    }
-
-    impl Shards {
-        pub async fn start(n: u32) -> Shards {
-            let mut shards = Shards { addrs: Vec::new(), stops: Vec::new(), tasks: Vec::new() };
-            for shard in 0..n {
-                let config =
-                    ps_server::ServerConfig { shard, num_shards: n, ..ps_server::ServerConfig::default() };
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
-                shards.addrs.push(listener.local_addr().expect("local addr").to_string());
-                let (tx, rx) = oneshot::channel();
-                shards.tasks.push(tokio::spawn(ps_server::serve(config, listener, async {
-                    let _ = rx.await;
-                })));
-                shards.stops.push(tx);
-            }
-            shards
-        }
-
-        pub async fn stop(mut self) {
-            for tx in self.stops.drain(..) {
-                let _ = tx.send(());
-            }
-            for t in self.tasks.drain(..) {
-                t.await.expect("shard task panicked").expect("shard failed");
-            }
-        }
-    }
-
-    impl Drop for Shards {
-        fn drop(&mut self) {
-            for t in &self.tasks {
-                t.abort();
-            }
-        }
-    }
 
     /// Runs `workers` workers of `job` concurrently (as `train::run` does in
     /// each worker process) and collects their events.
@@ -225,7 +181,9 @@ mod tests {
 
     use std::path::PathBuf;
 
-    use super::testing::{Shards, first_and_last_loss, train};
+    use ps_server::local::LocalShards;
+
+    use super::testing::{first_and_last_loss, train};
     use super::*;
     use crate::workload::logreg::{self, TABLE};
     use crate::workload::mf::{ITEM_BIAS, USERS};
@@ -253,7 +211,7 @@ mod tests {
             a9a("a9a.t.gz")
         );
         let job: JobConfig = toml::from_str(&text).unwrap();
-        let shards = Shards::start(2).await;
+        let shards = LocalShards::start(2).await.expect("start shards");
         let events = train(&job, &shards.addrs, 2).await;
         // Zero weights start at ln 2; the other worker may be well ahead by
         // the time worker 0 reports, so compare with that, not its first batch.
@@ -269,7 +227,7 @@ mod tests {
         let test = crate::data::load_libsvm(&a9a("a9a.t.gz"), Some(123)).unwrap();
         let rescored = logreg::score(&table.values, &test);
         assert!((rescored.score - evaluation.score).abs() < 1e-12, "{rescored:?} vs {evaluation:?}");
-        shards.stop().await;
+        shards.stop().await.expect("stop shards");
     }
 
     /// Two shards, two workers, a few epochs on u1 (about 600 iterations per
@@ -293,7 +251,7 @@ mod tests {
             "#
         );
         let job: JobConfig = toml::from_str(&text).unwrap();
-        let shards = Shards::start(2).await;
+        let shards = LocalShards::start(2).await.expect("start shards");
         let events = train(&job, &shards.addrs, 2).await;
         let (first, last) = first_and_last_loss(&events);
         let evaluation = evaluate_job(&job, &shards.addrs).await.unwrap();
@@ -304,20 +262,20 @@ mod tests {
         // u1.base: 943 users and 1650 items.
         assert_eq!(model.sparse(USERS).map(|t| (t.keys.len(), t.dim)), Some((943, 16)));
         assert_eq!(model.sparse(ITEM_BIAS).map(|t| (t.keys.len(), t.dim)), Some((1650, 1)));
-        shards.stop().await;
+        shards.stop().await.expect("stop shards");
     }
     /// Two shards, two workers, ~240 iterations each: the training loss
     /// falls and the test AUC is clearly above chance.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_workers_learn_ctr() {
         let j: JobConfig = toml::from_str(crate::workload::ctr::SMALL_JOB).unwrap();
-        let shards = Shards::start(2).await;
+        let shards = LocalShards::start(2).await.expect("start shards");
         let events = train(&j, &shards.addrs, 2).await;
         let (first, last) = first_and_last_loss(&events);
         let evaluation = evaluate_job(&j, &shards.addrs).await.unwrap();
         eprintln!("training loss {first} -> {last}; evaluation {evaluation:?}");
         assert!(last < first - 0.02, "training loss {first} -> {last}");
         assert!(evaluation.score > 0.65, "test AUC {}, log loss {}", evaluation.score, evaluation.loss);
-        shards.stop().await;
+        shards.stop().await.expect("stop shards");
     }
 }

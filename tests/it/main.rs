@@ -5,5 +5,5 @@
 mod cluster;
 mod properties;
 mod service;
-mod util;
 mod train;
+mod util;

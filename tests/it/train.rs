@@ -61,7 +61,15 @@ lr = 0.001
         .map(|e| e.path())
         .find(|p| p.is_dir())
         .expect("a run folder");
-    for f in ["config.toml", "metrics.jsonl", "stats.json", "summary.json", "model.msgpack", "server-0.log", "worker-1.log"] {
+    for f in [
+        "config.toml",
+        "metrics.jsonl",
+        "stats.json",
+        "summary.json",
+        "model.msgpack",
+        "server-0.log",
+        "worker-1.log",
+    ] {
         assert!(run.join(f).exists(), "{f} missing from {}", run.display());
     }
     let summary: serde_json::Value =
