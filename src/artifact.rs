@@ -65,6 +65,23 @@ fn check_version(path: &Path, line: Option<usize>, text: &str, supported: u32) -
     Ok(())
 }
 
+/// A JSON file of a run folder: its name and schema version, and the one
+/// write/read pair every writer and reader goes through.
+pub trait JsonFile: Serialize + DeserializeOwned {
+    const VERSION: u32;
+    const FILE: &'static str;
+
+    /// Writes `dir/FILE`.
+    fn write(&self, dir: &Path) -> Result<()> {
+        write_json(&dir.join(Self::FILE), self)
+    }
+
+    /// Reads `dir/FILE`, refusing a newer schema version.
+    fn read(dir: &Path) -> Result<Self> {
+        read_json(&dir.join(Self::FILE), Self::VERSION)
+    }
+}
+
 fn read_json<T: DeserializeOwned>(path: &Path, supported: u32) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
         what: "reading",
@@ -127,10 +144,12 @@ pub struct RunSummary {
     pub sparse_rows: u64,
 }
 
-impl RunSummary {
-    pub const VERSION: u32 = 1;
-    pub const FILE: &'static str = "summary.json";
+impl JsonFile for RunSummary {
+    const VERSION: u32 = 1;
+    const FILE: &'static str = "summary.json";
+}
 
+impl RunSummary {
     pub fn max_staleness(&self) -> usize {
         self.staleness_histogram.iter().rposition(|&c| c > 0).unwrap_or(0)
     }
@@ -139,16 +158,6 @@ impl RunSummary {
         let n: u64 = self.staleness_histogram.iter().sum();
         let s: u64 = self.staleness_histogram.iter().enumerate().map(|(i, c)| i as u64 * c).sum();
         s as f64 / n.max(1) as f64
-    }
-
-    /// Writes `dir/summary.json`.
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        write_json(&dir.join(Self::FILE), self)
-    }
-
-    /// Reads `dir/summary.json`.
-    pub fn read(dir: &Path) -> Result<RunSummary> {
-        read_json(&dir.join(Self::FILE), Self::VERSION)
     }
 }
 
@@ -252,22 +261,14 @@ pub struct StatsFile {
     pub shards: Vec<ShardStats>,
 }
 
-impl StatsFile {
-    pub const VERSION: u32 = 1;
-    pub const FILE: &'static str = "stats.json";
+impl JsonFile for StatsFile {
+    const VERSION: u32 = 1;
+    const FILE: &'static str = "stats.json";
+}
 
+impl StatsFile {
     pub fn new(shards: Vec<ShardStats>) -> StatsFile {
         StatsFile { schema_version: Self::VERSION, shards }
-    }
-
-    /// Writes `dir/stats.json`.
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        write_json(&dir.join(Self::FILE), self)
-    }
-
-    /// Reads `dir/stats.json`.
-    pub fn read(dir: &Path) -> Result<StatsFile> {
-        read_json(&dir.join(Self::FILE), Self::VERSION)
     }
 }
 
@@ -366,28 +367,21 @@ pub struct SweepStatus {
     pub elapsed_s: f64,
 }
 
-impl SweepStatus {
-    pub const VERSION: u32 = 1;
-    pub const FILE: &'static str = "sweep-status.json";
+impl JsonFile for SweepStatus {
+    const VERSION: u32 = 1;
+    const FILE: &'static str = "sweep-status.json";
+}
 
+impl SweepStatus {
     pub fn new(status: &str, error: Option<String>) -> SweepStatus {
         SweepStatus { schema_version: Self::VERSION, status: status.into(), error, elapsed_s: 0.0 }
-    }
-
-    /// Writes `dir/sweep-status.json`.
-    pub fn write(&self, dir: &Path) -> Result<()> {
-        write_json(&dir.join(Self::FILE), self)
-    }
-
-    /// Reads `dir/sweep-status.json`.
-    pub fn read(dir: &Path) -> Result<SweepStatus> {
-        read_json(&dir.join(Self::FILE), Self::VERSION)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ps_worker::event::WorkerDone;
 
     struct TempDir(PathBuf);
 
@@ -407,7 +401,7 @@ mod tests {
     }
 
     fn done(worker: usize) -> Event {
-        Event::Done {
+        Event::Done(WorkerDone {
             worker,
             iters: 10,
             samples: 320,
@@ -417,7 +411,7 @@ mod tests {
             compute_s: 0.5,
             push_s: 0.7,
             straggle_s: 0.0,
-        }
+        })
     }
 
     fn summary(dir: &Path) -> RunSummary {

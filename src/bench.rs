@@ -55,9 +55,7 @@ pub async fn run_all(exe: &Path, reference: &str, opts: &BenchOptions) -> Result
         let looped: f64 = s
             .done
             .iter()
-            .map(|e| {
-                if let ps_worker::event::Event::Done { samples_per_s, .. } = e { *samples_per_s } else { 0.0 }
-            })
+            .map(|e| if let ps_worker::event::Event::Done(d) = e { d.samples_per_s } else { 0.0 })
             .sum();
         println!(
             "{:<44} {:>10.0} samples/s   ({:.2}x baseline; {:.0} samples/s end to end incl. start-up; test acc {:.4})",

@@ -213,7 +213,7 @@ pub async fn run_workers(
             Some((index, event, _)) = rx.recv() => {
                 if let Some(e) = event {
                     record(&mut metrics, started, index, &e);
-                    if matches!(e, Event::Done { .. }) {
+                    if matches!(e, Event::Done(_)) {
                         outcome.done.push(e.clone());
                     }
                     on_event(index, &e);
@@ -243,7 +243,7 @@ pub async fn run_workers(
     // Drain events still buffered after the last exit.
     while let Ok((index, Some(e), _)) = rx.try_recv() {
         record(&mut metrics, started, index, &e);
-        if matches!(e, Event::Done { .. }) {
+        if matches!(e, Event::Done(_)) {
             outcome.done.push(e.clone());
         }
         on_event(index, &e);

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use ps_worker::event::Event;
+use ps_worker::event::{Event, WorkerDone};
 
 use crate::artifact::{RunSummary, ShardStats};
 
@@ -64,7 +64,7 @@ impl Bars {
                     )
                 });
             }
-            Event::Done { .. } => bar.finish(),
+            Event::Done(_) => bar.finish(),
         }
     }
 
@@ -85,7 +85,8 @@ pub fn run_summary(s: &RunSummary) -> String {
     let _ = writeln!(out, "wall time       {:.1} s", s.wall_s);
     let _ = writeln!(out, "throughput      {:.0} samples/s (all workers)", s.samples_per_s);
     for e in &s.done {
-        if let Event::Done { worker, samples_per_s, pull_s, compute_s, push_s, straggle_s, wall_s, .. } = e {
+        if let Event::Done(d) = e {
+            let WorkerDone { worker, samples_per_s, pull_s, compute_s, push_s, straggle_s, wall_s, .. } = d;
             let pct = |x: f64| 100.0 * x / wall_s.max(1e-9);
             let _ = writeln!(
                 out,
@@ -150,7 +151,7 @@ mod tests {
     use ps_common::spec::Consistency;
 
     use super::*;
-    use crate::artifact::WorkerClock;
+    use crate::artifact::{JsonFile, WorkerClock};
 
     #[test]
     fn the_status_table_shows_models_and_waits() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ps_worker::config::RunConfig;
 use ps_worker::event::Event;
 
-use crate::artifact::{RunSummary, ShardStats, StatsFile};
+use crate::artifact::{JsonFile, RunSummary, ShardStats, StatsFile};
 use crate::cluster::{self, Result, RunOptions, Servers};
 
 /// What to run and where to write it.
@@ -54,8 +54,7 @@ async fn run_on(
         model.write(&plan.run_dir.join("model.msgpack"))?;
     }
 
-    let samples: u64 =
-        outcome.done.iter().map(|e| if let Event::Done { samples, .. } = e { *samples } else { 0 }).sum();
+    let samples: u64 = outcome.done.iter().map(|e| if let Event::Done(d) = e { d.samples } else { 0 }).sum();
     Ok(RunSummary {
         schema_version: RunSummary::VERSION,
         run_dir: plan.run_dir.clone(),

@@ -134,6 +134,11 @@ pub struct ShardedClient {
     opts: ClientOptions,
 }
 
+/// A caller's buffer of `got` floats must hold `need`.
+fn check_len(what: &str, got: usize, need: usize) -> Result<()> {
+    if got == need { Ok(()) } else { Err(Error::Config(format!("{what} has {got} floats, need {need}"))) }
+}
+
 fn is_transient(status: &tonic::Status) -> bool {
     matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
 }
@@ -278,13 +283,7 @@ impl ShardedClient {
     /// Pulls every element of `set` into `out` (same layout), reading at
     /// `clock` (BSP/SSP reads block until the clock set allows it).
     pub async fn pull_dense(&self, set: &DenseSet, clock: u64, out: &mut [f32]) -> Result<()> {
-        if out.len() != set.len {
-            return Err(Error::Config(format!(
-                "pull buffer has {} elements, set has {}",
-                out.len(),
-                set.len
-            )));
-        }
+        check_len("pull buffer", out.len(), set.len)?;
         let meta = pb::ReadMeta { worker: self.worker, clock };
         let calls = set.by_shard.iter().enumerate().filter(|(_, c)| !c.is_empty()).map(|(i, chunks)| {
             let mut c = self.shards[i].clone();
@@ -353,9 +352,7 @@ impl ShardedClient {
         read_clock: u64,
         tick: bool,
     ) -> Result<Vec<(usize, pb::PushDenseRequest)>> {
-        if grads.len() != set.len {
-            return Err(Error::Config(format!("gradient has {} elements, set has {}", grads.len(), set.len)));
-        }
+        check_len("gradient", grads.len(), set.len)?;
         let mut requests = Vec::new();
         for (i, chunks) in set.by_shard.iter().enumerate() {
             if chunks.is_empty() && !tick {
@@ -450,13 +447,7 @@ impl ShardedClient {
         out: &mut [f32],
         read_only: bool,
     ) -> Result<()> {
-        if out.len() != keys.len() * dim {
-            return Err(Error::Config(format!(
-                "pull buffer has {} floats, need {}",
-                out.len(),
-                keys.len() * dim
-            )));
-        }
+        check_len("pull buffer", out.len(), keys.len() * dim)?;
         let plan = SparsePlan::new(keys, self.num_shards());
         let meta = pb::ReadMeta { worker: self.worker, clock };
         let calls = plan.by_shard.iter().enumerate().filter(|(_, k)| !k.is_empty()).map(|(i, ks)| {
@@ -508,13 +499,7 @@ impl ShardedClient {
         read_clock: u64,
         tick: bool,
     ) -> Result<()> {
-        if grads.len() != keys.len() * dim {
-            return Err(Error::Config(format!(
-                "gradient has {} floats, need {}",
-                grads.len(),
-                keys.len() * dim
-            )));
-        }
+        check_len("gradient", grads.len(), keys.len() * dim)?;
         let plan = SparsePlan::new(keys, self.num_shards());
         let mut merged = vec![0.0f32; plan.unique * dim];
         for (g, &u) in grads.chunks_exact(dim).zip(&plan.unique_of_key) {

@@ -146,30 +146,35 @@ pub enum Workload {
     },
     /// Synthetic CTR: Zipf-distributed categorical slots hashed into a
     /// sparse embedding table, feeding a small MLP.
-    Ctr {
-        #[serde(default = "ctr_slots")]
-        slots: usize,
-        /// Keys are `splitmix64(slot, id) mod key_space`.
-        #[serde(default = "ctr_key_space")]
-        key_space: u64,
-        /// Zipf exponent of the ids of every slot (ids in `1..=key_space`).
-        #[serde(default = "ctr_zipf_exponent")]
-        zipf_exponent: f64,
-        /// Fresh examples per epoch, over all workers.
-        #[serde(default = "ctr_rows_per_epoch")]
-        rows_per_epoch: usize,
-        /// Held-out examples for evaluation.
-        #[serde(default = "ctr_test_rows")]
-        test_rows: usize,
-        #[serde(default = "ctr_emb_dim")]
-        emb_dim: u32,
-        /// Hidden layer widths of the MLP over the concatenated embeddings.
-        #[serde(default = "ctr_hidden")]
-        hidden: Vec<usize>,
-        /// Rule of the embedding table (default: the job's optimizer).
-        #[serde(default)]
-        embedding_optimizer: Option<OptimizerConfig>,
-    },
+    Ctr(CtrConfig),
+}
+
+/// The settings of the synthetic CTR workload (`kind = "ctr"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CtrConfig {
+    #[serde(default = "ctr_slots")]
+    pub slots: usize,
+    /// Keys are `splitmix64(slot, id) mod key_space`.
+    #[serde(default = "ctr_key_space")]
+    pub key_space: u64,
+    /// Zipf exponent of the ids of every slot (ids in `1..=key_space`).
+    #[serde(default = "ctr_zipf_exponent")]
+    pub zipf_exponent: f64,
+    /// Fresh examples per epoch, over all workers.
+    #[serde(default = "ctr_rows_per_epoch")]
+    pub rows_per_epoch: usize,
+    /// Held-out examples for evaluation.
+    #[serde(default = "ctr_test_rows")]
+    pub test_rows: usize,
+    #[serde(default = "ctr_emb_dim")]
+    pub emb_dim: u32,
+    /// Hidden layer widths of the MLP over the concatenated embeddings.
+    #[serde(default = "ctr_hidden")]
+    pub hidden: Vec<usize>,
+    /// Rule of the embedding table (default: the job's optimizer).
+    #[serde(default)]
+    pub embedding_optimizer: Option<OptimizerConfig>,
 }
 
 fn a9a_train() -> PathBuf {
@@ -316,7 +321,7 @@ impl JobConfig {
                     ));
                 }
             }
-            Workload::Ctr {
+            Workload::Ctr(CtrConfig {
                 slots,
                 key_space,
                 zipf_exponent,
@@ -325,7 +330,7 @@ impl JobConfig {
                 emb_dim,
                 hidden,
                 embedding_optimizer,
-            } => {
+            }) => {
                 if *slots == 0 || *slots > 1 << 16 {
                     return bad(format!("slots must be 1..=65536, got {slots}"));
                 }

@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::config::{JobConfig, Straggler};
 use crate::error::{Error, Result};
-use crate::event::{Event, Reporter};
+use crate::event::{Event, Reporter, WorkerDone};
 
 /// Injected slowdown of one worker.
 struct Slowdown {
@@ -183,7 +183,7 @@ impl<'a> Driver<'a> {
     /// Reports `Done` with the time breakdown.
     pub fn done(self) {
         let wall = self.elapsed();
-        self.reporter.report(Event::Done {
+        self.reporter.report(Event::Done(WorkerDone {
             worker: self.worker,
             iters: self.clock,
             samples: self.samples,
@@ -193,6 +193,6 @@ impl<'a> Driver<'a> {
             compute_s: self.compute.as_secs_f64(),
             push_s: self.push.as_secs_f64(),
             straggle_s: self.straggle.as_secs_f64(),
-        });
+        }));
     }
 }

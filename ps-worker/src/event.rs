@@ -36,18 +36,24 @@ pub enum Event {
         test_loss: f64,
         test_acc: f64,
     },
-    Done {
-        worker: usize,
-        iters: u64,
-        samples: u64,
-        wall_s: f64,
-        samples_per_s: f64,
-        /// Seconds spent in each phase.
-        pull_s: f64,
-        compute_s: f64,
-        push_s: f64,
-        straggle_s: f64,
-    },
+    /// The worker finished; see [`WorkerDone`].
+    Done(WorkerDone),
+}
+
+/// A worker's totals when it finishes: iterations, samples, and the seconds
+/// spent in each phase of its iterations.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerDone {
+    pub worker: usize,
+    pub iters: u64,
+    pub samples: u64,
+    pub wall_s: f64,
+    pub samples_per_s: f64,
+    /// Seconds spent in each phase.
+    pub pull_s: f64,
+    pub compute_s: f64,
+    pub push_s: f64,
+    pub straggle_s: f64,
 }
 
 /// Where events go: stdout (as JSON lines) in the worker binary, a closure in tests.

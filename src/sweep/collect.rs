@@ -6,30 +6,16 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use ps_worker::event::Event;
+use ps_worker::event::{Event, WorkerDone};
 use serde::Serialize;
 
 use super::grid::{Point, Sweep};
 use super::runner::is_done;
-use crate::artifact::{self, MetricsLine, RunSummary, SweepStatus};
+use crate::artifact::{self, JsonFile, MetricsLine, RunSummary, SweepStatus};
 
 /// The rows of every point of `sweep`, in grid order, from the folders under `out`.
 pub(super) fn collect(sweep: &Sweep, out: &Path) -> Vec<Row> {
     sweep.points.iter().map(|p| collect_row(sweep, out, p)).collect()
-}
-
-/// A worker's `Done` event.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct WorkerStats {
-    pub worker: usize,
-    pub iters: u64,
-    pub samples: u64,
-    pub wall_s: f64,
-    pub samples_per_s: f64,
-    pub pull_s: f64,
-    pub compute_s: f64,
-    pub push_s: f64,
-    pub straggle_s: f64,
 }
 
 /// One row of `results.csv` / `results.jsonl`.
@@ -63,7 +49,7 @@ pub struct Row {
     pub max_staleness_overflow: bool,
     /// Seconds workers spent blocked in reads, summed over shards.
     pub blocked_s: Option<f64>,
-    pub per_worker: Vec<WorkerStats>,
+    pub per_worker: Vec<WorkerDone>,
     #[serde(skip)]
     pub(super) point: Option<Point>,
     #[serde(skip)]
@@ -181,34 +167,8 @@ fn collect_row(sweep: &Sweep, out: &Path, point: &Point) -> Row {
     row.score_name = Some(s.score_name.clone());
     row.blocked_s = Some(s.blocked_s);
     row.histogram = s.staleness_histogram.clone();
-    let mut per_worker: Vec<WorkerStats> = s
-        .done
-        .iter()
-        .filter_map(|e| match *e {
-            Event::Done {
-                worker,
-                iters,
-                samples,
-                wall_s,
-                samples_per_s,
-                pull_s,
-                compute_s,
-                push_s,
-                straggle_s,
-            } => Some(WorkerStats {
-                worker,
-                iters,
-                samples,
-                wall_s,
-                samples_per_s,
-                pull_s,
-                compute_s,
-                push_s,
-                straggle_s,
-            }),
-            _ => None,
-        })
-        .collect();
+    let mut per_worker: Vec<WorkerDone> =
+        s.done.iter().filter_map(|e| if let Event::Done(d) = e { Some(d.clone()) } else { None }).collect();
     per_worker.sort_by_key(|w| w.worker);
     row.per_worker = per_worker;
     row

@@ -51,7 +51,7 @@ mod runner;
 
 use std::path::{Path, PathBuf};
 
-pub use collect::{Row, WorkerStats};
+pub use collect::Row;
 pub use grid::{Grid, Point, Settings, StragglerSpec, Sweep, parse_consistency};
 
 #[derive(Debug, thiserror::Error)]

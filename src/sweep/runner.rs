@@ -11,7 +11,7 @@ use ps_worker::event::Event;
 use super::collect::Row;
 use super::grid::Sweep;
 use super::{Error, Options, Result, io, report, write_file};
-use crate::artifact::{RunSummary, SweepStatus};
+use crate::artifact::{JsonFile, RunSummary, SweepStatus};
 use crate::run::{self, Plan};
 
 /// True if `dir` holds finished results of `config`: a `summary.json` and
@@ -184,7 +184,7 @@ impl RunBar {
         match event {
             Event::Start { total_iters, .. } => self.bar.inc_length(*total_iters),
             Event::Progress { iter, .. } | Event::Eval { iter, .. } => self.iters[worker] = *iter,
-            Event::Done { iters, .. } => self.iters[worker] = *iters,
+            Event::Done(d) => self.iters[worker] = d.iters,
         }
         self.bar.set_position(self.iters.iter().sum());
     }

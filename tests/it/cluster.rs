@@ -189,7 +189,7 @@ straggler = { kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 50
         (0..2).map(|i| tokio::spawn(train_worker(job.clone(), shards.addrs.clone(), i))).collect();
     for w in workers {
         let events = w.await.expect("worker task");
-        assert!(matches!(events.last(), Some(Event::Done { iters: 20, .. })), "{events:?}");
+        assert!(matches!(events.last(), Some(Event::Done(d)) if d.iters == 20), "{events:?}");
     }
     let trained = pull_params(&job, &shards.addrs).await;
     shards.stop().await.expect("stop shards");
@@ -256,7 +256,7 @@ straggler = { kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 5.
         .await
         .expect("worker 0 is not held up by the dead worker")
         .expect("worker task");
-    assert!(matches!(events.last(), Some(Event::Done { iters: 300, .. })), "{:?}", events.last());
+    assert!(matches!(events.last(), Some(Event::Done(d)) if d.iters == 300), "{:?}", events.last());
     let client =
         ShardedClient::connect(&shards.addrs, u64::MAX, ClientOptions::default()).await.expect("connect");
     let stats = client.stats().await.expect("shards answer stats after the death");

@@ -121,4 +121,7 @@ fn bad_configs_are_rejected_with_a_reason() {
     check("[job]\nworkload = { kind = \"mnist_mlp\", layers = [784, 10, 3] }", "layers");
     check("[job]\nworkload = { kind = \"mnist_mlp\" }\noptimizer = { rule = \"adam\", lr = -1.0 }", "lr");
     check("[cluster]\nservers = 0\n[job]\nworkload = { kind = \"mnist_mlp\" }", "server");
+    check("[job]\nworkload = { kind = \"ctr\", bogus = 1 }", "bogus");
+    check("[job]\nworkload = { kind = \"ctr\", slots = 0 }", "slots");
+    check("[job]\nworkload = { kind = \"a9a_logreg\", bogus = 1 }", "bogus");
 }

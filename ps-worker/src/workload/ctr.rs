@@ -30,7 +30,7 @@
 use std::ops::Range;
 
 use ps_common::partition::splitmix64;
-use ps_common::spec::{Init, InitKind, OptimizerConfig, TableSpec};
+use ps_common::spec::{Init, InitKind, TableSpec};
 use ps_model::loss::{auc, bce_with_logits, sigmoid};
 use ps_model::{SavedModel, Tower, TowerWorkspace, ctr};
 use rand::rngs::StdRng;
@@ -39,7 +39,7 @@ use rand_distr::{Distribution, Zipf};
 
 use super::{BatchLoss, Iteration, Role, Score, Workload, dense_tables, trainer, wrong_kind};
 use crate::client::{DenseSet, ShardedClient};
-use crate::config::{JobConfig, Workload as Kind};
+use crate::config::{CtrConfig, JobConfig, Workload as Kind};
 use crate::data::shard_range;
 use crate::error::{Error, Result};
 
@@ -58,61 +58,29 @@ const EVAL_BATCH: usize = 4096;
 /// The test stream's id (training streams are `(epoch, worker)`).
 const TEST_STREAM: u64 = u64::MAX;
 
-/// The settings of a CTR job.
-#[derive(Debug, Clone)]
-pub struct Setup {
-    pub slots: usize,
-    pub key_space: u64,
-    pub zipf_exponent: f64,
-    pub rows_per_epoch: usize,
-    pub test_rows: usize,
-    pub emb_dim: usize,
-    pub hidden: Vec<usize>,
-    pub emb_optimizer: OptimizerConfig,
+/// The CTR settings of `job`.
+pub fn config(job: &JobConfig) -> Result<&CtrConfig> {
+    match &job.workload {
+        Kind::Ctr(c) => Ok(c),
+        _ => Err(wrong_kind("ctr", job)),
+    }
 }
 
-impl Setup {
-    pub fn of(job: &JobConfig) -> Result<Setup> {
-        let Kind::Ctr {
-            slots,
-            key_space,
-            zipf_exponent,
-            rows_per_epoch,
-            test_rows,
-            emb_dim,
-            hidden,
-            embedding_optimizer,
-        } = &job.workload
-        else {
-            return Err(wrong_kind("ctr", job));
-        };
-        Ok(Setup {
-            slots: *slots,
-            key_space: *key_space,
-            zipf_exponent: *zipf_exponent,
-            rows_per_epoch: *rows_per_epoch,
-            test_rows: *test_rows,
-            emb_dim: *emb_dim as usize,
-            hidden: hidden.clone(),
-            emb_optimizer: embedding_optimizer.unwrap_or(job.optimizer),
-        })
-    }
-
-    pub fn tower(&self) -> Tower {
-        Tower::new(self.slots * self.emb_dim, &self.hidden)
-    }
+/// The tower over the concatenated embedding rows of an example.
+pub fn tower(c: &CtrConfig) -> Tower {
+    Tower::new(c.slots * c.emb_dim as usize, &c.hidden)
 }
 
 /// The embedding table, then the tower's dense tables in parameter order
 /// (tensor `i` seeded `seed + 1 + i`).
-pub fn tables(job: &JobConfig, s: &Setup) -> (TableSpec, Vec<TableSpec>) {
+pub fn tables(job: &JobConfig, c: &CtrConfig) -> (TableSpec, Vec<TableSpec>) {
     let emb = TableSpec::sparse(
         EMBEDDINGS,
-        s.emb_dim as u32,
+        c.emb_dim,
         Init { kind: InitKind::Normal { mean: 0.0, std: EMB_INIT_STD }, seed: job.seed },
-        s.emb_optimizer,
+        c.embedding_optimizer.unwrap_or(job.optimizer),
     );
-    let params = s.tower().param_specs(TOWER_PREFIX);
+    let params = tower(c).param_specs(TOWER_PREFIX);
     let dense =
         dense_tables(params, job.seed.wrapping_add(1), job.optimizer, ps_common::spec::DEFAULT_CHUNK_LEN);
     (emb, dense)
@@ -128,10 +96,10 @@ pub struct Generator {
 }
 
 impl Generator {
-    pub fn new(s: &Setup, seed: u64) -> Result<Generator> {
-        let zipf = Zipf::new(s.key_space as f64, s.zipf_exponent)
-            .map_err(|e| Error::Config(format!("zipf({}, {}): {e}", s.key_space, s.zipf_exponent)))?;
-        Ok(Generator { slots: s.slots, key_space: s.key_space, zipf, seed })
+    pub fn new(c: &CtrConfig, seed: u64) -> Result<Generator> {
+        let zipf = Zipf::new(c.key_space as f64, c.zipf_exponent)
+            .map_err(|e| Error::Config(format!("zipf({}, {}): {e}", c.key_space, c.zipf_exponent)))?;
+        Ok(Generator { slots: c.slots, key_space: c.key_space, zipf, seed })
     }
 
     /// The embedding key of a pair.
@@ -172,7 +140,8 @@ fn stream(epoch: u32, worker: usize) -> u64 {
 }
 
 pub struct Ctr {
-    setup: Setup,
+    config: CtrConfig,
+    emb_dim: usize,
     tower: Tower,
     examples: Generator,
     emb: TableSpec,
@@ -200,14 +169,14 @@ impl Workload for Ctr {
     const SCORE_NAME: &'static str = "auc";
 
     fn open(job: &JobConfig, role: Role, num_shards: u32) -> Result<Self> {
-        let setup = Setup::of(job)?;
-        let examples = Generator::new(&setup, job.seed)?;
-        let (emb, dense) = tables(job, &setup);
+        let config = config(job)?.clone();
+        let examples = Generator::new(&config, job.seed)?;
+        let (emb, dense) = tables(job, &config);
         let set = DenseSet::new(&dense, num_shards)?;
         let train = match role {
             Role::Train(id) => Some(Train {
                 worker: id.index,
-                rows: shard_range(setup.rows_per_epoch, id.index, id.count)?.len(),
+                rows: shard_range(config.rows_per_epoch, id.index, id.count)?.len(),
                 keys: Vec::new(),
                 labels: Vec::new(),
                 x: Vec::new(),
@@ -216,9 +185,10 @@ impl Workload for Ctr {
             }),
             Role::Evaluate => None,
         };
-        let tower = setup.tower();
+        let tower = tower(&config);
         Ok(Ctr {
-            setup,
+            emb_dim: config.emb_dim as usize,
+            config,
             tower,
             examples,
             emb,
@@ -243,7 +213,7 @@ impl Workload for Ctr {
     }
 
     async fn pull(&mut self, client: &ShardedClient, it: Iteration<'_>) -> Result<()> {
-        let dim = self.setup.emb_dim;
+        let dim = self.emb_dim;
         let t = trainer(&mut self.train)?;
         self.examples.fill(stream(it.epoch, t.worker), it.batch, it.rows.len(), &mut t.keys, &mut t.labels);
         t.x.resize(t.keys.len() * dim, 0.0);
@@ -263,7 +233,7 @@ impl Workload for Ctr {
     }
 
     async fn push(&mut self, client: &mut ShardedClient, it: Iteration<'_>) -> Result<()> {
-        let dim = self.setup.emb_dim;
+        let dim = self.emb_dim;
         let t = trainer(&mut self.train)?;
         client.push_sparse(EMBEDDINGS, dim, &t.keys, &t.dx, it.clock, it.clock, false).await?;
         // The last push of the iteration ticks every shard.
@@ -273,7 +243,7 @@ impl Workload for Ctr {
     /// Test log loss and AUC on the test stream; unseen keys read as their
     /// initial values and are not created.
     async fn evaluate(&mut self, client: &ShardedClient, clock: u64) -> Result<Score> {
-        let s = &self.setup;
+        let (s, dim) = (&self.config, self.emb_dim);
         client.pull_dense(&self.set, clock, &mut self.params).await?;
         let (mut keys, mut labels, mut x) = (Vec::new(), Vec::new(), Vec::new());
         let (mut scores, mut all_labels) = (Vec::with_capacity(s.test_rows), Vec::with_capacity(s.test_rows));
@@ -281,8 +251,8 @@ impl Workload for Ctr {
         for (b, start) in (0..s.test_rows).step_by(EVAL_BATCH).enumerate() {
             let rows = EVAL_BATCH.min(s.test_rows - start);
             self.examples.fill(TEST_STREAM, b as u64, rows, &mut keys, &mut labels);
-            x.resize(keys.len() * s.emb_dim, 0.0);
-            client.lookup_sparse(EMBEDDINGS, s.emb_dim, &keys, clock, &mut x).await?;
+            x.resize(keys.len() * dim, 0.0);
+            client.lookup_sparse(EMBEDDINGS, dim, &keys, clock, &mut x).await?;
             for (&z, &y) in self.tower.logits(&self.params, &x, &mut self.ws).iter().zip(&labels) {
                 loss += f64::from(bce_with_logits(z, y).0);
                 scores.push(z);
@@ -325,8 +295,8 @@ mod tests {
     #[test]
     fn batches_are_deterministic_and_skewed() {
         let j = job(SMALL_JOB);
-        let s = Setup::of(&j).unwrap();
-        let examples = Generator::new(&s, 42).unwrap();
+        let s = config(&j).unwrap();
+        let examples = Generator::new(s, 42).unwrap();
         let (mut k1, mut l1, mut k2, mut l2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         examples.fill(stream(0, 1), 5, 1000, &mut k1, &mut l1);
         examples.fill(stream(0, 1), 5, 1000, &mut k2, &mut l2);
