@@ -14,6 +14,7 @@
 //! - [`saved`]: the versioned saved-model file ([`SavedModel`]).
 
 pub mod ctr;
+mod dense;
 pub mod error;
 pub mod logreg;
 pub mod loss;

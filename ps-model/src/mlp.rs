@@ -17,7 +17,8 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::param::{InitKind, ParamSpec};
+use crate::dense::Layers;
+use crate::param::ParamSpec;
 use crate::sparse_input::SparseBatch;
 
 /// Rows per forward pass in [`Mlp::evaluate`].
@@ -31,10 +32,7 @@ const SPARSE_INPUT_MAX_DENSITY: f32 = 0.5;
 /// parameter vectors (and threads).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mlp {
-    sizes: Vec<usize>,
-    /// Offset of layer `l`'s weight in the flat vector; its bias follows the weight.
-    offsets: Vec<usize>,
-    num_params: usize,
+    layers: Layers,
     sparse_input_max_density: f32,
 }
 
@@ -58,7 +56,7 @@ impl Workspace {
     /// Buffers for `mlp` and batches of up to `rows` rows.
     pub fn new(mlp: &Mlp, rows: usize) -> Self {
         let mut ws = Self {
-            sizes: mlp.sizes.clone(),
+            sizes: mlp.layers.sizes().to_vec(),
             rows: 0,
             acts: Vec::new(),
             scratch: Vec::new(),
@@ -86,18 +84,7 @@ impl Mlp {
     pub fn new(sizes: &[usize]) -> Self {
         assert!(sizes.len() >= 2, "an MLP needs input and output sizes, got {sizes:?}");
         assert!(sizes.iter().all(|&n| n > 0), "layer sizes must be positive, got {sizes:?}");
-        let mut offsets = Vec::with_capacity(sizes.len() - 1);
-        let mut next = 0;
-        for pair in sizes.windows(2) {
-            offsets.push(next);
-            next += pair[0] * pair[1] + pair[1];
-        }
-        Self {
-            sizes: sizes.to_vec(),
-            offsets,
-            num_params: next,
-            sparse_input_max_density: SPARSE_INPUT_MAX_DENSITY,
-        }
+        Self { layers: Layers::new(sizes.to_vec()), sparse_input_max_density: SPARSE_INPUT_MAX_DENSITY }
     }
 
     /// Row-major batches whose fraction of non-zero inputs is at most `max_density` take
@@ -109,45 +96,27 @@ impl Mlp {
     }
 
     pub fn sizes(&self) -> &[usize] {
-        &self.sizes
+        self.layers.sizes()
     }
 
     pub fn num_classes(&self) -> usize {
-        *self.sizes.last().expect("at least two sizes")
+        *self.sizes().last().expect("at least two sizes")
     }
 
     pub fn num_params(&self) -> usize {
-        self.num_params
+        self.layers.num_params()
     }
 
     /// `fc{l}.weight` (`[in, out]`, Glorot uniform) and `fc{l}.bias` (`[out]`, zeros) for
     /// each layer, as Keras initializes `Dense`.
     pub fn param_specs(&self) -> Vec<ParamSpec> {
-        self.sizes
-            .windows(2)
-            .enumerate()
-            .flat_map(|(l, pair)| {
-                let (fan_in, fan_out) = (pair[0], pair[1]);
-                [
-                    ParamSpec {
-                        name: format!("fc{}.weight", l + 1),
-                        shape: vec![fan_in, fan_out],
-                        init: InitKind::glorot_uniform(fan_in, fan_out),
-                    },
-                    ParamSpec {
-                        name: format!("fc{}.bias", l + 1),
-                        shape: vec![fan_out],
-                        init: InitKind::Zeros,
-                    },
-                ]
-            })
-            .collect()
+        self.layers.param_specs("")
     }
 
     /// A parameter vector drawn from [`Mlp::param_specs`]' initializers.
     pub fn init_params(&self, seed: u64) -> Vec<f32> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let mut params = vec![0.0; self.num_params];
+        let mut params = vec![0.0; self.num_params()];
         let mut at = 0;
         for spec in self.param_specs() {
             spec.init.sample(&mut rng, &mut params[at..at + spec.len()]);
@@ -177,7 +146,7 @@ impl Mlp {
         grads: &mut [f32],
         ws: &mut Workspace,
     ) -> (f32, usize) {
-        assert_eq!(grads.len(), self.num_params, "gradient length");
+        assert_eq!(grads.len(), self.num_params(), "gradient length");
         let rows = x.nrows();
         if rows == 0 {
             grads.fill(0.0);
@@ -187,7 +156,7 @@ impl Mlp {
 
         // Softmax cross-entropy; the logits become dL/dlogits in place.
         let classes = self.num_classes();
-        let last = self.sizes.len() - 2;
+        let last = self.layers.len() - 1;
         let scale = 1.0 / rows as f32;
         let mut loss = 0.0f64;
         let mut correct = 0;
@@ -200,12 +169,12 @@ impl Mlp {
         // Backward, from the last layer to the first. Invariant: `ws.acts[l]` holds the
         // gradient with respect to layer l's pre-activation.
         for l in (0..=last).rev() {
-            let (n_in, n_out) = (self.sizes[l], self.sizes[l + 1]);
-            let (w_at, b_at) = (self.offsets[l], self.offsets[l] + n_in * n_out);
+            let layer = self.layers.layer(l);
+            let (n_in, n_out) = (layer.n_in, layer.n_out);
             let (below, this) = ws.acts.split_at_mut(l);
             let dz = view(&this[0], rows, n_out);
 
-            let (gw, gb) = grads[w_at..b_at + n_out].split_at_mut(n_in * n_out);
+            let (gw, gb) = grads[layer.all()].split_at_mut(n_in * n_out);
             match below.last() {
                 None if ws.sparse_active => {
                     let x = x.as_slice().expect("compacted inputs are row-major");
@@ -227,7 +196,7 @@ impl Mlp {
 
             if let Some(input) = below.last_mut() {
                 // dL/d(input) = dz · Wᵀ, masked by ReLU' (the input's activation > 0).
-                let w = ArrayView2::from_shape((n_in, n_out), &params[w_at..b_at]).expect("weight shape");
+                let w = layer.w(params);
                 let mut da = ArrayViewMut2::from_shape((rows, n_in), &mut ws.scratch[..rows * n_in])
                     .expect("scratch shape");
                 general_mat_mul(1.0, &dz, &w.t(), 0.0, &mut da);
@@ -246,7 +215,7 @@ impl Mlp {
             return (0.0, 0.0);
         }
         let classes = self.num_classes();
-        let last = self.sizes.len() - 2;
+        let last = self.layers.len() - 1;
         let mut ws = self.workspace(EVAL_BATCH.min(rows));
         let (mut loss, mut correct) = (0.0f64, 0usize);
         for start in (0..rows).step_by(EVAL_BATCH) {
@@ -265,27 +234,26 @@ impl Mlp {
     /// Runs the batch through the network: `ws.acts[l]` gets layer `l`'s output (ReLU
     /// applied for hidden layers, raw logits for the last).
     fn forward(&self, params: &[f32], x: ArrayView2<'_, f32>, y: &[u32], ws: &mut Workspace) {
-        assert_eq!(params.len(), self.num_params, "parameter length");
-        assert_eq!(x.ncols(), self.sizes[0], "input width");
+        assert_eq!(params.len(), self.num_params(), "parameter length");
+        assert_eq!(x.ncols(), self.sizes()[0], "input width");
         assert_eq!(y.len(), x.nrows(), "one label per row");
         let classes = self.num_classes();
         assert!(y.iter().all(|&c| (c as usize) < classes), "label outside 0..{classes}");
-        assert_eq!(ws.sizes, self.sizes, "workspace made for another network");
+        assert_eq!(ws.sizes, self.sizes(), "workspace made for another network");
         let rows = x.nrows();
         ws.reserve(rows);
         ws.sparse_active = ws.sparse.compact_if_sparse(x, self.sparse_input_max_density);
 
-        let last = self.sizes.len() - 2;
+        let last = self.layers.len() - 1;
         for l in 0..=last {
-            let (n_in, n_out) = (self.sizes[l], self.sizes[l + 1]);
-            let (w_at, b_at) = (self.offsets[l], self.offsets[l] + n_in * n_out);
-            let w = ArrayView2::from_shape((n_in, n_out), &params[w_at..b_at]).expect("weight shape");
-            let bias = &params[b_at..b_at + n_out];
+            let layer = self.layers.layer(l);
+            let (n_in, n_out) = (layer.n_in, layer.n_out);
+            let (w, bias) = (layer.w(params), &params[layer.bias.clone()]);
 
             let (below, this) = ws.acts.split_at_mut(l);
             let out = &mut this[0][..rows * n_out];
             if l == 0 && ws.sparse_active {
-                ws.sparse.forward(&params[w_at..b_at], bias, out, l < last);
+                ws.sparse.forward(&params[layer.weight.clone()], bias, out, l < last);
                 continue;
             }
             let mut z = ArrayViewMut2::from_shape((rows, n_out), &mut *out).expect("activation shape");
@@ -348,6 +316,7 @@ mod tests {
     use rand::Rng;
 
     use super::*;
+    use crate::param::InitKind;
 
     /// The loss computed naively in f64, for finite differences that are exact enough to
     /// judge the f32 gradient by.
@@ -357,7 +326,7 @@ mod tests {
         for (r, &label) in y.iter().enumerate() {
             let mut a: Vec<f64> = x.row(r).iter().map(|&v| f64::from(v)).collect();
             for l in 0..sizes.len() - 1 {
-                let (n_in, n_out, at) = (sizes[l], sizes[l + 1], mlp.offsets[l]);
+                let (n_in, n_out, at) = (sizes[l], sizes[l + 1], mlp.layers.layer(l).weight.start);
                 let mut z: Vec<f64> = params[at + n_in * n_out..at + n_in * n_out + n_out].to_vec();
                 for (i, &ai) in a.iter().enumerate() {
                     for (j, zj) in z.iter_mut().enumerate() {

@@ -15,15 +15,13 @@
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
 
+use crate::dense::Layers;
 use crate::loss::bce_with_logits;
-use crate::param::{InitKind, ParamSpec};
+use crate::param::ParamSpec;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tower {
-    sizes: Vec<usize>,
-    /// Offset of layer `l`'s weight in the flat vector; its bias follows.
-    offsets: Vec<usize>,
-    num_params: usize,
+    layers: Layers,
 }
 
 /// Activations of one batch, grown (the only allocation) for larger batches.
@@ -43,48 +41,29 @@ impl Tower {
         sizes.extend_from_slice(hidden);
         sizes.push(1);
         assert!(sizes.iter().all(|&n| n > 0), "layer widths must be positive: {sizes:?}");
-        let mut offsets = Vec::with_capacity(sizes.len() - 1);
-        let mut at = 0;
-        for w in sizes.windows(2) {
-            offsets.push(at);
-            at += w[0] * w[1] + w[1];
-        }
-        Tower { sizes, offsets, num_params: at }
+        Tower { layers: Layers::new(sizes) }
     }
 
     pub fn sizes(&self) -> &[usize] {
-        &self.sizes
+        self.layers.sizes()
     }
 
     pub fn input_len(&self) -> usize {
-        self.sizes[0]
+        self.sizes()[0]
     }
 
     pub fn num_params(&self) -> usize {
-        self.num_params
+        self.layers.num_params()
     }
 
     /// `{prefix}fc{l}.weight` (Glorot uniform) and `{prefix}fc{l}.bias`
     /// (zeros) per layer, in parameter order.
     pub fn param_specs(&self, prefix: &str) -> Vec<ParamSpec> {
-        let mut out = Vec::new();
-        for (l, w) in self.sizes.windows(2).enumerate() {
-            out.push(ParamSpec {
-                name: format!("{prefix}fc{}.weight", l + 1),
-                shape: vec![w[0], w[1]],
-                init: InitKind::glorot_uniform(w[0], w[1]),
-            });
-            out.push(ParamSpec {
-                name: format!("{prefix}fc{}.bias", l + 1),
-                shape: vec![w[1]],
-                init: InitKind::Zeros,
-            });
-        }
-        out
+        self.layers.param_specs(prefix)
     }
 
     fn layers(&self) -> usize {
-        self.sizes.len() - 1
+        self.layers.len()
     }
 
     /// Runs `x` (`rows x input`, row-major) forward; returns the logits.
@@ -106,7 +85,7 @@ impl Tower {
         dx: &mut [f32],
         ws: &mut TowerWorkspace,
     ) -> (f32, usize) {
-        assert_eq!(grads.len(), self.num_params, "gradient length");
+        assert_eq!(grads.len(), self.num_params(), "gradient length");
         assert_eq!(dx.len(), x.len(), "input gradient length");
         let rows = self.forward(params, x, ws);
         assert_eq!(y.len(), rows, "one label per row");
@@ -124,15 +103,15 @@ impl Tower {
             *z = g * scale;
         }
         for l in (0..=last).rev() {
-            let (n_in, n_out) = (self.sizes[l], self.sizes[l + 1]);
-            let (w_at, b_at) = (self.offsets[l], self.offsets[l] + n_in * n_out);
+            let layer = self.layers.layer(l);
+            let (n_in, n_out) = (layer.n_in, layer.n_out);
             let (below, this) = ws.acts.split_at_mut(l);
             let dz = view(&this[0], rows, n_out);
             let input = match below.last() {
                 Some(a) => view(a, rows, n_in),
                 None => view(x, rows, n_in),
             };
-            let (gw, gb) = grads[w_at..b_at + n_out].split_at_mut(n_in * n_out);
+            let (gw, gb) = grads[layer.all()].split_at_mut(n_in * n_out);
             let mut gw = ArrayViewMut2::from_shape((n_in, n_out), gw).expect("weight gradient shape");
             general_mat_mul(1.0, &input.t(), &dz, 0.0, &mut gw);
             gb.fill(0.0);
@@ -140,7 +119,7 @@ impl Tower {
                 gb.iter_mut().zip(row).for_each(|(g, &d)| *g += d);
             }
             // dL/d(input) = dz · Wᵀ; for a hidden input, masked by ReLU'.
-            let w = ArrayView2::from_shape((n_in, n_out), &params[w_at..b_at]).expect("weight shape");
+            let w = layer.w(params);
             match below.last_mut() {
                 None => {
                     let mut d =
@@ -163,25 +142,25 @@ impl Tower {
 
     /// Forward pass; `ws.acts[l]` gets layer `l`'s output. Returns the rows.
     fn forward(&self, params: &[f32], x: &[f32], ws: &mut TowerWorkspace) -> usize {
-        assert_eq!(params.len(), self.num_params, "parameter length");
-        assert_eq!(x.len() % self.sizes[0], 0, "input is not whole rows");
-        let rows = x.len() / self.sizes[0];
+        assert_eq!(params.len(), self.num_params(), "parameter length");
+        let sizes = self.sizes();
+        assert_eq!(x.len() % sizes[0], 0, "input is not whole rows");
+        let rows = x.len() / sizes[0];
         ws.acts.resize(self.layers(), Vec::new());
-        for (a, &n) in ws.acts.iter_mut().zip(&self.sizes[1..]) {
+        for (a, &n) in ws.acts.iter_mut().zip(&sizes[1..]) {
             if a.len() < rows * n {
                 a.resize(rows * n, 0.0);
             }
         }
-        let widest = self.sizes[1..self.layers()].iter().max().copied().unwrap_or(0);
+        let widest = sizes[1..self.layers()].iter().max().copied().unwrap_or(0);
         if ws.scratch.len() < rows * widest {
             ws.scratch.resize(rows * widest, 0.0);
         }
         let last = self.layers() - 1;
         for l in 0..=last {
-            let (n_in, n_out) = (self.sizes[l], self.sizes[l + 1]);
-            let (w_at, b_at) = (self.offsets[l], self.offsets[l] + n_in * n_out);
-            let w = ArrayView2::from_shape((n_in, n_out), &params[w_at..b_at]).expect("weight shape");
-            let bias = &params[b_at..b_at + n_out];
+            let layer = self.layers.layer(l);
+            let (n_in, n_out) = (layer.n_in, layer.n_out);
+            let (w, bias) = (layer.w(params), &params[layer.bias.clone()]);
             let (below, this) = ws.acts.split_at_mut(l);
             let out = &mut this[0][..rows * n_out];
             let mut z = ArrayViewMut2::from_shape((rows, n_out), &mut *out).expect("activation shape");
