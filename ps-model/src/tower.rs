@@ -15,7 +15,7 @@
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2};
 
-use crate::dense::Layers;
+use crate::dense::{Layer, Layers};
 use crate::loss::bce_with_logits;
 use crate::param::ParamSpec;
 
@@ -159,10 +159,10 @@ impl Tower {
         let last = self.layers() - 1;
         for l in 0..=last {
             let layer = self.layers.layer(l);
-            let (n_in, n_out) = (layer.n_in, layer.n_out);
-            let (w, bias) = (layer.w(params), &params[layer.bias.clone()]);
+            let Layer { n_in, n_out, .. } = layer;
             let (below, this) = ws.acts.split_at_mut(l);
             let out = &mut this[0][..rows * n_out];
+            let (w, bias) = (layer.w(params), &params[layer.bias.clone()]);
             let mut z = ArrayViewMut2::from_shape((rows, n_out), &mut *out).expect("activation shape");
             match below.last() {
                 None => general_mat_mul(1.0, &view(x, rows, n_in), &w, 0.0, &mut z),

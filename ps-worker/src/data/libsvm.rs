@@ -137,7 +137,7 @@ fn parse(path: &Path, text: &str, num_features: Option<usize>) -> Result<SparseD
 mod tests {
     use std::path::PathBuf;
 
-    use super::super::test_util::{TempDir, manifest_path};
+    use super::super::test_util::{TempDir, assert_bad_line, manifest_path};
     use super::*;
 
     fn check_real(file: &str, rows: usize, nnz: Option<usize>, positives: usize, max_index: u32) {
@@ -188,13 +188,7 @@ mod tests {
     }
 
     fn check_bad_line(text: &str, line: usize, reason_part: &str) {
-        match parse_str(text, Some(10)) {
-            Err(DataError::BadLine { line: got, reason, .. }) => {
-                assert_eq!(got, line, "{reason}");
-                assert!(reason.contains(reason_part), "{reason:?} lacks {reason_part:?}");
-            }
-            other => panic!("expected a bad line for {text:?}, got {other:?}"),
-        }
+        assert_bad_line(parse_str(text, Some(10)), text, line, reason_part);
     }
 
     #[test]

@@ -172,6 +172,23 @@ pub(crate) mod test_util {
     pub fn manifest_path(rel: &str) -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
     }
+
+    /// `parsed` (the result of parsing `text`) is a `BadLine` error for
+    /// line `line` whose reason mentions `reason_part`.
+    pub fn assert_bad_line<T: std::fmt::Debug>(
+        parsed: Result<T, super::DataError>,
+        text: &str,
+        line: usize,
+        reason_part: &str,
+    ) {
+        match parsed {
+            Err(super::DataError::BadLine { line: got, reason, .. }) => {
+                assert_eq!(got, line, "{reason}");
+                assert!(reason.contains(reason_part), "{reason:?} lacks {reason_part:?}");
+            }
+            other => panic!("expected a bad line for {text:?}, got {other:?}"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -54,7 +54,7 @@ fn parse(path: &Path, text: &str) -> Result<Vec<Rating>, DataError> {
 mod tests {
     use std::path::PathBuf;
 
-    use super::super::test_util::{TempDir, manifest_path};
+    use super::super::test_util::{TempDir, assert_bad_line, manifest_path};
     use super::*;
 
     /// MovieLens may not be copied into the project: it is read from the shared data
@@ -92,13 +92,7 @@ mod tests {
     }
 
     fn check_bad_line(text: &str, line: usize, reason_part: &str) {
-        match parse(&PathBuf::from("u.data"), text) {
-            Err(DataError::BadLine { line: got, reason, .. }) => {
-                assert_eq!(got, line, "{reason}");
-                assert!(reason.contains(reason_part), "{reason:?} lacks {reason_part:?}");
-            }
-            other => panic!("expected a bad line for {text:?}, got {other:?}"),
-        }
+        assert_bad_line(parse(&PathBuf::from("u.data"), text), text, line, reason_part);
     }
 
     #[test]
