@@ -99,6 +99,65 @@ impl SavedModel {
                 });
             }
         }
+        self.validate_architecture()
+    }
+
+    /// The tensors and tables are the ones the architecture names, with its
+    /// shapes, so that a model built from the file cannot index out of range.
+    fn validate_architecture(&self) -> Result<()> {
+        let table = |name: &str, dim: usize| match self.sparse(name) {
+            Some(t) if t.dim == dim => Ok(()),
+            Some(t) => {
+                Err(Error::Shape { name: name.into(), reason: format!("width {}, expected {dim}", t.dim) })
+            }
+            None => Err(Error::Shape { name: name.into(), reason: "missing".into() }),
+        };
+        match &self.model {
+            ModelKind::Mlp { layers } => self.check_dense_stack("", layers),
+            ModelKind::Logreg { table: name, .. } => table(name, 1),
+            ModelKind::Mf { dim, users, items, user_bias, item_bias, .. } => {
+                table(users, *dim)?;
+                table(items, *dim)?;
+                table(user_bias, 1)?;
+                table(item_bias, 1)
+            }
+            ModelKind::Ctr { slots, emb_dim, hidden, embeddings, tower_prefix, .. } => {
+                let input = slots.checked_mul(*emb_dim).ok_or_else(|| Error::Shape {
+                    name: tower_prefix.clone(),
+                    reason: format!("{slots} slots of width {emb_dim} overflow"),
+                })?;
+                table(embeddings, *emb_dim)?;
+                let sizes: Vec<usize> =
+                    std::iter::once(input).chain(hidden.iter().copied()).chain([1]).collect();
+                self.check_dense_stack(tower_prefix, &sizes)
+            }
+        }
+    }
+
+    /// The dense tensors are exactly `{prefix}fc{l}.weight` (`[in, out]`) and
+    /// `{prefix}fc{l}.bias` (`[out]`) for layers of `sizes`, in order.
+    fn check_dense_stack(&self, prefix: &str, sizes: &[usize]) -> Result<()> {
+        let bad = |reason: String| Error::Shape { name: format!("{prefix}fc*"), reason };
+        if sizes.len() < 2 || sizes.contains(&0) {
+            return Err(bad(format!("layer sizes {sizes:?}: need two or more, all positive")));
+        }
+        let expected: Vec<(String, Vec<usize>)> = sizes
+            .windows(2)
+            .enumerate()
+            .flat_map(|(l, w)| {
+                [
+                    (format!("{prefix}fc{}.weight", l + 1), vec![w[0], w[1]]),
+                    (format!("{prefix}fc{}.bias", l + 1), vec![w[1]]),
+                ]
+            })
+            .collect();
+        let found: Vec<(&str, &[usize])> =
+            self.dense.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+        let matches = expected.len() == found.len()
+            && expected.iter().zip(&found).all(|((n, s), (fn_, fs))| n == fn_ && s.as_slice() == *fs);
+        if !matches {
+            return Err(bad(format!("layers {sizes:?} need tensors {expected:?}, found {found:?}")));
+        }
         Ok(())
     }
 
@@ -164,12 +223,26 @@ impl SavedModel {
 mod tests {
     use super::*;
 
+    /// A CTR model: a sparse embedding table and a two-layer tower.
     fn model() -> SavedModel {
+        let dense = |name: &str, shape: Vec<usize>| {
+            let values = vec![0.5; shape.iter().product()];
+            DenseTensor { name: name.into(), shape, values }
+        };
         SavedModel::new(
-            ModelKind::Mlp { layers: vec![2, 3] },
+            ModelKind::Ctr {
+                slots: 1,
+                key_space: 10,
+                emb_dim: 2,
+                hidden: vec![3],
+                embeddings: "emb".into(),
+                tower_prefix: "t.".into(),
+            },
             vec![
-                DenseTensor { name: "fc1.weight".into(), shape: vec![2, 3], values: vec![0.5; 6] },
-                DenseTensor { name: "fc1.bias".into(), shape: vec![3], values: vec![0.0; 3] },
+                dense("t.fc1.weight", vec![2, 3]),
+                dense("t.fc1.bias", vec![3]),
+                dense("t.fc2.weight", vec![3, 1]),
+                dense("t.fc2.bias", vec![1]),
             ],
             vec![SparseTable {
                 name: "emb".into(),
@@ -202,7 +275,7 @@ mod tests {
         let mut m = model();
         m.dense[0].shape = vec![2, 4];
         let err = SavedModel::from_bytes(&m.to_bytes().unwrap()).unwrap_err().to_string();
-        assert!(err.contains("fc1.weight") && err.contains("[2, 4]"), "{err}");
+        assert!(err.contains("t.fc1.weight") && err.contains("[2, 4]"), "{err}");
 
         let mut m = model();
         m.sparse[0].keys.push(11);
@@ -218,5 +291,39 @@ mod tests {
         }
         // A map header claiming 2^32 entries, then nothing.
         assert!(SavedModel::from_bytes(&[0xdf, 0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn refuses_tensors_that_do_not_fit_the_architecture() {
+        let check = |m: SavedModel, needle: &str| {
+            let err = SavedModel::from_bytes(&m.to_bytes().unwrap()).unwrap_err().to_string();
+            assert!(err.contains(needle), "`{err}` lacks `{needle}`");
+        };
+        // Consistent shapes and values, but not the tensors the tower needs.
+        let mut m = model();
+        m.dense.swap(0, 1);
+        check(m, "need tensors");
+        let mut m = model();
+        m.dense.pop();
+        check(m, "need tensors");
+        let mut m = model();
+        m.sparse[0].name = "other".into();
+        check(m, "`emb`: missing");
+        let mut m = model();
+        m.model = ModelKind::Mlp { layers: vec![2, 0, 3] };
+        check(m, "all positive");
+        let mut m = model();
+        m.model = ModelKind::Ctr {
+            slots: usize::MAX,
+            key_space: 1,
+            emb_dim: 2,
+            hidden: vec![],
+            embeddings: "emb".into(),
+            tower_prefix: "t.".into(),
+        };
+        check(m, "overflow");
+        let mut m = model();
+        m.model = ModelKind::Logreg { num_features: 4, table: "emb".into() };
+        check(m, "width 2, expected 1");
     }
 }

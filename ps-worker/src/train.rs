@@ -222,6 +222,11 @@ mod tests {
         assert!(evaluation.score > 0.80, "test accuracy {}, log loss {}", evaluation.score, evaluation.loss);
 
         let model = evaluation.model.as_ref().expect("a9a saves its weights");
+        assert_eq!(
+            &SavedModel::from_bytes(&model.to_bytes().unwrap()).unwrap(),
+            model,
+            "the file reads back"
+        );
         let table = model.sparse(TABLE).expect("the weight table");
         assert_eq!(table.keys, (0..=123).collect::<Vec<u64>>());
         let test = crate::data::load_libsvm(&a9a("a9a.t.gz"), Some(123)).unwrap();
@@ -259,6 +264,11 @@ mod tests {
         assert!(last < first * 0.8, "training loss {first} -> {last}");
         assert!(evaluation.score < 1.0, "test RMSE {}", evaluation.score);
         let model = evaluation.model.as_ref().expect("MF saves its rows");
+        assert_eq!(
+            &SavedModel::from_bytes(&model.to_bytes().unwrap()).unwrap(),
+            model,
+            "the file reads back"
+        );
         // u1.base: 943 users and 1650 items.
         assert_eq!(model.sparse(USERS).map(|t| (t.keys.len(), t.dim)), Some((943, 16)));
         assert_eq!(model.sparse(ITEM_BIAS).map(|t| (t.keys.len(), t.dim)), Some((1650, 1)));

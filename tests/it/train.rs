@@ -78,6 +78,18 @@ lr = 0.001
     // 85% would still catch a model that does not learn (10% is chance).
     let acc = summary["test_score"].as_f64().unwrap();
     assert!(acc > 0.85, "test accuracy {acc}");
+    // The saved model reads back, and scores on the test set what the run reported.
+    let model = ps_model::SavedModel::read(&run.join("model.msgpack")).expect("model.msgpack reads back");
+    let ps_model::ModelKind::Mlp { layers } = &model.model else { panic!("not an MLP: {:?}", model.model) };
+    let params: Vec<f32> = model.dense.iter().flat_map(|t| t.values.iter().copied()).collect();
+    let test =
+        ps_worker::data::load_mnist(Path::new(&project_path("data/mnist")), ps_worker::data::Split::Test)
+            .expect("MNIST test set");
+    let (_, rescored) = ps_model::Mlp::new(layers).evaluate(&params, test.x.view(), &test.y);
+    assert!(
+        (f64::from(rescored) - acc).abs() < 1e-6,
+        "saved model scores {rescored}, the run reported {acc}"
+    );
     assert_eq!(summary["failed"].as_array().unwrap().len(), 0);
     let done = summary["done"].as_array().unwrap();
     assert_eq!(done.len(), 2, "both workers report done");
