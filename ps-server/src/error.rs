@@ -30,6 +30,8 @@ pub enum Error {
         "worker {worker} waited {waited_ms} ms for clock {needed} (slowest worker {slowest} at {slowest_clock})"
     )]
     WaitTimeout { worker: u64, needed: u64, waited_ms: u64, slowest: u64, slowest_clock: u64 },
+    #[error("{what} of {} values is over the limit of {limit}", values.map_or("too many".to_string(), |n| n.to_string()))]
+    TooLarge { what: &'static str, values: Option<usize>, limit: usize },
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("invalid server config: {0}")]
@@ -59,6 +61,7 @@ impl From<Error> for tonic::Status {
             | Error::ConsistencyConflict { .. } => Code::FailedPrecondition,
             Error::SpecConflict(_) => Code::AlreadyExists,
             Error::WaitTimeout { .. } => Code::DeadlineExceeded,
+            Error::TooLarge { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
             Error::Config(_) | Error::Io { .. } | Error::Transport(_) => Code::Internal,
         };

@@ -86,7 +86,9 @@ pub async fn serve(
 ) -> Result<()> {
     config.validate()?;
     let shard = Arc::new(Shard {
-        store: store::Store::new(config.shard, config.num_shards),
+        // An answer must fit in one message (4 bytes a value).
+        store: store::Store::new(config.shard, config.num_shards)
+            .with_max_pull_values(config.transport.max_message_bytes() / 4),
         clocks: clock::Clocks::default(),
         max_wait: Duration::from_millis(config.max_wait_ms),
     });

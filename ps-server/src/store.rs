@@ -115,6 +115,10 @@ pub struct Store {
     tables: DashMap<String, Arc<Table>>,
     /// worker -> last applied seq on this shard.
     last_seq: DashMap<u64, Arc<Mutex<u64>>>,
+    /// Most values one pull may return: a pull is an amplifier (a few key
+    /// bytes ask for rows of `dim` floats, and may create them), so its
+    /// answer is bounded before anything is read or created.
+    max_pull_values: usize,
     pub counters: Counters,
 }
 
@@ -129,7 +133,21 @@ impl Store {
             num_shards,
             tables: DashMap::new(),
             last_seq: DashMap::new(),
+            max_pull_values: usize::MAX,
             counters: Counters::default(),
+        }
+    }
+
+    /// Refuses pulls that would return more than `n` values.
+    pub fn with_max_pull_values(mut self, n: usize) -> Store {
+        self.max_pull_values = n;
+        self
+    }
+
+    fn check_pull_size(&self, values: Option<usize>) -> Result<()> {
+        match values {
+            Some(n) if n <= self.max_pull_values => Ok(()),
+            _ => Err(Error::TooLarge { what: "pull answer", values, limit: self.max_pull_values }),
         }
     }
 
@@ -226,6 +244,7 @@ impl Store {
     /// is read, so on an error `visit` has not been called.
     pub fn pull_dense(&self, chunks: &[(&str, u32)], mut visit: impl FnMut(&[f32])) -> Result<()> {
         let resolved = self.resolve_chunks(chunks)?;
+        self.check_pull_size(resolved.iter().try_fold(0usize, |n, (_, _, len)| n.checked_add(*len)))?;
         let mut total = 0;
         for (table, index, len) in &resolved {
             let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("checked by check_chunk") };
@@ -345,6 +364,7 @@ impl Store {
     ) -> Result<usize> {
         let (table, dim) = self.sparse_table(name)?;
         self.check_keys(name, keys)?;
+        self.check_pull_size(keys.len().checked_mul(dim))?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
         let mut initial = Vec::new();
         for &key in keys {
@@ -526,6 +546,21 @@ mod tests {
         s.push_sparse("e", &[9], &[1.0, 1.0, 1.0], PushInfo::default()).unwrap();
         assert_eq!(pull_rows(&s, "e", &[9, 7], true).unwrap(), vec![1.0, 1.0, 1.0, 2.0, 2.0, 2.0]);
         assert_eq!(s.sizes(), (1, 0, 2));
+    }
+
+    #[test]
+    fn pulls_over_the_size_limit_are_refused_before_anything_is_created() {
+        let s = Store::new(0, 1).with_max_pull_values(10);
+        s.register(TableSpec::sparse("e", 3, Init::zeros(), Rule::sgd(1.0).into()), 1).unwrap();
+        s.register(TableSpec::dense("d", &[8], Init::zeros(), Rule::sgd(1.0).into()), 1).unwrap();
+        assert_eq!(pull_rows(&s, "e", &[1, 2, 3], false).unwrap().len(), 9);
+        let err = s.pull_sparse("e", &[4, 5, 6, 7], false, |_| panic!("nothing is read")).unwrap_err();
+        assert!(matches!(err, Error::TooLarge { values: Some(12), limit: 10, .. }), "{err}");
+        assert_eq!(s.sizes(), (2, 1, 3), "the refused pull created no row");
+        // The same chunk asked for twice is counted twice.
+        assert!(s.pull_dense(&[("d", 0)], |_| {}).is_ok());
+        let err = s.pull_dense(&[("d", 0), ("d", 0)], |_| panic!("nothing is read")).unwrap_err();
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::ResourceExhausted);
     }
 
     #[test]
