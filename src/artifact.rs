@@ -547,7 +547,7 @@ mod tests {
             MetricsLine::new(
                 0.5,
                 0,
-                Event::Start { worker: 0, iters_per_epoch: 5, epochs: 2, total_iters: 10 },
+                Event::Start { worker: 0, iters_per_epoch: 5, epochs: 2, total_iters: 10, first_iter: 0 },
             ),
             MetricsLine::new(
                 1.0,

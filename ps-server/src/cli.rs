@@ -27,6 +27,13 @@ pub struct Args {
     /// Longest a BSP/SSP read may block, in milliseconds.
     #[arg(long)]
     pub max_wait_ms: Option<u64>,
+    /// Folder this shard writes its checkpoint files into.
+    #[arg(long)]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Start from a checkpoint: a checkpoint folder, or a folder of
+    /// checkpoints (its newest complete one).
+    #[arg(long)]
+    pub restore: Option<PathBuf>,
 }
 
 /// Reads the config file (if any), applies the flags, validates.
@@ -53,6 +60,12 @@ pub fn config(args: &Args) -> Result<ServerConfig> {
     }
     if let Some(v) = args.max_wait_ms {
         config.max_wait_ms = v;
+    }
+    if let Some(v) = &args.checkpoint_dir {
+        config.checkpoint_dir = Some(v.clone());
+    }
+    if let Some(v) = &args.restore {
+        config.restore = Some(v.clone());
     }
     config.validate()?;
     Ok(config)

@@ -44,6 +44,9 @@ struct Member {
 struct State {
     model: Option<Consistency>,
     members: BTreeMap<u64, Member>,
+    /// Clocks of workers that left or were dropped: a worker that comes back
+    /// (or a resumed job's worker that had finished) continues from there.
+    left: BTreeMap<u64, u64>,
     histogram: Vec<u64>,
 }
 
@@ -51,6 +54,16 @@ impl State {
     fn min_clock(&self) -> u64 {
         self.members.values().map(|m| m.clock).min().unwrap_or(u64::MAX)
     }
+}
+
+/// The clock set as a checkpoint keeps it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClockCapture {
+    pub model: Option<Consistency>,
+    /// (worker, clock, lease).
+    pub members: Vec<(u64, u64, Duration)>,
+    /// (worker, clock) of workers that left.
+    pub left: Vec<(u64, u64)>,
 }
 
 /// One member's row of the status table.
@@ -95,6 +108,14 @@ impl Clocks {
     /// the job's consistency model; a different one is refused while any
     /// member remains. Returns the worker's clock.
     pub fn join(&self, worker: u64, model: Consistency, lease: Duration) -> Result<u64> {
+        self.rejoin(worker, model, lease, 0)
+    }
+
+    /// As [`Clocks::join`], for a worker that has completed `clock`
+    /// iterations: the member's clock becomes at least `clock`. A worker
+    /// rejoining a shard restored from a checkpoint says where it is, so the
+    /// shard's older record of its clock does not hold the others' reads.
+    pub fn rejoin(&self, worker: u64, model: Consistency, lease: Duration, clock: u64) -> Result<u64> {
         let mut st = self.lock();
         match st.model {
             Some(current) if current != model && !st.members.is_empty() => {
@@ -107,7 +128,8 @@ impl Clocks {
             _ => st.model = Some(model),
         }
         let now = Instant::now();
-        let clock = st.members.get(&worker).map(|m| m.clock).unwrap_or(0);
+        let before = st.members.get(&worker).map(|m| m.clock).or_else(|| st.left.remove(&worker));
+        let clock = before.unwrap_or(0).max(clock);
         st.members.insert(worker, Member { clock, last_seen: now, lease, waiting_for: None });
         self.publish(&st);
         Ok(clock)
@@ -130,7 +152,8 @@ impl Clocks {
 
     pub fn leave(&self, worker: u64) {
         let mut st = self.lock();
-        if st.members.remove(&worker).is_some() {
+        if let Some(m) = st.members.remove(&worker) {
+            st.left.insert(worker, m.clock);
             tracing::info!(worker, "worker left the clock set");
         }
         self.publish(&st);
@@ -147,7 +170,9 @@ impl Clocks {
             .map(|(w, _)| *w)
             .collect();
         for w in &dead {
-            st.members.remove(w);
+            if let Some(m) = st.members.remove(w) {
+                st.left.insert(*w, m.clock);
+            }
             tracing::warn!(worker = w, "lease expired: worker dropped from the clock set");
         }
         if !dead.is_empty() {
@@ -252,6 +277,37 @@ impl Clocks {
                 },
             })
             .collect()
+    }
+
+    /// The member's clock, if it is a member.
+    pub fn clock_of(&self, worker: u64) -> Option<u64> {
+        self.lock().members.get(&worker).map(|m| m.clock)
+    }
+
+    /// The consistency model and every member's clock and lease: what a
+    /// checkpoint keeps of the clock set.
+    pub fn capture(&self) -> ClockCapture {
+        let st = self.lock();
+        let members = st.members.iter().map(|(w, m)| (*w, m.clock, m.lease)).collect();
+        let left = st.left.iter().map(|(w, c)| (*w, *c)).collect();
+        ClockCapture { model: st.model, members, left }
+    }
+
+    /// A clock set restored from a checkpoint. Every member gets a fresh
+    /// lease: a worker that does not come back is dropped when it runs out.
+    pub fn restore(capture: ClockCapture) -> Clocks {
+        let clocks = Clocks::default();
+        {
+            let mut st = clocks.lock();
+            st.model = capture.model;
+            let now = Instant::now();
+            for (worker, clock, lease) in capture.members {
+                st.members.insert(worker, Member { clock, last_seen: now, lease, waiting_for: None });
+            }
+            st.left = capture.left.into_iter().collect();
+            clocks.publish(&st);
+        }
+        clocks
     }
 
     pub fn histogram(&self) -> Vec<u64> {

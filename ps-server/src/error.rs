@@ -32,6 +32,20 @@ pub enum Error {
     WaitTimeout { worker: u64, needed: u64, waited_ms: u64, slowest: u64, slowest_clock: u64 },
     #[error("{what} of {} values is over the limit of {limit}", values.map_or("too many".to_string(), |n| n.to_string()))]
     TooLarge { what: &'static str, values: Option<usize>, limit: usize },
+    #[error("invalid checkpoint name {0:?}: letters, digits, '-' and '_' only, at most 64")]
+    CheckpointName(String),
+    #[error("bad checkpoint: {0}")]
+    BadCheckpoint(String),
+    #[error("a checkpoint is already being taken")]
+    CheckpointBusy,
+    #[error("no checkpoint hold is in place (it expired, or was never taken)")]
+    NotHeld,
+    #[error("checkpoint: the shard could not reach a quiet cut in time; pushes resumed")]
+    HoldTimeout,
+    #[error("this shard has no checkpoint directory (start it with --checkpoint-dir)")]
+    NoCheckpointDir,
+    #[error("shard {addr}: {status}")]
+    Peer { addr: String, status: tonic::Status },
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("invalid server config: {0}")]
@@ -53,7 +67,8 @@ impl From<Error> for tonic::Status {
             | Error::DimMismatch { .. }
             | Error::Duplicate { .. }
             | Error::NonFinite { .. }
-            | Error::ChunkOutOfRange { .. } => Code::InvalidArgument,
+            | Error::ChunkOutOfRange { .. }
+            | Error::CheckpointName(_) => Code::InvalidArgument,
             Error::UnknownTable(_) => Code::NotFound,
             Error::WrongKind { .. }
             | Error::ShardCountMismatch { .. }
@@ -63,6 +78,11 @@ impl From<Error> for tonic::Status {
             Error::WaitTimeout { .. } => Code::DeadlineExceeded,
             Error::TooLarge { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
+            Error::BadCheckpoint(_) => Code::DataLoss,
+            Error::CheckpointBusy => Code::Aborted,
+            Error::NotHeld | Error::NoCheckpointDir => Code::FailedPrecondition,
+            Error::HoldTimeout => Code::DeadlineExceeded,
+            Error::Peer { status, .. } => status.code(),
             Error::Config(_) | Error::Io { .. } | Error::Transport(_) => Code::Internal,
         };
         tonic::Status::new(code, e.to_string())

@@ -15,15 +15,18 @@
 //! - [`local::LocalShards`] starts N shards in-process on loopback, for tests,
 //!   benchmarks and examples.
 
+pub mod checkpoint;
 pub mod cli;
 pub mod clock;
 pub mod error;
+mod gate;
 pub mod local;
 pub mod service;
 pub mod store;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +52,12 @@ pub struct ServerConfig {
     pub reap_interval_ms: u64,
     /// HTTP/2 settings and the message limit (`[transport]`).
     pub transport: TransportConfig,
+    /// Where this shard writes its part of each checkpoint (one folder per
+    /// checkpoint inside it). Without it the shard refuses checkpoints.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Start from this checkpoint (a checkpoint folder, or a folder of
+    /// checkpoints: its newest complete one) instead of empty.
+    pub restore: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +69,8 @@ impl Default for ServerConfig {
             max_wait_ms: 120_000,
             reap_interval_ms: 250,
             transport: TransportConfig::default(),
+            checkpoint_dir: None,
+            restore: None,
         }
     }
 }
@@ -85,12 +96,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
+    let (store, clocks) = match &config.restore {
+        Some(path) => restore(&config, path)?,
+        None => (store::Store::new(config.shard, config.num_shards), clock::Clocks::default()),
+    };
     let shard = Arc::new(Shard {
         // An answer must fit in one message (4 bytes a value).
-        store: store::Store::new(config.shard, config.num_shards)
-            .with_max_pull_values(config.transport.max_message_bytes() / 4),
-        clocks: clock::Clocks::default(),
+        store: store.with_max_pull_values(config.transport.max_message_bytes() / 4),
+        clocks,
+        gate: gate::Gate::default(),
         max_wait: Duration::from_millis(config.max_wait_ms),
+        checkpoint_dir: config.checkpoint_dir.clone(),
     });
     // Aborted on drop too, so a shard whose serve future is dropped (aborted
     // in tests) leaves no reaper behind.
@@ -111,6 +127,38 @@ pub async fn serve(
         .serve_with_incoming_shutdown(transport::incoming(t, listener), shutdown)
         .await;
     result.map_err(Error::from)
+}
+
+/// Loads this shard's part of the checkpoint at `path`, refusing one made
+/// for another shard count or whose file does not match its manifest.
+pub(crate) fn restore(
+    config: &ServerConfig,
+    path: &std::path::Path,
+) -> Result<(store::Store, clock::Clocks)> {
+    let ckpt = checkpoint::resolve(path)?;
+    let m = &ckpt.manifest;
+    if m.num_shards != config.num_shards {
+        return Err(Error::BadCheckpoint(format!(
+            "{} was taken of {} shards; this deployment has {}",
+            ckpt.dir.display(),
+            m.num_shards,
+            config.num_shards
+        )));
+    }
+    let file = checkpoint::read_shard(&ckpt.dir, m.shard(config.shard)?, config.shard, config.num_shards)?;
+    if file.checkpoint != m.name || file.shard != config.shard || file.num_shards != config.num_shards {
+        return Err(Error::BadCheckpoint(format!(
+            "{}: the file belongs to checkpoint {:?}, shard {} of {}",
+            ckpt.dir.display(),
+            file.checkpoint,
+            file.shard,
+            file.num_shards
+        )));
+    }
+    let store = store::Store::restore(config.shard, config.num_shards, file.store)?;
+    let (tables, chunks, rows) = store.sizes();
+    tracing::info!(checkpoint = %ckpt.dir.display(), tables, chunks, rows, "shard restored");
+    Ok((store, clock::Clocks::restore(file.clocks)))
 }
 
 /// Binds `config.listen` and serves; `on_bound` learns the actual address

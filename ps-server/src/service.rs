@@ -5,6 +5,8 @@
 //! gradients are decoded here (`ps_common::codec`) before the store sees
 //! them, and pulled values are encoded here as the store hands them out.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,15 +15,21 @@ use ps_common::spec::{Consistency, TableSpec};
 use ps_common::wire::pb::{self, parameter_server_server::ParameterServer};
 use tonic::{Request, Response, Status};
 
+use crate::checkpoint::{self, ShardFile};
 use crate::clock::Clocks;
 use crate::error::Error;
+use crate::gate::Gate;
 use crate::store::{PushInfo, Store};
 
-/// Everything a shard holds: the store and the clock set.
+/// Everything a shard holds: the store, the clock set, and the push gate
+/// that checkpoints close for a moment.
 pub struct Shard {
     pub store: Store,
     pub clocks: Clocks,
+    pub gate: Gate,
     pub max_wait: Duration,
+    /// Where this shard writes its checkpoint files (`None`: it refuses cuts).
+    pub checkpoint_dir: Option<PathBuf>,
 }
 
 /// The tonic service; cheap to clone.
@@ -50,6 +58,21 @@ impl Shard {
         if meta.tick {
             self.clocks.tick(meta.worker, meta.clock);
         }
+    }
+
+    /// Every member's clock and last applied seq.
+    fn clock_table(&self) -> Vec<pb::WorkerCut> {
+        let members = self.clocks.capture().members;
+        (members.into_iter())
+            .map(|(worker, clock, _)| pb::WorkerCut { worker, clock, last_seq: self.store.last_seq(worker) })
+            .collect()
+    }
+
+    /// The folder of checkpoint `name` in this shard's checkpoint dir.
+    fn checkpoint_folder(&self, name: &str) -> Result<PathBuf, Error> {
+        checkpoint::check_name(name)?;
+        let root = self.checkpoint_dir.as_ref().ok_or(Error::NoCheckpointDir)?;
+        Ok(root.join(name))
     }
 
     async fn before_read(&self, meta: Option<&pb::ReadMeta>) -> Result<(), Error> {
@@ -106,6 +129,7 @@ impl ParameterServer for Service {
     ) -> Result<Response<pb::PushResponse>, Status> {
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
+        let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
         let info = self.0.before_push(&meta);
         let grads = (req.chunks.iter().map(|c| codec::decode_f32("gradient", &c.values)))
             .collect::<Result<Vec<_>, _>>()
@@ -146,6 +170,7 @@ impl ParameterServer for Service {
     ) -> Result<Response<pb::PushResponse>, Status> {
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
+        let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
         let info = self.0.before_push(&meta);
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
         let grads = codec::decode_f32("gradient", &req.grads).map_err(|e| self.0.refuse(e))?;
@@ -161,7 +186,8 @@ impl ParameterServer for Service {
             None => Consistency::Asp,
         };
         let lease = Duration::from_millis(u64::from(req.lease_ms.clamp(100, 3_600_000)));
-        let clock = self.0.clocks.join(req.worker, model, lease).map_err(|e| self.0.refuse(e))?;
+        let clock =
+            self.0.clocks.rejoin(req.worker, model, lease, req.clock).map_err(|e| self.0.refuse(e))?;
         tracing::info!(worker = req.worker, %model, clock, "worker joined");
         Ok(Response::new(pb::JoinResponse { last_seq: self.0.store.last_seq(req.worker), clock }))
     }
@@ -215,5 +241,64 @@ impl ParameterServer for Service {
             consistency: self.0.clocks.model().map(Into::into),
             wait_micros: self.0.clocks.wait_micros(),
         }))
+    }
+
+    async fn hold(&self, req: Request<pb::HoldRequest>) -> Result<Response<pb::HoldResponse>, Status> {
+        let timeout = Duration::from_millis(u64::from(req.into_inner().timeout_ms.clamp(1, 60_000)));
+        self.0.gate.hold(timeout).await.map_err(|e| self.0.refuse(e))?;
+        Ok(Response::new(pb::HoldResponse {
+            shard: self.0.store.shard(),
+            num_shards: self.0.store.num_shards(),
+            workers: self.0.clock_table(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), checkpoint = %req.get_ref().checkpoint))]
+    async fn cut(&self, req: Request<pb::CutRequest>) -> Result<Response<pb::CutResponse>, Status> {
+        let req = req.into_inner();
+        let shard = &self.0;
+        let dir = shard.checkpoint_folder(&req.checkpoint).map_err(|e| shard.refuse(e))?;
+        let limits: HashMap<u64, u64> = req.limits.iter().map(|w| (w.worker, w.clock)).collect();
+        let reached = |(w, limit): (&u64, &u64)| shard.clocks.clock_of(*w).is_none_or(|c| c >= *limit);
+        let timeout = Duration::from_millis(u64::from(req.timeout_ms.clamp(1, 600_000)));
+        let since = (shard.gate.drain(limits.clone(), timeout, || limits.iter().all(reached)).await)
+            .map_err(|e| shard.refuse(e))?;
+        let file = ShardFile {
+            checkpoint: req.checkpoint,
+            shard: shard.store.shard(),
+            num_shards: shard.store.num_shards(),
+            clocks: shard.clocks.capture(),
+            store: shard.store.capture(),
+        };
+        let workers = shard.clock_table();
+        shard.gate.open();
+        let held = since.elapsed();
+        let entry = tokio::task::spawn_blocking(move || checkpoint::write_shard(&dir, &file))
+            .await
+            .map_err(|e| Status::internal(format!("checkpoint writer: {e}")))?
+            .map_err(|e| shard.refuse(e))?;
+        tracing::info!(
+            bytes = entry.bytes,
+            held_ms = held.as_secs_f64() * 1e3,
+            write_ms = entry.write_ms,
+            "cut written"
+        );
+        Ok(Response::new(pb::CutResponse {
+            shard: shard.store.shard(),
+            file: entry.file,
+            bytes: entry.bytes,
+            sha256: entry.sha256,
+            workers,
+            held_micros: held.as_micros() as u64,
+            write_micros: (entry.write_ms * 1e3) as u64,
+        }))
+    }
+
+    async fn release(
+        &self,
+        _req: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        self.0.gate.open();
+        Ok(Response::new(pb::ReleaseResponse {}))
     }
 }

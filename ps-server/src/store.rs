@@ -109,6 +109,25 @@ pub struct Counters {
     pub values_pushed: AtomicU64,
 }
 
+/// One table as a checkpoint holds it: block `i` is `keys[i]` (chunk index
+/// or row key), updated `steps[i]` times; `data` holds the blocks' values and
+/// optimizer state end to end (each `len * (1 + state_per_param)` floats).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableCapture {
+    pub spec: TableSpec,
+    pub keys: Vec<u64>,
+    pub steps: Vec<u64>,
+    pub data: Vec<f32>,
+}
+
+/// Everything a shard's store holds (see [`Store::capture`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Capture {
+    pub tables: Vec<TableCapture>,
+    /// (worker, last applied seq).
+    pub last_seq: Vec<(u64, u64)>,
+}
+
 pub struct Store {
     shard: ShardId,
     num_shards: u32,
@@ -433,6 +452,122 @@ impl Store {
             }
         }
         (self.tables.len() as u64, chunks, rows)
+    }
+
+    /// A copy of every table this shard holds, with optimizer state and step
+    /// counts, and of the last seq applied per worker: what a checkpoint
+    /// writes. Consistent only while no push is being applied (the caller
+    /// holds the push gate); a read creating a sparse row meanwhile only adds
+    /// a row at its initial values.
+    pub fn capture(&self) -> Capture {
+        let mut tables: Vec<TableCapture> = self
+            .tables
+            .iter()
+            .map(|t| {
+                let (mut keys, mut steps, mut data) = (Vec::new(), Vec::new(), Vec::new());
+                let mut push = |key: u64, b: &Block| {
+                    keys.push(key);
+                    steps.push(b.step);
+                    data.extend_from_slice(&b.data);
+                };
+                match &t.blocks {
+                    Blocks::Dense { chunks, .. } => {
+                        let mut order: Vec<u32> = chunks.iter().map(|b| *b.key()).collect();
+                        order.sort_unstable();
+                        for i in order {
+                            if let Some(b) = chunks.get(&i) {
+                                push(u64::from(i), &b);
+                            }
+                        }
+                    }
+                    Blocks::Sparse { rows, .. } => {
+                        // In key order, so a checkpoint of the same state is the same file.
+                        let mut order: Vec<u64> = rows.iter().map(|b| *b.key()).collect();
+                        order.sort_unstable();
+                        for k in order {
+                            if let Some(b) = rows.get(&k) {
+                                push(k, &b);
+                            }
+                        }
+                    }
+                }
+                TableCapture { spec: t.spec.clone(), keys, steps, data }
+            })
+            .collect();
+        tables.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+        let mut last_seq: Vec<(u64, u64)> =
+            self.last_seq.iter().map(|e| (*e.key(), self.last_seq(*e.key()))).collect();
+        last_seq.sort_unstable();
+        Capture { tables, last_seq }
+    }
+
+    /// Rebuilds a shard's store from a capture, checking everything a file
+    /// could get wrong: every spec valid, every block owned by this shard and
+    /// of its exact length, every dense chunk present once, no key twice,
+    /// every value finite. Nothing is kept from a capture that fails.
+    pub fn restore(shard: ShardId, num_shards: u32, capture: Capture) -> Result<Store> {
+        let store = Store::new(shard, num_shards);
+        let bad = |table: &str, reason: String| Error::BadCheckpoint(format!("table `{table}`: {reason}"));
+        for t in capture.tables {
+            let name = t.spec.name.clone();
+            if !store.register(t.spec, num_shards)? {
+                return Err(bad(&name, "appears twice".into()));
+            }
+            let table = store.table(&name)?;
+            let width = 1 + table.spec.optimizer.rule.state_per_param();
+            if t.keys.len() != t.steps.len() {
+                return Err(bad(&name, format!("{} keys but {} step counts", t.keys.len(), t.steps.len())));
+            }
+            if let Some(v) = t.data.iter().find(|v| !v.is_finite()) {
+                return Err(bad(&name, format!("non-finite value {v}")));
+            }
+            let mut data = t.data.as_slice();
+            let mut take = |n: usize| -> Result<Box<[f32]>> {
+                if data.len() < n {
+                    return Err(bad(&name, "fewer values than its blocks need".into()));
+                }
+                let (head, rest) = data.split_at(n);
+                data = rest;
+                Ok(head.into())
+            };
+            match &table.blocks {
+                Blocks::Dense { chunks, .. } => {
+                    if t.keys.len() != chunks.len() {
+                        return Err(bad(
+                            &name,
+                            format!("{} chunks, this shard owns {}", t.keys.len(), chunks.len()),
+                        ));
+                    }
+                    let mut seen = HashSet::new();
+                    for (&key, &step) in t.keys.iter().zip(&t.steps) {
+                        let index =
+                            u32::try_from(key).map_err(|_| bad(&name, format!("chunk index {key}")))?;
+                        let len = store.check_chunk(&table, index)?;
+                        if !seen.insert(index) {
+                            return Err(bad(&name, format!("chunk {index} twice")));
+                        }
+                        let data = take(len * width)?;
+                        chunks.insert(index, Block { data, step });
+                    }
+                }
+                Blocks::Sparse { dim, rows } => {
+                    store.check_keys(&name, &t.keys)?;
+                    for (&key, &step) in t.keys.iter().zip(&t.steps) {
+                        let block = Block { data: take(dim * width)?, step };
+                        if rows.insert(key, block).is_some() {
+                            return Err(bad(&name, format!("key {key} twice")));
+                        }
+                    }
+                }
+            }
+            if !data.is_empty() {
+                return Err(bad(&name, format!("{} values left over", data.len())));
+            }
+        }
+        for (worker, seq) in capture.last_seq {
+            store.last_seq.insert(worker, Arc::new(Mutex::new(seq)));
+        }
+        Ok(store)
     }
 
     /// A copy of the values of every block of a table this shard holds, as

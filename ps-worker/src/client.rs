@@ -9,6 +9,8 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -35,8 +37,12 @@ pub struct ClientOptions {
     /// Deadline of a read, which may block under BSP/SSP.
     #[serde(rename = "read_timeout_ms", with = "duration_ms")]
     pub read_timeout: Duration,
-    /// Retries of a push that failed with a transient error.
+    /// Retries of a push that timed out (with the same seq).
     pub push_retries: u32,
+    /// How long a worker keeps retrying a shard it cannot reach (a shard
+    /// being restarted from a checkpoint) before it gives up.
+    #[serde(rename = "recover_within_ms", with = "duration_ms")]
+    pub recover_within: Duration,
     /// HTTP/2 settings and the message limit (`[job.client.transport]`).
     pub transport: TransportConfig,
 }
@@ -48,6 +54,7 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(180),
             push_retries: 5,
+            recover_within: Duration::from_secs(120),
             transport: TransportConfig::default(),
         }
     }
@@ -131,6 +138,8 @@ pub struct ShardedClient {
     worker: u64,
     /// Next seq per shard.
     next_seq: Vec<u64>,
+    /// Set when a shard could not be reached; the worker then rejoins.
+    lost_contact: Arc<AtomicBool>,
     opts: ClientOptions,
 }
 
@@ -141,6 +150,19 @@ fn check_len(what: &str, got: usize, need: usize) -> Result<()> {
 
 fn is_transient(status: &tonic::Status) -> bool {
     matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
+}
+
+/// The shard is not there (down, or restarting): worth waiting for.
+fn is_unreachable(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+}
+
+impl Error {
+    /// A shard could not be reached: the worker may wait for it to come back
+    /// ([`ShardedClient::rejoin`]) and try again.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Error::Status { status, .. } if is_unreachable(status))
+    }
 }
 
 impl ShardedClient {
@@ -165,7 +187,14 @@ impl ShardedClient {
             shards.push(transport::client(&opts.transport, channel));
         }
         let n = shards.len();
-        Ok(ShardedClient { shards, addrs: addrs.to_vec(), worker, next_seq: vec![1; n], opts })
+        Ok(ShardedClient {
+            shards,
+            addrs: addrs.to_vec(),
+            worker,
+            next_seq: vec![1; n],
+            lost_contact: Arc::default(),
+            opts,
+        })
     }
 
     pub fn num_shards(&self) -> u32 {
@@ -177,6 +206,9 @@ impl ShardedClient {
     }
 
     fn status(&self, shard: usize, status: tonic::Status) -> Error {
+        if is_unreachable(&status) {
+            self.lost_contact.store(true, Ordering::Relaxed);
+        }
         Error::Status { shard: shard as ShardId, addr: self.addrs[shard].clone(), status }
     }
 
@@ -204,13 +236,17 @@ impl ShardedClient {
         Ok(())
     }
 
-    /// Joins the clock set of every shard; returns the last seq each shard
-    /// applied from this worker id (so a restarted worker continues its seqs).
-    pub async fn join(&mut self, consistency: Consistency, lease: Duration) -> Result<()> {
+    /// Joins the clock set of every shard as a worker that has completed
+    /// `clock` iterations, and continues this worker id's seqs where each
+    /// shard left them (a restarted worker). Returns the clock the shards
+    /// hold for this worker: `clock`, or more when the job is resumed from a
+    /// checkpoint (the worker then continues from there).
+    pub async fn join(&mut self, consistency: Consistency, lease: Duration, clock: u64) -> Result<u64> {
         let msg = pb::JoinRequest {
             worker: self.worker,
             consistency: Some(consistency.into()),
             lease_ms: lease.as_millis().min(u128::from(u32::MAX)) as u32,
+            clock,
         };
         let calls = self.shards.iter().map(|c| {
             let mut c = c.clone();
@@ -218,11 +254,41 @@ impl ShardedClient {
             async move { c.join(req).await }
         });
         let results = join_all(calls).await;
+        let mut at = clock;
         for (i, r) in results.into_iter().enumerate() {
-            let last = r.map_err(|s| self.status(i, s))?.into_inner().last_seq;
-            self.next_seq[i] = self.next_seq[i].max(last + 1);
+            let r = r.map_err(|s| self.status(i, s))?.into_inner();
+            self.next_seq[i] = self.next_seq[i].max(r.last_seq + 1);
+            at = at.max(r.clock);
         }
-        Ok(())
+        Ok(at)
+    }
+
+    /// Whether a shard could not be reached since the last call (then the
+    /// worker should [`Self::rejoin`]: the shard may have been restored).
+    pub fn take_lost_contact(&self) -> bool {
+        self.lost_contact.swap(false, Ordering::Relaxed)
+    }
+
+    /// Waits (up to `recover_within`) until every shard answers, and rejoins
+    /// each as a worker at `clock`: a shard restored from a checkpoint learns
+    /// where this worker is. Returns the clock the shards hold for it.
+    pub async fn rejoin(&mut self, consistency: Consistency, lease: Duration, clock: u64) -> Result<u64> {
+        let deadline = tokio::time::Instant::now() + self.opts.recover_within;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.join(consistency, lease, clock).await {
+                Ok(at) => {
+                    self.lost_contact.store(false, Ordering::Relaxed);
+                    return Ok(at);
+                }
+                Err(e) if e.is_unreachable() && tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(worker = self.worker, error = %e, "waiting for a shard to come back");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Leaves the clock set of every shard (best effort on each).
@@ -329,18 +395,25 @@ impl ShardedClient {
     /// time, pulls the parameters for iteration `clock + 1` into `out`. Under
     /// BSP the shards serve the pull only after this push; under SSP and ASP
     /// the pull may miss it (one iteration of staleness on the worker's own
-    /// update), which is what buys the overlap.
+    /// update), which is what buys the overlap. Returns false if the push
+    /// went through but a shard could not be reached for the pull: the
+    /// iteration is complete, and the caller pulls again.
     pub async fn push_and_pull_dense(
         &mut self,
         set: &DenseSet,
         grads: &[f32],
         clock: u64,
         out: &mut [f32],
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let requests = self.dense_push_requests(set, grads, clock, clock, true)?;
         let (pushed, pulled) =
             tokio::join!(self.send_dense_pushes(requests), self.pull_dense(set, clock + 1, out));
-        pushed.and(pulled)
+        pushed?;
+        match pulled {
+            Ok(()) => Ok(true),
+            Err(e) if e.is_unreachable() => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Builds one push per shard, taking the next seq of each.
@@ -388,9 +461,9 @@ impl ShardedClient {
     {
         let calls = requests.into_iter().map(|(i, msg)| {
             let c = &self.shards[i];
-            let opts = &self.opts;
+            let (opts, lost) = (&self.opts, &*self.lost_contact);
             async move {
-                let r = retry(opts, || {
+                let r = retry(opts, lost, || {
                     let mut req = tonic::Request::new(msg.clone());
                     req.set_timeout(opts.request_timeout);
                     send(c.clone(), req)
@@ -575,18 +648,30 @@ impl SparsePlan {
     }
 }
 
-/// Runs `call` until it succeeds, fails for good, or runs out of retries;
-/// transient failures back off exponentially from 50 ms.
-async fn retry<T, F, Fut>(opts: &ClientOptions, mut call: F) -> std::result::Result<T, tonic::Status>
+/// Runs `call` until it succeeds or fails for good. A timed-out call is
+/// retried `push_retries` times; an unreachable shard (down or restarting) is
+/// retried until `recover_within` has passed. Backoff doubles from 50 ms.
+async fn retry<T, F, Fut>(
+    opts: &ClientOptions,
+    lost_contact: &AtomicBool,
+    mut call: F,
+) -> std::result::Result<T, tonic::Status>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
 {
+    let deadline = tokio::time::Instant::now() + opts.recover_within;
     let mut backoff = Duration::from_millis(50);
     let mut attempt = 0;
     loop {
         match call().await {
             Ok(r) => return Ok(r.into_inner()),
+            Err(s) if is_unreachable(&s) && tokio::time::Instant::now() < deadline => {
+                lost_contact.store(true, Ordering::Relaxed);
+                tracing::warn!(code = ?s.code(), "shard unreachable; retrying the push with the same seq");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
             Err(s) if is_transient(&s) && attempt < opts.push_retries => {
                 attempt += 1;
                 tracing::warn!(attempt, code = ?s.code(), "push failed, retrying with the same seq");

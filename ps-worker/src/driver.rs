@@ -78,16 +78,24 @@ pub struct Marks {
 }
 
 impl<'a> Driver<'a> {
-    /// Starts the clock and reports `Start`.
+    /// Starts the clock at `first_iter` (0, or a resumed job's cut) and
+    /// reports `Start`.
     pub fn new(
         job: &'a JobConfig,
         worker: usize,
         iters_per_epoch: u64,
+        first_iter: u64,
         reporter: &'a mut dyn Reporter,
     ) -> Self {
         let all = iters_per_epoch * u64::from(job.epochs);
         let total_iters = job.max_iters.map_or(all, |m| m.min(all));
-        reporter.report(Event::Start { worker, iters_per_epoch, epochs: job.epochs, total_iters });
+        reporter.report(Event::Start {
+            worker,
+            iters_per_epoch,
+            epochs: job.epochs,
+            total_iters,
+            first_iter,
+        });
         let now = Instant::now();
         Driver {
             job,
@@ -95,7 +103,7 @@ impl<'a> Driver<'a> {
             reporter,
             slow: Slowdown::new(job, worker),
             started: now,
-            clock: 0,
+            clock: first_iter,
             total_iters,
             samples: 0,
             pull: Duration::ZERO,

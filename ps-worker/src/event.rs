@@ -17,6 +17,10 @@ pub enum Event {
         iters_per_epoch: u64,
         epochs: u32,
         total_iters: u64,
+        /// The clock the worker starts at: 0, or where a resumed job's
+        /// checkpoint cut it.
+        #[serde(default)]
+        first_iter: u64,
     },
     Progress {
         worker: usize,

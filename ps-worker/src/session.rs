@@ -32,6 +32,9 @@ pub struct WorkerId {
 /// heartbeating.
 pub struct Session {
     pub client: ShardedClient,
+    /// Iterations this worker had completed when it joined: 0 for a new job,
+    /// the checkpoint's cut for a resumed one.
+    pub start_clock: u64,
     heartbeat: JoinHandle<()>,
 }
 
@@ -47,10 +50,18 @@ impl Session {
         for t in tables {
             client.register(t).await?;
         }
-        client.join(job.consistency, Duration::from_millis(job.lease_ms)).await?;
+        let start_clock = client.join(job.consistency, lease(job), 0).await?;
         let heartbeat = client.spawn_heartbeat(Duration::from_millis(job.lease_ms / 4));
         start_barrier(&client, id.count).await;
-        Ok(Session { client, heartbeat })
+        Ok(Session { client, start_clock, heartbeat })
+    }
+
+    /// After a shard could not be reached: waits for every shard and rejoins
+    /// as a worker at `clock` (see [`ShardedClient::rejoin`]).
+    pub async fn recover(client: &mut ShardedClient, job: &JobConfig, clock: u64) -> Result<()> {
+        client.rejoin(job.consistency, lease(job), clock).await?;
+        tracing::info!(worker = client.worker(), clock, "rejoined every shard");
+        Ok(())
     }
 
     /// Leaves the clock set (so the others are not held up) and returns the
@@ -61,6 +72,10 @@ impl Session {
         result?;
         left
     }
+}
+
+fn lease(job: &JobConfig) -> Duration {
+    Duration::from_millis(job.lease_ms)
 }
 
 /// Connects worker `id` of `job` to every shard, with the job's client options.

@@ -46,30 +46,46 @@ async fn run_as<W: Workload>(
     let client = session::connect(job, servers, id).await?;
     let mut workload = W::open(job, Role::Train(id), client.num_shards())?;
     let mut session = Session::join(client, job, id, &workload.tables()).await?;
-    let result = train_loop(&mut workload, &mut session.client, job, id, reporter).await;
+    let start = session.start_clock;
+    let result = train_loop(&mut workload, &mut session.client, job, id, start, reporter).await;
     session.close(result).await
 }
 
+/// Trains from iteration `first` (0, or a resumed job's cut): the data order
+/// is a function of the seed, the worker and the epoch, so iteration `c` is
+/// batch `c % per_epoch` of epoch `c / per_epoch` however the run got there.
 async fn train_loop<W: Workload>(
     w: &mut W,
     client: &mut ShardedClient,
     job: &JobConfig,
     id: WorkerId,
+    first: u64,
     reporter: &mut dyn Reporter,
 ) -> Result<()> {
     let mut batches = worker_batches(job, id, w.train_rows());
     let per_epoch = batches.num_batches() as u64;
-    let mut d = Driver::new(job, id.index, per_epoch, reporter);
-    'epochs: for epoch in 0..job.epochs {
+    let mut d = Driver::new(job, id.index, per_epoch, first, reporter);
+    let first_epoch = first.checked_div(per_epoch).unwrap_or(0).min(u64::from(job.epochs)) as u32;
+    'epochs: for epoch in first_epoch..job.epochs {
         batches.shuffle(u64::from(epoch));
-        for batch in 0..per_epoch {
+        let first_batch = if epoch == first_epoch { first.checked_rem(per_epoch).unwrap_or(0) } else { 0 };
+        for batch in first_batch..per_epoch {
             if d.finished() {
                 break 'epochs;
             }
             let rows = batches.batch(batch as usize);
             let it = Iteration { epoch, batch, clock: d.clock, rows, last: d.clock + 1 >= d.total_iters };
             let start = Instant::now();
-            w.pull(client, it).await?;
+            // A shard that cannot be reached may be restarting from a
+            // checkpoint: wait for it, rejoin, and read again. Nothing of
+            // this iteration has been pushed yet.
+            while let Err(e) = w.pull(client, it).await {
+                if !e.is_unreachable() {
+                    return Err(e);
+                }
+                tracing::warn!(worker = id.index, error = %e, "a shard is unreachable; waiting for it");
+                Session::recover(client, job, d.clock).await?;
+            }
             let pulled = Instant::now();
             let out = w.compute();
             let computed = Instant::now();
@@ -79,6 +95,10 @@ async fn train_loop<W: Workload>(
             }
             let marks = Marks { start, pulled, computed, pushed: Instant::now() };
             d.end_iteration(epoch, marks, out.samples, out.loss, out.score).await?;
+            if client.take_lost_contact() {
+                // A push waited for a shard: tell a restored shard where we are.
+                Session::recover(client, job, d.clock).await?;
+            }
         }
         if d.should_eval(epoch) {
             // A read outside the clock discipline: evaluation holds no one up.

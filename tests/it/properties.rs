@@ -1157,7 +1157,7 @@ async fn check_ssp(case: SspCase) -> Result<()> {
         if w == 0 {
             c.register(&spec).await?;
         }
-        c.join(case.consistency, Duration::from_secs(60)).await?;
+        c.join(case.consistency, Duration::from_secs(60), 0).await?;
         clients.push(c);
     }
     let tasks = clients

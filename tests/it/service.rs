@@ -198,6 +198,7 @@ fn join(worker: u64, model: pb::ConsistencyModel, staleness: u32) -> Req {
         worker,
         consistency: Some(pb::ConsistencySpec { model: model as i32, staleness }),
         lease_ms: 60_000,
+        clock: 0,
     })
 }
 

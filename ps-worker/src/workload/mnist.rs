@@ -111,10 +111,13 @@ impl Workload for Mnist {
 
     async fn push(&mut self, client: &mut ShardedClient, it: Iteration<'_>) -> Result<()> {
         let t = trainer(&mut self.train)?;
-        t.prefetched = t.overlap && !it.last;
-        if t.prefetched {
-            client.push_and_pull_dense(&self.set, &t.grads, it.clock, &mut self.params).await
+        if t.overlap && !it.last {
+            // A pull that missed a shard is done again in the next iteration.
+            t.prefetched =
+                client.push_and_pull_dense(&self.set, &t.grads, it.clock, &mut self.params).await?;
+            Ok(())
         } else {
+            t.prefetched = false;
             client.push_dense(&self.set, &t.grads, it.clock, it.clock, true).await
         }
     }

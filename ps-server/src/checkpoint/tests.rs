@@ -1,0 +1,333 @@
+//! Shard files and manifests: round trip, and every kind of bad checkpoint
+//! refused whole, with the previous checkpoint still good.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ps_common::optim::Rule;
+use ps_common::partition;
+use ps_common::spec::{Consistency, Init, TableSpec};
+
+use super::*;
+use crate::clock::Clocks;
+use crate::store::{PushInfo, Store};
+use crate::{Error, ServerConfig};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("ps-ckpt-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Shard `shard` of 2 after a few pushes: a dense Adam tensor (optimizer
+/// state and step counts) and a sparse Adagrad table.
+fn trained_shard(shard: u32) -> (Store, Clocks) {
+    let store = Store::new(shard, 2);
+    let mut dense = TableSpec::dense("w", &[1000], Init::zeros(), Rule::adam(0.01).into());
+    dense.layout = ps_common::spec::Layout::Dense { shape: vec![1000], chunk_len: 64 };
+    store.register(dense, 2).unwrap();
+    store
+        .register(
+            TableSpec::sparse(
+                "e",
+                4,
+                Init::zeros(),
+                Rule::Adagrad { lr: 0.1, eps: 1e-10, initial_accumulator: 0.1, weight_decay: 0.0 }.into(),
+            ),
+            2,
+        )
+        .unwrap();
+    let chunks: Vec<u32> = (0..16).filter(|&i| partition::chunk_shard("w", i, 2) == shard).collect();
+    let keys: Vec<u64> = (0..200).filter(|&k| partition::key_shard(k, 2) == shard).collect();
+    for seq in 1..=3u64 {
+        let grads: Vec<Vec<f32>> = chunks
+            .iter()
+            .map(|&i| {
+                let n = if i == 15 { 1000 - 15 * 64 } else { 64 };
+                (0..n).map(|j| (j as f32 + seq as f32).sin()).collect()
+            })
+            .collect();
+        let push: Vec<(&str, u32, &[f32])> =
+            chunks.iter().zip(&grads).map(|(&i, g)| ("w", i, g.as_slice())).collect();
+        store.push_dense(&push, PushInfo { worker: 7, seq, staleness: 0 }).unwrap();
+        let g: Vec<f32> = (0..keys.len() * 4).map(|j| j as f32 * 0.01).collect();
+        store
+            .push_sparse(
+                "e",
+                &keys[..keys.len() / (seq as usize)],
+                &g[..keys.len() / (seq as usize) * 4],
+                PushInfo::default(),
+            )
+            .unwrap();
+    }
+    let clocks = Clocks::default();
+    clocks.join(7, Consistency::Bsp, Duration::from_secs(5)).unwrap();
+    clocks.tick(7, 2);
+    clocks.join(8, Consistency::Bsp, Duration::from_secs(5)).unwrap();
+    clocks.leave(8);
+    (store, clocks)
+}
+
+fn file_of(checkpoint: &str, shard: u32, store: &Store, clocks: &Clocks) -> ShardFile {
+    ShardFile {
+        checkpoint: checkpoint.into(),
+        shard,
+        num_shards: 2,
+        clocks: clocks.capture(),
+        store: store.capture(),
+    }
+}
+
+/// Writes a complete two-shard checkpoint `name` under `root`.
+fn write_checkpoint(root: &Path, name: &str) -> Manifest {
+    let dir = root.join(name);
+    let shards = (0..2)
+        .map(|s| {
+            let (store, clocks) = trained_shard(s);
+            write_shard(&dir, &file_of(name, s, &store, &clocks)).unwrap()
+        })
+        .collect();
+    let m = Manifest {
+        version: FORMAT_VERSION,
+        name: name.into(),
+        created_unix_ms: 0,
+        job: Some("job".into()),
+        num_shards: 2,
+        workers: vec![WorkerEntry { worker: 7, clock: 3 }],
+        shards,
+        held_ms: 0.0,
+        total_ms: 0.0,
+    };
+    m.write(&dir).unwrap();
+    m
+}
+
+fn config(shard: u32, num_shards: u32, restore: &Path) -> ServerConfig {
+    ServerConfig { shard, num_shards, restore: Some(restore.to_path_buf()), ..ServerConfig::default() }
+}
+
+#[test]
+fn a_shard_comes_back_exactly_as_it_was_checkpointed() {
+    let tmp = TempDir::new("roundtrip");
+    write_checkpoint(&tmp.0, "ckpt-000001");
+    for shard in 0..2 {
+        let (store, clocks) = trained_shard(shard);
+        let (restored, rclocks) = crate::restore(&config(shard, 2, &tmp.0), &tmp.0).unwrap();
+        assert!(restored.capture() == store.capture(), "values, optimizer state, steps and seqs");
+        assert_eq!(rclocks.capture().members.len(), 1);
+        assert_eq!(rclocks.clock_of(7), Some(3));
+        assert_eq!(rclocks.capture().left, clocks.capture().left, "workers that left keep their clock");
+        assert_eq!(restored.last_seq(7), 3);
+        // The next update lands on the restored optimizer state exactly as
+        // on the original.
+        let chunk = (0..16).find(|&i| partition::chunk_shard("w", i, 2) == shard).unwrap();
+        let g = vec![0.5f32; 64];
+        for s in [&store, &restored] {
+            s.push_dense(&[("w", chunk, &g)], PushInfo { worker: 7, seq: 4, staleness: 0 }).unwrap();
+        }
+        assert!(restored.capture() == store.capture());
+    }
+}
+
+/// Damage done to a checkpoint folder, given its manifest.
+type Damage = Box<dyn Fn(&Path, &Manifest)>;
+
+/// Each kind of damage, applied to the newest of two checkpoints: restoring
+/// it fails with a clear error, and the older one still restores.
+#[test]
+fn bad_checkpoints_are_refused_whole_and_the_previous_one_stays_good() {
+    let file0 = |dir: &Path| dir.join(shard_file_name(0, 2));
+    // Re-signs a shard file after editing it, so only the content check can catch it.
+    let resign = |dir: &Path, m: &Manifest, bytes: Vec<u8>| {
+        std::fs::write(dir.join(shard_file_name(0, 2)), &bytes).unwrap();
+        let mut m = m.clone();
+        m.shards[0].bytes = bytes.len() as u64;
+        m.shards[0].sha256 = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        m.write(dir).unwrap();
+    };
+    let cases: Vec<(&str, Damage, &str)> = vec![
+        (
+            "truncated",
+            Box::new(move |d, _| {
+                let b = std::fs::read(file0(d)).unwrap();
+                std::fs::write(file0(d), &b[..b.len() / 2]).unwrap();
+            }),
+            "truncated",
+        ),
+        (
+            "corrupted",
+            Box::new(move |d, _| {
+                let mut b = std::fs::read(file0(d)).unwrap();
+                let n = b.len();
+                b[n - 10] ^= 0xff;
+                std::fs::write(file0(d), &b).unwrap();
+            }),
+            "SHA-256",
+        ),
+        ("missing file", Box::new(move |d, _| std::fs::remove_file(file0(d)).unwrap()), "opening"),
+        (
+            "foreign version",
+            Box::new(move |d, m| {
+                let (store, clocks) = trained_shard(0);
+                let mut b = Vec::from(MAGIC.as_slice());
+                let record = file_of(&m.name, 0, &store, &clocks);
+                let tmp = d.join("v2");
+                let e = write_shard(&tmp, &record).unwrap();
+                let body = std::fs::read(tmp.join(e.file)).unwrap();
+                // The record starts with its version: a map whose first value is 1.
+                let mut body = body[MAGIC.len()..].to_vec();
+                let at = body.iter().position(|&x| x == 1).unwrap();
+                body[at] = 2;
+                b.extend(body);
+                std::fs::remove_dir_all(tmp).unwrap();
+                resign(d, m, b);
+            }),
+            "format version 2",
+        ),
+        (
+            "not a checkpoint",
+            Box::new(move |d, m| resign(d, m, b"{\"hello\": 1}".to_vec())),
+            "not a shard checkpoint",
+        ),
+        (
+            "garbage after the magic",
+            Box::new(move |d, m| {
+                let mut b = MAGIC.to_vec();
+                b.extend([0xdd, 0xff, 0xff, 0xff, 0xff, 0x00]);
+                resign(d, m, b)
+            }),
+            "undecodable",
+        ),
+        (
+            "another shard's file",
+            Box::new(move |d, m| {
+                let b = std::fs::read(d.join(shard_file_name(1, 2))).unwrap();
+                resign(d, m, b)
+            }),
+            "shard 1 of 2",
+        ),
+        (
+            "a lying block length",
+            Box::new(move |d, m| {
+                let (store, clocks) = trained_shard(0);
+                let mut f = file_of(&m.name, 0, &store, &clocks);
+                f.store.tables[0].data.pop();
+                let tmp = d.join("lie");
+                let e = write_shard(&tmp, &f).unwrap();
+                let b = std::fs::read(tmp.join(e.file)).unwrap();
+                std::fs::remove_dir_all(tmp).unwrap();
+                resign(d, m, b)
+            }),
+            "fewer values",
+        ),
+        (
+            "a row of another shard",
+            Box::new(move |d, m| {
+                let (store, clocks) = trained_shard(0);
+                let mut f = file_of(&m.name, 0, &store, &clocks);
+                let t = f.store.tables.iter_mut().find(|t| t.spec.name == "e").unwrap();
+                t.keys[0] = (0..).find(|&k| partition::key_shard(k, 2) == 1).unwrap();
+                let tmp = d.join("other");
+                let e = write_shard(&tmp, &f).unwrap();
+                let b = std::fs::read(tmp.join(e.file)).unwrap();
+                std::fs::remove_dir_all(tmp).unwrap();
+                resign(d, m, b)
+            }),
+            "belongs to shard 1",
+        ),
+        (
+            "a non-finite value",
+            Box::new(move |d, m| {
+                let (store, clocks) = trained_shard(0);
+                let mut f = file_of(&m.name, 0, &store, &clocks);
+                f.store.tables[0].data[3] = f32::NAN;
+                let tmp = d.join("nan");
+                let e = write_shard(&tmp, &f).unwrap();
+                let b = std::fs::read(tmp.join(e.file)).unwrap();
+                std::fs::remove_dir_all(tmp).unwrap();
+                resign(d, m, b)
+            }),
+            "non-finite",
+        ),
+        (
+            "a manifest missing a shard",
+            Box::new(move |d, m| {
+                let mut m = m.clone();
+                m.shards.pop();
+                m.write(d).unwrap();
+            }),
+            "lists shards",
+        ),
+        (
+            "a corrupted manifest",
+            Box::new(move |d, _| std::fs::write(d.join(MANIFEST), b"{\"version\":").unwrap()),
+            "manifest.json",
+        ),
+    ];
+    for (what, damage, expected) in cases {
+        let tmp = TempDir::new(&what.replace(' ', "-"));
+        write_checkpoint(&tmp.0, "ckpt-000001");
+        let m = write_checkpoint(&tmp.0, "ckpt-000002");
+        let newest = tmp.0.join("ckpt-000002");
+        damage(&newest, &m);
+        let err = crate::restore(&config(0, 2, &newest), &newest)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: restored"));
+        let text = err.to_string();
+        assert!(text.contains(expected), "{what}: {text}");
+        let older = tmp.0.join("ckpt-000001");
+        let (store, _) = crate::restore(&config(0, 2, &older), &older).unwrap();
+        assert!(store.capture() == trained_shard(0).0.capture(), "{what}: the previous checkpoint");
+    }
+}
+
+#[test]
+fn a_checkpoint_of_another_shard_count_is_refused() {
+    let tmp = TempDir::new("count");
+    write_checkpoint(&tmp.0, "ckpt-000001");
+    let err = crate::restore(&config(0, 3, &tmp.0), &tmp.0).err().unwrap();
+    assert!(matches!(err, Error::BadCheckpoint(ref m) if m.contains("of 2 shards")), "{err}");
+}
+
+/// What a crash while writing leaves behind (a temporary shard file, or
+/// renamed shard files without a manifest) is not a checkpoint: the previous
+/// one stays the latest, and it goes once a newer complete one exists.
+#[test]
+fn a_crash_while_writing_leaves_the_previous_checkpoint_the_latest() {
+    let tmp = TempDir::new("crash");
+    write_checkpoint(&tmp.0, "ckpt-000001");
+    let cut_short = tmp.0.join("ckpt-000002");
+    std::fs::create_dir_all(&cut_short).unwrap();
+    std::fs::write(cut_short.join(format!("{}.tmp", shard_file_name(0, 2))), b"PSCKPT01 half").unwrap();
+    let (store, clocks) = trained_shard(1);
+    write_shard(&cut_short, &file_of("ckpt-000002", 1, &store, &clocks)).unwrap();
+    assert_eq!(latest(&tmp.0).unwrap().unwrap().manifest.name, "ckpt-000001");
+    assert_eq!(resolve(&tmp.0).unwrap().manifest.name, "ckpt-000001");
+    crate::restore(&config(0, 2, &tmp.0), &tmp.0).unwrap();
+    assert_eq!(next_name(&tmp.0).unwrap(), "ckpt-000003", "a cut-short name is not reused");
+    write_checkpoint(&tmp.0, "ckpt-000003");
+    write_checkpoint(&tmp.0, "ckpt-000004");
+    let deleted = prune(&tmp.0, 2).unwrap();
+    assert_eq!(deleted, vec![tmp.0.join("ckpt-000001"), cut_short]);
+    let left: Vec<String> = complete(&tmp.0).unwrap().into_iter().map(|c| c.manifest.name).collect();
+    assert_eq!(left, ["ckpt-000003", "ckpt-000004"]);
+}
+
+#[test]
+fn checkpoint_names_from_the_network_cannot_escape_the_folder() {
+    for bad in ["", "..", "../x", "a/b", "x y", &"a".repeat(65)] {
+        assert!(matches!(check_name(bad), Err(Error::CheckpointName(_))), "{bad:?}");
+    }
+    check_name("ckpt-000001").unwrap();
+}
