@@ -142,6 +142,123 @@ pub struct RunSummary {
     pub server_peak_rss: Vec<u64>,
     #[serde(default)]
     pub sparse_rows: u64,
+    /// Checkpoints taken during the run.
+    #[serde(default)]
+    pub checkpoints: CheckpointLog,
+    /// Shards that died and were restored from a checkpoint, and what it cost.
+    #[serde(default)]
+    pub recoveries: Vec<Recovery>,
+    /// The checkpoint this run was resumed from.
+    #[serde(default)]
+    pub resumed_from: Option<PathBuf>,
+}
+
+/// What the periodic checkpoints of a run cost.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointLog {
+    pub taken: u32,
+    pub failed: u32,
+    /// The newest complete checkpoint's folder.
+    pub last: Option<PathBuf>,
+    /// Bytes of the newest checkpoint (all shards).
+    pub last_bytes: u64,
+    /// Longest time a shard held pushes, over all checkpoints.
+    pub max_held_ms: f64,
+    pub mean_held_ms: f64,
+    /// Hold to manifest, mean over checkpoints.
+    pub mean_total_ms: f64,
+    /// The first few failures, as text.
+    pub errors: Vec<String>,
+}
+
+impl CheckpointLog {
+    /// Adds a complete checkpoint.
+    pub fn record(&mut self, dir: PathBuf, m: &ps_server::checkpoint::Manifest) {
+        let n = f64::from(self.taken);
+        self.mean_held_ms = (self.mean_held_ms * n + m.held_ms) / (n + 1.0);
+        self.mean_total_ms = (self.mean_total_ms * n + m.total_ms) / (n + 1.0);
+        self.max_held_ms = self.max_held_ms.max(m.held_ms);
+        self.taken += 1;
+        self.last = Some(dir);
+        self.last_bytes = m.bytes();
+    }
+
+    /// Adds a failed attempt.
+    pub fn fail(&mut self, error: String) {
+        self.failed += 1;
+        if self.errors.len() < 5 {
+            self.errors.push(error);
+        }
+    }
+}
+
+/// A shard that died, restored from a checkpoint: what the job lost.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Recovery {
+    pub shard: u32,
+    /// Seconds into the run when the launcher noticed.
+    pub at_s: f64,
+    /// How the shard ended.
+    pub exit: String,
+    /// The checkpoint it was restored from.
+    pub checkpoint: String,
+    pub restart_s: f64,
+    /// Per worker: (worker, clock at the checkpoint, clock when the shard
+    /// died). The restored shard lost that worker's updates of the
+    /// iterations in between; the other shards kept theirs.
+    pub workers: Vec<(u64, u64, u64)>,
+    /// Sum over workers of the iterations whose updates to this shard were
+    /// lost (one push each).
+    pub lost_iterations: u64,
+}
+
+impl Recovery {
+    /// Reads the workers' clocks from a live shard to measure what the
+    /// restart of `r` lost.
+    pub async fn measure(
+        r: &crate::cluster::Restart,
+        addrs: &[String],
+        started: std::time::Instant,
+    ) -> Recovery {
+        let m = &r.checkpoint.manifest;
+        let live = addrs.iter().enumerate().find(|(i, _)| *i != r.shard as usize).map(|(_, a)| a.clone());
+        let mut now: Vec<(u64, u64)> = Vec::new();
+        if let Some(addr) = live {
+            let opts = ps_worker::client::ClientOptions::default();
+            if let Ok(c) = ps_worker::client::ShardedClient::connect(&[addr], u64::MAX, opts).await
+                && let Ok(stats) = c.stats().await
+            {
+                now = stats.iter().flat_map(|s| s.clocks.iter().map(|c| (c.worker, c.clock))).collect();
+            }
+        }
+        if now.is_empty() {
+            // One shard only: the cut is all we know.
+            now = m.workers.iter().map(|w| (w.worker, w.clock)).collect();
+        }
+        let workers: Vec<(u64, u64, u64)> = now.iter().map(|&(w, c)| (w, m.clock_of(w), c)).collect();
+        Recovery {
+            shard: r.shard,
+            at_s: started.elapsed().as_secs_f64() - r.restart_s,
+            exit: r.exit.clone(),
+            checkpoint: m.name.clone(),
+            restart_s: r.restart_s,
+            lost_iterations: workers.iter().map(|&(_, cut, at)| at.saturating_sub(cut)).sum(),
+            workers,
+        }
+    }
+
+    /// One line for the terminal.
+    pub fn describe(&self) -> String {
+        format!(
+            "shard {} died ({}) at {:.1} s; restarted from {} in {:.0} ms; lost the updates of {} worker-iterations to it",
+            self.shard,
+            self.exit,
+            self.at_s,
+            self.checkpoint,
+            self.restart_s * 1e3,
+            self.lost_iterations
+        )
+    }
 }
 
 impl JsonFile for RunSummary {
@@ -295,13 +412,13 @@ impl MetricsLine {
     }
 
     /// Creates (truncates) `dir/metrics.jsonl` for [`MetricsWriter::append`].
-    pub fn create(dir: &Path) -> Result<MetricsWriter> {
+    /// Opens `dir/metrics.jsonl` for writing: anew, or (`append`, a resumed
+    /// run) after the lines already there.
+    pub fn create(dir: &Path, append: bool) -> Result<MetricsWriter> {
         let path = dir.join(Self::FILE);
-        let file = std::fs::File::create(&path).map_err(|source| Error::Io {
-            what: "creating",
-            path: path.clone(),
-            source,
-        })?;
+        let file =
+            std::fs::OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(&path);
+        let file = file.map_err(|source| Error::Io { what: "creating", path: path.clone(), source })?;
         Ok(MetricsWriter { path, file: std::io::BufWriter::new(file) })
     }
 
@@ -556,7 +673,7 @@ mod tests {
             ),
             MetricsLine::new(2.0, 0, done(0)),
         ];
-        let mut w = MetricsLine::create(&dir.0).unwrap();
+        let mut w = MetricsLine::create(&dir.0, false).unwrap();
         for l in &lines {
             w.append(l).unwrap();
         }

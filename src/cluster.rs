@@ -34,6 +34,10 @@ pub enum Error {
     Artifact(#[from] crate::artifact::Error),
     #[error(transparent)]
     Model(#[from] ps_model::Error),
+    #[error(transparent)]
+    Checkpoint(#[from] ps_server::Error),
+    #[error("shard {shard} died ({exit}) and cannot be restored: {why}")]
+    ShardDied { shard: u32, exit: String, why: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -73,49 +77,144 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// Running shard processes.
+/// Running shard processes. With a checkpoint folder, a shard that dies is
+/// restarted ([`Servers::supervise`]) on its address from the newest
+/// complete checkpoint.
 pub struct Servers {
     children: Vec<Child>,
     pub addrs: Vec<String>,
+    exe: PathBuf,
+    log_dir: PathBuf,
+    checkpoint_dir: Option<PathBuf>,
+}
+
+/// Where shards keep checkpoints and what they start from.
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// The shards' checkpoint folder (enables supervision).
+    pub checkpoint_dir: Option<PathBuf>,
+    /// Start every shard from this checkpoint.
+    pub restore: Option<PathBuf>,
+}
+
+/// A shard that died and was restarted from a checkpoint.
+#[derive(Debug, Clone)]
+pub struct Restart {
+    pub shard: u32,
+    /// How it ended (exit status or signal).
+    pub exit: String,
+    pub checkpoint: ps_server::checkpoint::CheckpointRef,
+    /// From noticing the death to the shard listening again.
+    pub restart_s: f64,
 }
 
 impl Servers {
     /// Starts `n` shards on 127.0.0.1 (free ports), logs in `dir`.
-    pub async fn start(exe: &Path, n: u32, dir: &Path) -> Result<Servers> {
-        let mut children = Vec::new();
-        let mut addrs = Vec::new();
+    pub async fn start(exe: &Path, n: u32, dir: &Path, opts: &ServerOptions) -> Result<Servers> {
+        let mut servers = Servers {
+            children: Vec::new(),
+            addrs: Vec::new(),
+            exe: exe.to_path_buf(),
+            log_dir: dir.to_path_buf(),
+            checkpoint_dir: opts.checkpoint_dir.clone(),
+        };
         for shard in 0..n {
-            let log_path = dir.join(format!("server-{shard}.log"));
-            let log =
-                std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
-            let mut child = command(exe)
-                .args(["server", "--shard", &shard.to_string(), "--num-shards", &n.to_string()])
-                .args(["--listen", "127.0.0.1:0"])
-                .stdout(Stdio::piped())
-                .stderr(log)
-                .spawn()
-                .map_err(io(format!("starting shard {shard} from {}", exe.display())))?;
-            let stdout = child.stdout.take().expect("stdout is piped");
-            let mut lines = BufReader::new(stdout).lines();
-            let fail =
-                |reason: String| Error::ServerStart { shard, reason, log: log_path.display().to_string() };
-            let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-                .await
-                .map_err(|_| fail("no address within 30 s".into()))?
-                .map_err(|e| fail(e.to_string()))?
-                .ok_or_else(|| fail("exited before listening".into()))?;
-            let addr = first
-                .strip_prefix("listening on ")
-                .ok_or_else(|| fail(format!("unexpected first line `{first}`")))?
-                .to_string();
-            addrs.push(addr);
-            children.push(child);
+            let (child, addr) = servers.spawn(shard, n, "127.0.0.1:0", opts.restore.as_deref()).await?;
+            servers.addrs.push(addr);
+            servers.children.push(child);
         }
-        Ok(Servers { children, addrs })
+        Ok(servers)
+    }
+
+    /// Starts shard `shard` of `n` listening on `listen`; waits until it
+    /// prints its address.
+    async fn spawn(
+        &self,
+        shard: u32,
+        n: u32,
+        listen: &str,
+        restore: Option<&Path>,
+    ) -> Result<(Child, String)> {
+        let log_path = self.log_dir.join(format!("server-{shard}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(format!("opening {}", log_path.display())))?;
+        let mut cmd = command(&self.exe);
+        cmd.args(["server", "--shard", &shard.to_string(), "--num-shards", &n.to_string()])
+            .args(["--listen", listen]);
+        if let Some(dir) = &self.checkpoint_dir {
+            cmd.arg("--checkpoint-dir").arg(dir);
+        }
+        if let Some(path) = restore {
+            cmd.arg("--restore").arg(path);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .map_err(io(format!("starting shard {shard} from {}", self.exe.display())))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let fail = |reason: String| Error::ServerStart { shard, reason, log: log_path.display().to_string() };
+        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .map_err(|_| fail("no address within 30 s".into()))?
+            .map_err(|e| fail(e.to_string()))?
+            .ok_or_else(|| fail("exited before listening".into()))?;
+        let addr = first
+            .strip_prefix("listening on ")
+            .ok_or_else(|| fail(format!("unexpected first line `{first}`")))?
+            .to_string();
+        Ok((child, addr))
     }
 
     pub fn pids(&self) -> Vec<u32> {
         self.children.iter().filter_map(Child::id).collect()
+    }
+
+    /// SIGKILL to shard `shard` (fault injection).
+    pub fn kill(&mut self, shard: usize) {
+        if let Some(c) = self.children.get_mut(shard) {
+            let _ = c.start_kill();
+        }
+    }
+
+    /// Restarts, on its address and from the newest complete checkpoint, the
+    /// first shard found dead. Without a checkpoint folder, or before the
+    /// first checkpoint, a dead shard is an error: nothing can bring its
+    /// parameters back.
+    pub async fn supervise(&mut self) -> Result<Option<Restart>> {
+        let n = self.children.len() as u32;
+        for shard in 0..self.children.len() {
+            let Ok(Some(status)) = self.children[shard].try_wait() else { continue };
+            let noticed = Instant::now();
+            let exit = status.to_string();
+            let Some(root) = &self.checkpoint_dir else {
+                return Err(Error::ShardDied {
+                    shard: shard as u32,
+                    exit,
+                    why: "checkpoints are off".into(),
+                });
+            };
+            let checkpoint = ps_server::checkpoint::latest(root)?.ok_or_else(|| Error::ShardDied {
+                shard: shard as u32,
+                exit: exit.clone(),
+                why: "no checkpoint was complete yet".into(),
+            })?;
+            tracing::warn!(shard, %exit, checkpoint = %checkpoint.dir.display(), "shard died; restarting it");
+            let listen = self.addrs[shard].clone();
+            let (child, _) = self.spawn(shard as u32, n, &listen, Some(&checkpoint.dir)).await?;
+            self.children[shard] = child;
+            return Ok(Some(Restart {
+                shard: shard as u32,
+                exit,
+                checkpoint,
+                restart_s: noticed.elapsed().as_secs_f64(),
+            }));
+        }
+        Ok(None)
     }
 
     /// SIGTERM to every shard; SIGKILL to any still running after `grace`.
@@ -141,6 +240,8 @@ pub struct RunOutcome {
     pub failed: Vec<(usize, String)>,
     /// Peak RSS of each server process, bytes.
     pub server_peak_rss: Vec<u64>,
+    /// Shards that died and were restored from a checkpoint.
+    pub recoveries: Vec<crate::artifact::Recovery>,
 }
 
 /// Options of [`run_workers`].
@@ -151,6 +252,10 @@ pub struct RunOptions<'a> {
     pub workers: u32,
     /// Kill this worker (SIGKILL) after this long: for fault-tolerance tests.
     pub kill_worker_after: Option<(usize, Duration)>,
+    /// Kill this shard (SIGKILL) after this long: for recovery tests.
+    pub kill_server_after: Option<(usize, Duration)>,
+    /// Append to metrics.jsonl (a resumed run) instead of starting it anew.
+    pub append_metrics: bool,
 }
 
 /// Starts the workers of `config` against `servers`, forwards their events
@@ -158,11 +263,11 @@ pub struct RunOptions<'a> {
 /// `run_dir/metrics.jsonl`, until every worker exits or Ctrl-C.
 pub async fn run_workers(
     opts: RunOptions<'_>,
-    servers: &Servers,
+    servers: &mut Servers,
     mut on_event: impl FnMut(usize, &Event),
 ) -> Result<RunOutcome> {
     let started = Instant::now();
-    let mut metrics = MetricsLine::create(opts.run_dir)?;
+    let mut metrics = MetricsLine::create(opts.run_dir, opts.append_metrics)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Option<Event>, Option<String>)>();
     let mut children = Vec::new();
     for index in 0..opts.workers as usize {
@@ -199,6 +304,8 @@ pub async fn run_workers(
     let mut remaining = children.len();
     let kill_at = opts.kill_worker_after.map(|(w, after)| (w, tokio::time::Instant::now() + after));
     let mut killed = false;
+    let kill_server_at = opts.kill_server_after.map(|(s, after)| (s, tokio::time::Instant::now() + after));
+    let mut server_killed = false;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     let mut poll = tokio::time::interval(Duration::from_millis(50));
@@ -226,6 +333,18 @@ pub async fn run_workers(
                 {
                     let _ = c.start_kill();
                     killed = true;
+                }
+                if let Some((s, at)) = kill_server_at
+                    && !server_killed && tokio::time::Instant::now() >= at
+                {
+                    tracing::warn!(shard = s, "fault injection: SIGKILL to a shard");
+                    servers.kill(s);
+                    server_killed = true;
+                }
+                if let Some(restart) = servers.supervise().await? {
+                    let recovery = crate::artifact::Recovery::measure(&restart, &servers.addrs, started).await;
+                    eprintln!("{}", recovery.describe());
+                    outcome.recoveries.push(recovery);
                 }
                 for (index, slot) in children.iter_mut().enumerate() {
                     let Some(c) = slot else { continue };

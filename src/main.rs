@@ -7,6 +7,8 @@
 //! ps-cluster sweep examples/sweeps/mnist.toml   # a grid of runs, plots, summary
 //! ps-cluster bench                # throughput figures beside same-run baselines
 //! ps-cluster status --servers 127.0.0.1:7000,127.0.0.1:7001
+//! ps-cluster train --resume runs/1790000000-mnist      # continue a stopped run
+//! ps-cluster checkpoint --servers A,B --dir ckpts      # checkpoint running shards now
 //! ps-cluster server ...           # one shard (same flags as ps-server)
 //! ps-cluster worker ...           # one worker (same flags as ps-worker)
 //! ```
@@ -70,6 +72,18 @@ enum Command {
         #[arg(long)]
         report: bool,
     },
+    /// Take a checkpoint of running shards now (they must have been started
+    /// with --checkpoint-dir DIR; give the same DIR).
+    Checkpoint {
+        #[arg(long, value_delimiter = ',', required = true)]
+        servers: Vec<String>,
+        /// The shards' checkpoint folder.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Complete checkpoints to keep in DIR.
+        #[arg(long, default_value_t = 3)]
+        keep: usize,
+    },
     /// Run one shard (as `ps-server`).
     Server(ps_server::cli::Args),
     /// Run one worker (as `ps-worker`).
@@ -102,6 +116,15 @@ struct TrainArgs {
     /// Fault injection: SIGKILL worker W after S seconds (`W:S`).
     #[arg(long, value_parser = parse_kill)]
     kill_worker: Option<(usize, f64)>,
+    /// Fault injection: SIGKILL shard N after S seconds (`N:S`); the
+    /// launcher restarts it from the newest checkpoint.
+    #[arg(long, value_parser = parse_kill)]
+    kill_server: Option<(usize, f64)>,
+    /// Continue a stopped run: its run folder (newest checkpoint) or one
+    /// checkpoint folder. The run's own config is used; flags that change the
+    /// job are refused.
+    #[arg(long, conflicts_with_all = ["config", "servers", "workers", "consistency", "name"])]
+    resume: Option<PathBuf>,
 }
 
 fn parse_kill(s: &str) -> Result<(usize, f64), String> {
@@ -126,6 +149,9 @@ fn main() -> anyhow::Result<()> {
         Command::Server(args) => Ok(ps_server::cli::run(&args)?),
         Command::Worker(args) => Ok(ps_worker::cli::run(&args)?),
         Command::Status { servers } => tokio_runtime()?.block_on(status(servers)),
+        Command::Checkpoint { servers, dir, keep } => {
+            tokio_runtime()?.block_on(checkpoint(servers, dir, keep))
+        }
         Command::Bench { epochs, reps } => {
             let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
             let opts = paramserver::bench::BenchOptions { epochs, reps };
@@ -155,6 +181,9 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn train(args: TrainArgs) -> anyhow::Result<RunSummary> {
+    if let Some(path) = &args.resume {
+        return resume(path, &args).await;
+    }
     let (text, source) = match &args.config {
         Some(p) => (
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
@@ -186,7 +215,6 @@ async fn train(args: TrainArgs) -> anyhow::Result<RunSummary> {
         args.runs_dir.as_deref().unwrap_or(std::path::Path::new("runs")),
         &name,
     )?;
-    let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
     eprintln!(
         "training {} on {} shard(s) and {} worker(s), {}; run folder {}",
         source,
@@ -195,17 +223,80 @@ async fn train(args: TrainArgs) -> anyhow::Result<RunSummary> {
         config.job.consistency,
         run_dir.display()
     );
+    execute(config, run_dir, None, &args).await
+}
+
+/// `train --resume PATH`: PATH is a run folder (its newest checkpoint) or a
+/// checkpoint folder inside one (`<run>/checkpoints/ckpt-N`).
+async fn resume(path: &std::path::Path, args: &TrainArgs) -> anyhow::Result<RunSummary> {
+    let run_dir = if path.join("config.toml").exists() {
+        path.to_path_buf()
+    } else {
+        let run = path.parent().and_then(|p| p.parent()).filter(|r| r.join("config.toml").exists());
+        run.with_context(|| format!("{} is neither a run folder nor a checkpoint in one", path.display()))?
+            .to_path_buf()
+    };
+    let config_path = run_dir.join("config.toml");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let mut config = RunConfig::from_toml(&text).with_context(|| format!("in {}", config_path.display()))?;
+    if let Some(v) = args.epochs {
+        config.job.epochs = v;
+    }
+    let ckpt_path = if path == run_dir { run::checkpoint_root(&run_dir) } else { path.to_path_buf() };
+    let ckpt = ps_server::checkpoint::resolve(&ckpt_path)?;
+    let m = &ckpt.manifest;
+    if m.num_shards != config.cluster.servers {
+        anyhow::bail!(
+            "{} holds {} shards; the run has {}",
+            ckpt.dir.display(),
+            m.num_shards,
+            config.cluster.servers
+        );
+    }
+    if m.job.as_deref().is_some_and(|job| job != config.fingerprint()) {
+        anyhow::bail!("{} was taken of another job than {}", ckpt.dir.display(), config_path.display());
+    }
+    let cut: Vec<String> = m.workers.iter().map(|w| format!("worker {} at {}", w.worker, w.clock)).collect();
+    eprintln!("resuming {} from {} ({})", run_dir.display(), ckpt.dir.display(), cut.join(", "));
+    execute(config, run_dir, Some(ckpt.dir.clone()), args).await
+}
+
+async fn execute(
+    config: RunConfig,
+    run_dir: PathBuf,
+    resume_from: Option<PathBuf>,
+    args: &TrainArgs,
+) -> anyhow::Result<RunSummary> {
+    let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
     let bars = render::Bars::new();
     let plan = Plan {
-        exe: &exe,
-        config,
-        run_dir,
         kill_worker_after: args.kill_worker.map(|(w, s)| (w, Duration::from_secs_f64(s))),
+        kill_server_after: args.kill_server.map(|(w, s)| (w, Duration::from_secs_f64(s))),
+        resume_from,
+        ..Plan::new(&exe, config, run_dir)
     };
     let summary = run::run(plan, |w, e| bars.update(w, e)).await?;
     bars.finish();
     print!("{}", render::run_summary(&summary));
     Ok(summary)
+}
+
+async fn checkpoint(servers: Vec<String>, dir: PathBuf, keep: usize) -> anyhow::Result<()> {
+    let mut opts = ps_server::checkpoint::coordinator::Options::new(dir);
+    opts.keep = keep.max(1);
+    let m = ps_server::checkpoint::coordinator::take_once(&servers, &opts).await?;
+    let cut: Vec<String> = m.workers.iter().map(|w| format!("worker {} at {}", w.worker, w.clock)).collect();
+    println!(
+        "checkpoint {} complete: {} shard files, {} bytes; pushes held at most {:.1} ms; {:.1} ms in all; cut: {}",
+        opts.root.join(&m.name).display(),
+        m.shards.len(),
+        m.bytes(),
+        m.held_ms,
+        m.total_ms,
+        if cut.is_empty() { "no workers".to_string() } else { cut.join(", ") }
+    );
+    Ok(())
 }
 
 async fn status(servers: Vec<String>) -> anyhow::Result<()> {

@@ -112,6 +112,25 @@ pub fn run_summary(s: &RunSummary) -> String {
     if s.sparse_rows > 0 {
         let _ = writeln!(out, "sparse rows     {}", s.sparse_rows);
     }
+    if let Some(from) = &s.resumed_from {
+        let _ = writeln!(out, "resumed from    {}", from.display());
+    }
+    let c = &s.checkpoints;
+    if c.taken > 0 || c.failed > 0 {
+        let _ = writeln!(
+            out,
+            "checkpoints     {} taken ({} failed), last {:.1} MiB; pushes held {:.1} ms mean, {:.1} ms max; {:.0} ms each",
+            c.taken,
+            c.failed,
+            c.last_bytes as f64 / (1 << 20) as f64,
+            c.mean_held_ms,
+            c.max_held_ms,
+            c.mean_total_ms
+        );
+    }
+    for r in &s.recoveries {
+        let _ = writeln!(out, "RECOVERED       {}", r.describe());
+    }
     for (w, why) in &s.failed {
         let _ = writeln!(out, "FAILED worker {w}: {why}");
     }

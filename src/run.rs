@@ -1,15 +1,23 @@
 //! One training run on a local cluster: servers up, workers to completion,
 //! final evaluation and server stats, servers down; everything written to a
-//! run folder (config.toml, metrics.jsonl, stats.json, summary.json, model).
+//! run folder (config.toml, metrics.jsonl, stats.json, summary.json, model,
+//! checkpoints/).
+//!
+//! While the workers train, a checkpointer task takes a checkpoint of the
+//! shards every `[checkpoint] every_s` seconds or `every_iters` iterations
+//! (and one as soon as training has begun), and the launcher restarts a shard
+//! that dies from the newest one (see `cluster::Servers::supervise`).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use ps_worker::config::RunConfig;
+use ps_server::checkpoint::coordinator::{self, Shards};
+use ps_worker::config::{CheckpointConfig, RunConfig};
 use ps_worker::event::Event;
 
-use crate::artifact::{JsonFile, RunSummary, ShardStats, StatsFile};
-use crate::cluster::{self, Result, RunOptions, Servers};
+use crate::artifact::{CheckpointLog, JsonFile, RunSummary, ShardStats, StatsFile};
+use crate::cluster::{self, Result, RunOptions, ServerOptions, Servers};
 
 /// What to run and where to write it.
 pub struct Plan<'a> {
@@ -17,13 +25,34 @@ pub struct Plan<'a> {
     pub config: RunConfig,
     pub run_dir: PathBuf,
     pub kill_worker_after: Option<(usize, Duration)>,
+    pub kill_server_after: Option<(usize, Duration)>,
+    /// Resume from this checkpoint (the run folder is the stopped run's).
+    pub resume_from: Option<PathBuf>,
+}
+
+impl<'a> Plan<'a> {
+    /// A plain run: no fault injection, not resumed.
+    pub fn new(exe: &'a Path, config: RunConfig, run_dir: PathBuf) -> Plan<'a> {
+        Plan { exe, config, run_dir, kill_worker_after: None, kill_server_after: None, resume_from: None }
+    }
+}
+
+/// The run folder's checkpoint root.
+pub fn checkpoint_root(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints")
 }
 
 /// Runs the plan; `on_event` sees every worker event as it arrives.
 pub async fn run(plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Result<RunSummary> {
     let config_path = cluster::write_config(&plan.run_dir, &plan.config)?;
-    let servers = Servers::start(plan.exe, plan.config.cluster.servers, &plan.run_dir).await?;
-    let result = run_on(&plan, &config_path, &servers, on_event).await;
+    let ckpt = &plan.config.checkpoint;
+    let server_opts = ServerOptions {
+        checkpoint_dir: ckpt.enabled.then(|| checkpoint_root(&plan.run_dir)),
+        restore: plan.resume_from.clone(),
+    };
+    let mut servers =
+        Servers::start(plan.exe, plan.config.cluster.servers, &plan.run_dir, &server_opts).await?;
+    let result = run_on(&plan, &config_path, &mut servers, on_event).await;
     servers.stop(Duration::from_secs(10)).await;
     let summary = result?;
     summary.write(&plan.run_dir)?;
@@ -33,18 +62,31 @@ pub async fn run(plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Result<
 async fn run_on(
     plan: &Plan<'_>,
     config_path: &Path,
-    servers: &Servers,
+    servers: &mut Servers,
     on_event: impl FnMut(usize, &Event),
 ) -> Result<RunSummary> {
     let job = &plan.config.job;
+    let checkpointer = match plan.config.checkpoint.enabled {
+        true => Some(
+            Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &plan.config.checkpoint).await?,
+        ),
+        false => None,
+    };
     let opts = RunOptions {
         exe: plan.exe,
         run_dir: &plan.run_dir,
         config_path,
         workers: plan.config.cluster.workers,
         kill_worker_after: plan.kill_worker_after,
+        kill_server_after: plan.kill_server_after,
+        append_metrics: plan.resume_from.is_some(),
     };
-    let outcome = cluster::run_workers(opts, servers, on_event).await?;
+    let outcome = cluster::run_workers(opts, servers, on_event).await;
+    let checkpoints = match checkpointer {
+        Some(c) => c.stop().await,
+        None => CheckpointLog::default(),
+    };
+    let outcome = outcome?;
 
     let client = ps_worker::session::evaluator(job, &servers.addrs).await?;
     let stats = StatsFile::new(client.stats().await?.iter().map(ShardStats::from_wire).collect());
@@ -72,5 +114,84 @@ async fn run_on(
         blocked_s: stats.shards.iter().map(|s| s.blocked_s).sum(),
         server_peak_rss: outcome.server_peak_rss,
         sparse_rows: stats.shards.iter().map(|s| s.sparse_rows).sum(),
+        checkpoints,
+        recoveries: outcome.recoveries,
+        resumed_from: plan.resume_from.clone(),
     })
+}
+
+/// The periodic checkpoints of a run, as a background task.
+struct Checkpointer {
+    task: tokio::task::JoinHandle<()>,
+    log: Arc<Mutex<CheckpointLog>>,
+}
+
+impl Checkpointer {
+    async fn start(
+        addrs: &[String],
+        run_dir: &Path,
+        config: &RunConfig,
+        c: &CheckpointConfig,
+    ) -> Result<Self> {
+        let mut opts = coordinator::Options::new(checkpoint_root(run_dir));
+        opts.job = Some(config.fingerprint());
+        opts.keep = c.keep;
+        let shards = Shards::connect(addrs, &opts.transport).await?;
+        let log = Arc::new(Mutex::new(CheckpointLog::default()));
+        let every = (c.every_s > 0.0).then(|| Duration::from_secs_f64(c.every_s));
+        let every_iters = (c.every_iters > 0).then_some(c.every_iters);
+        let task = tokio::spawn(periodic(shards, opts, every, every_iters, Arc::clone(&log)));
+        Ok(Checkpointer { task, log })
+    }
+
+    /// Stops taking checkpoints (one in progress is abandoned: it has no
+    /// manifest, so it does not count) and returns the log.
+    async fn stop(self) -> CheckpointLog {
+        self.task.abort();
+        let _ = self.task.await;
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+/// Takes a first checkpoint once every worker has completed an iteration,
+/// then one whenever `every` has passed or the slowest worker has completed
+/// `every_iters` more iterations.
+async fn periodic(
+    shards: Shards,
+    opts: coordinator::Options,
+    every: Option<Duration>,
+    every_iters: Option<u64>,
+    log: Arc<Mutex<CheckpointLog>>,
+) {
+    let mut last: Option<(Instant, u64)> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let Ok(clock) = shards.min_worker_clock().await else { continue };
+        let due = match (last, clock) {
+            (_, None) => false,
+            (None, Some(c)) => c >= 1,
+            (Some((at, from)), Some(c)) => {
+                every.is_some_and(|e| at.elapsed() >= e) || every_iters.is_some_and(|n| c >= from + n)
+            }
+        };
+        if !due {
+            continue;
+        }
+        match coordinator::take(&shards, &opts).await {
+            Ok(m) => {
+                let dir = opts.root.join(&m.name);
+                if let Ok(mut l) = log.lock() {
+                    l.record(dir, &m);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint failed");
+                if let Ok(mut l) = log.lock() {
+                    l.fail(e.to_string());
+                }
+            }
+        }
+        last = Some((Instant::now(), clock.unwrap_or(0)));
+    }
 }

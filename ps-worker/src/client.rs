@@ -152,9 +152,16 @@ fn is_transient(status: &tonic::Status) -> bool {
     matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled)
 }
 
-/// The shard is not there (down, or restarting): worth waiting for.
+/// The shard is not there (down, or restarting): worth waiting for. A
+/// connection that breaks under a request in flight surfaces as `Unknown`
+/// with the transport's error as its source; a shard's own refusals never
+/// carry a source.
 fn is_unreachable(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::Unavailable
+    match status.code() {
+        tonic::Code::Unavailable => true,
+        tonic::Code::Unknown => std::error::Error::source(status).is_some(),
+        _ => false,
+    }
 }
 
 impl Error {

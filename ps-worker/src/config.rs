@@ -16,7 +16,43 @@ use crate::error::{Error, Result};
 pub struct RunConfig {
     #[serde(default)]
     pub cluster: ClusterConfig,
+    /// Periodic checkpoints of a launcher run (`[checkpoint]`).
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
     pub job: JobConfig,
+}
+
+/// When the launcher checkpoints its shards, and how many it keeps. A shard
+/// that dies is restarted from the newest checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Checkpoint at all (and supervise the shards).
+    pub enabled: bool,
+    /// Seconds between checkpoints (0: not by time).
+    pub every_s: f64,
+    /// Iterations of the slowest worker between checkpoints (0: not by count).
+    pub every_iters: u64,
+    /// Complete checkpoints kept; older ones are deleted.
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { enabled: true, every_s: 5.0, every_iters: 0, keep: 3 }
+    }
+}
+
+impl CheckpointConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.every_s.is_finite() && self.every_s >= 0.0) {
+            return Err(Error::Config(format!("checkpoint every_s must be >= 0, got {}", self.every_s)));
+        }
+        if self.enabled && self.keep == 0 {
+            return Err(Error::Config("checkpoint keep must be at least 1".into()));
+        }
+        Ok(())
+    }
 }
 
 /// How many processes the launcher starts.
@@ -273,7 +309,30 @@ impl RunConfig {
         if self.cluster.servers == 0 || self.cluster.workers == 0 {
             return bad("cluster needs at least one server and one worker".into());
         }
+        self.checkpoint.validate()?;
         self.job.validate()
+    }
+
+    /// What a checkpoint of this run must match to be resumed by it: the
+    /// cluster's shape and the job, less what only says how long or how
+    /// verbosely to train (epochs, max_iters, progress and evaluation
+    /// cadence, client timeouts). SHA-256, hex.
+    pub fn fingerprint(&self) -> String {
+        let job = JobConfig {
+            epochs: 0,
+            max_iters: None,
+            progress_every_ms: 0,
+            eval_every_epochs: 0,
+            client: ClientOptions::default(),
+            ..self.job.clone()
+        };
+        #[derive(Serialize)]
+        struct Identity<'a> {
+            cluster: &'a ClusterConfig,
+            job: JobConfig,
+        }
+        let text = toml::to_string(&Identity { cluster: &self.cluster, job }).unwrap_or_default();
+        format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()))
     }
 }
 

@@ -227,7 +227,7 @@ target_accuracy = 0.8
 
         crate::cluster::write_config(&dir, &point.config(&sweep.base)).unwrap();
         summary(&dir).write(&dir).unwrap();
-        let mut metrics = MetricsLine::create(&dir).unwrap();
+        let mut metrics = MetricsLine::create(&dir, false).unwrap();
         let eval = |t, acc| {
             MetricsLine::new(
                 t,

@@ -109,7 +109,7 @@ pub(super) async fn run_points(sweep: &Sweep, opts: &Options, out: &Path) -> Res
             eta(&took, todo - ran)
         );
         let started = Instant::now();
-        let plan = Plan { exe: &opts.exe, config, run_dir: dir.clone(), kill_worker_after: None };
+        let plan = Plan::new(&opts.exe, config, dir.clone());
         let mut bar = RunBar::new(&name);
         let mut rx = int_rx.clone();
         let status = tokio::select! {

@@ -86,6 +86,24 @@ impl Shards {
         Error::Peer { addr: self.addrs[shard].clone(), status }
     }
 
+    /// The lowest clock of any training worker on any shard (`None` before a
+    /// worker joins): how far the slowest worker has got.
+    pub async fn min_worker_clock(&self) -> Result<Option<u64>> {
+        let stats = join_all(self.clients.iter().map(|c| {
+            let mut c = c.clone();
+            async move { c.stats(pb::StatsRequest {}).await }
+        }))
+        .await;
+        let mut min: Option<u64> = None;
+        for (i, s) in stats.into_iter().enumerate() {
+            let s = s.map_err(|e| self.failed(i, e))?.into_inner();
+            for w in s.clocks {
+                min = Some(min.map_or(w.clock, |m| m.min(w.clock)));
+            }
+        }
+        Ok(min)
+    }
+
     /// Ends any hold (best effort: a shard also ends it by itself).
     async fn release(&self) {
         join_all(self.clients.iter().map(|c| {
