@@ -269,11 +269,12 @@ straggler = { kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 5.
     shards.stop().await.expect("stop shards");
 }
 
-/// Runs `ps-cluster train` on `run_file` with worker 1 SIGKILLed after
-/// `kill_after_s`; returns (exit success, summary.json, stats.json, elapsed).
-fn train_with_a_killed_worker(
+/// Runs `ps-cluster train` on `run_file` with a fault injected (`--kill-worker
+/// 1:S` or `--kill-server 1:S`); returns (exit success, summary.json,
+/// stats.json, elapsed).
+fn train_with_a_fault(
     run_file: &str,
-    kill_after_s: f64,
+    fault: [&str; 2],
 ) -> (bool, serde_json::Value, serde_json::Value, Duration) {
     let dir = TempDir::new("kill");
     let config = dir.0.join("run.toml");
@@ -283,7 +284,8 @@ fn train_with_a_killed_worker(
     let mut child = Command::new(env!("CARGO_BIN_EXE_ps-cluster"))
         .args(["train", "--config"])
         .arg(&config)
-        .args(["--kill-worker", &format!("1:{kill_after_s}"), "--runs-dir"])
+        .args(fault)
+        .arg("--runs-dir")
         .arg(dir.0.join("runs"))
         .stdin(Stdio::null())
         .stdout(log.try_clone().expect("log file"))
@@ -338,7 +340,7 @@ consistency = {consistency}
 straggler = {{ kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 10.0 }}"#
         ),
     );
-    let (ok, summary, stats, elapsed) = train_with_a_killed_worker(&text, 3.0);
+    let (ok, summary, stats, elapsed) = train_with_a_fault(&text, ["--kill-worker", "1:3"]);
     assert!(!ok, "the launcher reports the killed worker as a failure");
     let failed = summary["failed"].as_array().expect("failed list");
     assert_eq!(failed.len(), 1, "{summary}");
@@ -361,6 +363,38 @@ fn a_killed_worker_does_not_deadlock_bsp() {
 #[test]
 fn a_killed_worker_does_not_deadlock_ssp() {
     check_kill(r#"{ model = "ssp", staleness = 2 }"#);
+}
+
+/// Shard 1 is SIGKILLed mid-run under BSP; the launcher restarts it from
+/// the newest checkpoint, the workers wait for it, rejoin, and finish every
+/// iteration, and the summary says what was lost.
+#[test]
+fn a_killed_shard_is_restored_from_a_checkpoint_and_the_run_completes() {
+    let text = run_file(
+        "[784, 16, 10]",
+        r#"epochs = 100
+max_iters = 500
+consistency = { model = "bsp" }
+straggler = { kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 10.0 }"#,
+    ) + "\n[checkpoint]\nevery_s = 0.5\n";
+    let (ok, summary, _, elapsed) = train_with_a_fault(&text, ["--kill-server", "1:3"]);
+    assert!(ok, "the run completes: {summary}");
+    let done = summary["done"].as_array().expect("done list");
+    assert_eq!(done.len(), 2, "{summary}");
+    assert!(done.iter().all(|d| d["iters"] == 500), "every worker finished: {summary}");
+    let recoveries = summary["recoveries"].as_array().expect("recoveries");
+    assert_eq!(recoveries.len(), 1, "{summary}");
+    let r = &recoveries[0];
+    assert_eq!(r["shard"], 1, "{summary}");
+    assert!(r["checkpoint"].as_str().is_some_and(|c| c.starts_with("ckpt-")), "{summary}");
+    assert!(r["exit"].as_str().is_some_and(|e| e.contains("SIGKILL")), "{summary}");
+    // Each worker's place at the checkpoint is no later than at the death.
+    for w in r["workers"].as_array().expect("workers") {
+        assert!(w[1].as_u64() <= w[2].as_u64(), "{summary}");
+    }
+    assert!(summary["checkpoints"]["taken"].as_u64().is_some_and(|n| n >= 2), "{summary}");
+    assert!(summary["test_score"].as_f64().is_some_and(|a| a > 0.5), "{summary}");
+    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
 }
 
 /// Every descendant of `pid` (children of all its threads, recursively).
