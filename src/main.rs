@@ -7,6 +7,7 @@
 //! ps-cluster sweep examples/sweeps/mnist.toml   # a grid of runs, plots, summary
 //! ps-cluster bench                # throughput figures beside same-run baselines
 //! ps-cluster status --servers 127.0.0.1:7000,127.0.0.1:7001
+//! ps-cluster export runs/<run>    # the run's model as safetensors + card.json
 //! ps-cluster server ...           # one shard (same flags as ps-server)
 //! ps-cluster worker ...           # one worker (same flags as ps-worker)
 //! ```
@@ -69,6 +70,14 @@ enum Command {
         /// Rewrite the reports from the run folders; run nothing.
         #[arg(long)]
         report: bool,
+    },
+    /// Export a run's model as safetensors with a model card (docs/EXPORT.md).
+    Export {
+        /// Run folder (model.msgpack, summary.json, config.toml).
+        run_dir: PathBuf,
+        /// Output folder [default: RUN_DIR/export].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Run one shard (as `ps-server`).
     Server(ps_server::cli::Args),
@@ -138,6 +147,11 @@ fn main() -> anyhow::Result<()> {
             if !list && !rows.is_empty() {
                 println!("{}", render::sweep_summary(&opts.out_dir()));
             }
+            Ok(())
+        }
+        Command::Export { run_dir, out } => {
+            let paths = paramserver::export::export_run(&run_dir, out.as_deref())?;
+            println!("wrote {} and {}", paths.model.display(), paths.card.display());
             Ok(())
         }
         Command::Train(args) => {

@@ -3,6 +3,7 @@
 //! stops it itself.
 
 mod cluster;
+mod export;
 mod properties;
 mod service;
 mod train;
