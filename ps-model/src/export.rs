@@ -361,6 +361,7 @@ pub fn import(dir: &Path) -> Result<SavedModel> {
 /// the architecture, which names every tensor the file must hold, with its
 /// dtype and shape; any other tensor is an error.
 pub fn from_safetensors(bytes: &[u8]) -> Result<SavedModel> {
+    check_offsets(bytes)?;
     let invalid = |e: safetensors::SafeTensorError| Error::SafeTensors(e.to_string());
     let (_, header) = SafeTensors::read_metadata(bytes).map_err(invalid)?;
     let file = SafeTensors::deserialize(bytes).map_err(invalid)?;
@@ -415,6 +416,37 @@ pub fn from_safetensors(bytes: &[u8]) -> Result<SavedModel> {
     let model = SavedModel::new(kind, dense, sparse);
     model.validate()?;
     Ok(model)
+}
+
+/// safetensors' own limit on the header's length.
+const MAX_HEADER_BYTES: usize = 100_000_000;
+
+/// Refuses a header whose tensors claim data past the end of the file.
+/// safetensors 0.8 adds the last offset to the header's length unchecked,
+/// which panics where overflow checks are on (debug and test builds) if the
+/// offsets come near `usize::MAX`; this keeps such a file an error in every
+/// build. Anything else wrong with the header is left to the crate.
+fn check_offsets(bytes: &[u8]) -> Result<()> {
+    #[derive(Deserialize)]
+    struct Entry {
+        #[serde(default)]
+        data_offsets: Option<(u64, u64)>,
+    }
+    let Some((len, rest)) = bytes.split_first_chunk::<8>() else { return Ok(()) };
+    let header = usize::try_from(u64::from_le_bytes(*len))
+        .ok()
+        .filter(|&n| n <= MAX_HEADER_BYTES)
+        .and_then(|n| rest.get(..n));
+    let Some(header) = header else { return Ok(()) };
+    let data_len = (rest.len() - header.len()) as u64;
+    let Ok(entries) = serde_json::from_slice::<HashMap<String, Entry>>(header) else { return Ok(()) };
+    let last = entries.into_iter().filter_map(|(name, e)| Some((e.data_offsets?.1, name))).max();
+    match last {
+        Some((end, name)) if end > data_len => Err(Error::SafeTensors(format!(
+            "tensor `{name}` ends at byte {end} of a {data_len}-byte data section"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn missing(name: &str) -> Error {
@@ -715,6 +747,14 @@ mod tests {
         for cut in [0, 4, 8, 20, good.len() / 2, good.len() - 1] {
             refused(&good[..cut], "not a valid safetensors file");
         }
+        // Any one byte changed: an error or a model, never a panic.
+        for i in 0..good.len() {
+            for b in [0x00, 0xff, b'9', b'"', b'-'] {
+                let mut bad = good.clone();
+                bad[i] = b;
+                let _ = from_safetensors(&bad);
+            }
+        }
         // A header length past the file, or absurd.
         for n in [good.len() as u64, u64::MAX] {
             let mut bad = good.clone();
@@ -728,6 +768,20 @@ mod tests {
         lying.extend_from_slice(header);
         lying.extend_from_slice(&[0; 16]);
         refused(&lying, "not a valid safetensors file");
+
+        // Offsets that add up to near usize::MAX (safetensors 0.8 alone would
+        // overflow adding them to the header's length).
+        let entries: Vec<String> = (0..8u64)
+            .map(|i| {
+                let size = (1u64 << 61) - 1;
+                let (start, end) = (i * size, (i + 1) * size);
+                format!(r#""t{i}":{{"dtype":"U8","shape":[{size}],"data_offsets":[{start},{end}]}}"#)
+            })
+            .collect();
+        let header = format!("{{{}}}", entries.join(","));
+        let mut lying = (header.len() as u64).to_le_bytes().to_vec();
+        lying.extend_from_slice(header.as_bytes());
+        refused(&lying, "ends at byte 18446744073709551608 of a 0-byte data section");
 
         // Metadata: absent, another format version, an unknown architecture.
         let plain = safetensors::serialize(Vec::<(&str, &Bytes)>::new(), None).unwrap();
