@@ -8,12 +8,14 @@
 //!   and reader.
 //! - [`sweep`] runs a grid of runs and reports on them; [`plot`] draws its
 //!   charts (SVG, through plotters).
+//! - [`export`] writes a run's model as safetensors with a model card.
 //! - [`render`] is what a person sees: progress bars, summaries, tables.
 //! - [`bench`] prints throughput figures beside same-run baselines.
 
 pub mod artifact;
 pub mod bench;
 pub mod cluster;
+pub mod export;
 pub mod plot;
 pub mod render;
 pub mod run;

@@ -7,8 +7,9 @@
 //! ps-cluster sweep examples/sweeps/mnist.toml   # a grid of runs, plots, summary
 //! ps-cluster bench                # throughput figures beside same-run baselines
 //! ps-cluster status --servers 127.0.0.1:7000,127.0.0.1:7001
-//! ps-cluster train --resume runs/1790000000-mnist      # continue a stopped run
+//! ps-cluster train --resume runs/<run>                 # continue a stopped run
 //! ps-cluster checkpoint --servers A,B --dir ckpts      # checkpoint running shards now
+//! ps-cluster export runs/<run>    # the run's model as safetensors + card.json
 //! ps-cluster server ...           # one shard (same flags as ps-server)
 //! ps-cluster worker ...           # one worker (same flags as ps-worker)
 //! ```
@@ -83,6 +84,14 @@ enum Command {
         /// Complete checkpoints to keep in DIR.
         #[arg(long, default_value_t = 3)]
         keep: usize,
+    },
+    /// Export a run's model as safetensors with a model card (docs/EXPORT.md).
+    Export {
+        /// Run folder (model.msgpack, summary.json, config.toml).
+        run_dir: PathBuf,
+        /// Output folder [default: RUN_DIR/export].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Run one shard (as `ps-server`).
     Server(ps_server::cli::Args),
@@ -164,6 +173,11 @@ fn main() -> anyhow::Result<()> {
             if !list && !rows.is_empty() {
                 println!("{}", render::sweep_summary(&opts.out_dir()));
             }
+            Ok(())
+        }
+        Command::Export { run_dir, out } => {
+            let paths = paramserver::export::export_run(&run_dir, out.as_deref())?;
+            println!("wrote {} and {}", paths.model.display(), paths.card.display());
             Ok(())
         }
         Command::Train(args) => {

@@ -12,6 +12,9 @@ pub enum Error {
     Decode(String),
     #[error("cannot encode the model: {0}")]
     Encode(String),
+    /// A safetensors file the `safetensors` crate refuses (header, offsets, sizes).
+    #[error("not a valid safetensors file: {0}")]
+    SafeTensors(String),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     #[error("{path}: {source}")]

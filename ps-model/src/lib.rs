@@ -12,10 +12,12 @@
 //! - [`ctr`]: the hashing of categorical slots into embedding keys.
 //! - [`loss`]: stable sigmoid, softplus, binary cross-entropy, AUC.
 //! - [`saved`]: the versioned saved-model file ([`SavedModel`]).
+//! - [`export`]: a saved model as safetensors with a model card, and back.
 
 pub mod ctr;
 mod dense;
 pub mod error;
+pub mod export;
 pub mod logreg;
 pub mod loss;
 pub mod mf;

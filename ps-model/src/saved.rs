@@ -43,6 +43,60 @@ pub enum ModelKind {
     },
 }
 
+impl ModelKind {
+    /// The dense tensors of the architecture, in parameter order, with their
+    /// shapes: `{prefix}fc{l}.weight` (`[in, out]`) and `{prefix}fc{l}.bias`
+    /// (`[out]`) per layer of an MLP or a CTR tower; none for the others.
+    pub fn dense_tensors(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        match self {
+            ModelKind::Mlp { layers } => dense_stack("", layers),
+            ModelKind::Logreg { .. } | ModelKind::Mf { .. } => Ok(Vec::new()),
+            ModelKind::Ctr { slots, emb_dim, hidden, tower_prefix, .. } => {
+                let input = slots.checked_mul(*emb_dim).ok_or_else(|| Error::Shape {
+                    name: tower_prefix.clone(),
+                    reason: format!("{slots} slots of width {emb_dim} overflow"),
+                })?;
+                let sizes: Vec<usize> =
+                    std::iter::once(input).chain(hidden.iter().copied()).chain([1]).collect();
+                dense_stack(tower_prefix, &sizes)
+            }
+        }
+    }
+
+    /// The sparse tables of the architecture and their widths.
+    pub fn sparse_tables(&self) -> Vec<(&str, usize)> {
+        match self {
+            ModelKind::Mlp { .. } => Vec::new(),
+            ModelKind::Logreg { table, .. } => vec![(table, 1)],
+            ModelKind::Mf { dim, users, items, user_bias, item_bias, .. } => {
+                vec![(users, *dim), (items, *dim), (user_bias, 1), (item_bias, 1)]
+            }
+            ModelKind::Ctr { emb_dim, embeddings, .. } => vec![(embeddings, *emb_dim)],
+        }
+    }
+}
+
+/// `{prefix}fc{l}.weight` (`[in, out]`) and `{prefix}fc{l}.bias` (`[out]`)
+/// for the layers of `sizes`, in order.
+fn dense_stack(prefix: &str, sizes: &[usize]) -> Result<Vec<(String, Vec<usize>)>> {
+    if sizes.len() < 2 || sizes.contains(&0) {
+        return Err(Error::Shape {
+            name: format!("{prefix}fc*"),
+            reason: format!("layer sizes {sizes:?}: need two or more, all positive"),
+        });
+    }
+    Ok(sizes
+        .windows(2)
+        .enumerate()
+        .flat_map(|(l, w)| {
+            [
+                (format!("{prefix}fc{}.weight", l + 1), vec![w[0], w[1]]),
+                (format!("{prefix}fc{}.bias", l + 1), vec![w[1]]),
+            ]
+        })
+        .collect())
+}
+
 /// A dense tensor, row-major.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DenseTensor {
@@ -102,61 +156,34 @@ impl SavedModel {
         self.validate_architecture()
     }
 
-    /// The tensors and tables are the ones the architecture names, with its
-    /// shapes, so that a model built from the file cannot index out of range.
+    /// The tensors and tables are exactly the ones the architecture names,
+    /// with its shapes, so that a model built from the file cannot index out
+    /// of range.
     fn validate_architecture(&self) -> Result<()> {
-        let table = |name: &str, dim: usize| match self.sparse(name) {
-            Some(t) if t.dim == dim => Ok(()),
-            Some(t) => {
-                Err(Error::Shape { name: name.into(), reason: format!("width {}, expected {dim}", t.dim) })
-            }
-            None => Err(Error::Shape { name: name.into(), reason: "missing".into() }),
-        };
-        match &self.model {
-            ModelKind::Mlp { layers } => self.check_dense_stack("", layers),
-            ModelKind::Logreg { table: name, .. } => table(name, 1),
-            ModelKind::Mf { dim, users, items, user_bias, item_bias, .. } => {
-                table(users, *dim)?;
-                table(items, *dim)?;
-                table(user_bias, 1)?;
-                table(item_bias, 1)
-            }
-            ModelKind::Ctr { slots, emb_dim, hidden, embeddings, tower_prefix, .. } => {
-                let input = slots.checked_mul(*emb_dim).ok_or_else(|| Error::Shape {
-                    name: tower_prefix.clone(),
-                    reason: format!("{slots} slots of width {emb_dim} overflow"),
-                })?;
-                table(embeddings, *emb_dim)?;
-                let sizes: Vec<usize> =
-                    std::iter::once(input).chain(hidden.iter().copied()).chain([1]).collect();
-                self.check_dense_stack(tower_prefix, &sizes)
+        let tables = self.model.sparse_tables();
+        for &(name, dim) in &tables {
+            match self.sparse(name) {
+                Some(t) if t.dim == dim => {}
+                Some(t) => {
+                    let reason = format!("width {}, expected {dim}", t.dim);
+                    return Err(Error::Shape { name: name.into(), reason });
+                }
+                None => return Err(Error::Shape { name: name.into(), reason: "missing".into() }),
             }
         }
-    }
-
-    /// The dense tensors are exactly `{prefix}fc{l}.weight` (`[in, out]`) and
-    /// `{prefix}fc{l}.bias` (`[out]`) for layers of `sizes`, in order.
-    fn check_dense_stack(&self, prefix: &str, sizes: &[usize]) -> Result<()> {
-        let bad = |reason: String| Error::Shape { name: format!("{prefix}fc*"), reason };
-        if sizes.len() < 2 || sizes.contains(&0) {
-            return Err(bad(format!("layer sizes {sizes:?}: need two or more, all positive")));
-        }
-        let expected: Vec<(String, Vec<usize>)> = sizes
-            .windows(2)
-            .enumerate()
-            .flat_map(|(l, w)| {
-                [
-                    (format!("{prefix}fc{}.weight", l + 1), vec![w[0], w[1]]),
-                    (format!("{prefix}fc{}.bias", l + 1), vec![w[1]]),
-                ]
-            })
-            .collect();
+        let expected = self.model.dense_tensors()?;
         let found: Vec<(&str, &[usize])> =
             self.dense.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
         let matches = expected.len() == found.len()
             && expected.iter().zip(&found).all(|((n, s), (fn_, fs))| n == fn_ && s.as_slice() == *fs);
         if !matches {
-            return Err(bad(format!("layers {sizes:?} need tensors {expected:?}, found {found:?}")));
+            let reason = format!("the architecture's layers need tensors {expected:?}, found {found:?}");
+            return Err(Error::Shape { name: "dense tensors".into(), reason });
+        }
+        if self.sparse.len() != tables.len() {
+            let found: Vec<&str> = self.sparse.iter().map(|t| t.name.as_str()).collect();
+            let reason = format!("the architecture names tables {tables:?}, found {found:?}");
+            return Err(Error::Shape { name: "sparse tables".into(), reason });
         }
         Ok(())
     }
@@ -309,6 +336,9 @@ mod tests {
         let mut m = model();
         m.sparse[0].name = "other".into();
         check(m, "`emb`: missing");
+        let mut m = model();
+        m.sparse.push(SparseTable { name: "extra".into(), ..m.sparse[0].clone() });
+        check(m, "names tables");
         let mut m = model();
         m.model = ModelKind::Mlp { layers: vec![2, 0, 3] };
         check(m, "all positive");

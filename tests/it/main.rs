@@ -4,6 +4,7 @@
 
 mod checkpoint;
 mod cluster;
+mod export;
 mod properties;
 mod service;
 mod train;
