@@ -7,6 +7,7 @@
 //! ps-cluster sweep examples/sweeps/mnist.toml   # a grid of runs, plots, summary
 //! ps-cluster bench                # throughput figures beside same-run baselines
 //! ps-cluster status --servers 127.0.0.1:7000,127.0.0.1:7001
+//! ps-cluster models list          # the model registry: list, show, promote, rollback, diff
 //! ps-cluster server ...           # one shard (same flags as ps-server)
 //! ps-cluster worker ...           # one worker (same flags as ps-worker)
 //! ```
@@ -70,6 +71,8 @@ enum Command {
         #[arg(long)]
         report: bool,
     },
+    /// The model registry: list, show, register, promote, rollback, history, diff.
+    Models(paramserver::models::Args),
     /// Run one shard (as `ps-server`).
     Server(ps_server::cli::Args),
     /// Run one worker (as `ps-worker`).
@@ -125,6 +128,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Train(TrainArgs::default())) {
         Command::Server(args) => Ok(ps_server::cli::run(&args)?),
         Command::Worker(args) => Ok(ps_worker::cli::run(&args)?),
+        Command::Models(args) => tokio_runtime()?.block_on(paramserver::models::run(args)),
         Command::Status { servers } => tokio_runtime()?.block_on(status(servers)),
         Command::Bench { epochs, reps } => {
             let exe = std::env::current_exe().context("locating the ps-cluster executable")?;

@@ -45,15 +45,22 @@ lr = 0.001
         ),
     )
     .expect("write config");
+    let registry = temp_dir("train-registry");
     let out = Command::new(env!("CARGO_BIN_EXE_ps-cluster"))
         .args(["train", "--config"])
         .arg(&config)
         .arg("--runs-dir")
         .arg(&dir)
+        .env("PS_REGISTRY_ROOT", &registry)
+        .env_remove("PS_REGISTRY")
         .output()
         .expect("run ps-cluster");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "launcher failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "launcher failed: {stdout}\n{stderr}");
+    // Training registered its model (the run file does not opt out).
+    assert!(stderr.contains("registered mnist_mlp:1"), "{stderr}");
+    assert_eq!(std::fs::read_dir(registry.join("artifacts/sha256")).expect("artifacts").count(), 1);
 
     let run = std::fs::read_dir(&dir)
         .expect("list runs")
@@ -103,6 +110,7 @@ lr = 0.001
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert!(metrics.lines().any(|l| l.contains("\"event\":\"eval\"")), "no eval event");
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&registry);
 }
 
 #[test]
