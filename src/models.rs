@@ -390,7 +390,7 @@ async fn show(reg: &Registry, spec: &str, with_config: bool) -> anyhow::Result<(
     );
     println!("  metrics");
     for (k, x) in &v.metrics {
-        println!("    {k:<18} {x}");
+        println!("    {k:<18} {x:.4}");
     }
     println!("  source run  {}", opt(&l.source_run));
     println!("  checkpoint  {}", opt(&l.checkpoint));
