@@ -7,10 +7,12 @@ use std::path::PathBuf;
 pub enum Error {
     #[error("registry URL `{0}`: expected sqlite://PATH or postgres://USER@HOST:PORT/DATABASE")]
     Url(String),
+    // Not `#[from]`: sqlx's messages already include their causes, which a
+    // source chain would print a second time.
     #[error("registry database: {0}")]
-    Db(#[from] sqlx::Error),
+    Db(sqlx::Error),
     #[error("migrating the registry schema: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
     #[error("{what} {}: {source}", path.display())]
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("invalid {what} `{value}`: {reason}")]
@@ -42,6 +44,18 @@ pub enum ArtifactFault {
     Corrupted(String),
     #[error("cannot be read: {0}")]
     Unreadable(std::io::Error),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Error {
+        Error::Db(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for Error {
+    fn from(e: sqlx::migrate::MigrateError) -> Error {
+        Error::Migrate(e)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

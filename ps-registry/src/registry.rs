@@ -199,7 +199,18 @@ impl Registry {
             // Readers then never wait for the writer (persistent in the file).
             pool.execute("PRAGMA journal_mode = WAL").await?;
         }
-        Migrator::new(Migrations).await?.run(&pool).await?;
+        let migrator = Migrator::new(Migrations).await?;
+        // PostgreSQL's migrator takes an advisory lock; SQLite's takes none,
+        // but applies each migration and its bookkeeping in one transaction.
+        // So of two processes creating a new file at once, one fails (the
+        // table exists) once the other has committed, and a second try finds
+        // the schema applied.
+        if let Err(e) = migrator.run(&pool).await {
+            if backend == Backend::Postgres {
+                return Err(e.into());
+            }
+            migrator.run(&pool).await?;
+        }
         Ok(Registry { pool, backend, store: ArtifactStore::new(root) })
     }
 

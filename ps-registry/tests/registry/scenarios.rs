@@ -177,15 +177,15 @@ async fn rollback(env: Env) -> anyhow::Result<()> {
 }
 
 /// Ten registry handles (ten connection pools, as ten processes would have)
-/// promote ten versions to one label at once.
+/// open a new registry at once, then promote ten versions to one label at once.
 async fn concurrent_promotes(env: Env) -> anyhow::Result<()> {
     const N: i64 = 10;
+    let handles = futures::future::try_join_all((0..N).map(|_| open(&env))).await?;
     let reg = open(&env).await?;
     register_n(&reg, "mnist", N as u32).await?;
     let start = Arc::new(tokio::sync::Barrier::new(N as usize));
     let mut tasks = Vec::new();
-    for v in 1..=N {
-        let handle = open(&env).await?;
+    for (handle, v) in handles.into_iter().zip(1..=N) {
         let start = start.clone();
         tasks.push(tokio::spawn(async move {
             start.wait().await;
