@@ -51,6 +51,7 @@ enum Command {
     },
     /// One version in full: metrics, lineage, labels; checks its artifact.
     Show {
+        /// MODEL:N, MODEL@LABEL or MODEL (its latest version).
         version: String,
         /// Also print the run file it was trained with.
         #[arg(long)]
@@ -74,7 +75,9 @@ enum Command {
     },
     /// Point a label (staging, production, or any alias) at a version.
     Promote {
+        /// MODEL:N, MODEL@LABEL or MODEL (its latest version).
         version: String,
+        /// The label: staging, production, or any alias (lowercase).
         #[arg(long)]
         to: String,
         /// Who moves it [default: $USER].
@@ -91,12 +94,18 @@ enum Command {
     },
     /// Every move of a model's labels, oldest first.
     History {
+        /// [default: the registry's only model]
         model: Option<String>,
+        /// Only this label's moves.
         #[arg(long)]
         label: Option<String>,
     },
     /// Metrics and run config of two versions side by side.
-    Diff { a: String, b: String },
+    Diff {
+        /// MODEL:N, MODEL@LABEL or MODEL (its latest version).
+        a: String,
+        b: String,
+    },
 }
 
 /// The registry's database URL and artifact folder: the explicit ones, else
