@@ -93,6 +93,7 @@ pub struct NewVersion {
     pub model: String,
     /// The model file's bytes (`ps_model::SavedModel`); checked before storing.
     pub artifact: Vec<u8>,
+    /// Name -> value; values that are not finite (JSON has no NaN) are dropped.
     pub metrics: BTreeMap<String, f64>,
     pub lineage: Lineage,
     pub created_by: String,
@@ -239,6 +240,8 @@ impl Registry {
         check_model_name(&new.model)?;
         check_text("created_by", &new.created_by)?;
         ps_model::SavedModel::from_bytes(&new.artifact)?;
+        let mut new = new;
+        new.metrics.retain(|_, v| v.is_finite());
         let artifact = self.store.put(&new.artifact)?;
         let now = now();
 
@@ -403,9 +406,10 @@ impl Registry {
         .bind(version)
         .execute(&mut *tx)
         .await?;
-        let (current, moves) = self.lock_label(&mut tx, model, label).await?.ok_or_else(|| {
-            Error::NoLabel { model: model.into(), label: label.into() } // inserted above
-        })?;
+        let locked = self.lock_label(&mut tx, model, label).await?;
+        // The row exists: inserted above, or before.
+        let (current, moves) =
+            locked.ok_or_else(|| Error::NoLabel { model: model.into(), label: label.into() })?;
         let from = (moves > 0).then_some(current);
         let m = record_move(&mut tx, model, label, moves + 1, "promote", from, version, by).await?;
         tx.commit().await?;
@@ -588,7 +592,6 @@ fn move_from_row(r: &AnyRow) -> Result<LabelMove> {
     })
 }
 
-/// Finite values only: JSON has no NaN or infinity.
 fn to_json<V: serde::Serialize>(map: &BTreeMap<String, V>) -> String {
     serde_json::to_string(map).unwrap_or_else(|_| "{}".into())
 }

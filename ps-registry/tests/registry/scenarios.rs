@@ -2,9 +2,9 @@
 //! promise of the registry, the same code for both databases.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
+use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::Path;
-use std::process::ExitCode;
+use std::process::{ExitCode, Stdio};
 use std::sync::Arc;
 
 use anyhow::{Context as _, ensure};
@@ -94,7 +94,9 @@ async fn register_list_show(env: Env) -> anyhow::Result<()> {
     let mut child = new_version("mnist", 3);
     child.lineage.parent_version = Some(1);
     child.lineage.checkpoint = Some("ckpt-7".into());
+    child.metrics.insert("diverged".into(), f64::NAN);
     let v3 = reg.register(child).await?;
+    ensure!(!v3.metrics.contains_key("diverged"), "JSON has no NaN: such metrics are dropped");
     ensure!(reg.version("mnist", 3).await?.lineage == v3.lineage && v3.lineage.parent_version == Some(1));
 
     let mut orphan = new_version("mnist", 4);
@@ -215,7 +217,8 @@ async fn concurrent_promotes(env: Env) -> anyhow::Result<()> {
 }
 
 /// The child of the crash scenario: stores the artifact and writes the row,
-/// then dies (abort: no unwinding, no rollback sent) before committing.
+/// says so, and waits, transaction open, for the parent to SIGKILL it (or
+/// gives up after a minute).
 pub fn crash_child(url: &str, root: &str) -> ExitCode {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
@@ -223,7 +226,8 @@ pub fn crash_child(url: &str, root: &str) -> ExitCode {
         let pending = reg.prepare(new_version("crashy", 1)).await.unwrap();
         println!("prepared {} version {}", pending.version().artifact.sha256, pending.version().version);
         std::io::stdout().flush().unwrap();
-        std::process::abort();
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        ExitCode::FAILURE
     })
 }
 
@@ -237,17 +241,26 @@ async fn crash_between_artifact_and_row(env: Env) -> anyhow::Result<()> {
     ensure!(reg.latest("mnist").await?.version == 1, "an uncommitted version is invisible to others");
     drop(pending);
 
-    // A real crash: a child process dies between the artifact and the commit.
-    let exe = std::env::current_exe()?;
-    let out = std::process::Command::new(exe)
+    // A real crash: a child process is SIGKILLed between the artifact and
+    // the commit.
+    let mut child = std::process::Command::new(std::env::current_exe()?)
         .args(["--crash-child", &env.url, &env.root.display().to_string()])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(!out.status.success(), "the child should have died: {stdout}");
-    let sha =
-        stdout.strip_prefix("prepared ").and_then(|s| s.split_whitespace().next()).with_context(|| {
-            format!("child did not prepare: {stdout}{}", String::from_utf8_lossy(&out.stderr))
-        })?;
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    let read = child.stdout.take().map(|out| BufReader::new(out).read_line(&mut line));
+    child.kill()?;
+    let out = child.wait_with_output()?;
+    ensure!(
+        matches!(read, Some(Ok(n)) if n > 0),
+        "child did not prepare: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sha = line
+        .strip_prefix("prepared ")
+        .and_then(|s| s.split_whitespace().next())
+        .with_context(|| format!("unexpected child output: {line}"))?;
 
     ensure!(reg.models().await? == ["mnist"], "no model row survives the crash");
     ensure!(matches!(reg.latest("crashy").await, Err(Error::NoModel(_))));
