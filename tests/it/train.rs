@@ -97,6 +97,20 @@ lr = 0.001
         (f64::from(rescored) - acc).abs() < 1e-6,
         "saved model scores {rescored}, the run reported {acc}"
     );
+    // The registered version is that model, with the run's score and lineage.
+    let url = format!("sqlite://{}", registry.join("registry.db").display());
+    let (version, registered) = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let reg = ps_registry::Registry::open(&url, &registry).await.expect("open the registry");
+        let v = reg.latest("mnist_mlp").await.expect("a registered version");
+        let m = reg.load(&v).expect("its artifact");
+        reg.close().await;
+        (v, m)
+    });
+    assert_eq!(registered, model);
+    assert_eq!(version.metrics["test_accuracy"], acc);
+    assert_eq!(version.lineage.source_run.as_deref(), Some(run.display().to_string().as_str()));
+    assert!(version.lineage.run_config.as_deref().unwrap_or("").contains("train_limit = 8000"));
+    assert_eq!(version.lineage.data_checksums.len(), 4, "the four MNIST files");
     assert_eq!(summary["failed"].as_array().unwrap().len(), 0);
     let done = summary["done"].as_array().unwrap();
     assert_eq!(done.len(), 2, "both workers report done");
