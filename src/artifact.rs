@@ -549,6 +549,9 @@ mod tests {
             blocked_s: 0.5,
             server_peak_rss: vec![1 << 20, 2 << 20],
             sparse_rows: 7,
+            checkpoints: Default::default(),
+            recoveries: vec![],
+            resumed_from: None,
         }
     }
 

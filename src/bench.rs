@@ -48,6 +48,7 @@ pub async fn run_all(exe: &Path, reference: &str, opts: &BenchOptions) -> Result
         c.cluster.workers = workers;
         c.job.epochs = opts.epochs;
         c.job.eval_every_epochs = 0;
+        c.registry.register = false;
         std::fs::create_dir_all(&tmp).map_err(|source| Error::Io { what: "temp dir".into(), source })?;
         let run_dir = crate::cluster::new_run_dir(&tmp, &format!("bench-w{workers}"))?;
         let s = run::run(Plan::new(exe, c, run_dir), |_, _| {}).await?;

@@ -6,6 +6,8 @@
 //! - [`artifact`] holds the typed, versioned files of a run folder
 //!   (`summary.json`, `stats.json`, `metrics.jsonl`), shared by every writer
 //!   and reader.
+//! - [`models`] is `ps-cluster models`, over the model registry
+//!   ([`ps_registry`]), and registers a run's model when training ends.
 //! - [`sweep`] runs a grid of runs and reports on them; [`plot`] draws its
 //!   charts (SVG, through plotters).
 //! - [`export`] writes a run's model as safetensors with a model card.
@@ -16,6 +18,7 @@ pub mod artifact;
 pub mod bench;
 pub mod cluster;
 pub mod export;
+pub mod models;
 pub mod plot;
 pub mod render;
 pub mod run;

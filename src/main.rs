@@ -10,6 +10,7 @@
 //! ps-cluster train --resume runs/<run>                 # continue a stopped run
 //! ps-cluster checkpoint --servers A,B --dir ckpts      # checkpoint running shards now
 //! ps-cluster export runs/<run>    # the run's model as safetensors + card.json
+//! ps-cluster models list          # the model registry: list, show, promote, rollback, diff
 //! ps-cluster server ...           # one shard (same flags as ps-server)
 //! ps-cluster worker ...           # one worker (same flags as ps-worker)
 //! ```
@@ -93,6 +94,8 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// The model registry: list, show, register, promote, rollback, history, diff.
+    Models(paramserver::models::Args),
     /// Run one shard (as `ps-server`).
     Server(ps_server::cli::Args),
     /// Run one worker (as `ps-worker`).
@@ -157,6 +160,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Train(TrainArgs::default())) {
         Command::Server(args) => Ok(ps_server::cli::run(&args)?),
         Command::Worker(args) => Ok(ps_worker::cli::run(&args)?),
+        Command::Models(args) => tokio_runtime()?.block_on(paramserver::models::run(args)),
         Command::Status { servers } => tokio_runtime()?.block_on(status(servers)),
         Command::Checkpoint { servers, dir, keep } => {
             tokio_runtime()?.block_on(checkpoint(servers, dir, keep))

@@ -229,6 +229,9 @@ mod tests {
             blocked_s: 0.0,
             server_peak_rss: vec![3 << 20],
             sparse_rows: 0,
+            checkpoints: Default::default(),
+            recoveries: vec![],
+            resumed_from: None,
         };
         let text = run_summary(&s);
         assert!(text.contains("test accuracy   0.9731   (test loss 0.1071)"), "{text}");

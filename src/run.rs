@@ -1,7 +1,7 @@
 //! One training run on a local cluster: servers up, workers to completion,
 //! final evaluation and server stats, servers down; everything written to a
 //! run folder (config.toml, metrics.jsonl, stats.json, summary.json, model,
-//! checkpoints/).
+//! checkpoints/); then the model is registered, unless the run file opts out.
 //!
 //! While the workers train, a checkpointer task takes a checkpoint of the
 //! shards every `[checkpoint] every_s` seconds or `every_iters` iterations
@@ -56,6 +56,7 @@ pub async fn run(plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Result<
     servers.stop(Duration::from_secs(10)).await;
     let summary = result?;
     summary.write(&plan.run_dir)?;
+    crate::models::register_run(&plan.config.registry, &plan.run_dir).await;
     Ok(summary)
 }
 

@@ -1,5 +1,6 @@
 //! The run file: one TOML document with a `[cluster]` table (read by the
-//! launcher) and a `[job]` table (read by every worker). See
+//! launcher), a `[job]` table (read by every worker) and an optional
+//! `[registry]` table (read by the launcher when training ends). See
 //! `examples/config/*.toml` for commented examples; a test parses each.
 
 use std::path::PathBuf;
@@ -20,6 +21,30 @@ pub struct RunConfig {
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
     pub job: JobConfig,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+}
+
+/// Whether and where the launcher registers the trained model when training
+/// ends (see `ps-cluster models`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Register the final model (`false` opts out).
+    pub register: bool,
+    /// Registry database, `sqlite://PATH` or `postgres://...` [default:
+    /// `$PS_REGISTRY`, else `sqlite://<root>/registry.db`].
+    pub url: Option<String>,
+    /// Folder of the registry's artifacts [default: `$PS_REGISTRY_ROOT`, else `registry`].
+    pub root: Option<PathBuf>,
+    /// Model name [default: the workload's kind, e.g. `mnist_mlp`].
+    pub name: Option<String>,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig { register: true, url: None, root: None, name: None }
+    }
 }
 
 /// When the launcher checkpoints its shards, and how many it keeps. A shard

@@ -213,6 +213,9 @@ target_accuracy = 0.8
             blocked_s: 1.5,
             server_peak_rss: vec![],
             sparse_rows: 0,
+            checkpoints: Default::default(),
+            recoveries: vec![],
+            resumed_from: None,
         }
     }
 

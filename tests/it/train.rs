@@ -45,15 +45,22 @@ lr = 0.001
         ),
     )
     .expect("write config");
+    let registry = temp_dir("train-registry");
     let out = Command::new(env!("CARGO_BIN_EXE_ps-cluster"))
         .args(["train", "--config"])
         .arg(&config)
         .arg("--runs-dir")
         .arg(&dir)
+        .env("PS_REGISTRY_ROOT", &registry)
+        .env_remove("PS_REGISTRY")
         .output()
         .expect("run ps-cluster");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "launcher failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "launcher failed: {stdout}\n{stderr}");
+    // Training registered its model (the run file does not opt out).
+    assert!(stderr.contains("registered mnist_mlp:1"), "{stderr}");
+    assert_eq!(std::fs::read_dir(registry.join("artifacts/sha256")).expect("artifacts").count(), 1);
 
     let run = std::fs::read_dir(&dir)
         .expect("list runs")
@@ -90,6 +97,20 @@ lr = 0.001
         (f64::from(rescored) - acc).abs() < 1e-6,
         "saved model scores {rescored}, the run reported {acc}"
     );
+    // The registered version is that model, with the run's score and lineage.
+    let url = format!("sqlite://{}", registry.join("registry.db").display());
+    let (version, registered) = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let reg = ps_registry::Registry::open(&url, &registry).await.expect("open the registry");
+        let v = reg.latest("mnist_mlp").await.expect("a registered version");
+        let m = reg.load(&v).expect("its artifact");
+        reg.close().await;
+        (v, m)
+    });
+    assert_eq!(registered, model);
+    assert_eq!(version.metrics["test_accuracy"], acc);
+    assert_eq!(version.lineage.source_run.as_deref(), Some(run.display().to_string().as_str()));
+    assert!(version.lineage.run_config.as_deref().unwrap_or("").contains("train_limit = 8000"));
+    assert_eq!(version.lineage.data_checksums.len(), 4, "the four MNIST files");
     assert_eq!(summary["failed"].as_array().unwrap().len(), 0);
     let done = summary["done"].as_array().unwrap();
     assert_eq!(done.len(), 2, "both workers report done");
@@ -103,6 +124,7 @@ lr = 0.001
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert!(metrics.lines().any(|l| l.contains("\"event\":\"eval\"")), "no eval event");
     let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&registry);
 }
 
 #[test]

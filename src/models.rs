@@ -1,0 +1,537 @@
+//! `ps-cluster models`: the model registry ([`ps_registry`]) from the
+//! command line, and the registration of a run folder, by hand (`models
+//! register RUN_DIR`) or by [`crate::run`] when training ends.
+//!
+//! ```text
+//! ps-cluster models list [MODEL]
+//! ps-cluster models show VERSION              # metrics, lineage, labels; checks the artifact
+//! ps-cluster models register RUN_DIR [--name N] [--parent V] [--checkpoint ID]
+//! ps-cluster models promote VERSION --to production
+//! ps-cluster models rollback [MODEL@]production
+//! ps-cluster models history [MODEL] [--label L]
+//! ps-cluster models diff VERSION VERSION     # metrics and run config side by side
+//! ```
+//!
+//! VERSION is `MODEL:N`, `MODEL@LABEL`, `MODEL` (its latest version), `N` or
+//! `@LABEL`; without a model name, the registry's only model is meant.
+//! `models export VERSION --format safetensors` comes with `ps_model`'s
+//! exporter.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use ps_registry::{Lineage, ModelVersion, NewVersion, Registry};
+use ps_worker::config::{RegistryConfig, RunConfig, Workload};
+
+use crate::artifact::{JsonFile as _, RunSummary};
+
+/// Where the registry is: `--registry URL` / `$PS_REGISTRY` and
+/// `--registry-root DIR` / `$PS_REGISTRY_ROOT`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Registry database: sqlite://PATH or postgres://USER@HOST:PORT/DATABASE
+    /// [default: sqlite://<registry-root>/registry.db].
+    #[arg(long, env = "PS_REGISTRY", global = true)]
+    registry: Option<String>,
+    /// Folder of the registry's artifacts (and of its default SQLite file).
+    #[arg(long, env = "PS_REGISTRY_ROOT", global = true, default_value = "registry")]
+    registry_root: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// List versions with their labels and test metrics.
+    List {
+        /// Only this model's versions.
+        model: Option<String>,
+    },
+    /// One version in full: metrics, lineage, labels; checks its artifact.
+    Show {
+        /// MODEL:N, MODEL@LABEL or MODEL (its latest version).
+        version: String,
+        /// Also print the run file it was trained with.
+        #[arg(long)]
+        config: bool,
+    },
+    /// Register the model of a run folder (model.msgpack, summary.json, config.toml).
+    Register {
+        run_dir: PathBuf,
+        /// Model name [default: the run file's [registry] name, else the workload kind].
+        #[arg(long)]
+        name: Option<String>,
+        /// The version this model was fine-tuned or compressed from.
+        #[arg(long)]
+        parent: Option<i64>,
+        /// The checkpoint it came from (path or id).
+        #[arg(long)]
+        checkpoint: Option<String>,
+        /// Who registers [default: $USER].
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Point a label (staging, production, or any alias) at a version.
+    Promote {
+        /// MODEL:N, MODEL@LABEL or MODEL (its latest version).
+        version: String,
+        /// The label: staging, production, or any alias (lowercase).
+        #[arg(long)]
+        to: String,
+        /// Who moves it [default: $USER].
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Move a label back to the version it pointed to before its last move.
+    Rollback {
+        /// `[MODEL@]LABEL`.
+        label: String,
+        /// Who moves it [default: $USER].
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Every move of a model's labels, oldest first.
+    History {
+        /// [default: the registry's only model]
+        model: Option<String>,
+        /// Only this label's moves.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// Metrics and run config of two versions side by side.
+    Diff {
+        /// MODEL:N, MODEL@LABEL or MODEL (its latest version).
+        a: String,
+        b: String,
+    },
+}
+
+/// The registry's database URL and artifact folder: the explicit ones, else
+/// `$PS_REGISTRY` / `$PS_REGISTRY_ROOT`, else `sqlite://registry/registry.db`
+/// and `registry`.
+pub fn location(url: Option<String>, root: Option<PathBuf>) -> (String, PathBuf) {
+    let root = root
+        .or_else(|| std::env::var_os("PS_REGISTRY_ROOT").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("registry"));
+    let url = url
+        .or_else(|| std::env::var("PS_REGISTRY").ok())
+        .unwrap_or_else(|| format!("sqlite://{}", root.join("registry.db").display()));
+    (url, root)
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let (url, root) = location(args.registry, Some(args.registry_root));
+    let reg = Registry::open(&url, &root).await.with_context(|| format!("opening the registry {url}"))?;
+    let result = command(&reg, args.command).await;
+    reg.close().await;
+    result
+}
+
+async fn command(reg: &Registry, command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::List { model } => print!("{}", list(reg, model.as_deref()).await?),
+        Command::Show { version, config } => return show(reg, &version, config).await,
+        Command::Register { run_dir, name, parent, checkpoint, by } => {
+            let mut new = from_run(&run_dir, name.as_deref(), &by.unwrap_or_else(user))?;
+            new.lineage.parent_version = parent;
+            new.lineage.checkpoint = checkpoint;
+            let v = reg.register(new).await?;
+            println!("registered {}:{} (sha256 {})", v.model, v.version, v.artifact.sha256);
+        }
+        Command::Promote { version, to, by } => {
+            let v = resolve(reg, &version).await?;
+            let m = reg.promote(&v.model, v.version, &to, &by.unwrap_or_else(user)).await?;
+            println!("{}@{}: {} -> {}", m.model, m.label, show_from(m.from_version), m.to_version);
+        }
+        Command::Rollback { label, by } => {
+            let (model, label) = match label.split_once('@') {
+                Some((m, l)) if !m.is_empty() => (m.to_string(), l.to_string()),
+                Some((_, l)) => (only_model(reg).await?, l.to_string()),
+                None => (only_model(reg).await?, label),
+            };
+            let m = reg.rollback(&model, &label, &by.unwrap_or_else(user)).await?;
+            println!("{}@{}: {} -> {} (rollback)", m.model, m.label, show_from(m.from_version), m.to_version);
+        }
+        Command::History { model, label } => {
+            let model = match model {
+                Some(m) => m,
+                None => only_model(reg).await?,
+            };
+            print!("{}", history(reg, &model, label.as_deref()).await?);
+        }
+        Command::Diff { a, b } => {
+            let (a, b) = (resolve(reg, &a).await?, resolve(reg, &b).await?);
+            print!("{}", diff(&a, &b));
+        }
+    }
+    Ok(())
+}
+
+/// Registers the model of a finished run, as its run file's `[registry]`
+/// says. A run without a model (CTR) registers nothing; a failure is a
+/// warning, not a failed run: the model is still in the run folder.
+pub async fn register_run(config: &RegistryConfig, run_dir: &Path) {
+    if !config.register {
+        return;
+    }
+    if !run_dir.join("model.msgpack").exists() {
+        tracing::info!(run = %run_dir.display(), "no model.msgpack: nothing to register");
+        return;
+    }
+    let (url, root) = location(config.url.clone(), config.root.clone());
+    let result = async {
+        let new = from_run(run_dir, config.name.as_deref(), &user())?;
+        let reg = Registry::open(&url, &root).await?;
+        let v = reg.register(new).await;
+        reg.close().await;
+        anyhow::Ok(v?)
+    }
+    .await;
+    match result {
+        Ok(v) => eprintln!("registered {}:{} in {url}", v.model, v.version),
+        Err(e) => tracing::warn!(run = %run_dir.display(), registry = %url, "model not registered: {e:#}"),
+    }
+}
+
+/// A version from a run folder: its model (checked), metrics from
+/// summary.json, and lineage from config.toml (the run file and checksums of
+/// the data files it names).
+pub fn from_run(run_dir: &Path, name: Option<&str>, by: &str) -> anyhow::Result<NewVersion> {
+    let config_path = run_dir.join("config.toml");
+    let config_text = std::fs::read_to_string(&config_path).with_context(|| {
+        format!("reading {} (is {} a run folder?)", config_path.display(), run_dir.display())
+    })?;
+    let config =
+        RunConfig::from_toml(&config_text).with_context(|| format!("in {}", config_path.display()))?;
+    let summary = RunSummary::read(run_dir).context("the run has no summary: did it finish?")?;
+
+    let model_path = run_dir.join("model.msgpack");
+    let len =
+        std::fs::metadata(&model_path).with_context(|| format!("reading {}", model_path.display()))?.len();
+    if len > ps_model::saved::MAX_FILE_BYTES {
+        bail!("{}: {len} bytes is over the model file limit", model_path.display());
+    }
+    let artifact = std::fs::read(&model_path).with_context(|| format!("reading {}", model_path.display()))?;
+    ps_model::SavedModel::from_bytes(&artifact).map_err(|e| e.in_file(&model_path))?;
+
+    let mut metrics = BTreeMap::from([
+        (format!("test_{}", summary.score_name), summary.test_score),
+        ("test_loss".to_string(), summary.test_loss),
+        ("wall_s".to_string(), summary.wall_s),
+        ("samples_per_s".to_string(), summary.samples_per_s),
+        ("failed_workers".to_string(), summary.failed.len() as f64),
+    ]);
+    metrics.retain(|_, v| v.is_finite());
+    let name = name.or(config.registry.name.as_deref()).unwrap_or(workload_kind(&config.job.workload));
+    Ok(NewVersion {
+        model: name.to_string(),
+        artifact,
+        metrics,
+        lineage: Lineage {
+            run_config: Some(config_text),
+            data_checksums: data_checksums(&config.job.workload),
+            source_run: Some(run_dir.display().to_string()),
+            checkpoint: None,
+            parent_version: None,
+        },
+        created_by: by.to_string(),
+    })
+}
+
+/// The run file's name of a workload, the default model name.
+fn workload_kind(w: &Workload) -> &'static str {
+    match w {
+        Workload::MnistMlp { .. } => "mnist_mlp",
+        Workload::A9aLogreg { .. } => "a9a_logreg",
+        Workload::MovielensMf { .. } => "movielens_mf",
+        Workload::Ctr(_) => "ctr",
+    }
+}
+
+/// sha256 of each data file the workload reads, as the run file names it
+/// (relative to where training ran). Synthetic data (CTR) has none: its run
+/// file's seed is its lineage. A file that cannot be read is left out.
+fn data_checksums(w: &Workload) -> BTreeMap<String, String> {
+    let files: Vec<PathBuf> = match w {
+        Workload::MnistMlp { data_dir, .. } => files_in(data_dir, |_| true),
+        Workload::A9aLogreg { train, test, .. } => vec![train.clone(), test.clone()],
+        Workload::MovielensMf { data_dir, split, .. } => {
+            files_in(data_dir, |name| name.starts_with(&format!("{split}.")))
+        }
+        Workload::Ctr(_) => vec![],
+    };
+    files
+        .into_iter()
+        .filter_map(|f| match ps_registry::store::sha256_file(&f) {
+            Ok(sum) => Some((f.display().to_string(), sum)),
+            Err(e) => {
+                tracing::warn!(file = %f.display(), "data file not checksummed: {e}");
+                None
+            }
+        })
+        .collect()
+}
+
+fn files_in(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|e| keep(&e.file_name().to_string_lossy()))
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
+}
+
+/// `$USER`, else `$LOGNAME`, else `unknown`.
+fn user() -> String {
+    ["USER", "LOGNAME"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The registry's only model, for commands that name none.
+async fn only_model(reg: &Registry) -> anyhow::Result<String> {
+    let models = reg.models().await?;
+    match models.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("the registry is empty"),
+        many => bail!("the registry holds {} models ({}); name one", many.len(), many.join(", ")),
+    }
+}
+
+async fn model_or_only(reg: &Registry, model: &str) -> anyhow::Result<String> {
+    if model.is_empty() { only_model(reg).await } else { Ok(model.to_string()) }
+}
+
+/// `MODEL:N`, `MODEL@LABEL`, `MODEL` (latest), `N`, `@LABEL`.
+async fn resolve(reg: &Registry, spec: &str) -> anyhow::Result<ModelVersion> {
+    let number =
+        |n: &str| n.parse::<i64>().with_context(|| format!("`{spec}`: `{n}` is not a version number"));
+    Ok(if let Some((m, label)) = spec.split_once('@') {
+        let m = model_or_only(reg, m).await?;
+        let n = reg.label(&m, label).await?;
+        reg.version(&m, n).await?
+    } else if let Some((m, n)) = spec.split_once(':') {
+        let n = number(n)?;
+        reg.version(&model_or_only(reg, m).await?, n).await?
+    } else if spec.bytes().all(|b| b.is_ascii_digit()) {
+        let n = number(spec)?;
+        reg.version(&only_model(reg).await?, n).await?
+    } else {
+        reg.latest(spec).await?
+    })
+}
+
+fn show_from(v: Option<i64>) -> String {
+    v.map_or("(none)".into(), |v| v.to_string())
+}
+
+/// The `test_*` metrics, compactly.
+fn test_metrics(v: &ModelVersion) -> String {
+    let parts: Vec<String> = v
+        .metrics
+        .iter()
+        .filter(|(k, _)| k.starts_with("test_"))
+        .map(|(k, x)| format!("{k}={x:.4}"))
+        .collect();
+    parts.join(" ")
+}
+
+async fn list(reg: &Registry, model: Option<&str>) -> anyhow::Result<String> {
+    let versions = reg.versions(model).await?;
+    let mut labels: BTreeMap<(String, i64), Vec<String>> = BTreeMap::new();
+    for l in reg.labels(model).await? {
+        labels.entry((l.model, l.version)).or_default().push(l.label);
+    }
+    let mut out = format!(
+        "{:<16} {:>7}  {:<20} {:<20} {:<10} {:<12} {}\n",
+        "MODEL", "VERSION", "LABELS", "CREATED", "BY", "SHA256", "METRICS"
+    );
+    for v in &versions {
+        let l = labels.get(&(v.model.clone(), v.version)).map(|l| l.join(",")).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<16} {:>7}  {:<20} {:<20} {:<10} {:<12} {}",
+            v.model,
+            v.version,
+            l,
+            v.created_at,
+            v.created_by,
+            v.artifact.sha256.get(..12).unwrap_or(&v.artifact.sha256),
+            test_metrics(v)
+        );
+    }
+    if versions.is_empty() {
+        out.push_str("(no versions)\n");
+    }
+    Ok(out)
+}
+
+async fn show(reg: &Registry, spec: &str, with_config: bool) -> anyhow::Result<()> {
+    let v = resolve(reg, spec).await?;
+    let labels: Vec<String> = reg
+        .labels(Some(&v.model))
+        .await?
+        .into_iter()
+        .filter(|l| l.version == v.version)
+        .map(|l| l.label)
+        .collect();
+    let check = reg.artifact(&v);
+    let l = &v.lineage;
+    let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    println!("{}:{}", v.model, v.version);
+    println!("  created     {} by {}", v.created_at, v.created_by);
+    println!("  labels      {}", if labels.is_empty() { "-".into() } else { labels.join(", ") });
+    println!(
+        "  artifact    {} ({} bytes): {}",
+        reg.artifact_path(&v).display(),
+        v.artifact.size,
+        match &check {
+            Ok(_) => "ok, sha256 verified".to_string(),
+            Err(ps_registry::Error::Artifact { fault, .. }) => format!("UNUSABLE, {fault}"),
+            Err(e) => format!("UNUSABLE, {e}"),
+        }
+    );
+    println!("  metrics");
+    for (k, x) in &v.metrics {
+        println!("    {k:<18} {x:.4}");
+    }
+    println!("  source run  {}", opt(&l.source_run));
+    println!("  checkpoint  {}", opt(&l.checkpoint));
+    println!("  parent      {}", l.parent_version.map_or("-".into(), |p| format!("{}:{p}", v.model)));
+    println!("  data");
+    for (f, sum) in &l.data_checksums {
+        println!("    {sum}  {f}");
+    }
+    if with_config {
+        println!("  run config");
+        for line in l.run_config.as_deref().unwrap_or("").lines() {
+            println!("    {line}");
+        }
+    }
+    check.map(|_| ()).context("the artifact cannot be served")
+}
+
+async fn history(reg: &Registry, model: &str, label: Option<&str>) -> anyhow::Result<String> {
+    let mut out = format!(
+        "{:<12} {:>4}  {:<9} {:>6} -> {:<6} {:<20} {}\n",
+        "LABEL", "SEQ", "ACTION", "FROM", "TO", "AT", "BY"
+    );
+    for m in reg.history(model, label).await? {
+        let _ = writeln!(
+            out,
+            "{:<12} {:>4}  {:<9} {:>6} -> {:<6} {:<20} {}",
+            m.label,
+            m.seq,
+            m.action,
+            m.from_version.map_or("-".into(), |v| v.to_string()),
+            m.to_version,
+            m.moved_at,
+            m.moved_by
+        );
+    }
+    Ok(out)
+}
+
+/// Metrics (with the change) and the run-file keys that differ, side by side.
+fn diff(a: &ModelVersion, b: &ModelVersion) -> String {
+    let (na, nb) = (format!("{}:{}", a.model, a.version), format!("{}:{}", b.model, b.version));
+    let cell = |x: Option<&String>| x.cloned().unwrap_or_else(|| "-".into());
+    let mut out = format!("{:<34} {:>20} {:>20} {:>12}\n", "", na, nb, "change");
+    out.push_str("metrics\n");
+    let keys: BTreeSet<&String> = a.metrics.keys().chain(b.metrics.keys()).collect();
+    for k in keys {
+        let (x, y) = (a.metrics.get(k), b.metrics.get(k));
+        let change = match (x, y) {
+            (Some(x), Some(y)) => format!("{:+.4}", y - x),
+            _ => String::new(),
+        };
+        let fmt = |v: Option<&f64>| v.map(|v| format!("{v:.4}"));
+        let _ = writeln!(
+            out,
+            "  {k:<32} {:>20} {:>20} {change:>12}",
+            cell(fmt(x).as_ref()),
+            cell(fmt(y).as_ref())
+        );
+    }
+    let (ca, cb) = (flat_config(a), flat_config(b));
+    let keys: BTreeSet<&String> = ca.keys().chain(cb.keys()).collect();
+    let differing: Vec<&String> = keys.iter().copied().filter(|k| ca.get(*k) != cb.get(*k)).collect();
+    let _ =
+        writeln!(out, "run config ({} keys differ, {} equal)", differing.len(), keys.len() - differing.len());
+    for k in differing {
+        let _ = writeln!(out, "  {k:<32} {:>20} {:>20}", cell(ca.get(k)), cell(cb.get(k)));
+    }
+    let lineage = |v: &ModelVersion| {
+        format!(
+            "{} {}",
+            v.artifact.sha256.get(..12).unwrap_or_default(),
+            v.lineage.source_run.as_deref().unwrap_or("-")
+        )
+    };
+    let _ = writeln!(out, "artifact and source\n  {na}: {}\n  {nb}: {}", lineage(a), lineage(b));
+    out
+}
+
+/// The run file as `dotted.key -> value` (values in TOML syntax).
+fn flat_config(v: &ModelVersion) -> BTreeMap<String, String> {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, String>) {
+        for (k, v) in table {
+            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            match v {
+                toml::Value::Table(t) => walk(&key, t, out),
+                other => {
+                    out.insert(key, other.to_string());
+                }
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    if let Some(table) = v.lineage.run_config.as_deref().and_then(|t| t.parse::<toml::Table>().ok()) {
+        walk("", &table, &mut out);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn version(n: i64, config: &str, accuracy: f64) -> ModelVersion {
+        ModelVersion {
+            model: "mnist_mlp".into(),
+            version: n,
+            artifact: ps_registry::store::Artifact { sha256: "ab".repeat(32), size: 1 },
+            metrics: BTreeMap::from([("test_accuracy".into(), accuracy)]),
+            lineage: Lineage { run_config: Some(config.into()), ..Lineage::default() },
+            created_at: "2026-11-29T16:00:00Z".into(),
+            created_by: "me".into(),
+        }
+    }
+
+    #[test]
+    fn diff_shows_changed_metrics_and_config_keys() {
+        let a = version(1, "[job]\nepochs = 10\nseed = 42\n[job.optimizer]\nlr = 0.001\n", 0.97);
+        let b = version(2, "[job]\nepochs = 3\nseed = 42\n[job.optimizer]\nlr = 0.001\n", 0.95);
+        let d = diff(&a, &b);
+        assert!(d.contains("mnist_mlp:1") && d.contains("mnist_mlp:2"), "{d}");
+        assert!(d.contains("test_accuracy") && d.contains("-0.0200"), "{d}");
+        assert!(d.contains("(1 keys differ, 2 equal)") && d.contains("job.epochs"), "{d}");
+        assert!(!d.contains("job.seed") && !d.contains("job.optimizer.lr "), "{d}");
+    }
+
+    #[test]
+    fn location_defaults_to_a_sqlite_file_under_the_root() {
+        let (url, root) = location(None, Some(PathBuf::from("/tmp/r")));
+        if std::env::var_os("PS_REGISTRY").is_none() {
+            assert_eq!(url, "sqlite:///tmp/r/registry.db");
+        }
+        assert_eq!(root, PathBuf::from("/tmp/r"));
+        assert_eq!(location(Some("postgres://u@h/db".into()), None).0, "postgres://u@h/db");
+    }
+}
