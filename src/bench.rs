@@ -9,6 +9,10 @@
 //!    against a plain memcpy of the same bytes.
 //! 3. Server apply: params/s of each optimizer rule applied by the store
 //!    (validation, locking), against the bare rule on a slice.
+//! 4. Checkpoints: samples/s of the reference job with and without periodic
+//!    checkpoints (alternating runs); and the write rate of a checkpoint of
+//!    a large model (2 shards in-process) against `dd ... conv=fsync` of the
+//!    same bytes to the same disk, and its push hold against a memcpy.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -21,6 +25,7 @@ use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
 use ps_worker::config::RunConfig;
 use ps_worker::data::{BatchBuf, Batches};
 
+use crate::artifact::RunSummary;
 use crate::cluster::{Error, Result};
 use crate::run::{self, Plan};
 
@@ -30,6 +35,15 @@ pub struct BenchOptions {
     pub epochs: u32,
     /// Repetitions of each transport and apply measurement.
     pub reps: u32,
+    /// Sections to run (`training`, `transport`, `apply`, `checkpoint`);
+    /// empty: all.
+    pub only: Vec<String>,
+}
+
+impl BenchOptions {
+    fn wants(&self, section: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == section)
+    }
 }
 
 fn rate(n: f64, d: Duration) -> f64 {
@@ -38,26 +52,69 @@ fn rate(n: f64, d: Duration) -> f64 {
 
 /// Runs every benchmark and prints the figures.
 pub async fn run_all(exe: &Path, reference: &str, opts: &BenchOptions) -> Result<()> {
-    println!("== training throughput (reference MLP, batch 32, {} epoch(s)) ==", opts.epochs);
     let config = RunConfig::from_toml(reference)?;
-    let local = local_training(&config, opts.epochs)?;
+    if opts.wants("training") {
+        training(exe, &config, opts).await?;
+    }
+    if opts.wants("transport") {
+        println!("\n== transport: 1M-float dense tensor over loopback gRPC (1 shard, in-process) ==");
+        transport(opts.reps).await?;
+    }
+    if opts.wants("apply") {
+        println!("\n== server apply rate (1M params per push, store without network) ==");
+        apply_rates(opts.reps)?;
+    }
+    if opts.wants("checkpoint") {
+        println!("\n== checkpoints ==");
+        checkpoint_overhead(exe, &config, opts).await?;
+        checkpoint_write(opts.reps.clamp(1, 5)).await?;
+    }
+    Ok(())
+}
+
+/// A scratch folder on the disk of the working directory (where run
+/// folders and their checkpoints live), removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Result<Scratch> {
+        let dir = Path::new("target").join(format!("bench-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|source| Error::Io { what: "scratch dir".into(), source })?;
+        Ok(Scratch(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Samples/s of one run of `config`, its workers' loops summed.
+async fn training_rate(exe: &Path, config: RunConfig, dir: &Path, name: &str) -> Result<(f64, RunSummary)> {
+    let run_dir = crate::cluster::new_run_dir(dir, name)?;
+    let s = run::run(Plan::new(exe, config, run_dir), |_, _| {}).await?;
+    // Steady state: the workers' training loops, summed (they run in parallel).
+    let looped: f64 = s
+        .done
+        .iter()
+        .map(|e| if let ps_worker::event::Event::Done(d) = e { d.samples_per_s } else { 0.0 })
+        .sum();
+    Ok((looped, s))
+}
+
+async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result<()> {
+    println!("== training throughput (reference MLP, batch 32, {} epoch(s)) ==", opts.epochs);
+    let local = local_training(config, opts.epochs)?;
     println!("{:<44} {:>10.0} samples/s   (baseline)", "1 process, no servers (local Adam)", local);
-    let tmp = std::env::temp_dir().join(format!("ps-bench-{}", std::process::id()));
+    let tmp = Scratch::new("train")?;
     for workers in [1, 2] {
         let mut c = config.clone();
         c.cluster.workers = workers;
         c.job.epochs = opts.epochs;
         c.job.eval_every_epochs = 0;
         c.registry.register = false;
-        std::fs::create_dir_all(&tmp).map_err(|source| Error::Io { what: "temp dir".into(), source })?;
-        let run_dir = crate::cluster::new_run_dir(&tmp, &format!("bench-w{workers}"))?;
-        let s = run::run(Plan::new(exe, c, run_dir), |_, _| {}).await?;
-        // Steady state: the workers' training loops, summed (they run in parallel).
-        let looped: f64 = s
-            .done
-            .iter()
-            .map(|e| if let ps_worker::event::Event::Done(d) = e { d.samples_per_s } else { 0.0 })
-            .sum();
+        let (looped, s) = training_rate(exe, c, &tmp.0, &format!("bench-w{workers}")).await?;
         println!(
             "{:<44} {:>10.0} samples/s   ({:.2}x baseline; {:.0} samples/s end to end incl. start-up; test acc {:.4})",
             format!("2 shard + {workers} worker process(es)"),
@@ -67,13 +124,115 @@ pub async fn run_all(exe: &Path, reference: &str, opts: &BenchOptions) -> Result
             s.test_score
         );
     }
-    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
 
-    println!("\n== transport: 1M-float dense tensor over loopback gRPC (1 shard, in-process) ==");
-    transport(opts.reps).await?;
+/// The reference job with and without checkpoints, alternating (two runs
+/// each), at the default interval.
+async fn checkpoint_overhead(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result<()> {
+    let tmp = Scratch::new("overhead")?;
+    let mut rates = [Vec::new(), Vec::new()];
+    let mut taken = Vec::new();
+    for round in 0..2 {
+        for (i, on) in [false, true].into_iter().enumerate() {
+            let mut c = config.clone();
+            c.job.epochs = opts.epochs;
+            c.registry.register = false;
+            c.checkpoint.enabled = on;
+            let (rate, s) = training_rate(exe, c, &tmp.0, &format!("ckpt-{on}-{round}")).await?;
+            rates[i].push(rate);
+            if on {
+                taken.push((s.checkpoints.taken, s.checkpoints.mean_held_ms, s.checkpoints.last_bytes));
+            }
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let (off, on) = (mean(&rates[0]), mean(&rates[1]));
+    println!(
+        "{:<44} {:>10.0} samples/s   (baseline; runs {:?})",
+        format!("reference job, {} epoch(s), no checkpoints", opts.epochs),
+        off,
+        rates[0].iter().map(|r| r.round()).collect::<Vec<_>>()
+    );
+    let every = config.checkpoint.every_s;
+    println!(
+        "{:<44} {:>10.0} samples/s   ({:+.1}% vs baseline; runs {:?}; checkpoints per run, mean hold ms, bytes: {:?})",
+        format!("same, checkpoint every {every} s"),
+        on,
+        100.0 * (on / off - 1.0),
+        rates[1].iter().map(|r| r.round()).collect::<Vec<_>>(),
+        taken
+    );
+    Ok(())
+}
 
-    println!("\n== server apply rate (1M params per push, store without network) ==");
-    apply_rates(opts.reps)?;
+/// One large checkpoint (2 shards in-process, a 16M-parameter Adam tensor:
+/// 192 MB of values and state) against dd of the same bytes.
+async fn checkpoint_write(reps: u32) -> Result<()> {
+    use ps_server::checkpoint::coordinator;
+    const N: u64 = 16 << 20;
+    let tmp = Scratch::new("write")?;
+    let ckpts = tmp.0.join("checkpoints");
+    let config = ps_server::ServerConfig { checkpoint_dir: Some(ckpts.clone()), ..Default::default() };
+    let shards = ps_server::local::LocalShards::start_with(&config, 2).await?;
+    let client = ShardedClient::connect(&shards.addrs, 1, ClientOptions::default()).await?;
+    let mut spec = TableSpec::dense("big", &[N], Init::zeros(), Rule::adam(1e-3).into());
+    spec.layout = Layout::Dense { shape: vec![N], chunk_len: 1 << 16 };
+    client.register(&spec).await?;
+    let mut opts = coordinator::Options::new(&ckpts);
+    opts.keep = 1;
+    let mut best: Option<(f64, f64, u64)> = None;
+    for _ in 0..reps {
+        let m = coordinator::take_once(&shards.addrs, &opts).await?;
+        let (total, held) = (m.total_ms, m.held_ms);
+        if best.is_none_or(|(t, _, _)| total < t) {
+            best = Some((total, held, m.bytes()));
+        }
+    }
+    drop(client);
+    shards.stop().await?;
+    let Some((total_ms, held_ms, bytes)) = best else { return Ok(()) };
+    let mb = bytes as f64 / 1e6;
+
+    // The same bytes through dd, fsynced, to the same disk.
+    let dd_file = tmp.0.join("dd.bin");
+    let count = bytes.div_ceil(1 << 20);
+    let mut dd_ms = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        let out = std::process::Command::new("dd")
+            .args(["if=/dev/zero", "bs=1M", "conv=fsync", "status=none", &format!("count={count}")])
+            .arg(format!("of={}", dd_file.display()))
+            .status()
+            .map_err(|source| Error::Io { what: "running dd".into(), source })?;
+        if !out.success() {
+            return Err(Error::Config(format!("dd failed: {out}")));
+        }
+        dd_ms = dd_ms.min(t.elapsed().as_secs_f64() * 1e3);
+        let _ = std::fs::remove_file(&dd_file);
+    }
+    // And the push hold against copying the same bytes in memory.
+    let src = vec![1u8; bytes as usize];
+    let mut dst = vec![0u8; bytes as usize];
+    let t = Instant::now();
+    dst.copy_from_slice(std::hint::black_box(&src));
+    let memcpy_ms = t.elapsed().as_secs_f64() * 1e3;
+    std::hint::black_box(&dst);
+    println!(
+        "{:<44} {:>10.0} MB/s         (baseline: {mb:.0} MB in {dd_ms:.0} ms)",
+        "dd bs=1M conv=fsync",
+        mb / dd_ms * 1e3
+    );
+    println!(
+        "{:<44} {:>10.0} MB/s         ({:.2}x dd; {mb:.0} MB in {total_ms:.0} ms, best of {reps})",
+        "checkpoint, 2 shards, 16M Adam params",
+        mb / total_ms * 1e3,
+        (mb / total_ms) / (mb / dd_ms)
+    );
+    println!(
+        "{:<44} {:>10.1} ms           (memcpy of the same bytes: {memcpy_ms:.1} ms)",
+        "  pushes held (hold + drain + copy)", held_ms
+    );
     Ok(())
 }
 

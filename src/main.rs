@@ -54,6 +54,9 @@ enum Command {
         /// Repetitions of each transport and apply measurement.
         #[arg(long, default_value_t = 20)]
         reps: u32,
+        /// Run only these sections: training, transport, apply, checkpoint.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Run a grid of jobs (consistency x workers x straggler x seed), each on
     /// its own local cluster, then write results.csv, summary.md and plots.
@@ -165,9 +168,9 @@ fn main() -> anyhow::Result<()> {
         Command::Checkpoint { servers, dir, keep } => {
             tokio_runtime()?.block_on(checkpoint(servers, dir, keep))
         }
-        Command::Bench { epochs, reps } => {
+        Command::Bench { epochs, reps, only } => {
             let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
-            let opts = paramserver::bench::BenchOptions { epochs, reps };
+            let opts = paramserver::bench::BenchOptions { epochs, reps, only };
             Ok(tokio_runtime()?.block_on(paramserver::bench::run_all(&exe, DEFAULT_CONFIG, &opts))?)
         }
         Command::Sweep { file, out, fresh, list, report } => {
