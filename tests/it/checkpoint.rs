@@ -1,7 +1,6 @@
 //! Checkpoints of a live job, and resuming from them (in-process shards and
 //! workers; the launcher's supervision is tested in `cluster.rs`).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use ps_server::ServerConfig;
@@ -11,22 +10,7 @@ use ps_worker::config::JobConfig;
 use ps_worker::event::Event;
 use ps_worker::session::WorkerId;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("ps-it-ckpt-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::util::TempDir;
 
 /// One worker, BSP, plain SGD: a run whose result does not depend on timing.
 fn job() -> JobConfig {

@@ -6,7 +6,7 @@
 //! launcher binary, which starts shard and worker processes. Every job is a
 //! small MLP on a subset of MNIST, seeded.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,25 +21,7 @@ use ps_worker::session::WorkerId;
 use ps_worker::train;
 use ps_worker::workload::mnist;
 
-/// A temporary folder, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let dir = std::env::temp_dir().join(format!("ps-it-cluster-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use crate::util::TempDir;
 
 /// A run file: 2 shards, 2 workers, an MNIST MLP of `layers`, plain SGD,
 /// no evaluation; `job` adds [job] keys (batch size 32 and the first 4,000
