@@ -10,6 +10,7 @@
 //! ps-cluster models rollback [MODEL@]production
 //! ps-cluster models history [MODEL] [--label L]
 //! ps-cluster models diff VERSION VERSION     # metrics and run config side by side
+//! ps-cluster models export VERSION [--name N] --format safetensors [--out DIR]
 //! ```
 //!
 //! VERSION is `MODEL:N`, `MODEL@LABEL`, `MODEL` (its latest version), `N` or
@@ -106,6 +107,27 @@ enum Command {
         a: String,
         b: String,
     },
+    /// Write a version's model in another format (docs/EXPORT.md), with a
+    /// model card of its metrics and run; a damaged artifact is refused.
+    Export {
+        /// MODEL:N, MODEL@LABEL, MODEL (its latest version), N or @LABEL.
+        version: String,
+        /// The model, when VERSION is `N` or `@LABEL`.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Output folder [default: export/MODEL-N].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// The formats `models export` writes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ExportFormat {
+    /// model.safetensors + card.json (docs/EXPORT.md).
+    Safetensors,
 }
 
 /// The registry's database URL and artifact folder: the explicit ones, else
@@ -165,8 +187,40 @@ async fn command(reg: &Registry, command: Command) -> anyhow::Result<()> {
             let (a, b) = (resolve(reg, &a).await?, resolve(reg, &b).await?);
             print!("{}", diff(&a, &b));
         }
+        Command::Export { version, name, format: ExportFormat::Safetensors, out } => {
+            let v = resolve(reg, &qualify(&version, name.as_deref())?).await?;
+            let out = out.unwrap_or_else(|| Path::new("export").join(format!("{}-{}", v.model, v.version)));
+            let paths = crate::export::export_version(reg, &v, &out)
+                .with_context(|| format!("exporting {}:{}", v.model, v.version))?;
+            println!(
+                "exported {}:{} to {} and {}",
+                v.model,
+                v.version,
+                paths.model.display(),
+                paths.card.display()
+            );
+        }
     }
     Ok(())
+}
+
+/// VERSION with `--name` as its model: `N` becomes `NAME:N`, `@L` becomes
+/// `NAME@L`, and the empty string `NAME`; a VERSION that names another model
+/// is refused.
+fn qualify(spec: &str, name: Option<&str>) -> anyhow::Result<String> {
+    let Some(name) = name else { return Ok(spec.to_string()) };
+    let model = spec.split([':', '@']).next().unwrap_or_default();
+    Ok(if spec.is_empty() {
+        name.to_string()
+    } else if spec.starts_with('@') {
+        format!("{name}{spec}")
+    } else if spec.bytes().all(|b| b.is_ascii_digit()) {
+        format!("{name}:{spec}")
+    } else if model == name {
+        spec.to_string()
+    } else {
+        bail!("`{spec}` is a version of {model}, not of --name {name}")
+    })
 }
 
 /// Registers the model of a finished run, as its run file's `[registry]`
