@@ -6,6 +6,7 @@
 //! ps-cluster models list [MODEL]
 //! ps-cluster models show VERSION              # metrics, lineage, labels; checks the artifact
 //! ps-cluster models register RUN_DIR [--name N] [--parent V] [--checkpoint ID]
+//! ps-cluster models register RUN_DIR/checkpoints/ckpt-N [--name N] [--parent V]
 //! ps-cluster models promote VERSION --to production
 //! ps-cluster models rollback [MODEL@]production
 //! ps-cluster models history [MODEL] [--label L]
@@ -15,8 +16,9 @@
 //!
 //! VERSION is `MODEL:N`, `MODEL@LABEL`, `MODEL` (its latest version), `N` or
 //! `@LABEL`; without a model name, the registry's only model is meant.
-//! `models export VERSION --format safetensors` comes with `ps_model`'s
-//! exporter.
+//!
+//! A checkpoint has no model file: registering one restores its shards in
+//! this process and evaluates the run's job on them ([`from_checkpoint`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -58,16 +60,19 @@ enum Command {
         #[arg(long)]
         config: bool,
     },
-    /// Register the model of a run folder (model.msgpack, summary.json, config.toml).
+    /// Register the model of a run folder (model.msgpack, summary.json,
+    /// config.toml), or of a checkpoint in one (RUN_DIR/checkpoints/ckpt-N:
+    /// its shards are restored in-process and the run's job evaluates them).
     Register {
-        run_dir: PathBuf,
+        /// A run folder, or a checkpoint folder (with manifest.json) inside one.
+        path: PathBuf,
         /// Model name [default: the run file's [registry] name, else the workload kind].
         #[arg(long)]
         name: Option<String>,
         /// The version this model was fine-tuned or compressed from.
         #[arg(long)]
         parent: Option<i64>,
-        /// The checkpoint it came from (path or id).
+        /// The checkpoint a run folder's model came from (path or id).
         #[arg(long)]
         checkpoint: Option<String>,
         /// Who registers [default: $USER].
@@ -155,12 +160,28 @@ async fn command(reg: &Registry, command: Command) -> anyhow::Result<()> {
     match command {
         Command::List { model } => print!("{}", list(reg, model.as_deref()).await?),
         Command::Show { version, config } => return show(reg, &version, config).await,
-        Command::Register { run_dir, name, parent, checkpoint, by } => {
-            let mut new = from_run(&run_dir, name.as_deref(), &by.unwrap_or_else(user))?;
+        Command::Register { path, name, parent, checkpoint, by } => {
+            let by = by.unwrap_or_else(user);
+            let is_checkpoint = path.join(ps_server::checkpoint::MANIFEST).exists();
+            let mut new = if is_checkpoint {
+                if checkpoint.is_some() {
+                    bail!(
+                        "{} is a checkpoint: it is the version's lineage, --checkpoint is not needed",
+                        path.display()
+                    );
+                }
+                from_checkpoint(&path, name.as_deref(), &by).await?
+            } else {
+                let mut new = from_run(&path, name.as_deref(), &by)?;
+                new.lineage.checkpoint = checkpoint;
+                new
+            };
             new.lineage.parent_version = parent;
-            new.lineage.checkpoint = checkpoint;
             let v = reg.register(new).await?;
             println!("registered {}:{} (sha256 {})", v.model, v.version, v.artifact.sha256);
+            if is_checkpoint {
+                println!("  evaluated from {}: {}", path.display(), test_metrics(&v));
+            }
         }
         Command::Promote { version, to, by } => {
             let v = resolve(reg, &version).await?;
@@ -288,6 +309,60 @@ pub fn from_run(run_dir: &Path, name: Option<&str>, by: &str) -> anyhow::Result<
             data_checksums: data_checksums(&config.job.workload),
             source_run: Some(run_dir.display().to_string()),
             checkpoint: None,
+            parent_version: None,
+        },
+        created_by: by.to_string(),
+    })
+}
+
+/// A version from a checkpoint folder `<run>/checkpoints/ckpt-N`: its shards
+/// are started in this process, restored from it, and the run's job
+/// (`<run>/config.toml`) evaluates and saves the model they hold. Metrics are
+/// that evaluation's; the lineage is the run's, with the checkpoint. A
+/// checkpoint taken of another job (its manifest's fingerprint) is refused.
+pub async fn from_checkpoint(path: &Path, name: Option<&str>, by: &str) -> anyhow::Result<NewVersion> {
+    let ckpt = ps_server::checkpoint::resolve(path)?;
+    let run_dir = ckpt
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .filter(|run| run.join("config.toml").exists())
+        .with_context(|| format!("{} is not a checkpoint inside a run folder", ckpt.dir.display()))?;
+    let config_path = run_dir.join("config.toml");
+    let config_text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let config =
+        RunConfig::from_toml(&config_text).with_context(|| format!("in {}", config_path.display()))?;
+    if ckpt.manifest.job.as_deref().is_some_and(|job| job != config.fingerprint()) {
+        bail!("{} was taken of another job than {}", ckpt.dir.display(), config_path.display());
+    }
+
+    let server = ps_server::ServerConfig { restore: Some(ckpt.dir.clone()), ..Default::default() };
+    let shards = ps_server::local::LocalShards::start_with(&server, ckpt.manifest.num_shards).await?;
+    let mut job = config.job.clone();
+    // The shards listen already; one whose restore fails closes its port,
+    // which the evaluator need not retry for long (its error is the shard's).
+    job.client.connect_within = std::time::Duration::from_secs(5);
+    let eval = ps_worker::train::evaluate_job(&job, &shards.addrs).await;
+    shards.stop().await.with_context(|| format!("restoring {}", ckpt.dir.display()))?;
+    let eval = eval.with_context(|| format!("evaluating {}", ckpt.dir.display()))?;
+    let kind = workload_kind(&config.job.workload);
+    let model = eval.model.with_context(|| format!("a {kind} job saves no model"))?;
+
+    let mut metrics = BTreeMap::from([
+        (format!("test_{}", eval.score_name), eval.score),
+        ("test_loss".to_string(), eval.loss),
+    ]);
+    metrics.retain(|_, v| v.is_finite());
+    Ok(NewVersion {
+        model: name.or(config.registry.name.as_deref()).unwrap_or(kind).to_string(),
+        artifact: model.to_bytes()?,
+        metrics,
+        lineage: Lineage {
+            run_config: Some(config_text),
+            data_checksums: data_checksums(&config.job.workload),
+            source_run: Some(run_dir.display().to_string()),
+            checkpoint: Some(ckpt.dir.display().to_string()),
             parent_version: None,
         },
         created_by: by.to_string(),
