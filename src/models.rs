@@ -166,7 +166,7 @@ async fn command(reg: &Registry, command: Command) -> anyhow::Result<()> {
             let mut new = if is_checkpoint {
                 if checkpoint.is_some() {
                     bail!(
-                        "{} is a checkpoint: it is the version's lineage, --checkpoint is not needed",
+                        "{} is a checkpoint, recorded as the version's own: leave out --checkpoint",
                         path.display()
                     );
                 }
