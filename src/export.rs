@@ -1,15 +1,20 @@
-//! `ps-cluster export`: a run folder's model as safetensors with a model
-//! card ([`ps_model::export`]; the layout is in docs/EXPORT.md).
+//! `ps-cluster export` and `ps-cluster models export`: a run folder's or a
+//! registered version's model as safetensors with a model card
+//! ([`ps_model::export`]; the layout is in docs/EXPORT.md).
 //!
-//! The model comes from `model.msgpack`, the metrics from `summary.json`,
-//! and the run file from `config.toml`, which goes into the card verbatim
-//! and says which data the model was trained on (hence its preprocessing).
+//! From a run folder ([`export_run`]), the model comes from `model.msgpack`,
+//! the metrics from `summary.json`, and the run file from `config.toml`,
+//! which goes into the card verbatim and says which data the model was
+//! trained on (hence its preprocessing). From the registry
+//! ([`export_version`]), the same come from the version: its checked
+//! artifact, its recorded metrics and its lineage.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use ps_model::SavedModel;
 use ps_model::export::{CardExtra, ExportPaths, RunInfo};
+use ps_registry::{ModelVersion, Registry};
 use ps_worker::config::{RunConfig, Workload};
 
 use crate::artifact::{JsonFile, RunSummary};
@@ -27,6 +32,8 @@ pub enum Error {
     Artifact(#[from] crate::artifact::Error),
     #[error("{path}: {source}")]
     Config { path: String, source: ps_worker::Error },
+    #[error(transparent)]
+    Registry(#[from] ps_registry::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -50,6 +57,34 @@ pub fn export_run(run_dir: &Path, out: Option<&Path>) -> Result<ExportPaths> {
     };
     let out = out.map_or_else(|| run_dir.join("export"), PathBuf::from);
     Ok(ps_model::export::export(&model, extra, &out)?)
+}
+
+/// Exports registered version `v` into `out`. The model is read through
+/// [`Registry::load`], which re-hashes the artifact, so a missing or altered
+/// one is an error and nothing is written. The card gets the version's
+/// recorded metrics, and its run folder and run file from the lineage.
+pub fn export_version(reg: &Registry, v: &ModelVersion, out: &Path) -> Result<ExportPaths> {
+    let model = reg.load(v)?;
+    let lineage = &v.lineage;
+    // A run file this build no longer parses only costs the data's
+    // preprocessing lines; the card still holds the file verbatim.
+    let config = lineage.run_config.as_deref().and_then(|text| match RunConfig::from_toml(text) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(model = %v.model, version = v.version, "run config not read: {e}");
+            None
+        }
+    });
+    let run = (lineage.source_run.is_some() || lineage.run_config.is_some()).then(|| RunInfo {
+        run_dir: lineage.source_run.clone().unwrap_or_default(),
+        config_toml: lineage.run_config.clone().unwrap_or_default(),
+    });
+    let extra = CardExtra {
+        preprocessing: config.map(|c| data_preprocessing(&c.job.workload)).unwrap_or_default(),
+        metrics: v.metrics.clone(),
+        run,
+    };
+    Ok(ps_model::export::export(&model, extra, out)?)
 }
 
 /// How the workload's loader turns its files into the model's input.

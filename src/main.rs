@@ -11,6 +11,8 @@
 //! ps-cluster checkpoint --servers A,B --dir ckpts      # checkpoint running shards now
 //! ps-cluster export runs/<run>    # the run's model as safetensors + card.json
 //! ps-cluster models list          # the model registry: list, show, promote, rollback, diff
+//! ps-cluster models export mnist_mlp:2 --format safetensors   # a registered version
+//! ps-cluster models register runs/<run>/checkpoints/ckpt-N    # the model a checkpoint holds
 //! ps-cluster server ...           # one shard (same flags as ps-server)
 //! ps-cluster worker ...           # one worker (same flags as ps-worker)
 //! ```
@@ -97,7 +99,7 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// The model registry: list, show, register, promote, rollback, history, diff.
+    /// The model registry: list, show, register, promote, rollback, history, diff, export.
     Models(paramserver::models::Args),
     /// Run one shard (as `ps-server`).
     Server(ps_server::cli::Args),

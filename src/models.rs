@@ -6,16 +6,19 @@
 //! ps-cluster models list [MODEL]
 //! ps-cluster models show VERSION              # metrics, lineage, labels; checks the artifact
 //! ps-cluster models register RUN_DIR [--name N] [--parent V] [--checkpoint ID]
+//! ps-cluster models register RUN_DIR/checkpoints/ckpt-N [--name N] [--parent V]
 //! ps-cluster models promote VERSION --to production
 //! ps-cluster models rollback [MODEL@]production
 //! ps-cluster models history [MODEL] [--label L]
 //! ps-cluster models diff VERSION VERSION     # metrics and run config side by side
+//! ps-cluster models export VERSION [--name N] --format safetensors [--out DIR]
 //! ```
 //!
 //! VERSION is `MODEL:N`, `MODEL@LABEL`, `MODEL` (its latest version), `N` or
 //! `@LABEL`; without a model name, the registry's only model is meant.
-//! `models export VERSION --format safetensors` comes with `ps_model`'s
-//! exporter.
+//!
+//! A checkpoint has no model file: registering one restores its shards in
+//! this process and evaluates the run's job on them ([`from_checkpoint`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -57,16 +60,19 @@ enum Command {
         #[arg(long)]
         config: bool,
     },
-    /// Register the model of a run folder (model.msgpack, summary.json, config.toml).
+    /// Register the model of a run folder (model.msgpack, summary.json,
+    /// config.toml), or of a checkpoint in one (RUN_DIR/checkpoints/ckpt-N:
+    /// its shards are restored in-process and the run's job evaluates them).
     Register {
-        run_dir: PathBuf,
+        /// A run folder, or a checkpoint folder (with manifest.json) inside one.
+        path: PathBuf,
         /// Model name [default: the run file's [registry] name, else the workload kind].
         #[arg(long)]
         name: Option<String>,
         /// The version this model was fine-tuned or compressed from.
         #[arg(long)]
         parent: Option<i64>,
-        /// The checkpoint it came from (path or id).
+        /// The checkpoint a run folder's model came from (path or id).
         #[arg(long)]
         checkpoint: Option<String>,
         /// Who registers [default: $USER].
@@ -106,6 +112,27 @@ enum Command {
         a: String,
         b: String,
     },
+    /// Write a version's model in another format (docs/EXPORT.md), with a
+    /// model card of its metrics and run; a damaged artifact is refused.
+    Export {
+        /// MODEL:N, MODEL@LABEL, MODEL (its latest version), N or @LABEL.
+        version: String,
+        /// The model, when VERSION is `N` or `@LABEL`.
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Output folder [default: export/MODEL-N].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// The formats `models export` writes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ExportFormat {
+    /// model.safetensors + card.json (docs/EXPORT.md).
+    Safetensors,
 }
 
 /// The registry's database URL and artifact folder: the explicit ones, else
@@ -133,12 +160,28 @@ async fn command(reg: &Registry, command: Command) -> anyhow::Result<()> {
     match command {
         Command::List { model } => print!("{}", list(reg, model.as_deref()).await?),
         Command::Show { version, config } => return show(reg, &version, config).await,
-        Command::Register { run_dir, name, parent, checkpoint, by } => {
-            let mut new = from_run(&run_dir, name.as_deref(), &by.unwrap_or_else(user))?;
+        Command::Register { path, name, parent, checkpoint, by } => {
+            let by = by.unwrap_or_else(user);
+            let is_checkpoint = path.join(ps_server::checkpoint::MANIFEST).exists();
+            let mut new = if is_checkpoint {
+                if checkpoint.is_some() {
+                    bail!(
+                        "{} is a checkpoint, recorded as the version's own: leave out --checkpoint",
+                        path.display()
+                    );
+                }
+                from_checkpoint(&path, name.as_deref(), &by).await?
+            } else {
+                let mut new = from_run(&path, name.as_deref(), &by)?;
+                new.lineage.checkpoint = checkpoint;
+                new
+            };
             new.lineage.parent_version = parent;
-            new.lineage.checkpoint = checkpoint;
             let v = reg.register(new).await?;
             println!("registered {}:{} (sha256 {})", v.model, v.version, v.artifact.sha256);
+            if is_checkpoint {
+                println!("  evaluated from {}: {}", path.display(), test_metrics(&v));
+            }
         }
         Command::Promote { version, to, by } => {
             let v = resolve(reg, &version).await?;
@@ -165,8 +208,40 @@ async fn command(reg: &Registry, command: Command) -> anyhow::Result<()> {
             let (a, b) = (resolve(reg, &a).await?, resolve(reg, &b).await?);
             print!("{}", diff(&a, &b));
         }
+        Command::Export { version, name, format: ExportFormat::Safetensors, out } => {
+            let v = resolve(reg, &qualify(&version, name.as_deref())?).await?;
+            let out = out.unwrap_or_else(|| Path::new("export").join(format!("{}-{}", v.model, v.version)));
+            let paths = crate::export::export_version(reg, &v, &out)
+                .with_context(|| format!("exporting {}:{}", v.model, v.version))?;
+            println!(
+                "exported {}:{} to {} and {}",
+                v.model,
+                v.version,
+                paths.model.display(),
+                paths.card.display()
+            );
+        }
     }
     Ok(())
+}
+
+/// VERSION with `--name` as its model: `N` becomes `NAME:N`, `@L` becomes
+/// `NAME@L`, and the empty string `NAME`; a VERSION that names another model
+/// is refused.
+fn qualify(spec: &str, name: Option<&str>) -> anyhow::Result<String> {
+    let Some(name) = name else { return Ok(spec.to_string()) };
+    let model = spec.split([':', '@']).next().unwrap_or_default();
+    Ok(if spec.is_empty() {
+        name.to_string()
+    } else if spec.starts_with('@') {
+        format!("{name}{spec}")
+    } else if spec.bytes().all(|b| b.is_ascii_digit()) {
+        format!("{name}:{spec}")
+    } else if model == name {
+        spec.to_string()
+    } else {
+        bail!("`{spec}` is a version of {model}, not of --name {name}")
+    })
 }
 
 /// Registers the model of a finished run, as its run file's `[registry]`
@@ -234,6 +309,60 @@ pub fn from_run(run_dir: &Path, name: Option<&str>, by: &str) -> anyhow::Result<
             data_checksums: data_checksums(&config.job.workload),
             source_run: Some(run_dir.display().to_string()),
             checkpoint: None,
+            parent_version: None,
+        },
+        created_by: by.to_string(),
+    })
+}
+
+/// A version from a checkpoint folder `<run>/checkpoints/ckpt-N`: its shards
+/// are started in this process, restored from it, and the run's job
+/// (`<run>/config.toml`) evaluates and saves the model they hold. Metrics are
+/// that evaluation's; the lineage is the run's, with the checkpoint. A
+/// checkpoint taken of another job (its manifest's fingerprint) is refused.
+pub async fn from_checkpoint(path: &Path, name: Option<&str>, by: &str) -> anyhow::Result<NewVersion> {
+    let ckpt = ps_server::checkpoint::resolve(path)?;
+    let run_dir = ckpt
+        .dir
+        .parent()
+        .and_then(Path::parent)
+        .filter(|run| run.join("config.toml").exists())
+        .with_context(|| format!("{} is not a checkpoint inside a run folder", ckpt.dir.display()))?;
+    let config_path = run_dir.join("config.toml");
+    let config_text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let config =
+        RunConfig::from_toml(&config_text).with_context(|| format!("in {}", config_path.display()))?;
+    if ckpt.manifest.job.as_deref().is_some_and(|job| job != config.fingerprint()) {
+        bail!("{} was taken of another job than {}", ckpt.dir.display(), config_path.display());
+    }
+
+    let server = ps_server::ServerConfig { restore: Some(ckpt.dir.clone()), ..Default::default() };
+    let shards = ps_server::local::LocalShards::start_with(&server, ckpt.manifest.num_shards).await?;
+    let mut job = config.job.clone();
+    // The shards listen already; one whose restore fails closes its port,
+    // which the evaluator need not retry for long (its error is the shard's).
+    job.client.connect_within = std::time::Duration::from_secs(5);
+    let eval = ps_worker::train::evaluate_job(&job, &shards.addrs).await;
+    shards.stop().await.with_context(|| format!("restoring {}", ckpt.dir.display()))?;
+    let eval = eval.with_context(|| format!("evaluating {}", ckpt.dir.display()))?;
+    let kind = workload_kind(&config.job.workload);
+    let model = eval.model.with_context(|| format!("a {kind} job saves no model"))?;
+
+    let mut metrics = BTreeMap::from([
+        (format!("test_{}", eval.score_name), eval.score),
+        ("test_loss".to_string(), eval.loss),
+    ]);
+    metrics.retain(|_, v| v.is_finite());
+    Ok(NewVersion {
+        model: name.or(config.registry.name.as_deref()).unwrap_or(kind).to_string(),
+        artifact: model.to_bytes()?,
+        metrics,
+        lineage: Lineage {
+            run_config: Some(config_text),
+            data_checksums: data_checksums(&config.job.workload),
+            source_run: Some(run_dir.display().to_string()),
+            checkpoint: Some(ckpt.dir.display().to_string()),
             parent_version: None,
         },
         created_by: by.to_string(),

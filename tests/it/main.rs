@@ -5,6 +5,7 @@
 mod checkpoint;
 mod cluster;
 mod export;
+mod models;
 mod properties;
 mod service;
 mod train;
