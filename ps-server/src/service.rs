@@ -301,4 +301,26 @@ impl ParameterServer for Service {
         self.0.gate.open();
         Ok(Response::new(pb::ReleaseResponse {}))
     }
+
+    #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), table = %req.get_ref().table))]
+    async fn scan_sparse(
+        &self,
+        req: Request<pb::ScanSparseRequest>,
+    ) -> Result<Response<pb::ScanSparseResponse>, Status> {
+        let req = req.into_inner();
+        let after = (!req.from_start).then_some(req.start_after);
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        let (dim, done) = (self.0.store)
+            .scan_sparse(&req.table, after, req.limit as usize, |k, row| {
+                keys.push(k);
+                codec::append_f32(&mut values, row);
+            })
+            .map_err(|e| self.0.refuse(e))?;
+        Ok(Response::new(pb::ScanSparseResponse {
+            keys: codec::encode_u64(&keys),
+            values: values.into(),
+            dim: dim as u32,
+            done,
+        }))
+    }
 }

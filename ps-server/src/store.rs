@@ -454,6 +454,36 @@ impl Store {
         (self.tables.len() as u64, chunks, rows)
     }
 
+    /// Reads the rows of sparse table `name` with keys above `after` (all
+    /// rows when `None`), at most `limit` of them, in key order: `visit` gets
+    /// each key and row. Returns `dim` and whether no row is left above the
+    /// last one visited. A page costs a pass over the table's keys.
+    pub fn scan_sparse(
+        &self,
+        name: &str,
+        after: Option<u64>,
+        limit: usize,
+        mut visit: impl FnMut(u64, &[f32]),
+    ) -> Result<(usize, bool)> {
+        let (table, dim) = self.sparse_table(name)?;
+        let limit = limit.clamp(1, (self.max_pull_values / dim).max(1));
+        let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
+        let mut keys: Vec<u64> =
+            rows.iter().map(|r| *r.key()).filter(|&k| after.is_none_or(|a| k > a)).collect();
+        let done = keys.len() <= limit;
+        if !done {
+            keys.select_nth_unstable(limit);
+            keys.truncate(limit);
+        }
+        keys.sort_unstable();
+        for k in keys {
+            if let Some(b) = rows.get(&k) {
+                visit(k, b.values(dim));
+            }
+        }
+        Ok((dim, done))
+    }
+
     /// A copy of every table this shard holds, with optimizer state and step
     /// counts, and of the last seq applied per worker: what a checkpoint
     /// writes. Consistent only while no push is being applied (the caller
@@ -696,6 +726,35 @@ mod tests {
         assert!(s.pull_dense(&[("d", 0)], |_| {}).is_ok());
         let err = s.pull_dense(&[("d", 0), ("d", 0)], |_| panic!("nothing is read")).unwrap_err();
         assert_eq!(tonic::Status::from(err).code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn a_scan_pages_through_the_rows_in_key_order() {
+        let s = Store::new(0, 1).with_max_pull_values(6);
+        s.register(TableSpec::sparse("e", 2, Init::zeros(), Rule::sgd(1.0).into()), 1).unwrap();
+        let keys = [40u64, 3, 17, 99, 5, 61, 8];
+        for part in keys.chunks(3) {
+            pull_rows(&s, "e", part, false).unwrap();
+        }
+        let (mut seen, mut after, mut pages) = (Vec::new(), None, 0);
+        loop {
+            // Asks for 10 rows; the pull limit (6 values) allows 3.
+            let (dim, done) = s
+                .scan_sparse("e", after, 10, |k, row| {
+                    assert_eq!(row.len(), 2);
+                    seen.push(k);
+                })
+                .unwrap();
+            assert_eq!(dim, 2);
+            pages += 1;
+            after = seen.last().copied();
+            if done {
+                break;
+            }
+        }
+        assert_eq!(seen, [3, 5, 8, 17, 40, 61, 99]);
+        assert_eq!(pages, 3);
+        assert!(matches!(s.scan_sparse("nope", None, 1, |_, _| {}), Err(Error::UnknownTable(_))));
     }
 
     #[test]

@@ -491,6 +491,48 @@ impl ShardedClient {
         pb::PushMeta { worker: self.worker, seq, clock, tick, read_clock }
     }
 
+    /// Every row of sparse table `table` that exists, on every shard, as
+    /// (keys, rows of `dim` floats): for saving a model whose keys no worker
+    /// lists (CTR embeddings). Reads page by page, outside the clock
+    /// discipline; a shard that answers out of order is a protocol error.
+    pub async fn scan_sparse(&self, table: &str, dim: usize) -> Result<(Vec<u64>, Vec<f32>)> {
+        let per_page = (self.opts.transport.max_message_bytes() / (8 + 4 * dim.max(1)) / 2).max(1);
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for (i, shard) in self.shards.iter().enumerate() {
+            let mut after = None;
+            loop {
+                let msg = pb::ScanSparseRequest {
+                    table: table.to_string(),
+                    start_after: after.unwrap_or(0),
+                    from_start: after.is_none(),
+                    limit: per_page.min(u32::MAX as usize) as u32,
+                };
+                let req = self.request(msg, self.opts.read_timeout);
+                let r = shard.clone().scan_sparse(req).await.map_err(|s| self.status(i, s))?.into_inner();
+                let page = codec::decode_u64("scanned keys", &r.keys)?;
+                let rows = codec::decode_f32("scanned rows", &r.values)?;
+                let ordered = page.windows(2).all(|w| w[0] < w[1])
+                    && page.first().is_none_or(|&k| after.is_none_or(|a| k > a));
+                if r.dim as usize != dim
+                    || rows.len() != page.len() * dim
+                    || !ordered
+                    || (page.is_empty() && !r.done)
+                {
+                    return Err(Error::Protocol(format!(
+                        "shard {i} answered a scan of `{table}` inconsistently"
+                    )));
+                }
+                after = page.last().copied().or(after);
+                keys.extend_from_slice(&page);
+                values.extend_from_slice(&rows);
+                if r.done {
+                    break;
+                }
+            }
+        }
+        Ok((keys, values))
+    }
+
     /// Pulls the rows of `keys` (duplicates allowed) into `out`
     /// (`keys.len() * dim` floats, in key order), creating missing rows on
     /// their shards. Each distinct key is sent once, to its shard.

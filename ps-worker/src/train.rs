@@ -303,9 +303,26 @@ mod tests {
         let events = train(&j, &shards.addrs, 2).await;
         let (first, last) = first_and_last_loss(&events);
         let evaluation = evaluate_job(&j, &shards.addrs).await.unwrap();
-        eprintln!("training loss {first} -> {last}; evaluation {evaluation:?}");
+        eprintln!("training loss {first} -> {last}; test AUC {}", evaluation.score);
         assert!(last < first - 0.02, "training loss {first} -> {last}");
         assert!(evaluation.score > 0.65, "test AUC {}, log loss {}", evaluation.score, evaluation.loss);
+
+        // The saved model holds every embedding row the shards hold, with
+        // their values, and reads back from its bytes.
+        let model = evaluation.model.expect("CTR saves its model");
+        let model = SavedModel::from_bytes(&model.to_bytes().unwrap()).unwrap();
+        let emb = model.sparse(crate::workload::ctr::EMBEDDINGS).expect("embeddings");
+        let client = session::evaluator(&j, &shards.addrs).await.unwrap();
+        let rows: u64 = client.stats().await.unwrap().iter().map(|s| s.sparse_rows).sum();
+        assert_eq!(emb.keys.len() as u64, rows, "every row that exists, once");
+        let sample: Vec<u64> = emb.keys.iter().step_by(97).copied().collect();
+        let mut live = vec![0.0f32; sample.len() * emb.dim];
+        client.lookup_sparse(&emb.name, emb.dim, &sample, 0, &mut live).await.unwrap();
+        let saved: Vec<f32> = (emb.keys.iter().zip(emb.values.chunks(emb.dim)))
+            .step_by(97)
+            .flat_map(|(_, row)| row.iter().copied())
+            .collect();
+        assert_eq!(saved, live, "the saved rows are the shards' rows");
         shards.stop().await.expect("stop shards");
     }
 }

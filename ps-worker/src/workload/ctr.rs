@@ -30,9 +30,9 @@
 use std::ops::Range;
 
 use ps_common::partition::splitmix64;
-use ps_common::spec::{Init, InitKind, TableSpec};
+use ps_common::spec::{Init, InitKind, Layout, TableSpec};
 use ps_model::loss::{auc, bce_with_logits, sigmoid};
-use ps_model::{SavedModel, Tower, TowerWorkspace, ctr};
+use ps_model::{DenseTensor, ModelKind, SavedModel, SparseTable, Tower, TowerWorkspace, ctr};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
@@ -262,11 +262,32 @@ impl Workload for Ctr {
         Ok(Score { loss: loss / s.test_rows.max(1) as f64, score: auc(&scores, &all_labels) })
     }
 
-    /// Not yet: the embedding rows that exist (over 10^7 in the reference
-    /// run) can only be enumerated by a table scan on the shards, which comes
-    /// with checkpoints.
-    async fn save(&mut self, _client: &ShardedClient) -> Result<Option<SavedModel>> {
-        Ok(None)
+    /// The tower's tensors, and the embedding rows that exist (found by a
+    /// table scan on every shard: no worker knows every key).
+    async fn save(&mut self, client: &ShardedClient) -> Result<Option<SavedModel>> {
+        let mut params = vec![0.0f32; self.set.len()];
+        client.pull_dense(&self.set, 0, &mut params).await?;
+        let mut at = 0;
+        let mut dense = Vec::with_capacity(self.dense.len());
+        for (name, len) in self.set.tensors() {
+            let shape = match self.dense.iter().find(|t| &t.name == name).map(|t| &t.layout) {
+                Some(Layout::Dense { shape, .. }) => shape.iter().map(|&d| d as usize).collect(),
+                _ => return Err(Error::Protocol(format!("no dense spec for `{name}`"))),
+            };
+            dense.push(DenseTensor { name: name.clone(), shape, values: params[at..at + len].to_vec() });
+            at += len;
+        }
+        let (keys, values) = client.scan_sparse(EMBEDDINGS, self.emb_dim).await?;
+        let model = ModelKind::Ctr {
+            slots: self.config.slots,
+            key_space: self.config.key_space,
+            emb_dim: self.emb_dim,
+            hidden: self.config.hidden.clone(),
+            embeddings: EMBEDDINGS.into(),
+            tower_prefix: TOWER_PREFIX.into(),
+        };
+        let emb = SparseTable { name: EMBEDDINGS.into(), dim: self.emb_dim, keys, values };
+        Ok(Some(SavedModel::new(model, dense, vec![emb])))
     }
 }
 
