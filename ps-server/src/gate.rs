@@ -57,9 +57,11 @@ impl Gate {
 
     /// Waits until a push of `worker`'s iteration `clock` may be applied.
     pub async fn enter(&self, worker: u64, clock: u64) -> Permit<'_> {
-        let mut changed = self.changed.subscribe();
         loop {
-            let deadline = {
+            // Subscribed under the lock only when held (not on the open-gate
+            // path every push takes): `open` bumps after it releases the
+            // lock, so the change cannot be missed.
+            let (deadline, mut changed) = {
                 let mut hold = self.lock();
                 let passes = match &*hold {
                     None => true,
@@ -78,7 +80,7 @@ impl Gate {
                     self.in_flight.fetch_add(1, Ordering::AcqRel);
                     return Permit(self);
                 }
-                hold.as_ref().map(|h| h.until)
+                (hold.as_ref().map(|h| h.until), self.changed.subscribe())
             };
             let deadline = deadline.unwrap_or_else(Instant::now);
             tokio::select! {

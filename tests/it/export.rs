@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use ps_model::SavedModel;
 use ps_model::export::{ModelCard, import};
-use ps_model::{DenseTensor, ModelKind, SavedModel};
+
+use crate::util::small_mlp;
 
 fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ps-it-{tag}-{}", std::process::id()));
@@ -16,20 +18,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 
 /// A run folder as `ps-cluster train` leaves it, with a small MLP.
 fn run_folder(dir: &std::path::Path) -> SavedModel {
-    let tensor = |name: &str, shape: Vec<usize>| {
-        let values = (0..shape.iter().product::<usize>()).map(|i| i as f32 * 0.01 - 0.1).collect();
-        DenseTensor { name: name.into(), shape, values }
-    };
-    let model = SavedModel::new(
-        ModelKind::Mlp { layers: vec![784, 8, 10] },
-        vec![
-            tensor("fc1.weight", vec![784, 8]),
-            tensor("fc1.bias", vec![8]),
-            tensor("fc2.weight", vec![8, 10]),
-            tensor("fc2.bias", vec![10]),
-        ],
-        Vec::new(),
-    );
+    let model = small_mlp();
     model.write(&dir.join("model.msgpack")).expect("write model");
     std::fs::write(dir.join("config.toml"), include_str!("../../examples/config/mnist.toml")).unwrap();
     let summary = serde_json::json!({

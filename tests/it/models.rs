@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use ps_model::ModelKind;
 use ps_model::export::{ModelCard, import};
-use ps_model::{DenseTensor, ModelKind, SavedModel};
 use ps_registry::{Lineage, NewVersion, Registry};
 use ps_server::ServerConfig;
 use ps_server::checkpoint::coordinator;
@@ -16,6 +16,8 @@ use ps_server::local::LocalShards;
 use ps_worker::config::RunConfig;
 use ps_worker::event::Event;
 use ps_worker::session::WorkerId;
+
+use crate::util::small_mlp;
 
 fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ps-it-{tag}-{}", std::process::id()));
@@ -48,23 +50,6 @@ fn text(out: &Output) -> String {
 async fn open(root: &Path) -> Registry {
     let url = format!("sqlite://{}", root.join("registry.db").display());
     Registry::open(&url, root).await.expect("open the registry")
-}
-
-fn small_mlp() -> SavedModel {
-    let tensor = |name: &str, shape: Vec<usize>| {
-        let values = (0..shape.iter().product::<usize>()).map(|i| i as f32 * 0.01 - 0.1).collect();
-        DenseTensor { name: name.into(), shape, values }
-    };
-    SavedModel::new(
-        ModelKind::Mlp { layers: vec![784, 8, 10] },
-        vec![
-            tensor("fc1.weight", vec![784, 8]),
-            tensor("fc1.bias", vec![8]),
-            tensor("fc2.weight", vec![8, 10]),
-            tensor("fc2.bias", vec![10]),
-        ],
-        Vec::new(),
-    )
 }
 
 #[tokio::test]

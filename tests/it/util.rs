@@ -47,3 +47,22 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A small 784-8-10 MLP with fixed values, as a trained model would be saved.
+pub fn small_mlp() -> ps_model::SavedModel {
+    use ps_model::{DenseTensor, ModelKind, SavedModel};
+    let tensor = |name: &str, shape: Vec<usize>| {
+        let values = (0..shape.iter().product::<usize>()).map(|i| i as f32 * 0.01 - 0.1).collect();
+        DenseTensor { name: name.into(), shape, values }
+    };
+    SavedModel::new(
+        ModelKind::Mlp { layers: vec![784, 8, 10] },
+        vec![
+            tensor("fc1.weight", vec![784, 8]),
+            tensor("fc1.bias", vec![8]),
+            tensor("fc2.weight", vec![8, 10]),
+            tensor("fc2.bias", vec![10]),
+        ],
+        Vec::new(),
+    )
+}

@@ -140,6 +140,28 @@ fn a_shard_comes_back_exactly_as_it_was_checkpointed() {
     }
 }
 
+/// Replaces shard 0's file with `trained_shard(0)` as edited by `edit`,
+/// re-signed in the manifest, so only the content checks can catch it.
+fn forge(d: &Path, m: &Manifest, edit: impl Fn(&mut ShardFile)) {
+    let (store, clocks) = trained_shard(0);
+    let mut f = file_of(&m.name, 0, &store, &clocks);
+    edit(&mut f);
+    let tmp = d.join("forged");
+    let e = write_shard(&tmp, &f).unwrap();
+    let bytes = std::fs::read(tmp.join(e.file)).unwrap();
+    std::fs::remove_dir_all(tmp).unwrap();
+    resign(d, m, bytes);
+}
+
+/// Writes `bytes` as shard 0's file and re-signs it in the manifest.
+fn resign(dir: &Path, m: &Manifest, bytes: Vec<u8>) {
+    std::fs::write(dir.join(shard_file_name(0, 2)), &bytes).unwrap();
+    let mut m = m.clone();
+    m.shards[0].bytes = bytes.len() as u64;
+    m.shards[0].sha256 = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    m.write(dir).unwrap();
+}
+
 /// Damage done to a checkpoint folder, given its manifest.
 type Damage = Box<dyn Fn(&Path, &Manifest)>;
 
@@ -148,14 +170,6 @@ type Damage = Box<dyn Fn(&Path, &Manifest)>;
 #[test]
 fn bad_checkpoints_are_refused_whole_and_the_previous_one_stays_good() {
     let file0 = |dir: &Path| dir.join(shard_file_name(0, 2));
-    // Re-signs a shard file after editing it, so only the content check can catch it.
-    let resign = |dir: &Path, m: &Manifest, bytes: Vec<u8>| {
-        std::fs::write(dir.join(shard_file_name(0, 2)), &bytes).unwrap();
-        let mut m = m.clone();
-        m.shards[0].bytes = bytes.len() as u64;
-        m.shards[0].sha256 = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
-        m.write(dir).unwrap();
-    };
     let cases: Vec<(&str, Damage, &str)> = vec![
         (
             "truncated",
@@ -219,44 +233,29 @@ fn bad_checkpoints_are_refused_whole_and_the_previous_one_stays_good() {
         ),
         (
             "a lying block length",
-            Box::new(move |d, m| {
-                let (store, clocks) = trained_shard(0);
-                let mut f = file_of(&m.name, 0, &store, &clocks);
-                f.store.tables[0].data.pop();
-                let tmp = d.join("lie");
-                let e = write_shard(&tmp, &f).unwrap();
-                let b = std::fs::read(tmp.join(e.file)).unwrap();
-                std::fs::remove_dir_all(tmp).unwrap();
-                resign(d, m, b)
+            Box::new(|d, m| {
+                forge(d, m, |f| {
+                    f.store.tables[0].data.pop();
+                })
             }),
             "fewer values",
         ),
         (
             "a row of another shard",
-            Box::new(move |d, m| {
-                let (store, clocks) = trained_shard(0);
-                let mut f = file_of(&m.name, 0, &store, &clocks);
-                let t = f.store.tables.iter_mut().find(|t| t.spec.name == "e").unwrap();
-                t.keys[0] = (0..).find(|&k| partition::key_shard(k, 2) == 1).unwrap();
-                let tmp = d.join("other");
-                let e = write_shard(&tmp, &f).unwrap();
-                let b = std::fs::read(tmp.join(e.file)).unwrap();
-                std::fs::remove_dir_all(tmp).unwrap();
-                resign(d, m, b)
+            Box::new(|d, m| {
+                forge(d, m, |f| {
+                    let t = f.store.tables.iter_mut().find(|t| t.spec.name == "e").unwrap();
+                    t.keys[0] = (0..).find(|&k| partition::key_shard(k, 2) == 1).unwrap();
+                })
             }),
             "belongs to shard 1",
         ),
         (
             "a non-finite value",
-            Box::new(move |d, m| {
-                let (store, clocks) = trained_shard(0);
-                let mut f = file_of(&m.name, 0, &store, &clocks);
-                f.store.tables[0].data[3] = f32::NAN;
-                let tmp = d.join("nan");
-                let e = write_shard(&tmp, &f).unwrap();
-                let b = std::fs::read(tmp.join(e.file)).unwrap();
-                std::fs::remove_dir_all(tmp).unwrap();
-                resign(d, m, b)
+            Box::new(|d, m| {
+                forge(d, m, |f| {
+                    f.store.tables[0].data[3] = f32::NAN;
+                })
             }),
             "non-finite",
         ),
