@@ -10,8 +10,10 @@
 //!   tensors, `<table>.keys` (`U64`, `[n]`) and `<table>.values` (`F32`,
 //!   `[n, dim]`): only the `n` rows that exist, row `i` belonging to key
 //!   `keys[i]`. The header's `__metadata__` holds `format`,
-//!   `format_version` and `architecture` (the JSON of [`ModelKind`]), so the
-//!   file alone can be [`import`]ed.
+//!   `format_version` and `architecture` (the JSON of [`ModelKind`]), and
+//!   `sparse_init` (JSON: each sparse table's initializer, what a key without
+//!   a row reads as) when the model records them, so the file alone can be
+//!   [`import`]ed.
 //! - `card.json`: a [`ModelCard`]: the architecture, the input and output,
 //!   the forward pass, the preprocessing, every tensor with its layout, the
 //!   metrics and the run that made the model.
@@ -26,6 +28,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use ps_common::spec::Init;
 use safetensors::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +45,9 @@ pub const MODEL_FILE: &str = "model.safetensors";
 pub const CARD_FILE: &str = "card.json";
 /// Largest `card.json` [`ModelCard::read`] accepts (16 MiB).
 const MAX_CARD_BYTES: u64 = 16 << 20;
+/// Metadata key of the sparse tables' initializers (JSON, table -> init),
+/// present when any table records one.
+const SPARSE_INIT: &str = "sparse_init";
 
 /// What a person or a program needs to use an exported model (`card.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -307,11 +313,17 @@ pub fn to_safetensors(model: &SavedModel) -> Result<Vec<u8>> {
         });
     }
     let architecture = serde_json::to_string(&model.model).map_err(|e| Error::Encode(e.to_string()))?;
-    let metadata = HashMap::from([
+    let mut metadata = HashMap::from([
         ("format".to_string(), FORMAT.to_string()),
         ("format_version".to_string(), FORMAT_VERSION.to_string()),
         ("architecture".to_string(), architecture),
     ]);
+    let inits: BTreeMap<&str, &Init> =
+        model.sparse.iter().filter_map(|t| t.init.as_ref().map(|i| (t.name.as_str(), i))).collect();
+    if !inits.is_empty() {
+        let json = serde_json::to_string(&inits).map_err(|e| Error::Encode(e.to_string()))?;
+        metadata.insert(SPARSE_INIT.to_string(), json);
+    }
     safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
         .map_err(|e| Error::Encode(e.to_string()))
 }
@@ -390,13 +402,18 @@ pub fn from_safetensors(bytes: &[u8]) -> Result<SavedModel> {
             Ok(DenseTensor { name, shape, values })
         })
         .collect::<Result<Vec<_>>>()?;
+    let mut inits: BTreeMap<String, Init> = match meta.get(SPARSE_INIT) {
+        Some(json) => serde_json::from_str(json).map_err(|e| Error::Decode(format!("{SPARSE_INIT}: {e}")))?,
+        None => BTreeMap::new(),
+    };
     let mut sparse = Vec::new();
     for (name, dim) in kind.sparse_tables() {
         let keys_view = file.tensor(&keys_name(name)).map_err(|_| missing(&keys_name(name)))?;
         let n = keys_view.shape().first().copied().unwrap_or(0);
         let keys = u64s(tensor(&file, &keys_name(name), Dtype::U64, &[n])?);
         let values = f32s(tensor(&file, &values_name(name), Dtype::F32, &[n, dim])?);
-        sparse.push(SparseTable { name: name.into(), dim, keys, values });
+        let init = inits.remove(name);
+        sparse.push(SparseTable { name: name.into(), dim, keys, values, init });
     }
     let expected = dense.len() + 2 * sparse.len();
     if file.len() != expected {
@@ -502,7 +519,13 @@ mod tests {
     }
 
     fn table(name: &str, dim: usize, keys: Vec<u64>) -> SparseTable {
-        SparseTable { name: name.into(), dim, values: values(keys.len() * dim, name.len() as f32), keys }
+        SparseTable {
+            name: name.into(),
+            dim,
+            values: values(keys.len() * dim, name.len() as f32),
+            keys,
+            init: None,
+        }
     }
 
     fn mlp() -> SavedModel {

@@ -152,7 +152,8 @@ impl Mlp {
             grads.fill(0.0);
             return (0.0, 0);
         }
-        self.forward(params, x, y, ws);
+        self.check_labels(x, y);
+        self.forward(params, x, ws);
 
         // Softmax cross-entropy; the logits become dL/dlogits in place.
         let classes = self.num_classes();
@@ -221,7 +222,9 @@ impl Mlp {
         for start in (0..rows).step_by(EVAL_BATCH) {
             let end = (start + EVAL_BATCH).min(rows);
             let yb = &y[start..end];
-            self.forward(params, x.slice(ndarray::s![start..end, ..]), yb, &mut ws);
+            let xb = x.slice(ndarray::s![start..end, ..]);
+            self.check_labels(xb, yb);
+            self.forward(params, xb, &mut ws);
             for (row, &label) in ws.acts[last][..(end - start) * classes].chunks_exact_mut(classes).zip(yb) {
                 let (row_loss, hit) = softmax_xent(row, label as usize, None);
                 loss += row_loss;
@@ -231,14 +234,43 @@ impl Mlp {
         ((loss / rows as f64) as f32, correct as f32 / rows as f32)
     }
 
-    /// Runs the batch through the network: `ws.acts[l]` gets layer `l`'s output (ReLU
-    /// applied for hidden layers, raw logits for the last).
-    fn forward(&self, params: &[f32], x: ArrayView2<'_, f32>, y: &[u32], ws: &mut Workspace) {
-        assert_eq!(params.len(), self.num_params(), "parameter length");
-        assert_eq!(x.ncols(), self.sizes()[0], "input width");
+    /// Class probabilities (softmax of the logits) of the rows of `x`: `out`
+    /// gets `x.nrows() * num_classes` values, row by row. The serving path.
+    ///
+    /// Panics if `params` or `x` disagree with the network in length or width.
+    pub fn predict(&self, params: &[f32], x: ArrayView2<'_, f32>, ws: &mut Workspace, out: &mut Vec<f32>) {
+        out.clear();
+        let rows = x.nrows();
+        if rows == 0 {
+            return;
+        }
+        self.forward(params, x, ws);
+        let classes = self.num_classes();
+        let logits = &ws.acts[self.layers.len() - 1][..rows * classes];
+        out.extend_from_slice(logits);
+        for row in out.chunks_exact_mut(classes) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0.0f32;
+            for v in row.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            row.iter_mut().for_each(|v| *v /= sum);
+        }
+    }
+
+    /// Panics unless `y` has one label per row of `x`, each a class.
+    fn check_labels(&self, x: ArrayView2<'_, f32>, y: &[u32]) {
         assert_eq!(y.len(), x.nrows(), "one label per row");
         let classes = self.num_classes();
         assert!(y.iter().all(|&c| (c as usize) < classes), "label outside 0..{classes}");
+    }
+
+    /// Runs the batch through the network: `ws.acts[l]` gets layer `l`'s output (ReLU
+    /// applied for hidden layers, raw logits for the last).
+    fn forward(&self, params: &[f32], x: ArrayView2<'_, f32>, ws: &mut Workspace) {
+        assert_eq!(params.len(), self.num_params(), "parameter length");
+        assert_eq!(x.ncols(), self.sizes()[0], "input width");
         assert_eq!(ws.sizes, self.sizes(), "workspace made for another network");
         let rows = x.nrows();
         ws.reserve(rows);

@@ -9,6 +9,7 @@
 
 use std::path::Path;
 
+use ps_common::spec::Init;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -113,6 +114,21 @@ pub struct SparseTable {
     pub dim: usize,
     pub keys: Vec<u64>,
     pub values: Vec<f32>,
+    /// The table's initializer: a key that has no row reads as its initial
+    /// values, as on the shards (`None`: zeros; models saved before it was
+    /// recorded).
+    #[serde(default)]
+    pub init: Option<Init>,
+}
+
+impl SparseTable {
+    /// Writes the initial values of `key` (a key without a row) into `out`.
+    pub fn initial(&self, key: u64, out: &mut [f32]) {
+        match &self.init {
+            Some(init) => init.fill(&self.name, key, out),
+            None => out.fill(0.0),
+        }
+    }
 }
 
 /// A trained model as written to a run folder.
@@ -276,6 +292,7 @@ mod tests {
                 dim: 2,
                 keys: vec![7, 9],
                 values: vec![1.0, 2.0, 3.0, 4.0],
+                init: Some(Init::zeros()),
             }],
         )
     }

@@ -286,7 +286,13 @@ impl Workload for Ctr {
             embeddings: EMBEDDINGS.into(),
             tower_prefix: TOWER_PREFIX.into(),
         };
-        let emb = SparseTable { name: EMBEDDINGS.into(), dim: self.emb_dim, keys, values };
+        let emb = SparseTable {
+            name: EMBEDDINGS.into(),
+            dim: self.emb_dim,
+            keys,
+            values,
+            init: Some(self.emb.init),
+        };
         Ok(Some(SavedModel::new(model, dense, vec![emb])))
     }
 }

@@ -123,7 +123,7 @@ impl Workload for Logreg {
     async fn save(&mut self, client: &ShardedClient) -> Result<Option<SavedModel>> {
         let (keys, values) = self.weights(client, 0).await?;
         let model = ModelKind::Logreg { num_features: self.num_features, table: TABLE.into() };
-        let table = SparseTable { name: TABLE.into(), dim: 1, keys, values };
+        let table = SparseTable { name: TABLE.into(), dim: 1, keys, values, init: Some(self.table.init) };
         Ok(Some(SavedModel::new(model, Vec::new(), vec![table])))
     }
 }

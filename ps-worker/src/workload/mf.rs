@@ -194,10 +194,12 @@ impl Workload for Mf {
     /// The rows of every user and item of the training file.
     async fn save(&mut self, client: &ShardedClient) -> Result<Option<SavedModel>> {
         let k = self.k;
+        let tables = &self.tables;
         let read = |name: &'static str, dim: usize, keys: Vec<u64>| async move {
             let mut values = vec![0.0f32; keys.len() * dim];
             client.lookup_sparse(name, dim, &keys, 0, &mut values).await?;
-            Ok::<_, Error>(SparseTable { name: name.into(), dim, keys, values })
+            let init = tables.iter().find(|t| t.name == name).map(|t| t.init);
+            Ok::<_, Error>(SparseTable { name: name.into(), dim, keys, values, init })
         };
         let (users, items, user_bias, item_bias) = tokio::try_join!(
             read(USERS, k, self.users.clone()),
