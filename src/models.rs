@@ -25,7 +25,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
-use ps_registry::{Lineage, ModelVersion, NewVersion, Registry};
+use ps_registry::{Lineage, ModelVersion, NewVersion, Registry, location};
 use ps_worker::config::{RegistryConfig, RunConfig, Workload};
 
 use crate::artifact::{JsonFile as _, RunSummary};
@@ -133,19 +133,6 @@ enum Command {
 enum ExportFormat {
     /// model.safetensors + card.json (docs/EXPORT.md).
     Safetensors,
-}
-
-/// The registry's database URL and artifact folder: the explicit ones, else
-/// `$PS_REGISTRY` / `$PS_REGISTRY_ROOT`, else `sqlite://registry/registry.db`
-/// and `registry`.
-pub fn location(url: Option<String>, root: Option<PathBuf>) -> (String, PathBuf) {
-    let root = root
-        .or_else(|| std::env::var_os("PS_REGISTRY_ROOT").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from("registry"));
-    let url = url
-        .or_else(|| std::env::var("PS_REGISTRY").ok())
-        .unwrap_or_else(|| format!("sqlite://{}", root.join("registry.db").display()));
-    (url, root)
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {

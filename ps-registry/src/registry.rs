@@ -631,6 +631,19 @@ fn sqlite_url(url: &str) -> Result<String> {
 
 /// Model names: 1 to 128 ASCII letters, digits, `.`, `_`, `-`, starting with
 /// a letter or digit (so `name:3` and `name@label` parse).
+/// The registry's database URL and artifact folder: the explicit ones, else
+/// `$PS_REGISTRY` / `$PS_REGISTRY_ROOT`, else `sqlite://registry/registry.db`
+/// and `registry`.
+pub fn location(url: Option<String>, root: Option<PathBuf>) -> (String, PathBuf) {
+    let root = root
+        .or_else(|| std::env::var_os("PS_REGISTRY_ROOT").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("registry"));
+    let url = url
+        .or_else(|| std::env::var("PS_REGISTRY").ok())
+        .unwrap_or_else(|| format!("sqlite://{}", root.join("registry.db").display()));
+    (url, root)
+}
+
 pub fn check_model_name(name: &str) -> Result<()> {
     let bad = |reason| Err(Error::Name { what: "model name", value: name.into(), reason });
     if name.is_empty() || name.len() > 128 {

@@ -302,6 +302,15 @@ impl ParameterServer for Service {
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 
+    async fn list_tables(
+        &self,
+        _req: Request<pb::ListTablesRequest>,
+    ) -> Result<Response<pb::ListTablesResponse>, Status> {
+        let s = &self.0.store;
+        let tables = s.specs().iter().map(pb::TableSpec::from).collect();
+        Ok(Response::new(pb::ListTablesResponse { tables, num_shards: s.num_shards() }))
+    }
+
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), table = %req.get_ref().table))]
     async fn scan_sparse(
         &self,

@@ -442,6 +442,13 @@ impl Store {
         })
     }
 
+    /// The spec of every table, by name.
+    pub fn specs(&self) -> Vec<TableSpec> {
+        let mut specs: Vec<TableSpec> = self.tables.iter().map(|t| t.spec.clone()).collect();
+        specs.sort_by(|a, b| a.name.cmp(&b.name));
+        specs
+    }
+
     /// (tables, dense chunks held, sparse rows held).
     pub fn sizes(&self) -> (u64, u64, u64) {
         let (mut chunks, mut rows) = (0, 0);

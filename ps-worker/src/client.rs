@@ -651,6 +651,21 @@ impl ShardedClient {
         self.send_pushes(requests, |mut c, req| async move { c.push_sparse(req).await }).await
     }
 
+    /// The specs of every table, as shard 0 lists them (tables are
+    /// registered on every shard).
+    pub async fn list_tables(&self) -> Result<Vec<TableSpec>> {
+        let req = self.request(pb::ListTablesRequest {}, self.opts.request_timeout);
+        let resp = self.shards[0].clone().list_tables(req).await.map_err(|s| self.status(0, s))?.into_inner();
+        if resp.num_shards != self.num_shards() {
+            return Err(Error::Config(format!(
+                "the cluster has {} shards, {} addresses given",
+                resp.num_shards,
+                self.num_shards()
+            )));
+        }
+        resp.tables.into_iter().map(|t| Ok(TableSpec::try_from(t)?)).collect()
+    }
+
     /// Stats of every shard, in shard order.
     pub async fn stats(&self) -> Result<Vec<pb::StatsResponse>> {
         let calls = self.shards.iter().map(|c| {

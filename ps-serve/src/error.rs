@@ -1,0 +1,74 @@
+//! The error type of `ps-serve`, and its one mapping to gRPC codes; HTTP
+//! statuses follow from the gRPC code ([`Error::http_status`]), so both
+//! interfaces refuse the same request the same way.
+
+use tonic::Code;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything the prediction service can refuse or fail at.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no model `{0}` is served here")]
+    UnknownModel(String),
+    #[error("model `{model}` has no version {version}")]
+    UnknownVersion { model: String, version: i64 },
+    /// The request is malformed or does not fit the model.
+    #[error("invalid request: {0}")]
+    BadInput(String),
+    #[error("model `{0}` has no version loaded yet")]
+    NotReady(String),
+    /// The batching queue is full: the caller should retry later.
+    #[error("model `{0}` is overloaded (its queue is full)")]
+    Overloaded(String),
+    #[error("the model's batcher has stopped")]
+    Stopped,
+    #[error(transparent)]
+    Registry(#[from] ps_registry::Error),
+    #[error("model file: {0}")]
+    Model(#[from] ps_model::Error),
+    /// Online mode: the training cluster did not answer as expected.
+    #[error("reading the training cluster: {0}")]
+    Online(#[from] ps_worker::Error),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// The gRPC code of the error: the one place that decides it.
+    pub fn code(&self) -> Code {
+        match self {
+            Error::UnknownModel(_) | Error::UnknownVersion { .. } => Code::NotFound,
+            Error::Registry(ps_registry::Error::NoVersion { .. } | ps_registry::Error::NoModel(_)) => {
+                Code::NotFound
+            }
+            Error::BadInput(_) => Code::InvalidArgument,
+            Error::NotReady(_) | Error::Online(_) | Error::Stopped => Code::Unavailable,
+            Error::Overloaded(_) => Code::ResourceExhausted,
+            Error::Registry(_) | Error::Model(_) | Error::Io { .. } | Error::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// The HTTP status of the error: the usual mapping of its gRPC code.
+    pub fn http_status(&self) -> u16 {
+        match self.code() {
+            Code::InvalidArgument => 400,
+            Code::NotFound => 404,
+            Code::ResourceExhausted => 429,
+            Code::Unavailable => 503,
+            _ => 500,
+        }
+    }
+
+    pub(crate) fn bad(msg: impl Into<String>) -> Error {
+        Error::BadInput(msg.into())
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> tonic::Status {
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}

@@ -1,0 +1,164 @@
+//! `ps-serve`: serve registry versions of models (or a live cluster's
+//! weights) over gRPC and HTTP. See docs/SERVING.md.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use ps_model::{ModelKind, SavedModel};
+use ps_registry::Registry;
+use ps_serve::batch::BatchConfig;
+use ps_serve::online::Online;
+use ps_serve::server::{self, Limits, Models};
+use ps_serve::slot::{ModelSlot, Source};
+
+/// Serve models from the registry (or a training cluster) over gRPC and HTTP.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// A model to serve: NAME (follows label `production`), NAME@LABEL
+    /// (follows that label), NAME@N (version N only) or NAME@latest (the
+    /// newest version). Repeat for several models.
+    #[arg(long = "model", required = true)]
+    models: Vec<String>,
+    /// Registry database [default: sqlite://<registry-root>/registry.db].
+    #[arg(long, env = "PS_REGISTRY")]
+    registry: Option<String>,
+    /// Folder of the registry's artifacts.
+    #[arg(long, env = "PS_REGISTRY_ROOT", default_value = "registry")]
+    registry_root: PathBuf,
+    /// Serve the live weights of the training cluster whose shards are
+    /// these (comma-separated, shard 0 first) instead of the registry; one
+    /// --model gives the name.
+    #[arg(long, value_delimiter = ',')]
+    online: Vec<String>,
+    /// Online mode: the architecture, from a registry version (NAME@N,
+    /// NAME@LABEL) or a model file (model.msgpack); an MLP needs none.
+    #[arg(long)]
+    template: Option<String>,
+    /// How often to look for a new version (registry) or re-read the
+    /// weights (online), in milliseconds.
+    #[arg(long)]
+    refresh_ms: Option<u64>,
+    /// gRPC listener.
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    grpc: SocketAddr,
+    /// HTTP listener.
+    #[arg(long, default_value = "127.0.0.1:8501")]
+    http: SocketAddr,
+    /// Run each request alone instead of batching.
+    #[arg(long)]
+    no_batching: bool,
+    /// Examples per batch.
+    #[arg(long, default_value_t = 64)]
+    max_batch: usize,
+    /// How long a batch waits for more requests, in microseconds (0: only
+    /// what is already queued).
+    #[arg(long, default_value_t = 0)]
+    batch_delay_us: u64,
+    /// Requests that may wait for a batch; more are refused (429 /
+    /// RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = 4096)]
+    queue: usize,
+    /// Most examples in one request.
+    #[arg(long, default_value_t = 1024)]
+    max_request_rows: usize,
+    /// Largest request, in MiB.
+    #[arg(long, default_value_t = 16)]
+    max_request_mib: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    if args.max_batch == 0 || args.max_request_rows == 0 || args.max_request_mib == 0 {
+        bail!("--max-batch, --max-request-rows and --max-request-mib must be positive");
+    }
+    let batching = (!args.no_batching).then_some(BatchConfig {
+        max_batch: args.max_batch,
+        max_delay: Duration::from_micros(args.batch_delay_us),
+        queue: args.queue,
+    });
+    let (url, root) = ps_registry::location(args.registry.clone(), Some(args.registry_root.clone()));
+    let open = || async {
+        Registry::open(&url, &root).await.map(Arc::new).with_context(|| format!("opening the registry {url}"))
+    };
+
+    let mut slots = Vec::new();
+    let refresh;
+    if args.online.is_empty() {
+        refresh = Duration::from_millis(args.refresh_ms.unwrap_or(1000));
+        let registry = open().await?;
+        for spec in &args.models {
+            let (name, source) = Source::parse(spec)?;
+            slots.push(Arc::new(ModelSlot::from_registry(
+                name,
+                source,
+                Arc::clone(&registry),
+                batching,
+                args.max_request_rows,
+            )));
+        }
+    } else {
+        refresh = Duration::from_millis(args.refresh_ms.unwrap_or(5000));
+        let [name] = args.models.as_slice() else {
+            bail!("online mode serves one model: give one --model NAME")
+        };
+        let template = match &args.template {
+            None => None,
+            Some(t) if Path::new(t).exists() => Some(read_template(Path::new(t))?),
+            Some(t) => {
+                let (model, source) = Source::parse(t)?;
+                let registry = open().await?;
+                let version = match source {
+                    Source::Version(v) => v,
+                    Source::Label(l) => registry.label(&model, &l).await?,
+                    Source::Latest | Source::Online => registry.latest(&model).await?.version,
+                };
+                Some(registry.load(&registry.version(&model, version).await?)?.model)
+            }
+        };
+        let online = Online::connect(&args.online, template)
+            .await
+            .with_context(|| format!("reading the cluster {}", args.online.join(",")))?;
+        slots.push(Arc::new(ModelSlot::from_cluster(name.clone(), online, batching, args.max_request_rows)));
+    }
+
+    for slot in &slots {
+        slot.refresh().await.with_context(|| format!("loading model `{}`", slot.name))?;
+        let s = slot.status()?;
+        tracing::info!(model = %slot.name, version = s.version, source = %s.source, kind = s.kind, "loaded");
+        slot.spawn_watch(refresh);
+    }
+    let models = Arc::new(Models::new(slots));
+    let limits = Limits { max_request_bytes: args.max_request_mib << 20 };
+    let running = server::start(models, args.grpc, args.http, limits).await?;
+    println!(
+        "ps-serve: gRPC on {}, HTTP on {} (POST http://{}/v1/models/NAME:predict); batching {}",
+        running.grpc,
+        running.http,
+        running.http,
+        match batching {
+            Some(b) => format!("up to {} examples, {} us", b.max_batch, b.max_delay.as_micros()),
+            None => "off".into(),
+        }
+    );
+    tokio::select! {
+        _ = running.wait() => bail!("a listener stopped"),
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+    }
+    Ok(())
+}
+
+/// The architecture of a model file (`model.msgpack`).
+fn read_template(path: &Path) -> anyhow::Result<ModelKind> {
+    Ok(SavedModel::read(path).with_context(|| format!("reading the template {}", path.display()))?.model)
+}
