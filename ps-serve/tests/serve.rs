@@ -1,0 +1,600 @@
+//! `ps-serve` end to end: a real registry (SQLite in a temporary folder),
+//! real listeners on loopback, and requests over gRPC and HTTP.
+//!
+//! - Version swaps under load fail no request, and every answer's outputs
+//!   are those of the version it names.
+//! - Every bad input is refused over both interfaces with the right code.
+//! - The four model kinds predict what their scoring rules give.
+//! - Online mode serves the weights of live shards and follows updates.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use ps_common::optim::Rule;
+use ps_common::spec::{Consistency, Init, InitKind, TableSpec};
+use ps_model::loss::sigmoid;
+use ps_model::{DenseTensor, ModelKind, SavedModel, SparseTable, Tower};
+use ps_registry::{NewVersion, Registry};
+use ps_serve::batch::BatchConfig;
+use ps_serve::grpc::pb::{self, predict_request::Inputs as PbInputs, prediction_client::PredictionClient};
+use ps_serve::model::{Inputs, Servable};
+use ps_serve::online::Online;
+use ps_serve::server::{self, Limits, Models, Running};
+use ps_serve::slot::{ModelSlot, Source};
+use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
+use serde_json::{Value, json};
+use tonic::Code;
+
+const LAYERS: [usize; 3] = [784, 16, 10];
+const MAX_ROWS: usize = 100;
+
+/// An MLP of [`LAYERS`] with weights drawn from `seed`.
+fn mlp(seed: u64) -> SavedModel {
+    let net = ps_model::Mlp::new(&LAYERS);
+    let params = net.init_params(seed);
+    let kind = ModelKind::Mlp { layers: LAYERS.to_vec() };
+    SavedModel::new(kind.clone(), tensors(&kind, &params), Vec::new())
+}
+
+/// The dense tensors of `kind` cut from the flat `params`.
+fn tensors(kind: &ModelKind, params: &[f32]) -> Vec<DenseTensor> {
+    let mut at = 0;
+    kind.dense_tensors()
+        .unwrap()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            at += n;
+            DenseTensor { name, shape, values: params[at - n..at].to_vec() }
+        })
+        .collect()
+}
+
+async fn registry(dir: &tempfile::TempDir) -> Arc<Registry> {
+    let url = format!("sqlite://{}", dir.path().join("registry.db").display());
+    Arc::new(Registry::open(&url, dir.path()).await.unwrap())
+}
+
+async fn register(reg: &Registry, name: &str, model: &SavedModel) -> i64 {
+    let new = NewVersion {
+        model: name.into(),
+        artifact: model.to_bytes().unwrap(),
+        metrics: BTreeMap::new(),
+        lineage: Default::default(),
+        created_by: "test".into(),
+    };
+    reg.register(new).await.unwrap().version
+}
+
+async fn serve(slots: Vec<Arc<ModelSlot>>) -> Running {
+    for s in &slots {
+        s.refresh().await.unwrap();
+    }
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    server::start(Arc::new(Models::new(slots)), any, any, Limits { max_request_bytes: 1 << 20 })
+        .await
+        .unwrap()
+}
+
+async fn grpc(running: &Running) -> PredictionClient<tonic::transport::Channel> {
+    PredictionClient::connect(format!("http://{}", running.grpc)).await.unwrap()
+}
+
+fn http_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// `POST` (with a body) or `GET` (without); the status and the JSON answer
+/// (`Null` if the body is not JSON).
+async fn http(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> (u16, Value) {
+    let uri = format!("http://{addr}{path}");
+    let req = match body {
+        Some(b) => hyper::Request::post(uri).body(Full::new(Bytes::from(b))),
+        None => hyper::Request::get(uri).body(Full::new(Bytes::new())),
+    };
+    let resp = client.request(req.unwrap()).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+}
+
+fn pixels(rows: usize, seed: u32) -> Vec<f32> {
+    (0..rows * LAYERS[0])
+        .map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 1000.0)
+        .collect()
+}
+
+fn dense(values: Vec<f32>) -> Option<PbInputs> {
+    Some(PbInputs::Dense(pb::DenseInputs { width: LAYERS[0] as u32, values }))
+}
+
+fn close(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn version_swaps_under_load_fail_no_request_and_each_answer_is_its_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry(&dir).await;
+    let (m1, m2) = (mlp(1), mlp(2));
+    let (v1, v2) = (register(&reg, "mnist", &m1).await, register(&reg, "mnist", &m2).await);
+    reg.promote("mnist", v1, "production", "test").await.unwrap();
+    let batching = BatchConfig { max_batch: 32, max_delay: Duration::from_micros(200), queue: 1024 };
+    let slot = Arc::new(ModelSlot::from_registry(
+        "mnist".into(),
+        Source::Label("production".into()),
+        Arc::clone(&reg),
+        Some(batching),
+        MAX_ROWS,
+    ));
+    let running = serve(vec![Arc::clone(&slot)]).await;
+    slot.spawn_watch(Duration::from_millis(10));
+
+    let x = pixels(1, 5);
+    let mut expected = BTreeMap::new();
+    for (v, m) in [(v1, m1), (v2, m2)] {
+        let mut out = Vec::new();
+        Servable::new(m)
+            .unwrap()
+            .predict(&Inputs::Dense { width: LAYERS[0], values: x.clone() }, &mut out)
+            .unwrap();
+        expected.insert(v, out);
+    }
+    assert!(!close(&expected[&v1], &expected[&v2]), "the two versions must be told apart by their outputs");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for c in 0..8 {
+        let (stop, x, expected) = (Arc::clone(&stop), x.clone(), expected.clone());
+        let (mut g, h, addr) = (grpc(&running).await, http_client(), running.http);
+        clients.push(tokio::spawn(async move {
+            let (mut answers, mut wrong) = (BTreeMap::<i64, u64>::new(), Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                // Half the clients on each interface.
+                let (version, outputs) = if c % 2 == 0 {
+                    let req =
+                        pb::PredictRequest { model: "mnist".into(), version: 0, inputs: dense(x.clone()) };
+                    match g.predict(req).await {
+                        Ok(r) => (r.get_ref().version, r.into_inner().outputs),
+                        Err(e) => {
+                            wrong.push(format!("gRPC: {e}"));
+                            continue;
+                        }
+                    }
+                } else {
+                    let body = serde_json::to_vec(&json!({"instances": [x]})).unwrap();
+                    let (status, v) = http(&h, addr, "/v1/models/mnist:predict", Some(body)).await;
+                    if status != 200 {
+                        wrong.push(format!("HTTP {status}: {v}"));
+                        continue;
+                    }
+                    let out: Vec<f32> = v["predictions"][0]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| p.as_f64().unwrap() as f32)
+                        .collect();
+                    (v["model_version"].as_i64().unwrap(), out)
+                };
+                *answers.entry(version).or_default() += 1;
+                if !expected.get(&version).is_some_and(|e| close(e, &outputs)) {
+                    wrong.push(format!("version {version} answered outputs that are not its own"));
+                }
+            }
+            (answers, wrong)
+        }));
+    }
+    for _ in 0..10 {
+        for (op, want) in [("promote", v2), ("rollback", v1)] {
+            if op == "promote" {
+                reg.promote("mnist", v2, "production", "test").await.unwrap();
+            } else {
+                reg.rollback("mnist", "production", "test").await.unwrap();
+            }
+            let t = tokio::time::Instant::now();
+            while slot.current().unwrap().version != want {
+                assert!(t.elapsed() < Duration::from_secs(5), "the slot never swapped to v{want}");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut answers = BTreeMap::<i64, u64>::new();
+    for c in clients {
+        let (a, wrong) = c.await.unwrap();
+        assert!(wrong.is_empty(), "failed or wrong answers: {:?}", &wrong[..wrong.len().min(5)]);
+        for (v, n) in a {
+            *answers.entry(v).or_default() += n;
+        }
+    }
+    assert!(
+        answers.get(&v1).is_some_and(|&n| n > 0) && answers.get(&v2).is_some_and(|&n| n > 0),
+        "{answers:?}"
+    );
+    let history = slot.status().unwrap().history;
+    assert_eq!(history.len(), 21, "one load, then 20 swaps: {history:?}");
+    running.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_are_refused_over_both_interfaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry(&dir).await;
+    let v = register(&reg, "mnist", &mlp(1)).await;
+    let slot = ModelSlot::from_registry(
+        "mnist".into(),
+        Source::Version(v),
+        reg,
+        Some(BatchConfig::default()),
+        MAX_ROWS,
+    );
+    let running = serve(vec![Arc::new(slot)]).await;
+    let mut g = grpc(&running).await;
+
+    let req = |model: &str, version: i64, inputs: Option<PbInputs>| pb::PredictRequest {
+        model: model.into(),
+        version,
+        inputs,
+    };
+    let mut nan = pixels(1, 0);
+    nan[100] = f32::NAN;
+    let grpc_cases: Vec<(&str, pb::PredictRequest, Code, &str)> = vec![
+        ("unknown model", req("nope", 0, dense(pixels(1, 0))), Code::NotFound, "no model `nope`"),
+        ("unknown version", req("mnist", 99, dense(pixels(1, 0))), Code::NotFound, "no version 99"),
+        (
+            "wrong feature count",
+            req("mnist", 0, Some(PbInputs::Dense(pb::DenseInputs { width: 783, values: vec![0.5; 783] }))),
+            Code::InvalidArgument,
+            "takes 784 features",
+        ),
+        (
+            "partial example",
+            req("mnist", 0, Some(PbInputs::Dense(pb::DenseInputs { width: 784, values: vec![0.5; 800] }))),
+            Code::InvalidArgument,
+            "not whole examples",
+        ),
+        ("NaN", req("mnist", 0, dense(nan)), Code::InvalidArgument, "NaN"),
+        ("infinity", req("mnist", 0, dense(vec![f32::INFINITY; 784])), Code::InvalidArgument, "inf"),
+        (
+            "oversized batch",
+            req("mnist", 0, dense(pixels(MAX_ROWS + 1, 0))),
+            Code::InvalidArgument,
+            "the limit is 100",
+        ),
+        ("no inputs", req("mnist", 0, None), Code::InvalidArgument, "no inputs"),
+        (
+            "another kind's inputs",
+            req("mnist", 0, Some(PbInputs::Pairs(pb::PairInputs { users: vec![1], items: vec![2] }))),
+            Code::InvalidArgument,
+            "takes dense inputs",
+        ),
+        // 300 rows of 784 floats: over the 1 MiB message limit.
+        ("oversized message", req("mnist", 0, dense(pixels(400, 0))), Code::OutOfRange, ""),
+    ];
+    for (what, r, code, msg) in grpc_cases {
+        let e = g.predict(r).await.expect_err(what);
+        assert_eq!(e.code(), code, "{what}: {e}");
+        assert!(e.message().contains(msg), "{what}: {e}");
+    }
+    let e = g.get_model(pb::GetModelRequest { model: "nope".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    let h = http_client();
+    let one = serde_json::to_vec(&json!({"instances": [pixels(1, 0)]})).unwrap();
+    let body = |v: Value| Some(serde_json::to_vec(&v).unwrap());
+    let huge = format!("{{\"instances\": [[{}]]}}", vec!["0.5"; 600_000].join(","));
+    // (what, path, body, status, a fragment of the error)
+    type Case = (&'static str, &'static str, Option<Vec<u8>>, u16, &'static str);
+    let http_cases: Vec<Case> = vec![
+        (
+            "malformed JSON",
+            "/v1/models/mnist:predict",
+            Some(b"{\"instances\": [".to_vec()),
+            400,
+            "malformed JSON",
+        ),
+        ("not an object", "/v1/models/mnist:predict", Some(b"[1, 2]".to_vec()), 400, "malformed JSON"),
+        (
+            "unknown field",
+            "/v1/models/mnist:predict",
+            body(json!({"instances": [], "x": 1})),
+            400,
+            "unknown field",
+        ),
+        ("unknown model", "/v1/models/nope:predict", Some(one.clone()), 404, "no model `nope`"),
+        ("unknown version", "/v1/models/mnist/versions/99:predict", Some(one.clone()), 404, "no version 99"),
+        (
+            "version not a number",
+            "/v1/models/mnist/versions/x:predict",
+            Some(one.clone()),
+            400,
+            "not a number",
+        ),
+        ("unknown verb", "/v1/models/mnist:classify", Some(one.clone()), 400, "unknown verb"),
+        (
+            "wrong feature count",
+            "/v1/models/mnist:predict",
+            body(json!({"instances": [vec![0.5; 783]]})),
+            400,
+            "has 783 features",
+        ),
+        (
+            "a string feature",
+            "/v1/models/mnist:predict",
+            body(json!({"instances": [["a"]]})),
+            400,
+            "invalid type",
+        ),
+        (
+            "null feature",
+            "/v1/models/mnist:predict",
+            body(json!({"instances": [[null]]})),
+            400,
+            "invalid type",
+        ),
+        (
+            "out of range",
+            "/v1/models/mnist:predict",
+            Some(format!("{{\"instances\": [[1e999{}]]}}", ",0.5".repeat(783)).into_bytes()),
+            400,
+            "instances",
+        ),
+        (
+            "f32 overflow",
+            "/v1/models/mnist:predict",
+            Some(format!("{{\"instances\": [[1e300{}]]}}", ",0.5".repeat(783)).into_bytes()),
+            400,
+            "not a finite number",
+        ),
+        (
+            "oversized batch",
+            "/v1/models/mnist:predict",
+            body(json!({"instances": vec![vec![0.5; 784]; MAX_ROWS + 1]})),
+            400,
+            "the limit is 100",
+        ),
+        (
+            "another kind's instances",
+            "/v1/models/mnist:predict",
+            body(json!({"instances": [{"user": 1, "item": 2}]})),
+            400,
+            "invalid type",
+        ),
+        ("body over the limit", "/v1/models/mnist:predict", Some(huge.into_bytes()), 413, ""),
+        ("no such endpoint", "/v2/whatever", Some(one.clone()), 404, "no such endpoint"),
+    ];
+    for (what, path, b, status, msg) in http_cases {
+        let (s, v) = http(&h, running.http, path, b).await;
+        assert_eq!(s, status, "{what}: {v}");
+        assert!(msg.is_empty() || v["error"].as_str().is_some_and(|e| e.contains(msg)), "{what}: {v}");
+    }
+    // The server is still up and right after all of that.
+    let (s, answer) = http(&h, running.http, "/v1/models/mnist:predict", Some(one)).await;
+    assert_eq!((s, answer["model_version"].as_i64()), (200, Some(v)));
+    let (s, v) = http(&h, running.http, "/v1/models/mnist", None).await;
+    assert_eq!((s, v["model_version_status"][0]["state"].as_str()), (200, Some("AVAILABLE")));
+    assert_eq!(http(&h, running.http, "/readyz", None).await.0, 200);
+    running.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_four_model_kinds_predict_what_their_scoring_rules_give() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry(&dir).await;
+    let init = |seed| Some(Init { kind: InitKind::Normal { mean: 0.0, std: 0.1 }, seed });
+    let table = |name: &str, dim: usize, keys: Vec<u64>, seed| {
+        let values = (0..keys.len() * dim).map(|i| ((i * 7 % 11) as f32 - 5.0) / 10.0).collect();
+        SparseTable { name: name.into(), dim, keys, values, init: init(seed) }
+    };
+    // Logistic regression: 5 features, keys 0, 2 and the bias (5) trained.
+    let lr = table("w", 1, vec![0, 2, 5], 1);
+    let lr_model =
+        SavedModel::new(ModelKind::Logreg { num_features: 5, table: "w".into() }, vec![], vec![lr.clone()]);
+    // MF: users 1, 2 and items 10, 11 trained, width 3.
+    let mf = ModelKind::Mf {
+        dim: 3,
+        global_mean: 3.5,
+        users: "u".into(),
+        items: "i".into(),
+        user_bias: "ub".into(),
+        item_bias: "ib".into(),
+    };
+    let mf_tables = vec![
+        table("u", 3, vec![1, 2], 2),
+        table("i", 3, vec![10, 11], 3),
+        table("ub", 1, vec![1, 2], 4),
+        table("ib", 1, vec![10, 11], 5),
+    ];
+    let mf_model = SavedModel::new(mf, vec![], mf_tables.clone());
+    // CTR: 3 slots of width 4 into a tower with one hidden layer of 5.
+    let ctr = ModelKind::Ctr {
+        slots: 3,
+        key_space: 1000,
+        emb_dim: 4,
+        hidden: vec![5],
+        embeddings: "e".into(),
+        tower_prefix: "t.".into(),
+    };
+    let tower = Tower::new(12, &[5]);
+    let tower_params: Vec<f32> =
+        (0..tower.num_params()).map(|i| ((i * 13 % 17) as f32 - 8.0) / 20.0).collect();
+    let seen = ps_model::ctr::key(0, 42, 1000);
+    let emb = table("e", 4, vec![seen], 6);
+    let ctr_model = SavedModel::new(ctr.clone(), tensors(&ctr, &tower_params), vec![emb.clone()]);
+
+    let mut slots = Vec::new();
+    for (name, model) in [("lr", &lr_model), ("mf", &mf_model), ("ctr", &ctr_model)] {
+        let v = register(&reg, name, model).await;
+        slots.push(Arc::new(ModelSlot::from_registry(
+            name.into(),
+            Source::Version(v),
+            Arc::clone(&reg),
+            Some(BatchConfig::default()),
+            MAX_ROWS,
+        )));
+    }
+    let running = serve(slots).await;
+    let h = http_client();
+    let predict = |name: &'static str, instances: Value| {
+        let h = h.clone();
+        async move {
+            let (s, v) = http(
+                &h,
+                running.http,
+                &format!("/v1/models/{name}:predict"),
+                Some(serde_json::to_vec(&json!({ "instances": instances })).unwrap()),
+            )
+            .await;
+            assert_eq!(s, 200, "{name}: {v}");
+            v["predictions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_f64().unwrap() as f32)
+                .collect::<Vec<f32>>()
+        }
+    };
+    let row = |t: &SparseTable, key: u64| -> Vec<f32> {
+        match t.keys.iter().position(|&k| k == key) {
+            Some(i) => t.values[i * t.dim..(i + 1) * t.dim].to_vec(),
+            None => {
+                let mut v = vec![0.0; t.dim];
+                t.init.unwrap().fill(&t.name, key, &mut v);
+                v
+            }
+        }
+    };
+    let near =
+        |a: &[f32], b: &[f32]| a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+
+    // Feature 1 was never trained: it reads as its initial value.
+    let got = predict(
+        "lr",
+        json!([{"indices": [0, 1, 2], "values": [1.0, 2.0, -1.0]}, {"indices": [], "values": []}]),
+    )
+    .await;
+    let bias = row(&lr, 5)[0];
+    let z0 = bias + row(&lr, 0)[0] + 2.0 * row(&lr, 1)[0] - row(&lr, 2)[0];
+    assert!(near(&got, &[sigmoid(z0), sigmoid(bias)]), "lr {got:?}");
+
+    // User 3 and item 12 are unseen.
+    let got = predict("mf", json!([{"user": 1, "item": 11}, {"user": 3, "item": 12}])).await;
+    let want: Vec<f32> = [(1, 11), (3, 12)]
+        .iter()
+        .map(|&(u, i)| {
+            let (p, q) = (row(&mf_tables[0], u), row(&mf_tables[1], i));
+            ps_model::mf::predict(3.5, &p, &q, row(&mf_tables[2], u)[0], row(&mf_tables[3], i)[0])
+                .clamp(1.0, 5.0)
+        })
+        .collect();
+    assert!(near(&got, &want), "mf {got:?} vs {want:?}");
+
+    let got = predict("ctr", json!([[42, 7, 9], [1, 2, 3]])).await;
+    let mut x = Vec::new();
+    for ids in [[42u64, 7, 9], [1, 2, 3]] {
+        for (slot, id) in ids.into_iter().enumerate() {
+            x.extend(row(&emb, ps_model::ctr::key(slot, id, 1000)));
+        }
+    }
+    let mut ws = ps_model::TowerWorkspace::default();
+    let want: Vec<f32> = tower.logits(&tower_params, &x, &mut ws).iter().map(|&z| sigmoid(z)).collect();
+    assert!(near(&got, &want), "ctr {got:?} vs {want:?}");
+
+    // Each kind refuses inputs that are not its own.
+    for (name, bad, msg) in [
+        ("lr", json!([{"indices": [5], "values": [1.0]}]), "outside the model's 0..5"),
+        ("lr", json!([{"indices": [0, 1], "values": [1.0]}]), "2 indices but 1 values"),
+        ("mf", json!([{"user": -1, "item": 2}]), "invalid value"),
+        ("ctr", json!([[1, 2]]), "has 2 ids; the model takes 3"),
+        ("ctr", json!([[1, 2, 281474976710656u64]]), "not below 2^48"),
+    ] {
+        let (s, v) = http(
+            &h,
+            running.http,
+            &format!("/v1/models/{name}:predict"),
+            Some(serde_json::to_vec(&json!({ "instances": bad })).unwrap()),
+        )
+        .await;
+        assert_eq!(s, 400, "{name} {bad}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(msg), "{name} {bad}: {v}");
+    }
+    running.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_mode_serves_the_live_weights_and_says_how_fresh() {
+    let shards = ps_server::local::LocalShards::start(2).await.unwrap();
+    let mut trainer = ShardedClient::connect(&shards.addrs, 0, ClientOptions::default()).await.unwrap();
+    let net = ps_model::Mlp::new(&LAYERS);
+    let specs: Vec<TableSpec> = net
+        .param_specs()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let shape: Vec<u64> = p.shape.iter().map(|&d| d as u64).collect();
+            TableSpec::dense(
+                &p.name,
+                &shape,
+                Init { kind: InitKind::Uniform { low: -0.1, high: 0.1 }, seed: i as u64 },
+                Rule::sgd(1.0).into(),
+            )
+        })
+        .collect();
+    for s in &specs {
+        trainer.register(s).await.unwrap();
+    }
+    trainer.join(Consistency::Asp, Duration::from_secs(30), 0).await.unwrap();
+    let set = DenseSet::new(&specs, 2).unwrap();
+
+    let online = Online::connect(&shards.addrs, None).await.unwrap();
+    let slot = Arc::new(ModelSlot::from_cluster("live".into(), online, None, MAX_ROWS));
+    let running = serve(vec![Arc::clone(&slot)]).await;
+    let mut g = grpc(&running).await;
+    let x = pixels(2, 9);
+    let expect = |params: &[f32]| {
+        let mut out = Vec::new();
+        let view = ndarray::ArrayView2::from_shape((2, LAYERS[0]), &x[..]).unwrap();
+        net.predict(params, view, &mut net.workspace(2), &mut out);
+        out
+    };
+    let ask = |g: &mut PredictionClient<tonic::transport::Channel>| {
+        let req = pb::PredictRequest { model: "live".into(), version: 0, inputs: dense(x.clone()) };
+        let mut g = g.clone();
+        async move { g.predict(req).await.unwrap().into_inner() }
+    };
+    let mut params = vec![0.0; set.len()];
+    trainer.pull_dense(&set, 0, &mut params).await.unwrap();
+    let before = ask(&mut g).await;
+    assert!(close(&before.outputs, &expect(&params)), "online answers are the shards' weights");
+    assert_eq!(before.freshness.map(|f| f.min_clock), Some(0));
+
+    // One training step; the next refresh serves it.
+    let grads: Vec<f32> = (0..set.len()).map(|i| if i % 3 == 0 { 0.05 } else { -0.02 }).collect();
+    trainer.push_dense(&set, &grads, 0, 0, true).await.unwrap();
+    trainer.pull_dense(&set, 0, &mut params).await.unwrap();
+    assert!(slot.refresh().await.unwrap());
+    let after = ask(&mut g).await;
+    assert!(close(&after.outputs, &expect(&params)), "the refresh serves the update");
+    assert!(!close(&after.outputs, &before.outputs), "the update changed the answers");
+    let f = after.freshness.unwrap();
+    assert_eq!(f.min_clock, 1, "the worker had finished one iteration");
+    assert!(f.age_ms < 5_000, "{f:?}");
+    let status = g.get_model(pb::GetModelRequest { model: "live".into() }).await.unwrap().into_inner();
+    assert!(status.source.starts_with("online:"), "{status:?}");
+    running.abort();
+    shards.stop().await.unwrap();
+}
