@@ -20,8 +20,8 @@ use ps_serve::slot::{ModelSlot, Source};
 #[command(version, about)]
 struct Args {
     /// A model to serve: NAME (follows label `production`), NAME@LABEL
-    /// (follows that label), NAME@N (version N only) or NAME@latest (the
-    /// newest version). Repeat for several models.
+    /// (follows that label), NAME:N (version N only) or NAME:latest (the
+    /// newest version, followed). Repeat for several models.
     #[arg(long = "model", required = true)]
     models: Vec<String>,
     /// Registry database [default: sqlite://<registry-root>/registry.db].
@@ -35,7 +35,7 @@ struct Args {
     /// --model gives the name.
     #[arg(long, value_delimiter = ',')]
     online: Vec<String>,
-    /// Online mode: the architecture, from a registry version (NAME@N,
+    /// Online mode: the architecture, from a registry version (NAME:N,
     /// NAME@LABEL) or a model file (model.msgpack); an MLP needs none.
     #[arg(long)]
     template: Option<String>,
@@ -133,7 +133,13 @@ async fn main() -> anyhow::Result<()> {
     }
 
     for slot in &slots {
-        slot.refresh().await.with_context(|| format!("loading model `{}`", slot.name))?;
+        match slot.refresh().await {
+            Err(ps_serve::Error::Registry(e @ ps_registry::Error::NoLabel { .. })) => bail!(
+                "{e}: point it at a version first (ps-cluster models promote {}:N --to LABEL), or serve NAME:N",
+                slot.name
+            ),
+            r => r.with_context(|| format!("loading model `{}`", slot.name))?,
+        };
         let s = slot.status()?;
         tracing::info!(model = %slot.name, version = s.version, source = %s.source, kind = s.kind, "loaded");
         slot.spawn_watch(refresh);

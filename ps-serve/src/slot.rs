@@ -36,21 +36,24 @@ pub enum Source {
 }
 
 impl Source {
-    /// `NAME` (label `production`), `NAME@LABEL`, `NAME@N` or
-    /// `NAME@latest`: the model name and its source.
+    /// `NAME` (label `production`), `NAME@LABEL`, `NAME:N` or
+    /// `NAME:latest` (as `ps-cluster models` names versions): the model
+    /// name and its source.
     pub fn parse(spec: &str) -> Result<(String, Source)> {
-        let (name, at) = spec.split_once('@').unwrap_or((spec, "production"));
-        ps_registry::check_model_name(name)?;
-        let source = match at {
-            "latest" => Source::Latest,
-            v if v.bytes().all(|b| b.is_ascii_digit()) && !v.is_empty() => {
-                Source::Version(v.parse().map_err(|_| Error::bad(format!("version `{v}` is too large")))?)
-            }
-            label => {
-                ps_registry::check_label(label)?;
-                Source::Label(label.to_string())
-            }
+        let (name, source) = if let Some((name, version)) = spec.split_once(':') {
+            let source = match version {
+                "latest" => Source::Latest,
+                v => Source::Version(v.parse().map_err(|_| {
+                    Error::bad(format!("`{spec}`: `{v}` is neither a version number nor `latest`"))
+                })?),
+            };
+            (name, source)
+        } else {
+            let (name, label) = spec.split_once('@').unwrap_or((spec, "production"));
+            ps_registry::check_label(label)?;
+            (name, Source::Label(label.to_string()))
         };
+        ps_registry::check_model_name(name)?;
         Ok((name.to_string(), source))
     }
 
@@ -158,7 +161,7 @@ impl ModelSlot {
         batching: Option<BatchConfig>,
         max_request_rows: usize,
     ) -> ModelSlot {
-        let batcher = batching.map(|b| Batcher::spawn(&name, b));
+        let batcher = batching.map(|b| Batcher::new(&name, b));
         ModelSlot {
             name,
             source,
@@ -326,4 +329,22 @@ async fn load(registry: &Arc<Registry>, model: &str, version: i64) -> Result<Loa
 
 fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_named_as_the_models_command_names_versions() {
+        let p = |s: &str| Source::parse(s).map_err(|e| e.to_string());
+        assert_eq!(p("mnist").unwrap(), ("mnist".into(), Source::Label("production".into())));
+        assert_eq!(p("mnist@staging").unwrap(), ("mnist".into(), Source::Label("staging".into())));
+        assert_eq!(p("mnist:3").unwrap(), ("mnist".into(), Source::Version(3)));
+        assert_eq!(p("mnist:latest").unwrap(), ("mnist".into(), Source::Latest));
+        assert!(p("mnist:x").unwrap_err().contains("neither a version number nor `latest`"));
+        assert!(p("mnist:99999999999999999999").is_err());
+        assert!(p("@production").is_err());
+        assert!(p("mnist@Bad Label").is_err());
+    }
 }
