@@ -19,6 +19,9 @@ use ps_worker::event::Event;
 use crate::artifact::{CheckpointLog, JsonFile, RunSummary, ShardStats, StatsFile};
 use crate::cluster::{self, Result, RunOptions, ServerOptions, Servers};
 
+/// The file of a run folder that lists the shard addresses, comma-separated.
+pub const SHARDS_FILE: &str = "shards.txt";
+
 /// What to run and where to write it.
 pub struct Plan<'a> {
     pub exe: &'a Path,
@@ -67,6 +70,11 @@ async fn run_on(
     on_event: impl FnMut(usize, &Event),
 ) -> Result<RunSummary> {
     let job = &plan.config.job;
+    // Where the shards listen, for readers of the live model
+    // (`ps-serve --online $(cat <run>/shards.txt)`).
+    let shards = plan.run_dir.join(SHARDS_FILE);
+    std::fs::write(&shards, servers.addrs.join(",") + "\n")
+        .map_err(|source| cluster::Error::Io { what: format!("writing {}", shards.display()), source })?;
     let checkpointer = match plan.config.checkpoint.enabled {
         true => Some(
             Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &plan.config.checkpoint).await?,

@@ -20,6 +20,7 @@
 //! lead on.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -75,11 +76,25 @@ pub struct Batcher {
     name: String,
     config: BatchConfig,
     state: Mutex<State>,
+    /// Forward passes run, and the examples they held.
+    batches: AtomicU64,
+    examples: AtomicU64,
 }
 
 impl Batcher {
     pub fn new(name: &str, config: BatchConfig) -> Batcher {
-        Batcher { name: name.to_string(), config, state: Mutex::default() }
+        Batcher {
+            name: name.to_string(),
+            config,
+            state: Mutex::default(),
+            batches: AtomicU64::new(0),
+            examples: AtomicU64::new(0),
+        }
+    }
+
+    /// (forward passes run, examples they held) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.batches.load(Ordering::Relaxed), self.examples.load(Ordering::Relaxed))
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -138,9 +153,9 @@ impl Batcher {
         }
         let (reply, answer) = oneshot::channel();
         let mut jobs = vec![Job { model, inputs, reply }];
+        let mut rows = own_rows;
         {
             let mut st = self.lock();
-            let mut rows = own_rows;
             while rows < self.config.max_batch
                 && let Some(job) = st.queue.pop_front()
             {
@@ -149,7 +164,9 @@ impl Batcher {
                 jobs.push(job);
             }
         }
-        run_batch(jobs);
+        let batches = run_batch(jobs);
+        self.batches.fetch_add(batches, Ordering::Relaxed);
+        self.examples.fetch_add(rows as u64, Ordering::Relaxed);
         match answer.await {
             Ok(Outcome::Done(r)) => r,
             _ => Err(Error::Internal("a batch did not answer its leader".into())),
@@ -181,14 +198,17 @@ impl Drop for Handover<'_> {
 }
 
 /// Runs `jobs`, one forward pass per run of consecutive jobs on the same
-/// model version, and answers each.
-fn run_batch(mut jobs: Vec<Job>) {
+/// model version, and answers each. Returns the number of passes.
+fn run_batch(mut jobs: Vec<Job>) -> u64 {
+    let mut passes = 0;
     while !jobs.is_empty() {
         let n = jobs.iter().take_while(|j| Arc::ptr_eq(&j.model, &jobs[0].model)).count();
         let rest = jobs.split_off(n);
         predict_group(jobs);
+        passes += 1;
         jobs = rest;
     }
+    passes
 }
 
 fn predict_group(jobs: Vec<Job>) {

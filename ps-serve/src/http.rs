@@ -203,6 +203,7 @@ async fn model_status(
         "loaded_at_ms": s.loaded_at_ms,
         "history": s.history,
         "freshness": freshness(s.freshness),
+        "batches": s.batches.map(|(passes, examples)| json!({"passes": passes, "examples": examples})),
     })))
 }
 

@@ -114,6 +114,8 @@ pub struct Status {
     pub loaded_at_ms: u64,
     pub history: Vec<i64>,
     pub freshness: Option<Freshness>,
+    /// With batching: (forward passes run, examples they held).
+    pub batches: Option<(u64, u64)>,
 }
 
 /// One model name served here.
@@ -312,6 +314,7 @@ impl ModelSlot {
             loaded_at_ms: c.loaded_at_ms,
             history: self.history.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             freshness: c.freshness,
+            batches: self.batcher.as_ref().map(Batcher::counts),
         })
     }
 }

@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -21,7 +22,10 @@ use hyper_util::rt::TokioExecutor;
 use ps_registry::Registry;
 use ps_serve::grpc::pb::{self, prediction_client::PredictionClient};
 use ps_serve::model::{Inputs, Servable};
-use rand::{Rng, SeedableRng};
+use ps_worker::data::{Split, load_mnist};
+
+/// Pixels per MNIST image.
+const FEATURES: usize = 784;
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum Interface {
@@ -54,9 +58,13 @@ struct Args {
     /// Examples per request.
     #[arg(long, default_value_t = 1)]
     rows: usize,
-    /// Features per example.
-    #[arg(long, default_value_t = 784)]
-    features: usize,
+    /// The MNIST folder whose test images the requests carry, in turn.
+    #[arg(long, default_value = "data/mnist")]
+    mnist: PathBuf,
+    /// Before the load, predict the whole MNIST test set through the
+    /// service and print its accuracy beside the registry's.
+    #[arg(long)]
+    score: bool,
     /// Also time the bare forward pass of the served version, loaded from
     /// the registry.
     #[arg(long)]
@@ -101,22 +109,41 @@ impl Tally {
     }
 }
 
-/// One request's sender.
+/// One client: the requests it sends, in turn.
 #[derive(Clone)]
-enum Sender {
-    Grpc(PredictionClient<tonic::transport::Channel>, pb::PredictRequest),
-    Http(Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>, hyper::Uri, Bytes),
+struct Sender {
+    link: Link,
+    /// Each request's examples, row-major, and their HTTP body.
+    payloads: Arc<Vec<(Vec<f32>, Bytes)>>,
+    next: usize,
+    model: String,
+}
+
+#[derive(Clone)]
+enum Link {
+    Grpc(PredictionClient<tonic::transport::Channel>),
+    Http(Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>, hyper::Uri),
 }
 
 impl Sender {
-    /// Sends one request; the version that answered.
-    async fn send(&mut self) -> anyhow::Result<i64> {
-        match self {
-            Sender::Grpc(client, req) => {
-                let r = client.predict(req.clone()).await?.into_inner();
-                Ok(r.version)
+    /// Sends the next request; the version that answered and the outputs.
+    async fn send(&mut self) -> anyhow::Result<(i64, Vec<f32>)> {
+        let (values, body) = &self.payloads[self.next % self.payloads.len()];
+        self.next += 1;
+        match &mut self.link {
+            Link::Grpc(client) => {
+                let req = pb::PredictRequest {
+                    model: self.model.clone(),
+                    version: 0,
+                    inputs: Some(pb::predict_request::Inputs::Dense(pb::DenseInputs {
+                        width: FEATURES as u32,
+                        values: values.clone(),
+                    })),
+                };
+                let r = client.predict(req).await?.into_inner();
+                Ok((r.version, r.outputs))
             }
-            Sender::Http(client, uri, body) => {
+            Link::Http(client, uri) => {
                 let req = hyper::Request::post(uri.clone())
                     .header("content-type", "application/json")
                     .body(Full::new(body.clone()))?;
@@ -127,10 +154,30 @@ impl Sender {
                 if !status.is_success() {
                     bail!("HTTP {status}: {}", v["error"]);
                 }
-                v["model_version"].as_i64().context("the answer names no model_version")
+                let version = v["model_version"].as_i64().context("the answer names no model_version")?;
+                let outputs = v["predictions"]
+                    .as_array()
+                    .context("no predictions")?
+                    .iter()
+                    .flat_map(|row| row.as_array().into_iter().flatten())
+                    .map(|p| p.as_f64().map(|p| p as f32).context("a prediction is not a number"))
+                    .collect::<anyhow::Result<_>>()?;
+                Ok((version, outputs))
             }
         }
     }
+}
+
+/// `rows`-example requests cut from `x` (row-major images), with their HTTP
+/// bodies.
+fn payloads(x: &[f32], rows: usize) -> anyhow::Result<Vec<(Vec<f32>, Bytes)>> {
+    x.chunks(rows * FEATURES)
+        .map(|values| {
+            let instances: Vec<&[f32]> = values.chunks(FEATURES).collect();
+            let body = serde_json::to_vec(&serde_json::json!({ "instances": instances }))?;
+            Ok((values.to_vec(), Bytes::from(body)))
+        })
+        .collect()
 }
 
 async fn run_load(sender: &Sender, concurrency: usize, warmup: Duration, measure: Duration) -> Tally {
@@ -151,7 +198,7 @@ async fn run_load(sender: &Sender, concurrency: usize, warmup: Duration, measure
                         continue;
                     }
                     match r {
-                        Ok(v) => {
+                        Ok((v, _)) => {
                             t.latencies.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
                             *t.versions.entry(v).or_default() += 1;
                         }
@@ -188,16 +235,18 @@ fn row(name: &str, concurrency: &str, requests: usize, per_s: f64, p50: f64, p99
     println!("{name:<26} {concurrency:>4} {requests:>9} {per_s:>10.0} {p50:>8.3} {p99:>8.3}  {rest}");
 }
 
-/// Times `model.predict` on batches of `rows` for about `seconds`:
-/// (examples/s, mean ms per call).
-fn bare(model: &Servable, rows: usize, features: usize, seconds: f64) -> (f64, f64) {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    let inputs =
-        Inputs::Dense { width: features, values: (0..rows * features).map(|_| rng.random()).collect() };
+/// Times `model.predict` on batches of `rows` images of `x` in turn, for
+/// about `seconds`: (examples/s, mean ms per call).
+fn bare(model: &Servable, x: &[f32], rows: usize, seconds: f64) -> (f64, f64) {
+    let batches: Vec<Inputs> = x
+        .chunks_exact(rows * FEATURES)
+        .map(|v| Inputs::Dense { width: FEATURES, values: v.to_vec() })
+        .collect();
     let mut out = Vec::new();
     let (start, mut calls) = (Instant::now(), 0u64);
     while start.elapsed().as_secs_f64() < seconds {
-        model.predict(&inputs, &mut out).expect("the baseline's inputs fit the model");
+        let inputs = &batches[calls as usize % batches.len()];
+        model.predict(inputs, &mut out).expect("the baseline's inputs fit the model");
         calls += 1;
     }
     let s = start.elapsed().as_secs_f64();
@@ -210,48 +259,61 @@ async fn main() -> anyhow::Result<()> {
     if args.rows == 0 || args.concurrency.contains(&0) {
         bail!("--rows and --concurrency must be positive");
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let values: Vec<f32> = (0..args.rows * args.features).map(|_| rng.random()).collect();
-    let sender = match args.interface {
-        Interface::Grpc => {
-            let client = PredictionClient::connect(format!("http://{}", args.addr))
+    let test = load_mnist(&args.mnist, Split::Test)
+        .with_context(|| format!("reading the MNIST test set in {}", args.mnist.display()))?;
+    let x = test.x.as_slice().context("MNIST images are row-major")?;
+    let link = match args.interface {
+        Interface::Grpc => Link::Grpc(
+            PredictionClient::connect(format!("http://{}", args.addr))
                 .await
-                .with_context(|| format!("connecting to {}", args.addr))?;
-            let req = pb::PredictRequest {
-                model: args.model.clone(),
-                version: 0,
-                inputs: Some(pb::predict_request::Inputs::Dense(pb::DenseInputs {
-                    width: args.features as u32,
-                    values: values.clone(),
-                })),
-            };
-            Sender::Grpc(client, req)
-        }
+                .with_context(|| format!("connecting to {}", args.addr))?,
+        ),
         Interface::Http => {
-            let instances: Vec<&[f32]> = values.chunks(args.features).collect();
-            let body = serde_json::to_vec(&serde_json::json!({ "instances": instances }))?;
             let uri: hyper::Uri = format!("http://{}/v1/models/{}:predict", args.addr, args.model).parse()?;
-            let client = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build_http();
-            Sender::Http(client, uri, Bytes::from(body))
+            Link::Http(Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build_http(), uri)
         }
     };
+    let sender =
+        Sender { link, payloads: Arc::new(payloads(x, args.rows)?), next: 0, model: args.model.clone() };
     // One request first: the server answers, and names its version.
-    let version = sender.clone().send().await.context("the first request failed")?;
+    let (version, _) = sender.clone().send().await.context("the first request failed")?;
     println!(
-        "ps-serve-load: {:?} {} model {} (version {version}), {} example(s) of {} features per request, {} s per point",
-        args.interface, args.addr, args.model, args.rows, args.features, args.seconds
+        "ps-serve-load: {:?} {} model {} (version {version}), {} MNIST test image(s) per request, {} s per point",
+        args.interface, args.addr, args.model, args.rows, args.seconds
     );
-    println!(
-        "{:<26} {:>4} {:>9} {:>10} {:>8} {:>8}  failed / versions",
-        "what", "conc", "requests", "per_s", "p50_ms", "p99_ms"
-    );
-    if args.baseline {
-        let (url, root) = ps_registry::location(args.registry.clone(), Some(args.registry_root.clone()));
-        let registry = Registry::open(&url, &root).await.with_context(|| format!("opening {url}"))?;
+    let registry = match args.baseline || args.score {
+        true => {
+            let (url, root) = ps_registry::location(args.registry.clone(), Some(args.registry_root.clone()));
+            Some(Registry::open(&url, &root).await.with_context(|| format!("opening {url}"))?)
+        }
+        false => None,
+    };
+    if let Some(registry) = registry.as_ref().filter(|_| args.score) {
+        let mut scorer = Sender { payloads: Arc::new(payloads(x, 100)?), ..sender.clone() };
+        let mut correct = 0usize;
+        for batch in test.y.chunks(100) {
+            let (v, outputs) = scorer.send().await?;
+            if v != version {
+                bail!("the served version changed from {version} to {v} while scoring");
+            }
+            for (probs, &label) in outputs.chunks(10).zip(batch) {
+                let best = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+                correct += usize::from(best == Some(label as usize));
+            }
+        }
+        let registered = registry.version(&args.model, version).await?.metrics.get("test_accuracy").copied();
+        println!(
+            "served accuracy on the {} MNIST test images: {:.4} (the registry's test_accuracy of version {version}: {})",
+            test.y.len(),
+            correct as f64 / test.y.len() as f64,
+            registered.map_or("none".into(), |a| format!("{a:.4}"))
+        );
+    }
+    if let Some(registry) = registry.as_ref().filter(|_| args.baseline) {
         let saved = registry.load(&registry.version(&args.model, version).await?)?;
         let model = Servable::new(saved)?;
         for rows in [1, args.baseline_batch] {
-            let (per_s, ms) = bare(&model, rows, args.features, args.seconds.min(3.0));
+            let (per_s, ms) = bare(&model, x, rows, args.seconds.min(3.0));
             let name = format!("bare forward, batch {rows}");
             row(&name, "-", 0, per_s, ms, f64::NAN, "examples/s, in process");
         }
