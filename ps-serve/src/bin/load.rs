@@ -119,6 +119,8 @@ struct Sender {
     model: String,
 }
 
+// One per client task: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone)]
 enum Link {
     Grpc(PredictionClient<tonic::transport::Channel>),
