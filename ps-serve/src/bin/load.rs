@@ -77,6 +77,10 @@ struct Args {
     registry: Option<String>,
     #[arg(long, env = "PS_REGISTRY_ROOT", default_value = "registry")]
     registry_root: PathBuf,
+    /// Check every answer against the bare forward pass of the version it
+    /// names (loaded from the registry); a mismatch counts as a failure.
+    #[arg(long)]
+    verify: bool,
     /// A label for the printed rows (e.g. "batching").
     #[arg(long, default_value = "")]
     tag: String,
@@ -116,7 +120,40 @@ struct Sender {
     /// Each request's examples, row-major, and their HTTP body.
     payloads: Arc<Vec<(Vec<f32>, Bytes)>>,
     next: usize,
+    /// The payload of the last request sent.
+    last: usize,
     model: String,
+    verifier: Option<Arc<Verifier>>,
+}
+
+/// Checks answers against the bare forward pass of the version they name.
+struct Verifier {
+    registry: Arc<Registry>,
+    model: String,
+    versions: tokio::sync::Mutex<BTreeMap<i64, Arc<Servable>>>,
+}
+
+impl Verifier {
+    async fn check(&self, version: i64, inputs: &[f32], outputs: &[f32]) -> anyhow::Result<()> {
+        let model = {
+            let mut versions = self.versions.lock().await;
+            match versions.get(&version) {
+                Some(m) => Arc::clone(m),
+                None => {
+                    let saved = self.registry.load(&self.registry.version(&self.model, version).await?)?;
+                    let m = Arc::new(Servable::new(saved)?);
+                    versions.insert(version, Arc::clone(&m));
+                    m
+                }
+            }
+        };
+        let mut want = Vec::new();
+        model.predict(&Inputs::Dense { width: FEATURES, values: inputs.to_vec() }, &mut want)?;
+        if want.len() != outputs.len() || want.iter().zip(outputs).any(|(a, b)| (a - b).abs() > 1e-5) {
+            bail!("version {version} answered outputs that are not its own");
+        }
+        Ok(())
+    }
 }
 
 // One per client task: the size of a variant does not matter.
@@ -131,6 +168,7 @@ impl Sender {
     /// Sends the next request; the version that answered and the outputs.
     async fn send(&mut self) -> anyhow::Result<(i64, Vec<f32>)> {
         let (values, body) = &self.payloads[self.next % self.payloads.len()];
+        self.last = self.next % self.payloads.len();
         self.next += 1;
         match &mut self.link {
             Link::Grpc(client) => {
@@ -195,7 +233,13 @@ async fn run_load(sender: &Sender, concurrency: usize, warmup: Duration, measure
                     if sent >= end {
                         break;
                     }
-                    let r = sender.send().await;
+                    let mut r = sender.send().await;
+                    if let (Some(verifier), Ok((v, outputs))) = (&sender.verifier, &r) {
+                        let inputs = &sender.payloads[sender.last].0;
+                        if let Err(e) = verifier.check(*v, inputs, outputs).await {
+                            r = Err(e);
+                        }
+                    }
                     if sent < measure_from {
                         continue;
                     }
@@ -275,21 +319,32 @@ async fn main() -> anyhow::Result<()> {
             Link::Http(Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build_http(), uri)
         }
     };
-    let sender =
-        Sender { link, payloads: Arc::new(payloads(x, args.rows)?), next: 0, model: args.model.clone() };
+    let mut sender = Sender {
+        link,
+        payloads: Arc::new(payloads(x, args.rows)?),
+        next: 0,
+        last: 0,
+        model: args.model.clone(),
+        verifier: None,
+    };
     // One request first: the server answers, and names its version.
     let (version, _) = sender.clone().send().await.context("the first request failed")?;
     println!(
         "ps-serve-load: {:?} {} model {} (version {version}), {} MNIST test image(s) per request, {} s per point",
         args.interface, args.addr, args.model, args.rows, args.seconds
     );
-    let registry = match args.baseline || args.score {
+    let registry = match args.baseline || args.score || args.verify {
         true => {
             let (url, root) = ps_registry::location(args.registry.clone(), Some(args.registry_root.clone()));
-            Some(Registry::open(&url, &root).await.with_context(|| format!("opening {url}"))?)
+            Some(Arc::new(Registry::open(&url, &root).await.with_context(|| format!("opening {url}"))?))
         }
         false => None,
     };
+    if let Some(registry) = registry.as_ref().filter(|_| args.verify) {
+        let versions = tokio::sync::Mutex::default();
+        let registry = Arc::clone(registry);
+        sender.verifier = Some(Arc::new(Verifier { registry, model: args.model.clone(), versions }));
+    }
     if let Some(registry) = registry.as_ref().filter(|_| args.score) {
         let mut scorer = Sender { payloads: Arc::new(payloads(x, 100)?), ..sender.clone() };
         let mut correct = 0usize;
