@@ -358,7 +358,11 @@ async fn main() -> anyhow::Result<()> {
                 correct += usize::from(best == Some(label as usize));
             }
         }
-        let registered = registry.version(&args.model, version).await?.metrics.get("test_accuracy").copied();
+        // Online weights (version 0) have no registry entry.
+        let registered = match version {
+            0 => None,
+            v => registry.version(&args.model, v).await?.metrics.get("test_accuracy").copied(),
+        };
         println!(
             "served accuracy on the {} MNIST test images: {:.4} (the registry's test_accuracy of version {version}: {})",
             test.y.len(),
