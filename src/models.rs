@@ -5,6 +5,7 @@
 //! ```text
 //! ps-cluster models list [MODEL]
 //! ps-cluster models show VERSION              # metrics, lineage, labels; checks the artifact
+//! ps-cluster models quantize MODEL:N          (int8 version, parent N)
 //! ps-cluster models register RUN_DIR [--name N] [--parent V] [--checkpoint ID]
 //! ps-cluster models register RUN_DIR/checkpoints/ckpt-N [--name N] [--parent V]
 //! ps-cluster models promote VERSION --to production
@@ -126,6 +127,19 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Quantize an MLP version to int8 (post-training, a scale per output
+    /// channel; served in int8 by ps-serve), evaluate it on the MNIST test
+    /// set, and register it as a new version whose parent is VERSION.
+    Quantize {
+        /// MODEL:N, MODEL@LABEL or MODEL (its latest version).
+        version: String,
+        /// The MNIST folder of the test set.
+        #[arg(long, default_value = "data/mnist")]
+        mnist: PathBuf,
+        /// Who registers [default: $USER].
+        #[arg(long)]
+        by: Option<String>,
+    },
 }
 
 /// The formats `models export` writes.
@@ -169,6 +183,39 @@ async fn command(reg: &Registry, command: Command) -> anyhow::Result<()> {
             if is_checkpoint {
                 println!("  evaluated from {}: {}", path.display(), test_metrics(&v));
             }
+        }
+        Command::Quantize { version, mnist, by } => {
+            let parent = resolve(reg, &version).await?;
+            let model = ps_model::quant::quantize_mlp(&reg.load(&parent)?)
+                .with_context(|| format!("quantizing {}:{}", parent.model, parent.version))?;
+            let test = ps_worker::data::load_mnist(&mnist, ps_worker::data::Split::Test)
+                .with_context(|| format!("reading the MNIST test set in {}", mnist.display()))?;
+            let metrics = int8_metrics(&model, &test)?;
+            let lineage = Lineage {
+                parent_version: Some(parent.version),
+                method: Some(INT8_METHOD.into()),
+                ..parent.lineage.clone()
+            };
+            let artifact = model.to_bytes()?;
+            let new = NewVersion {
+                model: parent.model.clone(),
+                artifact,
+                metrics,
+                lineage,
+                created_by: by.unwrap_or_else(user),
+            };
+            let v = reg.register(new).await?;
+            println!(
+                "registered {}:{} (int8 of {}:{}): {} bytes against {}; {} against {}",
+                v.model,
+                v.version,
+                parent.model,
+                parent.version,
+                v.artifact.size,
+                parent.artifact.size,
+                test_metrics(&v),
+                test_metrics(&parent),
+            );
         }
         Command::Promote { version, to, by } => {
             let v = resolve(reg, &version).await?;
@@ -297,6 +344,7 @@ pub fn from_run(run_dir: &Path, name: Option<&str>, by: &str) -> anyhow::Result<
             source_run: Some(run_dir.display().to_string()),
             checkpoint: None,
             parent_version: None,
+            method: None,
         },
         created_by: by.to_string(),
     })
@@ -351,6 +399,7 @@ pub async fn from_checkpoint(path: &Path, name: Option<&str>, by: &str) -> anyho
             source_run: Some(run_dir.display().to_string()),
             checkpoint: Some(ckpt.dir.display().to_string()),
             parent_version: None,
+            method: None,
         },
         created_by: by.to_string(),
     })
@@ -403,6 +452,31 @@ fn files_in(dir: &Path, keep: impl Fn(&str) -> bool) -> Vec<PathBuf> {
 }
 
 /// `$USER`, else `$LOGNAME`, else `unknown`.
+/// The `method` of an int8 version's lineage.
+const INT8_METHOD: &str =
+    "int8: post-training quantization, weights per output channel, activations per example";
+
+/// Test accuracy and loss of an int8 MLP on `test`, as the service computes
+/// them (int8 forward pass, softmax).
+fn int8_metrics(
+    model: &ps_model::SavedModel,
+    test: &ps_worker::data::DenseDataset,
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    let net = ps_model::quant::Int8Mlp::new(model)?;
+    let x = test.x.as_slice().context("MNIST images are row-major")?;
+    let mut probs = Vec::new();
+    net.predict(x, &mut probs);
+    let classes = net.num_classes();
+    let (mut correct, mut loss) = (0usize, 0.0f64);
+    for (p, &label) in probs.chunks_exact(classes).zip(&test.y) {
+        let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
+        correct += usize::from(best == Some(label as usize));
+        loss -= f64::from(p[label as usize].max(1e-30)).ln();
+    }
+    let n = test.y.len().max(1) as f64;
+    Ok(BTreeMap::from([("test_accuracy".into(), correct as f64 / n), ("test_loss".into(), loss / n)]))
+}
+
 fn user() -> String {
     ["USER", "LOGNAME"]
         .iter()
@@ -520,6 +594,7 @@ async fn show(reg: &Registry, spec: &str, with_config: bool) -> anyhow::Result<(
     println!("  source run  {}", opt(&l.source_run));
     println!("  checkpoint  {}", opt(&l.checkpoint));
     println!("  parent      {}", l.parent_version.map_or("-".into(), |p| format!("{}:{p}", v.model)));
+    println!("  method      {}", l.method.as_deref().unwrap_or("-"));
     println!("  data");
     for (f, sum) in &l.data_checksums {
         println!("    {sum}  {f}");

@@ -33,6 +33,7 @@ use safetensors::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::quant::Int8Tensor;
 use crate::saved::{DenseTensor, MAX_FILE_BYTES, ModelKind, SavedModel, SparseTable};
 
 /// The value of `format` in the card and the safetensors metadata.
@@ -163,6 +164,8 @@ impl ModelCard {
             .map(|t| {
                 let layout = if t.name.ends_with(".weight") {
                     "layer weight W, [in, out] row-major: y = x @ W + b"
+                } else if t.name.ends_with(".weight_scale") {
+                    "the scale of each output column of the int8 weight, [out]"
                 } else {
                     "layer bias b, [out]"
                 };
@@ -174,6 +177,14 @@ impl ModelCard {
                 }
             })
             .collect();
+        for t in &model.int8 {
+            tensors.push(TensorCard {
+                name: t.name.clone(),
+                dtype: "I8".into(),
+                shape: t.shape.clone(),
+                layout: "layer weight in int8, [in, out] row-major; W = value * weight_scale[out]".into(),
+            });
+        }
         for t in &model.sparse {
             let n = t.keys.len();
             tensors.push(TensorCard {
@@ -240,6 +251,18 @@ fn describe(kind: &ModelKind) -> (String, String, String, Vec<String>) {
             tower(""),
             Vec::new(),
         ),
+        ModelKind::MlpInt8 { layers } => (
+            format!("x: f32 [batch, {}], one example a row", layers.first().unwrap_or(&0)),
+            format!(
+                "logits: f32 [batch, {}]; class = argmax(logits), probabilities = softmax(logits)",
+                layers.last().unwrap_or(&0)
+            ),
+            "h = x; for each layer l = 1..L: s = max|h| / 127 per row, q = round(h / s) as int8, \
+             h = s * (q @ fc{l}.weight) * fc{l}.weight_scale + fc{l}.bias (int8 products summed in int32), \
+             then relu(h) for every layer but the last"
+                .into(),
+            Vec::new(),
+        ),
         ModelKind::Logreg { num_features, table } => (
             format!("sparse features: (index j, value x_j) pairs, 0 <= j < {num_features}"),
             "logit: f32; P(y = 1) = sigmoid(logit); class = 1 if logit > 0".into(),
@@ -300,6 +323,12 @@ pub fn to_safetensors(model: &SavedModel) -> Result<Vec<u8>> {
     let mut tensors: Vec<(String, Bytes)> = Vec::new();
     for t in &model.dense {
         tensors.push((t.name.clone(), Bytes::f32(t.shape.clone(), &t.values)));
+    }
+    for t in &model.int8 {
+        tensors.push((
+            t.name.clone(),
+            Bytes { dtype: Dtype::I8, shape: t.shape.clone(), data: t.values.clone() },
+        ));
     }
     for t in &model.sparse {
         tensors.push((keys_name(&t.name), Bytes::u64(&t.keys)));
@@ -402,6 +431,14 @@ pub fn from_safetensors(bytes: &[u8]) -> Result<SavedModel> {
             Ok(DenseTensor { name, shape, values })
         })
         .collect::<Result<Vec<_>>>()?;
+    let int8 = kind
+        .int8_tensors()?
+        .into_iter()
+        .map(|(name, shape)| {
+            let values = tensor(&file, &name, Dtype::I8, &shape)?.to_vec();
+            Ok(Int8Tensor { name, shape, values })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut inits: BTreeMap<String, Init> = match meta.get(SPARSE_INIT) {
         Some(json) => serde_json::from_str(json).map_err(|e| Error::Decode(format!("{SPARSE_INIT}: {e}")))?,
         None => BTreeMap::new(),
@@ -415,11 +452,12 @@ pub fn from_safetensors(bytes: &[u8]) -> Result<SavedModel> {
         let init = inits.remove(name);
         sparse.push(SparseTable { name: name.into(), dim, keys, values, init });
     }
-    let expected = dense.len() + 2 * sparse.len();
+    let expected = dense.len() + int8.len() + 2 * sparse.len();
     if file.len() != expected {
         let known: Vec<String> = dense
             .iter()
             .map(|t| t.name.clone())
+            .chain(int8.iter().map(|t| t.name.clone()))
             .chain(sparse.iter().flat_map(|t| [keys_name(&t.name), values_name(&t.name)]))
             .collect();
         let mut extra: Vec<&str> =
@@ -430,7 +468,8 @@ pub fn from_safetensors(bytes: &[u8]) -> Result<SavedModel> {
             reason: format!("not a tensor of the architecture {kind:?}"),
         });
     }
-    let model = SavedModel::new(kind, dense, sparse);
+    let mut model = SavedModel::new(kind, dense, sparse);
+    model.int8 = int8;
     model.validate()?;
     Ok(model)
 }
@@ -600,6 +639,11 @@ mod tests {
                 let (loss, acc) = Mlp::new(layers).evaluate(&flat, x.view(), &[0, 1]);
                 vec![loss, acc]
             }
+            ModelKind::MlpInt8 { .. } => {
+                let mut out = Vec::new();
+                crate::quant::Int8Mlp::new(m).unwrap().predict(&values(6, 9.0), &mut out);
+                out
+            }
             ModelKind::Logreg { num_features, table } => {
                 let w: Vec<f32> = (0..=*num_features as u64).map(|k| row(table, k)[0]).collect();
                 vec![logreg::logit(&w, &[0, 2, 3], &[1.0, 1.0, 0.5])]
@@ -617,7 +661,10 @@ mod tests {
 
     #[test]
     fn every_kind_round_trips_through_a_folder_with_its_card() {
-        for (tag, model) in [("mlp", mlp()), ("logreg", logreg()), ("mf", mf()), ("ctr", ctr())] {
+        let int8 = crate::quant::quantize_mlp(&mlp()).unwrap();
+        for (tag, model) in
+            [("mlp", mlp()), ("int8", int8), ("logreg", logreg()), ("mf", mf()), ("ctr", ctr())]
+        {
             let dir = temp_dir(tag);
             let extra = CardExtra {
                 preprocessing: vec!["data note".into()],

@@ -13,6 +13,7 @@
 //! - [`loss`]: stable sigmoid, softplus, binary cross-entropy, AUC.
 //! - [`saved`]: the versioned saved-model file ([`SavedModel`]).
 //! - [`export`]: a saved model as safetensors with a model card, and back.
+//! - [`quant`]: post-training int8 quantization of an MLP, executed in int8.
 
 pub mod ctr;
 mod dense;
@@ -23,6 +24,7 @@ pub mod loss;
 pub mod mf;
 mod mlp;
 pub mod param;
+pub mod quant;
 pub mod saved;
 mod sparse_input;
 mod tower;

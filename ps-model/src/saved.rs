@@ -13,6 +13,7 @@ use ps_common::spec::Init;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::quant::Int8Tensor;
 
 /// The version this code writes and reads. Version 1 (`layers` and
 /// `tensors`, MLP only) was the first `model.msgpack`; it is not read.
@@ -27,6 +28,9 @@ pub const MAX_FILE_BYTES: u64 = 4 << 30;
 pub enum ModelKind {
     /// [`crate::Mlp`] with these layer sizes; tensors `fc1.weight`, `fc1.bias`, ...
     Mlp { layers: Vec<usize> },
+    /// The same network quantized to int8 ([`crate::quant`]): int8 tensors
+    /// `fc{l}.weight`, f32 tensors `fc{l}.weight_scale` and `fc{l}.bias`.
+    MlpInt8 { layers: Vec<usize> },
     /// [`crate::logreg`]: one sparse table of width 1, keys `0..num_features`
     /// for the features and `num_features` for the bias.
     Logreg { num_features: usize, table: String },
@@ -51,6 +55,13 @@ impl ModelKind {
     pub fn dense_tensors(&self) -> Result<Vec<(String, Vec<usize>)>> {
         match self {
             ModelKind::Mlp { layers } => dense_stack("", layers),
+            ModelKind::MlpInt8 { layers } => Ok(dense_stack("", layers)?
+                .into_iter()
+                .map(|(name, shape)| match name.strip_suffix(".weight") {
+                    Some(layer) => (format!("{layer}.weight_scale"), vec![shape[1]]),
+                    None => (name, shape),
+                })
+                .collect()),
             ModelKind::Logreg { .. } | ModelKind::Mf { .. } => Ok(Vec::new()),
             ModelKind::Ctr { slots, emb_dim, hidden, tower_prefix, .. } => {
                 let input = slots.checked_mul(*emb_dim).ok_or_else(|| Error::Shape {
@@ -64,10 +75,20 @@ impl ModelKind {
         }
     }
 
+    /// The int8 tensors of the architecture, with their shapes.
+    pub fn int8_tensors(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        match self {
+            ModelKind::MlpInt8 { layers } => {
+                Ok(dense_stack("", layers)?.into_iter().filter(|(n, _)| n.ends_with(".weight")).collect())
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
     /// The sparse tables of the architecture and their widths.
     pub fn sparse_tables(&self) -> Vec<(&str, usize)> {
         match self {
-            ModelKind::Mlp { .. } => Vec::new(),
+            ModelKind::Mlp { .. } | ModelKind::MlpInt8 { .. } => Vec::new(),
             ModelKind::Logreg { table, .. } => vec![(table, 1)],
             ModelKind::Mf { dim, users, items, user_bias, item_bias, .. } => {
                 vec![(users, *dim), (items, *dim), (user_bias, 1), (item_bias, 1)]
@@ -139,12 +160,15 @@ pub struct SavedModel {
     pub model: ModelKind,
     pub dense: Vec<DenseTensor>,
     pub sparse: Vec<SparseTable>,
+    /// The int8 tensors of a quantized model ([`crate::quant`]).
+    #[serde(default)]
+    pub int8: Vec<Int8Tensor>,
 }
 
 impl SavedModel {
     /// A model of the current format version.
     pub fn new(model: ModelKind, dense: Vec<DenseTensor>, sparse: Vec<SparseTable>) -> SavedModel {
-        SavedModel { version: FORMAT_VERSION, model, dense, sparse }
+        SavedModel { version: FORMAT_VERSION, model, dense, sparse, int8: Vec::new() }
     }
 
     /// Every tensor's length matches its shape and every table's its keys.
@@ -168,6 +192,24 @@ impl SavedModel {
                     reason: format!("{} keys of width {} but {} values", t.keys.len(), t.dim, t.values.len()),
                 });
             }
+        }
+        for t in &self.int8 {
+            let len = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            if len != Some(t.values.len()) {
+                return Err(Error::Shape {
+                    name: t.name.clone(),
+                    reason: format!("shape {:?} but {} int8 values", t.shape, t.values.len()),
+                });
+            }
+        }
+        let expected = self.model.int8_tensors()?;
+        let found: Vec<(&str, &[usize])> =
+            self.int8.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+        if expected.len() != found.len()
+            || !expected.iter().zip(&found).all(|((n, s), (fn_, fs))| n == fn_ && s.as_slice() == *fs)
+        {
+            let reason = format!("the architecture needs int8 tensors {expected:?}, found {found:?}");
+            return Err(Error::Shape { name: "fc1.weight (int8 tensors)".into(), reason });
         }
         self.validate_architecture()
     }

@@ -65,9 +65,17 @@ struct Migrations;
 
 impl<'s> MigrationSource<'s> for Migrations {
     fn resolve(self) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, BoxDynError>> + Send + 's>> {
-        let sql = include_str!("../migrations/0001_registry.sql");
+        let steps = [
+            (1, "registry", include_str!("../migrations/0001_registry.sql")),
+            (2, "method", include_str!("../migrations/0002_method.sql")),
+        ];
         Box::pin(async move {
-            Ok(vec![Migration::new(1, "registry".into(), MigrationType::Simple, sql.into(), false)])
+            Ok(steps
+                .into_iter()
+                .map(|(v, name, sql)| {
+                    Migration::new(v, name.into(), MigrationType::Simple, sql.into(), false)
+                })
+                .collect())
         })
     }
 }
@@ -85,6 +93,9 @@ pub struct Lineage {
     pub checkpoint: Option<String>,
     /// The version this one was fine-tuned or compressed from (same model).
     pub parent_version: Option<i64>,
+    /// How it was made from its parent (e.g. `int8`: post-training
+    /// quantization).
+    pub method: Option<String>,
 }
 
 /// A version to register.
@@ -166,7 +177,7 @@ pub struct Registry {
 }
 
 const VERSION_COLUMNS: &str = "model, version, sha256, size_bytes, metrics, run_config, data_checksums, \
-     source_run, checkpoint, parent_version, created_at, created_by";
+     source_run, checkpoint, parent_version, created_at, created_by, method";
 const MOVE_COLUMNS: &str = "model, label, seq, action, from_version, to_version, moved_at, moved_by";
 
 impl Registry {
@@ -267,7 +278,7 @@ impl Registry {
             .await?;
         let l = &new.lineage;
         sqlx::query(&format!(
-            "INSERT INTO versions ({VERSION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            "INSERT INTO versions ({VERSION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
         ))
         .bind(new.model.as_str())
         .bind(version)
@@ -281,6 +292,7 @@ impl Registry {
         .bind(l.parent_version)
         .bind(now.as_str())
         .bind(new.created_by.as_str())
+        .bind(l.method.clone())
         .execute(&mut *tx)
         .await?;
         let version = ModelVersion {
@@ -571,6 +583,7 @@ fn version_from_row(r: &AnyRow) -> Result<ModelVersion> {
             source_run: r.try_get("source_run")?,
             checkpoint: r.try_get("checkpoint")?,
             parent_version: r.try_get("parent_version")?,
+            method: r.try_get("method")?,
         },
         created_at: r.try_get("created_at")?,
         created_by: r.try_get("created_by")?,

@@ -99,10 +99,30 @@ impl Rows {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Servable {
-    Mlp { mlp: ps_model::Mlp, params: Vec<f32> },
-    Logreg { num_features: usize, weights: Rows },
-    Mf { mu: f32, users: Rows, items: Rows, user_bias: Rows, item_bias: Rows },
-    Ctr { slots: usize, key_space: u64, tower: Tower, params: Vec<f32>, embeddings: Rows },
+    Mlp {
+        mlp: ps_model::Mlp,
+        params: Vec<f32>,
+    },
+    /// An int8 MLP, executed in int8 ([`ps_model::quant`]).
+    MlpInt8(ps_model::quant::Int8Mlp),
+    Logreg {
+        num_features: usize,
+        weights: Rows,
+    },
+    Mf {
+        mu: f32,
+        users: Rows,
+        items: Rows,
+        user_bias: Rows,
+        item_bias: Rows,
+    },
+    Ctr {
+        slots: usize,
+        key_space: u64,
+        tower: Tower,
+        params: Vec<f32>,
+        embeddings: Rows,
+    },
 }
 
 /// Largest number of (index, value) pairs of one logistic-regression example.
@@ -112,6 +132,9 @@ impl Servable {
     /// Builds the model of `saved` (validated first).
     pub fn new(saved: SavedModel) -> Result<Servable> {
         saved.validate()?;
+        if let ModelKind::MlpInt8 { .. } = saved.model {
+            return Ok(Servable::MlpInt8(ps_model::quant::Int8Mlp::new(&saved)?));
+        }
         let SavedModel { model, dense, mut sparse, .. } = saved;
         let mut table = |name: &str| -> Result<Rows> {
             let i = sparse.iter().position(|t| t.name == name).ok_or_else(|| {
@@ -135,6 +158,7 @@ impl Servable {
                 let params = flat(&model)?;
                 Servable::Mlp { mlp: ps_model::Mlp::new(layers), params }
             }
+            ModelKind::MlpInt8 { .. } => unreachable!("built above"),
             ModelKind::Logreg { num_features, table: name } => {
                 Servable::Logreg { num_features: *num_features, weights: table(name)? }
             }
@@ -162,6 +186,7 @@ impl Servable {
     pub fn kind(&self) -> &'static str {
         match self {
             Servable::Mlp { .. } => "mlp",
+            Servable::MlpInt8(_) => "mlp_int8",
             Servable::Logreg { .. } => "logreg",
             Servable::Mf { .. } => "mf",
             Servable::Ctr { .. } => "ctr",
@@ -171,8 +196,8 @@ impl Servable {
     /// What one example is, for people.
     pub fn input(&self) -> String {
         match self {
-            Servable::Mlp { mlp, .. } => {
-                format!("{} features (MNIST: pixels scaled to [0, 1])", mlp.sizes()[0])
+            Servable::Mlp { .. } | Servable::MlpInt8(_) => {
+                format!("{} features (MNIST: pixels scaled to [0, 1])", self.input_width())
             }
             Servable::Logreg { num_features, .. } => {
                 format!("sparse features: indices in 0..{num_features} with their values")
@@ -186,6 +211,7 @@ impl Servable {
     pub fn input_width(&self) -> usize {
         match self {
             Servable::Mlp { mlp, .. } => mlp.sizes()[0],
+            Servable::MlpInt8(m) => m.input_width(),
             Servable::Ctr { slots, .. } => *slots,
             _ => 0,
         }
@@ -195,6 +221,7 @@ impl Servable {
     pub fn output_width(&self) -> usize {
         match self {
             Servable::Mlp { mlp, .. } => mlp.num_classes(),
+            Servable::MlpInt8(m) => m.num_classes(),
             _ => 1,
         }
     }
@@ -206,8 +233,8 @@ impl Servable {
             None => Ok(()),
         };
         match (self, inputs) {
-            (Servable::Mlp { mlp, .. }, Inputs::Dense { width, values }) => {
-                let expected = mlp.sizes()[0];
+            (Servable::Mlp { .. } | Servable::MlpInt8(_), Inputs::Dense { width, values }) => {
+                let expected = self.input_width();
                 if *width != expected {
                     return Err(Error::bad(format!(
                         "the model takes {expected} features per example, got {width}"
@@ -272,7 +299,7 @@ impl Servable {
 
     fn expected_inputs(&self) -> &'static str {
         match self {
-            Servable::Mlp { .. } => "dense",
+            Servable::Mlp { .. } | Servable::MlpInt8(_) => "dense",
             Servable::Logreg { .. } => "sparse",
             Servable::Mf { .. } => "pairs",
             Servable::Ctr { .. } => "slots",
@@ -294,6 +321,7 @@ impl Servable {
                 let mut ws = mlp.workspace(rows.max(1));
                 mlp.predict(params, x, &mut ws, out);
             }
+            (Servable::MlpInt8(m), Inputs::Dense { values, .. }) => m.predict(values, out),
             (Servable::Logreg { num_features, weights }, Inputs::Sparse(rows)) => {
                 let bias = weights.scalar(*num_features as u64);
                 out.extend(rows.iter().map(|(idx, val)| {

@@ -130,6 +130,7 @@ impl Online {
 fn kind_name(kind: &ModelKind) -> &'static str {
     match kind {
         ModelKind::Mlp { .. } => "mlp",
+        ModelKind::MlpInt8 { .. } => "mlp_int8",
         ModelKind::Logreg { .. } => "logreg",
         ModelKind::Mf { .. } => "mf",
         ModelKind::Ctr { .. } => "ctr",
