@@ -598,3 +598,53 @@ async fn online_mode_serves_the_live_weights_and_says_how_fresh() {
     running.abort();
     shards.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_int8_version_is_served_in_int8_and_names_its_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry(&dir).await;
+    let f32_model = mlp(3);
+    let parent = register(&reg, "mnist", &f32_model).await;
+    let int8 = ps_model::quant::quantize_mlp(&f32_model).unwrap();
+    let new = NewVersion {
+        model: "mnist".into(),
+        artifact: int8.to_bytes().unwrap(),
+        metrics: BTreeMap::new(),
+        lineage: ps_registry::Lineage {
+            parent_version: Some(parent),
+            method: Some("int8".into()),
+            ..Default::default()
+        },
+        created_by: "test".into(),
+    };
+    let v = reg.register(new).await.unwrap();
+    let stored = reg.version("mnist", v.version).await.unwrap();
+    assert_eq!(
+        (stored.lineage.parent_version, stored.lineage.method.as_deref()),
+        (Some(parent), Some("int8"))
+    );
+    assert!(stored.artifact.size * 4 < reg.version("mnist", parent).await.unwrap().artifact.size);
+
+    let slot = ModelSlot::from_registry(
+        "mnist".into(),
+        Source::Version(v.version),
+        Arc::clone(&reg),
+        Some(BatchConfig::default()),
+        MAX_ROWS,
+    );
+    let running = serve(vec![Arc::new(slot)]).await;
+    let x = pixels(3, 11);
+    let mut want = Vec::new();
+    ps_model::quant::Int8Mlp::new(&int8).unwrap().predict(&x, &mut want);
+    let answer = grpc(&running)
+        .await
+        .predict(pb::PredictRequest { model: "mnist".into(), version: 0, inputs: dense(x) })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((answer.version, answer.width), (v.version, 10));
+    assert!(close(&answer.outputs, &want), "served int8 outputs are the int8 network's");
+    let (_, status) = http(&http_client(), running.http, "/v1/models/mnist", None).await;
+    assert_eq!(status["kind"], "mlp_int8");
+    running.abort();
+}
