@@ -276,6 +276,36 @@ fn bad(what: &'static str, kind: CodecKind, reason: String) -> Error {
     Error::BadEncoding { what, codec: kind.name(), reason }
 }
 
+/// Bytes of `n` values encoded as `kind` (int8 groups of `group`); `None`
+/// for top-k, whose length depends on how many values were kept (or on
+/// overflow).
+pub fn encoded_len(kind: CodecKind, n: usize, group: usize) -> Option<usize> {
+    match kind {
+        CodecKind::F32 => n.checked_mul(4),
+        CodecKind::F16 | CodecKind::Bf16 => n.checked_mul(2),
+        CodecKind::Int8 => n.div_ceil(group.max(1)).checked_mul(4)?.checked_add(n),
+        CodecKind::TopK => None,
+    }
+}
+
+/// Decodes a block of `n` values into a new vector. For every kind but
+/// top-k the byte length is checked before anything is allocated; a top-k
+/// block allocates `n`, which the caller bounds (a registered chunk length,
+/// or keys x row width under the shard's message limit).
+pub fn decode(kind: CodecKind, what: &'static str, bytes: &[u8], n: usize, group: usize) -> Result<Vec<f32>> {
+    if kind != CodecKind::TopK && encoded_len(kind, n, group) != Some(bytes.len()) {
+        return Err(length_error(kind, what, bytes.len(), n, encoded_len(kind, n, group)));
+    }
+    let mut out = vec![0.0; n];
+    decode_into(kind, what, bytes, group, &mut out)?;
+    Ok(out)
+}
+
+fn length_error(kind: CodecKind, what: &'static str, got: usize, n: usize, expected: Option<usize>) -> Error {
+    let expected = expected.map_or("more".into(), |e| e.to_string());
+    bad(what, kind, format!("{got} bytes, expected {expected} for {n} values"))
+}
+
 /// Decodes `bytes` (of `kind`, int8 groups of `group`) into `out`, which
 /// must be exactly as long as the block the sender encoded. Checks every
 /// length, scale and index first; on an error `out` is unchanged.
@@ -290,28 +320,20 @@ pub fn decode_into(
     let want = |expected: Option<usize>| -> Result<()> {
         match expected {
             Some(e) if e == bytes.len() => Ok(()),
-            _ => Err(bad(
-                what,
-                kind,
-                format!(
-                    "{} bytes, expected {} for {n} values",
-                    bytes.len(),
-                    expected.map_or("more".into(), |e| e.to_string())
-                ),
-            )),
+            _ => Err(length_error(kind, what, bytes.len(), n, expected)),
         }
     };
     match kind {
         CodecKind::F32 => crate::codec::decode_f32_into(what, bytes, out),
         CodecKind::F16 => {
-            want(n.checked_mul(2))?;
+            want(encoded_len(kind, n, group))?;
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                 *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
             }
             Ok(())
         }
         CodecKind::Bf16 => {
-            want(n.checked_mul(2))?;
+            want(encoded_len(kind, n, group))?;
             for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                 *o = bf16::from_le_bytes([b[0], b[1]]).to_f32();
             }
@@ -319,7 +341,7 @@ pub fn decode_into(
         }
         CodecKind::Int8 => {
             let group = group.max(1);
-            want(n.div_ceil(group).checked_mul(4).and_then(|s| s.checked_add(n)))?;
+            want(encoded_len(kind, n, group))?;
             let scales = bytes.chunks(group + 4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
             if let Some(s) = scales.clone().find(|s| !(s.is_finite() && *s >= 0.0)) {
                 return Err(bad(what, kind, format!("scale {s} is not a finite non-negative number")));

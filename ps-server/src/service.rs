@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ps_common::codec;
+use ps_common::compress::{self, CodecKind, Codecs};
 use ps_common::spec::{Consistency, TableSpec};
 use ps_common::wire::pb::{self, parameter_server_server::ParameterServer};
 use tonic::{Request, Response, Status};
@@ -75,6 +76,44 @@ impl Shard {
         Ok(root.join(name))
     }
 
+    /// Decodes the gradient of chunk `c` of a dense push, sent as `kind`.
+    /// An f32 gradient is decoded as it comes and its length checked by the
+    /// store (naming the chunk); a compressed one is decoded to the chunk's
+    /// length, which the store knows.
+    fn dense_gradient(&self, c: &pb::DenseChunk, kind: CodecKind) -> Result<Vec<f32>, Error> {
+        if kind == CodecKind::F32 {
+            if let Some(codecs) = self.store.codecs(&c.tensor) {
+                check_push_codec(&c.tensor, codecs, kind)?;
+            }
+            return Ok(codec::decode_f32("gradient", &c.values)?);
+        }
+        let (codecs, len) = self.store.dense_wire(&c.tensor, c.index)?;
+        check_push_codec(&c.tensor, codecs, kind)?;
+        Ok(compress::decode(kind, "gradient", &c.values, len, len)?)
+    }
+
+    /// Decodes the gradient of a sparse push of `keys` rows, sent as `kind`
+    /// (int8: one scale per row).
+    fn sparse_gradient(
+        &self,
+        table: &str,
+        grads: &[u8],
+        keys: usize,
+        kind: CodecKind,
+    ) -> Result<Vec<f32>, Error> {
+        if kind == CodecKind::F32 {
+            if let Some(codecs) = self.store.codecs(table) {
+                check_push_codec(table, codecs, kind)?;
+            }
+            return Ok(codec::decode_f32("gradient", grads)?);
+        }
+        let (codecs, dim) = self.store.sparse_wire(table)?;
+        check_push_codec(table, codecs, kind)?;
+        let n = keys.checked_mul(dim);
+        self.store.check_push_size(n)?;
+        Ok(compress::decode(kind, "gradient", grads, n.unwrap_or(0), dim)?)
+    }
+
     async fn before_read(&self, meta: Option<&pb::ReadMeta>) -> Result<(), Error> {
         if let Some(m) = meta {
             self.clocks.touch(m.worker);
@@ -82,6 +121,34 @@ impl Shard {
         }
         Ok(())
     }
+}
+
+/// A push's gradients must travel in their table's push codec.
+fn check_push_codec(table: &str, codecs: Codecs, kind: CodecKind) -> Result<(), Error> {
+    let expected = codecs.push.kind();
+    if expected == kind {
+        Ok(())
+    } else {
+        Err(ps_common::Error::CodecMismatch {
+            table: table.to_string(),
+            expected: expected.name(),
+            got: kind.name(),
+        }
+        .into())
+    }
+}
+
+/// The codec of each of `n` blocks of a push: `PushMeta.codecs` has one
+/// entry per block, or none (all f32).
+fn push_codecs(meta: &pb::PushMeta, n: usize) -> Result<Vec<CodecKind>, Error> {
+    if meta.codecs.is_empty() {
+        return Ok(vec![CodecKind::F32; n]);
+    }
+    if meta.codecs.len() != n {
+        let (expected, got) = (n, meta.codecs.len());
+        return Err(ps_common::Error::LengthMismatch { what: "push codecs", expected, got }.into());
+    }
+    Ok(meta.codecs.iter().map(|&k| CodecKind::from_wire("push codec", k)).collect::<Result<_, _>>()?)
 }
 
 #[tonic::async_trait]
@@ -111,15 +178,30 @@ impl ParameterServer for Service {
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let ids: Vec<(&str, u32)> = req.chunks.iter().map(|c| (c.tensor.as_str(), c.index)).collect();
         let mut values = Vec::with_capacity(ids.len());
+        let compressed = req.meta.is_some_and(|m| m.compressed);
+        // Each chunk in its table's pull codec (f32 unless asked).
+        let codecs: Vec<_> = if compressed {
+            ids.iter().map(|(t, _)| self.0.store.codecs(t).map_or(compress::Codec::F32, |c| c.pull)).collect()
+        } else {
+            Vec::new()
+        };
         // Encoded straight from each block, under its lock: one copy.
-        self.0.store.pull_dense(&ids, |v| values.push(codec::encode_f32(v))).map_err(|e| self.0.refuse(e))?;
+        (self.0.store)
+            .pull_dense(&ids, |v| {
+                let mut out = Vec::new();
+                let codec = codecs.get(values.len()).copied().unwrap_or_default();
+                compress::encode(codec, v, v.len(), 0, &mut out);
+                values.push(out.into());
+            })
+            .map_err(|e| self.0.refuse(e))?;
         let chunks = req
             .chunks
             .into_iter()
             .zip(values)
             .map(|(c, values)| pb::DenseChunk { tensor: c.tensor, index: c.index, values })
             .collect();
-        Ok(Response::new(pb::PullDenseResponse { chunks }))
+        let codecs = codecs.iter().map(|c| c.kind().to_wire()).collect();
+        Ok(Response::new(pb::PullDenseResponse { chunks, codecs }))
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), chunks = req.get_ref().chunks.len()))]
@@ -131,7 +213,8 @@ impl ParameterServer for Service {
         let meta = req.meta.unwrap_or_default();
         let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
         let info = self.0.before_push(&meta);
-        let grads = (req.chunks.iter().map(|c| codec::decode_f32("gradient", &c.values)))
+        let kinds = push_codecs(&meta, req.chunks.len()).map_err(|e| self.0.refuse(e))?;
+        let grads = (req.chunks.iter().zip(kinds).map(|(c, kind)| self.0.dense_gradient(c, kind)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.0.refuse(e))?;
         let chunks: Vec<(&str, u32, &[f32])> =
@@ -150,17 +233,25 @@ impl ParameterServer for Service {
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
         let mut values = Vec::new();
+        let compressed = req.meta.is_some_and(|m| m.compressed);
+        let codec = match self.0.store.codecs(&req.table) {
+            Some(c) if compressed => c.pull,
+            _ => compress::Codec::F32,
+        };
         let dim = self
             .0
             .store
             .pull_sparse(&req.table, &keys, req.read_only, |row| {
                 if values.is_empty() {
-                    values.reserve_exact(keys.len() * row.len() * 4);
+                    let width = compress::encoded_len(codec.kind(), row.len(), row.len()).unwrap_or(0);
+                    values.reserve_exact(keys.len() * width);
                 }
-                codec::append_f32(&mut values, row);
+                // f32, fp16 and bf16 encode value by value: rows end to end.
+                compress::encode(codec, row, row.len(), 0, &mut values);
             })
             .map_err(|e| self.0.refuse(e))?;
-        Ok(Response::new(pb::PullSparseResponse { values: values.into(), dim: dim as u32 }))
+        let codec = codec.kind().to_wire();
+        Ok(Response::new(pb::PullSparseResponse { values: values.into(), dim: dim as u32, codec }))
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), table = %req.get_ref().table))]
@@ -173,7 +264,9 @@ impl ParameterServer for Service {
         let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
         let info = self.0.before_push(&meta);
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
-        let grads = codec::decode_f32("gradient", &req.grads).map_err(|e| self.0.refuse(e))?;
+        let kind = push_codecs(&meta, 1).map_err(|e| self.0.refuse(e))?[0];
+        let grads =
+            self.0.sparse_gradient(&req.table, &req.grads, keys.len(), kind).map_err(|e| self.0.refuse(e))?;
         let out = self.0.store.push_sparse(&req.table, &keys, &grads, info).map_err(|e| self.0.refuse(e))?;
         self.0.after_push(&meta, info, out.duplicate);
         Ok(Response::new(pb::PushResponse { applied: out.applied, duplicate: out.duplicate }))

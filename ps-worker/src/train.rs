@@ -45,7 +45,9 @@ async fn run_as<W: Workload>(
 ) -> Result<()> {
     let client = session::connect(job, servers, id).await?;
     let mut workload = W::open(job, Role::Train(id), client.num_shards())?;
-    let mut session = Session::join(client, job, id, &workload.tables()).await?;
+    let mut tables = workload.tables();
+    job.codecs.apply(&mut tables)?;
+    let mut session = Session::join(client, job, id, &tables).await?;
     let start = session.start_clock;
     let result = train_loop(&mut workload, &mut session.client, job, id, start, reporter).await;
     session.close(result).await
@@ -106,7 +108,7 @@ async fn train_loop<W: Workload>(
             d.eval(epoch, s.loss, s.score);
         }
     }
-    d.done();
+    d.done(client.wire_bytes());
     Ok(())
 }
 

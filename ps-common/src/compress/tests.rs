@@ -173,7 +173,15 @@ proptest! {
         group in 0usize..20,
     ) {
         let mut out = vec![7.0f32; n];
-        match decode_into(kind, "hostile", &bytes, group, &mut out) {
+        let allocated = decode(kind, "hostile", &bytes, n, group);
+        let result = decode_into(kind, "hostile", &bytes, group, &mut out);
+        let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        prop_assert_eq!(
+            allocated.as_ref().ok().map(bits),
+            result.as_ref().ok().map(|_| bits(&out)),
+            "decode and decode_into agree"
+        );
+        match result {
             Ok(()) => {
                 let g = group.max(1);
                 let expected = match kind {
