@@ -24,6 +24,7 @@
 //! Pure functions, no I/O. Half-precision conversions come from the `half`
 //! crate (round to nearest even, subnormals, NaN handled as IEEE says).
 
+use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +51,28 @@ pub enum Codec {
     /// Only the `ceil(ratio * n)` values of largest magnitude, with their
     /// indices.
     TopK { ratio: f32 },
+}
+
+/// The short form of the command line: `f32`, `fp16`, `bf16`, `int8`,
+/// `int8:stochastic`, `top_k:RATIO`.
+impl std::str::FromStr for Codec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Codec> {
+        let codec = match s.split_once(':') {
+            None => CodecTable { codec: s.to_string(), stochastic: None, ratio: None },
+            Some(("int8", "stochastic")) => {
+                CodecTable { codec: "int8".into(), stochastic: Some(true), ratio: None }
+            }
+            Some(("top_k", r)) => {
+                let ratio = r
+                    .parse()
+                    .map_err(|_| Error::InvalidCodec(format!("top_k ratio `{r}` is not a number")))?;
+                CodecTable { codec: "top_k".into(), stochastic: None, ratio: Some(ratio) }
+            }
+            _ => return Err(Error::InvalidCodec(format!("unknown codec `{s}`"))),
+        };
+        Codec::try_from(codec)
+    }
 }
 
 /// A codec as a run file spells it (a flat table, so that a key that does
@@ -192,6 +215,14 @@ impl Codecs {
 /// Largest magnitude an int8 code takes.
 const INT8_MAX: f32 = 127.0;
 
+/// The finite range of fp16.
+const F16_MAX: f32 = 65504.0;
+const F16_MAX_NEG: f32 = -65504.0;
+
+/// fp16 values are converted through stack buffers this long: `half`'s
+/// slice conversions use F16C, several lanes at a time, where the CPU has it.
+const BATCH: usize = 512;
+
 /// Appends the encoding of `values` to `out`. `group` is the int8 scale
 /// group (a dense chunk's length, or a sparse row's width); `seed` drives
 /// stochastic rounding, so the same inputs always give the same bytes.
@@ -199,42 +230,65 @@ pub fn encode(codec: Codec, values: &[f32], group: usize, seed: u64, out: &mut V
     match codec {
         Codec::F32 => crate::codec::append_f32(out, values),
         Codec::F16 => {
-            out.reserve(values.len() * 2);
-            for &v in values {
-                // Saturate: a large finite gradient must not become infinite.
-                let h = f16::from_f32(v.clamp(f16::MIN.to_f32(), f16::MAX.to_f32()));
-                let h = if v.is_nan() { f16::NAN } else { h };
-                out.extend_from_slice(&h.to_le_bytes());
+            let start = out.len();
+            out.resize(start + 2 * values.len(), 0);
+            let (mut wide, mut half) = ([0.0f32; BATCH], [f16::ZERO; BATCH]);
+            for (v, bytes) in values.chunks(BATCH).zip(out[start..].chunks_mut(2 * BATCH)) {
+                let (wide, half) = (&mut wide[..v.len()], &mut half[..v.len()]);
+                // Saturate: a large finite gradient must not become infinite
+                // (NaN stays NaN).
+                wide.iter_mut().zip(v).for_each(|(w, &x)| *w = x.clamp(F16_MAX_NEG, F16_MAX));
+                half.convert_from_f32_slice(wide);
+                bytes
+                    .chunks_exact_mut(2)
+                    .zip(half.iter())
+                    .for_each(|(b, h)| b.copy_from_slice(&h.to_le_bytes()));
             }
         }
         Codec::Bf16 => {
-            out.reserve(values.len() * 2);
-            for &v in values {
-                out.extend_from_slice(&bf16::from_f32(v).to_le_bytes());
+            let start = out.len();
+            out.resize(start + 2 * values.len(), 0);
+            for (b, &v) in out[start..].chunks_exact_mut(2).zip(values) {
+                b.copy_from_slice(&bf16::from_f32(v).to_le_bytes());
             }
         }
         Codec::Int8 { stochastic } => {
             let group = group.max(1);
-            out.reserve(values.len() + 4 * values.len().div_ceil(group));
+            let start = out.len();
+            out.resize(start + encoded_len(CodecKind::Int8, values.len(), group).unwrap_or(0), 0);
             let mut rng = seed;
-            for block in values.chunks(group) {
+            for (block, bytes) in values.chunks(group).zip(out[start..].chunks_mut(group + 4)) {
                 let max = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 let scale = max / INT8_MAX;
-                out.extend_from_slice(&scale.to_le_bytes());
-                for &v in block {
-                    // Divide (not multiply by 1 / scale): a subnormal scale
-                    // has no finite inverse.
-                    let y = if scale > 0.0 { v / scale } else { 0.0 };
+                let (head, codes) = bytes.split_at_mut(4);
+                head.copy_from_slice(&scale.to_le_bytes());
+                // Multiply by 1 / scale where that is finite; a subnormal
+                // scale has no finite inverse and is divided by.
+                let inv = if scale >= f32::MIN_POSITIVE { 1.0 / scale } else { 0.0 };
+                let unit = |v: f32| {
+                    if inv > 0.0 {
+                        v * inv
+                    } else if scale > 0.0 {
+                        v / scale
+                    } else {
+                        0.0
+                    }
+                };
+                for (c, &v) in codes.iter_mut().zip(block) {
+                    let y = unit(v);
                     let q = if stochastic {
                         // floor(y) + Bernoulli(frac(y)): E[q] = y.
                         rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
                         let u = (splitmix64(rng) >> 40) as f32 / (1u64 << 24) as f32;
-                        let f = y.floor();
-                        f + f32::from(u8::from(u < y - f))
+                        let t = y as i32;
+                        let floor = if t as f32 > y { t - 1 } else { t };
+                        floor + i32::from(u < y - floor as f32)
                     } else {
-                        y.round()
+                        // Round half away from zero (`as` truncates, and
+                        // maps NaN to 0), without a libm call.
+                        (y + 0.5f32.copysign(y)) as i32
                     };
-                    out.push(q.clamp(-INT8_MAX, INT8_MAX) as i8 as u8);
+                    *c = q.clamp(-127, 127) as i8 as u8;
                 }
             }
         }
@@ -327,8 +381,13 @@ pub fn decode_into(
         CodecKind::F32 => crate::codec::decode_f32_into(what, bytes, out),
         CodecKind::F16 => {
             want(encoded_len(kind, n, group))?;
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f16::from_le_bytes([b[0], b[1]]).to_f32();
+            let mut half = [f16::ZERO; BATCH];
+            for (o, b) in out.chunks_mut(BATCH).zip(bytes.chunks(2 * BATCH)) {
+                let half = &mut half[..o.len()];
+                half.iter_mut()
+                    .zip(b.chunks_exact(2))
+                    .for_each(|(h, b)| *h = f16::from_le_bytes([b[0], b[1]]));
+                half.convert_to_f32_slice(o);
             }
             Ok(())
         }

@@ -239,9 +239,27 @@ impl ShardedClient {
         (self.bytes_pushed.load(Ordering::Relaxed), self.bytes_pulled.load(Ordering::Relaxed))
     }
 
-    /// The residuals of error feedback (for tests and reports).
-    pub fn residuals(&self) -> &Residuals {
-        &self.residuals
+    /// The error-feedback residual of every element of `set`, laid out
+    /// like it (zeros where none is kept).
+    pub fn dense_residual(&self, set: &DenseSet) -> Vec<f32> {
+        let mut out = vec![0.0; set.len];
+        for (t, idx, r) in set.by_shard.iter().flatten() {
+            if let Some(res) = self.residuals.dense_chunk(t, *idx) {
+                out[r.clone()].copy_from_slice(res);
+            }
+        }
+        out
+    }
+
+    /// The error-feedback residual of the rows of `keys` (`dim` each).
+    pub fn sparse_residual(&self, table: &str, keys: &[u64], dim: usize) -> Vec<f32> {
+        let mut out = vec![0.0; keys.len() * dim];
+        for (&k, o) in keys.iter().zip(out.chunks_exact_mut(dim)) {
+            if let Some(r) = self.residuals.row(table, k) {
+                o.copy_from_slice(r);
+            }
+        }
+        out
     }
 
     fn codecs_of(&self, table: &str) -> Codecs {

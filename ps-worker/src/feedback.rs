@@ -56,6 +56,16 @@ impl Residuals {
         }
     }
 
+    /// The residual of chunk `index` of `tensor`, if it has one.
+    pub fn dense_chunk(&self, tensor: &str, index: u32) -> Option<&[f32]> {
+        self.dense.get(&(tensor.to_string(), index)).map(Vec::as_slice)
+    }
+
+    /// The residual of row `key` of `table`, if it has one.
+    pub fn row(&self, table: &str, key: u64) -> Option<&[f32]> {
+        self.sparse.get(table)?.get(&key).map(|r| &r[..])
+    }
+
     /// Sparse rows holding a residual, over all tables.
     pub fn sparse_rows(&self) -> usize {
         self.sparse.values().map(HashMap::len).sum()

@@ -86,7 +86,8 @@ proptest! {
             let scale = xs.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0;
             for (x, d) in xs.iter().zip(ds) {
                 let err = (d - x).abs();
-                prop_assert!(err <= scale * (0.5 + 1e-5) + f32::MIN_POSITIVE, "{x} -> {d}, scale {scale}");
+                // Half a step, up to the rounding of x / scale (a few ulps of 127).
+                prop_assert!(err <= scale * (0.5 + 1e-4) + f32::MIN_POSITIVE, "{x} -> {d}, scale {scale}");
             }
         }
     }
@@ -100,7 +101,7 @@ proptest! {
         prop_assert_eq!(&back, &round_trip(codec, &v, v.len().max(1), seed));
         let scale = v.iter().fold(0.0f32, |m, x| m.max(x.abs())) / 127.0;
         for (x, d) in v.iter().zip(&back) {
-            prop_assert!((d - x).abs() <= scale * (1.0 + 1e-5) + f32::MIN_POSITIVE, "{x} -> {d}");
+            prop_assert!((d - x).abs() <= scale * (1.0 + 1e-4) + f32::MIN_POSITIVE, "{x} -> {d}");
         }
     }
 
@@ -284,6 +285,13 @@ fn codecs_read_from_toml_and_validate() {
         assert_eq!(read(&toml::to_string(&W { c }).unwrap()).unwrap(), c, "written and read back");
     }
     assert!(Codec::TopK { ratio: 0.0 }.validate().is_err());
+    // The command line's short form.
+    assert_eq!("int8:stochastic".parse::<Codec>().unwrap(), Codec::Int8 { stochastic: true });
+    assert_eq!("top_k:0.01".parse::<Codec>().unwrap(), Codec::TopK { ratio: 0.01 });
+    assert_eq!("bf16".parse::<Codec>().unwrap(), Codec::Bf16);
+    for bad in ["int4", "top_k", "top_k:x", "top_k:2", "fp16:stochastic"] {
+        assert!(bad.parse::<Codec>().is_err(), "{bad}");
+    }
     assert!(Codec::TopK { ratio: 1.5 }.validate().is_err());
     let pulls_in_int8 = Codecs { push: Codec::F32, pull: Codec::Int8 { stochastic: false } };
     assert!(pulls_in_int8.validate().is_err());
