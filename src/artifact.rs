@@ -537,6 +537,8 @@ mod tests {
             compute_s: 0.5,
             push_s: 0.7,
             straggle_s: 0.0,
+            bytes_pushed: 10 * 2048,
+            bytes_pulled: 10 * 4096,
         })
     }
 

@@ -125,14 +125,15 @@ impl From<Codec> for CodecTable {
     }
 }
 
-/// What is on the wire: all a decoder needs to know.
+/// What is on the wire: all a decoder needs to know. The discriminants are
+/// the wire enum's values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CodecKind {
-    F32,
-    F16,
-    Bf16,
-    Int8,
-    TopK,
+    F32 = 0,
+    F16 = 1,
+    Bf16 = 2,
+    Int8 = 3,
+    TopK = 4,
 }
 
 impl CodecKind {
@@ -315,6 +316,19 @@ pub fn encode(codec: Codec, values: &[f32], group: usize, seed: u64, out: &mut V
             }
         }
     }
+}
+
+/// The fingerprint of a push's codecs (`PushMeta.codecs`): 0 when every
+/// block is f32, else FNV-1a 64 over one byte per block (the wire enum
+/// value), never 0. A scalar, so the push metadata stays a plain value.
+pub fn codecs_tag(kinds: impl IntoIterator<Item = CodecKind>) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut lossy = false;
+    for k in kinds {
+        lossy |= k != CodecKind::F32;
+        hash = (hash ^ k as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    if lossy { hash.max(1) } else { 0 }
 }
 
 /// How many values top-k with `ratio` keeps of `n`: `ceil(ratio * n)`, at

@@ -12,8 +12,8 @@ pub enum Error {
     LengthMismatch { what: &'static str, expected: usize, got: usize },
     #[error("{what} ({codec}): {reason}")]
     BadEncoding { what: &'static str, codec: &'static str, reason: String },
-    #[error("`{table}` takes {expected} on the wire, got {got}")]
-    CodecMismatch { table: String, expected: &'static str, got: &'static str },
+    #[error("push codecs differ from the tables' ({expected}); the push says {got}")]
+    CodecMismatch { expected: String, got: String },
     #[error("invalid codec: {0}")]
     InvalidCodec(String),
     #[error("missing field `{0}`")]

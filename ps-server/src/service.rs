@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ps_common::codec;
-use ps_common::compress::{self, CodecKind, Codecs};
+use ps_common::compress::{self, CodecKind};
 use ps_common::spec::{Consistency, TableSpec};
 use ps_common::wire::pb::{self, parameter_server_server::ParameterServer};
 use tonic::{Request, Response, Status};
@@ -76,19 +76,21 @@ impl Shard {
         Ok(root.join(name))
     }
 
-    /// Decodes the gradient of chunk `c` of a dense push, sent as `kind`.
-    /// An f32 gradient is decoded as it comes and its length checked by the
-    /// store (naming the chunk); a compressed one is decoded to the chunk's
-    /// length, which the store knows.
+    /// The push codec of table `name` (f32 for a table this shard does not
+    /// know: the store refuses the push anyway, naming it).
+    fn push_kind(&self, name: &str) -> CodecKind {
+        self.store.codecs(name).map_or(CodecKind::F32, |c| c.push.kind())
+    }
+
+    /// Decodes the gradient of chunk `c` of a dense push, sent as `kind` (its
+    /// table's push codec). An f32 gradient is decoded as it comes and its
+    /// length checked by the store (naming the chunk); a compressed one is
+    /// decoded to the chunk's length, which the store knows.
     fn dense_gradient(&self, c: &pb::DenseChunk, kind: CodecKind) -> Result<Vec<f32>, Error> {
         if kind == CodecKind::F32 {
-            if let Some(codecs) = self.store.codecs(&c.tensor) {
-                check_push_codec(&c.tensor, codecs, kind)?;
-            }
             return Ok(codec::decode_f32("gradient", &c.values)?);
         }
-        let (codecs, len) = self.store.dense_wire(&c.tensor, c.index)?;
-        check_push_codec(&c.tensor, codecs, kind)?;
+        let (_, len) = self.store.dense_wire(&c.tensor, c.index)?;
         Ok(compress::decode(kind, "gradient", &c.values, len, len)?)
     }
 
@@ -102,13 +104,9 @@ impl Shard {
         kind: CodecKind,
     ) -> Result<Vec<f32>, Error> {
         if kind == CodecKind::F32 {
-            if let Some(codecs) = self.store.codecs(table) {
-                check_push_codec(table, codecs, kind)?;
-            }
             return Ok(codec::decode_f32("gradient", grads)?);
         }
-        let (codecs, dim) = self.store.sparse_wire(table)?;
-        check_push_codec(table, codecs, kind)?;
+        let (_, dim) = self.store.sparse_wire(table)?;
         let n = keys.checked_mul(dim);
         self.store.check_push_size(n)?;
         Ok(compress::decode(kind, "gradient", grads, n.unwrap_or(0), dim)?)
@@ -123,32 +121,19 @@ impl Shard {
     }
 }
 
-/// A push's gradients must travel in their table's push codec.
-fn check_push_codec(table: &str, codecs: Codecs, kind: CodecKind) -> Result<(), Error> {
-    let expected = codecs.push.kind();
-    if expected == kind {
-        Ok(())
-    } else {
-        Err(ps_common::Error::CodecMismatch {
-            table: table.to_string(),
-            expected: expected.name(),
-            got: kind.name(),
-        }
-        .into())
+/// A push's codec fingerprint (`PushMeta.codecs`) must be that of its
+/// blocks' tables' push codecs: a worker that encodes otherwise is refused
+/// before anything is decoded.
+fn check_push_codecs(meta: &pb::PushMeta, blocks: &[(&str, CodecKind)]) -> Result<(), Error> {
+    if meta.codecs == compress::codecs_tag(blocks.iter().map(|b| b.1)) {
+        return Ok(());
     }
-}
-
-/// The codec of each of `n` blocks of a push: `PushMeta.codecs` has one
-/// entry per block, or none (all f32).
-fn push_codecs(meta: &pb::PushMeta, n: usize) -> Result<Vec<CodecKind>, Error> {
-    if meta.codecs.is_empty() {
-        return Ok(vec![CodecKind::F32; n]);
-    }
-    if meta.codecs.len() != n {
-        let (expected, got) = (n, meta.codecs.len());
-        return Err(ps_common::Error::LengthMismatch { what: "push codecs", expected, got }.into());
-    }
-    Ok(meta.codecs.iter().map(|&k| CodecKind::from_wire("push codec", k)).collect::<Result<_, _>>()?)
+    let mut lossy: Vec<String> =
+        blocks.iter().filter(|b| b.1 != CodecKind::F32).map(|(t, k)| format!("`{t}` {k}")).collect();
+    lossy.dedup();
+    let expected = if lossy.is_empty() { "all f32".to_string() } else { lossy.join(", ") };
+    let got = if meta.codecs == 0 { "f32".to_string() } else { format!("fingerprint {:#x}", meta.codecs) };
+    Err(ps_common::Error::CodecMismatch { expected, got }.into())
 }
 
 #[tonic::async_trait]
@@ -213,8 +198,10 @@ impl ParameterServer for Service {
         let meta = req.meta.unwrap_or_default();
         let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
         let info = self.0.before_push(&meta);
-        let kinds = push_codecs(&meta, req.chunks.len()).map_err(|e| self.0.refuse(e))?;
-        let grads = (req.chunks.iter().zip(kinds).map(|(c, kind)| self.0.dense_gradient(c, kind)))
+        let kinds: Vec<(&str, CodecKind)> =
+            req.chunks.iter().map(|c| (c.tensor.as_str(), self.0.push_kind(&c.tensor))).collect();
+        check_push_codecs(&meta, &kinds).map_err(|e| self.0.refuse(e))?;
+        let grads = (req.chunks.iter().zip(&kinds).map(|(c, &(_, kind))| self.0.dense_gradient(c, kind)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.0.refuse(e))?;
         let chunks: Vec<(&str, u32, &[f32])> =
@@ -264,7 +251,8 @@ impl ParameterServer for Service {
         let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
         let info = self.0.before_push(&meta);
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
-        let kind = push_codecs(&meta, 1).map_err(|e| self.0.refuse(e))?[0];
+        let kind = self.0.push_kind(&req.table);
+        check_push_codecs(&meta, &[(&req.table, kind)]).map_err(|e| self.0.refuse(e))?;
         let grads =
             self.0.sparse_gradient(&req.table, &req.grads, keys.len(), kind).map_err(|e| self.0.refuse(e))?;
         let out = self.0.store.push_sparse(&req.table, &keys, &grads, info).map_err(|e| self.0.refuse(e))?;

@@ -255,7 +255,7 @@ impl ShardedClient {
     pub fn sparse_residual(&self, table: &str, keys: &[u64], dim: usize) -> Vec<f32> {
         let mut out = vec![0.0; keys.len() * dim];
         for (&k, o) in keys.iter().zip(out.chunks_exact_mut(dim)) {
-            if let Some(r) = self.residuals.row(table, k) {
+            if let Some(r) = self.residuals.row(table, k, dim) {
                 o.copy_from_slice(r);
             }
         }
@@ -556,9 +556,7 @@ impl ShardedClient {
                 kinds.push(codec.kind());
             }
             let mut meta = self.next_meta(i, clock, read_clock, tick);
-            if kinds.iter().any(|&k| k != CodecKind::F32) {
-                meta.codecs = kinds.iter().map(|k| k.to_wire()).collect();
-            }
+            meta.codecs = compress::codecs_tag(kinds);
             let msg = pb::PushDenseRequest { chunks: out, meta: Some(meta) };
             self.count_pushed(&msg);
             requests.push((i, msg));
@@ -602,7 +600,7 @@ impl ShardedClient {
     fn next_meta(&mut self, shard: usize, clock: u64, read_clock: u64, tick: bool) -> pb::PushMeta {
         let seq = self.next_seq[shard];
         self.next_seq[shard] += 1;
-        pb::PushMeta { worker: self.worker, seq, clock, tick, read_clock, codecs: Vec::new() }
+        pb::PushMeta { worker: self.worker, seq, clock, tick, read_clock, codecs: 0 }
     }
 
     /// Every row of sparse table `table` that exists, on every shard, as
@@ -768,9 +766,7 @@ impl ShardedClient {
                 compress::encode(codec, &g, dim, seed, &mut grads);
             }
             let mut meta = self.next_meta(i, clock, read_clock, tick);
-            if codec.kind() != CodecKind::F32 {
-                meta.codecs = vec![codec.kind().to_wire()];
-            }
+            meta.codecs = compress::codecs_tag([codec.kind()]);
             let msg = pb::PushSparseRequest {
                 table: table.to_string(),
                 keys: codec::encode_u64(ks),

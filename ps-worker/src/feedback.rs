@@ -14,15 +14,47 @@
 //! it does without codecs; the residual stays with the worker.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use ps_common::partition::splitmix64;
 
 /// The residuals of one worker, by table.
 #[derive(Debug, Default)]
 pub struct Residuals {
     /// (tensor, chunk index) -> residual of the chunk.
     dense: HashMap<(String, u32), Vec<f32>>,
-    /// table -> key -> residual of the row (rows whose residual is zero are
-    /// not kept).
-    sparse: HashMap<String, HashMap<u64, Box<[f32]>>>,
+    /// table -> rows of residuals.
+    sparse: HashMap<String, Rows>,
+}
+
+/// The residual rows of one sparse table: a key's row, once it has had a
+/// non-zero residual, keeps its slot in one flat arena (a CTR push touches
+/// ~10^5 rows: no allocation per row, one hash lookup per row and step).
+#[derive(Debug, Default)]
+struct Rows {
+    slot: HashMap<u64, u32, BuildHasherDefault<KeyHasher>>,
+    values: Vec<f32>,
+}
+
+/// SplitMix64 of a u64 key: cheaper than SipHash, and the keys come from
+/// the worker's own batches, not from the network.
+#[derive(Debug, Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = splitmix64(self.0 ^ u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, k: u64) {
+        self.0 = splitmix64(self.0 ^ k);
+    }
 }
 
 impl Residuals {
@@ -33,26 +65,36 @@ impl Residuals {
         r
     }
 
-    /// Moves the residuals of `keys` (rows of `dim`) out of the store into
-    /// `out` (`keys.len() * dim`, zeros where a key has none).
-    pub fn take_rows(&mut self, table: &str, keys: &[u64], dim: usize, out: &mut [f32]) {
+    /// Copies the residuals of `keys` (rows of `dim`) into `out`
+    /// (`keys.len() * dim`, zeros where a key has none); the caller stores
+    /// the new ones with [`Self::put_rows`].
+    pub fn take_rows(&self, table: &str, keys: &[u64], dim: usize, out: &mut [f32]) {
         out.fill(0.0);
-        let Some(rows) = self.sparse.get_mut(table) else { return };
+        let Some(rows) = self.sparse.get(table) else { return };
         for (&k, o) in keys.iter().zip(out.chunks_exact_mut(dim)) {
-            if let Some(r) = rows.remove(&k) {
-                o.copy_from_slice(&r);
+            if let Some(&s) = rows.slot.get(&k) {
+                let s = s as usize * dim;
+                o.copy_from_slice(&rows.values[s..s + dim]);
             }
         }
     }
 
-    /// Stores the residuals of `keys` (rows of `dim` in `residual`), keeping
-    /// only rows that are not all zero.
+    /// Stores the residuals of `keys` (rows of `dim` in `residual`); a key
+    /// without a slot gets one only if its row is not all zero.
     pub fn put_rows(&mut self, table: &str, keys: &[u64], dim: usize, residual: &[f32]) {
         let rows = self.sparse.entry(table.to_string()).or_default();
         for (&k, r) in keys.iter().zip(residual.chunks_exact(dim)) {
-            if r.iter().any(|&v| v != 0.0) {
-                rows.insert(k, r.into());
-            }
+            let s = match rows.slot.get(&k) {
+                Some(&s) => s as usize,
+                None if r.iter().all(|&v| v == 0.0) => continue,
+                None => {
+                    let s = rows.values.len() / dim;
+                    rows.slot.insert(k, s as u32);
+                    rows.values.resize(rows.values.len() + dim, 0.0);
+                    s
+                }
+            };
+            rows.values[s * dim..(s + 1) * dim].copy_from_slice(r);
         }
     }
 
@@ -61,14 +103,16 @@ impl Residuals {
         self.dense.get(&(tensor.to_string(), index)).map(Vec::as_slice)
     }
 
-    /// The residual of row `key` of `table`, if it has one.
-    pub fn row(&self, table: &str, key: u64) -> Option<&[f32]> {
-        self.sparse.get(table)?.get(&key).map(|r| &r[..])
+    /// The residual of row `key` of `table` (`dim` wide), if it has a slot.
+    pub fn row(&self, table: &str, key: u64, dim: usize) -> Option<&[f32]> {
+        let rows = self.sparse.get(table)?;
+        let s = *rows.slot.get(&key)? as usize * dim;
+        rows.values.get(s..s + dim)
     }
 
-    /// Sparse rows holding a residual, over all tables.
+    /// Sparse rows with a residual slot, over all tables.
     pub fn sparse_rows(&self) -> usize {
-        self.sparse.values().map(HashMap::len).sum()
+        self.sparse.values().map(|r| r.slot.len()).sum()
     }
 }
 
@@ -77,16 +121,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rows_move_out_and_back() {
+    fn rows_are_read_and_written_in_place() {
         let mut r = Residuals::default();
         r.put_rows("e", &[1, 2, 3], 2, &[1.0, 2.0, 0.0, 0.0, 5.0, 0.0]);
-        assert_eq!(r.sparse_rows(), 2, "the all-zero row of key 2 is not kept");
+        assert_eq!(r.sparse_rows(), 2, "the all-zero row of key 2 gets no slot");
         let mut out = vec![9.0; 6];
         r.take_rows("e", &[3, 4, 1], 2, &mut out);
         assert_eq!(out, [5.0, 0.0, 0.0, 0.0, 1.0, 2.0]);
-        assert_eq!(r.sparse_rows(), 0, "taken rows leave the store");
+        r.put_rows("e", &[3, 4], 2, &[0.0, 0.0, 0.5, 0.5]);
+        assert_eq!(r.row("e", 3, 2), Some(&[0.0, 0.0][..]), "a row that had a slot keeps it, zeroed");
+        assert_eq!(r.row("e", 4, 2), Some(&[0.5, 0.5][..]));
+        assert_eq!(r.row("e", 2, 2), None);
+        assert_eq!(r.sparse_rows(), 3);
         r.dense("w", 0, 3)[1] = 4.0;
         assert_eq!(r.dense("w", 0, 3), [0.0, 4.0, 0.0]);
+        assert_eq!(r.dense_chunk("w", 0), Some(&[0.0, 4.0, 0.0][..]));
         assert_eq!(r.dense("w", 1, 2), [0.0, 0.0]);
     }
 }

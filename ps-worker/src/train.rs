@@ -327,4 +327,37 @@ mod tests {
         assert_eq!(saved, live, "the saved rows are the shards' rows");
         shards.stop().await.expect("stop shards");
     }
+
+    /// The same CTR job with int8 embedding gradients (error feedback) and
+    /// bf16 pulls of every table still learns, and every worker reports the
+    /// bytes it moved.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ctr_learns_with_int8_embedding_gradients_and_bf16_pulls() {
+        let text = format!(
+            "{}\n[codecs]\npull = {{ codec = \"bf16\" }}\n[codecs.tables.\"{}\"]\npush = {{ codec = \"int8\" }}\n",
+            crate::workload::ctr::SMALL_JOB,
+            crate::workload::ctr::EMBEDDINGS
+        );
+        let j: JobConfig = toml::from_str(&text).unwrap();
+        assert_eq!(j.codecs.describe(), "push f32, pull bf16; ctr.emb: push int8");
+        let shards = LocalShards::start(2).await.expect("start shards");
+        let events = train(&j, &shards.addrs, 2).await;
+        let (first, last) = first_and_last_loss(&events);
+        let evaluation = evaluate_job(&j, &shards.addrs).await.unwrap();
+        eprintln!("int8 embeddings: training loss {first} -> {last}; test AUC {}", evaluation.score);
+        assert!(last < first - 0.02, "training loss {first} -> {last}");
+        assert!(evaluation.score > 0.65, "test AUC {}", evaluation.score);
+        let done: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                crate::event::Event::Done(d) => Some(d.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(done.len(), 2);
+        for d in &done {
+            assert!(d.bytes_pushed > 0 && d.bytes_pulled > 0, "{d:?}");
+        }
+        shards.stop().await.expect("stop shards");
+    }
 }

@@ -297,3 +297,25 @@ fn codecs_read_from_toml_and_validate() {
     assert!(pulls_in_int8.validate().is_err());
     assert!(Codecs { push: Codec::TopK { ratio: 0.1 }, pull: Codec::Bf16 }.validate().is_ok());
 }
+
+#[test]
+fn codec_fingerprints_tell_pushes_apart() {
+    use CodecKind::*;
+    assert_eq!(codecs_tag([]), 0);
+    assert_eq!(codecs_tag([F32, F32]), 0, "all f32 is 0, as in a push from before codecs");
+    let tags = [
+        codecs_tag([Int8]),
+        codecs_tag([F16]),
+        codecs_tag([Bf16]),
+        codecs_tag([TopK]),
+        codecs_tag([Int8, F32]),
+        codecs_tag([F32, Int8]),
+        codecs_tag([Int8, Int8]),
+    ];
+    for (i, a) in tags.iter().enumerate() {
+        assert_ne!(*a, 0);
+        for b in &tags[i + 1..] {
+            assert_ne!(a, b, "{tags:?}");
+        }
+    }
+}
