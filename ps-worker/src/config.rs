@@ -136,8 +136,10 @@ pub struct JobConfig {
     /// Connection, timeout and retry settings of the workers' clients.
     #[serde(default)]
     pub client: ClientOptions,
-    /// How gradients and values travel, per table (`[job.codecs]`).
-    #[serde(default)]
+    /// How gradients and values travel, per table (`[job.codecs]`). Left
+    /// out of a written run file at its default, so the job fingerprint of
+    /// an f32 job (and `--resume` of its checkpoints) is as before codecs.
+    #[serde(default, skip_serializing_if = "CodecConfig::is_default")]
     pub codecs: CodecConfig,
 }
 
@@ -228,6 +230,10 @@ impl CodecConfig {
             out += " (no error feedback)";
         }
         out
+    }
+
+    fn is_default(&self) -> bool {
+        *self == CodecConfig::default()
     }
 
     /// Whether every table moves f32 both ways.
@@ -554,5 +560,33 @@ impl JobConfig {
             }
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RUN: &str = "[job]\nworkload = { kind = \"mnist_mlp\" }\n";
+
+    /// Codecs at their default are not written, so an f32 job's run file and
+    /// fingerprint are those of a job from before codecs; codecs change both.
+    #[test]
+    fn default_codecs_leave_the_run_file_and_fingerprint_alone() {
+        let plain = RunConfig::from_toml(RUN).unwrap();
+        assert!(!toml::to_string(&plain).unwrap().contains("codecs"));
+        let text = format!("{RUN}[job.codecs]\npush = {{ codec = \"int8\" }}\n");
+        let int8 = RunConfig::from_toml(&text).unwrap();
+        assert_eq!(int8.job.codecs.of("fc1.weight").push, Codec::Int8 { stochastic: false });
+        assert_ne!(plain.fingerprint(), int8.fingerprint());
+        let back = RunConfig::from_toml(&toml::to_string(&int8).unwrap()).unwrap();
+        assert_eq!(back, int8, "written and read back");
+        let unknown = format!("{RUN}[job.codecs.tables.nope]\npush = {{ codec = \"fp16\" }}\n");
+        let mut tables =
+            vec![TableSpec::sparse("e", 2, ps_common::spec::Init::zeros(), Rule::sgd(0.1).into())];
+        let err = RunConfig::from_toml(&unknown).unwrap().job.codecs.apply(&mut tables).unwrap_err();
+        assert!(err.to_string().contains("`nope`, which is not a table of this job (e)"), "{err}");
+        let pull_int8 = format!("{RUN}[job.codecs]\npull = {{ codec = \"int8\" }}\n");
+        assert!(RunConfig::from_toml(&pull_int8).is_err(), "pulls travel in f32, fp16 or bf16");
     }
 }
