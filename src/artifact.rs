@@ -151,6 +151,15 @@ pub struct RunSummary {
     /// The checkpoint this run was resumed from.
     #[serde(default)]
     pub resumed_from: Option<PathBuf>,
+    /// The job's wire codecs (`[job.codecs]`), described.
+    #[serde(default)]
+    pub codecs: String,
+    /// Protobuf bytes of push requests and of pull answers per iteration of
+    /// one worker (all workers' bytes over all their iterations).
+    #[serde(default)]
+    pub bytes_pushed_per_iter: f64,
+    #[serde(default)]
+    pub bytes_pulled_per_iter: f64,
 }
 
 /// What the periodic checkpoints of a run cost.
@@ -528,6 +537,8 @@ mod tests {
             compute_s: 0.5,
             push_s: 0.7,
             straggle_s: 0.0,
+            bytes_pushed: 10 * 2048,
+            bytes_pulled: 10 * 4096,
         })
     }
 
@@ -552,6 +563,9 @@ mod tests {
             checkpoints: Default::default(),
             recoveries: vec![],
             resumed_from: None,
+            codecs: String::new(),
+            bytes_pushed_per_iter: 0.0,
+            bytes_pulled_per_iter: 0.0,
         }
     }
 

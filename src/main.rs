@@ -130,6 +130,13 @@ struct TrainArgs {
     /// Name of the run folder (after a timestamp).
     #[arg(long)]
     name: Option<String>,
+    /// Override the push codec of every table: f32, fp16, bf16, int8,
+    /// int8:stochastic, top_k:RATIO (per-table codecs: `[job.codecs]`).
+    #[arg(long)]
+    push_codec: Option<ps_common::compress::Codec>,
+    /// Override the training-pull codec of every table: f32, fp16, bf16.
+    #[arg(long)]
+    pull_codec: Option<ps_common::compress::Codec>,
     /// Fault injection: SIGKILL worker W after S seconds (`W:S`).
     #[arg(long, value_parser = parse_kill)]
     kill_worker: Option<(usize, f64)>,
@@ -140,7 +147,7 @@ struct TrainArgs {
     /// Continue a stopped run: its run folder (newest checkpoint) or one
     /// checkpoint folder. The run's own config is used; flags that change the
     /// job are refused.
-    #[arg(long, conflicts_with_all = ["config", "servers", "workers", "consistency", "name"])]
+    #[arg(long, conflicts_with_all = ["config", "servers", "workers", "consistency", "name", "push_codec", "pull_codec"])]
     resume: Option<PathBuf>,
 }
 
@@ -226,6 +233,12 @@ async fn train(args: TrainArgs) -> anyhow::Result<RunSummary> {
     }
     if let Some(v) = args.consistency {
         config.job.consistency = v;
+    }
+    if let Some(v) = args.push_codec {
+        config.job.codecs.push = v;
+    }
+    if let Some(v) = args.pull_codec {
+        config.job.codecs.pull = v;
     }
     config.validate()?;
     let name = args.name.clone().unwrap_or_else(|| {

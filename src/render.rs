@@ -100,6 +100,13 @@ pub fn run_summary(s: &RunSummary) -> String {
     }
     let _ = writeln!(
         out,
+        "wire            {:.1} KiB pushed, {:.1} KiB pulled per iteration of a worker; codecs: {}",
+        s.bytes_pushed_per_iter / 1024.0,
+        s.bytes_pulled_per_iter / 1024.0,
+        if s.codecs.is_empty() { "f32" } else { &s.codecs }
+    );
+    let _ = writeln!(
+        out,
         "staleness       mean {:.2}, max {} (histogram {:?})",
         s.mean_staleness(),
         s.max_staleness(),
@@ -232,6 +239,9 @@ mod tests {
             checkpoints: Default::default(),
             recoveries: vec![],
             resumed_from: None,
+            codecs: String::new(),
+            bytes_pushed_per_iter: 0.0,
+            bytes_pulled_per_iter: 0.0,
         };
         let text = run_summary(&s);
         assert!(text.contains("test accuracy   0.9731   (test loss 0.1071)"), "{text}");

@@ -106,6 +106,14 @@ async fn run_on(
     }
 
     let samples: u64 = outcome.done.iter().map(|e| if let Event::Done(d) = e { d.samples } else { 0 }).sum();
+    let (mut iters, mut pushed, mut pulled) = (0u64, 0u64, 0u64);
+    for e in &outcome.done {
+        if let Event::Done(d) = e {
+            (iters, pushed, pulled) = (iters + d.iters, pushed + d.bytes_pushed, pulled + d.bytes_pulled);
+        }
+    }
+    let per_iter = |bytes: u64| bytes as f64 / iters.max(1) as f64;
+    let (bytes_pushed_per_iter, bytes_pulled_per_iter) = (per_iter(pushed), per_iter(pulled));
     Ok(RunSummary {
         schema_version: RunSummary::VERSION,
         run_dir: plan.run_dir.clone(),
@@ -126,6 +134,9 @@ async fn run_on(
         checkpoints,
         recoveries: outcome.recoveries,
         resumed_from: plan.resume_from.clone(),
+        codecs: job.codecs.describe(),
+        bytes_pushed_per_iter,
+        bytes_pulled_per_iter,
     })
 }
 

@@ -10,6 +10,12 @@ pub enum Error {
     Misaligned { what: &'static str, len: usize, width: usize },
     #[error("{what}: expected {expected} values, got {got}")]
     LengthMismatch { what: &'static str, expected: usize, got: usize },
+    #[error("{what} ({codec}): {reason}")]
+    BadEncoding { what: &'static str, codec: &'static str, reason: String },
+    #[error("push codecs differ from the tables' ({expected}); the push says {got}")]
+    CodecMismatch { expected: String, got: String },
+    #[error("invalid codec: {0}")]
+    InvalidCodec(String),
     #[error("missing field `{0}`")]
     MissingField(&'static str),
     #[error("invalid optimizer settings: {0}")]

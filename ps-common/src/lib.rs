@@ -5,6 +5,8 @@
 //!   only conversions between them and the domain types. Nothing else in the
 //!   project builds or reads a prost struct.
 //! - [`codec`] packs and unpacks the little-endian value and key buffers.
+//! - [`compress`] holds the lossy wire codecs (fp16, bf16, int8, top-k) a
+//!   table may choose, and the error-feedback step for gradients.
 //! - [`partition`] is the single function family that maps a sparse key or a
 //!   dense chunk to its shard. Servers and workers both call it.
 //! - [`optim`] holds the update rules (SGD, momentum/Nesterov, Adagrad,
@@ -15,10 +17,11 @@
 //!   frames, keep-alive, `TCP_NODELAY`, message limits) from one
 //!   [`transport::TransportConfig`].
 //!
-//! `partition`, `optim`, `codec` and `spec` do no I/O and use neither tonic nor
+//! `partition`, `optim`, `codec`, `compress` and `spec` do no I/O and use neither tonic nor
 //! tokio; `wire` and `transport` are the only modules that touch them.
 
 pub mod codec;
+pub mod compress;
 pub mod error;
 pub mod optim;
 pub mod partition;

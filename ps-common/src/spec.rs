@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::compress::Codecs;
 use crate::optim::Rule;
 use crate::partition::{fnv1a64, splitmix64};
 use crate::{Error, Result};
@@ -17,6 +18,8 @@ pub struct TableSpec {
     pub layout: Layout,
     pub init: Init,
     pub optimizer: OptimizerConfig,
+    /// How pushes and compressed pulls of this table travel (f32 by default).
+    pub codecs: Codecs,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -123,11 +126,18 @@ impl TableSpec {
             layout: Layout::Dense { shape: shape.to_vec(), chunk_len: DEFAULT_CHUNK_LEN },
             init,
             optimizer,
+            codecs: Codecs::default(),
         }
     }
 
     pub fn sparse(name: impl Into<String>, dim: u32, init: Init, optimizer: OptimizerConfig) -> Self {
-        TableSpec { name: name.into(), layout: Layout::Sparse { dim }, init, optimizer }
+        TableSpec {
+            name: name.into(),
+            layout: Layout::Sparse { dim },
+            init,
+            optimizer,
+            codecs: Codecs::default(),
+        }
     }
 
     /// Checks the whole spec; a server calls this before creating anything.
@@ -158,6 +168,7 @@ impl TableSpec {
             }
         }
         self.init.validate()?;
+        self.codecs.validate()?;
         self.optimizer.rule.validate()
     }
 }

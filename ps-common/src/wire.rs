@@ -3,6 +3,7 @@
 //! [`crate::optim`]. Servers and workers convert here, at the edge; their
 //! stores and trainers never see a prost struct.
 
+use crate::compress::{Codec, CodecKind, Codecs};
 use crate::optim::Rule;
 use crate::spec::{Consistency, Init, InitKind, Layout, OptimizerConfig, TableSpec};
 use crate::{Error, Result};
@@ -26,6 +27,9 @@ impl From<&TableSpec> for pb::TableSpec {
             layout: Some(layout),
             init: Some(pb::Initializer::from(&t.init)),
             optimizer: Some(pb::OptimizerSpec::from(&t.optimizer)),
+            // f32 is left unset, so a spec without codecs encodes as before.
+            push_codec: t.codecs.push.is_lossy().then(|| t.codecs.push.into()),
+            pull_codec: t.codecs.pull.is_lossy().then(|| t.codecs.pull.into()),
         }
     }
 }
@@ -43,6 +47,10 @@ impl TryFrom<pb::TableSpec> for TableSpec {
             layout,
             init: Init::try_from(t.init.ok_or(Error::MissingField("table.init"))?)?,
             optimizer: OptimizerConfig::try_from(t.optimizer.ok_or(Error::MissingField("table.optimizer"))?)?,
+            codecs: Codecs {
+                push: t.push_codec.map(Codec::try_from).transpose()?.unwrap_or_default(),
+                pull: t.pull_codec.map(Codec::try_from).transpose()?.unwrap_or_default(),
+            },
         };
         spec.validate()?;
         Ok(spec)
@@ -130,6 +138,63 @@ impl TryFrom<pb::OptimizerSpec> for OptimizerConfig {
     }
 }
 
+impl From<CodecKind> for pb::CodecKind {
+    fn from(k: CodecKind) -> Self {
+        match k {
+            CodecKind::F32 => pb::CodecKind::F32,
+            CodecKind::F16 => pb::CodecKind::Fp16,
+            CodecKind::Bf16 => pb::CodecKind::Bf16,
+            CodecKind::Int8 => pb::CodecKind::Int8,
+            CodecKind::TopK => pb::CodecKind::TopK,
+        }
+    }
+}
+
+impl CodecKind {
+    /// The kind of a wire enum value (`what` names the field); an unknown
+    /// value is an error, not f32.
+    pub fn from_wire(what: &'static str, value: i32) -> Result<CodecKind> {
+        match pb::CodecKind::try_from(value) {
+            Ok(pb::CodecKind::F32) => Ok(CodecKind::F32),
+            Ok(pb::CodecKind::Fp16) => Ok(CodecKind::F16),
+            Ok(pb::CodecKind::Bf16) => Ok(CodecKind::Bf16),
+            Ok(pb::CodecKind::Int8) => Ok(CodecKind::Int8),
+            Ok(pb::CodecKind::TopK) => Ok(CodecKind::TopK),
+            Err(_) => Err(Error::InvalidCodec(format!("{what}: unknown codec {value}"))),
+        }
+    }
+
+    pub fn to_wire(self) -> i32 {
+        pb::CodecKind::from(self) as i32
+    }
+}
+
+impl From<Codec> for pb::WireCodec {
+    fn from(c: Codec) -> Self {
+        let (stochastic, ratio) = match c {
+            Codec::Int8 { stochastic } => (stochastic, 0.0),
+            Codec::TopK { ratio } => (false, ratio),
+            _ => (false, 0.0),
+        };
+        pb::WireCodec { kind: c.kind().to_wire(), stochastic, ratio }
+    }
+}
+
+impl TryFrom<pb::WireCodec> for Codec {
+    type Error = Error;
+    fn try_from(c: pb::WireCodec) -> Result<Self> {
+        let codec = match CodecKind::from_wire("table codec", c.kind)? {
+            CodecKind::F32 => Codec::F32,
+            CodecKind::F16 => Codec::F16,
+            CodecKind::Bf16 => Codec::Bf16,
+            CodecKind::Int8 => Codec::Int8 { stochastic: c.stochastic },
+            CodecKind::TopK => Codec::TopK { ratio: c.ratio },
+        };
+        codec.validate()?;
+        Ok(codec)
+    }
+}
+
 impl From<Consistency> for pb::ConsistencySpec {
     fn from(c: Consistency) -> Self {
         let (model, staleness) = match c {
@@ -197,6 +262,16 @@ mod tests {
         ]
     }
 
+    fn codec() -> impl Strategy<Value = Codec> {
+        prop_oneof![
+            Just(Codec::F32),
+            Just(Codec::F16),
+            Just(Codec::Bf16),
+            any::<bool>().prop_map(|stochastic| Codec::Int8 { stochastic }),
+            (0.001f32..=1.0).prop_map(|ratio| Codec::TopK { ratio }),
+        ]
+    }
+
     fn init() -> impl Strategy<Value = Init> {
         let kind = prop_oneof![
             (-10.0f32..10.0).prop_map(|value| InitKind::Constant { value }),
@@ -217,9 +292,12 @@ mod tests {
             init in init(),
             rule in rule(),
             staleness_aware in any::<bool>(),
+            push in codec(),
+            pull in prop_oneof![Just(Codec::F32), Just(Codec::F16), Just(Codec::Bf16)],
         ) {
             let layout = if dense { Layout::Dense { shape, chunk_len } } else { Layout::Sparse { dim } };
-            let spec = TableSpec { name, layout, init, optimizer: OptimizerConfig { rule, staleness_aware } };
+            let optimizer = OptimizerConfig { rule, staleness_aware };
+            let spec = TableSpec { name, layout, init, optimizer, codecs: Codecs { push, pull } };
             let back = TableSpec::try_from(pb::TableSpec::from(&spec)).unwrap();
             prop_assert_eq!(back, spec);
         }
@@ -233,7 +311,25 @@ mod tests {
 
     #[test]
     fn missing_fields_are_errors() {
-        let t = pb::TableSpec { name: "w".into(), layout: None, init: None, optimizer: None };
+        let t = pb::TableSpec { name: "w".into(), ..Default::default() };
         assert_eq!(TableSpec::try_from(t), Err(Error::MissingField("table.layout")));
+    }
+
+    #[test]
+    fn bad_codecs_are_errors() {
+        let spec = TableSpec::sparse("e", 4, Init::zeros(), Rule::sgd(0.1).into());
+        let mut t = pb::TableSpec::from(&spec);
+        t.push_codec = Some(pb::WireCodec { kind: 99, ..Default::default() });
+        assert_eq!(
+            TableSpec::try_from(t.clone()),
+            Err(Error::InvalidCodec("table codec: unknown codec 99".into()))
+        );
+        t.push_codec =
+            Some(pb::WireCodec { kind: pb::CodecKind::TopK as i32, ratio: 2.0, ..Default::default() });
+        assert!(matches!(TableSpec::try_from(t.clone()), Err(Error::InvalidCodec(_))));
+        t.push_codec = None;
+        t.pull_codec = Some(Codec::Int8 { stochastic: false }.into());
+        assert!(matches!(TableSpec::try_from(t), Err(Error::InvalidCodec(_))), "pulls do not travel in int8");
+        assert_eq!(pb::TableSpec::from(&spec).push_codec, None, "f32 encodes as before codecs existed");
     }
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ps_common::codec;
+use ps_common::compress::{self, CodecKind};
 use ps_common::spec::{Consistency, TableSpec};
 use ps_common::wire::pb::{self, parameter_server_server::ParameterServer};
 use tonic::{Request, Response, Status};
@@ -75,6 +76,42 @@ impl Shard {
         Ok(root.join(name))
     }
 
+    /// The push codec of table `name` (f32 for a table this shard does not
+    /// know: the store refuses the push anyway, naming it).
+    fn push_kind(&self, name: &str) -> CodecKind {
+        self.store.codecs(name).map_or(CodecKind::F32, |c| c.push.kind())
+    }
+
+    /// Decodes the gradient of chunk `c` of a dense push, sent as `kind` (its
+    /// table's push codec). An f32 gradient is decoded as it comes and its
+    /// length checked by the store (naming the chunk); a compressed one is
+    /// decoded to the chunk's length, which the store knows.
+    fn dense_gradient(&self, c: &pb::DenseChunk, kind: CodecKind) -> Result<Vec<f32>, Error> {
+        if kind == CodecKind::F32 {
+            return Ok(codec::decode_f32("gradient", &c.values)?);
+        }
+        let (_, len) = self.store.dense_wire(&c.tensor, c.index)?;
+        Ok(compress::decode(kind, "gradient", &c.values, len, len)?)
+    }
+
+    /// Decodes the gradient of a sparse push of `keys` rows, sent as `kind`
+    /// (int8: one scale per row).
+    fn sparse_gradient(
+        &self,
+        table: &str,
+        grads: &[u8],
+        keys: usize,
+        kind: CodecKind,
+    ) -> Result<Vec<f32>, Error> {
+        if kind == CodecKind::F32 {
+            return Ok(codec::decode_f32("gradient", grads)?);
+        }
+        let (_, dim) = self.store.sparse_wire(table)?;
+        let n = keys.checked_mul(dim);
+        self.store.check_push_size(n)?;
+        Ok(compress::decode(kind, "gradient", grads, n.unwrap_or(0), dim)?)
+    }
+
     async fn before_read(&self, meta: Option<&pb::ReadMeta>) -> Result<(), Error> {
         if let Some(m) = meta {
             self.clocks.touch(m.worker);
@@ -82,6 +119,21 @@ impl Shard {
         }
         Ok(())
     }
+}
+
+/// A push's codec fingerprint (`PushMeta.codecs`) must be that of its
+/// blocks' tables' push codecs: a worker that encodes otherwise is refused
+/// before anything is decoded.
+fn check_push_codecs(meta: &pb::PushMeta, blocks: &[(&str, CodecKind)]) -> Result<(), Error> {
+    if meta.codecs == compress::codecs_tag(blocks.iter().map(|b| b.1)) {
+        return Ok(());
+    }
+    let mut lossy: Vec<String> =
+        blocks.iter().filter(|b| b.1 != CodecKind::F32).map(|(t, k)| format!("`{t}` {k}")).collect();
+    lossy.dedup();
+    let expected = if lossy.is_empty() { "all f32".to_string() } else { lossy.join(", ") };
+    let got = if meta.codecs == 0 { "f32".to_string() } else { format!("fingerprint {:#x}", meta.codecs) };
+    Err(ps_common::Error::CodecMismatch { expected, got }.into())
 }
 
 #[tonic::async_trait]
@@ -111,15 +163,30 @@ impl ParameterServer for Service {
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let ids: Vec<(&str, u32)> = req.chunks.iter().map(|c| (c.tensor.as_str(), c.index)).collect();
         let mut values = Vec::with_capacity(ids.len());
+        let compressed = req.meta.is_some_and(|m| m.compressed);
+        // Each chunk in its table's pull codec (f32 unless asked).
+        let codecs: Vec<_> = if compressed {
+            ids.iter().map(|(t, _)| self.0.store.codecs(t).map_or(compress::Codec::F32, |c| c.pull)).collect()
+        } else {
+            Vec::new()
+        };
         // Encoded straight from each block, under its lock: one copy.
-        self.0.store.pull_dense(&ids, |v| values.push(codec::encode_f32(v))).map_err(|e| self.0.refuse(e))?;
+        (self.0.store)
+            .pull_dense(&ids, |v| {
+                let mut out = Vec::new();
+                let codec = codecs.get(values.len()).copied().unwrap_or_default();
+                compress::encode(codec, v, v.len(), 0, &mut out);
+                values.push(out.into());
+            })
+            .map_err(|e| self.0.refuse(e))?;
         let chunks = req
             .chunks
             .into_iter()
             .zip(values)
             .map(|(c, values)| pb::DenseChunk { tensor: c.tensor, index: c.index, values })
             .collect();
-        Ok(Response::new(pb::PullDenseResponse { chunks }))
+        let codecs = codecs.iter().map(|c| c.kind().to_wire()).collect();
+        Ok(Response::new(pb::PullDenseResponse { chunks, codecs }))
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), chunks = req.get_ref().chunks.len()))]
@@ -131,7 +198,10 @@ impl ParameterServer for Service {
         let meta = req.meta.unwrap_or_default();
         let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
         let info = self.0.before_push(&meta);
-        let grads = (req.chunks.iter().map(|c| codec::decode_f32("gradient", &c.values)))
+        let kinds: Vec<(&str, CodecKind)> =
+            req.chunks.iter().map(|c| (c.tensor.as_str(), self.0.push_kind(&c.tensor))).collect();
+        check_push_codecs(&meta, &kinds).map_err(|e| self.0.refuse(e))?;
+        let grads = (req.chunks.iter().zip(&kinds).map(|(c, &(_, kind))| self.0.dense_gradient(c, kind)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.0.refuse(e))?;
         let chunks: Vec<(&str, u32, &[f32])> =
@@ -150,17 +220,25 @@ impl ParameterServer for Service {
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
         let mut values = Vec::new();
+        let compressed = req.meta.is_some_and(|m| m.compressed);
+        let codec = match self.0.store.codecs(&req.table) {
+            Some(c) if compressed => c.pull,
+            _ => compress::Codec::F32,
+        };
         let dim = self
             .0
             .store
             .pull_sparse(&req.table, &keys, req.read_only, |row| {
                 if values.is_empty() {
-                    values.reserve_exact(keys.len() * row.len() * 4);
+                    let width = compress::encoded_len(codec.kind(), row.len(), row.len()).unwrap_or(0);
+                    values.reserve_exact(keys.len() * width);
                 }
-                codec::append_f32(&mut values, row);
+                // f32, fp16 and bf16 encode value by value: rows end to end.
+                compress::encode(codec, row, row.len(), 0, &mut values);
             })
             .map_err(|e| self.0.refuse(e))?;
-        Ok(Response::new(pb::PullSparseResponse { values: values.into(), dim: dim as u32 }))
+        let codec = codec.kind().to_wire();
+        Ok(Response::new(pb::PullSparseResponse { values: values.into(), dim: dim as u32, codec }))
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), table = %req.get_ref().table))]
@@ -173,7 +251,10 @@ impl ParameterServer for Service {
         let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
         let info = self.0.before_push(&meta);
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
-        let grads = codec::decode_f32("gradient", &req.grads).map_err(|e| self.0.refuse(e))?;
+        let kind = self.0.push_kind(&req.table);
+        check_push_codecs(&meta, &[(&req.table, kind)]).map_err(|e| self.0.refuse(e))?;
+        let grads =
+            self.0.sparse_gradient(&req.table, &req.grads, keys.len(), kind).map_err(|e| self.0.refuse(e))?;
         let out = self.0.store.push_sparse(&req.table, &keys, &grads, info).map_err(|e| self.0.refuse(e))?;
         self.0.after_push(&meta, info, out.duplicate);
         Ok(Response::new(pb::PushResponse { applied: out.applied, duplicate: out.duplicate }))

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
+use ps_common::compress::Codecs;
 use ps_common::partition::{self, ShardId};
 use ps_common::spec::{Layout, TableSpec};
 
@@ -244,6 +245,36 @@ impl Store {
             });
         }
         Ok(partition::chunk_range(*len, *chunk_len, index as usize).len())
+    }
+
+    /// The codecs of dense tensor `name` and the length of its chunk
+    /// `index`, checked as a push or pull checks them (the service decodes
+    /// compressed gradients to that length).
+    pub fn dense_wire(&self, name: &str, index: u32) -> Result<(Codecs, usize)> {
+        let table = self.table(name)?;
+        let len = self.check_chunk(&table, index)?;
+        Ok((table.spec.codecs, len))
+    }
+
+    /// The codecs of sparse table `name` and its row width.
+    pub fn sparse_wire(&self, name: &str) -> Result<(Codecs, usize)> {
+        let (table, dim) = self.sparse_table(name)?;
+        Ok((table.spec.codecs, dim))
+    }
+
+    /// The codecs of table `name`, if it exists.
+    pub fn codecs(&self, name: &str) -> Option<Codecs> {
+        self.tables.get(name).map(|t| t.spec.codecs)
+    }
+
+    /// A push of `values` gradient values must fit the limit of one answer
+    /// (a top-k encoding names its block's length: this bounds what a
+    /// decoder allocates).
+    pub fn check_push_size(&self, values: Option<usize>) -> Result<()> {
+        match values {
+            Some(n) if n <= self.max_pull_values => Ok(()),
+            _ => Err(Error::TooLarge { what: "push gradient", values, limit: self.max_pull_values }),
+        }
     }
 
     /// Checks that every chunk exists and is ours, without reading anything.

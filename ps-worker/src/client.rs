@@ -6,16 +6,24 @@
 //! retried with the same seq and applied once. At most one push per shard is
 //! in flight at a time from one client (the methods take `&mut self`), which
 //! keeps the seqs a shard sees increasing.
+//!
+//! Codecs: the client records each table's codecs when it registers it,
+//! encodes every push in the table's push codec (with error feedback for
+//! lossy ones, see [`crate::feedback`]), and asks training pulls in the
+//! tables' pull codecs. A client that registered nothing (an evaluator)
+//! moves f32 both ways, so saved models and final scores are exact. It
+//! counts the protobuf bytes it pushes and pulls ([`ShardedClient::wire_bytes`]).
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::future::join_all;
 use ps_common::codec;
-use ps_common::partition::{self, ShardId};
+use ps_common::compress::{self, Codec, CodecKind, Codecs};
+use ps_common::partition::{self, ShardId, fnv1a64, splitmix64};
 use ps_common::spec::{Consistency, Layout, TableSpec};
 use ps_common::transport::{self, TransportConfig, duration_ms};
 use ps_common::wire::pb::{self, parameter_server_client::ParameterServerClient};
@@ -23,6 +31,8 @@ use serde::{Deserialize, Serialize};
 use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
+use crate::feedback::Residuals;
+use prost::Message;
 
 /// Connection and retry settings (the `[job.client]` table of a run file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -141,6 +151,15 @@ pub struct ShardedClient {
     /// Set when a shard could not be reached; the worker then rejoins.
     lost_contact: Arc<AtomicBool>,
     opts: ClientOptions,
+    /// The codecs of every table this client registered (registering takes
+    /// `&self`, like every call that does not consume a seq).
+    codecs: RwLock<HashMap<String, Codecs>>,
+    /// Keep what lossy pushes did not send, for the next push.
+    error_feedback: bool,
+    residuals: Residuals,
+    /// Protobuf bytes of push requests and pull answers.
+    bytes_pushed: AtomicU64,
+    bytes_pulled: AtomicU64,
 }
 
 /// A caller's buffer of `got` floats must hold `need`.
@@ -201,7 +220,85 @@ impl ShardedClient {
             next_seq: vec![1; n],
             lost_contact: Arc::default(),
             opts,
+            codecs: RwLock::default(),
+            error_feedback: true,
+            residuals: Residuals::default(),
+            bytes_pushed: AtomicU64::new(0),
+            bytes_pulled: AtomicU64::new(0),
         })
+    }
+
+    /// Whether lossy pushes keep an error-feedback residual (the default).
+    pub fn set_error_feedback(&mut self, on: bool) {
+        self.error_feedback = on;
+    }
+
+    /// Protobuf bytes of the push requests built and of the pull answers
+    /// received so far (each push counted once, however often it is retried).
+    pub fn wire_bytes(&self) -> (u64, u64) {
+        (self.bytes_pushed.load(Ordering::Relaxed), self.bytes_pulled.load(Ordering::Relaxed))
+    }
+
+    /// The error-feedback residual of every element of `set`, laid out
+    /// like it (zeros where none is kept).
+    pub fn dense_residual(&self, set: &DenseSet) -> Vec<f32> {
+        let mut out = vec![0.0; set.len];
+        for (t, idx, r) in set.by_shard.iter().flatten() {
+            if let Some(res) = self.residuals.dense_chunk(t, *idx) {
+                out[r.clone()].copy_from_slice(res);
+            }
+        }
+        out
+    }
+
+    /// The error-feedback residual of the rows of `keys` (`dim` each).
+    pub fn sparse_residual(&self, table: &str, keys: &[u64], dim: usize) -> Vec<f32> {
+        let mut out = vec![0.0; keys.len() * dim];
+        for (&k, o) in keys.iter().zip(out.chunks_exact_mut(dim)) {
+            if let Some(r) = self.residuals.row(table, k, dim) {
+                o.copy_from_slice(r);
+            }
+        }
+        out
+    }
+
+    fn codecs_of(&self, table: &str) -> Codecs {
+        let codecs = self.codecs.read().unwrap_or_else(|p| p.into_inner());
+        codecs.get(table).copied().unwrap_or_default()
+    }
+
+    fn count_pulled(&self, msg: &impl Message) {
+        self.bytes_pulled.fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
+    }
+
+    fn count_pushed(&self, msg: &impl Message) {
+        self.bytes_pushed.fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
+    }
+
+    /// The stochastic-rounding seed of one block of one push: a function of
+    /// (worker, clock, table, block), so a run is reproducible.
+    fn seed(&self, clock: u64, table: &str, block: u64) -> u64 {
+        splitmix64(self.worker.rotate_left(40) ^ splitmix64(clock) ^ fnv1a64(table).wrapping_add(block))
+    }
+
+    /// Encodes one block of a push in `codec`, through the block's residual
+    /// when error feedback is on.
+    fn encode_push(
+        &mut self,
+        codec: Codec,
+        grad: &[f32],
+        tensor: &str,
+        index: u32,
+        seed: u64,
+    ) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        if codec.is_lossy() && self.error_feedback {
+            let residual = self.residuals.dense(tensor, index, grad.len());
+            compress::encode_with_feedback(codec, grad, residual, grad.len(), seed, &mut out)?;
+        } else {
+            compress::encode(codec, grad, grad.len(), seed, &mut out);
+        }
+        Ok(out)
     }
 
     pub fn num_shards(&self) -> u32 {
@@ -240,6 +337,7 @@ impl ShardedClient {
         for (i, r) in join_all(calls).await.into_iter().enumerate() {
             r.map_err(|s| self.status(i, s))?;
         }
+        self.codecs.write().unwrap_or_else(|p| p.into_inner()).insert(spec.name.clone(), spec.codecs);
         Ok(())
     }
 
@@ -357,7 +455,8 @@ impl ShardedClient {
     /// `clock` (BSP/SSP reads block until the clock set allows it).
     pub async fn pull_dense(&self, set: &DenseSet, clock: u64, out: &mut [f32]) -> Result<()> {
         check_len("pull buffer", out.len(), set.len)?;
-        let meta = pb::ReadMeta { worker: self.worker, clock };
+        let compressed = set.tensors.iter().any(|(t, _)| self.codecs_of(t).pull.is_lossy());
+        let meta = pb::ReadMeta { worker: self.worker, clock, compressed };
         let calls = set.by_shard.iter().enumerate().filter(|(_, c)| !c.is_empty()).map(|(i, chunks)| {
             let mut c = self.shards[i].clone();
             let ids =
@@ -376,8 +475,17 @@ impl ShardedClient {
                     expected.len()
                 )));
             }
-            for (chunk, (_, _, range)) in resp.chunks.iter().zip(expected) {
-                codec::decode_f32_into("pulled values", &chunk.values, &mut out[range.clone()])?;
+            if !resp.codecs.is_empty() && resp.codecs.len() != expected.len() {
+                return Err(Error::Protocol(format!("shard {i} named {} codecs", resp.codecs.len())));
+            }
+            self.count_pulled(&resp);
+            for (j, (chunk, (_, _, range))) in resp.chunks.iter().zip(expected).enumerate() {
+                let kind = match resp.codecs.get(j) {
+                    Some(&k) => CodecKind::from_wire("pulled chunk", k)?,
+                    None => CodecKind::F32,
+                };
+                let len = range.len();
+                compress::decode_into(kind, "pulled values", &chunk.values, len, &mut out[range.clone()])?;
             }
         }
         Ok(())
@@ -438,16 +546,20 @@ impl ShardedClient {
             if chunks.is_empty() && !tick {
                 continue;
             }
-            let chunks = chunks
-                .iter()
-                .map(|(t, idx, r)| pb::DenseChunk {
-                    tensor: t.clone(),
-                    index: *idx,
-                    values: codec::encode_f32(&grads[r.clone()]),
-                })
-                .collect();
-            let meta = self.next_meta(i, clock, read_clock, tick);
-            requests.push((i, pb::PushDenseRequest { chunks, meta: Some(meta) }));
+            let mut out = Vec::with_capacity(chunks.len());
+            let mut kinds = Vec::with_capacity(chunks.len());
+            for (t, idx, r) in chunks {
+                let codec = self.codecs_of(t).push;
+                let seed = self.seed(clock, t, u64::from(*idx));
+                let values = self.encode_push(codec, &grads[r.clone()], t, *idx, seed)?;
+                out.push(pb::DenseChunk { tensor: t.clone(), index: *idx, values: values.into() });
+                kinds.push(codec.kind());
+            }
+            let mut meta = self.next_meta(i, clock, read_clock, tick);
+            meta.codecs = compress::codecs_tag(kinds);
+            let msg = pb::PushDenseRequest { chunks: out, meta: Some(meta) };
+            self.count_pushed(&msg);
+            requests.push((i, msg));
         }
         Ok(requests)
     }
@@ -488,7 +600,7 @@ impl ShardedClient {
     fn next_meta(&mut self, shard: usize, clock: u64, read_clock: u64, tick: bool) -> pb::PushMeta {
         let seq = self.next_seq[shard];
         self.next_seq[shard] += 1;
-        pb::PushMeta { worker: self.worker, seq, clock, tick, read_clock }
+        pb::PushMeta { worker: self.worker, seq, clock, tick, read_clock, codecs: 0 }
     }
 
     /// Every row of sparse table `table` that exists, on every shard, as
@@ -571,7 +683,9 @@ impl ShardedClient {
     ) -> Result<()> {
         check_len("pull buffer", out.len(), keys.len() * dim)?;
         let plan = SparsePlan::new(keys, self.num_shards());
-        let meta = pb::ReadMeta { worker: self.worker, clock };
+        // Evaluation (read-only lookups) reads exact values.
+        let compressed = !read_only && self.codecs_of(table).pull.is_lossy();
+        let meta = pb::ReadMeta { worker: self.worker, clock, compressed };
         let calls = plan.by_shard.iter().enumerate().filter(|(_, k)| !k.is_empty()).map(|(i, ks)| {
             let mut c = self.shards[i].clone();
             let req = self.request(
@@ -594,10 +708,10 @@ impl ShardedClient {
                     resp.dim
                 )));
             }
-            let values = codec::decode_f32("pulled rows", &resp.values)?;
-            if values.len() != plan.by_shard[i].len() * dim {
-                return Err(Error::Protocol(format!("shard {i} returned {} floats", values.len())));
-            }
+            self.count_pulled(&resp);
+            let kind = CodecKind::from_wire("pulled rows", resp.codec)?;
+            let n = plan.by_shard[i].len() * dim;
+            let values = compress::decode(kind, "pulled rows", &resp.values, n, dim)?;
             for (row, &u) in values.chunks_exact(dim).zip(&plan.slot_of[i]) {
                 unique[u * dim..(u + 1) * dim].copy_from_slice(row);
             }
@@ -629,6 +743,7 @@ impl ShardedClient {
                 *m += v;
             }
         }
+        let codec = self.codecs_of(table).push;
         let mut requests = Vec::new();
         for i in 0..self.shards.len() {
             let ks = &plan.by_shard[i];
@@ -639,13 +754,26 @@ impl ShardedClient {
             for &u in &plan.slot_of[i] {
                 g.extend_from_slice(&merged[u * dim..(u + 1) * dim]);
             }
-            let meta = self.next_meta(i, clock, read_clock, tick);
+            // int8: one scale per row; top-k: over the whole push.
+            let seed = self.seed(clock, table, i as u64);
+            let mut grads = Vec::new();
+            if codec.is_lossy() && self.error_feedback {
+                let mut residual = vec![0.0f32; g.len()];
+                self.residuals.take_rows(table, ks, dim, &mut residual);
+                compress::encode_with_feedback(codec, &g, &mut residual, dim, seed, &mut grads)?;
+                self.residuals.put_rows(table, ks, dim, &residual);
+            } else {
+                compress::encode(codec, &g, dim, seed, &mut grads);
+            }
+            let mut meta = self.next_meta(i, clock, read_clock, tick);
+            meta.codecs = compress::codecs_tag([codec.kind()]);
             let msg = pb::PushSparseRequest {
                 table: table.to_string(),
                 keys: codec::encode_u64(ks),
-                grads: codec::encode_f32(&g),
+                grads: grads.into(),
                 meta: Some(meta),
             };
+            self.count_pushed(&msg);
             requests.push((i, msg));
         }
         self.send_pushes(requests, |mut c, req| async move { c.push_sparse(req).await }).await

@@ -3,10 +3,12 @@
 //! `[registry]` table (read by the launcher when training ends). See
 //! `examples/config/*.toml` for commented examples; a test parses each.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use ps_common::compress::{Codec, Codecs};
 use ps_common::optim::Rule;
-use ps_common::spec::{Consistency, OptimizerConfig};
+use ps_common::spec::{Consistency, OptimizerConfig, TableSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::client::ClientOptions;
@@ -134,6 +136,115 @@ pub struct JobConfig {
     /// Connection, timeout and retry settings of the workers' clients.
     #[serde(default)]
     pub client: ClientOptions,
+    /// How gradients and values travel, per table (`[job.codecs]`). Left
+    /// out of a written run file at its default, so the job fingerprint of
+    /// an f32 job (and `--resume` of its checkpoints) is as before codecs.
+    #[serde(default, skip_serializing_if = "CodecConfig::is_default")]
+    pub codecs: CodecConfig,
+}
+
+/// Wire codecs (`[job.codecs]`): one for every table's pushes and one for
+/// its training pulls, and overrides by table name
+/// (`[job.codecs.tables."fc1.weight"]`). They become part of each table's
+/// spec, so the shards refuse a worker whose codecs differ.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CodecConfig {
+    /// Gradients of pushes: f32, fp16, bf16, int8, top_k.
+    pub push: Codec,
+    /// Values of the workers' training pulls: f32, fp16, bf16. Evaluation
+    /// and saving always read f32.
+    pub pull: Codec,
+    /// Keep what a lossy push did not send and add it to the next gradient.
+    pub error_feedback: bool,
+    /// Per-table overrides, by table name.
+    pub tables: BTreeMap<String, TableCodecs>,
+}
+
+impl Default for CodecConfig {
+    fn default() -> Self {
+        CodecConfig { push: Codec::F32, pull: Codec::F32, error_feedback: true, tables: BTreeMap::new() }
+    }
+}
+
+/// One table's codecs; what is left out is the job's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableCodecs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<Codec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull: Option<Codec>,
+}
+
+impl CodecConfig {
+    /// The codecs of table `name`.
+    pub fn of(&self, name: &str) -> Codecs {
+        let t = self.tables.get(name);
+        Codecs {
+            push: t.and_then(|t| t.push).unwrap_or(self.push),
+            pull: t.and_then(|t| t.pull).unwrap_or(self.pull),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let check =
+            |what: &str, c: Codecs| c.validate().map_err(|e| Error::Config(format!("codecs of {what}: {e}")));
+        check("every table", Codecs { push: self.push, pull: self.pull })?;
+        for name in self.tables.keys() {
+            check(&format!("`{name}`"), self.of(name))?;
+        }
+        Ok(())
+    }
+
+    /// Sets the codecs of `tables`; an override naming no table is an error.
+    pub fn apply(&self, tables: &mut [TableSpec]) -> Result<()> {
+        if let Some(name) = self.tables.keys().find(|n| !tables.iter().any(|t| &&t.name == n)) {
+            let known: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+            return Err(Error::Config(format!(
+                "[job.codecs.tables] names `{name}`, which is not a table of this job ({})",
+                known.join(", ")
+            )));
+        }
+        for t in tables {
+            t.codecs = self.of(&t.name);
+        }
+        Ok(())
+    }
+
+    /// One line for a run summary: `push int8, pull fp16; embeddings: push
+    /// top_k 0.1` (and whether error feedback is off).
+    pub fn describe(&self) -> String {
+        let mut out = format!("push {}, pull {}", self.push, self.pull);
+        for (name, t) in &self.tables {
+            let mut parts = Vec::new();
+            if let Some(c) = t.push {
+                parts.push(format!("push {c}"));
+            }
+            if let Some(c) = t.pull {
+                parts.push(format!("pull {c}"));
+            }
+            out += &format!("; {name}: {}", parts.join(", "));
+        }
+        if !self.error_feedback && !self.is_plain() {
+            out += " (no error feedback)";
+        }
+        out
+    }
+
+    fn is_default(&self) -> bool {
+        *self == CodecConfig::default()
+    }
+
+    /// Whether every table moves f32 both ways.
+    pub fn is_plain(&self) -> bool {
+        self.push == Codec::F32
+            && self.pull == Codec::F32
+            && self
+                .tables
+                .values()
+                .all(|t| t.push.is_none_or(|c| c == Codec::F32) && t.pull.is_none_or(|c| c == Codec::F32))
+    }
 }
 
 mod defaults {
@@ -372,6 +483,7 @@ impl JobConfig {
         }
         self.optimizer.rule.validate()?;
         self.client.validate()?;
+        self.codecs.validate()?;
         match &self.workload {
             Workload::MnistMlp { layers, chunk_len, .. } => {
                 if layers.len() < 2
@@ -448,5 +560,33 @@ impl JobConfig {
             }
             _ => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RUN: &str = "[job]\nworkload = { kind = \"mnist_mlp\" }\n";
+
+    /// Codecs at their default are not written, so an f32 job's run file and
+    /// fingerprint are those of a job from before codecs; codecs change both.
+    #[test]
+    fn default_codecs_leave_the_run_file_and_fingerprint_alone() {
+        let plain = RunConfig::from_toml(RUN).unwrap();
+        assert!(!toml::to_string(&plain).unwrap().contains("codecs"));
+        let text = format!("{RUN}[job.codecs]\npush = {{ codec = \"int8\" }}\n");
+        let int8 = RunConfig::from_toml(&text).unwrap();
+        assert_eq!(int8.job.codecs.of("fc1.weight").push, Codec::Int8 { stochastic: false });
+        assert_ne!(plain.fingerprint(), int8.fingerprint());
+        let back = RunConfig::from_toml(&toml::to_string(&int8).unwrap()).unwrap();
+        assert_eq!(back, int8, "written and read back");
+        let unknown = format!("{RUN}[job.codecs.tables.nope]\npush = {{ codec = \"fp16\" }}\n");
+        let mut tables =
+            vec![TableSpec::sparse("e", 2, ps_common::spec::Init::zeros(), Rule::sgd(0.1).into())];
+        let err = RunConfig::from_toml(&unknown).unwrap().job.codecs.apply(&mut tables).unwrap_err();
+        assert!(err.to_string().contains("`nope`, which is not a table of this job (e)"), "{err}");
+        let pull_int8 = format!("{RUN}[job.codecs]\npull = {{ codec = \"int8\" }}\n");
+        assert!(RunConfig::from_toml(&pull_int8).is_err(), "pulls travel in f32, fp16 or bf16");
     }
 }

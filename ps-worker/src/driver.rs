@@ -188,8 +188,9 @@ impl<'a> Driver<'a> {
         });
     }
 
-    /// Reports `Done` with the time breakdown.
-    pub fn done(self) {
+    /// Reports `Done` with the time breakdown and the protobuf bytes the
+    /// worker pushed and pulled.
+    pub fn done(self, (bytes_pushed, bytes_pulled): (u64, u64)) {
         let wall = self.elapsed();
         self.reporter.report(Event::Done(WorkerDone {
             worker: self.worker,
@@ -201,6 +202,8 @@ impl<'a> Driver<'a> {
             compute_s: self.compute.as_secs_f64(),
             push_s: self.push.as_secs_f64(),
             straggle_s: self.straggle.as_secs_f64(),
+            bytes_pushed,
+            bytes_pulled,
         }));
     }
 }

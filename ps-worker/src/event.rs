@@ -58,6 +58,12 @@ pub struct WorkerDone {
     pub compute_s: f64,
     pub push_s: f64,
     pub straggle_s: f64,
+    /// Protobuf bytes of the worker's push requests and pull answers (each
+    /// push once, however often retried; evaluation reads included).
+    #[serde(default)]
+    pub bytes_pushed: u64,
+    #[serde(default)]
+    pub bytes_pulled: u64,
 }
 
 /// Where events go: stdout (as JSON lines) in the worker binary, a closure in tests.

@@ -4,6 +4,7 @@
 //!   per shard, concurrently) and retries pushes exactly-once-safely.
 //! - [`session`]: a worker's membership of a job (register, join, heartbeat,
 //!   start barrier, leave) and the outside readers ([`session::EVALUATOR`]).
+//! - [`feedback`]: the error-feedback residuals of lossy push codecs.
 //! - [`workload`]: the [`workload::Workload`] trait and its four
 //!   implementations (MNIST MLP, a9a logistic regression, MovieLens matrix
 //!   factorization, CTR embeddings + tower). The models themselves live in
@@ -22,6 +23,7 @@ pub mod data;
 pub mod driver;
 pub mod error;
 pub mod event;
+pub mod feedback;
 pub mod session;
 pub mod train;
 pub mod workload;

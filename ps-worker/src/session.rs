@@ -47,6 +47,7 @@ impl Session {
         id: WorkerId,
         tables: &[TableSpec],
     ) -> Result<Session> {
+        client.set_error_feedback(job.codecs.error_feedback);
         for t in tables {
             client.register(t).await?;
         }

@@ -45,7 +45,9 @@ async fn run_as<W: Workload>(
 ) -> Result<()> {
     let client = session::connect(job, servers, id).await?;
     let mut workload = W::open(job, Role::Train(id), client.num_shards())?;
-    let mut session = Session::join(client, job, id, &workload.tables()).await?;
+    let mut tables = workload.tables();
+    job.codecs.apply(&mut tables)?;
+    let mut session = Session::join(client, job, id, &tables).await?;
     let start = session.start_clock;
     let result = train_loop(&mut workload, &mut session.client, job, id, start, reporter).await;
     session.close(result).await
@@ -106,7 +108,7 @@ async fn train_loop<W: Workload>(
             d.eval(epoch, s.loss, s.score);
         }
     }
-    d.done();
+    d.done(client.wire_bytes());
     Ok(())
 }
 
@@ -323,6 +325,39 @@ mod tests {
             .flat_map(|(_, row)| row.iter().copied())
             .collect();
         assert_eq!(saved, live, "the saved rows are the shards' rows");
+        shards.stop().await.expect("stop shards");
+    }
+
+    /// The same CTR job with int8 embedding gradients (error feedback) and
+    /// bf16 pulls of every table still learns, and every worker reports the
+    /// bytes it moved.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ctr_learns_with_int8_embedding_gradients_and_bf16_pulls() {
+        let text = format!(
+            "{}\n[codecs]\npull = {{ codec = \"bf16\" }}\n[codecs.tables.\"{}\"]\npush = {{ codec = \"int8\" }}\n",
+            crate::workload::ctr::SMALL_JOB,
+            crate::workload::ctr::EMBEDDINGS
+        );
+        let j: JobConfig = toml::from_str(&text).unwrap();
+        assert_eq!(j.codecs.describe(), "push f32, pull bf16; ctr.emb: push int8");
+        let shards = LocalShards::start(2).await.expect("start shards");
+        let events = train(&j, &shards.addrs, 2).await;
+        let (first, last) = first_and_last_loss(&events);
+        let evaluation = evaluate_job(&j, &shards.addrs).await.unwrap();
+        eprintln!("int8 embeddings: training loss {first} -> {last}; test AUC {}", evaluation.score);
+        assert!(last < first - 0.02, "training loss {first} -> {last}");
+        assert!(evaluation.score > 0.65, "test AUC {}", evaluation.score);
+        let done: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                crate::event::Event::Done(d) => Some(d.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(done.len(), 2);
+        for d in &done {
+            assert!(d.bytes_pushed > 0 && d.bytes_pulled > 0, "{d:?}");
+        }
         shards.stop().await.expect("stop shards");
     }
 }

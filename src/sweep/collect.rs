@@ -216,6 +216,9 @@ target_accuracy = 0.8
             checkpoints: Default::default(),
             recoveries: vec![],
             resumed_from: None,
+            codecs: String::new(),
+            bytes_pushed_per_iter: 0.0,
+            bytes_pulled_per_iter: 0.0,
         }
     }
 

@@ -4,6 +4,7 @@
 
 mod checkpoint;
 mod cluster;
+mod codecs;
 mod export;
 mod models;
 mod properties;

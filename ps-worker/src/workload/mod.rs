@@ -130,6 +130,8 @@ pub(crate) fn dense_tables(
                 layout: Layout::Dense { shape: p.shape.iter().map(|&d| d as u64).collect(), chunk_len },
                 init: Init { kind, seed: seed.wrapping_add(i as u64) },
                 optimizer,
+                // The job's `[job.codecs]` are applied when the worker registers.
+                codecs: Default::default(),
             }
         })
         .collect()
