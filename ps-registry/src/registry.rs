@@ -59,18 +59,21 @@ impl Backend {
 /// database busy.
 const SQLITE_BUSY_TIMEOUT_MS: u32 = 60_000;
 
-/// The registry's schema, compiled into the binary (`migrations/`).
+/// The registry's schema, compiled into the binary (`migrations/`): version,
+/// name, SQL.
+const MIGRATIONS: [(i64, &str, &str); 2] = [
+    (1, "registry", include_str!("../migrations/0001_registry.sql")),
+    (2, "method", include_str!("../migrations/0002_method.sql")),
+];
+
+/// [`MIGRATIONS`] as sqlx's migrator takes them.
 #[derive(Debug)]
 struct Migrations;
 
 impl<'s> MigrationSource<'s> for Migrations {
     fn resolve(self) -> Pin<Box<dyn Future<Output = Result<Vec<Migration>, BoxDynError>> + Send + 's>> {
-        let steps = [
-            (1, "registry", include_str!("../migrations/0001_registry.sql")),
-            (2, "method", include_str!("../migrations/0002_method.sql")),
-        ];
         Box::pin(async move {
-            Ok(steps
+            Ok(MIGRATIONS
                 .into_iter()
                 .map(|(v, name, sql)| {
                     Migration::new(v, name.into(), MigrationType::Simple, sql.into(), false)
@@ -214,14 +217,16 @@ impl Registry {
         let migrator = Migrator::new(Migrations).await?;
         // PostgreSQL's migrator takes an advisory lock; SQLite's takes none,
         // but applies each migration and its bookkeeping in one transaction.
-        // So of two processes creating a new file at once, one fails (the
-        // table exists) once the other has committed, and a second try finds
-        // the schema applied.
-        if let Err(e) = migrator.run(&pool).await {
-            if backend == Backend::Postgres {
+        // So of processes migrating a file at once, one fails (the table or
+        // column exists) whenever another has committed a migration first.
+        // Each failure means another migration committed, so after one try
+        // per migration the schema is applied.
+        let mut tries = 0;
+        while let Err(e) = migrator.run(&pool).await {
+            tries += 1;
+            if backend == Backend::Postgres || tries > MIGRATIONS.len() {
                 return Err(e.into());
             }
-            migrator.run(&pool).await?;
         }
         Ok(Registry { pool, backend, store: ArtifactStore::new(root) })
     }
