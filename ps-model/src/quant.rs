@@ -188,19 +188,7 @@ mod tests {
     fn sized(layers: &[usize], seed: u64) -> SavedModel {
         let net = crate::Mlp::new(layers);
         let params = net.init_params(seed);
-        let kind = ModelKind::Mlp { layers: layers.to_vec() };
-        let mut at = 0;
-        let dense = kind
-            .dense_tensors()
-            .unwrap()
-            .into_iter()
-            .map(|(name, shape)| {
-                let n: usize = shape.iter().product();
-                at += n;
-                DenseTensor { name, shape, values: params[at - n..at].to_vec() }
-            })
-            .collect();
-        SavedModel::new(kind, dense, Vec::new())
+        SavedModel::from_flat(ModelKind::Mlp { layers: layers.to_vec() }, &params).unwrap()
     }
 
     proptest! {

@@ -49,6 +49,17 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
+    /// `mlp`, `mlp_int8`, `logreg`, `mf` or `ctr`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ModelKind::Mlp { .. } => "mlp",
+            ModelKind::MlpInt8 { .. } => "mlp_int8",
+            ModelKind::Logreg { .. } => "logreg",
+            ModelKind::Mf { .. } => "mf",
+            ModelKind::Ctr { .. } => "ctr",
+        }
+    }
+
     /// The dense tensors of the architecture, in parameter order, with their
     /// shapes: `{prefix}fc{l}.weight` (`[in, out]`) and `{prefix}fc{l}.bias`
     /// (`[out]`) per layer of an MLP or a CTR tower; none for the others.
@@ -166,6 +177,28 @@ pub struct SavedModel {
 }
 
 impl SavedModel {
+    /// A model of `kind` with no sparse table, its dense tensors cut in
+    /// order from `params`, the flat layout the shards store (an MLP's
+    /// `Mlp::param_specs` order).
+    pub fn from_flat(kind: ModelKind, params: &[f32]) -> Result<SavedModel> {
+        let shapes = kind.dense_tensors()?;
+        let total = shapes.iter().map(|(_, s)| s.iter().product::<usize>()).sum::<usize>();
+        if total != params.len() {
+            let reason = format!("the architecture has {total} parameters, {} given", params.len());
+            return Err(Error::Shape { name: "dense tensors".into(), reason });
+        }
+        let mut at = 0;
+        let dense = shapes
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                at += n;
+                DenseTensor { name, shape, values: params[at - n..at].to_vec() }
+            })
+            .collect();
+        Ok(SavedModel::new(kind, dense, Vec::new()))
+    }
+
     /// A model of the current format version.
     pub fn new(model: ModelKind, dense: Vec<DenseTensor>, sparse: Vec<SparseTable>) -> SavedModel {
         SavedModel { version: FORMAT_VERSION, model, dense, sparse, int8: Vec::new() }

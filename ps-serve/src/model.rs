@@ -360,7 +360,6 @@ impl Servable {
 
 #[cfg(test)]
 mod tests {
-    use ps_model::DenseTensor;
 
     use super::*;
 
@@ -368,18 +367,7 @@ mod tests {
         let net = ps_model::Mlp::new(&[3, 4, 2]);
         let params = net.init_params(7);
         let kind = ModelKind::Mlp { layers: vec![3, 4, 2] };
-        let mut at = 0;
-        let dense = kind
-            .dense_tensors()
-            .unwrap()
-            .into_iter()
-            .map(|(name, shape)| {
-                let n: usize = shape.iter().product();
-                at += n;
-                DenseTensor { name, shape, values: params[at - n..at].to_vec() }
-            })
-            .collect();
-        Servable::new(SavedModel::new(kind, dense, Vec::new())).unwrap()
+        Servable::new(SavedModel::from_flat(kind, &params).unwrap()).unwrap()
     }
 
     #[test]

@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use ps_common::spec::{Layout, TableSpec};
-use ps_model::{DenseTensor, ModelKind, SavedModel, SparseTable};
+use ps_model::{ModelKind, SavedModel, SparseTable};
 use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
 
 use crate::error::{Error, Result};
@@ -31,8 +31,6 @@ pub struct Online {
     client: ShardedClient,
     kind: ModelKind,
     dense: DenseSet,
-    /// (name, shape) of each dense tensor, in the order of `dense`.
-    shapes: Vec<(String, Vec<usize>)>,
     sparse: Vec<TableSpec>,
 }
 
@@ -49,10 +47,7 @@ impl Online {
         };
         let find = |name: &str| {
             specs.iter().find(|s| s.name == name).ok_or_else(|| {
-                Error::bad(format!(
-                    "the cluster holds no table `{name}` (the template's {:?})",
-                    kind_name(&kind)
-                ))
+                Error::bad(format!("the cluster holds no table `{name}` (the template's {:?})", kind.name()))
             })
         };
         let shapes = kind.dense_tensors()?;
@@ -82,7 +77,7 @@ impl Online {
             sparse.push(spec.clone());
         }
         let dense = DenseSet::new(&dense_specs, client.num_shards())?;
-        Ok(Online { addrs: addrs.to_vec(), client, kind, dense, shapes, sparse })
+        Ok(Online { addrs: addrs.to_vec(), client, kind, dense, sparse })
     }
 
     /// The shard addresses, for status reports.
@@ -101,21 +96,11 @@ impl Online {
             .unwrap_or(0);
         let mut flat = vec![0.0f32; self.dense.len()];
         self.client.pull_dense(&self.dense, 0, &mut flat).await?;
-        let mut at = 0;
-        let dense = self
-            .shapes
-            .iter()
-            .map(|(name, shape)| {
-                let n: usize = shape.iter().product();
-                at += n;
-                DenseTensor { name: name.clone(), shape: shape.clone(), values: flat[at - n..at].to_vec() }
-            })
-            .collect();
-        let mut sparse = Vec::with_capacity(self.sparse.len());
+        let mut model = SavedModel::from_flat(self.kind.clone(), &flat)?;
         for spec in &self.sparse {
             let Layout::Sparse { dim } = spec.layout else { unreachable!("checked at connect") };
             let (keys, values) = self.client.scan_sparse(&spec.name, dim as usize).await?;
-            sparse.push(SparseTable {
+            model.sparse.push(SparseTable {
                 name: spec.name.clone(),
                 dim: dim as usize,
                 keys,
@@ -123,17 +108,7 @@ impl Online {
                 init: Some(spec.init),
             });
         }
-        Ok((SavedModel::new(self.kind.clone(), dense, sparse), Freshness { read_at, min_clock }))
-    }
-}
-
-fn kind_name(kind: &ModelKind) -> &'static str {
-    match kind {
-        ModelKind::Mlp { .. } => "mlp",
-        ModelKind::MlpInt8 { .. } => "mlp_int8",
-        ModelKind::Logreg { .. } => "logreg",
-        ModelKind::Mf { .. } => "mf",
-        ModelKind::Ctr { .. } => "ctr",
+        Ok((model, Freshness { read_at, min_clock }))
     }
 }
 

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioExecutor;
 use ps_common::optim::Rule;
 use ps_common::spec::{Consistency, Init, InitKind, TableSpec};
 use ps_model::loss::sigmoid;
-use ps_model::{DenseTensor, ModelKind, SavedModel, SparseTable, Tower};
+use ps_model::{ModelKind, SavedModel, SparseTable, Tower};
 use ps_registry::{NewVersion, Registry};
 use ps_serve::batch::BatchConfig;
 use ps_serve::grpc::pb::{self, predict_request::Inputs as PbInputs, prediction_client::PredictionClient};
@@ -40,22 +40,7 @@ const MAX_ROWS: usize = 100;
 fn mlp(seed: u64) -> SavedModel {
     let net = ps_model::Mlp::new(&LAYERS);
     let params = net.init_params(seed);
-    let kind = ModelKind::Mlp { layers: LAYERS.to_vec() };
-    SavedModel::new(kind.clone(), tensors(&kind, &params), Vec::new())
-}
-
-/// The dense tensors of `kind` cut from the flat `params`.
-fn tensors(kind: &ModelKind, params: &[f32]) -> Vec<DenseTensor> {
-    let mut at = 0;
-    kind.dense_tensors()
-        .unwrap()
-        .into_iter()
-        .map(|(name, shape)| {
-            let n: usize = shape.iter().product();
-            at += n;
-            DenseTensor { name, shape, values: params[at - n..at].to_vec() }
-        })
-        .collect()
+    SavedModel::from_flat(ModelKind::Mlp { layers: LAYERS.to_vec() }, &params).unwrap()
 }
 
 async fn registry(dir: &tempfile::TempDir) -> Arc<Registry> {
@@ -434,7 +419,8 @@ async fn the_four_model_kinds_predict_what_their_scoring_rules_give() {
         (0..tower.num_params()).map(|i| ((i * 13 % 17) as f32 - 8.0) / 20.0).collect();
     let seen = ps_model::ctr::key(0, 42, 1000);
     let emb = table("e", 4, vec![seen], 6);
-    let ctr_model = SavedModel::new(ctr.clone(), tensors(&ctr, &tower_params), vec![emb.clone()]);
+    let mut ctr_model = SavedModel::from_flat(ctr.clone(), &tower_params).unwrap();
+    ctr_model.sparse.push(emb.clone());
 
     let mut slots = Vec::new();
     for (name, model) in [("lr", &lr_model), ("mf", &mf_model), ("ctr", &ctr_model)] {

@@ -8,13 +8,13 @@
 use std::ops::Range;
 
 use ps_common::spec::TableSpec;
-use ps_model::{DenseTensor, Mlp, ModelKind, SavedModel, Workspace};
+use ps_model::{Mlp, ModelKind, SavedModel, Workspace};
 
 use super::{BatchLoss, Iteration, Role, Score, Workload, dense_tables, trainer, wrong_kind};
 use crate::client::{DenseSet, ShardedClient};
 use crate::config::{JobConfig, Workload as Kind};
 use crate::data::{self, BatchBuf, DenseDataset};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub struct Mnist {
     mlp: Mlp,
@@ -132,18 +132,10 @@ impl Workload for Mnist {
     async fn save(&mut self, client: &ShardedClient) -> Result<Option<SavedModel>> {
         let mut params = vec![0.0f32; self.set.len()];
         client.pull_dense(&self.set, 0, &mut params).await?;
-        let mut at = 0;
-        let dense = self
-            .mlp
-            .param_specs()
-            .into_iter()
-            .map(|p| {
-                let values = params[at..at + p.len()].to_vec();
-                at += p.len();
-                DenseTensor { name: p.name, shape: p.shape, values }
-            })
-            .collect();
-        Ok(Some(SavedModel::new(ModelKind::Mlp { layers: self.mlp.sizes().to_vec() }, dense, Vec::new())))
+        let kind = ModelKind::Mlp { layers: self.mlp.sizes().to_vec() };
+        let model =
+            SavedModel::from_flat(kind, &params).map_err(|e| Error::Protocol(format!("saving: {e}")))?;
+        Ok(Some(model))
     }
 }
 
