@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::compress::Codecs;
-use crate::optim::Rule;
+use crate::optim::{DelayCompensation, Rule};
 use crate::partition::{fnv1a64, splitmix64};
 use crate::{Error, Result};
 
@@ -111,11 +111,27 @@ pub struct OptimizerConfig {
     /// Scale the learning rate by 1 / (1 + tau), tau = the push's staleness.
     #[serde(default)]
     pub staleness_aware: bool,
+    /// Delay-compensated ASGD (Zheng et al., ICML 2017) on dense tables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_compensation: Option<DelayCompensation>,
 }
 
 impl From<Rule> for OptimizerConfig {
     fn from(rule: Rule) -> Self {
-        OptimizerConfig { rule, staleness_aware: false }
+        OptimizerConfig { rule, staleness_aware: false, delay_compensation: None }
+    }
+}
+
+impl OptimizerConfig {
+    /// State floats per parameter: the rule's, plus DC-ASGD-a's mean square
+    /// (after the rule's slots).
+    pub fn state_per_param(&self) -> usize {
+        self.rule.state_per_param() + self.delay_compensation.map_or(0, |d| d.state_per_param())
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        self.rule.validate()?;
+        self.delay_compensation.map_or(Ok(()), |d| d.validate())
     }
 }
 
@@ -169,7 +185,13 @@ impl TableSpec {
         }
         self.init.validate()?;
         self.codecs.validate()?;
-        self.optimizer.rule.validate()
+        if self.optimizer.delay_compensation.is_some() && matches!(self.layout, Layout::Sparse { .. }) {
+            return bad(format!(
+                "`{}`: delay compensation is for dense tables (a shard keeps what each worker read)",
+                self.name
+            ));
+        }
+        self.optimizer.validate()
     }
 }
 
@@ -185,6 +207,38 @@ pub enum Consistency {
     Ssp { staleness: u32 },
     /// Bulk synchronous: SSP with bound 0.
     Bsp,
+}
+
+/// What a shard does with a late push (backup workers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LateGradients {
+    /// Not applied (Chen et al., 2016); the push still ticks the clock.
+    #[default]
+    Drop,
+    /// Applied with the learning rate scaled by 1 / (1 + staleness).
+    Weight,
+}
+
+impl std::fmt::Display for LateGradients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LateGradients::Drop => "drop",
+            LateGradients::Weight => "weight",
+        })
+    }
+}
+
+/// Backup workers for synchronous training (Chen et al., "Revisiting
+/// Distributed Synchronous SGD", 2016): under BSP and SSP an iteration
+/// completes when all but `workers` members have pushed it, so a read never
+/// waits for the slowest `workers`; a later push of that iteration is late.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backup {
+    pub workers: u32,
+    #[serde(default)]
+    pub late: LateGradients,
 }
 
 impl Consistency {

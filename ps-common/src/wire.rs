@@ -5,7 +5,8 @@
 
 use crate::compress::{Codec, CodecKind, Codecs};
 use crate::optim::Rule;
-use crate::spec::{Consistency, Init, InitKind, Layout, OptimizerConfig, TableSpec};
+use crate::optim::DelayCompensation;
+use crate::spec::{Backup, Consistency, Init, InitKind, LateGradients, Layout, OptimizerConfig, TableSpec};
 use crate::{Error, Result};
 
 /// Generated code for `proto/ps/v1/ps.proto`.
@@ -100,7 +101,12 @@ impl From<&OptimizerConfig> for pb::OptimizerSpec {
             }
             Rule::Ftrl { alpha, beta, l1, l2 } => R::Ftrl(pb::Ftrl { alpha, beta, l1, l2 }),
         };
-        pb::OptimizerSpec { rule: Some(rule), staleness_aware: o.staleness_aware }
+        let delay_compensation = o.delay_compensation.map(|d| pb::DelayCompensation {
+            lambda: d.lambda,
+            adaptive: d.adaptive,
+            momentum: d.momentum,
+        });
+        pb::OptimizerSpec { rule: Some(rule), staleness_aware: o.staleness_aware, delay_compensation }
     }
 }
 
@@ -133,8 +139,14 @@ impl TryFrom<pb::OptimizerSpec> for OptimizerConfig {
             },
             R::Ftrl(f) => Rule::Ftrl { alpha: f.alpha, beta: f.beta, l1: f.l1, l2: f.l2 },
         };
-        rule.validate()?;
-        Ok(OptimizerConfig { rule, staleness_aware: o.staleness_aware })
+        let delay_compensation = o.delay_compensation.map(|d| DelayCompensation {
+            lambda: d.lambda,
+            adaptive: d.adaptive,
+            momentum: d.momentum,
+        });
+        let config = OptimizerConfig { rule, staleness_aware: o.staleness_aware, delay_compensation };
+        config.validate()?;
+        Ok(config)
     }
 }
 
@@ -192,6 +204,27 @@ impl TryFrom<pb::WireCodec> for Codec {
         };
         codec.validate()?;
         Ok(codec)
+    }
+}
+
+impl From<LateGradients> for pb::LateGradients {
+    fn from(l: LateGradients) -> Self {
+        match l {
+            LateGradients::Drop => pb::LateGradients::Drop,
+            LateGradients::Weight => pb::LateGradients::Weight,
+        }
+    }
+}
+
+impl Backup {
+    /// The backup settings of a `Join` (`backup_workers`, `late_gradients`).
+    pub fn from_wire(workers: u32, late: i32) -> Result<Backup> {
+        let late = match pb::LateGradients::try_from(late) {
+            Ok(pb::LateGradients::Drop) => LateGradients::Drop,
+            Ok(pb::LateGradients::Weight) => LateGradients::Weight,
+            Err(_) => return Err(Error::MissingField("late_gradients")),
+        };
+        Ok(Backup { workers, late })
     }
 }
 
@@ -296,7 +329,7 @@ mod tests {
             pull in prop_oneof![Just(Codec::F32), Just(Codec::F16), Just(Codec::Bf16)],
         ) {
             let layout = if dense { Layout::Dense { shape, chunk_len } } else { Layout::Sparse { dim } };
-            let optimizer = OptimizerConfig { rule, staleness_aware };
+            let optimizer = OptimizerConfig { rule, staleness_aware, delay_compensation: None };
             let spec = TableSpec { name, layout, init, optimizer, codecs: Codecs { push, pull } };
             let back = TableSpec::try_from(pb::TableSpec::from(&spec)).unwrap();
             prop_assert_eq!(back, spec);

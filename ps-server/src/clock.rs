@@ -16,6 +16,16 @@
 //! Observed staleness of a push from iteration `c`: how many iterations the
 //! fastest *other* member has completed beyond it, `max(0, max_other - (c+1))`.
 //! Under SSP with bound `s` it never exceeds `s`; under ASP it is unbounded.
+//!
+//! **Backup workers** (Chen et al., "Revisiting Distributed Synchronous SGD",
+//! 2016): with `b` backups among `N` members, iteration `c` completes once
+//! `N - b` members have pushed it, so the read gate waits for the
+//! `(N - b)`-th highest clock instead of the lowest (with `b = 0`, the same),
+//! and never for the slowest `b` workers. A push of iteration `c` that
+//! arrives after `N - b` *other* members have completed `c` is late: the
+//! shard drops it (or down-weights it, [`LateGradients::Weight`]), and the
+//! late worker's clock jumps to the iteration the others are at, as a backup
+//! worker abandons its iteration in the paper.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -23,7 +33,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use ps_common::spec::Consistency;
+use ps_common::spec::{Backup, Consistency, LateGradients};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
@@ -43,6 +53,7 @@ struct Member {
 #[derive(Debug, Default)]
 struct State {
     model: Option<Consistency>,
+    backup: Backup,
     members: BTreeMap<u64, Member>,
     /// Clocks of workers that left or were dropped: a worker that comes back
     /// (or a resumed job's worker that had finished) continues from there.
@@ -51,9 +62,46 @@ struct State {
 }
 
 impl State {
-    fn min_clock(&self) -> u64 {
-        self.members.values().map(|m| m.clock).min().unwrap_or(u64::MAX)
+    /// The clock reads wait for: the lowest member clock, or with `b` backup
+    /// workers the `(N - b)`-th highest (u64::MAX without members).
+    fn gate_clock(&self) -> u64 {
+        let b = if self.model.is_some_and(|m| m.bound().is_some()) { self.backup.workers as usize } else { 0 };
+        if b == 0 {
+            return self.members.values().map(|m| m.clock).min().unwrap_or(u64::MAX);
+        }
+        let mut clocks: Vec<u64> = self.members.values().map(|m| m.clock).collect();
+        if clocks.is_empty() {
+            return u64::MAX;
+        }
+        let k = b.min(clocks.len() - 1);
+        *clocks.select_nth_unstable(k).1
     }
+
+    /// With backup workers: the clock `worker`'s push of iteration `clock`
+    /// jumps it to if the push is late (the `(N - b)`-th highest clock of the
+    /// others, when that many have completed `clock`), else `None`.
+    fn late(&self, worker: u64, clock: u64) -> Option<u64> {
+        let b = self.backup.workers as usize;
+        if b == 0 || self.model.is_none_or(|m| m.bound().is_none()) || !self.members.contains_key(&worker) {
+            return None;
+        }
+        let need = self.members.len().saturating_sub(b);
+        let mut ahead: Vec<u64> =
+            self.members.iter().filter(|(w, m)| **w != worker && m.clock > clock).map(|(_, m)| m.clock).collect();
+        if need == 0 || ahead.len() < need {
+            return None;
+        }
+        ahead.sort_unstable_by(|a, b| b.cmp(a));
+        Some(ahead[need - 1])
+    }
+}
+
+/// What a shard does with a push (backup workers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeliness {
+    OnTime,
+    /// Late: the iteration completed without it; the worker jumps to `to`.
+    Late { to: u64, handling: LateGradients },
 }
 
 /// The clock set as a checkpoint keeps it.
@@ -82,6 +130,9 @@ pub struct Clocks {
     /// republished after every change; readers wait on it.
     min_tx: watch::Sender<u64>,
     wait_micros: std::sync::atomic::AtomicU64,
+    /// Late pushes (backup workers) dropped, and applied down-weighted.
+    pub late_dropped: std::sync::atomic::AtomicU64,
+    pub late_weighted: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Clocks {
@@ -90,6 +141,8 @@ impl Default for Clocks {
             state: Mutex::default(),
             min_tx: watch::Sender::new(u64::MAX),
             wait_micros: Default::default(),
+            late_dropped: Default::default(),
+            late_weighted: Default::default(),
         }
     }
 }
@@ -100,7 +153,7 @@ impl Clocks {
     }
 
     fn publish(&self, state: &State) {
-        let min = state.min_clock();
+        let min = state.gate_clock();
         self.min_tx.send_if_modified(|m| std::mem::replace(m, min) != min);
     }
 
@@ -116,16 +169,36 @@ impl Clocks {
     /// rejoining a shard restored from a checkpoint says where it is, so the
     /// shard's older record of its clock does not hold the others' reads.
     pub fn rejoin(&self, worker: u64, model: Consistency, lease: Duration, clock: u64) -> Result<u64> {
+        self.rejoin_with(worker, model, Backup::default(), lease, clock)
+    }
+
+    /// As [`Clocks::rejoin`], with the job's backup workers, which the first
+    /// member fixes along with the model.
+    pub fn rejoin_with(
+        &self,
+        worker: u64,
+        model: Consistency,
+        backup: Backup,
+        lease: Duration,
+        clock: u64,
+    ) -> Result<u64> {
         let mut st = self.lock();
         match st.model {
-            Some(current) if current != model && !st.members.is_empty() => {
+            Some(current) if (current, st.backup) != (model, backup) && !st.members.is_empty() => {
+                let show = |m: Consistency, b: Backup| match b.workers {
+                    0 => m.to_string(),
+                    n => format!("{m} with {n} backup workers ({} late gradients)", b.late),
+                };
                 return Err(Error::ConsistencyConflict {
                     worker,
-                    current: current.to_string(),
-                    requested: model.to_string(),
+                    current: show(current, st.backup),
+                    requested: show(model, backup),
                 });
             }
-            _ => st.model = Some(model),
+            _ => {
+                st.model = Some(model);
+                st.backup = backup;
+            }
         }
         let now = Instant::now();
         let before = st.members.get(&worker).map(|m| m.clock).or_else(|| st.left.remove(&worker));
@@ -137,6 +210,19 @@ impl Clocks {
 
     pub fn model(&self) -> Option<Consistency> {
         self.lock().model
+    }
+
+    pub fn backup(&self) -> Backup {
+        self.lock().backup
+    }
+
+    /// Whether `worker`'s push of iteration `clock` is late (backup workers).
+    pub fn timeliness(&self, worker: u64, clock: u64) -> Timeliness {
+        let st = self.lock();
+        match st.late(worker, clock) {
+            Some(to) => Timeliness::Late { to, handling: st.backup.late },
+            None => Timeliness::OnTime,
+        }
     }
 
     /// Renews a member's lease; false if it is not a member.
@@ -200,12 +286,20 @@ impl Clocks {
 
     /// Marks `worker`'s iteration `clock` complete (its pushes are applied).
     pub fn tick(&self, worker: u64, clock: u64) {
+        self.tick_to(worker, clock + 1);
+    }
+
+    /// Moves `worker`'s clock to at least `to` (a tick, or a late worker's
+    /// jump); returns its clock, if it is a member.
+    pub fn tick_to(&self, worker: u64, to: u64) -> Option<u64> {
         let mut st = self.lock();
-        if let Some(m) = st.members.get_mut(&worker) {
-            m.clock = m.clock.max(clock + 1);
+        let now = st.members.get_mut(&worker).map(|m| {
+            m.clock = m.clock.max(to);
             m.last_seen = Instant::now();
-        }
+            m.clock
+        });
         self.publish(&st);
+        now
     }
 
     /// Waits until `worker` may read at `clock`, or fails after `max_wait`.
@@ -214,7 +308,7 @@ impl Clocks {
             let mut st = self.lock();
             let Some(bound) = st.model.and_then(|m| m.bound()) else { return Ok(()) };
             let target = clock.saturating_sub(bound);
-            if st.min_clock() >= target {
+            if st.gate_clock() >= target {
                 return Ok(());
             }
             let Some(me) = st.members.get_mut(&worker) else { return Ok(()) };
@@ -400,6 +494,59 @@ mod tests {
         assert_eq!(c.status()[1].waiting_for, None);
         tokio::time::advance(LEASE + Duration::from_millis(1)).await;
         assert_eq!(c.reap(Instant::now()), vec![1, 2]);
+    }
+
+    /// With b backup workers among N, a read at clock c waits only for the
+    /// N - b fastest: the slowest b never hold anyone up, whatever the
+    /// clocks (every assignment of clocks 0..4 to 4 workers, b = 0..3).
+    #[tokio::test(start_paused = true)]
+    async fn backup_workers_never_wait_for_the_slowest_b() {
+        let backup = |workers| Backup { workers, late: LateGradients::Drop };
+        for b in 0..4u32 {
+            for code in 0..4u32.pow(4) {
+                let clocks: Vec<u64> = (0..4).map(|i| u64::from(code / 4u32.pow(i) % 4)).collect();
+                let c = Clocks::default();
+                for (w, &clock) in clocks.iter().enumerate() {
+                    c.rejoin_with(w as u64, Consistency::Bsp, backup(b), LEASE, clock).unwrap();
+                }
+                // Reader 0 reads at its own clock: it may go on iff at least
+                // N - b members (itself included) have reached it.
+                let reached = clocks.iter().filter(|&&k| k >= clocks[0]).count();
+                let waited = c.wait_read(0, clocks[0], Duration::from_millis(1)).await;
+                assert_eq!(waited.is_ok(), reached >= 4 - (b as usize).min(3), "b {b}, clocks {clocks:?}");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_push_is_called_late_and_its_worker_jumps_ahead() {
+        let c = std::sync::Arc::new(Clocks::default());
+        let b = Backup { workers: 1, late: LateGradients::Drop };
+        for w in 0..3 {
+            c.rejoin_with(w, Consistency::Bsp, b, LEASE, 0).unwrap();
+        }
+        // Workers 0 and 1 complete iterations 0..5 while 2 never pushes:
+        // no read of theirs waits (each within 1 ms of paused time).
+        for t in 0..5 {
+            for w in 0..2 {
+                c.wait_read(w, t, Duration::from_millis(1)).await.unwrap();
+                assert_eq!(c.timeliness(w, t), Timeliness::OnTime);
+                c.tick(w, t);
+            }
+        }
+        // Worker 2's push of iteration 0 is late; it jumps to clock 5.
+        assert_eq!(c.timeliness(2, 0), Timeliness::Late { to: 5, handling: LateGradients::Drop });
+        assert_eq!(c.tick_to(2, 5), Some(5));
+        // Without backups nobody is late and a read waits for the slowest.
+        let plain = Clocks::default();
+        plain.join(0, Consistency::Bsp, LEASE).unwrap();
+        plain.join(1, Consistency::Bsp, LEASE).unwrap();
+        plain.tick(0, 0);
+        assert_eq!(plain.timeliness(1, 0), Timeliness::OnTime);
+        assert!(plain.wait_read(0, 1, Duration::from_millis(1)).await.is_err());
+        // Another backup setting is a conflict while members remain.
+        let other = Backup { workers: 2, late: LateGradients::Drop };
+        assert!(c.rejoin_with(9, Consistency::Bsp, other, LEASE, 0).is_err());
     }
 
     #[test]

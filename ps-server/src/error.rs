@@ -44,6 +44,10 @@ pub enum Error {
     HoldTimeout,
     #[error("this shard has no checkpoint directory (start it with --checkpoint-dir)")]
     NoCheckpointDir,
+    #[error("data queue: {0}")]
+    DataPlan(String),
+    #[error("data queue: {0}")]
+    BadRange(String),
     #[error("shard {addr}: {status}")]
     Peer { addr: String, status: tonic::Status },
     #[error("server is shutting down")]
@@ -68,12 +72,14 @@ impl From<Error> for tonic::Status {
             | Error::Duplicate { .. }
             | Error::NonFinite { .. }
             | Error::ChunkOutOfRange { .. }
-            | Error::CheckpointName(_) => Code::InvalidArgument,
+            | Error::CheckpointName(_)
+            | Error::BadRange(_) => Code::InvalidArgument,
             Error::UnknownTable(_) => Code::NotFound,
             Error::WrongKind { .. }
             | Error::ShardCountMismatch { .. }
             | Error::WrongShard { .. }
-            | Error::ConsistencyConflict { .. } => Code::FailedPrecondition,
+            | Error::ConsistencyConflict { .. }
+            | Error::DataPlan(_) => Code::FailedPrecondition,
             Error::SpecConflict(_) => Code::AlreadyExists,
             Error::WaitTimeout { .. } => Code::DeadlineExceeded,
             Error::TooLarge { .. } => Code::ResourceExhausted,

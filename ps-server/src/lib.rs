@@ -12,6 +12,8 @@
 //!   with the server built by `ps_common::transport` from
 //!   [`ServerConfig::transport`]; `main.rs` is a thin wrapper that parses flags
 //!   and waits for SIGINT/SIGTERM.
+//! - [`queue::DataQueue`] is the job's queue of minibatch ranges for dynamic
+//!   data assignment (served by shard 0).
 //! - [`local::LocalShards`] starts N shards in-process on loopback, for tests,
 //!   benchmarks and examples.
 
@@ -21,6 +23,7 @@ pub mod clock;
 pub mod error;
 mod gate;
 pub mod local;
+pub mod queue;
 pub mod service;
 pub mod store;
 
@@ -107,6 +110,7 @@ pub async fn serve(
         gate: gate::Gate::default(),
         max_wait: Duration::from_millis(config.max_wait_ms),
         checkpoint_dir: config.checkpoint_dir.clone(),
+        queue: queue::DataQueue::default(),
     });
     // Aborted on drop too, so a shard whose serve future is dropped (aborted
     // in tests) leaves no reaper behind.

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use ps_common::codec;
 use ps_common::compress::{self, CodecKind};
-use ps_common::spec::{Consistency, TableSpec};
+use ps_common::spec::{Backup, Consistency, TableSpec};
 use ps_common::wire::pb::{self, parameter_server_server::ParameterServer};
 use tonic::{Request, Response, Status};
 
 use crate::checkpoint::{self, ShardFile};
-use crate::clock::Clocks;
+use crate::clock::{Clocks, Timeliness};
 use crate::error::Error;
 use crate::gate::Gate;
 use crate::store::{PushInfo, Store};
@@ -31,6 +31,8 @@ pub struct Shard {
     pub max_wait: Duration,
     /// Where this shard writes its checkpoint files (`None`: it refuses cuts).
     pub checkpoint_dir: Option<PathBuf>,
+    /// The job's data queue (dynamic data assignment; used on shard 0).
+    pub queue: crate::queue::DataQueue,
 }
 
 /// The tonic service; cheap to clone.
@@ -44,21 +46,50 @@ impl Shard {
         Status::from(e.into())
     }
 
-    fn before_push(&self, meta: &pb::PushMeta) -> PushInfo {
+    /// The push's staleness and, with backup workers, whether it is late
+    /// (then the worker's clock jumps to `Timeliness::Late::to` on its tick).
+    fn before_push(&self, meta: &pb::PushMeta) -> (PushInfo, Timeliness) {
         self.clocks.touch(meta.worker);
         let staleness = self.clocks.staleness(meta.worker, meta.read_clock);
-        PushInfo { worker: meta.worker, seq: meta.seq, staleness }
+        let timeliness = self.clocks.timeliness(meta.worker, meta.clock);
+        let late = match timeliness {
+            Timeliness::Late { handling, .. } => Some(handling),
+            Timeliness::OnTime => None,
+        };
+        (PushInfo { worker: meta.worker, seq: meta.seq, staleness, read_clock: meta.read_clock, late }, timeliness)
     }
 
-    /// Records the staleness of an applied push, then ticks the clock.
-    fn after_push(&self, meta: &pb::PushMeta, info: PushInfo, duplicate: bool) {
-        if duplicate {
-            return;
+    /// Records the staleness of an applied push, then ticks the clock (a
+    /// late worker's jumps to where the others are). The answer carries the
+    /// worker's clock and whether the push was late.
+    fn after_push(
+        &self,
+        meta: &pb::PushMeta,
+        (info, timeliness): (PushInfo, Timeliness),
+        out: crate::store::PushOutcome,
+    ) -> pb::PushResponse {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut answer = pb::PushResponse { applied: out.applied, duplicate: out.duplicate, clock: 0, late: false };
+        if out.duplicate {
+            answer.clock = self.clocks.clock_of(meta.worker).unwrap_or(0);
+            return answer;
         }
         self.clocks.record_staleness(info.staleness);
+        let to = match timeliness {
+            Timeliness::Late { to, handling } => {
+                answer.late = true;
+                match handling {
+                    ps_common::spec::LateGradients::Drop => self.clocks.late_dropped.fetch_add(1, Relaxed),
+                    ps_common::spec::LateGradients::Weight => self.clocks.late_weighted.fetch_add(1, Relaxed),
+                };
+                to.max(meta.clock + 1)
+            }
+            Timeliness::OnTime => meta.clock + 1,
+        };
         if meta.tick {
-            self.clocks.tick(meta.worker, meta.clock);
+            answer.clock = self.clocks.tick_to(meta.worker, to).unwrap_or(0);
         }
+        answer
     }
 
     /// Every member's clock and last applied seq.
@@ -170,9 +201,11 @@ impl ParameterServer for Service {
         } else {
             Vec::new()
         };
+        // A training member's read is kept for delay compensation.
+        let reader = req.meta.filter(|m| self.0.clocks.clock_of(m.worker).is_some()).map(|m| (m.worker, m.clock));
         // Encoded straight from each block, under its lock: one copy.
         (self.0.store)
-            .pull_dense(&ids, |v| {
+            .pull_dense_as(reader, &ids, |v| {
                 let mut out = Vec::new();
                 let codec = codecs.get(values.len()).copied().unwrap_or_default();
                 compress::encode(codec, v, v.len(), 0, &mut out);
@@ -206,9 +239,8 @@ impl ParameterServer for Service {
             .map_err(|e| self.0.refuse(e))?;
         let chunks: Vec<(&str, u32, &[f32])> =
             req.chunks.iter().zip(&grads).map(|(c, g)| (c.tensor.as_str(), c.index, g.as_slice())).collect();
-        let out = self.0.store.push_dense(&chunks, info).map_err(|e| self.0.refuse(e))?;
-        self.0.after_push(&meta, info, out.duplicate);
-        Ok(Response::new(pb::PushResponse { applied: out.applied, duplicate: out.duplicate }))
+        let out = self.0.store.push_dense(&chunks, info.0).map_err(|e| self.0.refuse(e))?;
+        Ok(Response::new(self.0.after_push(&meta, info, out)))
     }
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), table = %req.get_ref().table))]
@@ -255,9 +287,8 @@ impl ParameterServer for Service {
         check_push_codecs(&meta, &[(&req.table, kind)]).map_err(|e| self.0.refuse(e))?;
         let grads =
             self.0.sparse_gradient(&req.table, &req.grads, keys.len(), kind).map_err(|e| self.0.refuse(e))?;
-        let out = self.0.store.push_sparse(&req.table, &keys, &grads, info).map_err(|e| self.0.refuse(e))?;
-        self.0.after_push(&meta, info, out.duplicate);
-        Ok(Response::new(pb::PushResponse { applied: out.applied, duplicate: out.duplicate }))
+        let out = self.0.store.push_sparse(&req.table, &keys, &grads, info.0).map_err(|e| self.0.refuse(e))?;
+        Ok(Response::new(self.0.after_push(&meta, info, out)))
     }
 
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
@@ -267,9 +298,11 @@ impl ParameterServer for Service {
             None => Consistency::Asp,
         };
         let lease = Duration::from_millis(u64::from(req.lease_ms.clamp(100, 3_600_000)));
-        let clock =
-            self.0.clocks.rejoin(req.worker, model, lease, req.clock).map_err(|e| self.0.refuse(e))?;
-        tracing::info!(worker = req.worker, %model, clock, "worker joined");
+        let backup = Backup::from_wire(req.backup_workers, req.late_gradients).map_err(|e| self.0.refuse(e))?;
+        let clock = (self.0.clocks)
+            .rejoin_with(req.worker, model, backup, lease, req.clock)
+            .map_err(|e| self.0.refuse(e))?;
+        tracing::info!(worker = req.worker, %model, backup_workers = backup.workers, clock, "worker joined");
         Ok(Response::new(pb::JoinResponse { last_seq: self.0.store.last_seq(req.worker), clock }))
     }
 
@@ -282,7 +315,9 @@ impl ParameterServer for Service {
     }
 
     async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
-        self.0.clocks.leave(req.into_inner().worker);
+        let worker = req.into_inner().worker;
+        self.0.clocks.leave(worker);
+        self.0.store.forget_reads(worker);
         Ok(Response::new(pb::LeaveResponse {}))
     }
 
@@ -321,6 +356,14 @@ impl ParameterServer for Service {
             clocks,
             consistency: self.0.clocks.model().map(Into::into),
             wait_micros: self.0.clocks.wait_micros(),
+            late_dropped: self.0.clocks.late_dropped.load(Relaxed),
+            late_weighted: self.0.clocks.late_weighted.load(Relaxed),
+            backup_workers: self.0.clocks.backup().workers,
+            data_queue: self.0.queue.stats().map(|q| pb::DataQueueStats {
+                completed: q.completed,
+                total: q.total,
+                reassigned: q.reassigned,
+            }),
         }))
     }
 
@@ -411,6 +454,29 @@ impl ParameterServer for Service {
             values: values.into(),
             dim: dim as u32,
             done,
+        }))
+    }
+
+    async fn take_range(
+        &self,
+        req: Request<pb::TakeRangeRequest>,
+    ) -> Result<Response<pb::TakeRangeResponse>, Status> {
+        use crate::queue::{Plan, Range};
+        let req = req.into_inner();
+        let p = req.plan.ok_or(ps_common::Error::MissingField("plan")).map_err(|e| self.0.refuse(e))?;
+        let plan = Plan { epochs: p.epochs, batches_per_epoch: p.batches_per_epoch, range_batches: p.range_batches };
+        let done: Vec<Range> =
+            req.done.iter().map(|r| Range { epoch: r.epoch, start: r.start, end: r.end }).collect();
+        let lease = Duration::from_millis(u64::from(req.lease_ms.clamp(100, 3_600_000)));
+        let clocks = &self.0.clocks;
+        let answer = (self.0.queue)
+            .take(req.worker, plan, &done, lease, tokio::time::Instant::now(), |w| clocks.clock_of(w).is_some())
+            .map_err(|e| self.0.refuse(e))?;
+        Ok(Response::new(pb::TakeRangeResponse {
+            range: answer.range.map(|r| pb::DataRange { epoch: r.epoch, start: r.start, end: r.end }),
+            finished: answer.finished,
+            completed: answer.completed,
+            total: answer.total,
         }))
     }
 }

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 use ps_common::compress::Codecs;
 use ps_common::partition::{self, ShardId};
-use ps_common::spec::{Layout, TableSpec};
+use ps_common::spec::{LateGradients, Layout, TableSpec};
 
 use crate::error::{Error, Result};
 
@@ -39,7 +39,32 @@ pub struct PushInfo {
     /// Observed staleness of this push (see `clock`); scales the learning
     /// rate of tables that are staleness-aware.
     pub staleness: u64,
+    /// The clock of the read the gradient was computed on (delay
+    /// compensation looks up that read).
+    pub read_clock: u64,
+    /// A late push (backup workers, see `clock`): dropped (validated and its
+    /// seq recorded, nothing applied) or applied with the learning rate
+    /// scaled by `1 / (1 + staleness)`.
+    pub late: Option<LateGradients>,
 }
+
+impl PushInfo {
+    /// The learning-rate factor of this push on a table of `spec`.
+    fn lr_scale(&self, spec: &TableSpec) -> f32 {
+        let weight = 1.0 / (1.0 + self.staleness as f32);
+        let aware = if spec.optimizer.staleness_aware { weight } else { 1.0 };
+        let late = if self.late == Some(LateGradients::Weight) { weight } else { 1.0 };
+        aware * late
+    }
+
+    fn dropped(&self) -> bool {
+        self.late == Some(LateGradients::Drop)
+    }
+}
+
+/// Most workers whose reads a shard keeps for delay compensation; a
+/// worker beyond them gets no compensation (its read counts as current).
+pub const MAX_DC_WORKERS: usize = 1024;
 
 /// What a push did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,10 +86,11 @@ struct Block {
 impl Block {
     fn new(spec: &TableSpec, index: u64, len: usize) -> Block {
         let rule = spec.optimizer.rule;
-        let mut data = vec![0.0f32; len * (1 + rule.state_per_param())].into_boxed_slice();
+        let mut data = vec![0.0f32; len * (1 + spec.optimizer.state_per_param())].into_boxed_slice();
         let (values, state) = data.split_at_mut(len);
         spec.init.fill(&spec.name, index, values);
-        rule.init_state(values, state);
+        // The rule's slots first; DC-ASGD-a's mean square (zeros) after them.
+        rule.init_state(values, &mut state[..len * rule.state_per_param()]);
         Block { data, step: 0 }
     }
 
@@ -72,11 +98,45 @@ impl Block {
         &self.data[..len]
     }
 
-    fn apply(&mut self, spec: &TableSpec, len: usize, grad: &[f32], staleness: u64) {
+    fn apply(&mut self, spec: &TableSpec, len: usize, grad: &[f32], info: &PushInfo, read: Option<&[f32]>) {
         self.step += 1;
-        let lr_scale = if spec.optimizer.staleness_aware { 1.0 / (1.0 + staleness as f32) } else { 1.0 };
+        let rule = spec.optimizer.rule;
         let (values, state) = self.data.split_at_mut(len);
-        spec.optimizer.rule.apply(self.step, lr_scale, values, grad, state);
+        let (state, mean_square) = state.split_at_mut(len * rule.state_per_param());
+        match (spec.optimizer.delay_compensation, read) {
+            (Some(dc), Some(read)) if read.len() == len => {
+                let mut g = grad.to_vec();
+                dc.compensate(&mut g, values, read, mean_square);
+                rule.apply(self.step, info.lr_scale(spec), values, &g, state);
+            }
+            _ => rule.apply(self.step, info.lr_scale(spec), values, grad, state),
+        }
+    }
+}
+
+/// A worker's last two reads of a chunk, by read clock.
+#[derive(Default)]
+struct Reads([Option<(u64, Box<[f32]>)>; 2]);
+
+impl Reads {
+    fn keep(&mut self, clock: u64, values: &[f32]) {
+        if let Some((_, kept)) = self.0.iter_mut().flatten().find(|(c, _)| *c == clock) {
+            kept.copy_from_slice(values);
+            return;
+        }
+        // Replace the older (or an empty slot), reusing its buffer.
+        let slot = if self.0[0].as_ref().map(|r| r.0) <= self.0[1].as_ref().map(|r| r.0) { 0 } else { 1 };
+        match &mut self.0[slot] {
+            Some((c, kept)) if kept.len() == values.len() => {
+                *c = clock;
+                kept.copy_from_slice(values);
+            }
+            other => *other = Some((clock, values.into())),
+        }
+    }
+
+    fn at(&self, clock: u64) -> Option<&[f32]> {
+        self.0.iter().flatten().find(|(c, _)| *c == clock).map(|(_, v)| &v[..])
     }
 }
 
@@ -88,6 +148,11 @@ enum Blocks {
 struct Table {
     spec: TableSpec,
     blocks: Blocks,
+    /// Delay compensation: (worker, chunk) -> the values that worker read
+    /// at its last two read clocks (a pull for `c + 1` may overtake the push
+    /// of `c`, which was computed on the read at `c`). Only for tables with
+    /// `delay_compensation`.
+    reads: DashMap<(u64, u32), Reads>,
 }
 
 impl Table {
@@ -140,6 +205,22 @@ pub struct Store {
     /// answer is bounded before anything is read or created.
     max_pull_values: usize,
     pub counters: Counters,
+}
+
+/// Keeps `values` as `worker`'s read of chunk `index` at `clock` (bounded:
+/// at most [`MAX_DC_WORKERS`] workers per table).
+fn keep_read(table: &Table, worker: u64, clock: u64, index: u32, values: &[f32]) {
+    if let Some(mut kept) = table.reads.get_mut(&(worker, index)) {
+        kept.keep(clock, values);
+        return;
+    }
+    let chunks = match &table.blocks {
+        Blocks::Dense { chunks, .. } => chunks.len().max(1),
+        Blocks::Sparse { .. } => return,
+    };
+    if table.reads.len() / chunks < MAX_DC_WORKERS {
+        table.reads.entry((worker, index)).or_default().keep(clock, values);
+    }
 }
 
 /// A validated dense chunk reference: table, chunk index, chunk length.
@@ -211,7 +292,7 @@ impl Store {
             }
             Layout::Sparse { dim } => Blocks::Sparse { dim: *dim as usize, rows: DashMap::new() },
         };
-        entry.or_insert(Arc::new(Table { spec, blocks }));
+        entry.or_insert(Arc::new(Table { spec, blocks, reads: DashMap::new() }));
         Ok(true)
     }
 
@@ -292,19 +373,45 @@ impl Store {
     /// Reads dense chunks: `visit` gets each chunk's values, in request order,
     /// while that chunk is locked. Every chunk is checked before the first
     /// is read, so on an error `visit` has not been called.
-    pub fn pull_dense(&self, chunks: &[(&str, u32)], mut visit: impl FnMut(&[f32])) -> Result<()> {
+    pub fn pull_dense(&self, chunks: &[(&str, u32)], visit: impl FnMut(&[f32])) -> Result<()> {
+        self.pull_dense_as(None, chunks, visit)
+    }
+
+    /// As [`Store::pull_dense`], for training worker `reader` = (worker,
+    /// read clock), a member of the clock set: of a table with delay
+    /// compensation, the values read are kept as that worker's read of the
+    /// chunk at that clock, under the chunk's lock.
+    pub fn pull_dense_as(
+        &self,
+        reader: Option<(u64, u64)>,
+        chunks: &[(&str, u32)],
+        mut visit: impl FnMut(&[f32]),
+    ) -> Result<()> {
         let resolved = self.resolve_chunks(chunks)?;
         self.check_pull_size(resolved.iter().try_fold(0usize, |n, (_, _, len)| n.checked_add(*len)))?;
         let mut total = 0;
         for (table, index, len) in &resolved {
             let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("checked by check_chunk") };
             let block = chunks.get(index).expect("owned chunks are created at registration");
-            visit(block.values(*len));
+            let values = block.values(*len);
+            if let Some((worker, clock)) = reader
+                && table.spec.optimizer.delay_compensation.is_some()
+            {
+                keep_read(table, worker, clock, *index, values);
+            }
+            visit(values);
             total += len;
         }
         self.counters.pulls.fetch_add(1, Ordering::Relaxed);
         self.counters.values_pulled.fetch_add(total as u64, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Forgets what `worker` read (it left the job).
+    pub fn forget_reads(&self, worker: u64) {
+        for t in self.tables.iter() {
+            t.reads.retain(|(w, _), _| *w != worker);
+        }
     }
 
     /// Validates a whole dense push without changing anything.
@@ -338,11 +445,15 @@ impl Store {
     pub fn push_dense(&self, chunks: &[(&str, u32, &[f32])], info: PushInfo) -> Result<PushOutcome> {
         let resolved = self.validate_dense(chunks)?;
         self.exactly_once(info, || {
+            if info.dropped() {
+                return 0;
+            }
             let mut applied = 0;
             for ((table, index, len), &(_, _, grad)) in resolved.iter().zip(chunks) {
                 let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("validated") };
                 let mut block = chunks.get_mut(index).expect("owned chunks are created at registration");
-                block.apply(&table.spec, *len, grad, info.staleness);
+                let reads = table.reads.get(&(info.worker, *index));
+                block.apply(&table.spec, *len, grad, &info, reads.as_deref().and_then(|r| r.at(info.read_clock)));
                 applied += *len as u64;
             }
             applied
@@ -465,9 +576,12 @@ impl Store {
         let (table, dim) = self.validate_sparse(name, keys, grads)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("validated") };
         self.exactly_once(info, || {
+            if info.dropped() {
+                return 0;
+            }
             for (&key, g) in keys.iter().zip(grads.chunks_exact(dim)) {
                 let mut row = rows.entry(key).or_insert_with(|| Block::new(&table.spec, key, dim));
-                row.apply(&table.spec, dim, g, info.staleness);
+                row.apply(&table.spec, dim, g, &info, None);
             }
             keys.len() as u64
         })
@@ -582,7 +696,7 @@ impl Store {
                 return Err(bad(&name, "appears twice".into()));
             }
             let table = store.table(&name)?;
-            let width = 1 + table.spec.optimizer.rule.state_per_param();
+            let width = 1 + table.spec.optimizer.state_per_param();
             if t.keys.len() != t.steps.len() {
                 return Err(bad(&name, format!("{} keys but {} step counts", t.keys.len(), t.steps.len())));
             }
@@ -699,7 +813,7 @@ mod tests {
         let s = Store::new(0, 1);
         s.register(sgd_dense("w", 10, 4), 1).unwrap();
         let g = [1.0; 4];
-        let info = PushInfo { worker: 1, seq: 1, staleness: 0 };
+        let info = PushInfo { worker: 1, seq: 1, ..PushInfo::default() };
         assert_eq!(
             s.push_dense(&[("w", 0, &g)], info).unwrap(),
             PushOutcome { applied: 4, duplicate: false }
@@ -713,7 +827,7 @@ mod tests {
     fn a_rejected_dense_push_changes_nothing() {
         let s = Store::new(0, 1);
         s.register(sgd_dense("w", 10, 4), 1).unwrap();
-        let info = PushInfo { worker: 1, seq: 1, staleness: 0 };
+        let info = PushInfo { worker: 1, seq: 1, ..PushInfo::default() };
         let (g, short, bad) = ([1.0; 4], [1.0; 3], [1.0, f32::NAN]);
         let check = |chunks: &[(&str, u32, &[f32])]| s.push_dense(chunks, info).unwrap_err();
         assert!(matches!(

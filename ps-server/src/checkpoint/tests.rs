@@ -60,7 +60,7 @@ fn trained_shard(shard: u32) -> (Store, Clocks) {
             .collect();
         let push: Vec<(&str, u32, &[f32])> =
             chunks.iter().zip(&grads).map(|(&i, g)| ("w", i, g.as_slice())).collect();
-        store.push_dense(&push, PushInfo { worker: 7, seq, staleness: 0 }).unwrap();
+        store.push_dense(&push, PushInfo { worker: 7, seq, ..PushInfo::default() }).unwrap();
         let g: Vec<f32> = (0..keys.len() * 4).map(|j| j as f32 * 0.01).collect();
         store
             .push_sparse(
@@ -134,7 +134,7 @@ fn a_shard_comes_back_exactly_as_it_was_checkpointed() {
         let chunk = (0..16).find(|&i| partition::chunk_shard("w", i, 2) == shard).unwrap();
         let g = vec![0.5f32; 64];
         for s in [&store, &restored] {
-            s.push_dense(&[("w", chunk, &g)], PushInfo { worker: 7, seq: 4, staleness: 0 }).unwrap();
+            s.push_dense(&[("w", chunk, &g)], PushInfo { worker: 7, seq: 4, ..PushInfo::default() }).unwrap();
         }
         assert!(restored.capture() == store.capture());
     }
