@@ -316,6 +316,23 @@ pub struct ShardStats {
     /// The clock table: one entry per member worker.
     #[serde(default)]
     pub clocks: Vec<WorkerClock>,
+    /// Backup workers' late pushes and the data queue (issue 15).
+    #[serde(default)]
+    pub stragglers: StragglerStats,
+}
+
+/// What a shard counted of the straggler remedies.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StragglerStats {
+    pub backup_workers: u32,
+    /// Late pushes (backup workers) dropped, and applied down-weighted.
+    pub late_dropped: u64,
+    pub late_weighted: u64,
+    /// The data queue (shard 0 under dynamic data): ranges completed of
+    /// the total, and ranges handed out again after their worker died.
+    pub data_completed: u64,
+    pub data_total: u64,
+    pub data_reassigned: u64,
 }
 
 /// A member worker's clock on one shard.
@@ -359,6 +376,14 @@ impl ShardStats {
                     alive: c.alive,
                 })
                 .collect(),
+            stragglers: StragglerStats {
+                backup_workers: s.backup_workers,
+                late_dropped: s.late_dropped,
+                late_weighted: s.late_weighted,
+                data_completed: s.data_queue.map_or(0, |q| q.completed),
+                data_total: s.data_queue.map_or(0, |q| q.total),
+                data_reassigned: s.data_queue.map_or(0, |q| q.reassigned),
+            },
         }
     }
 
@@ -592,6 +617,7 @@ mod tests {
                 blocked_on: vec![1],
                 alive: true,
             }],
+            stragglers: StragglerStats::default(),
         }
     }
 
@@ -670,6 +696,7 @@ mod tests {
             }],
             consistency: Some(Consistency::Ssp { staleness: 2 }.into()),
             wait_micros: 125_000,
+            ..Default::default()
         };
         assert_eq!(ShardStats::from_wire(&wire), shard(1));
     }

@@ -206,6 +206,7 @@ mod tests {
                 },
                 WorkerClock { worker: 1, clock: 9, waiting_for_clock: None, blocked_on: vec![], alive: true },
             ],
+            stragglers: Default::default(),
         };
         let unjoined = ShardStats { consistency: None, clocks: vec![], shard: 0, ..shard.clone() };
         assert_eq!(

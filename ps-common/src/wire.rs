@@ -4,8 +4,8 @@
 //! stores and trainers never see a prost struct.
 
 use crate::compress::{Codec, CodecKind, Codecs};
-use crate::optim::Rule;
 use crate::optim::DelayCompensation;
+use crate::optim::Rule;
 use crate::spec::{Backup, Consistency, Init, InitKind, LateGradients, Layout, OptimizerConfig, TableSpec};
 use crate::{Error, Result};
 

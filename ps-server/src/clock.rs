@@ -65,7 +65,8 @@ impl State {
     /// The clock reads wait for: the lowest member clock, or with `b` backup
     /// workers the `(N - b)`-th highest (u64::MAX without members).
     fn gate_clock(&self) -> u64 {
-        let b = if self.model.is_some_and(|m| m.bound().is_some()) { self.backup.workers as usize } else { 0 };
+        let b =
+            if self.model.is_some_and(|m| m.bound().is_some()) { self.backup.workers as usize } else { 0 };
         if b == 0 {
             return self.members.values().map(|m| m.clock).min().unwrap_or(u64::MAX);
         }
@@ -86,8 +87,12 @@ impl State {
             return None;
         }
         let need = self.members.len().saturating_sub(b);
-        let mut ahead: Vec<u64> =
-            self.members.iter().filter(|(w, m)| **w != worker && m.clock > clock).map(|(_, m)| m.clock).collect();
+        let mut ahead: Vec<u64> = self
+            .members
+            .iter()
+            .filter(|(w, m)| **w != worker && m.clock > clock)
+            .map(|(_, m)| m.clock)
+            .collect();
         if need == 0 || ahead.len() < need {
             return None;
         }
@@ -101,7 +106,10 @@ impl State {
 pub enum Timeliness {
     OnTime,
     /// Late: the iteration completed without it; the worker jumps to `to`.
-    Late { to: u64, handling: LateGradients },
+    Late {
+        to: u64,
+        handling: LateGradients,
+    },
 }
 
 /// The clock set as a checkpoint keeps it.

@@ -244,7 +244,11 @@ impl DataQueue {
     /// The queue's counters, once it has a plan.
     pub fn stats(&self) -> Option<QueueStats> {
         let guard = self.job.lock().unwrap_or_else(|p| p.into_inner());
-        guard.as_ref().map(|j| QueueStats { completed: j.completed, total: j.total, reassigned: j.reassigned })
+        guard.as_ref().map(|j| QueueStats {
+            completed: j.completed,
+            total: j.total,
+            reassigned: j.reassigned,
+        })
     }
 }
 

@@ -56,7 +56,10 @@ impl Shard {
             Timeliness::Late { handling, .. } => Some(handling),
             Timeliness::OnTime => None,
         };
-        (PushInfo { worker: meta.worker, seq: meta.seq, staleness, read_clock: meta.read_clock, late }, timeliness)
+        (
+            PushInfo { worker: meta.worker, seq: meta.seq, staleness, read_clock: meta.read_clock, late },
+            timeliness,
+        )
     }
 
     /// Records the staleness of an applied push, then ticks the clock (a
@@ -69,7 +72,8 @@ impl Shard {
         out: crate::store::PushOutcome,
     ) -> pb::PushResponse {
         use std::sync::atomic::Ordering::Relaxed;
-        let mut answer = pb::PushResponse { applied: out.applied, duplicate: out.duplicate, clock: 0, late: false };
+        let mut answer =
+            pb::PushResponse { applied: out.applied, duplicate: out.duplicate, clock: 0, late: false };
         if out.duplicate {
             answer.clock = self.clocks.clock_of(meta.worker).unwrap_or(0);
             return answer;
@@ -202,7 +206,8 @@ impl ParameterServer for Service {
             Vec::new()
         };
         // A training member's read is kept for delay compensation.
-        let reader = req.meta.filter(|m| self.0.clocks.clock_of(m.worker).is_some()).map(|m| (m.worker, m.clock));
+        let reader =
+            req.meta.filter(|m| self.0.clocks.clock_of(m.worker).is_some()).map(|m| (m.worker, m.clock));
         // Encoded straight from each block, under its lock: one copy.
         (self.0.store)
             .pull_dense_as(reader, &ids, |v| {
@@ -287,7 +292,8 @@ impl ParameterServer for Service {
         check_push_codecs(&meta, &[(&req.table, kind)]).map_err(|e| self.0.refuse(e))?;
         let grads =
             self.0.sparse_gradient(&req.table, &req.grads, keys.len(), kind).map_err(|e| self.0.refuse(e))?;
-        let out = self.0.store.push_sparse(&req.table, &keys, &grads, info.0).map_err(|e| self.0.refuse(e))?;
+        let out =
+            self.0.store.push_sparse(&req.table, &keys, &grads, info.0).map_err(|e| self.0.refuse(e))?;
         Ok(Response::new(self.0.after_push(&meta, info, out)))
     }
 
@@ -298,7 +304,8 @@ impl ParameterServer for Service {
             None => Consistency::Asp,
         };
         let lease = Duration::from_millis(u64::from(req.lease_ms.clamp(100, 3_600_000)));
-        let backup = Backup::from_wire(req.backup_workers, req.late_gradients).map_err(|e| self.0.refuse(e))?;
+        let backup =
+            Backup::from_wire(req.backup_workers, req.late_gradients).map_err(|e| self.0.refuse(e))?;
         let clock = (self.0.clocks)
             .rejoin_with(req.worker, model, backup, lease, req.clock)
             .map_err(|e| self.0.refuse(e))?;
@@ -464,13 +471,16 @@ impl ParameterServer for Service {
         use crate::queue::{Plan, Range};
         let req = req.into_inner();
         let p = req.plan.ok_or(ps_common::Error::MissingField("plan")).map_err(|e| self.0.refuse(e))?;
-        let plan = Plan { epochs: p.epochs, batches_per_epoch: p.batches_per_epoch, range_batches: p.range_batches };
+        let plan =
+            Plan { epochs: p.epochs, batches_per_epoch: p.batches_per_epoch, range_batches: p.range_batches };
         let done: Vec<Range> =
             req.done.iter().map(|r| Range { epoch: r.epoch, start: r.start, end: r.end }).collect();
         let lease = Duration::from_millis(u64::from(req.lease_ms.clamp(100, 3_600_000)));
         let clocks = &self.0.clocks;
         let answer = (self.0.queue)
-            .take(req.worker, plan, &done, lease, tokio::time::Instant::now(), |w| clocks.clock_of(w).is_some())
+            .take(req.worker, plan, &done, lease, tokio::time::Instant::now(), |w| {
+                clocks.clock_of(w).is_some()
+            })
             .map_err(|e| self.0.refuse(e))?;
         Ok(Response::new(pb::TakeRangeResponse {
             range: answer.range.map(|r| pb::DataRange { epoch: r.epoch, start: r.start, end: r.end }),

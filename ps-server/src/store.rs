@@ -453,7 +453,13 @@ impl Store {
                 let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("validated") };
                 let mut block = chunks.get_mut(index).expect("owned chunks are created at registration");
                 let reads = table.reads.get(&(info.worker, *index));
-                block.apply(&table.spec, *len, grad, &info, reads.as_deref().and_then(|r| r.at(info.read_clock)));
+                block.apply(
+                    &table.spec,
+                    *len,
+                    grad,
+                    &info,
+                    reads.as_deref().and_then(|r| r.at(info.read_clock)),
+                );
                 applied += *len as u64;
             }
             applied

@@ -24,7 +24,7 @@ use futures::future::join_all;
 use ps_common::codec;
 use ps_common::compress::{self, Codec, CodecKind, Codecs};
 use ps_common::partition::{self, ShardId, fnv1a64, splitmix64};
-use ps_common::spec::{Consistency, Layout, TableSpec};
+use ps_common::spec::{Backup, Consistency, Layout, TableSpec};
 use ps_common::transport::{self, TransportConfig, duration_ms};
 use ps_common::wire::pb::{self, parameter_server_client::ParameterServerClient};
 use serde::{Deserialize, Serialize};
@@ -160,6 +160,33 @@ pub struct ShardedClient {
     /// Protobuf bytes of push requests and pull answers.
     bytes_pushed: AtomicU64,
     bytes_pulled: AtomicU64,
+    /// The job's backup workers, sent with every join.
+    backup: Backup,
+    /// The highest clock a shard answered a ticking push with since the
+    /// last [`ShardedClient::take_clock`] (a late worker's clock jumps).
+    pushed_clock: AtomicU64,
+    /// Pushes the shards called late (backup workers).
+    late_pushes: AtomicU64,
+}
+
+/// A range of minibatches from the data queue: `start..end` of epoch
+/// `epoch`'s order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataRange {
+    pub epoch: u32,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// The data queue's answer ([`ShardedClient::take_range`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    /// This worker's range; `None` when none is free now.
+    pub range: Option<DataRange>,
+    /// Every range of the plan is completed.
+    pub finished: bool,
+    pub completed: u64,
+    pub total: u64,
 }
 
 /// A caller's buffer of `got` floats must hold `need`.
@@ -225,6 +252,51 @@ impl ShardedClient {
             residuals: Residuals::default(),
             bytes_pushed: AtomicU64::new(0),
             bytes_pulled: AtomicU64::new(0),
+            backup: Backup::default(),
+            pushed_clock: AtomicU64::new(0),
+            late_pushes: AtomicU64::new(0),
+        })
+    }
+
+    /// The job's backup workers, sent with every join from now on.
+    pub fn set_backup(&mut self, backup: Backup) {
+        self.backup = backup;
+    }
+
+    /// The highest clock a shard reported for this worker after a ticking
+    /// push since the last call (0 if none): more than the iteration count
+    /// when a late push made the worker jump (backup workers).
+    pub fn take_clock(&self) -> u64 {
+        self.pushed_clock.swap(0, Ordering::Relaxed)
+    }
+
+    /// Pushes the shards called late so far (backup workers).
+    pub fn late_pushes(&self) -> u64 {
+        self.late_pushes.load(Ordering::Relaxed)
+    }
+
+    /// Reports `done` (ranges whose every push is applied) to the data
+    /// queue on shard 0 and takes this worker's next range (the same one
+    /// again until it is reported done). Retried like a push.
+    pub async fn take_range(&self, plan: pb::DataPlan, done: &[DataRange], lease: Duration) -> Result<Taken> {
+        let msg = pb::TakeRangeRequest {
+            worker: self.worker,
+            plan: Some(plan),
+            done: done.iter().map(|r| pb::DataRange { epoch: r.epoch, start: r.start, end: r.end }).collect(),
+            lease_ms: lease.as_millis().min(u128::from(u32::MAX)) as u32,
+        };
+        let r = retry(&self.opts, &self.lost_contact, || {
+            let mut c = self.shards[0].clone();
+            let req = self.request(msg.clone(), self.opts.request_timeout);
+            async move { c.take_range(req).await }
+        })
+        .await
+        .map_err(|s| self.status(0, s))?;
+        Ok(Taken {
+            range: r.range.map(|r| DataRange { epoch: r.epoch, start: r.start, end: r.end }),
+            finished: r.finished,
+            completed: r.completed,
+            total: r.total,
         })
     }
 
@@ -352,6 +424,8 @@ impl ShardedClient {
             consistency: Some(consistency.into()),
             lease_ms: lease.as_millis().min(u128::from(u32::MAX)) as u32,
             clock,
+            backup_workers: self.backup.workers,
+            late_gradients: pb::LateGradients::from(self.backup.late) as i32,
         };
         let calls = self.shards.iter().map(|c| {
             let mut c = c.clone();
@@ -592,7 +666,11 @@ impl ShardedClient {
             }
         });
         for (i, r) in join_all(calls).await {
-            r.map_err(|s| self.status(i, s))?;
+            let r = r.map_err(|s| self.status(i, s))?;
+            self.pushed_clock.fetch_max(r.clock, Ordering::Relaxed);
+            if r.late {
+                self.late_pushes.fetch_add(1, Ordering::Relaxed);
+            }
         }
         Ok(())
     }

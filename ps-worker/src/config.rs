@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use ps_common::compress::{Codec, Codecs};
 use ps_common::optim::Rule;
-use ps_common::spec::{Consistency, OptimizerConfig, TableSpec};
+use ps_common::spec::{Backup, Consistency, OptimizerConfig, TableSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::client::ClientOptions;
@@ -141,6 +141,49 @@ pub struct JobConfig {
     /// an f32 job (and `--resume` of its checkpoints) is as before codecs.
     #[serde(default, skip_serializing_if = "CodecConfig::is_default")]
     pub codecs: CodecConfig,
+    /// How the training data is split among the workers: `fixed` shares
+    /// (the default) or `dynamic` (ranges of minibatches from a queue on
+    /// shard 0, so fast workers do more of each epoch).
+    #[serde(default, skip_serializing_if = "DataAssignment::is_fixed")]
+    pub data: DataAssignment,
+    /// Minibatches per range of the dynamic data queue.
+    #[serde(default = "defaults::range_batches", skip_serializing_if = "defaults::is_range_batches")]
+    pub range_batches: u32,
+    /// Backup workers under BSP/SSP (`{ workers = 1, late = "drop" }`):
+    /// an iteration completes when all but `workers` workers have pushed it.
+    #[serde(default, skip_serializing_if = "is_no_backup")]
+    pub backup: Backup,
+}
+
+/// How the training data is split among the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataAssignment {
+    /// Worker `i` of `n` owns the `i`-th contiguous `1/n` of the rows.
+    #[default]
+    Fixed,
+    /// Every worker holds every row and takes ranges of minibatches from a
+    /// shared queue (held by shard 0), each exactly once per epoch.
+    Dynamic,
+}
+
+impl DataAssignment {
+    fn is_fixed(&self) -> bool {
+        *self == DataAssignment::Fixed
+    }
+}
+
+impl std::fmt::Display for DataAssignment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DataAssignment::Fixed => "fixed",
+            DataAssignment::Dynamic => "dynamic",
+        })
+    }
+}
+
+fn is_no_backup(b: &Backup) -> bool {
+    *b == Backup::default()
 }
 
 /// Wire codecs (`[job.codecs]`): one for every table's pushes and one for
@@ -272,6 +315,12 @@ mod defaults {
     }
     pub fn progress_every_ms() -> u64 {
         500
+    }
+    pub fn range_batches() -> u32 {
+        8
+    }
+    pub fn is_range_batches(n: &u32) -> bool {
+        *n == range_batches()
     }
 }
 
@@ -481,8 +530,23 @@ impl JobConfig {
         if self.lease_ms < 100 {
             return bad(format!("lease_ms must be at least 100, got {}", self.lease_ms));
         }
-        self.optimizer.rule.validate()?;
+        self.optimizer.validate()?;
         self.client.validate()?;
+        if self.range_batches == 0 {
+            return bad("range_batches must be positive".into());
+        }
+        if self.backup.workers > 0 {
+            if self.consistency.bound().is_none() {
+                return bad("backup workers need BSP or SSP (under ASP no read waits for anyone)".into());
+            }
+            if self.data != DataAssignment::Dynamic {
+                return bad(
+                    "backup workers need data = \"dynamic\": a late worker's clock jumps ahead, so it \
+                     no longer names a position in a fixed share of the data"
+                        .into(),
+                );
+            }
+        }
         self.codecs.validate()?;
         match &self.workload {
             Workload::MnistMlp { layers, chunk_len, .. } => {

@@ -48,6 +48,7 @@ impl Session {
         tables: &[TableSpec],
     ) -> Result<Session> {
         client.set_error_feedback(job.codecs.error_feedback);
+        client.set_backup(job.backup);
         for t in tables {
             client.register(t).await?;
         }

@@ -7,12 +7,12 @@
 //! job's `workload` table and call the same generic code.
 
 use std::ops::Range;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ps_model::SavedModel;
 
-use crate::client::ShardedClient;
-use crate::config::{JobConfig, Workload as Kind};
+use crate::client::{DataRange, ShardedClient};
+use crate::config::{DataAssignment, JobConfig, Workload as Kind};
 use crate::data::Batches;
 use crate::driver::{Driver, Marks};
 use crate::error::Result;
@@ -44,12 +44,19 @@ async fn run_as<W: Workload>(
     reporter: &mut dyn Reporter,
 ) -> Result<()> {
     let client = session::connect(job, servers, id).await?;
-    let mut workload = W::open(job, Role::Train(id), client.num_shards())?;
+    let dynamic = job.data == DataAssignment::Dynamic;
+    // Under dynamic assignment every worker holds every row (as worker 0 of 1).
+    let role = if dynamic { Role::Train(WorkerId { index: 0, count: 1 }) } else { Role::Train(id) };
+    let mut workload = W::open(job, role, client.num_shards())?;
     let mut tables = workload.tables();
     job.codecs.apply(&mut tables)?;
     let mut session = Session::join(client, job, id, &tables).await?;
     let start = session.start_clock;
-    let result = train_loop(&mut workload, &mut session.client, job, id, start, reporter).await;
+    let result = if dynamic {
+        dynamic_loop(&mut workload, &mut session.client, job, id, start, reporter).await
+    } else {
+        train_loop(&mut workload, &mut session.client, job, id, start, reporter).await
+    };
     session.close(result).await
 }
 
@@ -107,6 +114,123 @@ async fn train_loop<W: Workload>(
             let s = w.evaluate(client, d.clock).await?;
             d.eval(epoch, s.loss, s.score);
         }
+    }
+    d.done(client.wire_bytes());
+    Ok(())
+}
+
+/// How long a worker with no range waits before asking the queue again.
+const QUEUE_POLL: Duration = Duration::from_millis(20);
+
+/// Trains on ranges of minibatches taken from the job's data queue (on
+/// shard 0) until every range of every epoch is completed. Every worker
+/// holds every row, and epoch `e`'s order is the same on all of them
+/// (shuffled with the job's seed), so a range names the same rows
+/// everywhere.
+///
+/// Clocks: the worker's clock counts its own iterations, which differ
+/// between workers. A worker that finds no free range (the others hold the
+/// last ones) leaves the clock set while it waits, so a BSP/SSP read of the
+/// others never waits for it; if a dead worker's range comes back to it, it
+/// rejoins at its clock and trains it. A late push (backup workers) makes
+/// the worker's clock jump to the iteration the others are at.
+async fn dynamic_loop<W: Workload>(
+    w: &mut W,
+    client: &mut ShardedClient,
+    job: &JobConfig,
+    id: WorkerId,
+    first: u64,
+    reporter: &mut dyn Reporter,
+) -> Result<()> {
+    if first > 0 {
+        return Err(crate::error::Error::Config(
+            "data = \"dynamic\" cannot resume: the data queue is not part of a checkpoint".into(),
+        ));
+    }
+    let mut batches = Batches::for_rows(w.train_rows(), job.batch_size, job.seed);
+    let per_epoch = batches.num_batches() as u64;
+    let plan = ps_common::wire::pb::DataPlan {
+        epochs: job.epochs,
+        batches_per_epoch: per_epoch,
+        range_batches: job.range_batches,
+    };
+    let lease = Duration::from_millis(job.lease_ms);
+    // The Start event shows an even share; the queue decides the real one.
+    let mut d = Driver::new(job, id.index, per_epoch.div_ceil(id.count as u64), first, reporter);
+    d.total_iters = job.max_iters.unwrap_or(u64::MAX);
+    let (mut done, mut member) = (Vec::<DataRange>::new(), true);
+    let mut epoch: Option<u32> = None;
+    loop {
+        let taken = client.take_range(plan, &done, lease).await?;
+        done.clear();
+        let Some(range) = taken.range else {
+            if taken.finished {
+                break;
+            }
+            if member {
+                client.leave().await?;
+                member = false;
+            }
+            tokio::time::sleep(QUEUE_POLL).await;
+            continue;
+        };
+        if !member {
+            Session::recover(client, job, d.clock).await?;
+            member = true;
+        }
+        if epoch != Some(range.epoch) {
+            if let Some(e) = epoch
+                && d.should_eval(e)
+            {
+                let s = w.evaluate(client, d.clock).await?;
+                d.eval(e, s.loss, s.score);
+            }
+            batches.shuffle(u64::from(range.epoch));
+            epoch = Some(range.epoch);
+        }
+        for batch in range.start..range.end {
+            if d.finished() {
+                break;
+            }
+            let rows = batches.batch(batch as usize);
+            let it = Iteration { epoch: range.epoch, batch, clock: d.clock, rows, last: false };
+            let start = Instant::now();
+            while let Err(e) = w.pull(client, it).await {
+                if !e.is_unreachable() {
+                    return Err(e);
+                }
+                tracing::warn!(worker = id.index, error = %e, "a shard is unreachable; waiting for it");
+                Session::recover(client, job, d.clock).await?;
+            }
+            let pulled = Instant::now();
+            let out = w.compute();
+            let computed = Instant::now();
+            if out.loss.is_finite() {
+                w.push(client, it).await?;
+            }
+            let marks = Marks { start, pulled, computed, pushed: Instant::now() };
+            d.end_iteration(range.epoch, marks, out.samples, out.loss, out.score).await?;
+            // A late push (backup workers) moved this worker's clock on.
+            d.clock = d.clock.max(client.take_clock());
+            if client.take_lost_contact() {
+                Session::recover(client, job, d.clock).await?;
+            }
+        }
+        if d.finished() {
+            // The iteration budget (max_iters) ends this worker; its range
+            // goes back to the queue when its lease runs out.
+            break;
+        }
+        done.push(range);
+    }
+    if !done.is_empty() {
+        client.take_range(plan, &done, lease).await?;
+    }
+    if let Some(e) = epoch
+        && d.should_eval(e)
+    {
+        let s = w.evaluate(client, d.clock).await?;
+        d.eval(e, s.loss, s.score);
     }
     d.done(client.wire_bytes());
     Ok(())

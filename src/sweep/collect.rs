@@ -30,6 +30,13 @@ pub struct Row {
     pub straggler: String,
     pub seed: u64,
     pub staleness_aware: bool,
+    /// `fixed` or `dynamic` data assignment.
+    pub data: String,
+    pub backup_workers: u32,
+    /// `off`, `c0.04` (DC-ASGD-c, lambda) or `a2` (DC-ASGD-a).
+    pub delay_compensation: String,
+    /// Consistency model and remedies in one label: `BSP dynamic b1`.
+    pub mode: String,
     /// ok, failed (a worker failed; the rest is still measured), error,
     /// timeout, interrupted, pending (not run yet).
     pub status: String,
@@ -49,6 +56,12 @@ pub struct Row {
     pub max_staleness_overflow: bool,
     /// Seconds workers spent blocked in reads, summed over shards.
     pub blocked_s: Option<f64>,
+    /// Late pushes (backup workers) dropped, and applied down-weighted,
+    /// summed over shards (from stats.json).
+    pub late_dropped: Option<u64>,
+    pub late_weighted: Option<u64>,
+    /// Data ranges handed out again after their worker died.
+    pub data_reassigned: Option<u64>,
     pub per_worker: Vec<WorkerDone>,
     #[serde(skip)]
     pub(super) point: Option<Point>,
@@ -107,6 +120,12 @@ fn collect_row(sweep: &Sweep, out: &Path, point: &Point) -> Row {
         straggler: point.straggler.label(),
         seed: point.seed,
         staleness_aware: point.staleness_aware,
+        data: point.data.to_string(),
+        backup_workers: point.backup_workers,
+        delay_compensation: point
+            .delay_compensation
+            .map_or("off".into(), |d| format!("{}{}", if d.adaptive { "a" } else { "c" }, d.lambda)),
+        mode: point.mode(),
         status: "pending".into(),
         target: sweep.settings.target_accuracy,
         point: Some(point.clone()),
@@ -166,6 +185,14 @@ fn collect_row(sweep: &Sweep, out: &Path, point: &Point) -> Row {
     row.test_score = Some(s.test_score);
     row.score_name = Some(s.score_name.clone());
     row.blocked_s = Some(s.blocked_s);
+    if let Ok(stats) = artifact::StatsFile::read(&dir) {
+        let sum = |f: &dyn Fn(&artifact::StragglerStats) -> u64| {
+            stats.shards.iter().map(|x| f(&x.stragglers)).sum()
+        };
+        row.late_dropped = Some(sum(&|x| x.late_dropped));
+        row.late_weighted = Some(sum(&|x| x.late_weighted));
+        row.data_reassigned = Some(sum(&|x| x.data_reassigned));
+    }
     row.histogram = s.staleness_histogram.clone();
     let mut per_worker: Vec<WorkerDone> =
         s.done.iter().filter_map(|e| if let Event::Done(d) = e { Some(d.clone()) } else { None }).collect();

@@ -5,8 +5,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use ps_common::optim::DelayCompensation;
 use ps_common::spec::Consistency;
-use ps_worker::config::{RunConfig, Straggler};
+use ps_worker::config::{DataAssignment, RunConfig, Straggler};
 use serde::Deserialize;
 
 use super::{Error, Result, io};
@@ -27,6 +28,16 @@ pub struct Grid {
     pub seeds: Vec<u64>,
     #[serde(default)]
     pub staleness_aware: Vec<bool>,
+    /// `fixed`, `dynamic` (see `[job] data`).
+    #[serde(default)]
+    pub data: Vec<String>,
+    /// Backup workers b (BSP/SSP with dynamic data only; other points of
+    /// the product with b > 0 are left out of the grid).
+    #[serde(default)]
+    pub backup_workers: Vec<u32>,
+    /// `off`, `LAMBDA` (DC-ASGD-c) or `a:LAMBDA` (DC-ASGD-a).
+    #[serde(default)]
+    pub delay_compensation: Vec<String>,
 }
 
 /// The `[sweep]` table.
@@ -115,6 +126,41 @@ impl StragglerSpec {
     }
 }
 
+/// `fixed` or `dynamic`.
+pub fn parse_data(s: &str) -> std::result::Result<DataAssignment, String> {
+    match s.trim() {
+        "fixed" => Ok(DataAssignment::Fixed),
+        "dynamic" => Ok(DataAssignment::Dynamic),
+        _ => Err(format!("expected fixed or dynamic, got `{s}`")),
+    }
+}
+
+/// `off`, `LAMBDA` (DC-ASGD-c) or `a:LAMBDA` (DC-ASGD-a, the mean square's
+/// decay at its default).
+pub fn parse_dc(s: &str) -> std::result::Result<Option<DelayCompensation>, String> {
+    let bad = || format!("expected off, LAMBDA or a:LAMBDA, got `{s}`");
+    let s = s.trim();
+    if s == "off" {
+        return Ok(None);
+    }
+    let (adaptive, lambda) = match s.strip_prefix("a:") {
+        Some(l) => (true, l),
+        None => (false, s),
+    };
+    let lambda: f32 = lambda.parse().map_err(|_| bad())?;
+    let dc = DelayCompensation { lambda, adaptive, momentum: 0.95 };
+    dc.validate().map_err(|e| e.to_string())?;
+    Ok(Some(dc))
+}
+
+/// `dc0.04`, `dca2` (empty without compensation).
+fn dc_label(dc: Option<DelayCompensation>) -> String {
+    match dc {
+        None => String::new(),
+        Some(d) => format!("dc{}{}", if d.adaptive { "a" } else { "" }, d.lambda),
+    }
+}
+
 /// `bsp`, `asp` or `ssp:N`.
 pub fn parse_consistency(s: &str) -> std::result::Result<Consistency, String> {
     match s.trim().to_ascii_lowercase().as_str() {
@@ -148,20 +194,59 @@ pub struct Point {
     pub straggler: StragglerSpec,
     pub seed: u64,
     pub staleness_aware: bool,
+    pub data: DataAssignment,
+    pub backup_workers: u32,
+    pub delay_compensation: Option<DelayCompensation>,
 }
 
 impl Point {
-    /// The run folder's name: `bsp-w2-factor3-seed1`, `-sa` appended when
-    /// the learning rate is staleness-aware.
+    /// The run folder's name: `bsp-w2-factor3-seed1`, then `-sa` when the
+    /// learning rate is staleness-aware, `-dyn` for dynamic data, `-bN`
+    /// with backup workers, `-dcL` / `-dcaL` with delay compensation.
     pub fn name(&self) -> String {
         let sa = if self.staleness_aware { "-sa" } else { "" };
         format!(
-            "{}-w{}-{}-seed{}{sa}",
+            "{}-w{}-{}-seed{}{sa}{}",
             model_key(self.consistency),
             self.workers,
             self.straggler.label(),
-            self.seed
+            self.seed,
+            self.mode_suffix()
         )
+    }
+
+    /// `-dyn-b1-dca2`: the straggler remedies of this point (empty: none).
+    fn mode_suffix(&self) -> String {
+        let mut s = String::new();
+        if self.data == DataAssignment::Dynamic {
+            s += "-dyn";
+        }
+        if self.backup_workers > 0 {
+            s += &format!("-b{}", self.backup_workers);
+        }
+        if self.delay_compensation.is_some() {
+            s += &format!("-{}", dc_label(self.delay_compensation));
+        }
+        s
+    }
+
+    /// The training mode without the straggler and seed: `ASP`, `BSP
+    /// dynamic b1`, `ASP dynamic DC-a2 sa`.
+    pub fn mode(&self) -> String {
+        let mut s = self.consistency.to_string();
+        if self.data == DataAssignment::Dynamic {
+            s += " dynamic";
+        }
+        if self.backup_workers > 0 {
+            s += &format!(" b{}", self.backup_workers);
+        }
+        if let Some(d) = self.delay_compensation {
+            s += &format!(" DC-{}{}", if d.adaptive { "a" } else { "c" }, d.lambda);
+        }
+        if self.staleness_aware {
+            s += " sa";
+        }
+        s
     }
 
     /// The base run with this point's settings.
@@ -172,6 +257,9 @@ impl Point {
         c.job.seed = self.seed;
         c.job.straggler = self.straggler.resolve(self.workers);
         c.job.optimizer.staleness_aware = self.staleness_aware;
+        c.job.data = self.data;
+        c.job.backup.workers = self.backup_workers;
+        c.job.optimizer.delay_compensation = self.delay_compensation;
         c
     }
 }
@@ -217,28 +305,67 @@ impl Sweep {
         } else {
             grid.straggler.iter().map(|s| StragglerSpec::parse(s)).collect::<std::result::Result<_, _>>()?
         };
+        let datas = match grid.data.is_empty() {
+            true => vec![base.job.data],
+            false => grid.data.iter().map(|s| parse_data(s)).collect::<std::result::Result<_, _>>()?,
+        };
+        let dcs = match grid.delay_compensation.is_empty() {
+            true => vec![base.job.optimizer.delay_compensation],
+            false => {
+                grid.delay_compensation.iter().map(|s| parse_dc(s)).collect::<std::result::Result<_, _>>()?
+            }
+        };
+        let backups = or(&grid.backup_workers, base.job.backup.workers);
         let mut points = Vec::new();
         for &seed in &or(&grid.seeds, base.job.seed) {
             for &workers in &or(&grid.workers, base.cluster.workers) {
                 for straggler in &stragglers {
                     for &staleness_aware in &or(&grid.staleness_aware, base.job.optimizer.staleness_aware) {
-                        for &consistency in &models {
-                            points.push(Point {
-                                consistency,
-                                workers,
-                                straggler: straggler.clone(),
-                                seed,
-                                staleness_aware,
-                            });
+                        for &data in &datas {
+                            for &backup_workers in &backups {
+                                for &delay_compensation in &dcs {
+                                    for &consistency in &models {
+                                        // Backup workers only mean something where reads wait
+                                        // and clocks need not name data positions.
+                                        if backup_workers > 0
+                                            && (consistency.bound().is_none()
+                                                || data == DataAssignment::Fixed)
+                                        {
+                                            continue;
+                                        }
+                                        points.push(Point {
+                                            consistency,
+                                            workers,
+                                            straggler: straggler.clone(),
+                                            seed,
+                                            staleness_aware,
+                                            data,
+                                            backup_workers,
+                                            delay_compensation,
+                                        });
+                                    }
+                                }
+                            }
                         }
                     }
                 }
             }
         }
+        if points.is_empty() {
+            return Err("the grid has no point (backup workers need BSP/SSP and dynamic data)".into());
+        }
         let mut names = BTreeSet::new();
         for p in &points {
             if !names.insert(p.name()) {
                 return Err(format!("grid point {} appears twice", p.name()));
+            }
+            if p.backup_workers >= p.workers {
+                return Err(format!(
+                    "{}: {} backup workers of {} workers",
+                    p.name(),
+                    p.backup_workers,
+                    p.workers
+                ));
             }
             if let Some(Straggler::Factor { workers, .. } | Straggler::Random { workers, .. }) =
                 p.straggler.resolve(p.workers)
@@ -332,6 +459,37 @@ kind = "mnist_mlp"
     }
 
     #[test]
+    fn straggler_remedies_are_axes_and_backups_only_where_they_apply() {
+        let text = format!(
+            "{BASE}\n[grid]\nconsistency = [\"bsp\", \"asp\"]\ndata = [\"fixed\", \"dynamic\"]\nbackup_workers = [0, 1]\ndelay_compensation = [\"off\", \"a:2\"]\n"
+        );
+        let s = Sweep::parse(&text).unwrap();
+        let names: Vec<String> = s.points.iter().map(Point::name).collect();
+        // 2 models x 2 data x 2 dc without backups, plus BSP dynamic b1 x 2 dc.
+        assert_eq!(names.len(), 10, "{names:?}");
+        assert!(names.contains(&"bsp-w2-none-seed42".to_string()), "unchanged names without remedies");
+        assert!(names.contains(&"asp-w2-none-seed42-dyn-dca2".to_string()), "{names:?}");
+        assert!(names.contains(&"bsp-w2-none-seed42-dyn-b1".to_string()), "{names:?}");
+        assert!(!names.iter().any(|n| n.contains("asp") && n.contains("-b1")), "{names:?}");
+        assert!(!names.iter().any(|n| !n.contains("-dyn") && n.contains("-b1")), "{names:?}");
+        let p = s.points.iter().find(|p| p.name() == "bsp-w2-none-seed42-dyn-b1-dca2").unwrap();
+        let c = p.config(&s.base);
+        assert_eq!(c.job.data, DataAssignment::Dynamic);
+        assert_eq!(c.job.backup.workers, 1);
+        assert!(c.job.optimizer.delay_compensation.is_some_and(|d| d.adaptive && d.lambda == 2.0));
+        assert_eq!(p.mode(), "BSP dynamic b1 DC-a2");
+        for (grid, why) in [
+            ("data = [\"random\"]", "fixed or dynamic"),
+            ("delay_compensation = [\"x\"]", "LAMBDA"),
+            ("consistency = [\"bsp\"]\ndata = [\"dynamic\"]\nbackup_workers = [2]", "backup workers of 2"),
+            ("consistency = [\"asp\"]\nbackup_workers = [1]", "no point"),
+        ] {
+            let err = Sweep::parse(&format!("{BASE}\n[grid]\n{grid}\n")).unwrap_err();
+            assert!(err.contains(why), "{grid}: {err}");
+        }
+    }
+
+    #[test]
     fn an_empty_grid_is_the_base_job() {
         let s = Sweep::parse(BASE).unwrap();
         assert_eq!(s.points.len(), 1);
@@ -358,7 +516,7 @@ kind = "mnist_mlp"
     #[test]
     fn the_example_sweeps_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sweeps");
-        for (file, points) in [("mnist.toml", 21), ("a9a.toml", 21)] {
+        for (file, points) in [("mnist.toml", 21), ("a9a.toml", 21), ("stragglers.toml", 20)] {
             let s = Sweep::load(&dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(s.points.len(), points, "{file}");
             assert!(s.settings.target_accuracy.is_some(), "{file}");

@@ -57,6 +57,10 @@ fn results_csv(rows: &[Row]) -> String {
         "straggler",
         "seed",
         "staleness_aware",
+        "data",
+        "backup_workers",
+        "delay_compensation",
+        "mode",
         "status",
         "error",
         "wall_s",
@@ -70,6 +74,9 @@ fn results_csv(rows: &[Row]) -> String {
         "max_staleness",
         "max_staleness_overflow",
         "blocked_s",
+        "late_dropped",
+        "late_weighted",
+        "data_reassigned",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -89,6 +96,10 @@ fn results_csv(rows: &[Row]) -> String {
             r.straggler.clone(),
             r.seed.to_string(),
             r.staleness_aware.to_string(),
+            r.data.clone(),
+            r.backup_workers.to_string(),
+            r.delay_compensation.clone(),
+            r.mode.clone(),
             r.status.clone(),
             r.error.clone().unwrap_or_default(),
             opt(r.wall_s),
@@ -102,6 +113,9 @@ fn results_csv(rows: &[Row]) -> String {
             opt(r.max_staleness),
             r.max_staleness_overflow.to_string(),
             opt(r.blocked_s),
+            opt(r.late_dropped),
+            opt(r.late_weighted),
+            opt(r.data_reassigned),
         ];
         for w in 0..max_workers {
             match r.per_worker.iter().find(|d| d.worker == w) {
@@ -154,6 +168,8 @@ struct Varying {
     workers: bool,
     seeds: bool,
     staleness_aware: bool,
+    /// Any of data assignment, backup workers, delay compensation.
+    remedies: bool,
 }
 
 impl Varying {
@@ -164,6 +180,7 @@ impl Varying {
             workers: distinct(&|p| p.workers.to_string()),
             seeds: distinct(&|p| p.seed.to_string()),
             staleness_aware: distinct(&|p| p.staleness_aware.to_string()),
+            remedies: distinct(&|p| format!("{:?}{}{:?}", p.data, p.backup_workers, p.delay_compensation)),
         }
     }
 
@@ -181,6 +198,18 @@ impl Varying {
         if self.staleness_aware {
             file += if p.staleness_aware { "-sa" } else { "-plain" };
             title.push(if p.staleness_aware { "staleness-aware lr".into() } else { "plain lr".into() });
+        }
+        if self.remedies {
+            file += &format!("-{}", p.data);
+            title.push(format!("{} data", p.data));
+            if p.backup_workers > 0 {
+                file += &format!("-b{}", p.backup_workers);
+                title.push(format!("{} backup worker(s)", p.backup_workers));
+            }
+            if let Some(d) = p.delay_compensation {
+                file += &format!("-dc{}{}", if d.adaptive { "a" } else { "c" }, d.lambda);
+                title.push(format!("DC-ASGD-{} λ={}", if d.adaptive { "a" } else { "c" }, d.lambda));
+            }
         }
         (file, if title.is_empty() { String::new() } else { format!(", {}", title.join(", ")) })
     }
@@ -363,6 +392,108 @@ fn charts(sweep: &Sweep, rows: &[Row]) -> Vec<(String, Chart)> {
         c.series = by_bound(&|r: &Row| r.wall_s);
         out.push((format!("wall-time{suffix}.svg"), c));
     }
+
+    // Every training mode (model and remedies) side by side, one line per
+    // straggler setting: wall time, time to target and final score.
+    let mut modes: Vec<String> = Vec::new();
+    for p in &sweep.points {
+        if !modes.contains(&p.mode()) {
+            modes.push(p.mode());
+        }
+    }
+    if vary.remedies || vary.staleness_aware {
+        let by_mode = |value: &dyn Fn(&Row) -> Option<f64>| -> Vec<Series> {
+            stragglers
+                .iter()
+                .map(|st| {
+                    let points = done
+                        .iter()
+                        .filter(|r| r.straggler == *st)
+                        .filter_map(|r| Some((modes.iter().position(|m| *m == r.mode)? as f64, value(r)?)))
+                        .collect();
+                    Series::line(st.clone(), points, true)
+                })
+                .collect()
+        };
+        let score = rows.iter().find_map(|r| r.score_name.clone()).unwrap_or_else(|| "score".into());
+        let mut charts = vec![
+            (
+                "wall-time-by-mode.svg",
+                "Wall time by training mode",
+                "wall time of the run (s)",
+                by_mode(&|r| r.wall_s),
+            ),
+            (
+                "final-score-by-mode.svg",
+                "Final test score by training mode",
+                "final test score",
+                by_mode(&|r| r.test_score),
+            ),
+        ];
+        if sweep.settings.target_accuracy.is_some() {
+            charts.push((
+                "time-to-target-by-mode.svg",
+                "Time to target by training mode",
+                "wall time to target (s)",
+                by_mode(&|r| r.time_to_target_s),
+            ));
+        }
+        for (file, title, y, series) in charts {
+            let mut c = Chart::new(title, "training mode (consistency, data, backup workers, DC-ASGD)", y);
+            c.subtitle = format!(
+                "{workload}; one line per straggler setting; the same total data in every run ({score})"
+            );
+            c.x = XAxis::Categories(modes.clone());
+            c.y_from_zero = file != "final-score-by-mode.svg";
+            c.series = series;
+            out.push((file.to_string(), c));
+        }
+    }
+    out
+}
+
+/// The acceptance figure of the straggler remedies: for every straggler
+/// setting, the fastest run that reached the target, against BSP with no
+/// straggler and no remedy.
+fn best_against_bsp(sweep: &Sweep, rows: &[Row]) -> Vec<String> {
+    let plain = |r: &Row| {
+        r.point.as_ref().is_some_and(|p| {
+            p.consistency == Consistency::Bsp
+                && p.data == ps_worker::config::DataAssignment::Fixed
+                && p.backup_workers == 0
+                && p.delay_compensation.is_none()
+                && !p.staleness_aware
+        })
+    };
+    let Some(base) = rows.iter().find(|r| r.straggler == "none" && plain(r)).and_then(|r| r.wall_s) else {
+        return Vec::new();
+    };
+    let target = sweep.settings.target_accuracy;
+    let mut stragglers: Vec<&str> = Vec::new();
+    for r in rows {
+        if r.straggler != "none" && !stragglers.contains(&r.straggler.as_str()) {
+            stragglers.push(&r.straggler);
+        }
+    }
+    let mut out = Vec::new();
+    for st in stragglers {
+        let best = rows
+            .iter()
+            .filter(|r| r.straggler == st && r.status == "ok")
+            .filter(|r| target.is_none_or(|t| r.test_score.is_some_and(|s| s >= t)))
+            .filter_map(|r| Some((r, r.wall_s?)))
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        out.push(match best {
+            Some((r, wall)) => format!(
+                "- {st}: best `{}` ({}), {wall:.1} s = **{:.2}x** BSP without straggler ({base:.1} s); final test score {:.4}",
+                r.name,
+                r.mode,
+                wall / base,
+                r.test_score.unwrap_or(f64::NAN)
+            ),
+            None => format!("- {st}: no run reached the target"),
+        });
+    }
     out
 }
 
@@ -384,6 +515,9 @@ fn summary_md(sweep: &Sweep, rows: &[Row], charts: &[(String, Chart)]) -> String
         sweep.base.cluster.servers
     );
     let mut header = vec!["model", "straggler"];
+    if vary.remedies {
+        header.extend(["data", "backup", "DC-ASGD"]);
+    }
     if vary.workers {
         header.push("workers");
     }
@@ -400,6 +534,9 @@ fn summary_md(sweep: &Sweep, rows: &[Row], charts: &[(String, Chart)]) -> String
         header.push(t);
     }
     header.extend(["mean staleness", "max staleness", "blocked s"]);
+    if vary.remedies {
+        header.push("late dropped");
+    }
     let _ = writeln!(s, "| {} |", header.join(" | "));
     // Text columns up to and including `status` are left-aligned, numbers right-aligned.
     let numbers_from = header.iter().position(|h| *h == "status").map_or(0, |i| i + 1);
@@ -408,6 +545,11 @@ fn summary_md(sweep: &Sweep, rows: &[Row], charts: &[(String, Chart)]) -> String
     let dash = || "–".to_string();
     for r in rows {
         let mut f = vec![r.consistency.clone(), r.straggler.clone()];
+        if vary.remedies {
+            f.push(r.data.clone());
+            f.push(r.backup_workers.to_string());
+            f.push(r.delay_compensation.clone());
+        }
         if vary.workers {
             f.push(r.workers.to_string());
         }
@@ -431,7 +573,20 @@ fn summary_md(sweep: &Sweep, rows: &[Row], charts: &[(String, Chart)]) -> String
         f.push(r.mean_staleness.map_or_else(dash, |v| format!("{v:.2}")));
         f.push(r.max_staleness_text());
         f.push(r.blocked_s.map_or_else(dash, |v| format!("{v:.1}")));
+        if vary.remedies {
+            f.push(r.late_dropped.map_or_else(dash, |v| v.to_string()));
+        }
         let _ = writeln!(s, "| {} |", f.join(" | "));
+    }
+    let best = best_against_bsp(sweep, rows);
+    if !best.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nFastest run per straggler setting that reached the target, against BSP with fixed shares and no straggler:\n"
+        );
+        for line in best {
+            let _ = writeln!(s, "{line}");
+        }
     }
     let errors: Vec<&Row> = rows.iter().filter(|r| r.error.is_some()).collect();
     if !errors.is_empty() {

@@ -9,5 +9,6 @@ mod export;
 mod models;
 mod properties;
 mod service;
+mod stragglers;
 mod train;
 mod util;
