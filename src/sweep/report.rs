@@ -386,7 +386,7 @@ fn charts(sweep: &Sweep, rows: &[Row]) -> Vec<(String, Chart)> {
         }
         let mut c =
             Chart::new("Wall time vs staleness bound", "staleness bound s", "wall time of the run (s)");
-        c.subtitle = format!("{workload}{title}; every worker runs its full share of iterations");
+        c.subtitle = format!("{workload}{title}; every run trains on the same total data");
         c.x = XAxis::Categories(labels.clone());
         c.y_from_zero = true;
         c.series = by_bound(&|r: &Row| r.wall_s);
@@ -536,6 +536,7 @@ fn summary_md(sweep: &Sweep, rows: &[Row], charts: &[(String, Chart)]) -> String
     header.extend(["mean staleness", "max staleness", "blocked s"]);
     if vary.remedies {
         header.push("late dropped");
+        header.push("ranges reassigned");
     }
     let _ = writeln!(s, "| {} |", header.join(" | "));
     // Text columns up to and including `status` are left-aligned, numbers right-aligned.
@@ -575,6 +576,7 @@ fn summary_md(sweep: &Sweep, rows: &[Row], charts: &[(String, Chart)]) -> String
         f.push(r.blocked_s.map_or_else(dash, |v| format!("{v:.1}")));
         if vary.remedies {
             f.push(r.late_dropped.map_or_else(dash, |v| v.to_string()));
+            f.push(r.data_reassigned.map_or_else(dash, |v| v.to_string()));
         }
         let _ = writeln!(s, "| {} |", f.join(" | "));
     }
@@ -597,7 +599,7 @@ fn summary_md(sweep: &Sweep, rows: &[Row], charts: &[(String, Chart)]) -> String
     }
     let _ = writeln!(
         s,
-        "\nColumns: *wall s* from launch to the last worker's exit (every worker runs its full share of iterations); \
+        "\nColumns: *wall s* from launch to the last worker's exit (every run trains on the same total data: with fixed shares each worker runs its share, with dynamic data the workers drain one queue); \
          *samples/s* over all workers; *time to target*: launcher wall time of worker 0's first per-epoch evaluation \
          reaching the target (or of the final evaluation); *staleness* τ of a push: how many iterations the fastest \
          other worker had completed beyond the iteration the push was computed at, counted on every shard \

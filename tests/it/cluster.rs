@@ -26,7 +26,7 @@ use crate::util::TempDir;
 /// A run file: 2 shards, 2 workers, an MNIST MLP of `layers`, plain SGD,
 /// no evaluation; `job` adds [job] keys (batch size 32 and the first 4,000
 /// training images unless it sets them).
-fn run_file(layers: &str, job: &str) -> String {
+pub(crate) fn run_file(layers: &str, job: &str) -> String {
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/mnist");
     let mut job = job.to_string();
     for (key, value) in [("batch_size", "32"), ("train_limit", "4000")] {
@@ -254,7 +254,7 @@ straggler = { kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 5.
 /// Runs `ps-cluster train` on `run_file` with a fault injected (`--kill-worker
 /// 1:S` or `--kill-server 1:S`); returns (exit success, summary.json,
 /// stats.json, elapsed).
-fn train_with_a_fault(
+pub(crate) fn train_with_a_fault(
     run_file: &str,
     fault: [&str; 2],
 ) -> (bool, serde_json::Value, serde_json::Value, Duration) {

@@ -185,7 +185,7 @@ fn register(spec: pb::TableSpec, num_shards: u32) -> Req {
 /// `spec` on the wire with its optimizer replaced by `rule` (unvalidated).
 fn with_rule(spec: &TableSpec, rule: pb::optimizer_spec::Rule) -> pb::TableSpec {
     let mut t = pb::TableSpec::from(spec);
-    t.optimizer = Some(pb::OptimizerSpec { rule: Some(rule), staleness_aware: false });
+    t.optimizer = Some(pb::OptimizerSpec { rule: Some(rule), staleness_aware: false, ..Default::default() });
     t
 }
 
@@ -199,6 +199,7 @@ fn join(worker: u64, model: pb::ConsistencyModel, staleness: u32) -> Req {
         consistency: Some(pb::ConsistencySpec { model: model as i32, staleness }),
         lease_ms: 60_000,
         clock: 0,
+        ..Default::default()
     })
 }
 
@@ -293,9 +294,12 @@ impl Env {
         let Req::PushDense(req) = push_dense(&[(W, i, &grad(i, 1.0))]) else { unreachable!() };
         let mut c = self.clients[shard].clone();
         let first = c.push_dense(req.clone()).await.expect("good push").into_inner();
-        assert_eq!(first, pb::PushResponse { applied: chunk_len(i) as u64, duplicate: false });
+        assert_eq!(
+            first,
+            pb::PushResponse { applied: chunk_len(i) as u64, duplicate: false, ..Default::default() }
+        );
         let again = c.push_dense(req).await.expect("good push").into_inner();
-        assert_eq!(again, pb::PushResponse { applied: 0, duplicate: true });
+        assert_eq!(again, pb::PushResponse { applied: 0, duplicate: true, ..Default::default() });
     }
 
     async fn stop(self) {

@@ -109,6 +109,7 @@ async fn backup_worker_iterations_never_wait_for_the_slowest() {
             c.push_dense(&set, &grad, t, t, true).await.unwrap();
         }
     }
+    clients[0].pull_dense(&set, 20, &mut params).await.unwrap();
     let before = params.clone();
     let slow = &mut clients[2];
     slow.push_dense(&set, &grad, 0, 0, true).await.unwrap();
@@ -156,4 +157,34 @@ async fn delay_compensated_update_matches_the_formula() {
     }
     assert_eq!(read, vec![0.5; 4]);
     shards.stop().await.expect("stop shards");
+}
+
+/// The launcher under dynamic data: worker 1 (slowed down) is SIGKILLed at
+/// 3 s, holding a range; worker 0 takes it over once its lease runs out and
+/// completes every range of every epoch exactly once (the queue's count),
+/// so the whole data set is trained though a worker died.
+#[test]
+fn a_killed_worker_leaves_its_data_to_the_others() {
+    let text = crate::cluster::run_file(
+        "[784, 16, 10]",
+        r#"epochs = 8
+lease_ms = 1000
+data = "dynamic"
+range_batches = 4
+consistency = { model = "bsp" }
+straggler = { kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 10.0 }"#,
+    );
+    let (ok, summary, stats, _) = crate::cluster::train_with_a_fault(&text, ["--kill-worker", "1:3"]);
+    assert!(!ok, "the launcher reports the killed worker as a failure");
+    let done = summary["done"].as_array().expect("done list");
+    assert_eq!((done.len(), &done[0]["worker"]), (1, &serde_json::json!(0)), "{summary}");
+    let queue = &stats["shards"][0]["stragglers"];
+    // 4000 rows, batches of 32: 125 batches, 32 ranges of 4 per epoch.
+    assert_eq!(queue["data_total"], 8 * 32, "{stats}");
+    assert_eq!(queue["data_completed"], queue["data_total"], "every range completed: {stats}");
+    assert_eq!(queue["data_reassigned"], 1, "the dead worker's range was handed over: {stats}");
+    // Worker 0 trained what worker 1 did not: together every sample once,
+    // plus the batches of the range worker 1 died in.
+    let samples = done[0]["samples"].as_u64().unwrap_or(0);
+    assert!(samples < 8 * 4000 && samples > 4000, "worker 0 trained {samples} samples");
 }
