@@ -516,7 +516,9 @@ kind = "mnist_mlp"
     #[test]
     fn the_example_sweeps_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/sweeps");
-        for (file, points) in [("mnist.toml", 21), ("a9a.toml", 21), ("stragglers.toml", 20)] {
+        for (file, points) in
+            [("mnist.toml", 21), ("a9a.toml", 21), ("stragglers.toml", 20), ("stragglers-w4.toml", 8)]
+        {
             let s = Sweep::load(&dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
             assert_eq!(s.points.len(), points, "{file}");
             assert!(s.settings.target_accuracy.is_some(), "{file}");
