@@ -633,6 +633,37 @@ mod tests {
 
     const RUN: &str = "[job]\nworkload = { kind = \"mnist_mlp\" }\n";
 
+    /// The straggler remedies read from the run file, stay out of a run
+    /// file (and its fingerprint) at their defaults, and refuse backup
+    /// workers where they mean nothing.
+    #[test]
+    fn straggler_remedies_parse_and_validate() {
+        let plain = RunConfig::from_toml(RUN).unwrap();
+        let written = toml::to_string(&plain).unwrap();
+        for key in ["data", "range_batches", "backup", "delay_compensation"] {
+            let named = |l: &str| l.split([' ', '=']).next() == Some(key) || l.contains(&format!(".{key}]"));
+            assert!(!written.lines().any(named), "{key} written at its default: {written}");
+        }
+        let text = "[job]\nworkload = { kind = \"mnist_mlp\" }\ndata = \"dynamic\"\nrange_batches = 4\n\
+                    consistency = { model = \"bsp\" }\nbackup = { workers = 1, late = \"weight\" }\n\
+                    optimizer = { rule = \"sgd\", lr = 0.1, delay_compensation = { lambda = 2.0, adaptive = true } }\n";
+        let c = RunConfig::from_toml(text).unwrap();
+        assert_eq!((c.job.data, c.job.range_batches), (DataAssignment::Dynamic, 4));
+        assert_eq!(c.job.backup, Backup { workers: 1, late: ps_common::spec::LateGradients::Weight });
+        let dc = c.job.optimizer.delay_compensation.expect("DC-ASGD");
+        assert!(dc.adaptive && dc.lambda == 2.0 && dc.momentum == 0.95, "{dc:?}");
+        assert_ne!(c.fingerprint(), plain.fingerprint());
+        for (bad, why) in [
+            (text.replace("\"dynamic\"", "\"fixed\""), "dynamic"),
+            (text.replace("\"bsp\"", "\"asp\""), "BSP or SSP"),
+            (text.replace("range_batches = 4", "range_batches = 0"), "range_batches"),
+            (text.replace("lambda = 2.0", "lambda = -1.0"), "lambda"),
+        ] {
+            let err = RunConfig::from_toml(&bad).map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains(why), "{why}: {err}");
+        }
+    }
+
     /// Codecs at their default are not written, so an f32 job's run file and
     /// fingerprint are those of a job from before codecs; codecs change both.
     #[test]
