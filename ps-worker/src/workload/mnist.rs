@@ -54,9 +54,20 @@ struct Base {
 
 impl Base {
     /// Reads `path`: an f32 MLP of `layers` (a sparse one is densified).
+    /// The mask covers weights only: a bias at zero still trains.
     fn read(path: &std::path::Path, layers: &[usize], keep_zeros: bool) -> Result<Base> {
         let values = read_mlp(path, layers)?;
-        let mask = keep_zeros.then(|| values.iter().map(|&v| v != 0.0).collect());
+        let mask = keep_zeros.then(|| {
+            let mut at = 0;
+            let mut mask = Vec::with_capacity(values.len());
+            for spec in Mlp::new(layers).param_specs() {
+                let part = &values[at..at + spec.len()];
+                at += spec.len();
+                let weight = spec.name.ends_with(".weight");
+                mask.extend(part.iter().map(|&v| !weight || v != 0.0));
+            }
+            mask
+        });
         Ok(Base { values, mask })
     }
 
