@@ -6,6 +6,8 @@
 //! ps-cluster models list [MODEL]
 //! ps-cluster models show VERSION              # metrics, lineage, labels; checks the artifact
 //! ps-cluster models quantize MODEL:N          (int8 version, parent N)
+//! ps-cluster models prune MODEL:N --sparsity 0.8 [--fine-tune-epochs 1]
+//! ps-cluster models distill MODEL:N --hidden 32 --temperature 4 --alpha 0.7 --epochs 10
 //! ps-cluster models register RUN_DIR [--name N] [--parent V] [--checkpoint ID]
 //! ps-cluster models register RUN_DIR/checkpoints/ckpt-N [--name N] [--parent V]
 //! ps-cluster models promote VERSION --to production
@@ -140,6 +142,64 @@ enum Command {
         #[arg(long)]
         by: Option<String>,
     },
+    /// Prune an MLP version by weight magnitude (each layer's smallest
+    /// weights set to zero), fine-tune it on a local cluster with the zeros
+    /// kept (the parent's run file, starting from the pruned weights), and
+    /// register it, stored sparsely, as a new version whose parent is
+    /// VERSION. ps-serve runs it with a sparse forward pass.
+    Prune {
+        /// MODEL:N, MODEL@LABEL or MODEL (its latest version).
+        version: String,
+        /// Fraction of each layer's weights set to zero, in [0, 1).
+        #[arg(long)]
+        sparsity: f64,
+        /// Epochs of fine-tuning (0: register the pruned weights as they are).
+        #[arg(long, default_value_t = 1)]
+        fine_tune_epochs: u32,
+        /// The MNIST folder of the test set.
+        #[arg(long, default_value = "data/mnist")]
+        mnist: PathBuf,
+        #[command(flatten)]
+        train: TrainOn,
+    },
+    /// Train a smaller MLP (the student) on a local cluster against VERSION's
+    /// soft targets at a temperature plus the labels (the parent's run file,
+    /// with the student's layers), and register it as a new version whose
+    /// parent is VERSION (the teacher).
+    Distill {
+        /// The teacher: MODEL:N, MODEL@LABEL or MODEL (its latest version).
+        version: String,
+        /// The student's hidden layer widths, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "32")]
+        hidden: Vec<usize>,
+        /// Softmax temperature T of the soft term.
+        #[arg(long, default_value_t = 4.0)]
+        temperature: f32,
+        /// Weight of the soft term: loss = alpha T^2 KL + (1 - alpha) CE.
+        #[arg(long, default_value_t = 0.7)]
+        alpha: f32,
+        /// Epochs of training [default: the parent's run file's].
+        #[arg(long)]
+        epochs: Option<u32>,
+        #[command(flatten)]
+        train: TrainOn,
+    },
+}
+
+/// Pruning and distillation options.
+#[derive(clap::Args, Debug)]
+struct TrainOn {
+    /// Where the training run's folder is created.
+    #[arg(long, default_value = "runs")]
+    runs_dir: PathBuf,
+    /// Shard and worker processes of the training run [default: the parent's run file's].
+    #[arg(long)]
+    servers: Option<u32>,
+    #[arg(long)]
+    workers: Option<u32>,
+    /// Who registers [default: $USER].
+    #[arg(long)]
+    by: Option<String>,
 }
 
 /// The formats `models export` writes.
@@ -216,6 +276,12 @@ async fn command(reg: &Registry, command: Command) -> anyhow::Result<()> {
                 test_metrics(&v),
                 test_metrics(&parent),
             );
+        }
+        Command::Prune { version, sparsity, fine_tune_epochs, mnist, train } => {
+            return prune(reg, &version, sparsity, fine_tune_epochs, &mnist, train).await;
+        }
+        Command::Distill { version, hidden, temperature, alpha, epochs, train } => {
+            return distill(reg, &version, &hidden, temperature, alpha, epochs, train).await;
         }
         Command::Promote { version, to, by } => {
             let v = resolve(reg, &version).await?;
@@ -463,10 +529,19 @@ fn int8_metrics(
     test: &ps_worker::data::DenseDataset,
 ) -> anyhow::Result<BTreeMap<String, f64>> {
     let net = ps_model::quant::Int8Mlp::new(model)?;
+    served_metrics(test, net.num_classes(), |x, out| net.predict(x, out))
+}
+
+/// Test accuracy and loss of the class probabilities `predict` gives for
+/// the images of `test`.
+fn served_metrics(
+    test: &ps_worker::data::DenseDataset,
+    classes: usize,
+    predict: impl Fn(&[f32], &mut Vec<f32>),
+) -> anyhow::Result<BTreeMap<String, f64>> {
     let x = test.x.as_slice().context("MNIST images are row-major")?;
     let mut probs = Vec::new();
-    net.predict(x, &mut probs);
-    let classes = net.num_classes();
+    predict(x, &mut probs);
     let (mut correct, mut loss) = (0usize, 0.0f64);
     for (p, &label) in probs.chunks_exact(classes).zip(&test.y) {
         let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i);
@@ -475,6 +550,217 @@ fn int8_metrics(
     }
     let n = test.y.len().max(1) as f64;
     Ok(BTreeMap::from([("test_accuracy".into(), correct as f64 / n), ("test_loss".into(), loss / n)]))
+}
+
+/// Prunes `spec` to `sparsity`, fine-tunes it with the zeros kept, and
+/// registers it stored sparsely (`models prune`).
+async fn prune(
+    reg: &Registry,
+    spec: &str,
+    sparsity: f64,
+    epochs: u32,
+    mnist: &Path,
+    on: TrainOn,
+) -> anyhow::Result<()> {
+    let parent = resolve(reg, spec).await?;
+    let mut loaded = reg.load(&parent)?;
+    if let ps_model::ModelKind::MlpSparse { .. } = loaded.model {
+        loaded = ps_model::prune::densify(&loaded)?;
+    }
+    let pruned = ps_model::prune::magnitude_prune(&loaded, sparsity)
+        .with_context(|| format!("pruning {}:{}", parent.model, parent.version))?;
+    let by = on.by.clone().unwrap_or_else(user);
+    let (tuned, mut new) = if epochs == 0 {
+        let lineage = parent.lineage.clone();
+        let new = NewVersion {
+            model: parent.model.clone(),
+            artifact: Vec::new(),
+            metrics: BTreeMap::new(),
+            lineage,
+            created_by: by,
+        };
+        (pruned, new)
+    } else {
+        let layers = match &pruned.model {
+            ps_model::ModelKind::Mlp { layers } => layers.clone(),
+            other => bail!("a {} model cannot be pruned", other.name()),
+        };
+        let run_dir =
+            train_child(&parent, &format!("prune-{:02.0}", sparsity * 100.0), &on, |config, run_dir| {
+                let init = run_dir.join("init.msgpack");
+                pruned.write(&init)?;
+                set_mnist(config, |w| {
+                    let Workload::MnistMlp { init_from, keep_zeros, layers: l, .. } = w else {
+                        unreachable!()
+                    };
+                    *l = layers.clone();
+                    *init_from = Some(init.clone());
+                    *keep_zeros = true;
+                })?;
+                config.job.epochs = epochs;
+                Ok(())
+            })
+            .await?;
+        let mut new = from_run(&run_dir, Some(&parent.model), &by)?;
+        let tuned = ps_model::SavedModel::from_bytes(&new.artifact)?;
+        new.metrics.retain(|k, _| !k.starts_with("test_"));
+        (tuned, new)
+    };
+    let zeros = ps_model::prune::sparsity(&tuned)?;
+    if zeros + 1e-3 < sparsity {
+        bail!("the fine-tuned model has {:.4} of its weights at zero, below the {sparsity} asked", zeros);
+    }
+    let model = ps_model::prune::to_sparse(&tuned)?;
+    let net = ps_model::prune::SparseMlp::new(&model)?;
+    let test = ps_worker::data::load_mnist(mnist, ps_worker::data::Split::Test)
+        .with_context(|| format!("reading the MNIST test set in {}", mnist.display()))?;
+    new.metrics.extend(served_metrics(&test, net.num_classes(), |x, out| net.predict(x, out))?);
+    new.metrics.insert("sparsity".into(), zeros);
+    new.artifact = model.to_bytes()?;
+    new.lineage.parent_version = Some(parent.version);
+    new.lineage.checkpoint = None;
+    new.lineage.method = Some(format!(
+        "prune: weight magnitude, {:.0}% of each layer's weights zero, fine-tuned {epochs} epoch(s) with the zeros kept; \
+         stored as a bitmask and the non-zero values",
+        sparsity * 100.0
+    ));
+    let v = reg.register(new).await?;
+    println!(
+        "registered {}:{} ({:.0}% pruned of {}:{}): {} bytes against {}; {} against {}",
+        v.model,
+        v.version,
+        zeros * 100.0,
+        parent.model,
+        parent.version,
+        v.artifact.size,
+        parent.artifact.size,
+        test_metrics(&v),
+        test_metrics(&parent),
+    );
+    Ok(())
+}
+
+/// Trains a student against `spec`'s soft targets and registers it
+/// (`models distill`).
+async fn distill(
+    reg: &Registry,
+    spec: &str,
+    hidden: &[usize],
+    temperature: f32,
+    alpha: f32,
+    epochs: Option<u32>,
+    on: TrainOn,
+) -> anyhow::Result<()> {
+    let parent = resolve(reg, spec).await?;
+    let teacher = reg.load(&parent)?;
+    if !matches!(teacher.model, ps_model::ModelKind::Mlp { .. }) {
+        bail!(
+            "{}:{} is a {} model; a teacher must be an f32 MLP",
+            parent.model,
+            parent.version,
+            teacher.model.name()
+        );
+    }
+    let by = on.by.clone().unwrap_or_else(user);
+    let run_dir = train_child(&parent, "distill", &on, |config, run_dir| {
+        let path = run_dir.join("teacher.msgpack");
+        teacher.write(&path)?;
+        set_mnist(config, |w| {
+            let Workload::MnistMlp { layers, init_from, keep_zeros, teacher, .. } = w else { unreachable!() };
+            *layers = [784].into_iter().chain(hidden.iter().copied()).chain([10]).collect();
+            (*init_from, *keep_zeros) = (None, false);
+            *teacher = Some(ps_worker::config::TeacherConfig { model: path.clone(), temperature, alpha });
+        })?;
+        if let Some(e) = epochs {
+            config.job.epochs = e;
+        }
+        Ok(())
+    })
+    .await?;
+    let mut new = from_run(&run_dir, Some(&parent.model), &by)?;
+    new.lineage.parent_version = Some(parent.version);
+    new.lineage.method = Some(format!(
+        "distill: student {:?} trained against the teacher's soft targets at temperature {temperature}, \
+         loss = {alpha} T^2 KL(teacher_T || student_T) + {} CE(labels)",
+        new_layers(hidden),
+        1.0 - alpha
+    ));
+    let v = reg.register(new).await?;
+    println!(
+        "registered {}:{} (student {:?} of {}:{}): {} bytes against {}; {} against {}",
+        v.model,
+        v.version,
+        new_layers(hidden),
+        parent.model,
+        parent.version,
+        v.artifact.size,
+        parent.artifact.size,
+        test_metrics(&v),
+        test_metrics(&parent),
+    );
+    Ok(())
+}
+
+fn new_layers(hidden: &[usize]) -> Vec<usize> {
+    [784].into_iter().chain(hidden.iter().copied()).chain([10]).collect()
+}
+
+/// Edits the MNIST workload of `config`; another workload is an error.
+fn set_mnist(config: &mut RunConfig, edit: impl FnOnce(&mut Workload)) -> anyhow::Result<()> {
+    if !matches!(config.job.workload, Workload::MnistMlp { .. }) {
+        bail!(
+            "the parent was trained by a {} job; pruning and distillation take MNIST MLPs",
+            workload_kind(&config.job.workload)
+        );
+    }
+    edit(&mut config.job.workload);
+    Ok(())
+}
+
+/// Runs a training job derived from `parent`'s run file (edited by `edit`,
+/// which may write files into the new run folder) on a local cluster, with
+/// registration off (the caller registers); returns the run folder.
+async fn train_child(
+    parent: &ModelVersion,
+    name: &str,
+    on: &TrainOn,
+    edit: impl FnOnce(&mut RunConfig, &Path) -> anyhow::Result<()>,
+) -> anyhow::Result<PathBuf> {
+    let text = parent.lineage.run_config.as_deref().with_context(|| {
+        format!(
+            "{}:{} has no run file in its lineage (it was not trained on the cluster)",
+            parent.model, parent.version
+        )
+    })?;
+    let mut config = RunConfig::from_toml(text).context("the parent's run file")?;
+    let run_dir =
+        crate::cluster::new_run_dir(&on.runs_dir, &format!("{}-{}-{name}", parent.model, parent.version))?;
+    edit(&mut config, &run_dir)?;
+    config.registry.register = false;
+    if let Some(n) = on.servers {
+        config.cluster.servers = n;
+    }
+    if let Some(n) = on.workers {
+        config.cluster.workers = n;
+    }
+    config.validate()?;
+    let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
+    eprintln!(
+        "training on {} shard(s) and {} worker(s), {} epoch(s); run folder {}",
+        config.cluster.servers,
+        config.cluster.workers,
+        config.job.epochs,
+        run_dir.display()
+    );
+    let bars = crate::render::Bars::new();
+    let summary =
+        crate::run::run(crate::run::Plan::new(&exe, config, run_dir.clone()), |w, e| bars.update(w, e))
+            .await?;
+    bars.finish();
+    if !summary.failed.is_empty() {
+        bail!("{} worker(s) of {} failed: {:?}", summary.failed.len(), run_dir.display(), summary.failed);
+    }
+    Ok(run_dir)
 }
 
 fn user() -> String {

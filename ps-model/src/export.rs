@@ -242,7 +242,7 @@ fn describe(kind: &ModelKind) -> (String, String, String, Vec<String>) {
         )
     };
     match kind {
-        ModelKind::Mlp { layers } => (
+        ModelKind::Mlp { layers } | ModelKind::MlpSparse { layers } => (
             format!("x: f32 [batch, {}], one example a row", layers.first().unwrap_or(&0)),
             format!(
                 "logits: f32 [batch, {}]; class = argmax(logits), probabilities = softmax(logits)",
@@ -303,7 +303,18 @@ fn describe(kind: &ModelKind) -> (String, String, String, Vec<String>) {
 /// Writes `model` and its card into `dir` (created if needed) as
 /// `model.safetensors` and `card.json`, each through a temporary file, an
 /// fsync and a rename, so a reader never sees half a file.
+///
+/// A pruned model (`mlp_sparse`) is written as the f32 MLP it computes, with
+/// its zeros: safetensors has no sparse tensors.
 pub fn export(model: &SavedModel, extra: CardExtra, dir: &Path) -> Result<ExportPaths> {
+    let densified;
+    let model = match model.model {
+        ModelKind::MlpSparse { .. } => {
+            densified = crate::prune::densify(model)?;
+            &densified
+        }
+        _ => model,
+    };
     let io = |what: String| move |source| Error::Io { what, source };
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
 
@@ -319,6 +330,9 @@ pub fn export(model: &SavedModel, extra: CardExtra, dir: &Path) -> Result<Export
 
 /// The bytes of `model.safetensors` for `model` (see the module docs).
 pub fn to_safetensors(model: &SavedModel) -> Result<Vec<u8>> {
+    if let ModelKind::MlpSparse { .. } = model.model {
+        return to_safetensors(&crate::prune::densify(model)?);
+    }
     model.validate()?;
     let mut tensors: Vec<(String, Bytes)> = Vec::new();
     for t in &model.dense {
@@ -644,6 +658,11 @@ mod tests {
                 crate::quant::Int8Mlp::new(m).unwrap().predict(&values(6, 9.0), &mut out);
                 out
             }
+            ModelKind::MlpSparse { .. } => {
+                let mut out = Vec::new();
+                crate::prune::SparseMlp::new(m).unwrap().predict(&values(6, 9.0), &mut out);
+                out
+            }
             ModelKind::Logreg { num_features, table } => {
                 let w: Vec<f32> = (0..=*num_features as u64).map(|k| row(table, k)[0]).collect();
                 vec![logreg::logit(&w, &[0, 2, 3], &[1.0, 1.0, 0.5])]
@@ -657,6 +676,15 @@ mod tests {
                 Tower::new(4, hidden).logits(&flat, &x, &mut TowerWorkspace::default()).to_vec()
             }
         }
+    }
+
+    /// safetensors has no sparse tensors: a pruned model leaves as the f32
+    /// MLP it computes.
+    #[test]
+    fn a_pruned_model_exports_as_its_dense_mlp() {
+        let pruned = crate::prune::magnitude_prune(&mlp(), 0.5).unwrap();
+        let sparse = crate::prune::to_sparse(&pruned).unwrap();
+        assert_eq!(from_safetensors(&to_safetensors(&sparse).unwrap()).unwrap(), pruned);
     }
 
     #[test]

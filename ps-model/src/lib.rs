@@ -14,6 +14,8 @@
 //! - [`saved`]: the versioned saved-model file ([`SavedModel`]).
 //! - [`export`]: a saved model as safetensors with a model card, and back.
 //! - [`quant`]: post-training int8 quantization of an MLP, executed in int8.
+//! - [`prune`]: magnitude pruning of an MLP, its sparse file form and sparse
+//!   forward pass.
 
 pub mod ctr;
 mod dense;
@@ -24,13 +26,14 @@ pub mod loss;
 pub mod mf;
 mod mlp;
 pub mod param;
+pub mod prune;
 pub mod quant;
 pub mod saved;
 mod sparse_input;
 mod tower;
 
 pub use error::{Error, Result};
-pub use mlp::{Mlp, Workspace};
+pub use mlp::{Distill, Mlp, Workspace};
 pub use param::{InitKind, ParamSpec};
 pub use saved::{DenseTensor, ModelKind, SavedModel, SparseTable};
 pub use tower::{Tower, TowerWorkspace};

@@ -146,6 +146,48 @@ impl Mlp {
         grads: &mut [f32],
         ws: &mut Workspace,
     ) -> (f32, usize) {
+        self.loss_and_grad_with(params, x, y, grads, ws, |_, row, label, scale| {
+            softmax_xent(row, label, Some(scale))
+        })
+    }
+
+    /// Knowledge distillation (Hinton et al., 2015): the mean over the batch
+    /// of `alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, y)`,
+    /// where `_T` is the softmax of the logits divided by the temperature `T`
+    /// and `target.soft` holds the teacher's `softmax(logits / T)`, one row of
+    /// `num_classes` per example. The `T^2` keeps the soft term's gradient,
+    /// `alpha * T * (student_T - teacher_T)` per logit, on the scale of the
+    /// hard one as `T` grows. Writes the gradient into `grads`; returns the
+    /// mean loss and the rows whose arg-max is the label, as
+    /// [`Mlp::loss_and_grad`] does.
+    ///
+    /// Panics if `target.soft` is not `x.nrows() * num_classes` long.
+    pub fn distill_loss_and_grad(
+        &self,
+        params: &[f32],
+        x: ArrayView2<'_, f32>,
+        y: &[u32],
+        target: Distill<'_>,
+        grads: &mut [f32],
+        ws: &mut Workspace,
+    ) -> (f32, usize) {
+        let classes = self.num_classes();
+        assert_eq!(target.soft.len(), x.nrows() * classes, "one row of soft targets per example");
+        let mut scratch = vec![0.0f32; classes];
+        self.loss_and_grad_with(params, x, y, grads, ws, |r, row, label, scale| {
+            distill_row(row, &target.soft[r * classes..(r + 1) * classes], label, target, scale, &mut scratch)
+        })
+    }
+
+    fn loss_and_grad_with(
+        &self,
+        params: &[f32],
+        x: ArrayView2<'_, f32>,
+        y: &[u32],
+        grads: &mut [f32],
+        ws: &mut Workspace,
+        mut head: impl FnMut(usize, &mut [f32], usize, f32) -> (f64, bool),
+    ) -> (f32, usize) {
         assert_eq!(grads.len(), self.num_params(), "gradient length");
         let rows = x.nrows();
         if rows == 0 {
@@ -161,8 +203,9 @@ impl Mlp {
         let scale = 1.0 / rows as f32;
         let mut loss = 0.0f64;
         let mut correct = 0;
-        for (row, &label) in ws.acts[last][..rows * classes].chunks_exact_mut(classes).zip(y) {
-            let (row_loss, hit) = softmax_xent(row, label as usize, Some(scale));
+        for (r, (row, &label)) in ws.acts[last][..rows * classes].chunks_exact_mut(classes).zip(y).enumerate()
+        {
+            let (row_loss, hit) = head(r, row, label as usize, scale);
             loss += row_loss;
             correct += usize::from(hit);
         }
@@ -239,6 +282,19 @@ impl Mlp {
     ///
     /// Panics if `params` or `x` disagree with the network in length or width.
     pub fn predict(&self, params: &[f32], x: ArrayView2<'_, f32>, ws: &mut Workspace, out: &mut Vec<f32>) {
+        self.predict_tempered(params, x, 1.0, ws, out);
+    }
+
+    /// `softmax(logits / temperature)` of the rows of `x`, as [`Mlp::predict`]
+    /// (a teacher's soft targets for [`Mlp::distill_loss_and_grad`]).
+    pub fn predict_tempered(
+        &self,
+        params: &[f32],
+        x: ArrayView2<'_, f32>,
+        temperature: f32,
+        ws: &mut Workspace,
+        out: &mut Vec<f32>,
+    ) {
         out.clear();
         let rows = x.nrows();
         if rows == 0 {
@@ -247,7 +303,7 @@ impl Mlp {
         self.forward(params, x, ws);
         let classes = self.num_classes();
         let logits = &ws.acts[self.layers.len() - 1][..rows * classes];
-        out.extend_from_slice(logits);
+        out.extend(logits.iter().map(|z| z / temperature));
         for row in out.chunks_exact_mut(classes) {
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0.0f32;
@@ -304,6 +360,52 @@ impl Mlp {
             }
         }
     }
+}
+
+/// The teacher's side of [`Mlp::distill_loss_and_grad`].
+#[derive(Debug, Clone, Copy)]
+pub struct Distill<'a> {
+    /// `softmax(teacher_logits / temperature)`, one row per example.
+    pub soft: &'a [f32],
+    pub temperature: f32,
+    /// Weight of the soft term; `1 - alpha` weighs the labels' cross-entropy.
+    pub alpha: f32,
+}
+
+/// The distillation loss of one row of student logits, and whether its
+/// arg-max is `label`; the row is overwritten with `scale` times the
+/// gradient. `q` is scratch of the row's length.
+fn distill_row(
+    row: &mut [f32],
+    soft: &[f32],
+    label: usize,
+    d: Distill<'_>,
+    scale: f32,
+    q: &mut [f32],
+) -> (f64, bool) {
+    let t = d.temperature;
+    // Student at temperature T: q = softmax(z / T), ln q = z / T - lse(z / T).
+    let max_t = row.iter().fold(f32::NEG_INFINITY, |m, &z| m.max(z / t));
+    let mut sum_t = 0.0f32;
+    for (qi, &z) in q.iter_mut().zip(row.iter()) {
+        *qi = (z / t - max_t).exp();
+        sum_t += *qi;
+    }
+    let lse_t = max_t + sum_t.ln();
+    let mut kl = 0.0f64;
+    for (&p, &z) in soft.iter().zip(row.iter()) {
+        if p > 0.0 {
+            kl += f64::from(p) * (f64::from(p.ln()) - f64::from(z / t - lse_t));
+        }
+    }
+    q.iter_mut().for_each(|v| *v /= sum_t);
+    // The hard term turns the row into scale * (softmax(z) - onehot).
+    let (ce, hit) = softmax_xent(row, label, Some(scale * (1.0 - d.alpha)));
+    for ((g, &qi), &p) in row.iter_mut().zip(q.iter()).zip(soft) {
+        *g += scale * d.alpha * t * (qi - p);
+    }
+    let loss = f64::from(d.alpha) * f64::from(t * t) * kl + f64::from(1.0 - d.alpha) * ce;
+    (loss, hit)
 }
 
 fn weight_grad_view(gw: &mut [f32], n_in: usize, n_out: usize) -> ArrayViewMut2<'_, f32> {
@@ -395,6 +497,95 @@ mod tests {
         });
         let y = (0..rows).map(|_| rng.random_range(0..classes)).collect();
         (x, y)
+    }
+
+    /// The distillation loss computed naively in f64.
+    fn reference_distill(
+        mlp: &Mlp,
+        params: &[f64],
+        x: &Array2<f32>,
+        y: &[u32],
+        soft: &[f32],
+        t: f64,
+        alpha: f64,
+    ) -> f64 {
+        let sizes = mlp.sizes();
+        let classes = mlp.num_classes();
+        let mut total = 0.0;
+        for (r, &label) in y.iter().enumerate() {
+            let mut a: Vec<f64> = x.row(r).iter().map(|&v| f64::from(v)).collect();
+            for l in 0..sizes.len() - 1 {
+                let (n_in, n_out, at) = (sizes[l], sizes[l + 1], mlp.layers.layer(l).weight.start);
+                let mut z: Vec<f64> = params[at + n_in * n_out..at + n_in * n_out + n_out].to_vec();
+                for (i, &ai) in a.iter().enumerate() {
+                    for (j, zj) in z.iter_mut().enumerate() {
+                        *zj += ai * params[at + i * n_out + j];
+                    }
+                }
+                if l < sizes.len() - 2 {
+                    z.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
+                a = z;
+            }
+            let lse = |v: &[f64]| {
+                let m = v.iter().copied().fold(f64::MIN, f64::max);
+                m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+            };
+            let ce = lse(&a) - a[label as usize];
+            let zt: Vec<f64> = a.iter().map(|v| v / t).collect();
+            let lt = lse(&zt);
+            let kl: f64 = soft[r * classes..(r + 1) * classes]
+                .iter()
+                .zip(&zt)
+                .map(|(&p, z)| if p > 0.0 { f64::from(p) * (f64::from(p).ln() - (z - lt)) } else { 0.0 })
+                .sum();
+            total += alpha * t * t * kl + (1.0 - alpha) * ce;
+        }
+        total / y.len() as f64
+    }
+
+    #[test]
+    fn distillation_gradient_matches_finite_differences() {
+        for (t, alpha) in [(4.0f32, 0.7f32), (1.0, 1.0), (2.0, 0.0)] {
+            let sizes = [6, 5, 4];
+            let mlp = Mlp::new(&sizes);
+            let params = mlp.init_params(3);
+            let (x, y) = random_batch(3, 6, 4, 9);
+            // A teacher's soft targets: another network's tempered softmax.
+            let teacher = mlp.init_params(4);
+            let mut soft = Vec::new();
+            mlp.predict_tempered(&teacher, x.view(), t, &mut mlp.workspace(3), &mut soft);
+            assert!(soft.chunks(4).all(|r| (r.iter().sum::<f32>() - 1.0).abs() < 1e-5));
+            let mut grads = vec![f32::NAN; mlp.num_params()];
+            let target = Distill { soft: &soft, temperature: t, alpha };
+            let (loss, hits) =
+                mlp.distill_loss_and_grad(&params, x.view(), &y, target, &mut grads, &mut mlp.workspace(1));
+            let (_, plain_hits) = mlp.loss_and_grad(
+                &params,
+                x.view(),
+                &y,
+                &mut vec![0.0; mlp.num_params()],
+                &mut mlp.workspace(1),
+            );
+            assert_eq!(hits, plain_hits);
+
+            let p64: Vec<f64> = params.iter().map(|&p| f64::from(p)).collect();
+            let f = |p: &[f64]| reference_distill(&mlp, p, &x, &y, &soft, f64::from(t), f64::from(alpha));
+            let reference = f(&p64);
+            assert!((f64::from(loss) - reference).abs() < 1e-5, "T {t}: loss {loss} vs {reference}");
+            let eps = 1e-6;
+            for i in 0..params.len() {
+                let (mut plus, mut minus) = (p64.clone(), p64.clone());
+                plus[i] += eps;
+                minus[i] -= eps;
+                let numeric = (f(&plus) - f(&minus)) / (2.0 * eps);
+                let analytic = f64::from(grads[i]);
+                assert!(
+                    (analytic - numeric).abs() <= 1e-5 + 1e-3 * numeric.abs(),
+                    "T {t} alpha {alpha} param {i}: analytic {analytic} vs numeric {numeric}"
+                );
+            }
+        }
     }
 
     #[test]

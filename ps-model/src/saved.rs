@@ -13,6 +13,7 @@ use ps_common::spec::Init;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::prune::MaskedTensor;
 use crate::quant::Int8Tensor;
 
 /// The version this code writes and reads. Version 1 (`layers` and
@@ -31,6 +32,9 @@ pub enum ModelKind {
     /// The same network quantized to int8 ([`crate::quant`]): int8 tensors
     /// `fc{l}.weight`, f32 tensors `fc{l}.weight_scale` and `fc{l}.bias`.
     MlpInt8 { layers: Vec<usize> },
+    /// The same network pruned ([`crate::prune`]): masked (sparse) tensors
+    /// `fc{l}.weight`, f32 tensors `fc{l}.bias`.
+    MlpSparse { layers: Vec<usize> },
     /// [`crate::logreg`]: one sparse table of width 1, keys `0..num_features`
     /// for the features and `num_features` for the bias.
     Logreg { num_features: usize, table: String },
@@ -49,11 +53,12 @@ pub enum ModelKind {
 }
 
 impl ModelKind {
-    /// `mlp`, `mlp_int8`, `logreg`, `mf` or `ctr`.
+    /// `mlp`, `mlp_int8`, `mlp_sparse`, `logreg`, `mf` or `ctr`.
     pub fn name(&self) -> &'static str {
         match self {
             ModelKind::Mlp { .. } => "mlp",
             ModelKind::MlpInt8 { .. } => "mlp_int8",
+            ModelKind::MlpSparse { .. } => "mlp_sparse",
             ModelKind::Logreg { .. } => "logreg",
             ModelKind::Mf { .. } => "mf",
             ModelKind::Ctr { .. } => "ctr",
@@ -73,6 +78,9 @@ impl ModelKind {
                     None => (name, shape),
                 })
                 .collect()),
+            ModelKind::MlpSparse { layers } => {
+                Ok(dense_stack("", layers)?.into_iter().filter(|(n, _)| !n.ends_with(".weight")).collect())
+            }
             ModelKind::Logreg { .. } | ModelKind::Mf { .. } => Ok(Vec::new()),
             ModelKind::Ctr { slots, emb_dim, hidden, tower_prefix, .. } => {
                 let input = slots.checked_mul(*emb_dim).ok_or_else(|| Error::Shape {
@@ -96,10 +104,20 @@ impl ModelKind {
         }
     }
 
+    /// The masked (sparse) tensors of the architecture, with their shapes.
+    pub fn masked_tensors(&self) -> Result<Vec<(String, Vec<usize>)>> {
+        match self {
+            ModelKind::MlpSparse { layers } => {
+                Ok(dense_stack("", layers)?.into_iter().filter(|(n, _)| n.ends_with(".weight")).collect())
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
     /// The sparse tables of the architecture and their widths.
     pub fn sparse_tables(&self) -> Vec<(&str, usize)> {
         match self {
-            ModelKind::Mlp { .. } | ModelKind::MlpInt8 { .. } => Vec::new(),
+            ModelKind::Mlp { .. } | ModelKind::MlpInt8 { .. } | ModelKind::MlpSparse { .. } => Vec::new(),
             ModelKind::Logreg { table, .. } => vec![(table, 1)],
             ModelKind::Mf { dim, users, items, user_bias, item_bias, .. } => {
                 vec![(users, *dim), (items, *dim), (user_bias, 1), (item_bias, 1)]
@@ -174,6 +192,9 @@ pub struct SavedModel {
     /// The int8 tensors of a quantized model ([`crate::quant`]).
     #[serde(default)]
     pub int8: Vec<Int8Tensor>,
+    /// The masked (sparse) tensors of a pruned model ([`crate::prune`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masked: Vec<MaskedTensor>,
 }
 
 impl SavedModel {
@@ -201,7 +222,7 @@ impl SavedModel {
 
     /// A model of the current format version.
     pub fn new(model: ModelKind, dense: Vec<DenseTensor>, sparse: Vec<SparseTable>) -> SavedModel {
-        SavedModel { version: FORMAT_VERSION, model, dense, sparse, int8: Vec::new() }
+        SavedModel { version: FORMAT_VERSION, model, dense, sparse, int8: Vec::new(), masked: Vec::new() }
     }
 
     /// Every tensor's length matches its shape and every table's its keys.
@@ -235,6 +256,9 @@ impl SavedModel {
                 });
             }
         }
+        for t in &self.masked {
+            t.check()?;
+        }
         let expected = self.model.int8_tensors()?;
         let found: Vec<(&str, &[usize])> =
             self.int8.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
@@ -242,7 +266,16 @@ impl SavedModel {
             || !expected.iter().zip(&found).all(|((n, s), (fn_, fs))| n == fn_ && s.as_slice() == *fs)
         {
             let reason = format!("the architecture needs int8 tensors {expected:?}, found {found:?}");
-            return Err(Error::Shape { name: "fc1.weight (int8 tensors)".into(), reason });
+            return Err(Error::Shape { name: "fc1.weight (int8 or masked tensors)".into(), reason });
+        }
+        let expected = self.model.masked_tensors()?;
+        let found: Vec<(&str, &[usize])> =
+            self.masked.iter().map(|t| (t.name.as_str(), t.shape.as_slice())).collect();
+        if expected.len() != found.len()
+            || !expected.iter().zip(&found).all(|((n, s), (fn_, fs))| n == fn_ && s.as_slice() == *fs)
+        {
+            let reason = format!("the architecture needs masked tensors {expected:?}, found {found:?}");
+            return Err(Error::Shape { name: "fc1.weight (int8 or masked tensors)".into(), reason });
         }
         self.validate_architecture()
     }

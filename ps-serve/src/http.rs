@@ -134,7 +134,7 @@ fn parse_instances(model: &Servable, raw: &str) -> Result<Inputs> {
         serde_json::from_str(raw).map_err(|e| Error::bad(format!("instances: {e}")))
     }
     Ok(match model {
-        Servable::Mlp { .. } | Servable::MlpInt8(_) => {
+        Servable::Mlp { .. } | Servable::MlpInt8(_) | Servable::MlpSparse(_) => {
             let rows: Vec<Vec<f32>> = parse(raw)?;
             let width = model.input_width();
             if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != width) {

@@ -105,6 +105,8 @@ pub enum Servable {
     },
     /// An int8 MLP, executed in int8 ([`ps_model::quant`]).
     MlpInt8(ps_model::quant::Int8Mlp),
+    /// A pruned MLP, multiplying by its stored weights only ([`ps_model::prune`]).
+    MlpSparse(ps_model::prune::SparseMlp),
     Logreg {
         num_features: usize,
         weights: Rows,
@@ -135,6 +137,9 @@ impl Servable {
         if let ModelKind::MlpInt8 { .. } = saved.model {
             return Ok(Servable::MlpInt8(ps_model::quant::Int8Mlp::new(&saved)?));
         }
+        if let ModelKind::MlpSparse { .. } = saved.model {
+            return Ok(Servable::MlpSparse(ps_model::prune::SparseMlp::new(&saved)?));
+        }
         let SavedModel { model, dense, mut sparse, .. } = saved;
         let mut table = |name: &str| -> Result<Rows> {
             let i = sparse.iter().position(|t| t.name == name).ok_or_else(|| {
@@ -158,7 +163,7 @@ impl Servable {
                 let params = flat(&model)?;
                 Servable::Mlp { mlp: ps_model::Mlp::new(layers), params }
             }
-            ModelKind::MlpInt8 { .. } => unreachable!("built above"),
+            ModelKind::MlpInt8 { .. } | ModelKind::MlpSparse { .. } => unreachable!("built above"),
             ModelKind::Logreg { num_features, table: name } => {
                 Servable::Logreg { num_features: *num_features, weights: table(name)? }
             }
@@ -182,11 +187,12 @@ impl Servable {
         })
     }
 
-    /// `mlp`, `logreg`, `mf` or `ctr`.
+    /// `mlp`, `mlp_int8`, `mlp_sparse`, `logreg`, `mf` or `ctr`.
     pub fn kind(&self) -> &'static str {
         match self {
             Servable::Mlp { .. } => "mlp",
             Servable::MlpInt8(_) => "mlp_int8",
+            Servable::MlpSparse(_) => "mlp_sparse",
             Servable::Logreg { .. } => "logreg",
             Servable::Mf { .. } => "mf",
             Servable::Ctr { .. } => "ctr",
@@ -196,7 +202,7 @@ impl Servable {
     /// What one example is, for people.
     pub fn input(&self) -> String {
         match self {
-            Servable::Mlp { .. } | Servable::MlpInt8(_) => {
+            Servable::Mlp { .. } | Servable::MlpInt8(_) | Servable::MlpSparse(_) => {
                 format!("{} features (MNIST: pixels scaled to [0, 1])", self.input_width())
             }
             Servable::Logreg { num_features, .. } => {
@@ -212,6 +218,7 @@ impl Servable {
         match self {
             Servable::Mlp { mlp, .. } => mlp.sizes()[0],
             Servable::MlpInt8(m) => m.input_width(),
+            Servable::MlpSparse(m) => m.input_width(),
             Servable::Ctr { slots, .. } => *slots,
             _ => 0,
         }
@@ -222,6 +229,7 @@ impl Servable {
         match self {
             Servable::Mlp { mlp, .. } => mlp.num_classes(),
             Servable::MlpInt8(m) => m.num_classes(),
+            Servable::MlpSparse(m) => m.num_classes(),
             _ => 1,
         }
     }
@@ -233,7 +241,10 @@ impl Servable {
             None => Ok(()),
         };
         match (self, inputs) {
-            (Servable::Mlp { .. } | Servable::MlpInt8(_), Inputs::Dense { width, values }) => {
+            (
+                Servable::Mlp { .. } | Servable::MlpInt8(_) | Servable::MlpSparse(_),
+                Inputs::Dense { width, values },
+            ) => {
                 let expected = self.input_width();
                 if *width != expected {
                     return Err(Error::bad(format!(
@@ -299,7 +310,7 @@ impl Servable {
 
     fn expected_inputs(&self) -> &'static str {
         match self {
-            Servable::Mlp { .. } | Servable::MlpInt8(_) => "dense",
+            Servable::Mlp { .. } | Servable::MlpInt8(_) | Servable::MlpSparse(_) => "dense",
             Servable::Logreg { .. } => "sparse",
             Servable::Mf { .. } => "pairs",
             Servable::Ctr { .. } => "slots",
@@ -322,6 +333,7 @@ impl Servable {
                 mlp.predict(params, x, &mut ws, out);
             }
             (Servable::MlpInt8(m), Inputs::Dense { values, .. }) => m.predict(values, out),
+            (Servable::MlpSparse(m), Inputs::Dense { values, .. }) => m.predict(values, out),
             (Servable::Logreg { num_features, weights }, Inputs::Sparse(rows)) => {
                 let bias = weights.scalar(*num_features as u64);
                 out.extend(rows.iter().map(|(idx, val)| {

@@ -337,6 +337,19 @@ pub enum Workload {
         /// Dense chunk length in elements.
         #[serde(default = "chunk_len")]
         chunk_len: u32,
+        /// Start from this model file's weights (an f32 MLP of `layers`,
+        /// e.g. a pruned one) instead of the initializer: the tables then
+        /// hold the change from them (see `workload::mnist`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        init_from: Option<PathBuf>,
+        /// With `init_from`: the weights that are zero in it stay exactly
+        /// zero (a pruning mask; their gradients are not sent).
+        #[serde(default, skip_serializing_if = "is_false")]
+        keep_zeros: bool,
+        /// Train against a teacher's soft targets as well as the labels
+        /// (knowledge distillation).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        teacher: Option<TeacherConfig>,
     },
     /// Sparse logistic regression on a9a (LIBSVM): one weight per feature in
     /// a sparse table, the bias under key `num_features`.
@@ -368,6 +381,33 @@ pub enum Workload {
     /// Synthetic CTR: Zipf-distributed categorical slots hashed into a
     /// sparse embedding table, feeding a small MLP.
     Ctr(CtrConfig),
+}
+
+/// The teacher of a distilled MNIST model (`[job.workload.teacher]`):
+/// loss = `alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherConfig {
+    /// The teacher's model file (an f32 MLP on the same inputs and classes).
+    pub model: PathBuf,
+    /// The softmax temperature T of both teacher and student in the soft term.
+    #[serde(default = "teacher_temperature")]
+    pub temperature: f32,
+    /// The weight of the soft term, in [0, 1].
+    #[serde(default = "teacher_alpha")]
+    pub alpha: f32,
+}
+
+fn teacher_temperature() -> f32 {
+    4.0
+}
+
+fn teacher_alpha() -> f32 {
+    0.7
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// The settings of the synthetic CTR workload (`kind = "ctr"`).
@@ -549,7 +589,18 @@ impl JobConfig {
         }
         self.codecs.validate()?;
         match &self.workload {
-            Workload::MnistMlp { layers, chunk_len, .. } => {
+            Workload::MnistMlp { layers, chunk_len, init_from, keep_zeros, teacher, .. } => {
+                if *keep_zeros && init_from.is_none() {
+                    return bad("keep_zeros needs init_from (the model whose zeros are kept)".into());
+                }
+                if let Some(t) = teacher
+                    && !(t.temperature.is_finite() && t.temperature > 0.0 && (0.0..=1.0).contains(&t.alpha))
+                {
+                    return bad(format!(
+                        "teacher temperature must be > 0 and alpha in [0, 1], got {} and {}",
+                        t.temperature, t.alpha
+                    ));
+                }
                 if layers.len() < 2
                     || layers.contains(&0)
                     || layers[0] != 784

@@ -5,6 +5,7 @@
 mod checkpoint;
 mod cluster;
 mod codecs;
+mod compress;
 mod export;
 mod models;
 mod properties;

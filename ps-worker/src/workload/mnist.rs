@@ -4,15 +4,30 @@
 //! With `overlap` (the default) the pull for iteration `c + 1` travels with
 //! the push of `c` (`push_and_pull_dense`), so an iteration's pull phase is
 //! usually empty.
+//!
+//! Two options serve model compression (`ps-cluster models prune` and
+//! `distill`):
+//! - `init_from` starts from a model file's weights. The shards' tables
+//!   cannot be initialized from values (a table's initializer is a seeded
+//!   distribution, part of its spec on the wire), so they start at zero and
+//!   hold the change: the network's weights are `base + table`. With
+//!   `keep_zeros`, the weights that are zero in the base (a pruning mask)
+//!   have their gradient zeroed before the push, so their table values get
+//!   zero updates from a zero optimizer state and stay exactly zero (SGD,
+//!   momentum, Adam, Adagrad; `tests/it/compress.rs` checks the shards),
+//!   and the mask is also applied to the weights the worker computes with.
+//! - `teacher` trains against a teacher model's soft targets
+//!   (`Mlp::distill_loss_and_grad`), computed once per training row when the
+//!   worker opens.
 
 use std::ops::Range;
 
 use ps_common::spec::TableSpec;
-use ps_model::{Mlp, ModelKind, SavedModel, Workspace};
+use ps_model::{Distill, InitKind, Mlp, ModelKind, SavedModel, Workspace};
 
 use super::{BatchLoss, Iteration, Role, Score, Workload, dense_tables, trainer, wrong_kind};
 use crate::client::{DenseSet, ShardedClient};
-use crate::config::{JobConfig, Workload as Kind};
+use crate::config::{JobConfig, TeacherConfig, Workload as Kind};
 use crate::data::{self, BatchBuf, DenseDataset};
 use crate::error::{Error, Result};
 
@@ -21,8 +36,100 @@ pub struct Mnist {
     tables: Vec<TableSpec>,
     set: DenseSet,
     test: DenseDataset,
+    /// What the shards hold: the weights, or their change from `base`.
     params: Vec<f32>,
+    /// `init_from`'s weights and mask, if any.
+    base: Option<Base>,
+    /// The weights computed with when there is a base (`base + params`).
+    weights: Vec<f32>,
     train: Option<Train>,
+}
+
+/// The weights a job starts from (`init_from`), and which may change.
+struct Base {
+    values: Vec<f32>,
+    /// `keep_zeros`: `false` where the base is zero (kept zero).
+    mask: Option<Vec<bool>>,
+}
+
+impl Base {
+    /// Reads `path`: an f32 MLP of `layers` (a sparse one is densified).
+    /// The mask covers weights only: a bias at zero still trains.
+    fn read(path: &std::path::Path, layers: &[usize], keep_zeros: bool) -> Result<Base> {
+        let values = read_mlp(path, layers)?;
+        let mask = keep_zeros.then(|| {
+            let mut at = 0;
+            let mut mask = Vec::with_capacity(values.len());
+            for spec in Mlp::new(layers).param_specs() {
+                let part = &values[at..at + spec.len()];
+                at += spec.len();
+                let weight = spec.name.ends_with(".weight");
+                mask.extend(part.iter().map(|&v| !weight || v != 0.0));
+            }
+            mask
+        });
+        Ok(Base { values, mask })
+    }
+
+    /// `out = base + delta`, masked.
+    fn apply(&self, delta: &[f32], out: &mut Vec<f32>) {
+        out.clear();
+        out.extend(self.values.iter().zip(delta).map(|(b, d)| b + d));
+        if let Some(mask) = &self.mask {
+            out.iter_mut().zip(mask).filter(|(_, keep)| !**keep).for_each(|(w, _)| *w = 0.0);
+        }
+    }
+}
+
+/// The flat parameters of the MLP in `path`, which must have `layers` (an
+/// f32 MLP, or a pruned one, densified).
+fn read_mlp(path: &std::path::Path, layers: &[usize]) -> Result<Vec<f32>> {
+    let bad = |e: String| Error::Config(format!("{}: {e}", path.display()));
+    let mut model = SavedModel::read(path).map_err(|e| bad(e.to_string()))?;
+    if let ModelKind::MlpSparse { .. } = model.model {
+        model = ps_model::prune::densify(&model).map_err(|e| bad(e.to_string()))?;
+    }
+    match &model.model {
+        ModelKind::Mlp { layers: l } if l.as_slice() == layers => {}
+        other => {
+            return Err(bad(format!(
+                "a {} model of {other:?}, where an MLP of {layers:?} is needed",
+                other.name()
+            )));
+        }
+    }
+    Ok(model.dense.iter().flat_map(|t| t.values.iter().copied()).collect())
+}
+
+/// The teacher's `softmax(logits / T)` of every row of `x`.
+fn soft_targets(t: &TeacherConfig, x: &DenseDataset) -> Result<Vec<f32>> {
+    let model = SavedModel::read(&t.model)
+        .map_err(|e| Error::Config(format!("teacher {}: {e}", t.model.display())))?;
+    let ModelKind::Mlp { layers } = &model.model else {
+        return Err(Error::Config(format!(
+            "teacher {}: a {} model, not an f32 MLP",
+            t.model.display(),
+            model.model.name()
+        )));
+    };
+    if layers.first() != Some(&x.x.ncols()) || layers.last() != Some(&x.num_classes) {
+        return Err(Error::Config(format!(
+            "teacher {}: layers {layers:?} do not take {} inputs to {} classes",
+            t.model.display(),
+            x.x.ncols(),
+            x.num_classes
+        )));
+    }
+    let teacher = Mlp::new(layers);
+    let params = read_mlp(&t.model, layers)?;
+    let (mut ws, mut out, mut soft) =
+        (teacher.workspace(1000), Vec::new(), Vec::with_capacity(x.len() * x.num_classes));
+    for start in (0..x.len()).step_by(1000) {
+        let rows = x.x.slice(ndarray::s![start..(start + 1000).min(x.len()), ..]);
+        teacher.predict_tempered(&params, rows, t.temperature, &mut ws, &mut out);
+        soft.extend_from_slice(&out);
+    }
+    Ok(soft)
 }
 
 /// What only a training worker holds.
@@ -35,6 +142,9 @@ struct Train {
     overlap: bool,
     /// `params` already hold this iteration's values (pulled with the last push).
     prefetched: bool,
+    /// Distillation: the teacher's soft targets of every row of `data`, the
+    /// batch's, and the temperature and weight.
+    teacher: Option<(Vec<f32>, Vec<f32>, TeacherConfig)>,
 }
 
 /// Loads the training set (limited by `train_limit`) and the test set.
@@ -54,7 +164,12 @@ pub fn model(job: &JobConfig) -> Result<(Mlp, Vec<TableSpec>)> {
         return Err(wrong_kind("mnist_mlp", job));
     };
     let mlp = Mlp::new(layers);
-    let tables = dense_tables(mlp.param_specs(), job.seed, job.optimizer, *chunk_len);
+    let mut specs = mlp.param_specs();
+    if let Kind::MnistMlp { init_from: Some(_), .. } = &job.workload {
+        // The tables hold the change from the base.
+        specs.iter_mut().for_each(|s| s.init = InitKind::Zeros);
+    }
+    let tables = dense_tables(specs, job.seed, job.optimizer, *chunk_len);
     Ok((mlp, tables))
 }
 
@@ -63,13 +178,21 @@ impl Workload for Mnist {
 
     fn open(job: &JobConfig, role: Role, num_shards: u32) -> Result<Self> {
         let (mlp, tables) = model(job)?;
-        let Kind::MnistMlp { data_dir, .. } = &job.workload else { return Err(wrong_kind("mnist_mlp", job)) };
+        let Kind::MnistMlp { data_dir, layers, init_from, keep_zeros, teacher, .. } = &job.workload else {
+            return Err(wrong_kind("mnist_mlp", job));
+        };
         let set = DenseSet::new(&tables, num_shards)?;
+        let base = init_from.as_deref().map(|p| Base::read(p, layers, *keep_zeros)).transpose()?;
         let (test, train) = match role {
             Role::Train(id) => {
                 let (train, test) = load(job)?;
                 let data = train.shard(id.index, id.count)?;
+                let teacher = match teacher {
+                    Some(t) => Some((soft_targets(t, &data)?, Vec::new(), t.clone())),
+                    None => None,
+                };
                 let train = Train {
+                    teacher,
                     rows: 0..data.len(),
                     data,
                     batch: BatchBuf::new(),
@@ -82,7 +205,7 @@ impl Workload for Mnist {
             }
             Role::Evaluate => (data::load_mnist(data_dir, data::Split::Test)?, None),
         };
-        Ok(Mnist { params: vec![0.0; set.len()], mlp, tables, set, test, train })
+        Ok(Mnist { params: vec![0.0; set.len()], base, weights: Vec::new(), mlp, tables, set, test, train })
     }
 
     fn tables(&self) -> Vec<TableSpec> {
@@ -96,6 +219,13 @@ impl Workload for Mnist {
     async fn pull(&mut self, client: &ShardedClient, it: Iteration<'_>) -> Result<()> {
         let t = trainer(&mut self.train)?;
         t.data.gather(it.rows, &mut t.batch);
+        if let Some((soft, batch, _)) = &mut t.teacher {
+            let classes = t.data.num_classes;
+            batch.clear();
+            for &r in it.rows {
+                batch.extend_from_slice(&soft[r * classes..(r + 1) * classes]);
+            }
+        }
         if !t.prefetched {
             client.pull_dense(&self.set, it.clock, &mut self.params).await?;
         }
@@ -104,8 +234,30 @@ impl Workload for Mnist {
 
     fn compute(&mut self) -> BatchLoss {
         let Some(t) = &mut self.train else { return BatchLoss { samples: 0, loss: f32::NAN, score: 0.0 } };
-        let (loss, correct) =
-            self.mlp.loss_and_grad(&self.params, t.batch.x(), t.batch.y(), &mut t.grads, &mut t.ws);
+        let params = match &self.base {
+            Some(base) => {
+                base.apply(&self.params, &mut self.weights);
+                &self.weights
+            }
+            None => &self.params,
+        };
+        let (loss, correct) = match &t.teacher {
+            Some((_, soft, c)) => {
+                let target = Distill { soft, temperature: c.temperature, alpha: c.alpha };
+                self.mlp.distill_loss_and_grad(
+                    params,
+                    t.batch.x(),
+                    t.batch.y(),
+                    target,
+                    &mut t.grads,
+                    &mut t.ws,
+                )
+            }
+            None => self.mlp.loss_and_grad(params, t.batch.x(), t.batch.y(), &mut t.grads, &mut t.ws),
+        };
+        if let Some(mask) = self.base.as_ref().and_then(|b| b.mask.as_ref()) {
+            t.grads.iter_mut().zip(mask).filter(|(_, keep)| !**keep).for_each(|(g, _)| *g = 0.0);
+        }
         BatchLoss { samples: t.batch.len(), loss, score: correct as f64 }
     }
 
@@ -125,13 +277,24 @@ impl Workload for Mnist {
     async fn evaluate(&mut self, client: &ShardedClient, clock: u64) -> Result<Score> {
         // A read outside the clock discipline: evaluation holds no one up.
         client.pull_dense(&self.set, clock, &mut self.params).await?;
-        let (loss, acc) = self.mlp.evaluate(&self.params, self.test.x.view(), &self.test.y);
+        let params = match &self.base {
+            Some(base) => {
+                base.apply(&self.params, &mut self.weights);
+                &self.weights
+            }
+            None => &self.params,
+        };
+        let (loss, acc) = self.mlp.evaluate(params, self.test.x.view(), &self.test.y);
         Ok(Score { loss: f64::from(loss), score: f64::from(acc) })
     }
 
     async fn save(&mut self, client: &ShardedClient) -> Result<Option<SavedModel>> {
         let mut params = vec![0.0f32; self.set.len()];
         client.pull_dense(&self.set, 0, &mut params).await?;
+        if let Some(base) = &self.base {
+            let delta = std::mem::take(&mut params);
+            base.apply(&delta, &mut params);
+        }
         let kind = ModelKind::Mlp { layers: self.mlp.sizes().to_vec() };
         let model =
             SavedModel::from_flat(kind, &params).map_err(|e| Error::Protocol(format!("saving: {e}")))?;
