@@ -12,6 +12,9 @@
 //!   with the server built by `ps_common::transport` from
 //!   [`ServerConfig::transport`]; `main.rs` is a thin wrapper that parses flags
 //!   and waits for SIGINT/SIGTERM.
+//! - [`metrics`] is what `/metrics` shows (`ServerConfig::metrics` turns
+//!   it on): the store's counters and table sizes, the clock set, read waits,
+//!   checkpoints, and every RPC (`ps_common::metrics`).
 //! - [`local::LocalShards`] starts N shards in-process on loopback, for tests,
 //!   benchmarks and examples.
 
@@ -21,6 +24,7 @@ pub mod clock;
 pub mod error;
 mod gate;
 pub mod local;
+pub mod metrics;
 pub mod service;
 pub mod store;
 
@@ -58,6 +62,8 @@ pub struct ServerConfig {
     /// Start from this checkpoint (a checkpoint folder, or a folder of
     /// checkpoints: its newest complete one) instead of empty.
     pub restore: Option<PathBuf>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (see `metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +77,7 @@ impl Default for ServerConfig {
             transport: TransportConfig::default(),
             checkpoint_dir: None,
             restore: None,
+            metrics: None,
         }
     }
 }
@@ -107,7 +114,22 @@ pub async fn serve(
         gate: gate::Gate::default(),
         max_wait: Duration::from_millis(config.max_wait_ms),
         checkpoint_dir: config.checkpoint_dir.clone(),
+        metrics: metrics::ShardMetrics::default(),
     });
+    let (registry, rpc) = metrics::registry(&shard);
+    // The metrics endpoint, if asked for; aborted with the shard.
+    let _metrics = match config.metrics {
+        Some(addr) => {
+            let (bound, task) =
+                ps_common::metrics::serve(addr, Arc::new(registry)).await.map_err(|source| Error::Io {
+                    what: format!("binding the metrics listener {addr}"),
+                    source,
+                })?;
+            tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     // Aborted on drop too, so a shard whose serve future is dropped (aborted
     // in tests) leaves no reaper behind.
     let _reaper = AbortOnDrop({
@@ -122,7 +144,7 @@ pub async fn serve(
         })
     });
     let t = &config.transport;
-    let result = transport::server(t)
+    let result = transport::server(t, &rpc)
         .add_service(transport::service(t, Service(shard)))
         .serve_with_incoming_shutdown(transport::incoming(t, listener), shutdown)
         .await;

@@ -20,6 +20,7 @@ use crate::checkpoint::{self, ShardFile};
 use crate::clock::Clocks;
 use crate::error::Error;
 use crate::gate::Gate;
+use crate::metrics::ShardMetrics;
 use crate::store::{PushInfo, Store};
 
 /// Everything a shard holds: the store, the clock set, and the push gate
@@ -31,6 +32,8 @@ pub struct Shard {
     pub max_wait: Duration,
     /// Where this shard writes its checkpoint files (`None`: it refuses cuts).
     pub checkpoint_dir: Option<PathBuf>,
+    /// What is measured only for the metrics endpoint.
+    pub metrics: ShardMetrics,
 }
 
 /// The tonic service; cheap to clone.
@@ -115,7 +118,9 @@ impl Shard {
     async fn before_read(&self, meta: Option<&pb::ReadMeta>) -> Result<(), Error> {
         if let Some(m) = meta {
             self.clocks.touch(m.worker);
+            let started = std::time::Instant::now();
             self.clocks.wait_read(m.worker, m.clock, self.max_wait).await?;
+            self.metrics.read_wait.observe(started.elapsed().as_secs_f64());
         }
         Ok(())
     }
@@ -358,6 +363,7 @@ impl ParameterServer for Service {
             .await
             .map_err(|e| Status::internal(format!("checkpoint writer: {e}")))?
             .map_err(|e| shard.refuse(e))?;
+        shard.metrics.checkpoint_written(entry.bytes, held);
         tracing::info!(
             bytes = entry.bytes,
             held_ms = held.as_secs_f64() * 1e3,
