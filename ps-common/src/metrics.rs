@@ -130,6 +130,8 @@ pub struct RpcService<S> {
     metrics: RpcMetrics,
 }
 
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
 /// `/pkg.Service/Method` -> (`pkg.Service`, `Method`); anything else is one
 /// label value, `other` (a scanner's path must not grow the label set).
 fn method_labels(path: &str) -> MethodLabels {
@@ -178,7 +180,7 @@ where
 {
     type Response = http::Response<ResponseBody>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+    type Future = BoxFuture<Result<Self::Response, S::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)

@@ -213,3 +213,82 @@ impl Collector for ShardCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use ps_common::optim::Rule;
+    use ps_common::spec::{Init, TableSpec};
+    use ps_common::transport::{self, TransportConfig};
+    use ps_common::wire::pb;
+
+    use super::*;
+    use crate::clock::Clocks;
+    use crate::gate::Gate;
+    use crate::service::Service;
+    use crate::store::Store;
+
+    /// Served RPCs (by method and code, with their bytes) and the store's
+    /// tables show in the text a scrape reads.
+    #[tokio::test]
+    async fn rpcs_and_tables_show_in_the_text() {
+        let shard = Arc::new(Shard {
+            store: Store::new(0, 1),
+            clocks: Clocks::default(),
+            gate: Gate::default(),
+            max_wait: Duration::from_secs(1),
+            checkpoint_dir: None,
+            metrics: ShardMetrics::default(),
+        });
+        let (registry, rpc) = registry(&shard);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let t = TransportConfig::default();
+        let server = transport::server(&t, &rpc)
+            .add_service(transport::service(&t, Service(Arc::clone(&shard))))
+            .serve_with_incoming(transport::incoming(&t, listener));
+        let server = tokio::spawn(server);
+        let channel = transport::endpoint(&t, &addr).unwrap().connect().await.unwrap();
+        let mut client = transport::client(&t, channel);
+
+        let spec = TableSpec::dense("w", &[10], Init::zeros(), Rule::sgd(0.5).into());
+        let table = Some(pb::TableSpec::from(&spec));
+        client.register(pb::RegisterRequest { table, num_shards: 1 }).await.unwrap();
+        let refused = client.register(pb::RegisterRequest { table: None, num_shards: 1 }).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        let chunks = vec![pb::ChunkId { tensor: "w".into(), index: 0 }];
+        client.pull_dense(pb::PullDenseRequest { chunks, meta: None }).await.unwrap();
+
+        let expected = [
+            r#"grpc_server_handled_total{shard="0",grpc_service="ps.v1.ParameterServer",grpc_method="Register",grpc_code="OK"} 1"#,
+            r#"grpc_server_handled_total{shard="0",grpc_service="ps.v1.ParameterServer",grpc_method="Register",grpc_code="InvalidArgument"} 1"#,
+            r#"grpc_server_handling_seconds_count{shard="0",grpc_service="ps.v1.ParameterServer",grpc_method="PullDense"} 1"#,
+            r#"ps_pulls_total{shard="0"} 1"#,
+            r#"ps_rejected_requests_total{shard="0"} 1"#,
+            r#"ps_table_blocks{shard="0",table="w",kind="dense"} 1"#,
+            // 10 floats (SGD keeps no state) and the per-block overhead.
+            r#"ps_table_memory_bytes{shard="0",table="w",kind="dense"} 117"#,
+        ];
+        // An RPC is recorded when the server drops its response body, which
+        // may be just after the client has the answer.
+        let mut text = String::new();
+        for _ in 0..200 {
+            text = ps_common::metrics::render(&registry);
+            if expected.iter().all(|l| text.contains(l)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for line in expected {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        // The pull's answer: 10 floats in one chunk, plus protobuf and gRPC framing.
+        let sent = (text.lines())
+            .find(|l| l.starts_with("grpc_server_sent_bytes_total") && l.contains(r#""PullDense""#))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .expect(&text);
+        assert!((45..100).contains(&sent), "{sent} bytes sent for a 40-byte chunk");
+        server.abort();
+    }
+}
