@@ -279,7 +279,7 @@ pub async fn run_workers(
     let mut children = Vec::new();
     let worker_metrics = (0..opts.workers).map(|_| free_loopback_addr()).collect::<Result<Vec<_>>>()?;
     write_metrics_file(opts.run_dir, &servers.metrics_addrs, &worker_metrics)?;
-    for index in 0..opts.workers as usize {
+    for (index, metrics_addr) in worker_metrics.iter().enumerate() {
         let log_path = opts.run_dir.join(format!("worker-{index}.log"));
         let log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
         let mut child = command(opts.exe)
@@ -288,7 +288,7 @@ pub async fn run_workers(
             .arg(opts.config_path)
             .args(["--servers", &servers.addrs.join(",")])
             .args(["--index", &index.to_string(), "--workers", &opts.workers.to_string()])
-            .args(["--metrics", &worker_metrics[index]])
+            .args(["--metrics", metrics_addr])
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

@@ -115,6 +115,12 @@ fn containers_mut(d: &mut Value) -> Vec<&mut Value> {
     }
 }
 
+/// A workload: kind/name, pod template, selector labels.
+type Workload<'a> = (String, &'a PodTemplateSpec, Option<BTreeMap<String, String>>);
+
+/// Breaks a copy of the rendered documents.
+type Breaker = Box<dyn Fn(&mut Vec<Value>)>;
+
 /// The rendered documents, typed.
 #[derive(Default)]
 struct Manifests {
@@ -188,7 +194,7 @@ impl Manifests {
     }
 
     /// (kind/name, pod template, selector labels) of every workload.
-    fn workloads(&self) -> Vec<(String, &PodTemplateSpec, Option<BTreeMap<String, String>>)> {
+    fn workloads(&self) -> Vec<Workload<'_>> {
         let name = |m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
             m.name.clone().unwrap_or_default()
         };
@@ -526,7 +532,7 @@ fn overlays_change_what_they_say() {
 #[test]
 fn broken_manifests_are_caught() {
     let base = render(&k8s_dir().join("base"));
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<Value>)>)> = vec![
+    let cases: Vec<(&str, Breaker)> = vec![
         (
             "selector {",
             Box::new(|d| {
