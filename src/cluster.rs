@@ -83,6 +83,8 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
 pub struct Servers {
     children: Vec<Child>,
     pub addrs: Vec<String>,
+    /// Where each shard serves its Prometheus metrics (`/metrics`).
+    pub metrics_addrs: Vec<String>,
     exe: PathBuf,
     log_dir: PathBuf,
     checkpoint_dir: Option<PathBuf>,
@@ -114,11 +116,13 @@ impl Servers {
         let mut servers = Servers {
             children: Vec::new(),
             addrs: Vec::new(),
+            metrics_addrs: Vec::new(),
             exe: exe.to_path_buf(),
             log_dir: dir.to_path_buf(),
             checkpoint_dir: opts.checkpoint_dir.clone(),
         };
         for shard in 0..n {
+            servers.metrics_addrs.push(free_loopback_addr()?);
             let (child, addr) = servers.spawn(shard, n, "127.0.0.1:0", opts.restore.as_deref()).await?;
             servers.addrs.push(addr);
             servers.children.push(child);
@@ -149,6 +153,9 @@ impl Servers {
         }
         if let Some(path) = restore {
             cmd.arg("--restore").arg(path);
+        }
+        if let Some(addr) = self.metrics_addrs.get(shard as usize) {
+            cmd.args(["--metrics", addr]);
         }
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -270,7 +277,9 @@ pub async fn run_workers(
     let mut metrics = MetricsLine::create(opts.run_dir, opts.append_metrics)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Option<Event>, Option<String>)>();
     let mut children = Vec::new();
-    for index in 0..opts.workers as usize {
+    let worker_metrics = (0..opts.workers).map(|_| free_loopback_addr()).collect::<Result<Vec<_>>>()?;
+    write_metrics_file(opts.run_dir, &servers.metrics_addrs, &worker_metrics)?;
+    for (index, metrics_addr) in worker_metrics.iter().enumerate() {
         let log_path = opts.run_dir.join(format!("worker-{index}.log"));
         let log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
         let mut child = command(opts.exe)
@@ -279,6 +288,7 @@ pub async fn run_workers(
             .arg(opts.config_path)
             .args(["--servers", &servers.addrs.join(",")])
             .args(["--index", &index.to_string(), "--workers", &opts.workers.to_string()])
+            .args(["--metrics", metrics_addr])
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -370,6 +380,30 @@ pub async fn run_workers(
     outcome.wall_s = started.elapsed().as_secs_f64();
     outcome.server_peak_rss = servers.pids().into_iter().filter_map(peak_rss).collect();
     Ok(outcome)
+}
+
+/// The file of a run folder that lists each process's metrics endpoint.
+pub const METRICS_FILE: &str = "metrics.txt";
+
+/// A loopback address with a port free right now, for a child's metrics
+/// listener (the child binds it a moment later; another process taking the
+/// port in between makes that child fail to start, naming the address).
+pub fn free_loopback_addr() -> Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
+    Ok(listener.local_addr().map_err(io("finding a free port"))?.to_string())
+}
+
+/// Writes `metrics.txt`: one line per process, `shard-N URL` or
+/// `worker-N URL`, so that a user can curl them while the run trains.
+fn write_metrics_file(run_dir: &Path, shards: &[String], workers: &[String]) -> Result<()> {
+    let lines: Vec<String> =
+        (shards.iter().enumerate().map(|(i, a)| format!("shard-{i} http://{a}/metrics")))
+            .chain(workers.iter().enumerate().map(|(i, a)| format!("worker-{i} http://{a}/metrics")))
+            .collect();
+    let path = run_dir.join(METRICS_FILE);
+    std::fs::write(&path, lines.join("\n") + "\n").map_err(io(format!("writing {}", path.display())))?;
+    tracing::info!(file = %path.display(), "metrics endpoints written");
+    Ok(())
 }
 
 /// Appends an event to `metrics.jsonl`. A full disk loses curve points, not the run.

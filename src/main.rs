@@ -252,12 +252,14 @@ async fn train(args: TrainArgs) -> anyhow::Result<RunSummary> {
         &name,
     )?;
     eprintln!(
-        "training {} on {} shard(s) and {} worker(s), {}; run folder {}",
+        "training {} on {} shard(s) and {} worker(s), {}; run folder {}\n\
+         (Prometheus metrics of every process: the URLs in {})",
         source,
         config.cluster.servers,
         config.cluster.workers,
         config.job.consistency,
-        run_dir.display()
+        run_dir.display(),
+        run_dir.join(paramserver::cluster::METRICS_FILE).display()
     );
     execute(config, run_dir, None, &args).await
 }

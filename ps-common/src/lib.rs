@@ -17,12 +17,16 @@
 //!   frames, keep-alive, `TCP_NODELAY`, message limits) from one
 //!   [`transport::TransportConfig`].
 //!
+//! - [`metrics`] is the per-RPC layer of every server, the process collector
+//!   and the `/metrics` endpoint (Prometheus, `prometheus-client`).
+//!
 //! `partition`, `optim`, `codec`, `compress` and `spec` do no I/O and use neither tonic nor
-//! tokio; `wire` and `transport` are the only modules that touch them.
+//! tokio; `wire`, `transport` and `metrics` are the only modules that touch them.
 
 pub mod codec;
 pub mod compress;
 pub mod error;
+pub mod metrics;
 pub mod optim;
 pub mod partition;
 pub mod spec;

@@ -2,7 +2,8 @@
 //!
 //! [`TransportConfig`] is the one description of HTTP/2 windows and frames,
 //! keep-alive, `TCP_NODELAY`, the connect timeout and the message limit.
-//! Shards build their server with [`server`], [`incoming`] and [`service`];
+//! Shards build their server with [`server`] (every RPC measured by
+//! [`crate::metrics::RpcMetrics`]), [`incoming`] and [`service`];
 //! workers build each channel with [`endpoint`] and [`client`]. Both sides
 //! read the same struct, so a limit cannot be raised on one side only.
 //!
@@ -14,7 +15,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::{Channel, Endpoint, Server};
+use tower_layer::{Identity, Stack};
 
+use crate::metrics::{RpcLayer, RpcMetrics};
 use crate::wire::pb::parameter_server_client::ParameterServerClient;
 use crate::wire::pb::parameter_server_server::{ParameterServer, ParameterServerServer};
 use crate::{Error, Result};
@@ -111,15 +114,16 @@ impl TransportConfig {
     }
 }
 
-/// A server builder with `config`'s HTTP/2 settings; add services, then
-/// serve on [`incoming`].
-pub fn server(config: &TransportConfig) -> Server {
+/// A server builder with `config`'s HTTP/2 settings, every RPC measured in
+/// `metrics`; add services, then serve on [`incoming`].
+pub fn server(config: &TransportConfig, metrics: &RpcMetrics) -> Server<Stack<RpcLayer, Identity>> {
     // TLS (issue 11): `.tls_config(..)` goes here.
     Server::builder()
         .initial_stream_window_size(config.stream_window_kib << 10)
         .initial_connection_window_size(config.connection_window_kib << 10)
         .max_frame_size(config.max_frame_bytes)
         .tcp_nodelay(config.tcp_nodelay)
+        .layer(metrics.layer())
 }
 
 /// The connections accepted on `listener`, with `TCP_NODELAY` set as

@@ -42,11 +42,18 @@ impl pb::prediction_server::Prediction for PredictionService {
         &self,
         req: Request<pb::PredictRequest>,
     ) -> Result<Response<pb::PredictResponse>, Status> {
+        let started = std::time::Instant::now();
         let req = req.into_inner();
         let slot = self.0.get(&req.model)?;
-        let inputs = req.inputs.ok_or_else(|| Error::bad("the request has no inputs"))?;
+        let inputs = req.inputs.ok_or_else(|| Error::bad("the request has no inputs"));
         let version = (req.version != 0).then_some(req.version);
-        let p = slot.predict(version, inputs.into()).await?;
+        let p = match inputs {
+            Ok(inputs) => slot.predict(version, inputs.into()).await,
+            Err(e) => Err(e),
+        };
+        let p = p.inspect_err(|e| self.0.metrics.failed(&slot.name, "grpc", e.code()))?;
+        let examples = p.outputs.len() / p.width.max(1);
+        self.0.metrics.predicted(&slot.name, p.version, "grpc", examples, started.elapsed().as_secs_f64());
         Ok(Response::new(pb::PredictResponse {
             model: req.model,
             version: p.version,

@@ -8,6 +8,7 @@
 //!   as TF Serving gives it, with this server's details beside it.
 //! - `GET /healthz` (the process answers) and `GET /readyz` (every model
 //!   has a version loaded: 200, else 503).
+//! - `GET /metrics`: Prometheus metrics (`crate::metrics`).
 //!
 //! An instance is a model kind's example: an array of features (MLP), an
 //! object `{"indices": [...], "values": [...]}` (logistic regression), an
@@ -40,6 +41,7 @@ pub fn router(models: Arc<Models>, max_body_bytes: usize) -> Router {
         .route("/v1/models/{name}/versions/{version}", get(version_status).post(predict_version))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
         .fallback(|| async { Error::bad_path() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(models)
@@ -57,6 +59,18 @@ impl IntoResponse for Error {
         let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (status, axum::Json(json!({"error": self.to_string()}))).into_response()
     }
+}
+
+/// Prometheus metrics (`crate::metrics`), with the version each model
+/// serves read now.
+async fn metrics(State(models): State<Arc<Models>>) -> Response {
+    for slot in models.slots() {
+        if let Ok(s) = slot.status() {
+            models.metrics.serving(&slot.name, s.version);
+        }
+    }
+    let text = ps_common::metrics::render(&models.metrics.registry);
+    ([(axum::http::header::CONTENT_TYPE, ps_common::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 async fn ready(State(models): State<Arc<Models>>) -> Response {
@@ -82,7 +96,7 @@ async fn predict_latest(
     body: Bytes,
 ) -> Result<axum::Json<Value>> {
     let name = action(&segment, "/v1/models/{name}")?;
-    predict(models.get(name)?, None, &body).await
+    predict(&models, models.get(name)?, None, &body).await
 }
 
 async fn predict_version(
@@ -92,7 +106,7 @@ async fn predict_version(
 ) -> Result<axum::Json<Value>> {
     let version = action(&segment, "/v1/models/{name}/versions/{n}")?;
     let version = version.parse().map_err(|_| Error::bad(format!("version `{version}` is not a number")))?;
-    predict(models.get(&name)?, Some(version), &body).await
+    predict(&models, models.get(&name)?, Some(version), &body).await
 }
 
 #[derive(Deserialize)]
@@ -119,14 +133,35 @@ struct PairInstance {
     item: u64,
 }
 
-async fn predict(slot: &ModelSlot, version: Option<i64>, body: &[u8]) -> Result<axum::Json<Value>> {
+/// Predicts and records the prediction (or its failure) in the metrics.
+async fn predict(
+    models: &Models,
+    slot: &ModelSlot,
+    version: Option<i64>,
+    body: &[u8],
+) -> Result<axum::Json<Value>> {
+    let started = std::time::Instant::now();
+    match predict_on(slot, version, body).await {
+        Ok(p) => {
+            let examples = p.outputs.len() / p.width.max(1);
+            let seconds = started.elapsed().as_secs_f64();
+            models.metrics.predicted(&slot.name, p.version, "http", examples, seconds);
+            Ok(axum::Json(answer(&slot.name, p)))
+        }
+        Err(e) => {
+            models.metrics.failed(&slot.name, "http", e.code());
+            Err(e)
+        }
+    }
+}
+
+async fn predict_on(slot: &ModelSlot, version: Option<i64>, body: &[u8]) -> Result<Prediction> {
     let body: PredictBody<'_> =
         serde_json::from_slice(body).map_err(|e| Error::bad(format!("malformed JSON body: {e}")))?;
     // One version for the whole request: the one that says how to parse it.
     let loaded = slot.resolve(version).await?;
     let inputs = parse_instances(&loaded.model, body.instances.get())?;
-    let p = slot.predict_on(loaded, inputs).await?;
-    Ok(axum::Json(answer(&slot.name, p)))
+    slot.predict_on(loaded, inputs).await
 }
 
 fn parse_instances(model: &Servable, raw: &str) -> Result<Inputs> {

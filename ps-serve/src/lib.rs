@@ -12,13 +12,18 @@
 //! - [`online`]: read-only reads of a live cluster's model.
 //! - [`grpc`], [`http`]: the two interfaces, over the same slots; [`server`]
 //!   binds them.
+//! - [`metrics`]: Prometheus metrics, at `GET /metrics` on the HTTP
+//!   listener (prediction latency per model version, errors, every gRPC call).
+//! - [`cli`]: the binary's flags.
 //! - [`error`]: the one error type, and its one mapping to gRPC codes (HTTP
 //!   statuses follow from it).
 
 pub mod batch;
+pub mod cli;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod online;
 pub mod server;

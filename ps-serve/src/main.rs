@@ -1,8 +1,7 @@
 //! `ps-serve`: serve registry versions of models (or a live cluster's
 //! weights) over gRPC and HTTP. See docs/SERVING.md.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,65 +10,10 @@ use clap::Parser;
 use ps_model::{ModelKind, SavedModel};
 use ps_registry::Registry;
 use ps_serve::batch::BatchConfig;
+use ps_serve::cli::Args;
 use ps_serve::online::Online;
 use ps_serve::server::{self, Limits, Models};
 use ps_serve::slot::{ModelSlot, Source};
-
-/// Serve models from the registry (or a training cluster) over gRPC and HTTP.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    /// A model to serve: NAME (follows label `production`), NAME@LABEL
-    /// (follows that label), NAME:N (version N only) or NAME:latest (the
-    /// newest version, followed). Repeat for several models.
-    #[arg(long = "model", required = true)]
-    models: Vec<String>,
-    /// Registry database [default: sqlite://<registry-root>/registry.db].
-    #[arg(long, env = "PS_REGISTRY")]
-    registry: Option<String>,
-    /// Folder of the registry's artifacts.
-    #[arg(long, env = "PS_REGISTRY_ROOT", default_value = "registry")]
-    registry_root: PathBuf,
-    /// Serve the live weights of the training cluster whose shards are
-    /// these (comma-separated, shard 0 first) instead of the registry; one
-    /// --model gives the name.
-    #[arg(long, value_delimiter = ',')]
-    online: Vec<String>,
-    /// Online mode: the architecture, from a registry version (NAME:N,
-    /// NAME@LABEL) or a model file (model.msgpack); an MLP needs none.
-    #[arg(long)]
-    template: Option<String>,
-    /// How often to look for a new version (registry) or re-read the
-    /// weights (online), in milliseconds.
-    #[arg(long)]
-    refresh_ms: Option<u64>,
-    /// gRPC listener.
-    #[arg(long, default_value = "127.0.0.1:8500")]
-    grpc: SocketAddr,
-    /// HTTP listener.
-    #[arg(long, default_value = "127.0.0.1:8501")]
-    http: SocketAddr,
-    /// Run each request alone instead of batching.
-    #[arg(long)]
-    no_batching: bool,
-    /// Examples per batch.
-    #[arg(long, default_value_t = 64)]
-    max_batch: usize,
-    /// How long a batch waits for more requests, in microseconds (0: only
-    /// what is already queued).
-    #[arg(long, default_value_t = 0)]
-    batch_delay_us: u64,
-    /// Requests that may wait for a batch; more are refused (429 /
-    /// RESOURCE_EXHAUSTED).
-    #[arg(long, default_value_t = 4096)]
-    queue: usize,
-    /// Most examples in one request.
-    #[arg(long, default_value_t = 1024)]
-    max_request_rows: usize,
-    /// Largest request, in MiB.
-    #[arg(long, default_value_t = 16)]
-    max_request_mib: usize,
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

@@ -11,17 +11,22 @@ use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
 use crate::grpc::{PredictionService, pb::prediction_server::PredictionServer};
+use crate::metrics::ServeMetrics;
 use crate::slot::ModelSlot;
 
-/// Every model name served here.
+/// Every model name served here, and the process's metrics.
 #[derive(Default)]
 pub struct Models {
     slots: BTreeMap<String, Arc<ModelSlot>>,
+    pub metrics: ServeMetrics,
 }
 
 impl Models {
     pub fn new(slots: impl IntoIterator<Item = Arc<ModelSlot>>) -> Models {
-        Models { slots: slots.into_iter().map(|s| (s.name.clone(), s)).collect() }
+        Models {
+            slots: slots.into_iter().map(|s| (s.name.clone(), s)).collect(),
+            metrics: ServeMetrics::default(),
+        }
     }
 
     /// The slot of `name`, or [`Error::UnknownModel`].
@@ -91,12 +96,15 @@ pub async fn start(
     let (grpc, http) = (local(&grpc_listener)?, local(&http_listener)?);
 
     let config = TransportConfig::default();
+    let rpc = models.metrics.rpc.clone();
     let service = PredictionServer::new(PredictionService(Arc::clone(&models)))
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_request_bytes.max(64 << 20));
     let incoming = transport::incoming(&config, grpc_listener);
     let grpc_task = tokio::spawn(async move {
-        if let Err(e) = transport::server(&config).add_service(service).serve_with_incoming(incoming).await {
+        if let Err(e) =
+            transport::server(&config, &rpc).add_service(service).serve_with_incoming(incoming).await
+        {
             tracing::error!("gRPC listener stopped: {e}");
         }
     });

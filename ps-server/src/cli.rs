@@ -12,8 +12,9 @@ pub struct Args {
     /// TOML config file (see README.md, Configuration); flags override it.
     #[arg(long, env = "PS_SERVER_CONFIG")]
     pub config: Option<PathBuf>,
-    /// This shard's index, 0..num-shards.
-    #[arg(long)]
+    /// This shard's index, 0..num-shards (Kubernetes: from the StatefulSet
+    /// pod's index label, through `PS_SHARD`).
+    #[arg(long, env = "PS_SHARD")]
     pub shard: Option<u32>,
     /// Number of shards in the deployment.
     #[arg(long)]
@@ -34,6 +35,9 @@ pub struct Args {
     /// checkpoints (its newest complete one).
     #[arg(long)]
     pub restore: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9100).
+    #[arg(long, env = "PS_METRICS")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Reads the config file (if any), applies the flags, validates.
@@ -66,6 +70,9 @@ pub fn config(args: &Args) -> Result<ServerConfig> {
     }
     if let Some(v) = &args.restore {
         config.restore = Some(v.clone());
+    }
+    if let Some(v) = args.metrics {
+        config.metrics = Some(v);
     }
     config.validate()?;
     Ok(config)

@@ -14,6 +14,9 @@
 //!   and waits for SIGINT/SIGTERM.
 //! - [`queue::DataQueue`] is the job's queue of minibatch ranges for dynamic
 //!   data assignment (served by shard 0).
+//! - [`metrics`] is what `/metrics` shows (`ServerConfig::metrics` turns
+//!   it on): the store's counters and table sizes, the clock set, read waits,
+//!   checkpoints, and every RPC (`ps_common::metrics`).
 //! - [`local::LocalShards`] starts N shards in-process on loopback, for tests,
 //!   benchmarks and examples.
 
@@ -23,6 +26,7 @@ pub mod clock;
 pub mod error;
 mod gate;
 pub mod local;
+pub mod metrics;
 pub mod queue;
 pub mod service;
 pub mod store;
@@ -61,6 +65,8 @@ pub struct ServerConfig {
     /// Start from this checkpoint (a checkpoint folder, or a folder of
     /// checkpoints: its newest complete one) instead of empty.
     pub restore: Option<PathBuf>,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (see `metrics`).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +80,7 @@ impl Default for ServerConfig {
             transport: TransportConfig::default(),
             checkpoint_dir: None,
             restore: None,
+            metrics: None,
         }
     }
 }
@@ -111,7 +118,22 @@ pub async fn serve(
         max_wait: Duration::from_millis(config.max_wait_ms),
         checkpoint_dir: config.checkpoint_dir.clone(),
         queue: queue::DataQueue::default(),
+        metrics: metrics::ShardMetrics::default(),
     });
+    let (registry, rpc) = metrics::registry(&shard);
+    // The metrics endpoint, if asked for; aborted with the shard.
+    let _metrics = match config.metrics {
+        Some(addr) => {
+            let (bound, task) =
+                ps_common::metrics::serve(addr, Arc::new(registry)).await.map_err(|source| Error::Io {
+                    what: format!("binding the metrics listener {addr}"),
+                    source,
+                })?;
+            tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     // Aborted on drop too, so a shard whose serve future is dropped (aborted
     // in tests) leaves no reaper behind.
     let _reaper = AbortOnDrop({
@@ -126,7 +148,7 @@ pub async fn serve(
         })
     });
     let t = &config.transport;
-    let result = transport::server(t)
+    let result = transport::server(t, &rpc)
         .add_service(transport::service(t, Service(shard)))
         .serve_with_incoming_shutdown(transport::incoming(t, listener), shutdown)
         .await;

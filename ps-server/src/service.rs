@@ -20,6 +20,7 @@ use crate::checkpoint::{self, ShardFile};
 use crate::clock::{Clocks, Timeliness};
 use crate::error::Error;
 use crate::gate::Gate;
+use crate::metrics::ShardMetrics;
 use crate::store::{PushInfo, Store};
 
 /// Everything a shard holds: the store, the clock set, and the push gate
@@ -33,6 +34,8 @@ pub struct Shard {
     pub checkpoint_dir: Option<PathBuf>,
     /// The job's data queue (dynamic data assignment; used on shard 0).
     pub queue: crate::queue::DataQueue,
+    /// What is measured only for the metrics endpoint.
+    pub metrics: ShardMetrics,
 }
 
 /// The tonic service; cheap to clone.
@@ -150,7 +153,9 @@ impl Shard {
     async fn before_read(&self, meta: Option<&pb::ReadMeta>) -> Result<(), Error> {
         if let Some(m) = meta {
             self.clocks.touch(m.worker);
+            let started = std::time::Instant::now();
             self.clocks.wait_read(m.worker, m.clock, self.max_wait).await?;
+            self.metrics.read_wait.observe(started.elapsed().as_secs_f64());
         }
         Ok(())
     }
@@ -408,6 +413,7 @@ impl ParameterServer for Service {
             .await
             .map_err(|e| Status::internal(format!("checkpoint writer: {e}")))?
             .map_err(|e| shard.refuse(e))?;
+        shard.metrics.checkpoint_written(entry.bytes, held);
         tracing::info!(
             bytes = entry.bytes,
             held_ms = held.as_secs_f64() * 1e3,

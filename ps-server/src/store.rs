@@ -175,6 +175,24 @@ pub struct Counters {
     pub values_pushed: AtomicU64,
 }
 
+/// Bytes a block costs beside its floats: its map slot (key, boxed slice,
+/// step: 32 B, at hashbrown's load factor) and its allocation's rounding, as
+/// measured (ARCHITECTURE.md, "Memory per sparse key": 141 B a width-8
+/// Adagrad row, 64 of them floats).
+pub const BLOCK_OVERHEAD: u64 = 77;
+
+/// One table's size on this shard (see [`Store::table_sizes`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableSize {
+    pub name: String,
+    /// `dense` or `sparse`.
+    pub kind: &'static str,
+    /// Dense chunks or sparse rows held here.
+    pub blocks: u64,
+    /// Estimated memory of the blocks, in bytes.
+    pub bytes: u64,
+}
+
 /// One table as a checkpoint holds it: block `i` is `keys[i]` (chunk index
 /// or row key), updated `steps[i]` times; `data` holds the blocks' values and
 /// optimizer state end to end (each `len * (1 + state_per_param)` floats).
@@ -610,6 +628,33 @@ impl Store {
             }
         }
         (self.tables.len() as u64, chunks, rows)
+    }
+
+    /// Blocks held and an estimate of their memory, per table, by name (for
+    /// metrics): values and optimizer state, plus [`BLOCK_OVERHEAD`] per
+    /// block.
+    pub fn table_sizes(&self) -> Vec<TableSize> {
+        let mut out: Vec<TableSize> = (self.tables.iter())
+            .map(|t| {
+                let (blocks, floats) = match &t.blocks {
+                    Blocks::Dense { chunks, .. } => {
+                        (chunks.len() as u64, chunks.iter().map(|c| c.data.len() as u64).sum::<u64>())
+                    }
+                    Blocks::Sparse { dim, rows } => {
+                        let per_row = *dim * (1 + t.spec.optimizer.rule.state_per_param());
+                        (rows.len() as u64, rows.len() as u64 * per_row as u64)
+                    }
+                };
+                TableSize {
+                    name: t.spec.name.clone(),
+                    kind: t.kind(),
+                    blocks,
+                    bytes: floats * 4 + blocks * BLOCK_OVERHEAD,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// Reads the rows of sparse table `name` with keys above `after` (all

@@ -1,11 +1,14 @@
 //! Command-line front end of a worker, shared by the `ps-worker` binary and
 //! the launcher's `ps-cluster worker` subcommand.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::event::StdoutReporter;
+use crate::metrics::{MetricsReporter, WorkerMetrics};
 use crate::session::WorkerId;
 use crate::train;
 
@@ -17,12 +20,16 @@ pub struct Args {
     /// Shard addresses in shard order, comma-separated (host:port,...).
     #[arg(long, value_delimiter = ',', required = true)]
     pub servers: Vec<String>,
-    /// This worker's index, 0..workers.
-    #[arg(long)]
+    /// This worker's index, 0..workers (Kubernetes: an indexed Job's
+    /// completion index, through `PS_WORKER_INDEX`).
+    #[arg(long, env = "PS_WORKER_INDEX")]
     pub index: usize,
     /// Number of workers in the job.
     #[arg(long)]
     pub workers: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9100).
+    #[arg(long, env = "PS_METRICS")]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Trains one worker; progress events go to stdout as JSON lines.
@@ -42,12 +49,21 @@ pub fn run(args: &Args) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|source| Error::Io { what: "starting the runtime".into(), source })?;
-    runtime.block_on(train::run(
-        &config.job,
-        &args.servers,
-        WorkerId { index: args.index, count: args.workers },
-        &mut StdoutReporter,
-    ))
+    let id = WorkerId { index: args.index, count: args.workers };
+    runtime.block_on(async {
+        let Some(addr) = args.metrics else {
+            return train::run(&config.job, &args.servers, id, &mut StdoutReporter).await;
+        };
+        let (registry, metrics) = WorkerMetrics::registry(args.index);
+        let (bound, task) = ps_common::metrics::serve(addr, Arc::new(registry))
+            .await
+            .map_err(|source| Error::Io { what: format!("binding the metrics listener {addr}"), source })?;
+        tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+        let mut reporter = MetricsReporter { inner: &mut StdoutReporter, metrics };
+        let result = train::run(&config.job, &args.servers, id, &mut reporter).await;
+        task.abort();
+        result
+    })
 }
 
 /// Runtime threads: `PS_THREADS`, default 2 (measured: one thread per process

@@ -8,7 +8,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::config::{JobConfig, Straggler};
 use crate::error::{Error, Result};
-use crate::event::{Event, Reporter, WorkerDone};
+use crate::event::{Event, IterationTimes, Reporter, WorkerDone};
 
 /// Injected slowdown of one worker.
 struct Slowdown {
@@ -143,9 +143,16 @@ impl<'a> Driver<'a> {
             tokio::time::sleep(extra).await;
             self.straggle += extra;
         }
-        self.pull += m.pulled - m.start;
-        self.compute += m.computed - m.pulled;
-        self.push += m.pushed - m.computed;
+        let times = IterationTimes {
+            pull: m.pulled - m.start,
+            compute: m.computed - m.pulled,
+            push: m.pushed - m.computed,
+            straggle: extra,
+        };
+        self.reporter.iteration(times);
+        self.pull += times.pull;
+        self.compute += times.compute;
+        self.push += times.push;
         self.clock += 1;
         self.samples += samples as u64;
         self.win.0 += f64::from(loss) * samples as f64;

@@ -5,6 +5,7 @@
 //! binary, a closure in tests).
 
 use std::io::Write;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -66,9 +67,23 @@ pub struct WorkerDone {
     pub bytes_pulled: u64,
 }
 
+/// The wall time of one iteration's phases, told to [`Reporter::iteration`]
+/// every iteration (metrics; never an event line).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct IterationTimes {
+    pub pull: Duration,
+    pub compute: Duration,
+    pub push: Duration,
+    /// Injected straggler sleep.
+    pub straggle: Duration,
+}
+
 /// Where events go: stdout (as JSON lines) in the worker binary, a closure in tests.
 pub trait Reporter: Send {
     fn report(&mut self, event: Event);
+
+    /// One iteration ended (every iteration; progress events are sparser).
+    fn iteration(&mut self, _times: IterationTimes) {}
 }
 
 /// Writes events as JSON lines to stdout.

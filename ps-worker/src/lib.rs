@@ -11,7 +11,8 @@
 //!   the `ps-model` crate, where serving can reach them.
 //! - [`train`]: the one training loop that drives any workload, and
 //!   [`train::evaluate_job`]; [`driver::Driver`] is its bookkeeping (clock,
-//!   stragglers, timing, progress) and [`event`] the progress events.
+//!   stragglers, timing, progress) and [`event`] the progress events;
+//!   [`metrics`] turns events and iteration times into Prometheus metrics.
 //! - [`data`] loads MNIST (IDX), LIBSVM files and MovieLens ratings.
 //! - [`config`] is the run file (`[cluster]`, `[job]`); [`cli`] the shared
 //!   command-line front end.
@@ -24,6 +25,7 @@ pub mod driver;
 pub mod error;
 pub mod event;
 pub mod feedback;
+pub mod metrics;
 pub mod session;
 pub mod train;
 pub mod workload;
