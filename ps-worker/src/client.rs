@@ -228,13 +228,19 @@ impl ShardedClient {
         for addr in addrs {
             let endpoint = transport::endpoint(&opts.transport, addr)?;
             let deadline = tokio::time::Instant::now() + opts.connect_within;
+            let mut warned = false;
             let channel = loop {
                 match endpoint.connect().await {
                     Ok(c) => break c,
                     Err(e) if tokio::time::Instant::now() >= deadline => {
                         return Err(Error::Connect { addr: addr.clone(), source: e });
                     }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => {
+                        if !std::mem::replace(&mut warned, true) {
+                            tracing::warn!(worker, %addr, error = %e, "waiting for the shard to accept connections");
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
                 }
             };
             shards.push(transport::client(&opts.transport, channel));
@@ -394,8 +400,25 @@ impl ShardedClient {
         r
     }
 
-    /// Registers a table on every shard (idempotent for identical specs).
+    /// Registers a table on every shard (idempotent for identical specs),
+    /// waiting up to `recover_within` for a shard that cannot be reached (at
+    /// start-up a shard may still be starting, or cut off for a while).
     pub async fn register(&self, spec: &TableSpec) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.opts.recover_within;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.register_once(spec).await {
+                Err(e) if e.is_unreachable() && tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(worker = self.worker, error = %e, "waiting for a shard to register a table");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn register_once(&self, spec: &TableSpec) -> Result<()> {
         let table = pb::TableSpec::from(spec);
         let num_shards = self.num_shards();
         let calls = self.shards.iter().map(|c| {
@@ -450,7 +473,9 @@ impl ShardedClient {
 
     /// Waits (up to `recover_within`) until every shard answers, and rejoins
     /// each as a worker at `clock`: a shard restored from a checkpoint learns
-    /// where this worker is. Returns the clock the shards hold for it.
+    /// where this worker is. Returns the clock the shards hold for it. A
+    /// worker's first join goes through here too, so a shard cut off at
+    /// start-up is waited for like one cut off later.
     pub async fn rejoin(&mut self, consistency: Consistency, lease: Duration, clock: u64) -> Result<u64> {
         let deadline = tokio::time::Instant::now() + self.opts.recover_within;
         let mut backoff = Duration::from_millis(50);

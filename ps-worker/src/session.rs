@@ -52,7 +52,8 @@ impl Session {
         for t in tables {
             client.register(t).await?;
         }
-        let start_clock = client.join(job.consistency, lease(job), 0).await?;
+        // `rejoin`: the first join too waits for a shard it cannot reach.
+        let start_clock = client.rejoin(job.consistency, lease(job), 0).await?;
         let heartbeat = client.spawn_heartbeat(Duration::from_millis(job.lease_ms / 4));
         start_barrier(&client, id.count).await;
         Ok(Session { client, start_clock, heartbeat })

@@ -15,6 +15,9 @@
 //!    log within its deadlines (keep-alive and connect timeouts), makes no
 //!    progress while cut off while worker 1 goes on, and, once the link is up
 //!    again, rejoins, finishes every iteration, and exits cleanly.
+//! 3. A third job starts with that link already down: worker 0 says it is
+//!    waiting for shard 1 (connecting or registering) and trains once the
+//!    link comes up.
 //!
 //! It needs root and `ip` (tests run as root in CI); where namespaces cannot
 //! be made it says so and returns. Namespaces carry the test's pid and a
@@ -348,7 +351,7 @@ fn workers_survive_a_partition_between_hosts() {
     let (limit, epochs) = (4000u32, 2u32);
     let total = u64::from((limit / 2).div_ceil(32) * epochs);
     std::fs::write(&config, run_file(limit, epochs, 8)).expect("write run file");
-    let _shards = topo.start_shards();
+    let shards = topo.start_shards();
     let started = Instant::now();
     let mut workers = topo.start_workers(&config);
     let deadline = started + Duration::from_secs(60);
@@ -426,5 +429,47 @@ fn workers_survive_a_partition_between_hosts() {
     assert!(resumed.is_some(), "worker 0 made no progress after the heal:\n{}", w0.log());
     for w in &workers {
         assert_eq!(done_iters(w), Some(total), "{} finished its share:\n{}", w.name, w.log());
+    }
+    drop(workers);
+    drop(shards);
+
+    // 3. A partition already there when the workers start (hosts come up in
+    //    any order): worker 0 waits for shard 1 while connecting or
+    //    registering, says so, and trains once the link is up.
+    let config = dir.0.join("startup.toml");
+    std::fs::write(&config, run_file(1000, 1, 0)).expect("write run file");
+    let _shards = topo.start_shards();
+    topo.set_link(0, 1, false);
+    let started = Instant::now();
+    let mut workers = topo.start_workers(&config);
+    let cut_for = Duration::from_secs(3);
+    while started.elapsed() < cut_for {
+        workers.iter_mut().for_each(|w| {
+            w.poll();
+        });
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let while_cut = workers[0].iter();
+    let waiting = (workers[0].seen.iter()).find(|l| l.stderr && l.text.contains("waiting for")).map(|l| l.at);
+    let healed_at = Instant::now();
+    topo.set_link(0, 1, true);
+    for w in &mut workers {
+        w.finish(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    eprintln!(
+        "multihost timings: start-up partition: worker 0 said it was waiting {} after it started; \
+         link healed after {:.2} s; both finished {:.2} s after the heal",
+        waiting.map_or("(never)".into(), |t| format!("{:.2} s", secs(started, t))),
+        secs(started, healed_at),
+        secs(healed_at, Instant::now()),
+    );
+    assert!(
+        waiting.is_some_and(|t| t < healed_at),
+        "worker 0 never said it was waiting:\n{}",
+        workers[0].log()
+    );
+    assert_eq!(while_cut, 0, "worker 0 trained while cut off from shard 1");
+    for w in &workers {
+        assert_eq!(done_iters(w), Some(500u64.div_ceil(32)), "{} finished its share:\n{}", w.name, w.log());
     }
 }
