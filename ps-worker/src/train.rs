@@ -60,6 +60,45 @@ async fn run_as<W: Workload>(
     session.close(result).await
 }
 
+/// One iteration of either loop: pull, compute, push, and the driver's
+/// bookkeeping.
+async fn step<W: Workload>(
+    w: &mut W,
+    client: &mut ShardedClient,
+    job: &JobConfig,
+    d: &mut Driver<'_>,
+    it: Iteration<'_>,
+) -> Result<()> {
+    let start = Instant::now();
+    // A shard that cannot be reached may be restarting from a checkpoint:
+    // wait for it, rejoin, and read again. Nothing of this iteration has
+    // been pushed yet.
+    while let Err(e) = w.pull(client, it).await {
+        if !e.is_unreachable() {
+            return Err(e);
+        }
+        tracing::warn!(worker = client.worker(), error = %e, "a shard is unreachable; waiting for it");
+        Session::recover(client, job, d.clock).await?;
+    }
+    let pulled = Instant::now();
+    let out = w.compute();
+    let computed = Instant::now();
+    // A diverged batch is not pushed; the driver then stops the run.
+    if out.loss.is_finite() {
+        w.push(client, it).await?;
+    }
+    let marks = Marks { start, pulled, computed, pushed: Instant::now() };
+    d.end_iteration(it.epoch, marks, out.samples, out.loss, out.score).await?;
+    // A late push (backup workers) moved this worker's clock on; without
+    // backup workers the shards' clock is the driver's.
+    d.clock = d.clock.max(client.take_clock());
+    if client.take_lost_contact() {
+        // A push waited for a shard: tell a restored shard where we are.
+        Session::recover(client, job, d.clock).await?;
+    }
+    Ok(())
+}
+
 /// Trains from iteration `first` (0, or a resumed job's cut): the data order
 /// is a function of the seed, the worker and the epoch, so iteration `c` is
 /// batch `c % per_epoch` of epoch `c / per_epoch` however the run got there.
@@ -84,30 +123,7 @@ async fn train_loop<W: Workload>(
             }
             let rows = batches.batch(batch as usize);
             let it = Iteration { epoch, batch, clock: d.clock, rows, last: d.clock + 1 >= d.total_iters };
-            let start = Instant::now();
-            // A shard that cannot be reached may be restarting from a
-            // checkpoint: wait for it, rejoin, and read again. Nothing of
-            // this iteration has been pushed yet.
-            while let Err(e) = w.pull(client, it).await {
-                if !e.is_unreachable() {
-                    return Err(e);
-                }
-                tracing::warn!(worker = id.index, error = %e, "a shard is unreachable; waiting for it");
-                Session::recover(client, job, d.clock).await?;
-            }
-            let pulled = Instant::now();
-            let out = w.compute();
-            let computed = Instant::now();
-            // A diverged batch is not pushed; the driver then stops the run.
-            if out.loss.is_finite() {
-                w.push(client, it).await?;
-            }
-            let marks = Marks { start, pulled, computed, pushed: Instant::now() };
-            d.end_iteration(epoch, marks, out.samples, out.loss, out.score).await?;
-            if client.take_lost_contact() {
-                // A push waited for a shard: tell a restored shard where we are.
-                Session::recover(client, job, d.clock).await?;
-            }
+            step(w, client, job, &mut d, it).await?;
         }
         if d.should_eval(epoch) {
             // A read outside the clock discipline: evaluation holds no one up.
@@ -194,27 +210,7 @@ async fn dynamic_loop<W: Workload>(
             }
             let rows = batches.batch(batch as usize);
             let it = Iteration { epoch: range.epoch, batch, clock: d.clock, rows, last: false };
-            let start = Instant::now();
-            while let Err(e) = w.pull(client, it).await {
-                if !e.is_unreachable() {
-                    return Err(e);
-                }
-                tracing::warn!(worker = id.index, error = %e, "a shard is unreachable; waiting for it");
-                Session::recover(client, job, d.clock).await?;
-            }
-            let pulled = Instant::now();
-            let out = w.compute();
-            let computed = Instant::now();
-            if out.loss.is_finite() {
-                w.push(client, it).await?;
-            }
-            let marks = Marks { start, pulled, computed, pushed: Instant::now() };
-            d.end_iteration(range.epoch, marks, out.samples, out.loss, out.score).await?;
-            // A late push (backup workers) moved this worker's clock on.
-            d.clock = d.clock.max(client.take_clock());
-            if client.take_lost_contact() {
-                Session::recover(client, job, d.clock).await?;
-            }
+            step(w, client, job, &mut d, it).await?;
         }
         if d.finished() {
             // The iteration budget (max_iters) ends this worker; its range
