@@ -667,7 +667,7 @@ async fn distill(
         teacher.write(&path)?;
         set_mnist(config, |w| {
             let Workload::MnistMlp { layers, init_from, keep_zeros, teacher, .. } = w else { unreachable!() };
-            *layers = [784].into_iter().chain(hidden.iter().copied()).chain([10]).collect();
+            *layers = new_layers(hidden);
             (*init_from, *keep_zeros) = (None, false);
             *teacher = Some(ps_worker::config::TeacherConfig { model: path.clone(), temperature, alpha });
         })?;

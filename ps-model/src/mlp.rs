@@ -452,26 +452,32 @@ mod tests {
     use super::*;
     use crate::param::InitKind;
 
+    /// Row `r`'s logits computed naively in f64 (the reference losses' forward pass).
+    fn reference_logits(mlp: &Mlp, params: &[f64], x: &Array2<f32>, r: usize) -> Vec<f64> {
+        let sizes = mlp.sizes();
+        let mut a: Vec<f64> = x.row(r).iter().map(|&v| f64::from(v)).collect();
+        for l in 0..sizes.len() - 1 {
+            let (n_in, n_out, at) = (sizes[l], sizes[l + 1], mlp.layers.layer(l).weight.start);
+            let mut z: Vec<f64> = params[at + n_in * n_out..at + n_in * n_out + n_out].to_vec();
+            for (i, &ai) in a.iter().enumerate() {
+                for (j, zj) in z.iter_mut().enumerate() {
+                    *zj += ai * params[at + i * n_out + j];
+                }
+            }
+            if l < sizes.len() - 2 {
+                z.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+            a = z;
+        }
+        a
+    }
+
     /// The loss computed naively in f64, for finite differences that are exact enough to
     /// judge the f32 gradient by.
     fn reference_loss(mlp: &Mlp, params: &[f64], x: &Array2<f32>, y: &[u32]) -> f64 {
-        let sizes = mlp.sizes();
         let mut total = 0.0;
         for (r, &label) in y.iter().enumerate() {
-            let mut a: Vec<f64> = x.row(r).iter().map(|&v| f64::from(v)).collect();
-            for l in 0..sizes.len() - 1 {
-                let (n_in, n_out, at) = (sizes[l], sizes[l + 1], mlp.layers.layer(l).weight.start);
-                let mut z: Vec<f64> = params[at + n_in * n_out..at + n_in * n_out + n_out].to_vec();
-                for (i, &ai) in a.iter().enumerate() {
-                    for (j, zj) in z.iter_mut().enumerate() {
-                        *zj += ai * params[at + i * n_out + j];
-                    }
-                }
-                if l < sizes.len() - 2 {
-                    z.iter_mut().for_each(|v| *v = v.max(0.0));
-                }
-                a = z;
-            }
+            let a = reference_logits(mlp, params, x, r);
             let m = a.iter().copied().fold(f64::MIN, f64::max);
             let lse = m + a.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
             total += lse - a[label as usize];
@@ -509,24 +515,10 @@ mod tests {
         t: f64,
         alpha: f64,
     ) -> f64 {
-        let sizes = mlp.sizes();
         let classes = mlp.num_classes();
         let mut total = 0.0;
         for (r, &label) in y.iter().enumerate() {
-            let mut a: Vec<f64> = x.row(r).iter().map(|&v| f64::from(v)).collect();
-            for l in 0..sizes.len() - 1 {
-                let (n_in, n_out, at) = (sizes[l], sizes[l + 1], mlp.layers.layer(l).weight.start);
-                let mut z: Vec<f64> = params[at + n_in * n_out..at + n_in * n_out + n_out].to_vec();
-                for (i, &ai) in a.iter().enumerate() {
-                    for (j, zj) in z.iter_mut().enumerate() {
-                        *zj += ai * params[at + i * n_out + j];
-                    }
-                }
-                if l < sizes.len() - 2 {
-                    z.iter_mut().for_each(|v| *v = v.max(0.0));
-                }
-                a = z;
-            }
+            let a = reference_logits(mlp, params, x, r);
             let lse = |v: &[f64]| {
                 let m = v.iter().copied().fold(f64::MIN, f64::max);
                 m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
