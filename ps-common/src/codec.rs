@@ -16,7 +16,11 @@ pub fn encode_f32(values: &[f32]) -> Bytes {
 /// Appends `values` to `out` as little-endian f32 bytes (for answers built
 /// block by block).
 pub fn append_f32(out: &mut Vec<u8>, values: &[f32]) {
-    // Sized first, then filled: a loop the compiler turns into a copy.
+    if cfg!(target_endian = "little") {
+        // The floats' own bytes: one memcpy, and no zeroing pass first.
+        out.extend_from_slice(bytemuck::cast_slice(values));
+        return;
+    }
     let start = out.len();
     out.resize(start + values.len() * 4, 0);
     for (b, v) in out[start..].chunks_exact_mut(4).zip(values) {
@@ -47,6 +51,11 @@ pub fn decode_f32_into(what: &'static str, bytes: &[u8], out: &mut [f32]) -> Res
     let n = f32_len(what, bytes)?;
     if n != out.len() {
         return Err(Error::LengthMismatch { what, expected: out.len(), got: n });
+    }
+    if cfg!(target_endian = "little") {
+        // One memcpy, whatever the alignment of `bytes`.
+        bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(bytes);
+        return Ok(());
     }
     for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
         *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);

@@ -261,22 +261,35 @@ impl ParameterServer for Service {
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
-        let mut values = Vec::new();
         let compressed = req.meta.is_some_and(|m| m.compressed);
         let codec = match self.0.store.codecs(&req.table) {
             Some(c) if compressed => c.pull,
             _ => compress::Codec::F32,
         };
+        // Rows arrive stripe by stripe; each is encoded into its place in
+        // request order (f32, fp16 and bf16 rows have a fixed width). The
+        // answer is allocated at the first row, after the store has checked
+        // the pull's size.
+        let (mut values, mut scratch) = (Vec::new(), Vec::new());
+        let n = keys.len();
         let dim = self
             .0
             .store
-            .pull_sparse(&req.table, &keys, req.read_only, |row| {
+            .pull_sparse(&req.table, &keys, req.read_only, |i, row| {
+                let width = compress::encoded_len(codec.kind(), row.len(), row.len()).unwrap_or(0);
                 if values.is_empty() {
-                    let width = compress::encoded_len(codec.kind(), row.len(), row.len()).unwrap_or(0);
-                    values.reserve_exact(keys.len() * width);
+                    values = vec![0u8; n * width];
                 }
-                // f32, fp16 and bf16 encode value by value: rows end to end.
-                compress::encode(codec, row, row.len(), 0, &mut values);
+                let out = &mut values[i * width..(i + 1) * width];
+                if codec == compress::Codec::F32 {
+                    for (b, v) in out.chunks_exact_mut(4).zip(row) {
+                        b.copy_from_slice(&v.to_le_bytes());
+                    }
+                } else {
+                    scratch.clear();
+                    compress::encode(codec, row, row.len(), 0, &mut scratch);
+                    out.copy_from_slice(&scratch);
+                }
             })
             .map_err(|e| self.0.refuse(e))?;
         let codec = codec.kind().to_wire();

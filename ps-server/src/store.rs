@@ -1,12 +1,14 @@
 //! The shard's parameter store: tables of blocks in concurrent maps.
 //!
-//! A dense tensor is stored as the chunks this shard owns; a sparse table as
-//! the rows this shard owns, created on first touch. Each block keeps its
+//! A dense tensor is stored as the chunks this shard owns, each keeping its
 //! values, its optimizer state and its update count together in one boxed
-//! slice, so a row costs one allocation.
+//! slice. A sparse table is stored as the rows this shard owns, created on
+//! first touch, in slabs under lock stripes ([`rows`]): no allocation of
+//! their own, and a request takes each stripe's lock once for all its keys.
 //!
-//! Locking: the [`DashMap`] entry lock of a block is held while it is read or
-//! updated, so each block (chunk or row) is updated atomically. A push is
+//! Locking: a chunk's [`DashMap`] entry lock, or a row's stripe lock, is held
+//! while it is read or updated, so each block (chunk or row) is updated
+//! atomically. A push is
 //! validated in full before anything is applied: a rejected push changes
 //! nothing. Pushes carrying a `(worker, seq)` pair are applied at most once:
 //! the worker's dedup lock is held from the seq check to the end of the apply,
@@ -29,6 +31,10 @@ use ps_common::partition::{self, ShardId};
 use ps_common::spec::{LateGradients, Layout, TableSpec};
 
 use crate::error::{Error, Result};
+
+mod rows;
+
+use rows::{Rows, STRIPES};
 
 /// Identity and clock of a push, as the store needs it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -100,17 +106,33 @@ impl Block {
 
     fn apply(&mut self, spec: &TableSpec, len: usize, grad: &[f32], info: &PushInfo, read: Option<&[f32]>) {
         self.step += 1;
-        let rule = spec.optimizer.rule;
-        let (values, state) = self.data.split_at_mut(len);
-        let (state, mean_square) = state.split_at_mut(len * rule.state_per_param());
-        match (spec.optimizer.delay_compensation, read) {
-            (Some(dc), Some(read)) if read.len() == len => {
-                let mut g = grad.to_vec();
-                dc.compensate(&mut g, values, read, mean_square);
-                rule.apply(self.step, info.lr_scale(spec), values, &g, state);
-            }
-            _ => rule.apply(self.step, info.lr_scale(spec), values, grad, state),
+        apply_update(spec, len, &mut self.data, self.step, grad, info, read);
+    }
+}
+
+/// Applies one gradient to a block's floats `data` (`len` values, then the
+/// optimizer state) as its update number `step` (1-based): the table's rule,
+/// after delay compensation if the table has it and `read` is the pushing
+/// worker's read of the block.
+fn apply_update(
+    spec: &TableSpec,
+    len: usize,
+    data: &mut [f32],
+    step: u64,
+    grad: &[f32],
+    info: &PushInfo,
+    read: Option<&[f32]>,
+) {
+    let rule = spec.optimizer.rule;
+    let (values, state) = data.split_at_mut(len);
+    let (state, mean_square) = state.split_at_mut(len * rule.state_per_param());
+    match (spec.optimizer.delay_compensation, read) {
+        (Some(dc), Some(read)) if read.len() == len => {
+            let mut g = grad.to_vec();
+            dc.compensate(&mut g, values, read, mean_square);
+            rule.apply(step, info.lr_scale(spec), values, &g, state);
         }
+        _ => rule.apply(step, info.lr_scale(spec), values, grad, state),
     }
 }
 
@@ -142,7 +164,7 @@ impl Reads {
 
 enum Blocks {
     Dense { len: usize, chunk_len: usize, num_chunks: usize, chunks: DashMap<u32, Block> },
-    Sparse { dim: usize, rows: DashMap<u64, Block> },
+    Sparse { dim: usize, rows: Rows },
 }
 
 struct Table {
@@ -175,10 +197,9 @@ pub struct Counters {
     pub values_pushed: AtomicU64,
 }
 
-/// Bytes a block costs beside its floats: its map slot (key, boxed slice,
-/// step: 32 B, at hashbrown's load factor) and its allocation's rounding, as
-/// measured (ARCHITECTURE.md, "Memory per sparse key": 141 B a width-8
-/// Adagrad row, 64 of them floats).
+/// Bytes a dense chunk costs beside its floats: its map slot (key, boxed
+/// slice, step: 32 B, at hashbrown's load factor) and its allocation's
+/// rounding. (A sparse row costs less: see [`rows`].)
 pub const BLOCK_OVERHEAD: u64 = 77;
 
 /// One table's size on this shard (see [`Store::table_sizes`]).
@@ -308,7 +329,9 @@ impl Store {
                 }
                 Blocks::Dense { len, chunk_len, num_chunks, chunks }
             }
-            Layout::Sparse { dim } => Blocks::Sparse { dim: *dim as usize, rows: DashMap::new() },
+            Layout::Sparse { dim } => {
+                Blocks::Sparse { dim: *dim as usize, rows: Rows::new(&spec, *dim as usize) }
+            }
         };
         entry.or_insert(Arc::new(Table { spec, blocks, reads: DashMap::new() }));
         Ok(true)
@@ -535,35 +558,62 @@ impl Store {
         Ok(())
     }
 
-    /// Reads rows: `visit` gets each key's `dim` values, in request order,
-    /// while that row is locked; returns `dim`. Missing rows are created with
-    /// the table's initializer, unless `read_only`, where they read as their
-    /// initial values and stay missing. Every key is checked before the first
-    /// row is read, so on an error `visit` has not been called.
+    /// Reads rows: `visit` gets each key's position in `keys` and its `dim`
+    /// values while that row is locked, stripe by stripe (not in request
+    /// order); returns `dim`. Missing rows are created with the table's
+    /// initializer, unless `read_only`, where they read as their initial
+    /// values and stay missing. Every key is checked before the first row is
+    /// read, so on an error `visit` has not been called.
     pub fn pull_sparse(
         &self,
         name: &str,
         keys: &[u64],
         read_only: bool,
-        mut visit: impl FnMut(&[f32]),
+        mut visit: impl FnMut(usize, &[f32]),
     ) -> Result<usize> {
         let (table, dim) = self.sparse_table(name)?;
         self.check_keys(name, keys)?;
         self.check_pull_size(keys.len().checked_mul(dim))?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
-        let mut initial = Vec::new();
-        for &key in keys {
-            match rows.get(&key) {
-                Some(b) => visit(b.values(dim)),
-                None if read_only => {
-                    initial.resize(dim, 0.0);
-                    table.spec.init.fill(&table.spec.name, key, &mut initial);
-                    visit(&initial);
+        let (order, starts) = Rows::group(keys);
+        let (mut missing, mut scratch) = (Vec::new(), Vec::new());
+        for s in 0..STRIPES {
+            let part = &order[starts[s]..starts[s + 1]];
+            if part.is_empty() {
+                continue;
+            }
+            missing.clear();
+            {
+                let stripe = rows.read(s);
+                for &i in part {
+                    let key = keys[i as usize];
+                    match stripe.find(rows.hash(key), key) {
+                        Some(slot) => visit(i as usize, &stripe.row(slot, rows.width)[..dim]),
+                        None => missing.push(i as usize),
+                    }
                 }
-                None => {
-                    let b = rows.entry(key).or_insert_with(|| Block::new(&table.spec, key, dim));
-                    visit(b.values(dim));
+            }
+            if missing.is_empty() {
+                continue;
+            }
+            if read_only {
+                for &i in &missing {
+                    scratch.resize(dim, 0.0);
+                    table.spec.init.fill(&table.spec.name, keys[i], &mut scratch);
+                    visit(i, &scratch);
                 }
+                continue;
+            }
+            let mut stripe = rows.write(s);
+            for &i in &missing {
+                // Created meanwhile by another request, or earlier in this
+                // one (a key may repeat in a pull).
+                let (key, hash) = (keys[i], rows.hash(keys[i]));
+                let slot = match stripe.find(hash, key) {
+                    Some(slot) => slot,
+                    None => stripe.create_row(rows, &table.spec, hash, key, &mut scratch),
+                };
+                visit(i, &stripe.row(slot, rows.width)[..dim]);
             }
         }
         self.counters.pulls.fetch_add(1, Ordering::Relaxed);
@@ -599,13 +649,33 @@ impl Store {
     ) -> Result<PushOutcome> {
         let (table, dim) = self.validate_sparse(name, keys, grads)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("validated") };
+        let (order, starts) = Rows::group(keys);
         self.exactly_once(info, || {
             if info.dropped() {
                 return 0;
             }
-            for (&key, g) in keys.iter().zip(grads.chunks_exact(dim)) {
-                let mut row = rows.entry(key).or_insert_with(|| Block::new(&table.spec, key, dim));
-                row.apply(&table.spec, dim, g, &info, None);
+            let mut scratch = Vec::new();
+            for s in 0..STRIPES {
+                let part = &order[starts[s]..starts[s + 1]];
+                if part.is_empty() {
+                    continue;
+                }
+                let mut stripe = rows.write(s);
+                for &i in part {
+                    let (i, key) = (i as usize, keys[i as usize]);
+                    let hash = rows.hash(key);
+                    let slot = match stripe.find(hash, key) {
+                        Some(slot) => slot,
+                        None => stripe.create_row(rows, &table.spec, hash, key, &mut scratch),
+                    };
+                    let (data, step) = stripe.row_mut(slot, rows.width);
+                    // Rows of rules that read no update count keep none.
+                    let step = step.map_or(1, |s| {
+                        *s += 1;
+                        *s
+                    });
+                    apply_update(&table.spec, dim, data, step, &grads[i * dim..(i + 1) * dim], &info, None);
+                }
             }
             keys.len() as u64
         })
@@ -632,7 +702,7 @@ impl Store {
 
     /// Blocks held and an estimate of their memory, per table, by name (for
     /// metrics): values and optimizer state, plus [`BLOCK_OVERHEAD`] per
-    /// block.
+    /// dense chunk and the row overhead of [`rows`] per sparse row.
     pub fn table_sizes(&self) -> Vec<TableSize> {
         let mut out: Vec<TableSize> = (self.tables.iter())
             .map(|t| {
@@ -640,16 +710,17 @@ impl Store {
                     Blocks::Dense { chunks, .. } => {
                         (chunks.len() as u64, chunks.iter().map(|c| c.data.len() as u64).sum::<u64>())
                     }
-                    Blocks::Sparse { dim, rows } => {
-                        let per_row = *dim * (1 + t.spec.optimizer.rule.state_per_param());
-                        (rows.len() as u64, rows.len() as u64 * per_row as u64)
-                    }
+                    Blocks::Sparse { rows, .. } => (rows.len() as u64, rows.len() as u64 * rows.width as u64),
+                };
+                let overhead = match &t.blocks {
+                    Blocks::Dense { .. } => BLOCK_OVERHEAD,
+                    Blocks::Sparse { rows, .. } => rows.overhead_per_row(),
                 };
                 TableSize {
                     name: t.spec.name.clone(),
                     kind: t.kind(),
                     blocks,
-                    bytes: floats * 4 + blocks * BLOCK_OVERHEAD,
+                    bytes: floats * 4 + blocks * overhead,
                 }
             })
             .collect();
@@ -671,8 +742,12 @@ impl Store {
         let (table, dim) = self.sparse_table(name)?;
         let limit = limit.clamp(1, (self.max_pull_values / dim).max(1));
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
-        let mut keys: Vec<u64> =
-            rows.iter().map(|r| *r.key()).filter(|&k| after.is_none_or(|a| k > a)).collect();
+        let mut keys = Vec::new();
+        rows.for_each(|k, _, _| {
+            if after.is_none_or(|a| k > a) {
+                keys.push(k);
+            }
+        });
         let done = keys.len() <= limit;
         if !done {
             keys.select_nth_unstable(limit);
@@ -680,9 +755,7 @@ impl Store {
         }
         keys.sort_unstable();
         for k in keys {
-            if let Some(b) = rows.get(&k) {
-                visit(k, b.values(dim));
-            }
+            rows.get(k, |_, row| visit(k, &row[..dim]));
         }
         Ok((dim, done))
     }
@@ -715,12 +788,15 @@ impl Store {
                     }
                     Blocks::Sparse { rows, .. } => {
                         // In key order, so a checkpoint of the same state is the same file.
-                        let mut order: Vec<u64> = rows.iter().map(|b| *b.key()).collect();
+                        let mut order = Vec::with_capacity(rows.len());
+                        rows.for_each(|k, _, _| order.push(k));
                         order.sort_unstable();
                         for k in order {
-                            if let Some(b) = rows.get(&k) {
-                                push(k, &b);
-                            }
+                            rows.get(k, |step, row| {
+                                keys.push(k);
+                                steps.push(step);
+                                data.extend_from_slice(row);
+                            });
                         }
                     }
                 }
@@ -786,8 +862,7 @@ impl Store {
                 Blocks::Sparse { dim, rows } => {
                     store.check_keys(&name, &t.keys)?;
                     for (&key, &step) in t.keys.iter().zip(&t.steps) {
-                        let block = Block { data: take(dim * width)?, step };
-                        if rows.insert(key, block).is_some() {
+                        if !rows.insert(key, step, &take(dim * width)?) {
                             return Err(bad(&name, format!("key {key} twice")));
                         }
                     }
@@ -816,7 +891,9 @@ impl Store {
                 })
                 .collect(),
             Blocks::Sparse { dim, rows } => {
-                rows.iter().map(|b| (*b.key(), b.values(*dim).to_vec())).collect()
+                let mut out = Vec::with_capacity(rows.len());
+                rows.for_each(|k, _, row| out.push((k, row[..*dim].to_vec())));
+                out
             }
         };
         out.sort_unstable_by_key(|(k, _)| *k);
@@ -846,8 +923,13 @@ mod tests {
     /// Pulls sparse rows as one flat vector.
     fn pull_rows(s: &Store, name: &str, keys: &[u64], read_only: bool) -> Result<Vec<f32>> {
         let mut out = Vec::new();
-        s.pull_sparse(name, keys, read_only, |row| out.extend_from_slice(row))?;
-        Ok(out)
+        let mut at = vec![usize::MAX; keys.len()];
+        let dim = s.pull_sparse(name, keys, read_only, |i, row| {
+            at[i] = out.len();
+            out.extend_from_slice(row);
+        })?;
+        // Back in request order, each position visited once.
+        Ok(at.iter().flat_map(|&a| out[a..a + dim].iter().copied()).collect())
     }
 
     #[test]
@@ -907,7 +989,7 @@ mod tests {
         let s = Store::new(0, 1);
         let init = Init { kind: InitKind::Constant { value: 2.0 }, seed: 0 };
         s.register(TableSpec::sparse("e", 3, init, Rule::sgd(1.0).into()), 1).unwrap();
-        assert_eq!(s.pull_sparse("e", &[7, 9], true, |_| {}).unwrap(), 3);
+        assert_eq!(s.pull_sparse("e", &[7, 9], true, |_, _| {}).unwrap(), 3);
         assert_eq!(pull_rows(&s, "e", &[7, 9], true).unwrap(), vec![2.0; 6]);
         assert_eq!(s.sizes(), (1, 0, 0), "a read-only pull creates nothing");
         assert_eq!(pull_rows(&s, "e", &[7, 9], false).unwrap(), vec![2.0; 6]);
@@ -922,7 +1004,7 @@ mod tests {
         s.register(TableSpec::sparse("e", 3, Init::zeros(), Rule::sgd(1.0).into()), 1).unwrap();
         s.register(TableSpec::dense("d", &[8], Init::zeros(), Rule::sgd(1.0).into()), 1).unwrap();
         assert_eq!(pull_rows(&s, "e", &[1, 2, 3], false).unwrap().len(), 9);
-        let err = s.pull_sparse("e", &[4, 5, 6, 7], false, |_| panic!("nothing is read")).unwrap_err();
+        let err = s.pull_sparse("e", &[4, 5, 6, 7], false, |_, _| panic!("nothing is read")).unwrap_err();
         assert!(matches!(err, Error::TooLarge { values: Some(12), limit: 10, .. }), "{err}");
         assert_eq!(s.sizes(), (2, 1, 3), "the refused pull created no row");
         // The same chunk asked for twice is counted twice.

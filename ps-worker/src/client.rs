@@ -814,6 +814,21 @@ impl ShardedClient {
             self.count_pulled(&resp);
             let kind = CodecKind::from_wire("pulled rows", resp.codec)?;
             let n = plan.by_shard[i].len() * dim;
+            if kind == CodecKind::F32 && dim > 0 {
+                // Straight from the answer's bytes into place (one copy).
+                if resp.values.len() != n * 4 {
+                    return Err(ps_common::Error::LengthMismatch {
+                        what: "pulled rows",
+                        expected: n,
+                        got: resp.values.len() / 4,
+                    }
+                    .into());
+                }
+                for (row, &u) in resp.values.chunks_exact(dim * 4).zip(&plan.slot_of[i]) {
+                    codec::decode_f32_into("pulled rows", row, &mut unique[u * dim..(u + 1) * dim])?;
+                }
+                continue;
+            }
             let values = compress::decode(kind, "pulled rows", &resp.values, n, dim)?;
             for (row, &u) in values.chunks_exact(dim).zip(&plan.slot_of[i]) {
                 unique[u * dim..(u + 1) * dim].copy_from_slice(row);
@@ -924,7 +939,9 @@ struct SparsePlan {
 
 impl SparsePlan {
     fn new(keys: &[u64], num_shards: u32) -> SparsePlan {
-        let mut index: HashMap<u64, usize> = HashMap::with_capacity(keys.len());
+        // hashbrown's seeded foldhash: std's SipHash was a quarter of a
+        // 1M-key pull's time (docs/PERFORMANCE.md).
+        let mut index: hashbrown::HashMap<u64, usize> = hashbrown::HashMap::with_capacity(keys.len());
         let mut by_shard = vec![Vec::new(); num_shards as usize];
         let mut slot_of = vec![Vec::new(); num_shards as usize];
         let unique_of_key = keys
