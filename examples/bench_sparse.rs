@@ -18,7 +18,9 @@
 //! each width, the dense path moves the same number of floats (`keys x
 //! width`) as one tensor; `x dense` is the sparse rate over the dense rate in
 //! floats per second. Tables use Adagrad (one state slot per value), as the
-//! CTR workload's embeddings do.
+//! CTR workload's embeddings do. A second table puts each pull and push
+//! beside raw loopback TCP moving the same bytes in the same run
+//! (`paramserver::bench::baseline`): `x TCP` is the time over TCP's time.
 //!
 //! Memory is measured first, in a fresh process (so freed memory the
 //! allocator keeps does not hide growth): RSS (`VmRSS`) before and after
@@ -32,12 +34,19 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use paramserver::bench::baseline;
 use ps_common::optim::Rule;
 use ps_common::spec::{Init, InitKind, OptimizerConfig, TableSpec};
 use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::oneshot;
+
+// jemalloc keeps freed pages for reuse; glibc gave every multi-MiB message
+// buffer back to the kernel and faulted it in again on the next request
+// (docs/PERFORMANCE.md).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 struct Args {
     keys: usize,
@@ -204,6 +213,11 @@ struct Row {
     push: f64,
     dense_pull: f64,
     dense_push: f64,
+    /// Seconds of one raw loopback TCP round trip moving the bytes of one
+    /// pull (distinct keys out, their rows back) and one push (keys and
+    /// gradients out, a small answer back).
+    tcp_pull: f64,
+    tcp_push: f64,
 }
 
 async fn bench_width(a: &Args, shards: u32, width: usize, out: &mut Vec<Row>) -> Result<()> {
@@ -261,6 +275,11 @@ async fn bench_width(a: &Args, shards: u32, width: usize, out: &mut Vec<Row>) ->
             tq += push(&mut c, &table, width, &keys, &vals, step).await?;
         }
         let nk = n as f64;
+        let mut tcp = baseline::Tcp::connect().await?;
+        let reps32 = a.reps as u32;
+        let tcp_pull = tcp.time(distinct * 8, distinct * width * 4, reps32).await?.as_secs_f64();
+        let tcp_push = tcp.push(distinct * (8 + width * 4), reps32).await?.as_secs_f64();
+        drop(tcp);
         out.push(Row {
             shards,
             width,
@@ -271,6 +290,8 @@ async fn bench_width(a: &Args, shards: u32, width: usize, out: &mut Vec<Row>) ->
             push: nk * reps / tq,
             dense_pull,
             dense_push,
+            tcp_pull,
+            tcp_push,
         });
     }
     drop(c);
@@ -385,6 +406,29 @@ async fn main() -> Result<()> {
             r.dense_push,
             floats(r.pull) / r.dense_pull,
             floats(r.push) / r.dense_push,
+        );
+    }
+    println!(
+        "\nbeside raw loopback TCP moving the same bytes in one round trip on one socket (same run; \
+         pull: distinct keys out, rows back; push: keys + gradients out):"
+    );
+    println!(
+        "{:>6} {:>5} {:>7} | {:>9} {:>9} {:>7} | {:>9} {:>9} {:>7}",
+        "shards", "width", "keys", "pull ms", "TCP ms", "x TCP", "push ms", "TCP ms", "x TCP"
+    );
+    for r in &rows {
+        let (pull, push) = (a.keys as f64 / r.pull, a.keys as f64 / r.push);
+        println!(
+            "{:>6} {:>5} {:>7} | {:>9.1} {:>9.1} {:>7.2} | {:>9.1} {:>9.1} {:>7.2}",
+            r.shards,
+            r.width,
+            r.dist,
+            pull * 1e3,
+            r.tcp_pull * 1e3,
+            pull / r.tcp_pull,
+            push * 1e3,
+            r.tcp_push * 1e3,
+            push / r.tcp_push
         );
     }
     println!("\ntotal {:.1} s", started.elapsed().as_secs_f64());

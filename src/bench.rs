@@ -5,14 +5,18 @@
 //! 1. Training: samples/s of the reference MNIST job with 1 and 2 worker
 //!    processes (2 shard processes), against one process training the same
 //!    model with no servers at all.
-//! 2. Transport: pull and push of a 1M-float dense tensor over loopback gRPC,
-//!    against a plain memcpy of the same bytes.
+//! 2. Transport: pulls and pushes of dense tensors over loopback gRPC
+//!    (1M floats, 1k floats, the reference model), against raw loopback TCP
+//!    moving the same bytes ([`baseline::Tcp`]) and a 32-byte ping-pong.
 //! 3. Server apply: params/s of each optimizer rule applied by the store
-//!    (validation, locking), against the bare rule on a slice.
+//!    (validation, locking), against the bare rule on a slice and a memcpy
+//!    of the same floats (memory bandwidth).
 //! 4. Checkpoints: samples/s of the reference job with and without periodic
 //!    checkpoints (alternating runs); and the write rate of a checkpoint of
 //!    a large model (2 shards in-process) against `dd ... conv=fsync` of the
 //!    same bytes to the same disk, and its push hold against a memcpy.
+
+pub mod baseline;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -57,7 +61,7 @@ pub async fn run_all(exe: &Path, reference: &str, opts: &BenchOptions) -> Result
         training(exe, &config, opts).await?;
     }
     if opts.wants("transport") {
-        println!("\n== transport: 1M-float dense tensor over loopback gRPC (1 shard, in-process) ==");
+        println!("\n== transport: dense pulls and pushes over loopback gRPC beside raw loopback TCP ==");
         transport(opts.reps).await?;
     }
     if opts.wants("apply") {
@@ -266,59 +270,102 @@ fn local_training(config: &RunConfig, epochs: u32) -> Result<f64> {
     Ok(rate(samples as f64, t.elapsed()))
 }
 
+/// The reference model's parameter count (784-64-64-10 with biases).
+pub const REFERENCE_PARAMS: usize = 784 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10;
+
+/// Dense transport over loopback gRPC (1 shard, in-process), each figure
+/// beside raw loopback TCP moving the same bytes in the same run: pulls and
+/// pushes of 1M floats (speed as a fraction of TCP's), 1k-float round trips
+/// against a 32-byte ping-pong, and one training iteration of the reference
+/// model (its push and the next pull, overlapped as the trainer does).
 async fn transport(reps: u32) -> Result<()> {
-    const N: usize = 1 << 20;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .map_err(|source| Error::Io { what: "bind".into(), source })?;
-    let addr = listener.local_addr().map_err(|source| Error::Io { what: "addr".into(), source })?;
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| Error::Io { what: what.clone(), source }
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(io("bind"))?;
+    let addr = listener.local_addr().map_err(io("addr"))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(ps_server::serve(ps_server::ServerConfig::default(), listener, async {
         let _ = stopped.await;
     }));
     let mut client = ShardedClient::connect(&[addr.to_string()], 1, ClientOptions::default()).await?;
-    let mut spec = TableSpec::dense("bench", &[N as u64], Init::zeros(), Rule::sgd(1e-6).into());
-    spec.layout = Layout::Dense { shape: vec![N as u64], chunk_len: 1 << 18 };
-    client.register(&spec).await?;
-    let set = DenseSet::new(&[spec], 1)?;
-    let mut buf = vec![0.5f32; N];
-    let bytes = (N * 4) as f64;
-
-    let src = vec![1u8; N * 4];
-    let mut dst = vec![0u8; N * 4];
-    let t = Instant::now();
-    for _ in 0..reps * 10 {
-        dst.copy_from_slice(std::hint::black_box(&src));
-    }
-    let memcpy = rate(bytes * f64::from(reps * 10), t.elapsed());
-    std::hint::black_box(&dst);
-    println!("{:<44} {:>10.0} MB/s         (baseline)", "memcpy of 4 MiB", memcpy / 1e6);
-
-    client.pull_dense(&set, 0, &mut buf).await?;
-    let t = Instant::now();
-    for _ in 0..reps {
+    let mut tcp = baseline::Tcp::connect().await.map_err(io("loopback TCP baseline"))?;
+    let memcpy = baseline::memcpy_rate(4 << 20, reps.max(3));
+    println!("{:<40} {:>10.0} MB/s (memcpy of 4 MiB, for scale)", "memcpy", memcpy / 1e6);
+    println!(
+        "{:<40} {:>10} {:>12} {:>22}",
+        "dense, 1 shard", "gRPC ms", "raw TCP ms", "gRPC speed / TCP speed"
+    );
+    for (n, chunk_len, rule, small) in [
+        (1usize << 20, 1u32 << 18, Rule::sgd(1e-6), false),
+        (1000, 1 << 18, Rule::sgd(1e-6), true),
+        (REFERENCE_PARAMS, 1 << 16, Rule::adam(1e-3), false),
+    ] {
+        let name = format!("bench.{n}");
+        let mut spec = TableSpec::dense(&name, &[n as u64], Init::zeros(), rule.into());
+        spec.layout = Layout::Dense { shape: vec![n as u64], chunk_len };
+        client.register(&spec).await?;
+        let set = DenseSet::new(&[spec], 1)?;
+        let mut buf = vec![0.5f32; n];
+        let bytes = n * 4;
+        // Enough repetitions for a few hundred ms each.
+        let r = if n >= 1 << 20 { reps.max(3) * 5 } else { reps.max(3) * 300 };
         client.pull_dense(&set, 0, &mut buf).await?;
+        let t = Instant::now();
+        for _ in 0..r {
+            client.pull_dense(&set, 0, &mut buf).await?;
+        }
+        let pull = t.elapsed() / r;
+        let t = Instant::now();
+        for _ in 0..r {
+            client.push_dense(&set, &buf, 0, 0, false).await?;
+        }
+        let push = t.elapsed() / r;
+        let tcp_pull = tcp.pull(bytes, r).await.map_err(io("TCP pull"))?;
+        let tcp_push = tcp.push(bytes, r).await.map_err(io("TCP push"))?;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let label = |op: &str| format!("{op} {n} floats ({} KiB)", bytes >> 10);
+        if small {
+            let ping = tcp.ping_pong(r).await.map_err(io("TCP ping-pong"))?;
+            for (op, d) in [("pull", pull), ("push", push)] {
+                println!(
+                    "{:<40} {:>10.3} {:>12.3} {:>22}",
+                    label(op),
+                    ms(d),
+                    ms(ping),
+                    format!("{:.1}x ping-pong time", d.as_secs_f64() / ping.as_secs_f64())
+                );
+            }
+        } else {
+            for (op, d, tcp_d) in [("pull", pull, tcp_pull), ("push", push, tcp_push)] {
+                println!(
+                    "{:<40} {:>10.3} {:>12.3} {:>22.3}",
+                    label(op),
+                    ms(d),
+                    ms(tcp_d),
+                    tcp_d.as_secs_f64() / d.as_secs_f64()
+                );
+            }
+        }
+        if n == REFERENCE_PARAMS {
+            // The trainer's iteration: push of clock c with the pull of c + 1.
+            let t = Instant::now();
+            for c in 0..u64::from(r) {
+                client.push_and_pull_dense(&set, &buf.clone(), c, &mut buf).await?;
+            }
+            let both = t.elapsed() / r;
+            let tcp_both = tcp.time(bytes, bytes, r).await.map_err(io("TCP push + pull"))?;
+            println!(
+                "{:<40} {:>10.3} {:>12.3} {:>22.3}",
+                "reference model: push + pull (Adam)",
+                ms(both),
+                ms(tcp_both),
+                tcp_both.as_secs_f64() / both.as_secs_f64()
+            );
+        }
     }
-    let d = t.elapsed();
-    println!(
-        "{:<44} {:>10.0} MB/s  {:>8.1} Mparams/s   ({:.3}x memcpy)",
-        "pull 1M floats",
-        rate(bytes * f64::from(reps), d) / 1e6,
-        rate((N as u64 * u64::from(reps)) as f64, d) / 1e6,
-        rate(bytes * f64::from(reps), d) / memcpy
-    );
-    let t = Instant::now();
-    for _ in 0..reps {
-        client.push_dense(&set, &buf, 0, 0, false).await?;
-    }
-    let d = t.elapsed();
-    println!(
-        "{:<44} {:>10.0} MB/s  {:>8.1} Mparams/s   ({:.3}x memcpy; includes SGD apply)",
-        "push 1M floats",
-        rate(bytes * f64::from(reps), d) / 1e6,
-        rate((N as u64 * u64::from(reps)) as f64, d) / 1e6,
-        rate(bytes * f64::from(reps), d) / memcpy
-    );
+    drop(tcp);
     let _ = stop.send(());
     let _ = server.await;
     Ok(())
@@ -345,7 +392,14 @@ fn apply_rates(reps: u32) -> Result<()> {
         ("ftrl", Rule::Ftrl { alpha: 0.1, beta: 1.0, l1: 0.01, l2: 0.01 }),
     ];
     let grad: Vec<f32> = (0..N).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
-    println!("{:<10} {:>16} {:>18} {:>8}", "rule", "bare Mparams/s", "store Mparams/s", "ratio");
+    // Memory bandwidth: a copy of the 1M floats (a rule reads the gradient
+    // and reads and writes the values and its state).
+    let memcpy = baseline::memcpy_rate(N * 4, reps.max(3)) / 4.0;
+    println!("{:<10} {:>16.0} (baseline: memcpy of 1M floats, floats/s)", "memcpy", memcpy / 1e6);
+    println!(
+        "{:<10} {:>16} {:>18} {:>8} {:>9}",
+        "rule", "bare Mparams/s", "store Mparams/s", "ratio", "x memcpy"
+    );
     for (name, rule) in rules {
         let mut params = vec![0.1f32; N];
         let mut state = vec![0.0f32; N * rule.state_per_param()];
@@ -372,7 +426,13 @@ fn apply_rates(reps: u32) -> Result<()> {
             store.push_dense(&chunks, PushInfo::default()).map_err(|e| Error::Config(e.to_string()))?;
         }
         let via_store = rate((N as u64 * u64::from(reps)) as f64, t.elapsed());
-        println!("{name:<10} {:>16.0} {:>18.0} {:>8.2}", bare / 1e6, via_store / 1e6, via_store / bare);
+        println!(
+            "{name:<10} {:>16.0} {:>18.0} {:>8.2} {:>9.2}",
+            bare / 1e6,
+            via_store / 1e6,
+            via_store / bare,
+            via_store / memcpy
+        );
     }
     Ok(())
 }
