@@ -20,6 +20,7 @@
 //! - [`local::LocalShards`] starts N shards in-process on loopback, for tests,
 //!   benchmarks and examples.
 
+pub mod budget;
 pub mod checkpoint;
 pub mod cli;
 pub mod clock;
@@ -67,6 +68,8 @@ pub struct ServerConfig {
     pub restore: Option<PathBuf>,
     /// Serve Prometheus metrics at `http://ADDR/metrics` (see `metrics`).
     pub metrics: Option<SocketAddr>,
+    /// Resource budgets (`[limits]`, see `budget` and docs/SECURITY.md).
+    pub limits: budget::Limits,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +84,7 @@ impl Default for ServerConfig {
             checkpoint_dir: None,
             restore: None,
             metrics: None,
+            limits: budget::Limits::default(),
         }
     }
 }
@@ -94,6 +98,7 @@ impl ServerConfig {
         if self.reap_interval_ms == 0 {
             return bad("reap_interval_ms must be positive".into());
         }
+        self.limits.validate()?;
         self.transport.validate().map_err(|e| Error::Config(e.to_string()))
     }
 }
@@ -106,19 +111,24 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
+    let limits = &config.limits;
     let (store, clocks) = match &config.restore {
         Some(path) => restore(&config, path)?,
         None => (store::Store::new(config.shard, config.num_shards), clock::Clocks::default()),
     };
     let shard = Arc::new(Shard {
         // An answer must fit in one message (4 bytes a value).
-        store: store.with_max_pull_values(config.transport.max_message_bytes() / 4),
-        clocks,
+        store: store
+            .with_max_pull_values(config.transport.max_message_bytes() / 4)
+            .with_limits(limits.clone())?,
+        clocks: clocks.with_max_workers(limits.max_workers),
         gate: gate::Gate::default(),
         max_wait: Duration::from_millis(config.max_wait_ms),
         checkpoint_dir: config.checkpoint_dir.clone(),
-        queue: queue::DataQueue::default(),
+        queue: queue::DataQueue::with_max_workers(limits.max_workers),
         metrics: metrics::ShardMetrics::default(),
+        rate: budget::RateLimiter::new(limits),
+        limits: limits.clone(),
     });
     let (registry, rpc) = metrics::registry(&shard);
     // The metrics endpoint, if asked for; aborted with the shard.
@@ -149,6 +159,7 @@ pub async fn serve(
     });
     let t = &config.transport;
     let result = transport::server(t, &rpc)
+        .max_concurrent_streams(limits.max_concurrent_streams)
         .add_service(transport::service(t, Service(shard)))
         .serve_with_incoming_shutdown(transport::incoming(t, listener), shutdown)
         .await;

@@ -19,8 +19,9 @@
 //! encodes straight from the block (one copy) and a checkpoint or another
 //! codec can consume the same values without a wire format in between.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -28,6 +29,7 @@ use ps_common::compress::Codecs;
 use ps_common::partition::{self, ShardId};
 use ps_common::spec::{LateGradients, Layout, TableSpec};
 
+use crate::budget::{self, Budget, Limits};
 use crate::error::{Error, Result};
 
 /// Identity and clock of a push, as the store needs it.
@@ -98,7 +100,34 @@ impl Block {
         &self.data[..len]
     }
 
-    fn apply(&mut self, spec: &TableSpec, len: usize, grad: &[f32], info: &PushInfo, read: Option<&[f32]>) {
+    /// Applies one update, unless it would make a value or an optimizer
+    /// state non-finite: then the block keeps what it held (a copy taken
+    /// first) and this returns false.
+    fn apply(
+        &mut self,
+        spec: &TableSpec,
+        len: usize,
+        grad: &[f32],
+        info: &PushInfo,
+        read: Option<&[f32]>,
+    ) -> bool {
+        thread_local! {
+            static BEFORE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        BEFORE.with_borrow_mut(|before| {
+            before.clear();
+            before.extend_from_slice(&self.data);
+            self.update(spec, len, grad, info, read);
+            if self.data.iter().all(|v| v.is_finite()) {
+                return true;
+            }
+            self.data.copy_from_slice(before);
+            self.step -= 1;
+            false
+        })
+    }
+
+    fn update(&mut self, spec: &TableSpec, len: usize, grad: &[f32], info: &PushInfo, read: Option<&[f32]>) {
         self.step += 1;
         let rule = spec.optimizer.rule;
         let (values, state) = self.data.split_at_mut(len);
@@ -173,13 +202,14 @@ pub struct Counters {
     pub rejected: AtomicU64,
     pub values_pulled: AtomicU64,
     pub values_pushed: AtomicU64,
+    /// Block updates not applied because they would have made a value or
+    /// an optimizer state non-finite.
+    pub nonfinite_updates: AtomicU64,
+    /// Gradient values clipped to `limits.max_gradient` (clip mode).
+    pub clipped_values: AtomicU64,
 }
 
-/// Bytes a block costs beside its floats: its map slot (key, boxed slice,
-/// step: 32 B, at hashbrown's load factor) and its allocation's rounding, as
-/// measured (ARCHITECTURE.md, "Memory per sparse key": 141 B a width-8
-/// Adagrad row, 64 of them floats).
-pub const BLOCK_OVERHEAD: u64 = 77;
+pub use crate::budget::BLOCK_OVERHEAD;
 
 /// One table's size on this shard (see [`Store::table_sizes`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -223,11 +253,20 @@ pub struct Store {
     /// answer is bounded before anything is read or created.
     max_pull_values: usize,
     pub counters: Counters,
+    /// What requests may make this store hold (`[limits]`).
+    limits: Limits,
+    /// The memory budget: every block, table and kept read is reserved
+    /// here before it is allocated.
+    pub budget: Budget,
+    /// Tables held (checked against `limits.max_tables` at registration).
+    table_count: AtomicUsize,
 }
 
 /// Keeps `values` as `worker`'s read of chunk `index` at `clock` (bounded:
 /// at most [`MAX_DC_WORKERS`] workers per table).
-fn keep_read(table: &Table, worker: u64, clock: u64, index: u32, values: &[f32]) {
+/// A new worker's reads are reserved in `budget` first (over it, they are
+/// not kept and the push gets no compensation).
+fn keep_read(table: &Table, budget: &Budget, worker: u64, clock: u64, index: u32, values: &[f32]) {
     if let Some(mut kept) = table.reads.get_mut(&(worker, index)) {
         kept.keep(clock, values);
         return;
@@ -236,8 +275,19 @@ fn keep_read(table: &Table, worker: u64, clock: u64, index: u32, values: &[f32])
         Blocks::Dense { chunks, .. } => chunks.len().max(1),
         Blocks::Sparse { .. } => return,
     };
-    if table.reads.len() / chunks < MAX_DC_WORKERS {
+    if table.reads.len() / chunks < MAX_DC_WORKERS
+        && budget.try_reserve(budget::reads_bytes(values.len())).is_ok()
+    {
         table.reads.entry((worker, index)).or_default().keep(clock, values);
+    }
+}
+
+/// Refuses a key that appears twice in one request.
+fn check_distinct(name: &str, keys: &[u64]) -> Result<()> {
+    let mut seen = HashSet::with_capacity(keys.len());
+    match keys.iter().find(|&&k| !seen.insert(k)) {
+        Some(k) => Err(Error::Duplicate { what: format!("key {k} of `{name}`") }),
+        None => Ok(()),
     }
 }
 
@@ -254,7 +304,41 @@ impl Store {
             last_seq: DashMap::new(),
             max_pull_values: usize::MAX,
             counters: Counters::default(),
+            limits: Limits::default(),
+            budget: Budget::default(),
+            table_count: AtomicUsize::new(0),
         }
+    }
+
+    /// Applies `limits`; what the store holds already (a restored
+    /// checkpoint) is charged to the new budget, and refused if over it.
+    pub fn with_limits(mut self, limits: Limits) -> Result<Store> {
+        let budget = Budget::new(limits.memory_bytes());
+        let tables: u64 = self.tables.iter().map(|t| budget::table_bytes(&t.spec)).sum();
+        let blocks: u64 = self.table_sizes().iter().map(|t| t.bytes).sum();
+        budget.charge(tables + blocks)?;
+        self.budget = budget;
+        self.limits = limits;
+        Ok(self)
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Bytes of the dense chunks of `spec` this shard owns (refused if the
+    /// tensor has more chunks than `limits.max_chunks_per_table`).
+    fn dense_bytes(&self, spec: &TableSpec, len: usize, chunk_len: usize) -> Result<u64> {
+        let num_chunks = partition::num_chunks(len, chunk_len);
+        let limit = self.limits.max_chunks_per_table;
+        if num_chunks as u64 > limit {
+            return Err(Error::LimitExceeded { what: "chunks of one tensor", got: num_chunks as u64, limit });
+        }
+        let owned = (0..num_chunks as u32)
+            .filter(|&i| partition::chunk_shard(&spec.name, i, self.num_shards) == self.shard);
+        Ok(owned
+            .map(|i| budget::block_bytes(spec, partition::chunk_range(len, chunk_len, i as usize).len()))
+            .sum())
     }
 
     /// Refuses pulls that would return more than `n` values.
@@ -292,6 +376,20 @@ impl Store {
         let entry = self.tables.entry(spec.name.clone());
         if let dashmap::Entry::Occupied(existing) = &entry {
             return if existing.get().spec == spec { Ok(false) } else { Err(Error::SpecConflict(spec.name)) };
+        }
+        let count = self.table_count.fetch_add(1, Ordering::Relaxed);
+        let checked = self.limits.check_table(&spec, count).and_then(|()| {
+            let blocks = match &spec.layout {
+                Layout::Dense { shape, chunk_len } => {
+                    self.dense_bytes(&spec, Layout::dense_len(shape).unwrap_or(0), *chunk_len as usize)?
+                }
+                Layout::Sparse { .. } => 0,
+            };
+            self.budget.try_reserve(budget::table_bytes(&spec).saturating_add(blocks))
+        });
+        if let Err(e) = checked {
+            self.table_count.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
         }
         let blocks = match &spec.layout {
             Layout::Dense { shape, chunk_len } => {
@@ -407,6 +505,10 @@ impl Store {
     ) -> Result<()> {
         let resolved = self.resolve_chunks(chunks)?;
         self.check_pull_size(resolved.iter().try_fold(0usize, |n, (_, _, len)| n.checked_add(*len)))?;
+        let mut seen = HashSet::with_capacity(chunks.len());
+        if let Some((name, index)) = chunks.iter().find(|c| !seen.insert(**c)) {
+            return Err(Error::Duplicate { what: format!("chunk {index} of `{name}`") });
+        }
         let mut total = 0;
         for (table, index, len) in &resolved {
             let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("checked by check_chunk") };
@@ -415,7 +517,7 @@ impl Store {
             if let Some((worker, clock)) = reader
                 && table.spec.optimizer.delay_compensation.is_some()
             {
-                keep_read(table, worker, clock, *index, values);
+                keep_read(table, &self.budget, worker, clock, *index, values);
             }
             visit(values);
             total += len;
@@ -428,7 +530,13 @@ impl Store {
     /// Forgets what `worker` read (it left the job).
     pub fn forget_reads(&self, worker: u64) {
         for t in self.tables.iter() {
-            t.reads.retain(|(w, _), _| *w != worker);
+            t.reads.retain(|(w, _), kept| {
+                if *w == worker {
+                    let len = kept.0.iter().flatten().map(|(_, v)| v.len()).next().unwrap_or(0);
+                    self.budget.release(budget::reads_bytes(len));
+                }
+                *w != worker
+            });
         }
     }
 
@@ -450,9 +558,7 @@ impl Store {
                     got: grad.len(),
                 });
             }
-            if grad.iter().any(|g| !g.is_finite()) {
-                return Err(Error::NonFinite { what: format!("chunk {index} of `{name}`") });
-            }
+            self.check_gradient(grad, || format!("chunk {index} of `{name}`"))?;
             resolved.push((table, index, len));
         }
         Ok(resolved)
@@ -471,14 +577,12 @@ impl Store {
                 let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("validated") };
                 let mut block = chunks.get_mut(index).expect("owned chunks are created at registration");
                 let reads = table.reads.get(&(info.worker, *index));
-                block.apply(
-                    &table.spec,
-                    *len,
-                    grad,
-                    &info,
-                    reads.as_deref().and_then(|r| r.at(info.read_clock)),
-                );
-                applied += *len as u64;
+                let read = reads.as_deref().and_then(|r| r.at(info.read_clock));
+                if block.apply(&table.spec, *len, grad, &info, read) {
+                    applied += *len as u64;
+                } else {
+                    self.counters.nonfinite_updates.fetch_add(1, Ordering::Relaxed);
+                }
             }
             applied
         })
@@ -486,16 +590,24 @@ impl Store {
 
     /// Runs `apply` unless `(worker, seq)` was applied before. The worker's
     /// lock is held across the check and the apply.
+    /// A seq may lead the last applied one by at most `limits.max_seq_jump`,
+    /// and the store keeps seqs of at most `limits.max_workers` workers.
     fn exactly_once(&self, info: PushInfo, apply: impl FnOnce() -> u64) -> Result<PushOutcome> {
         let applied = if info.seq == 0 {
             apply()
         } else {
+            let max = self.limits.max_workers;
+            if !self.last_seq.contains_key(&info.worker) && self.last_seq.len() >= max {
+                let got = self.last_seq.len() as u64 + 1;
+                return Err(Error::LimitExceeded { what: "workers with seqs", got, limit: max as u64 });
+            }
             let lock = Arc::clone(&self.last_seq.entry(info.worker).or_default());
             let mut last = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if info.seq <= *last {
                 self.counters.duplicate_pushes.fetch_add(1, Ordering::Relaxed);
                 return Ok(PushOutcome { applied: 0, duplicate: true });
             }
+            self.limits.check_seq(info.seq, *last)?;
             let applied = apply();
             *last = info.seq;
             applied
@@ -508,6 +620,17 @@ impl Store {
     /// The last seq applied for `worker` on this shard (0 if none).
     pub fn last_seq(&self, worker: u64) -> u64 {
         self.last_seq.get(&worker).map(|l| *l.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or(0)
+    }
+
+    /// Refuses a gradient with a value that is not finite or over
+    /// `limits.max_gradient` in magnitude (one pass; `what` names the block).
+    fn check_gradient(&self, grad: &[f32], what: impl Fn() -> String) -> Result<()> {
+        let max = self.limits.max_gradient;
+        match grad.iter().find(|g| !(g.abs() <= max)) {
+            None => Ok(()),
+            Some(g) if g.is_finite() => Err(Error::HugeGradient { what: what(), value: *g, limit: max }),
+            Some(_) => Err(Error::NonFinite { what: what() }),
+        }
     }
 
     fn sparse_table(&self, name: &str) -> Result<(Arc<Table>, usize)> {
@@ -550,7 +673,9 @@ impl Store {
         let (table, dim) = self.sparse_table(name)?;
         self.check_keys(name, keys)?;
         self.check_pull_size(keys.len().checked_mul(dim))?;
+        check_distinct(name, keys)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
+        let row_bytes = budget::block_bytes(&table.spec, dim);
         let mut initial = Vec::new();
         for &key in keys {
             match rows.get(&key) {
@@ -560,10 +685,14 @@ impl Store {
                     table.spec.init.fill(&table.spec.name, key, &mut initial);
                     visit(&initial);
                 }
-                None => {
-                    let b = rows.entry(key).or_insert_with(|| Block::new(&table.spec, key, dim));
-                    visit(b.values(dim));
-                }
+                // Over the budget, the pull is refused (rows created so far stay).
+                None => match rows.entry(key) {
+                    dashmap::Entry::Occupied(b) => visit(b.get().values(dim)),
+                    dashmap::Entry::Vacant(v) => {
+                        self.budget.try_reserve(row_bytes)?;
+                        visit(v.insert(Block::new(&table.spec, key, dim)).values(dim));
+                    }
+                },
             }
         }
         self.counters.pulls.fetch_add(1, Ordering::Relaxed);
@@ -578,12 +707,9 @@ impl Store {
             let (expected, got) = (keys.len() * dim, grads.len());
             return Err(ps_common::Error::LengthMismatch { what: "sparse gradient", expected, got }.into());
         }
-        let mut seen = HashSet::with_capacity(keys.len());
-        if let Some(k) = keys.iter().find(|&&k| !seen.insert(k)) {
-            return Err(Error::Duplicate { what: format!("key {k} of `{name}`") });
-        }
-        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
-            return Err(Error::NonFinite { what: format!("row of key {} of `{name}`", keys[i / dim]) });
+        check_distinct(name, keys)?;
+        if let Some(i) = grads.iter().position(|g| !(g.abs() <= self.limits.max_gradient)) {
+            self.check_gradient(&grads[i..=i], || format!("row of key {} of `{name}`", keys[i / dim]))?;
         }
         Ok((table, dim))
     }
@@ -599,15 +725,28 @@ impl Store {
     ) -> Result<PushOutcome> {
         let (table, dim) = self.validate_sparse(name, keys, grads)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("validated") };
+        // The rows it would create are reserved before anything is applied;
+        // those a concurrent request creates first go back on drop.
+        let row_bytes = budget::block_bytes(&table.spec, dim);
+        let missing = keys.iter().filter(|k| !rows.contains_key(k)).count() as u64;
+        let mut reserved = self.budget.reserve(row_bytes.saturating_mul(missing))?;
         self.exactly_once(info, || {
             if info.dropped() {
                 return 0;
             }
+            let mut applied = 0;
             for (&key, g) in keys.iter().zip(grads.chunks_exact(dim)) {
-                let mut row = rows.entry(key).or_insert_with(|| Block::new(&table.spec, key, dim));
-                row.apply(&table.spec, dim, g, &info, None);
+                let mut row = rows.entry(key).or_insert_with(|| {
+                    reserved.keep(row_bytes);
+                    Block::new(&table.spec, key, dim)
+                });
+                if row.apply(&table.spec, dim, g, &info, None) {
+                    applied += 1;
+                } else {
+                    self.counters.nonfinite_updates.fetch_add(1, Ordering::Relaxed);
+                }
             }
-            keys.len() as u64
+            applied
         })
     }
 
