@@ -1118,4 +1118,96 @@ mod tests {
         let err = other.push_sparse("e", &[theirs], &[1.0; 2], PushInfo::default()).unwrap_err();
         assert!(matches!(err, Error::WrongShard { owner: 1, this: 0, .. }));
     }
+
+    fn limited(limits: Limits) -> Store {
+        Store::new(0, 1).with_limits(limits).unwrap()
+    }
+
+    #[test]
+    fn rows_and_tables_beyond_the_budget_are_refused_before_they_are_allocated() {
+        // Room for the table and 10 rows of width 4 (SGD: no state).
+        let spec = TableSpec::sparse("e", 4, Init::zeros(), Rule::sgd(1.0).into());
+        let row = budget::block_bytes(&spec, 4);
+        let limits = Limits { memory_mib: 1, ..Limits::default() };
+        let s = limited(limits);
+        s.budget.try_reserve(s.budget.limit() - budget::table_bytes(&spec) - 10 * row).unwrap();
+        s.register(spec, 1).unwrap();
+        pull_rows(&s, "e", &[1, 2, 3, 4, 5, 6], false).unwrap();
+        // A push creating 5 rows does not fit (4 left): nothing is applied.
+        let err = s.push_sparse("e", &[7, 8, 9, 10, 11], &[1.0; 20], PushInfo::default()).unwrap_err();
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::ResourceExhausted);
+        assert_eq!(s.sizes(), (1, 0, 6));
+        // Existing rows cost nothing more; 4 new ones fit exactly.
+        s.push_sparse("e", &[1, 7, 8, 9, 10], &[1.0; 20], PushInfo::default()).unwrap();
+        assert_eq!(s.budget.used(), s.budget.limit());
+        assert!(matches!(s.pull_sparse("e", &[11], false, |_| {}), Err(Error::OverBudget { .. })));
+        // Read-only pulls create nothing and are served.
+        assert_eq!(pull_rows(&s, "e", &[11, 12], true).unwrap().len(), 8);
+        // A dense table of more than the budget is refused whole.
+        let big = TableSpec::dense("big", &[1 << 20], Init::zeros(), Rule::adam(1e-3).into());
+        assert!(matches!(s.register(big, 1), Err(Error::OverBudget { .. })));
+        assert_eq!(s.sizes(), (1, 0, 10));
+    }
+
+    #[test]
+    fn table_count_and_name_limits_hold() {
+        let s = limited(Limits { max_tables: 2, max_name_bytes: 8, ..Limits::default() });
+        let t = |n: &str| TableSpec::sparse(n, 1, Init::zeros(), Rule::sgd(1.0).into());
+        assert!(matches!(s.register(t("a-very-long-name"), 1), Err(Error::LimitExceeded { .. })));
+        s.register(t("a"), 1).unwrap();
+        s.register(t("b"), 1).unwrap();
+        assert!(!s.register(t("b"), 1).unwrap(), "an existing table is not counted again");
+        assert!(matches!(s.register(t("c"), 1), Err(Error::LimitExceeded { what: "tables", .. })));
+        let chunky = Limits { max_chunks_per_table: 3, ..Limits::default() };
+        let mut d = TableSpec::dense("d", &[10], Init::zeros(), Rule::sgd(1.0).into());
+        d.layout = Layout::Dense { shape: vec![10], chunk_len: 3 };
+        assert!(matches!(limited(chunky).register(d, 1), Err(Error::LimitExceeded { got: 4, .. })));
+    }
+
+    #[test]
+    fn repeated_ids_in_a_pull_are_refused() {
+        let s = Store::new(0, 1);
+        s.register(TableSpec::sparse("e", 2, Init::zeros(), Rule::sgd(1.0).into()), 1).unwrap();
+        s.register(sgd_dense("w", 10, 4), 1).unwrap();
+        assert!(matches!(s.pull_sparse("e", &[3, 4, 3], false, |_| {}), Err(Error::Duplicate { .. })));
+        assert!(matches!(s.pull_sparse("e", &[3, 3], true, |_| {}), Err(Error::Duplicate { .. })));
+        assert!(matches!(s.pull_dense(&[("w", 1), ("w", 1)], |_| {}), Err(Error::Duplicate { .. })));
+        assert_eq!(s.sizes(), (2, 3, 0));
+    }
+
+    #[test]
+    fn updates_that_would_be_non_finite_are_not_applied() {
+        let s = Store::new(0, 1);
+        // lr 1e30: a gradient of 1e10 (under max_gradient) overflows.
+        s.register(TableSpec::sparse("e", 2, Init::zeros(), Rule::sgd(1e30).into()), 1).unwrap();
+        let out = s.push_sparse("e", &[1, 2], &[1e10, 0.0, 1.0, 1.0], PushInfo::default()).unwrap();
+        assert_eq!(out.applied, 1, "row 2 applied, row 1 kept");
+        assert_eq!(pull_rows(&s, "e", &[1, 2], true).unwrap(), vec![0.0, 0.0, -1e30, -1e30]);
+        assert_eq!(s.counters.nonfinite_updates.load(Ordering::Relaxed), 1);
+        // Over max_gradient (1e15) or non-finite: the whole push is refused.
+        let huge = s.push_sparse("e", &[3], &[1e38, 0.0], PushInfo::default()).unwrap_err();
+        assert!(matches!(huge, Error::HugeGradient { .. }), "{huge}");
+        let nan = s.push_sparse("e", &[3], &[f32::NAN, 0.0], PushInfo::default()).unwrap_err();
+        assert!(matches!(nan, Error::NonFinite { .. }));
+        s.register(sgd_dense("w", 4, 4), 1).unwrap();
+        assert!(matches!(s.push_dense(&[("w", 0, &[-1e16; 4])], PushInfo::default()), Err(Error::HugeGradient { .. })));
+        assert!(s.snapshot("e").unwrap().iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
+    }
+
+    #[test]
+    fn seq_jumps_and_too_many_workers_are_refused() {
+        let s = limited(Limits { max_seq_jump: 10, max_workers: 2, ..Limits::default() });
+        s.register(sgd_dense("w", 4, 4), 1).unwrap();
+        let g = [1.0; 4];
+        let push = |worker, seq| s.push_dense(&[("w", 0, &g)], PushInfo { worker, seq, ..PushInfo::default() });
+        push(1, 10).unwrap();
+        let err = push(1, u64::MAX).unwrap_err();
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::OutOfRange);
+        assert!(push(1, 21).is_err());
+        push(1, 20).unwrap();
+        push(2, 1).unwrap();
+        assert!(matches!(push(3, 1), Err(Error::LimitExceeded { .. })));
+        push(3, 0).unwrap();
+        assert_eq!(s.last_seq(1), 20);
+    }
 }
