@@ -808,7 +808,9 @@ impl Store {
         mut visit: impl FnMut(u64, &[f32]),
     ) -> Result<(usize, bool)> {
         let (table, dim) = self.sparse_table(name)?;
-        let limit = limit.clamp(1, (self.max_pull_values / dim).max(1));
+        // A page's answer holds a key (2 values' bytes) beside each row,
+        // and 64 bytes of framing.
+        let limit = limit.clamp(1, (self.max_pull_values.saturating_sub(16) / (dim + 2)).max(1));
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
         let mut keys: Vec<u64> =
             rows.iter().map(|r| *r.key()).filter(|&k| after.is_none_or(|a| k > a)).collect();
@@ -1072,7 +1074,7 @@ mod tests {
 
     #[test]
     fn a_scan_pages_through_the_rows_in_key_order() {
-        let s = Store::new(0, 1).with_max_pull_values(6);
+        let s = Store::new(0, 1).with_max_pull_values(28);
         s.register(TableSpec::sparse("e", 2, Init::zeros(), Rule::sgd(1.0).into()), 1).unwrap();
         let keys = [40u64, 3, 17, 99, 5, 61, 8];
         for part in keys.chunks(3) {
@@ -1080,7 +1082,8 @@ mod tests {
         }
         let (mut seen, mut after, mut pages) = (Vec::new(), None, 0);
         loop {
-            // Asks for 10 rows; the pull limit (6 values) allows 3.
+            // Asks for 10 rows; the pull limit (28 values, less 16 for framing,
+            // 4 a row with its key) allows 3.
             let (dim, done) = s
                 .scan_sparse("e", after, 10, |k, row| {
                     assert_eq!(row.len(), 2);
@@ -1190,7 +1193,10 @@ mod tests {
         let nan = s.push_sparse("e", &[3], &[f32::NAN, 0.0], PushInfo::default()).unwrap_err();
         assert!(matches!(nan, Error::NonFinite { .. }));
         s.register(sgd_dense("w", 4, 4), 1).unwrap();
-        assert!(matches!(s.push_dense(&[("w", 0, &[-1e16; 4])], PushInfo::default()), Err(Error::HugeGradient { .. })));
+        assert!(matches!(
+            s.push_dense(&[("w", 0, &[-1e16; 4])], PushInfo::default()),
+            Err(Error::HugeGradient { .. })
+        ));
         assert!(s.snapshot("e").unwrap().iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
     }
 
@@ -1199,7 +1205,8 @@ mod tests {
         let s = limited(Limits { max_seq_jump: 10, max_workers: 2, ..Limits::default() });
         s.register(sgd_dense("w", 4, 4), 1).unwrap();
         let g = [1.0; 4];
-        let push = |worker, seq| s.push_dense(&[("w", 0, &g)], PushInfo { worker, seq, ..PushInfo::default() });
+        let push =
+            |worker, seq| s.push_dense(&[("w", 0, &g)], PushInfo { worker, seq, ..PushInfo::default() });
         push(1, 10).unwrap();
         let err = push(1, u64::MAX).unwrap_err();
         assert_eq!(tonic::Status::from(err).code(), tonic::Code::OutOfRange);

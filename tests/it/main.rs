@@ -7,6 +7,7 @@ mod cluster;
 mod codecs;
 mod compress;
 mod export;
+mod hostile;
 mod manifests;
 mod models;
 mod multihost;
