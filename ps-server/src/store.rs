@@ -626,7 +626,7 @@ impl Store {
     /// `limits.max_gradient` in magnitude (one pass; `what` names the block).
     fn check_gradient(&self, grad: &[f32], what: impl Fn() -> String) -> Result<()> {
         let max = self.limits.max_gradient;
-        match grad.iter().find(|g| !(g.abs() <= max)) {
+        match grad.iter().find(|g| !(g.is_finite() && g.abs() <= max)) {
             None => Ok(()),
             Some(g) if g.is_finite() => Err(Error::HugeGradient { what: what(), value: *g, limit: max }),
             Some(_) => Err(Error::NonFinite { what: what() }),
@@ -708,7 +708,8 @@ impl Store {
             return Err(ps_common::Error::LengthMismatch { what: "sparse gradient", expected, got }.into());
         }
         check_distinct(name, keys)?;
-        if let Some(i) = grads.iter().position(|g| !(g.abs() <= self.limits.max_gradient)) {
+        let max = self.limits.max_gradient;
+        if let Some(i) = grads.iter().position(|g| !(g.is_finite() && g.abs() <= max)) {
             self.check_gradient(&grads[i..=i], || format!("row of key {} of `{name}`", keys[i / dim]))?;
         }
         Ok((table, dim))
