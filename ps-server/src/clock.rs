@@ -609,4 +609,18 @@ mod tests {
         c.leave(1);
         c.join(2, Consistency::Asp, LEASE).unwrap();
     }
+
+    #[test]
+    fn the_set_keeps_at_most_max_workers_and_tracks_its_highest_clock() {
+        let c = Clocks::default().with_max_workers(2);
+        c.join(1, Consistency::Asp, LEASE).unwrap();
+        c.join(2, Consistency::Asp, LEASE).unwrap();
+        c.leave(2);
+        let err = c.join(3, Consistency::Asp, LEASE).unwrap_err();
+        assert!(matches!(err, Error::LimitExceeded { what: "workers", got: 3, limit: 2 }), "{err}");
+        // Those it knows may come back.
+        assert_eq!(c.rejoin(2, Consistency::Asp, LEASE, 7).unwrap(), 7);
+        c.tick(1, 9);
+        assert_eq!(c.highest(), 10);
+    }
 }
