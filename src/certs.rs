@@ -84,7 +84,8 @@ pub fn create(dir: &Path, opts: &Options) -> Result<Vec<PathBuf>> {
     let mut ca = CertificateParams::default();
     ca.distinguished_name = name("paramserver dev CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    ca.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     validity(&mut ca);
     let ca_cert = ca.self_signed(&ca_key).map_err(cert_error("signing the CA"))?;
     written.push(write(dir, "ca.pem", &ca_cert.pem(), false)?);

@@ -389,7 +389,10 @@ async fn checkpoint(
     Ok(())
 }
 
-async fn status(servers: Vec<String>, transport: ps_common::transport::TransportConfig) -> anyhow::Result<()> {
+async fn status(
+    servers: Vec<String>,
+    transport: ps_common::transport::TransportConfig,
+) -> anyhow::Result<()> {
     let opts = ClientOptions { transport, ..ClientOptions::default() };
     let client = ShardedClient::connect(&servers, u64::MAX, opts).await?;
     let stats: Vec<ShardStats> = client.stats().await?.iter().map(ShardStats::from_wire).collect();

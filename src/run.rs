@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ps_server::checkpoint::coordinator::{self, Shards};
 use ps_common::transport::TransportConfig;
+use ps_server::checkpoint::coordinator::{self, Shards};
 use ps_worker::config::RunConfig;
 use ps_worker::event::Event;
 
@@ -106,9 +106,7 @@ async fn run_on(
     std::fs::write(&shards, servers.addrs.join(",") + "\n")
         .map_err(|source| cluster::Error::Io { what: format!("writing {}", shards.display()), source })?;
     let checkpointer = match plan.config.checkpoint.enabled {
-        true => Some(
-            Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &transport).await?,
-        ),
+        true => Some(Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &transport).await?),
         false => None,
     };
     let opts = RunOptions {

@@ -207,9 +207,10 @@ impl TlsArgs {
             },
             (None, Some(old)) => old.clone(),
             (None, None) => {
-                let ca = self.tls_ca.clone().ok_or_else(|| {
-                    Error::InvalidTls("--tls-cert needs --tls-ca (or --tls-dir)".into())
-                })?;
+                let ca = self
+                    .tls_ca
+                    .clone()
+                    .ok_or_else(|| Error::InvalidTls("--tls-cert needs --tls-ca (or --tls-dir)".into()))?;
                 TlsConfig { ca, cert: None, key: None, client_auth: false, server_name: None }
             }
         };
@@ -375,7 +376,9 @@ impl TransportConfig {
         }
         if let Some(tls) = &self.tls {
             if self.plaintext {
-                return Err(Error::InvalidTls("`plaintext = true` and TLS settings exclude each other".into()));
+                return Err(Error::InvalidTls(
+                    "`plaintext = true` and TLS settings exclude each other".into(),
+                ));
             }
             tls.validate()?;
         }
@@ -615,11 +618,15 @@ mod tests {
         let args = TlsArgs { tls_dir: Some(dir.into()), ..TlsArgs::default() };
         args.apply(&mut t, "worker-3").unwrap();
         let tls = t.tls.clone().unwrap();
-        assert_eq!((tls.ca, tls.cert, tls.key), (dir.join("ca.pem"), Some(dir.join("worker-3.pem")), Some(dir.join("worker-3.key"))));
+        assert_eq!(
+            (tls.ca, tls.cert, tls.key),
+            (dir.join("ca.pem"), Some(dir.join("worker-3.pem")), Some(dir.join("worker-3.key")))
+        );
         let plain = TlsArgs { plaintext: true, ..TlsArgs::default() };
         plain.apply(&mut t, "worker-3").unwrap();
         assert!(t.tls.is_none() && t.plaintext);
-        let cert_only = TlsArgs { tls_cert: Some("a.pem".into()), tls_key: Some("a.key".into()), ..TlsArgs::default() };
+        let cert_only =
+            TlsArgs { tls_cert: Some("a.pem".into()), tls_key: Some("a.key".into()), ..TlsArgs::default() };
         assert!(cert_only.client_transport("admin").is_err(), "a certificate without a CA");
         assert!(TlsArgs::default().client_transport("admin").is_err(), "neither TLS nor --plaintext");
     }

@@ -15,8 +15,8 @@
 use std::time::{Duration, Instant};
 
 use ps_common::spec::{Layout, TableSpec};
-use ps_model::{ModelKind, SavedModel, SparseTable};
 use ps_common::transport::TransportConfig;
+use ps_model::{ModelKind, SavedModel, SparseTable};
 use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
 
 use crate::error::{Error, Result};
