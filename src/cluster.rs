@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use ps_common::transport::{TlsConfig, TransportConfig};
 use ps_worker::config::RunConfig;
 use ps_worker::event::Event;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -36,6 +37,8 @@ pub enum Error {
     Model(#[from] ps_model::Error),
     #[error(transparent)]
     Checkpoint(#[from] ps_server::Error),
+    #[error("certificates: {0}")]
+    Certificate(String),
     #[error("shard {shard} died ({exit}) and cannot be restored: {why}")]
     ShardDied { shard: u32, exit: String, why: String },
 }
@@ -88,15 +91,47 @@ pub struct Servers {
     exe: PathBuf,
     log_dir: PathBuf,
     checkpoint_dir: Option<PathBuf>,
+    security: Security,
 }
 
 /// Where shards keep checkpoints and what they start from.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// The shards' checkpoint folder (enables supervision).
     pub checkpoint_dir: Option<PathBuf>,
     /// Start every shard from this checkpoint.
     pub restore: Option<PathBuf>,
+    /// How every process of the cluster talks.
+    pub security: Security,
+}
+
+/// How the processes of a local cluster talk: mutual TLS with the
+/// certificates `ps-cluster certs` made in a folder (the default), or
+/// plaintext when the run asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Security {
+    Tls(PathBuf),
+    Plaintext,
+}
+
+impl Security {
+    /// The flags that give a child process its TLS (it picks its own
+    /// certificate in the folder by role and index).
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        match self {
+            Security::Tls(dir) => vec!["--tls-dir".into(), dir.clone().into_os_string()],
+            Security::Plaintext => vec!["--plaintext".into()],
+        }
+    }
+
+    /// `base` with this security, for the launcher's own channels (as
+    /// `admin`: stats, checkpoints, the final evaluation).
+    pub fn admin_transport(&self, base: &TransportConfig) -> TransportConfig {
+        base.with_tls(match self {
+            Security::Tls(dir) => Some(TlsConfig::from_dir(dir, "admin")),
+            Security::Plaintext => None,
+        })
+    }
 }
 
 /// A shard that died and was restarted from a checkpoint.
@@ -120,6 +155,7 @@ impl Servers {
             exe: exe.to_path_buf(),
             log_dir: dir.to_path_buf(),
             checkpoint_dir: opts.checkpoint_dir.clone(),
+            security: opts.security.clone(),
         };
         for shard in 0..n {
             servers.metrics_addrs.push(free_loopback_addr()?);
@@ -156,6 +192,10 @@ impl Servers {
         }
         if let Some(addr) = self.metrics_addrs.get(shard as usize) {
             cmd.args(["--metrics", addr]);
+        }
+        cmd.args(self.security.args());
+        if matches!(self.security, Security::Tls(_)) {
+            cmd.arg("--client-auth");
         }
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -263,6 +303,10 @@ pub struct RunOptions<'a> {
     pub kill_server_after: Option<(usize, Duration)>,
     /// Append to metrics.jsonl (a resumed run) instead of starting it anew.
     pub append_metrics: bool,
+    /// How the workers talk to the shards.
+    pub security: &'a Security,
+    /// The launcher's own channels (measuring a recovery).
+    pub transport: &'a TransportConfig,
 }
 
 /// Starts the workers of `config` against `servers`, forwards their events
@@ -289,6 +333,7 @@ pub async fn run_workers(
             .args(["--servers", &servers.addrs.join(",")])
             .args(["--index", &index.to_string(), "--workers", &opts.workers.to_string()])
             .args(["--metrics", metrics_addr])
+            .args(opts.security.args())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -352,7 +397,7 @@ pub async fn run_workers(
                     server_killed = true;
                 }
                 if let Some(restart) = servers.supervise().await? {
-                    let recovery = crate::artifact::Recovery::measure(&restart, &servers.addrs, started).await;
+                    let recovery = crate::artifact::Recovery::measure(&restart, &servers.addrs, started, opts.transport).await;
                     eprintln!("{}", recovery.describe());
                     outcome.recoveries.push(recovery);
                 }

@@ -13,6 +13,7 @@
 //! ps-cluster models list          # the model registry: list, show, promote, rollback, diff
 //! ps-cluster models export mnist_mlp:2 --format safetensors   # a registered version
 //! ps-cluster models register runs/<run>/checkpoints/ckpt-N    # the model a checkpoint holds
+//! ps-cluster certs --out tls --workers 4 --hosts hostA,hostB  # a dev CA and certificates
 //! ps-cluster server ...           # one shard (same flags as ps-server)
 //! ps-cluster worker ...           # one worker (same flags as ps-worker)
 //! ```
@@ -47,6 +48,28 @@ enum Command {
     Status {
         #[arg(long, value_delimiter = ',', required = true)]
         servers: Vec<String>,
+        /// TLS as `admin` (`admin.pem` in --tls-dir), or --plaintext.
+        #[command(flatten)]
+        tls: ps_common::transport::TlsArgs,
+    },
+    /// Make a development CA and the certificates of a cluster (PEM; keys
+    /// mode 0600): `shard` and `serve` (server), `admin`, `reader` and
+    /// `worker-N` (client; the Subject CN is the principal). See
+    /// docs/SECURITY.md.
+    Certs {
+        /// Folder to write (must not hold a CA yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// Worker certificates to make (worker-0 ..).
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// More names or addresses of the shards' (and ps-serve's) hosts,
+        /// besides localhost, 127.0.0.1 and ::1.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
     /// Print throughput figures, each beside a baseline from the same run.
     Bench {
@@ -90,6 +113,9 @@ enum Command {
         /// Complete checkpoints to keep in DIR.
         #[arg(long, default_value_t = 3)]
         keep: usize,
+        /// TLS as `admin` (`admin.pem` in --tls-dir), or --plaintext.
+        #[command(flatten)]
+        tls: ps_common::transport::TlsArgs,
     },
     /// Export a run's model as safetensors with a model card (docs/EXPORT.md).
     Export {
@@ -149,6 +175,10 @@ struct TrainArgs {
     /// job are refused.
     #[arg(long, conflicts_with_all = ["config", "servers", "workers", "consistency", "name", "push_codec", "pull_codec"])]
     resume: Option<PathBuf>,
+    /// Run without TLS (`[cluster] plaintext = true`); by default every
+    /// channel uses mutual TLS with certificates made in `<run>/tls/`.
+    #[arg(long)]
+    plaintext: bool,
 }
 
 fn parse_kill(s: &str) -> Result<(usize, f64), String> {
@@ -173,9 +203,19 @@ fn main() -> anyhow::Result<()> {
         Command::Server(args) => Ok(ps_server::cli::run(&args)?),
         Command::Worker(args) => Ok(ps_worker::cli::run(&args)?),
         Command::Models(args) => tokio_runtime()?.block_on(paramserver::models::run(args)),
-        Command::Status { servers } => tokio_runtime()?.block_on(status(servers)),
-        Command::Checkpoint { servers, dir, keep } => {
-            tokio_runtime()?.block_on(checkpoint(servers, dir, keep))
+        Command::Status { servers, tls } => {
+            let transport = tls.client_transport("admin")?;
+            tokio_runtime()?.block_on(status(servers, transport))
+        }
+        Command::Checkpoint { servers, dir, keep, tls } => {
+            let transport = tls.client_transport("admin")?;
+            tokio_runtime()?.block_on(checkpoint(servers, dir, keep, transport))
+        }
+        Command::Certs { out, workers, hosts, days } => {
+            let opts = paramserver::certs::Options { workers, hosts, days };
+            let files = paramserver::certs::create(&out, &opts)?;
+            println!("wrote {} files to {}", files.len(), out.display());
+            Ok(())
         }
         Command::Bench { epochs, reps, only } => {
             let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
@@ -240,6 +280,9 @@ async fn train(args: TrainArgs) -> anyhow::Result<RunSummary> {
     if let Some(v) = args.pull_codec {
         config.job.codecs.pull = v;
     }
+    if args.plaintext {
+        config.cluster.plaintext = true;
+    }
     config.validate()?;
     let name = args.name.clone().unwrap_or_else(|| {
         args.config
@@ -281,6 +324,9 @@ async fn resume(path: &std::path::Path, args: &TrainArgs) -> anyhow::Result<RunS
     if let Some(v) = args.epochs {
         config.job.epochs = v;
     }
+    if args.plaintext {
+        config.cluster.plaintext = true;
+    }
     let ckpt_path = if path == run_dir { run::checkpoint_root(&run_dir) } else { path.to_path_buf() };
     let ckpt = ps_server::checkpoint::resolve(&ckpt_path)?;
     let m = &ckpt.manifest;
@@ -320,9 +366,15 @@ async fn execute(
     Ok(summary)
 }
 
-async fn checkpoint(servers: Vec<String>, dir: PathBuf, keep: usize) -> anyhow::Result<()> {
+async fn checkpoint(
+    servers: Vec<String>,
+    dir: PathBuf,
+    keep: usize,
+    transport: ps_common::transport::TransportConfig,
+) -> anyhow::Result<()> {
     let mut opts = ps_server::checkpoint::coordinator::Options::new(dir);
     opts.keep = keep.max(1);
+    opts.transport = transport;
     let m = ps_server::checkpoint::coordinator::take_once(&servers, &opts).await?;
     let cut: Vec<String> = m.workers.iter().map(|w| format!("worker {} at {}", w.worker, w.clock)).collect();
     println!(
@@ -337,8 +389,12 @@ async fn checkpoint(servers: Vec<String>, dir: PathBuf, keep: usize) -> anyhow::
     Ok(())
 }
 
-async fn status(servers: Vec<String>) -> anyhow::Result<()> {
-    let client = ShardedClient::connect(&servers, u64::MAX, ClientOptions::default()).await?;
+async fn status(
+    servers: Vec<String>,
+    transport: ps_common::transport::TransportConfig,
+) -> anyhow::Result<()> {
+    let opts = ClientOptions { transport, ..ClientOptions::default() };
+    let client = ShardedClient::connect(&servers, u64::MAX, opts).await?;
     let stats: Vec<ShardStats> = client.stats().await?.iter().map(ShardStats::from_wire).collect();
     print!("{}", render::status(&stats));
     Ok(())

@@ -12,12 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ps_common::transport::TransportConfig;
 use ps_server::checkpoint::coordinator::{self, Shards};
-use ps_worker::config::{CheckpointConfig, RunConfig};
+use ps_worker::config::RunConfig;
 use ps_worker::event::Event;
 
 use crate::artifact::{CheckpointLog, JsonFile, RunSummary, ShardStats, StatsFile};
-use crate::cluster::{self, Result, RunOptions, ServerOptions, Servers};
+use crate::cluster::{self, Result, RunOptions, Security, ServerOptions, Servers};
 
 /// The file of a run folder that lists the shard addresses, comma-separated.
 pub const SHARDS_FILE: &str = "shards.txt";
@@ -40,6 +41,28 @@ impl<'a> Plan<'a> {
     }
 }
 
+/// The run folder's certificates (`ps-cluster certs`), unless the run is
+/// plaintext.
+pub fn tls_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("tls")
+}
+
+/// Mutual TLS with certificates made in `<run>/tls/` (kept on resume), or
+/// plaintext if the run file says `[cluster] plaintext = true`.
+fn security(run_dir: &Path, config: &RunConfig) -> Result<Security> {
+    if config.cluster.plaintext {
+        return Ok(Security::Plaintext);
+    }
+    let dir = tls_dir(run_dir);
+    let opts = crate::certs::Options { workers: config.cluster.workers, ..crate::certs::Options::default() };
+    crate::certs::ensure(&dir, &opts)?;
+    // The children run elsewhere than the launcher's working directory only
+    // if a test says so; an absolute path holds in both cases.
+    let dir = std::path::absolute(&dir)
+        .map_err(|source| cluster::Error::Io { what: format!("resolving {}", dir.display()), source })?;
+    Ok(Security::Tls(dir))
+}
+
 /// The run folder's checkpoint root.
 pub fn checkpoint_root(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
@@ -49,13 +72,15 @@ pub fn checkpoint_root(run_dir: &Path) -> PathBuf {
 pub async fn run(plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Result<RunSummary> {
     let config_path = cluster::write_config(&plan.run_dir, &plan.config)?;
     let ckpt = &plan.config.checkpoint;
+    let security = security(&plan.run_dir, &plan.config)?;
     let server_opts = ServerOptions {
         checkpoint_dir: ckpt.enabled.then(|| checkpoint_root(&plan.run_dir)),
         restore: plan.resume_from.clone(),
+        security: security.clone(),
     };
     let mut servers =
         Servers::start(plan.exe, plan.config.cluster.servers, &plan.run_dir, &server_opts).await?;
-    let result = run_on(&plan, &config_path, &mut servers, on_event).await;
+    let result = run_on(&plan, &config_path, &security, &mut servers, on_event).await;
     servers.stop(Duration::from_secs(10)).await;
     let summary = result?;
     summary.write(&plan.run_dir)?;
@@ -66,19 +91,22 @@ pub async fn run(plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Result<
 async fn run_on(
     plan: &Plan<'_>,
     config_path: &Path,
+    security: &Security,
     servers: &mut Servers,
     on_event: impl FnMut(usize, &Event),
 ) -> Result<RunSummary> {
-    let job = &plan.config.job;
+    // The launcher's own channels (checkpoints, stats, evaluation) as `admin`.
+    let transport = security.admin_transport(&plan.config.job.client.transport);
+    let mut launcher_job = plan.config.job.clone();
+    launcher_job.client.transport = transport.clone();
+    let job = &launcher_job;
     // Where the shards listen, for readers of the live model
     // (`ps-serve --online $(cat <run>/shards.txt)`).
     let shards = plan.run_dir.join(SHARDS_FILE);
     std::fs::write(&shards, servers.addrs.join(",") + "\n")
         .map_err(|source| cluster::Error::Io { what: format!("writing {}", shards.display()), source })?;
     let checkpointer = match plan.config.checkpoint.enabled {
-        true => Some(
-            Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &plan.config.checkpoint).await?,
-        ),
+        true => Some(Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &transport).await?),
         false => None,
     };
     let opts = RunOptions {
@@ -89,6 +117,8 @@ async fn run_on(
         kill_worker_after: plan.kill_worker_after,
         kill_server_after: plan.kill_server_after,
         append_metrics: plan.resume_from.is_some(),
+        security,
+        transport: &transport,
     };
     let outcome = cluster::run_workers(opts, servers, on_event).await;
     let checkpoints = match checkpointer {
@@ -151,11 +181,13 @@ impl Checkpointer {
         addrs: &[String],
         run_dir: &Path,
         config: &RunConfig,
-        c: &CheckpointConfig,
+        transport: &TransportConfig,
     ) -> Result<Self> {
+        let c = &config.checkpoint;
         let mut opts = coordinator::Options::new(checkpoint_root(run_dir));
         opts.job = Some(config.fingerprint());
         opts.keep = c.keep;
+        opts.transport = transport.clone();
         let shards = Shards::connect(addrs, &opts.transport).await?;
         let log = Arc::new(Mutex::new(CheckpointLog::default()));
         let every = (c.every_s > 0.0).then(|| Duration::from_secs_f64(c.every_s));

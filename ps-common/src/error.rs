@@ -26,6 +26,10 @@ pub enum Error {
     InvalidSpec(String),
     #[error("invalid transport settings: {0}")]
     InvalidTransport(String),
+    #[error("invalid TLS settings: {0}")]
+    InvalidTls(String),
+    #[error("TLS file {path}: {reason}")]
+    TlsFile { path: String, reason: String },
     #[error("bad server address `{addr}`: {reason}")]
     InvalidAddress { addr: String, reason: String },
 }

@@ -26,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
     if args.max_batch == 0 || args.max_request_rows == 0 || args.max_request_mib == 0 {
         bail!("--max-batch, --max-request-rows and --max-request-mib must be positive");
     }
+    let transport = args.server_transport()?;
     let batching = (!args.no_batching).then_some(BatchConfig {
         max_batch: args.max_batch,
         max_delay: Duration::from_micros(args.batch_delay_us),
@@ -70,7 +71,7 @@ async fn main() -> anyhow::Result<()> {
                 Some(registry.load(&registry.version(&model, version).await?)?.model)
             }
         };
-        let online = Online::connect(&args.online, template)
+        let online = Online::connect_with(&args.online, template, &args.online_transport()?)
             .await
             .with_context(|| format!("reading the cluster {}", args.online.join(",")))?;
         slots.push(Arc::new(ModelSlot::from_cluster(name.clone(), online, batching, args.max_request_rows)));
@@ -90,12 +91,14 @@ async fn main() -> anyhow::Result<()> {
     }
     let models = Arc::new(Models::new(slots));
     let limits = Limits { max_request_bytes: args.max_request_mib << 20 };
-    let running = server::start(models, args.grpc, args.http, limits).await?;
+    let running = server::start_with(models, args.grpc, args.http, limits, &transport).await?;
     println!(
-        "ps-serve: gRPC on {}, HTTP on {} (POST http://{}/v1/models/NAME:predict); batching {}",
+        "ps-serve: gRPC on {}, HTTP on {} (POST {}://{}/v1/models/NAME:predict){}; batching {}",
         running.grpc,
         running.http,
+        if transport.tls.is_some() { "https" } else { "http" },
         running.http,
+        if transport.tls.is_some() { ", TLS" } else { ", plaintext" },
         match batching {
             Some(b) => format!("up to {} examples, {} us", b.max_batch, b.max_delay.as_micros()),
             None => "off".into(),

@@ -38,6 +38,13 @@ pub struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9100).
     #[arg(long, env = "PS_METRICS")]
     pub metrics: Option<SocketAddr>,
+    /// TLS: this shard's certificate is `shard.pem` in --tls-dir.
+    #[command(flatten)]
+    pub tls: ps_common::transport::TlsArgs,
+    /// Mutual TLS: refuse clients without a certificate signed by the CA
+    /// (`[transport.tls] client_auth`).
+    #[arg(long)]
+    pub client_auth: bool,
 }
 
 /// Reads the config file (if any), applies the flags, validates.
@@ -74,7 +81,15 @@ pub fn config(args: &Args) -> Result<ServerConfig> {
     if let Some(v) = args.metrics {
         config.metrics = Some(v);
     }
+    args.tls.apply(&mut config.transport, "shard")?;
+    if args.client_auth {
+        let tls = config.transport.tls.as_mut().ok_or_else(|| {
+            Error::Config("--client-auth needs TLS (--tls-dir or --tls-ca/--tls-cert/--tls-key)".into())
+        })?;
+        tls.client_auth = true;
+    }
     config.validate()?;
+    config.transport.require_security()?;
     Ok(config)
 }
 

@@ -158,7 +158,7 @@ pub async fn serve(
         })
     });
     let t = &config.transport;
-    let result = transport::server(t, &rpc)
+    let result = transport::server(t, &rpc)?
         .max_concurrent_streams(limits.max_concurrent_streams)
         .add_service(transport::service(t, Service(shard)))
         .serve_with_incoming_shutdown(transport::incoming(t, listener), shutdown)
@@ -206,6 +206,8 @@ pub async fn bind_and_serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
+    // Unreadable TLS files fail the start, before the address is announced.
+    config.transport.check_server()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| Error::Io { what: format!("bind {}", config.listen), source: e })?;

@@ -278,6 +278,7 @@ mod tests {
         let addr = listener.local_addr().unwrap().to_string();
         let t = TransportConfig::default();
         let server = transport::server(&t, &rpc)
+            .unwrap()
             .add_service(transport::service(&t, Service(Arc::clone(&shard))))
             .serve_with_incoming(transport::incoming(&t, listener));
         let server = tokio::spawn(server);

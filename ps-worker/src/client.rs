@@ -232,7 +232,7 @@ impl ShardedClient {
             let channel = loop {
                 match endpoint.connect().await {
                     Ok(c) => break c,
-                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                    Err(e) if tokio::time::Instant::now() >= deadline || transport::is_tls_failure(&e) => {
                         return Err(Error::Connect { addr: addr.clone(), source: e });
                     }
                     Err(e) => {

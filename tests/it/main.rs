@@ -14,5 +14,6 @@ mod multihost;
 mod properties;
 mod service;
 mod stragglers;
+mod tls;
 mod train;
 mod util;
