@@ -76,7 +76,8 @@ impl FromStr for Principal {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Principal> {
-        let bad = || Error::Credential(format!("unknown principal {s:?}: admin, reader, worker:<N> or shard"));
+        let bad =
+            || Error::Credential(format!("unknown principal {s:?}: admin, reader, worker:<N> or shard"));
         match s {
             "admin" => Ok(Principal::Admin),
             "reader" => Ok(Principal::Reader),
@@ -84,7 +85,9 @@ impl FromStr for Principal {
             _ => {
                 let n = s.strip_prefix("worker:").ok_or_else(bad)?;
                 // Digits only: no sign, no spaces, no second spelling of one id.
-                if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0'))
+                if n.is_empty()
+                    || !n.bytes().all(|b| b.is_ascii_digit())
+                    || (n.len() > 1 && n.starts_with('0'))
                 {
                     return Err(bad());
                 }
@@ -115,9 +118,11 @@ pub enum Access {
     /// Any role: reads that change nothing (ListTables, ScanSparse, outside
     /// reads that create no row).
     Read,
-    /// Admin or any worker: table registration (identical specs are a
-    /// no-op, a different spec for an existing name is refused anyway).
-    Register,
+    /// Admin or any worker: table registration (workers register their
+    /// job's tables; an identical spec is a no-op and a different one for an
+    /// existing name is refused anyway), and a pull that may create rows
+    /// without naming a worker.
+    AnyWorker,
     /// Admin, or the worker whose id the request names: everything that
     /// changes a worker's state (join, push, seq, clock, lease, leave,
     /// data ranges) or may create rows.
@@ -132,7 +137,7 @@ pub fn authorize(who: Principal, need: Access) -> Result<()> {
         Access::Admin => false,
         Access::Monitor => role == Some(Role::Reader),
         Access::Read => role.is_some(),
-        Access::Register => role == Some(Role::Worker),
+        Access::AnyWorker => role == Some(Role::Worker),
         Access::Member(id) => who == Principal::Worker(id),
     };
     if ok {
@@ -143,7 +148,7 @@ pub fn authorize(who: Principal, need: Access) -> Result<()> {
         Access::Member(id) => format!("{who} may not act as worker {id} (a worker's own credential may)"),
         Access::Admin => format!("{who} may not do this: admin only"),
         Access::Monitor => format!("{who} may not read stats: admin or reader only"),
-        Access::Register => format!("{who} may not register tables: admin or worker only"),
+        Access::AnyWorker => format!("{who} may not do this: admin or worker only"),
         Access::Read => format!("{who} has no role on this shard"),
     }))
 }
@@ -189,7 +194,8 @@ impl TokenIssuer {
     /// A token for `who` that expires at `exp` (in the past: an expired
     /// token, for tests).
     pub fn issue_expiring(&self, who: Principal, exp: SystemTime) -> Result<String> {
-        let claims = Claims { sub: who.to_string(), iat: unix(SystemTime::now()).min(unix(exp)), exp: unix(exp) };
+        let claims =
+            Claims { sub: who.to_string(), iat: unix(SystemTime::now()).min(unix(exp)), exp: unix(exp) };
         jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &self.key)
             .map_err(|e| Error::Credential(format!("signing a token: {e}")))
     }
@@ -232,9 +238,14 @@ impl TokenVerifier {
 
 /// A key file is a few hundred bytes; anything much larger is not one.
 fn read_key(path: &Path) -> Result<Vec<u8>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Credential(format!("reading {}: {e}", path.display())))?;
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::Credential(format!("reading {}: {e}", path.display())))?;
     if bytes.len() > 16 << 10 {
-        return Err(Error::Credential(format!("{}: {} bytes is not a key file", path.display(), bytes.len())));
+        return Err(Error::Credential(format!(
+            "{}: {} bytes is not a key file",
+            path.display(),
+            bytes.len()
+        )));
     }
     Ok(bytes)
 }
@@ -327,9 +338,9 @@ pub fn principal_from_cert(der: &[u8]) -> Result<Principal> {
     if names.next().is_some() {
         return Err(Error::Unauthenticated("the client certificate has more than one Common Name".into()));
     }
-    let cn = cn
-        .as_str()
-        .map_err(|e| Error::Unauthenticated(format!("the client certificate's Common Name is not text: {e}")))?;
+    let cn = cn.as_str().map_err(|e| {
+        Error::Unauthenticated(format!("the client certificate's Common Name is not text: {e}"))
+    })?;
     cn.parse().map_err(|e: Error| Error::Unauthenticated(format!("client certificate: {e}")))
 }
 
@@ -373,8 +384,8 @@ impl Credential {
     /// The token in the file at `path`.
     pub fn from_token_file(path: &Path) -> Result<Credential> {
         let text = read_key(path)?;
-        let text =
-            std::str::from_utf8(&text).map_err(|_| Error::Credential(format!("{}: not text", path.display())))?;
+        let text = std::str::from_utf8(&text)
+            .map_err(|_| Error::Credential(format!("{}: not text", path.display())))?;
         Credential::bearer(text).map_err(|e| Error::Credential(format!("{}: {e}", path.display())))
     }
 
@@ -416,11 +427,27 @@ mod tests {
 
     #[test]
     fn principals_round_trip_and_odd_spellings_are_refused() {
-        for p in [Principal::Admin, Principal::Reader, Principal::Shard, Principal::Worker(0), Principal::Worker(u64::MAX)]
-        {
+        for p in [
+            Principal::Admin,
+            Principal::Reader,
+            Principal::Shard,
+            Principal::Worker(0),
+            Principal::Worker(u64::MAX),
+        ] {
             assert_eq!(p.to_string().parse::<Principal>().unwrap(), p);
         }
-        for bad in ["", "Admin", "worker", "worker:", "worker:-1", "worker:+1", "worker:01", "worker: 1", "worker:18446744073709551616", "root"] {
+        for bad in [
+            "",
+            "Admin",
+            "worker",
+            "worker:",
+            "worker:-1",
+            "worker:+1",
+            "worker:01",
+            "worker: 1",
+            "worker:18446744073709551616",
+            "root",
+        ] {
             assert!(bad.parse::<Principal>().is_err(), "{bad:?} parsed");
         }
     }
@@ -430,10 +457,14 @@ mod tests {
         use Access::*;
         let w3 = Principal::Worker(3);
         let cases = [
-            (Principal::Admin, [Admin, Monitor, Read, Register, Member(7)], [true, true, true, true, true]),
-            (Principal::Reader, [Admin, Monitor, Read, Register, Member(7)], [false, true, true, false, false]),
-            (w3, [Admin, Monitor, Read, Register, Member(7)], [false, false, true, true, false]),
-            (Principal::Shard, [Admin, Monitor, Read, Register, Member(7)], [false; 5]),
+            (Principal::Admin, [Admin, Monitor, Read, AnyWorker, Member(7)], [true, true, true, true, true]),
+            (
+                Principal::Reader,
+                [Admin, Monitor, Read, AnyWorker, Member(7)],
+                [false, true, true, false, false],
+            ),
+            (w3, [Admin, Monitor, Read, AnyWorker, Member(7)], [false, false, true, true, false]),
+            (Principal::Shard, [Admin, Monitor, Read, AnyWorker, Member(7)], [false; 5]),
         ];
         for (who, needs, allowed) in cases {
             for (need, ok) in needs.into_iter().zip(allowed) {
@@ -441,7 +472,9 @@ mod tests {
             }
         }
         assert!(authorize(w3, Member(3)).is_ok());
-        assert!(matches!(authorize(w3, Member(4)), Err(Error::PermissionDenied(m)) if m.contains("worker 4")));
+        assert!(
+            matches!(authorize(w3, Member(4)), Err(Error::PermissionDenied(m)) if m.contains("worker 4"))
+        );
     }
 
     #[test]
@@ -450,7 +483,8 @@ mod tests {
         let token = issuer.issue(Principal::Worker(3), Duration::from_secs(60)).unwrap();
         assert_eq!(verifier.verify(&token).unwrap(), Principal::Worker(3));
 
-        let expired = issuer.issue_expiring(Principal::Admin, SystemTime::now() - Duration::from_secs(60)).unwrap();
+        let expired =
+            issuer.issue_expiring(Principal::Admin, SystemTime::now() - Duration::from_secs(60)).unwrap();
         assert!(matches!(verifier.verify(&expired), Err(Error::Unauthenticated(m)) if m.contains("xpired")));
 
         let (_, other) = keys();
@@ -461,7 +495,8 @@ mod tests {
         let forged_claims = Claims { sub: "admin".into(), iat: 0, exp: u64::MAX / 2 };
         let payload = {
             use base64::Engine;
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged_claims).unwrap())
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(serde_json::to_vec(&forged_claims).unwrap())
         };
         let forged = format!("{}.{payload}.{}", parts[0], parts[2]);
         assert!(verifier.verify(&forged).is_err());
@@ -482,14 +517,21 @@ mod tests {
     fn the_authenticator_reads_the_bearer_token_and_refuses_its_absence() {
         let (issuer, verifier) = keys();
         let auth = Authenticator::new(Some(verifier));
-        let cred = Credential::bearer(&issuer.issue(Principal::Reader, Duration::from_secs(60)).unwrap()).unwrap();
+        let cred =
+            Credential::bearer(&issuer.issue(Principal::Reader, Duration::from_secs(60)).unwrap()).unwrap();
         assert_eq!(auth.principal_of(&request_with(&cred)).unwrap(), Principal::Reader);
-        assert!(matches!(auth.principal_of(&request_with(&Credential::none())), Err(Error::Unauthenticated(_))));
+        assert!(matches!(
+            auth.principal_of(&request_with(&Credential::none())),
+            Err(Error::Unauthenticated(_))
+        ));
         let mut req = tonic::Request::new(());
         req.metadata_mut().insert("authorization", "Basic abc".parse().unwrap());
         assert!(matches!(auth.principal_of(&req), Err(Error::Unauthenticated(_))));
         // A shard without a token key refuses tokens rather than ignoring them.
-        assert!(matches!(Authenticator::new(None).principal_of(&request_with(&cred)), Err(Error::Unauthenticated(_))));
+        assert!(matches!(
+            Authenticator::new(None).principal_of(&request_with(&cred)),
+            Err(Error::Unauthenticated(_))
+        ));
         assert_eq!(format!("{cred:?}"), "Credential(bearer token)");
     }
 
@@ -528,8 +570,11 @@ mod tests {
         assert!(TokenVerifier::from_file(&private).is_err());
         assert!(TokenVerifier::from_file(&dir.join("missing")).is_err());
         let token_file = dir.join("t");
-        std::fs::write(&token_file, issuer.issue(Principal::Worker(1), Duration::from_secs(60)).unwrap() + "\n")
-            .unwrap();
+        std::fs::write(
+            &token_file,
+            issuer.issue(Principal::Worker(1), Duration::from_secs(60)).unwrap() + "\n",
+        )
+        .unwrap();
         let cred = Credential::from_token_file(&token_file).unwrap();
         let auth = Authenticator::new(Some(verifier));
         assert_eq!(auth.principal_of(&request_with(&cred)).unwrap(), Principal::Worker(1));

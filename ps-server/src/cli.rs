@@ -38,6 +38,10 @@ pub struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9100).
     #[arg(long, env = "PS_METRICS")]
     pub metrics: Option<SocketAddr>,
+    /// Turn auth on, verifying bearer tokens with this Ed25519 public key
+    /// (PEM, from `ps-cluster token --gen-key`); `[auth]` in the config file.
+    #[arg(long, env = "PS_AUTH_KEY")]
+    pub auth_key: Option<PathBuf>,
 }
 
 /// Reads the config file (if any), applies the flags, validates.
@@ -73,6 +77,9 @@ pub fn config(args: &Args) -> Result<ServerConfig> {
     }
     if let Some(v) = args.metrics {
         config.metrics = Some(v);
+    }
+    if let Some(v) = &args.auth_key {
+        config.auth = crate::AuthConfig { enabled: true, token_key: Some(v.clone()) };
     }
     config.validate()?;
     Ok(config)

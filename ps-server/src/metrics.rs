@@ -255,6 +255,7 @@ mod tests {
             checkpoint_dir: None,
             queue: Default::default(),
             metrics: ShardMetrics::default(),
+            auth: None,
         });
         let (registry, rpc) = registry(&shard);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -265,7 +266,7 @@ mod tests {
             .serve_with_incoming(transport::incoming(&t, listener));
         let server = tokio::spawn(server);
         let channel = transport::endpoint(&t, &addr).unwrap().connect().await.unwrap();
-        let mut client = transport::client(&t, channel);
+        let mut client = transport::client(&t, channel, Default::default());
 
         let spec = TableSpec::dense("w", &[10], Init::zeros(), Rule::sgd(0.5).into());
         let table = Some(pb::TableSpec::from(&spec));
