@@ -88,6 +88,10 @@ pub struct Servers {
     exe: PathBuf,
     log_dir: PathBuf,
     checkpoint_dir: Option<PathBuf>,
+    /// The public key the shards verify tokens with (auth on), kept for restarts.
+    auth_key: Option<PathBuf>,
+    /// The launcher's own credential towards these shards (admin).
+    pub admin: ps_common::auth::Credential,
 }
 
 /// Where shards keep checkpoints and what they start from.
@@ -97,6 +101,8 @@ pub struct ServerOptions {
     pub checkpoint_dir: Option<PathBuf>,
     /// Start every shard from this checkpoint.
     pub restore: Option<PathBuf>,
+    /// Turn auth on, with this token public key (`--auth-key`).
+    pub auth_key: Option<PathBuf>,
 }
 
 /// A shard that died and was restarted from a checkpoint.
@@ -120,6 +126,8 @@ impl Servers {
             exe: exe.to_path_buf(),
             log_dir: dir.to_path_buf(),
             checkpoint_dir: opts.checkpoint_dir.clone(),
+            auth_key: opts.auth_key.clone(),
+            admin: ps_common::auth::Credential::none(),
         };
         for shard in 0..n {
             servers.metrics_addrs.push(free_loopback_addr()?);
@@ -153,6 +161,9 @@ impl Servers {
         }
         if let Some(path) = restore {
             cmd.arg("--restore").arg(path);
+        }
+        if let Some(key) = &self.auth_key {
+            cmd.arg("--auth-key").arg(key);
         }
         if let Some(addr) = self.metrics_addrs.get(shard as usize) {
             cmd.args(["--metrics", addr]);
@@ -263,6 +274,8 @@ pub struct RunOptions<'a> {
     pub kill_server_after: Option<(usize, Duration)>,
     /// Append to metrics.jsonl (a resumed run) instead of starting it anew.
     pub append_metrics: bool,
+    /// Issues each worker its token (`PS_TOKEN_FILE`); `None`: auth off.
+    pub auth: Option<&'a crate::credentials::LocalAuth>,
 }
 
 /// Starts the workers of `config` against `servers`, forwards their events
@@ -282,7 +295,12 @@ pub async fn run_workers(
     for (index, metrics_addr) in worker_metrics.iter().enumerate() {
         let log_path = opts.run_dir.join(format!("worker-{index}.log"));
         let log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
-        let mut child = command(opts.exe)
+        let mut cmd = command(opts.exe);
+        if let Some(auth) = opts.auth {
+            let token = auth.token_file(ps_common::auth::Principal::Worker(index as u64))?;
+            cmd.env(ps_common::auth::TOKEN_FILE_ENV, token);
+        }
+        let mut child = cmd
             .arg("worker")
             .arg("--config")
             .arg(opts.config_path)
@@ -352,7 +370,7 @@ pub async fn run_workers(
                     server_killed = true;
                 }
                 if let Some(restart) = servers.supervise().await? {
-                    let recovery = crate::artifact::Recovery::measure(&restart, &servers.addrs, started).await;
+                    let recovery = crate::artifact::Recovery::measure(&restart, &servers.addrs, &servers.admin, started).await;
                     eprintln!("{}", recovery.describe());
                     outcome.recoveries.push(recovery);
                 }

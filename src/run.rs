@@ -18,6 +18,7 @@ use ps_worker::event::Event;
 
 use crate::artifact::{CheckpointLog, JsonFile, RunSummary, ShardStats, StatsFile};
 use crate::cluster::{self, Result, RunOptions, ServerOptions, Servers};
+use crate::credentials::LocalAuth;
 
 /// The file of a run folder that lists the shard addresses, comma-separated.
 pub const SHARDS_FILE: &str = "shards.txt";
@@ -49,13 +50,17 @@ pub fn checkpoint_root(run_dir: &Path) -> PathBuf {
 pub async fn run(plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Result<RunSummary> {
     let config_path = cluster::write_config(&plan.run_dir, &plan.config)?;
     let ckpt = &plan.config.checkpoint;
+    // Auth on: a key pair for this run, a token per process.
+    let auth = LocalAuth::create(&plan.run_dir)?;
     let server_opts = ServerOptions {
         checkpoint_dir: ckpt.enabled.then(|| checkpoint_root(&plan.run_dir)),
         restore: plan.resume_from.clone(),
+        auth_key: Some(auth.public_key.clone()),
     };
     let mut servers =
         Servers::start(plan.exe, plan.config.cluster.servers, &plan.run_dir, &server_opts).await?;
-    let result = run_on(&plan, &config_path, &mut servers, on_event).await;
+    servers.admin = auth.admin.clone();
+    let result = run_on(&plan, &config_path, &mut servers, &auth, on_event).await;
     servers.stop(Duration::from_secs(10)).await;
     let summary = result?;
     summary.write(&plan.run_dir)?;
@@ -67,9 +72,13 @@ async fn run_on(
     plan: &Plan<'_>,
     config_path: &Path,
     servers: &mut Servers,
+    auth: &LocalAuth,
     on_event: impl FnMut(usize, &Event),
 ) -> Result<RunSummary> {
-    let job = &plan.config.job;
+    // The launcher's own calls (stats, evaluation, checkpoints) are admin's.
+    let mut job = plan.config.job.clone();
+    job.client.credential = auth.admin.clone();
+    let job = &job;
     // Where the shards listen, for readers of the live model
     // (`ps-serve --online $(cat <run>/shards.txt)`).
     let shards = plan.run_dir.join(SHARDS_FILE);
@@ -77,7 +86,8 @@ async fn run_on(
         .map_err(|source| cluster::Error::Io { what: format!("writing {}", shards.display()), source })?;
     let checkpointer = match plan.config.checkpoint.enabled {
         true => Some(
-            Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &plan.config.checkpoint).await?,
+            Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &plan.config.checkpoint, auth)
+                .await?,
         ),
         false => None,
     };
@@ -89,6 +99,7 @@ async fn run_on(
         kill_worker_after: plan.kill_worker_after,
         kill_server_after: plan.kill_server_after,
         append_metrics: plan.resume_from.is_some(),
+        auth: Some(auth),
     };
     let outcome = cluster::run_workers(opts, servers, on_event).await;
     let checkpoints = match checkpointer {
@@ -152,11 +163,13 @@ impl Checkpointer {
         run_dir: &Path,
         config: &RunConfig,
         c: &CheckpointConfig,
+        auth: &LocalAuth,
     ) -> Result<Self> {
         let mut opts = coordinator::Options::new(checkpoint_root(run_dir));
+        opts.credential = auth.admin.clone();
         opts.job = Some(config.fingerprint());
         opts.keep = c.keep;
-        let shards = Shards::connect(addrs, &opts.transport).await?;
+        let shards = Shards::connect(addrs, &opts.transport, &opts.credential).await?;
         let log = Arc::new(Mutex::new(CheckpointLog::default()));
         let every = (c.every_s > 0.0).then(|| Duration::from_secs_f64(c.every_s));
         let every_iters = (c.every_iters > 0).then_some(c.every_iters);

@@ -38,7 +38,17 @@ impl Online {
     /// Connects to the shards (`addrs[i]` is shard `i`) and matches the
     /// tables they hold against `template` (or infers an MLP).
     pub async fn connect(addrs: &[String], template: Option<ModelKind>) -> Result<Online> {
-        let opts = ClientOptions { connect_within: Duration::from_secs(10), ..ClientOptions::default() };
+        Online::connect_with(addrs, template, ps_common::auth::Credential::none()).await
+    }
+
+    /// [`Online::connect`], sending `credential` (a reader's) with every call.
+    pub async fn connect_with(
+        addrs: &[String],
+        template: Option<ModelKind>,
+        credential: ps_common::auth::Credential,
+    ) -> Result<Online> {
+        let opts =
+            ClientOptions { connect_within: Duration::from_secs(10), credential, ..ClientOptions::default() };
         let client = ShardedClient::connect(addrs, READER_ID, opts).await?;
         let specs = client.list_tables().await?;
         let kind = match template {
