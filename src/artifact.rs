@@ -227,6 +227,7 @@ impl Recovery {
     pub async fn measure(
         r: &crate::cluster::Restart,
         addrs: &[String],
+        credential: &ps_common::auth::Credential,
         started: std::time::Instant,
         transport: &ps_common::transport::TransportConfig,
     ) -> Recovery {
@@ -236,6 +237,7 @@ impl Recovery {
         if let Some(addr) = live {
             let opts = ps_worker::client::ClientOptions {
                 transport: transport.clone(),
+                credential: credential.clone(),
                 ..ps_worker::client::ClientOptions::default()
             };
             if let Ok(c) = ps_worker::client::ShardedClient::connect(&[addr], u64::MAX, opts).await

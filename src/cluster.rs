@@ -92,6 +92,10 @@ pub struct Servers {
     log_dir: PathBuf,
     checkpoint_dir: Option<PathBuf>,
     security: Security,
+    /// The public key the shards verify tokens with (auth on), kept for restarts.
+    auth_key: Option<PathBuf>,
+    /// The launcher's own credential towards these shards (admin).
+    pub admin: ps_common::auth::Credential,
 }
 
 /// Where shards keep checkpoints and what they start from.
@@ -103,6 +107,8 @@ pub struct ServerOptions {
     pub restore: Option<PathBuf>,
     /// How every process of the cluster talks.
     pub security: Security,
+    /// Turn auth on, with this token public key (`--auth-key`).
+    pub auth_key: Option<PathBuf>,
 }
 
 /// How the processes of a local cluster talk: mutual TLS with the
@@ -156,6 +162,8 @@ impl Servers {
             log_dir: dir.to_path_buf(),
             checkpoint_dir: opts.checkpoint_dir.clone(),
             security: opts.security.clone(),
+            auth_key: opts.auth_key.clone(),
+            admin: ps_common::auth::Credential::none(),
         };
         for shard in 0..n {
             servers.metrics_addrs.push(free_loopback_addr()?);
@@ -189,6 +197,9 @@ impl Servers {
         }
         if let Some(path) = restore {
             cmd.arg("--restore").arg(path);
+        }
+        if let Some(key) = &self.auth_key {
+            cmd.arg("--auth-key").arg(key);
         }
         if let Some(addr) = self.metrics_addrs.get(shard as usize) {
             cmd.args(["--metrics", addr]);
@@ -307,6 +318,8 @@ pub struct RunOptions<'a> {
     pub security: &'a Security,
     /// The launcher's own channels (measuring a recovery).
     pub transport: &'a TransportConfig,
+    /// Issues each worker its token (`PS_TOKEN_FILE`); `None`: auth off.
+    pub auth: Option<&'a crate::credentials::LocalAuth>,
 }
 
 /// Starts the workers of `config` against `servers`, forwards their events
@@ -326,7 +339,12 @@ pub async fn run_workers(
     for (index, metrics_addr) in worker_metrics.iter().enumerate() {
         let log_path = opts.run_dir.join(format!("worker-{index}.log"));
         let log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
-        let mut child = command(opts.exe)
+        let mut cmd = command(opts.exe);
+        if let Some(auth) = opts.auth {
+            let token = auth.token_file(ps_common::auth::Principal::Worker(index as u64))?;
+            cmd.env(ps_common::auth::TOKEN_FILE_ENV, token);
+        }
+        let mut child = cmd
             .arg("worker")
             .arg("--config")
             .arg(opts.config_path)
@@ -397,7 +415,7 @@ pub async fn run_workers(
                     server_killed = true;
                 }
                 if let Some(restart) = servers.supervise().await? {
-                    let recovery = crate::artifact::Recovery::measure(&restart, &servers.addrs, started, opts.transport).await;
+                    let recovery = crate::artifact::Recovery::measure(&restart, &servers.addrs, &servers.admin, started, opts.transport).await;
                     eprintln!("{}", recovery.describe());
                     outcome.recoveries.push(recovery);
                 }

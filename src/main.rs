@@ -14,6 +14,8 @@
 //! ps-cluster models export mnist_mlp:2 --format safetensors   # a registered version
 //! ps-cluster models register runs/<run>/checkpoints/ckpt-N    # the model a checkpoint holds
 //! ps-cluster certs --out tls --workers 4 --hosts hostA,hostB  # a dev CA and certificates
+//! ps-cluster token --gen-key --key keys/token.key   # token keys (KEY and KEY.pub)
+//! ps-cluster token --key keys/token.key --sub worker:3 --ttl 1h   # a bearer token
 //! ps-cluster server ...           # one shard (same flags as ps-server)
 //! ps-cluster worker ...           # one worker (same flags as ps-worker)
 //! ```
@@ -127,6 +129,24 @@ enum Command {
     },
     /// The model registry: list, show, register, promote, rollback, history, diff, export.
     Models(paramserver::models::Args),
+    /// Make token keys, or print a bearer token for one principal
+    /// (docs/SECURITY.md, "Roles and credentials").
+    Token {
+        /// The Ed25519 private key (PEM) that signs tokens; with --gen-key,
+        /// where to write a new one (and its public half, KEY.pub).
+        #[arg(long)]
+        key: PathBuf,
+        /// Make a new key pair: KEY (private, mode 0600) and KEY.pub (the
+        /// shards' --auth-key).
+        #[arg(long, conflicts_with_all = ["sub", "ttl"])]
+        gen_key: bool,
+        /// Who the token names: admin, reader or worker:N.
+        #[arg(long, required_unless_present = "gen_key")]
+        sub: Option<String>,
+        /// How long the token is valid (e.g. 30m, 1h, 7d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
     /// Run one shard (as `ps-server`).
     Server(ps_server::cli::Args),
     /// Run one worker (as `ps-worker`).
@@ -203,6 +223,21 @@ fn main() -> anyhow::Result<()> {
         Command::Server(args) => Ok(ps_server::cli::run(&args)?),
         Command::Worker(args) => Ok(ps_worker::cli::run(&args)?),
         Command::Models(args) => tokio_runtime()?.block_on(paramserver::models::run(args)),
+        Command::Token { key, gen_key: true, .. } => {
+            let public = paramserver::credentials::generate_key(&key)?;
+            eprintln!(
+                "wrote {} (private: keep it) and {} (for the shards' --auth-key)",
+                key.display(),
+                public.display()
+            );
+            Ok(())
+        }
+        Command::Token { key, sub, ttl, .. } => {
+            let sub = sub.context("--sub is required")?;
+            let ttl = ttl.unwrap_or(Duration::from_secs(3600));
+            println!("{}", paramserver::credentials::issue(&key, &sub, ttl)?);
+            Ok(())
+        }
         Command::Status { servers, tls } => {
             let transport = tls.client_transport("admin")?;
             tokio_runtime()?.block_on(status(servers, transport))
@@ -375,6 +410,7 @@ async fn checkpoint(
     let mut opts = ps_server::checkpoint::coordinator::Options::new(dir);
     opts.keep = keep.max(1);
     opts.transport = transport;
+    opts.credential = paramserver::credentials::from_env()?;
     let m = ps_server::checkpoint::coordinator::take_once(&servers, &opts).await?;
     let cut: Vec<String> = m.workers.iter().map(|w| format!("worker {} at {}", w.worker, w.clock)).collect();
     println!(
@@ -393,7 +429,11 @@ async fn status(
     servers: Vec<String>,
     transport: ps_common::transport::TransportConfig,
 ) -> anyhow::Result<()> {
-    let opts = ClientOptions { transport, ..ClientOptions::default() };
+    let opts = ClientOptions {
+        transport,
+        credential: paramserver::credentials::from_env()?,
+        ..ClientOptions::default()
+    };
     let client = ShardedClient::connect(&servers, u64::MAX, opts).await?;
     let stats: Vec<ShardStats> = client.stats().await?.iter().map(ShardStats::from_wire).collect();
     print!("{}", render::status(&stats));

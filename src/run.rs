@@ -19,6 +19,7 @@ use ps_worker::event::Event;
 
 use crate::artifact::{CheckpointLog, JsonFile, RunSummary, ShardStats, StatsFile};
 use crate::cluster::{self, Result, RunOptions, Security, ServerOptions, Servers};
+use crate::credentials::LocalAuth;
 
 /// The file of a run folder that lists the shard addresses, comma-separated.
 pub const SHARDS_FILE: &str = "shards.txt";
@@ -73,14 +74,18 @@ pub async fn run(plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Result<
     let config_path = cluster::write_config(&plan.run_dir, &plan.config)?;
     let ckpt = &plan.config.checkpoint;
     let security = security(&plan.run_dir, &plan.config)?;
+    // Auth on: a key pair for this run, a token per process.
+    let auth = LocalAuth::create(&plan.run_dir)?;
     let server_opts = ServerOptions {
         checkpoint_dir: ckpt.enabled.then(|| checkpoint_root(&plan.run_dir)),
         restore: plan.resume_from.clone(),
         security: security.clone(),
+        auth_key: Some(auth.public_key.clone()),
     };
     let mut servers =
         Servers::start(plan.exe, plan.config.cluster.servers, &plan.run_dir, &server_opts).await?;
-    let result = run_on(&plan, &config_path, &security, &mut servers, on_event).await;
+    servers.admin = auth.admin.clone();
+    let result = run_on(&plan, &config_path, &security, &mut servers, &auth, on_event).await;
     servers.stop(Duration::from_secs(10)).await;
     let summary = result?;
     summary.write(&plan.run_dir)?;
@@ -93,12 +98,14 @@ async fn run_on(
     config_path: &Path,
     security: &Security,
     servers: &mut Servers,
+    auth: &LocalAuth,
     on_event: impl FnMut(usize, &Event),
 ) -> Result<RunSummary> {
     // The launcher's own channels (checkpoints, stats, evaluation) as `admin`.
     let transport = security.admin_transport(&plan.config.job.client.transport);
     let mut launcher_job = plan.config.job.clone();
     launcher_job.client.transport = transport.clone();
+    launcher_job.client.credential = auth.admin.clone();
     let job = &launcher_job;
     // Where the shards listen, for readers of the live model
     // (`ps-serve --online $(cat <run>/shards.txt)`).
@@ -106,7 +113,7 @@ async fn run_on(
     std::fs::write(&shards, servers.addrs.join(",") + "\n")
         .map_err(|source| cluster::Error::Io { what: format!("writing {}", shards.display()), source })?;
     let checkpointer = match plan.config.checkpoint.enabled {
-        true => Some(Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &transport).await?),
+        true => Some(Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &transport, auth).await?),
         false => None,
     };
     let opts = RunOptions {
@@ -119,6 +126,7 @@ async fn run_on(
         append_metrics: plan.resume_from.is_some(),
         security,
         transport: &transport,
+        auth: Some(auth),
     };
     let outcome = cluster::run_workers(opts, servers, on_event).await;
     let checkpoints = match checkpointer {
@@ -182,13 +190,15 @@ impl Checkpointer {
         run_dir: &Path,
         config: &RunConfig,
         transport: &TransportConfig,
+        auth: &LocalAuth,
     ) -> Result<Self> {
         let c = &config.checkpoint;
         let mut opts = coordinator::Options::new(checkpoint_root(run_dir));
+        opts.credential = auth.admin.clone();
         opts.job = Some(config.fingerprint());
         opts.keep = c.keep;
         opts.transport = transport.clone();
-        let shards = Shards::connect(addrs, &opts.transport).await?;
+        let shards = Shards::connect(addrs, &opts.transport, &opts.credential).await?;
         let log = Arc::new(Mutex::new(CheckpointLog::default()));
         let every = (c.every_s > 0.0).then(|| Duration::from_secs_f64(c.every_s));
         let every_iters = (c.every_iters > 0).then_some(c.every_iters);

@@ -32,6 +32,15 @@ pub enum Error {
     TlsFile { path: String, reason: String },
     #[error("bad server address `{addr}`: {reason}")]
     InvalidAddress { addr: String, reason: String },
+    /// No credential, or one that does not verify (UNAUTHENTICATED).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// A verified caller outside its role (PERMISSION_DENIED).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A key, token or principal that cannot be used (a local setup error).
+    #[error("credential: {0}")]
+    Credential(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

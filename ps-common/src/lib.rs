@@ -17,12 +17,18 @@
 //!   frames, keep-alive, `TCP_NODELAY`, message limits) from one
 //!   [`transport::TransportConfig`].
 //!
+//! - [`auth`] is who calls and what they may do: principals (`admin`,
+//!   `reader`, `worker:<N>`), roles, Ed25519 bearer tokens, the principal of
+//!   a request (token or client certificate) and the credential a client
+//!   attaches to every call.
+//!
 //! - [`metrics`] is the per-RPC layer of every server, the process collector
 //!   and the `/metrics` endpoint (Prometheus, `prometheus-client`).
 //!
 //! `partition`, `optim`, `codec`, `compress` and `spec` do no I/O and use neither tonic nor
-//! tokio; `wire`, `transport` and `metrics` are the only modules that touch them.
+//! tokio; `wire`, `transport`, `auth` and `metrics` are the only modules that touch them.
 
+pub mod auth;
 pub mod codec;
 pub mod compress;
 pub mod error;

@@ -4,7 +4,8 @@
 //! keep-alive, `TCP_NODELAY`, the connect timeout and the message limit.
 //! Shards build their server with [`server`] (every RPC measured by
 //! [`crate::metrics::RpcMetrics`]), [`incoming`] and [`service`];
-//! workers build each channel with [`endpoint`] and [`client`]. Both sides
+//! workers build each channel with [`endpoint`] and [`client`], which
+//! attaches the process's [`Credential`] to every call. Both sides
 //! read the same struct, so a limit cannot be raised on one side only.
 //!
 //! TLS is set here too ([`TlsConfig`], the `[transport.tls]` table):
@@ -20,9 +21,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 use tower_layer::Stack;
 
+use crate::auth::Credential;
 use crate::metrics::{RpcLayer, RpcMetrics};
 use crate::wire::pb::parameter_server_client::ParameterServerClient;
 use crate::wire::pb::parameter_server_server::{ParameterServer, ParameterServerServer};
@@ -542,9 +545,14 @@ pub fn endpoint(config: &TransportConfig, addr: &str) -> Result<Endpoint> {
     Ok(endpoint)
 }
 
-/// The generated shard client over `channel`, with `config`'s message limits.
-pub fn client(config: &TransportConfig, channel: Channel) -> ParameterServerClient<Channel> {
-    ParameterServerClient::new(channel)
+/// A shard client: the generated client over a channel that attaches the
+/// process's credential to every call.
+pub type ShardClient = ParameterServerClient<InterceptedService<Channel, Credential>>;
+
+/// The generated shard client over `channel`, with `config`'s message limits,
+/// sending `credential` (a bearer token, or none) with every call.
+pub fn client(config: &TransportConfig, channel: Channel, credential: Credential) -> ShardClient {
+    ParameterServerClient::with_interceptor(channel, credential)
         .max_decoding_message_size(config.max_message_bytes())
         .max_encoding_message_size(config.max_message_bytes())
 }

@@ -30,6 +30,10 @@ pub struct Args {
     /// NAME@LABEL) or a model file (model.msgpack); an MLP needs none.
     #[arg(long)]
     pub template: Option<String>,
+    /// Online mode: the bearer token sent to the shards (a `reader` token:
+    /// `ps-cluster token --sub reader`, or a local run's auth/reader.token).
+    #[arg(long, env = "PS_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// How often to look for a new version (registry) or re-read the
     /// weights (online), in milliseconds.
     #[arg(long)]

@@ -71,7 +71,8 @@ async fn main() -> anyhow::Result<()> {
                 Some(registry.load(&registry.version(&model, version).await?)?.model)
             }
         };
-        let online = Online::connect_with(&args.online, template, &args.online_transport()?)
+        let credential = ps_common::auth::Credential::from_optional_file(args.token_file.as_deref())?;
+        let online = Online::connect_with(&args.online, template, &args.online_transport()?, credential)
             .await
             .with_context(|| format!("reading the cluster {}", args.online.join(",")))?;
         slots.push(Arc::new(ModelSlot::from_cluster(name.clone(), online, batching, args.max_request_rows)));

@@ -45,6 +45,10 @@ pub struct Args {
     /// (`[transport.tls] client_auth`).
     #[arg(long)]
     pub client_auth: bool,
+    /// Turn auth on, verifying bearer tokens with this Ed25519 public key
+    /// (PEM, from `ps-cluster token --gen-key`); `[auth]` in the config file.
+    #[arg(long, env = "PS_AUTH_KEY")]
+    pub auth_key: Option<PathBuf>,
 }
 
 /// Reads the config file (if any), applies the flags, validates.
@@ -87,6 +91,9 @@ pub fn config(args: &Args) -> Result<ServerConfig> {
             Error::Config("--client-auth needs TLS (--tls-dir or --tls-ca/--tls-cert/--tls-key)".into())
         })?;
         tls.client_auth = true;
+    }
+    if let Some(v) = &args.auth_key {
+        config.auth = crate::AuthConfig { enabled: true, token_key: Some(v.clone()) };
     }
     config.validate()?;
     config.transport.require_security()?;

@@ -48,6 +48,10 @@ pub enum Error {
     DataPlan(String),
     #[error("data queue: {0}")]
     BadRange(String),
+    /// A caller without a valid credential, or outside its role
+    /// (`ps_common::Error::Unauthenticated` / `PermissionDenied`).
+    #[error("{0}")]
+    Auth(ps_common::Error),
     #[error("shard {addr}: {status}")]
     Peer { addr: String, status: tonic::Status },
     #[error("gradient value {value:e} in {what} is over the limit of {limit:e} in magnitude")]
@@ -105,6 +109,8 @@ impl From<Error> for tonic::Status {
             Error::CheckpointBusy => Code::Aborted,
             Error::NotHeld | Error::NoCheckpointDir => Code::FailedPrecondition,
             Error::HoldTimeout => Code::DeadlineExceeded,
+            Error::Auth(ps_common::Error::PermissionDenied(_)) => Code::PermissionDenied,
+            Error::Auth(_) => Code::Unauthenticated,
             Error::Peer { status, .. } => status.code(),
             Error::Config(_) | Error::Io { .. } | Error::Transport(_) => Code::Internal,
         };

@@ -70,6 +70,37 @@ pub struct ServerConfig {
     pub metrics: Option<SocketAddr>,
     /// Resource budgets (`[limits]`, see `budget` and docs/SECURITY.md).
     pub limits: budget::Limits,
+    /// Who may call what (`[auth]`; docs/SECURITY.md, "Roles and credentials").
+    pub auth: AuthConfig,
+}
+
+/// The `[auth]` table of a shard config. Off by default, for tests and
+/// setups older than roles (the shard then warns at start); the launcher's
+/// local cluster turns it on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Check every request's credential and role.
+    pub enabled: bool,
+    /// Ed25519 public key (PEM) that verifies bearer tokens. Without it only
+    /// TLS client certificates identify callers.
+    pub token_key: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    /// The authenticator of a shard with these settings (`None`: auth off).
+    pub fn authenticator(&self) -> Result<Option<ps_common::auth::Authenticator>> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let tokens = match &self.token_key {
+            Some(path) => Some(
+                ps_common::auth::TokenVerifier::from_file(path).map_err(|e| Error::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Some(ps_common::auth::Authenticator::new(tokens)))
+    }
 }
 
 impl Default for ServerConfig {
@@ -85,6 +116,7 @@ impl Default for ServerConfig {
             restore: None,
             metrics: None,
             limits: budget::Limits::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -116,7 +148,15 @@ pub async fn serve(
         Some(path) => restore(&config, path)?,
         None => (store::Store::new(config.shard, config.num_shards), clock::Clocks::default()),
     };
+    let auth = config.auth.authenticator()?;
+    if auth.is_none() {
+        tracing::warn!(
+            shard = config.shard,
+            "auth is off: any client that reaches this shard may act in any role"
+        );
+    }
     let shard = Arc::new(Shard {
+        auth,
         // An answer must fit in one message (4 bytes a value).
         store: store
             .with_max_pull_values(config.transport.max_message_bytes() / 4)

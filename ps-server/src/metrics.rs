@@ -272,6 +272,7 @@ mod tests {
             metrics: ShardMetrics::default(),
             rate: crate::budget::RateLimiter::new(&Default::default()),
             limits: Default::default(),
+            auth: None,
         });
         let (registry, rpc) = registry(&shard);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -283,7 +284,7 @@ mod tests {
             .serve_with_incoming(transport::incoming(&t, listener));
         let server = tokio::spawn(server);
         let channel = transport::endpoint(&t, &addr).unwrap().connect().await.unwrap();
-        let mut client = transport::client(&t, channel);
+        let mut client = transport::client(&t, channel, Default::default());
 
         let spec = TableSpec::dense("w", &[10], Init::zeros(), Rule::sgd(0.5).into());
         let table = Some(pb::TableSpec::from(&spec));

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ps_common::auth::{self, Access, Authenticator};
 use ps_common::codec;
 use ps_common::compress::{self, CodecKind};
 use ps_common::spec::{Backup, Consistency, TableSpec};
@@ -41,6 +42,57 @@ pub struct Shard {
     pub rate: RateLimiter,
     /// The `[limits]` the shard enforces (the store keeps its own copy).
     pub limits: Limits,
+    /// Who calls (`None`: auth off, every request is admitted).
+    pub auth: Option<Authenticator>,
+}
+
+/// Who may call what: the one table of RPC -> access, read by
+/// [`Shard::check`] at the top of every handler, before the request
+/// touches anything (docs/SECURITY.md, "Roles and credentials").
+pub trait Guarded {
+    fn access(&self) -> Access;
+}
+
+/// A read: an outside reader's (no worker id, or an [`auth::OUTSIDE_READERS`]
+/// label) that creates nothing is open to every role; any other read renews a
+/// lease, waits in the clock set or may create rows, so it is the named
+/// worker's (a pull that creates rows and names no one: any worker's).
+fn read_access(meta: Option<&pb::ReadMeta>, creates_nothing: bool) -> Access {
+    match meta {
+        None if creates_nothing => Access::Read,
+        None => Access::AnyWorker,
+        Some(m) if creates_nothing && auth::is_outside_reader(m.worker) => Access::Read,
+        Some(m) => Access::Member(m.worker),
+    }
+}
+
+macro_rules! guarded {
+    ($($request:ty => |$r:ident| $access:expr;)*) => {
+        $(impl Guarded for $request {
+            fn access(&self) -> Access {
+                let $r = self;
+                $access
+            }
+        })*
+    };
+}
+
+guarded! {
+    pb::RegisterRequest => |_r| Access::AnyWorker;
+    pb::PullDenseRequest => |r| read_access(r.meta.as_ref(), true);
+    pb::PullSparseRequest => |r| read_access(r.meta.as_ref(), r.read_only);
+    pb::PushDenseRequest => |r| Access::Member(r.meta.map_or(0, |m| m.worker));
+    pb::PushSparseRequest => |r| Access::Member(r.meta.map_or(0, |m| m.worker));
+    pb::JoinRequest => |r| Access::Member(r.worker);
+    pb::HeartbeatRequest => |r| Access::Member(r.worker);
+    pb::LeaveRequest => |r| Access::Member(r.worker);
+    pb::TakeRangeRequest => |r| Access::Member(r.worker);
+    pb::StatsRequest => |_r| Access::Monitor;
+    pb::HoldRequest => |_r| Access::Admin;
+    pb::CutRequest => |_r| Access::Admin;
+    pb::ReleaseRequest => |_r| Access::Admin;
+    pb::ListTablesRequest => |_r| Access::Read;
+    pb::ScanSparseRequest => |_r| Access::Read;
 }
 
 /// The tonic service; cheap to clone.
@@ -48,6 +100,17 @@ pub struct Shard {
 pub struct Service(pub Arc<Shard>);
 
 impl Shard {
+    /// Admits `req` if its caller may do what the table says (always, with
+    /// auth off); otherwise UNAUTHENTICATED / PERMISSION_DENIED, counted as
+    /// a refusal, and nothing else happens.
+    fn check<T: Guarded>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(authenticator) = &self.auth else { return Ok(()) };
+        let need = req.get_ref().access();
+        (authenticator.principal_of(req))
+            .and_then(|who| auth::authorize(who, need))
+            .map_err(|e| self.refuse(Error::Auth(e)))
+    }
+
     /// Counts a refused request and turns it into its status.
     fn refuse(&self, e: impl Into<Error>) -> Status {
         self.store.counters.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -219,6 +282,7 @@ impl ParameterServer for Service {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         let table = req.table.ok_or(ps_common::Error::MissingField("table")).map_err(|e| self.0.refuse(e))?;
         let spec = TableSpec::try_from(table).map_err(|e| self.0.refuse(e))?;
@@ -236,6 +300,7 @@ impl ParameterServer for Service {
         req: Request<pb::PullDenseRequest>,
     ) -> Result<Response<pb::PullDenseResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let ids: Vec<(&str, u32)> = req.chunks.iter().map(|c| (c.tensor.as_str(), c.index)).collect();
@@ -275,6 +340,7 @@ impl ParameterServer for Service {
         req: Request<pb::PushDenseRequest>,
     ) -> Result<Response<pb::PushResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
         let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
@@ -298,6 +364,7 @@ impl ParameterServer for Service {
         req: Request<pb::PullSparseRequest>,
     ) -> Result<Response<pb::PullSparseResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
@@ -329,6 +396,7 @@ impl ParameterServer for Service {
         req: Request<pb::PushSparseRequest>,
     ) -> Result<Response<pb::PushResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
         let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
@@ -346,6 +414,7 @@ impl ParameterServer for Service {
 
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         let model = match req.consistency {
             Some(c) => Consistency::try_from(c).map_err(|e| self.0.refuse(e))?,
@@ -367,12 +436,18 @@ impl ParameterServer for Service {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         self.0.clocks.touch(req.into_inner().worker);
-        Ok(Response::new(pb::HeartbeatResponse {}))
+        let members = self.0.clocks.status();
+        Ok(Response::new(pb::HeartbeatResponse {
+            members: members.len().min(u32::MAX as usize) as u32,
+            started: members.iter().any(|m| m.clock > 0),
+        }))
     }
 
     async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         let worker = req.into_inner().worker;
         self.0.clocks.leave(worker);
         self.0.store.forget_reads(worker);
@@ -381,6 +456,7 @@ impl ParameterServer for Service {
 
     async fn stats(&self, req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.0.store;
         let c = &s.counters;
@@ -434,6 +510,7 @@ impl ParameterServer for Service {
 
     async fn hold(&self, req: Request<pb::HoldRequest>) -> Result<Response<pb::HoldResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         let timeout = Duration::from_millis(u64::from(req.into_inner().timeout_ms.clamp(1, 60_000)));
         self.0.gate.hold(timeout).await.map_err(|e| self.0.refuse(e))?;
         Ok(Response::new(pb::HoldResponse {
@@ -446,6 +523,7 @@ impl ParameterServer for Service {
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), checkpoint = %req.get_ref().checkpoint))]
     async fn cut(&self, req: Request<pb::CutRequest>) -> Result<Response<pb::CutResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         let shard = &self.0;
         let dir = shard.checkpoint_folder(&req.checkpoint).map_err(|e| shard.refuse(e))?;
@@ -491,6 +569,7 @@ impl ParameterServer for Service {
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         self.0.gate.open();
         Ok(Response::new(pb::ReleaseResponse {}))
     }
@@ -500,6 +579,7 @@ impl ParameterServer for Service {
         req: Request<pb::ListTablesRequest>,
     ) -> Result<Response<pb::ListTablesResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         let s = &self.0.store;
         let tables = s.specs().iter().map(pb::TableSpec::from).collect();
         Ok(Response::new(pb::ListTablesResponse { tables, num_shards: s.num_shards() }))
@@ -511,6 +591,7 @@ impl ParameterServer for Service {
         req: Request<pb::ScanSparseRequest>,
     ) -> Result<Response<pb::ScanSparseResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         let after = (!req.from_start).then_some(req.start_after);
         let (mut keys, mut values) = (Vec::new(), Vec::new());
@@ -533,6 +614,7 @@ impl ParameterServer for Service {
         req: Request<pb::TakeRangeRequest>,
     ) -> Result<Response<pb::TakeRangeResponse>, Status> {
         self.0.admit(&req)?;
+        self.0.check(&req)?;
         use crate::queue::{Plan, Range};
         let req = req.into_inner();
         let p = req.plan.ok_or(ps_common::Error::MissingField("plan")).map_err(|e| self.0.refuse(e))?;

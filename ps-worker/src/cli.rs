@@ -33,6 +33,10 @@ pub struct Args {
     /// TLS: this worker's certificate is `worker-INDEX.pem` in --tls-dir.
     #[command(flatten)]
     pub tls: ps_common::transport::TlsArgs,
+    /// This worker's bearer token (`ps-cluster token --sub worker:N`), sent
+    /// with every call; shards with auth on refuse calls without one.
+    #[arg(long, env = "PS_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Trains one worker; progress events go to stdout as JSON lines.
@@ -45,6 +49,8 @@ pub fn run(args: &Args) -> Result<()> {
     args.tls.apply(transport, &format!("worker-{}", args.index))?;
     transport.validate()?;
     transport.require_security()?;
+    config.job.client.credential =
+        ps_common::auth::Credential::from_optional_file(args.token_file.as_deref())?;
     if args.index >= args.workers {
         return Err(Error::Config(format!(
             "--index {} must be below --workers {}",

@@ -2,6 +2,7 @@
 //! a server starts it in-process on 127.0.0.1:0 (or as a child process) and
 //! stops it itself.
 
+mod auth;
 mod checkpoint;
 mod cluster;
 mod codecs;
