@@ -17,6 +17,9 @@
 //!   frames, keep-alive, `TCP_NODELAY`, message limits) from one
 //!   [`transport::TransportConfig`].
 //!
+//! - [`seal`] signs (ed25519) and optionally encrypts (AES-256-GCM) files at
+//!   rest: checkpoints and registry artifacts; it reads and writes key files.
+//!
 //! - [`metrics`] is the per-RPC layer of every server, the process collector
 //!   and the `/metrics` endpoint (Prometheus, `prometheus-client`).
 //!
@@ -29,6 +32,7 @@ pub mod error;
 pub mod metrics;
 pub mod optim;
 pub mod partition;
+pub mod seal;
 pub mod spec;
 pub mod transport;
 pub mod wire;
