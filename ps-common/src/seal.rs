@@ -43,7 +43,8 @@ use aes_gcm::aead::{AeadInPlace, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
 use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey};
-use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use ed25519_dalek::{Signature, Signer};
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -173,6 +174,20 @@ impl Keys {
 
     pub fn encrypts(&self) -> bool {
         self.encryption.is_some()
+    }
+
+    /// These keys without the encryption key: files sealed with them are
+    /// signed only (for metadata that anyone with the verify key may read).
+    pub fn signing_only(&self) -> Keys {
+        Keys { encryption: None, ..self.clone() }
+    }
+
+    pub fn verifying_key(&self) -> Option<VerifyingKey> {
+        self.verify
+    }
+
+    pub fn encryption_key(&self) -> Option<&EncryptionKey> {
+        self.encryption.as_ref()
     }
 
     /// The verify key's fingerprint (hex), if one is held.

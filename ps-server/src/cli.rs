@@ -38,6 +38,16 @@ pub struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9100).
     #[arg(long, env = "PS_METRICS")]
     pub metrics: Option<SocketAddr>,
+    /// Signs (ed25519 PKCS#8 PEM) the checkpoint files this shard writes.
+    #[arg(long, env = "PS_SIGNING_KEY")]
+    pub signing_key: Option<PathBuf>,
+    /// Checks the signature of a checkpoint restored (SPKI PEM; default:
+    /// the signing key's own); unsigned files are then refused.
+    #[arg(long, env = "PS_VERIFY_KEY")]
+    pub verify_key: Option<PathBuf>,
+    /// Encrypts checkpoint files at rest, and decrypts them (64 hex digits).
+    #[arg(long, env = "PS_ENCRYPTION_KEY")]
+    pub encryption_key: Option<PathBuf>,
 }
 
 /// Reads the config file (if any), applies the flags, validates.
@@ -73,6 +83,15 @@ pub fn config(args: &Args) -> Result<ServerConfig> {
     }
     if let Some(v) = args.metrics {
         config.metrics = Some(v);
+    }
+    for (flag, slot) in [
+        (&args.signing_key, &mut config.seal.signing_key),
+        (&args.verify_key, &mut config.seal.verify_key),
+        (&args.encryption_key, &mut config.seal.encryption_key),
+    ] {
+        if let Some(v) = flag {
+            *slot = Some(v.clone());
+        }
     }
     config.validate()?;
     Ok(config)

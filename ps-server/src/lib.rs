@@ -67,6 +67,9 @@ pub struct ServerConfig {
     pub restore: Option<PathBuf>,
     /// Serve Prometheus metrics at `http://ADDR/metrics` (see `metrics`).
     pub metrics: Option<SocketAddr>,
+    /// Keys that seal this shard's checkpoint files and check the ones it
+    /// restores (`[seal]`; none: plain files). See docs/SECURITY.md.
+    pub seal: ps_common::seal::KeyPaths,
 }
 
 impl Default for ServerConfig {
@@ -81,6 +84,7 @@ impl Default for ServerConfig {
             checkpoint_dir: None,
             restore: None,
             metrics: None,
+            seal: Default::default(),
         }
     }
 }
@@ -106,8 +110,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
+    let keys = config.seal.load().map_err(|e| Error::Config(e.to_string()))?;
     let (store, clocks) = match &config.restore {
-        Some(path) => restore(&config, path)?,
+        Some(path) => restore(&config, path, &keys)?,
         None => (store::Store::new(config.shard, config.num_shards), clock::Clocks::default()),
     };
     let shard = Arc::new(Shard {
@@ -117,6 +122,7 @@ pub async fn serve(
         gate: gate::Gate::default(),
         max_wait: Duration::from_millis(config.max_wait_ms),
         checkpoint_dir: config.checkpoint_dir.clone(),
+        seal: keys,
         queue: queue::DataQueue::default(),
         metrics: metrics::ShardMetrics::default(),
     });
@@ -160,8 +166,9 @@ pub async fn serve(
 pub(crate) fn restore(
     config: &ServerConfig,
     path: &std::path::Path,
+    keys: &ps_common::seal::Keys,
 ) -> Result<(store::Store, clock::Clocks)> {
-    let ckpt = checkpoint::resolve(path)?;
+    let ckpt = checkpoint::resolve(path, keys)?;
     let m = &ckpt.manifest;
     if m.num_shards != config.num_shards {
         return Err(Error::BadCheckpoint(format!(
@@ -171,7 +178,8 @@ pub(crate) fn restore(
             config.num_shards
         )));
     }
-    let file = checkpoint::read_shard(&ckpt.dir, m.shard(config.shard)?, config.shard, config.num_shards)?;
+    let file =
+        checkpoint::read_shard(&ckpt.dir, m.shard(config.shard)?, config.shard, config.num_shards, keys)?;
     if file.checkpoint != m.name || file.shard != config.shard || file.num_shards != config.num_shards {
         return Err(Error::BadCheckpoint(format!(
             "{}: the file belongs to checkpoint {:?}, shard {} of {}",

@@ -27,6 +27,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
+use ps_common::seal::Keys;
 use ps_common::transport::{self, TransportConfig};
 use ps_common::wire::pb::{self, parameter_server_client::ParameterServerClient};
 use tonic::transport::Channel;
@@ -49,6 +50,9 @@ pub struct Options {
     /// Longest a shard waits for the workers to reach the cut.
     pub cut_timeout: Duration,
     pub transport: TransportConfig,
+    /// Seals the manifest and reads the checkpoints to prune (the shards
+    /// seal their files with their own keys).
+    pub keys: Keys,
 }
 
 impl Options {
@@ -60,6 +64,7 @@ impl Options {
             hold_timeout: Duration::from_secs(10),
             cut_timeout: Duration::from_secs(10),
             transport: TransportConfig::default(),
+            keys: Keys::none(),
         }
     }
 }
@@ -127,8 +132,8 @@ pub async fn take(shards: &Shards, opts: &Options) -> Result<Manifest> {
         }
     };
     manifest.total_ms = started.elapsed().as_secs_f64() * 1e3;
-    manifest.write(&dir)?;
-    let deleted = super::prune(&opts.root, opts.keep)?;
+    manifest.write(&dir, &opts.keys)?;
+    let deleted = super::prune(&opts.root, opts.keep, &opts.keys)?;
     tracing::info!(
         checkpoint = %manifest.name,
         bytes = manifest.bytes(),
