@@ -5,6 +5,7 @@
 //! Every child is started with `kill_on_drop`, and on Linux with a parent-death
 //! signal, so no process outlives the launcher however it ends.
 
+use ps_common::seal::KeyPaths;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -88,6 +89,7 @@ pub struct Servers {
     exe: PathBuf,
     log_dir: PathBuf,
     checkpoint_dir: Option<PathBuf>,
+    seal: KeyPaths,
 }
 
 /// Where shards keep checkpoints and what they start from.
@@ -97,6 +99,8 @@ pub struct ServerOptions {
     pub checkpoint_dir: Option<PathBuf>,
     /// Start every shard from this checkpoint.
     pub restore: Option<PathBuf>,
+    /// The keys that seal and check the shards' checkpoint files.
+    pub seal: KeyPaths,
 }
 
 /// A shard that died and was restarted from a checkpoint.
@@ -120,6 +124,7 @@ impl Servers {
             exe: exe.to_path_buf(),
             log_dir: dir.to_path_buf(),
             checkpoint_dir: opts.checkpoint_dir.clone(),
+            seal: opts.seal.clone(),
         };
         for shard in 0..n {
             servers.metrics_addrs.push(free_loopback_addr()?);
@@ -153,6 +158,16 @@ impl Servers {
         }
         if let Some(path) = restore {
             cmd.arg("--restore").arg(path);
+        }
+        let seal = &self.seal;
+        for (flag, path) in [
+            ("--signing-key", &seal.signing_key),
+            ("--verify-key", &seal.verify_key),
+            ("--encryption-key", &seal.encryption_key),
+        ] {
+            if let Some(p) = path {
+                cmd.arg(flag).arg(p);
+            }
         }
         if let Some(addr) = self.metrics_addrs.get(shard as usize) {
             cmd.args(["--metrics", addr]);
@@ -205,7 +220,8 @@ impl Servers {
                     why: "checkpoints are off".into(),
                 });
             };
-            let checkpoint = ps_server::checkpoint::latest(root)?.ok_or_else(|| Error::ShardDied {
+            let keys = self.seal.load().map_err(|e| Error::Config(e.to_string()))?;
+            let checkpoint = ps_server::checkpoint::latest(root, &keys)?.ok_or_else(|| Error::ShardDied {
                 shard: shard as u32,
                 exit: exit.clone(),
                 why: "no checkpoint was complete yet".into(),

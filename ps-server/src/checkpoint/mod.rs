@@ -58,8 +58,8 @@ pub fn check_name(name: &str) -> crate::Result<()> {
 pub(crate) fn seal_hint(e: ps_common::Error) -> String {
     match e {
         ps_common::Error::Unsigned => format!(
-            "{e} (a checkpoint written without keys): re-sign it with `ps-cluster keys reseal DIR --keys KEYDIR`, \
-             or read it without a verify key (`ps-cluster ... --no-seal`, or no `[seal]` keys on the shard)"
+            "{e} (a checkpoint written without keys): re-sign it with `ps-cluster keys --reseal CHECKPOINT --with KEYDIR`, \
+             or read it with no keys (`ps-cluster train --resume RUN --no-seal`, or a shard without key flags)"
         ),
         e => e.to_string(),
     }

@@ -403,7 +403,7 @@ fn a_sealed_checkpoint_restores_and_every_tamper_is_refused() {
                     resign_with(&dir, &m, std::fs::read(plain.join(e.file)).unwrap(), &keys);
                     std::fs::remove_dir_all(plain).unwrap();
                 }),
-                "keys reseal",
+                "--reseal CHECKPOINT",
                 &file0,
             ),
             (
@@ -457,7 +457,7 @@ fn an_unsigned_checkpoint_is_refused_until_resealed() {
     let keys = seal_keys(true);
     let err = crate::restore(&config(1, 2, &tmp.0), &tmp.0, &keys).err().unwrap();
     assert!(
-        err.to_string().contains("not signed") && err.to_string().contains("ps-cluster keys reseal"),
+        err.to_string().contains("not signed") && err.to_string().contains("ps-cluster keys --reseal"),
         "{err}"
     );
     let dir = tmp.0.join("ckpt-000001");
