@@ -37,7 +37,7 @@ fn main() -> Result<()> {
         }
     }
     let store = Store::new(0, 1);
-    let mut spec = TableSpec::dense("big", &[params], Init::uniform(0.1), Rule::adam(1e-3).into());
+    let mut spec = TableSpec::dense("big", &[params], Init::zeros(), Rule::adam(1e-3).into());
     spec.layout = Layout::Dense { shape: vec![params], chunk_len: 1 << 16 };
     store.register(spec, 1)?;
     let file = ShardFile {
