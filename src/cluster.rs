@@ -5,6 +5,7 @@
 //! Every child is started with `kill_on_drop`, and on Linux with a parent-death
 //! signal, so no process outlives the launcher however it ends.
 
+use ps_common::seal::KeyPaths;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -96,6 +97,7 @@ pub struct Servers {
     auth_key: Option<PathBuf>,
     /// The launcher's own credential towards these shards (admin).
     pub admin: ps_common::auth::Credential,
+    seal: KeyPaths,
 }
 
 /// Where shards keep checkpoints and what they start from.
@@ -109,6 +111,8 @@ pub struct ServerOptions {
     pub security: Security,
     /// Turn auth on, with this token public key (`--auth-key`).
     pub auth_key: Option<PathBuf>,
+    /// The keys that seal and check the shards' checkpoint files.
+    pub seal: KeyPaths,
 }
 
 /// How the processes of a local cluster talk: mutual TLS with the
@@ -164,6 +168,7 @@ impl Servers {
             security: opts.security.clone(),
             auth_key: opts.auth_key.clone(),
             admin: ps_common::auth::Credential::none(),
+            seal: opts.seal.clone(),
         };
         for shard in 0..n {
             servers.metrics_addrs.push(free_loopback_addr()?);
@@ -200,6 +205,16 @@ impl Servers {
         }
         if let Some(key) = &self.auth_key {
             cmd.arg("--auth-key").arg(key);
+        }
+        let seal = &self.seal;
+        for (flag, path) in [
+            ("--signing-key", &seal.signing_key),
+            ("--verify-key", &seal.verify_key),
+            ("--encryption-key", &seal.encryption_key),
+        ] {
+            if let Some(p) = path {
+                cmd.arg(flag).arg(p);
+            }
         }
         if let Some(addr) = self.metrics_addrs.get(shard as usize) {
             cmd.args(["--metrics", addr]);
@@ -256,7 +271,8 @@ impl Servers {
                     why: "checkpoints are off".into(),
                 });
             };
-            let checkpoint = ps_server::checkpoint::latest(root)?.ok_or_else(|| Error::ShardDied {
+            let keys = self.seal.load().map_err(|e| Error::Config(e.to_string()))?;
+            let checkpoint = ps_server::checkpoint::latest(root, &keys)?.ok_or_else(|| Error::ShardDied {
                 shard: shard as u32,
                 exit: exit.clone(),
                 why: "no checkpoint was complete yet".into(),

@@ -118,7 +118,14 @@ enum Command {
         /// TLS as `admin` (`admin.pem` in --tls-dir), or --plaintext.
         #[command(flatten)]
         tls: ps_common::transport::TlsArgs,
+        /// Sign the manifest with the keys in this folder (the shards'
+        /// signing key; give the shards the same keys).
+        #[arg(long, value_name = "KEYDIR")]
+        keys: Option<PathBuf>,
     },
+    /// Make a key set for signed (and encrypted) checkpoints and registry
+    /// artifacts; or, with `reseal`, re-sign a checkpoint (docs/SECURITY.md).
+    Keys(KeysArgs),
     /// Export a run's model as safetensors with a model card (docs/EXPORT.md).
     Export {
         /// Run folder (model.msgpack, summary.json, config.toml).
@@ -183,6 +190,14 @@ struct TrainArgs {
     /// Override the training-pull codec of every table: f32, fp16, bf16.
     #[arg(long)]
     pull_codec: Option<ps_common::compress::Codec>,
+    /// Sign checkpoints with the keys in DIR (made by `ps-cluster keys`;
+    /// with an encryption key, also encrypt them) [default: the run
+    /// folder's keys/, made for a new run].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_seal")]
+    keys: Option<PathBuf>,
+    /// Write and read checkpoints unsigned.
+    #[arg(long)]
+    no_seal: bool,
     /// Fault injection: SIGKILL worker W after S seconds (`W:S`).
     #[arg(long, value_parser = parse_kill)]
     kill_worker: Option<(usize, f64)>,
@@ -242,9 +257,9 @@ fn main() -> anyhow::Result<()> {
             let transport = tls.client_transport("admin")?;
             tokio_runtime()?.block_on(status(servers, transport))
         }
-        Command::Checkpoint { servers, dir, keep, tls } => {
+        Command::Checkpoint { servers, dir, keep, tls, keys } => {
             let transport = tls.client_transport("admin")?;
-            tokio_runtime()?.block_on(checkpoint(servers, dir, keep, transport))
+            tokio_runtime()?.block_on(checkpoint(servers, dir, keep, transport, keys))
         }
         Command::Certs { out, workers, hosts, days } => {
             let opts = paramserver::certs::Options { workers, hosts, days };
@@ -252,6 +267,7 @@ fn main() -> anyhow::Result<()> {
             println!("wrote {} files to {}", files.len(), out.display());
             Ok(())
         }
+        Command::Keys(args) => keys(args),
         Command::Bench { epochs, reps, only } => {
             let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
             let opts = paramserver::bench::BenchOptions { epochs, reps, only };
@@ -339,7 +355,12 @@ async fn train(args: TrainArgs) -> anyhow::Result<RunSummary> {
         run_dir.display(),
         run_dir.join(paramserver::cluster::METRICS_FILE).display()
     );
-    execute(config, run_dir, None, &args).await
+    let seal = match (&args.keys, args.no_seal) {
+        (_, true) => Some(ps_common::seal::KeyPaths::default()),
+        (Some(k), false) => Some(run::checkpoint_keys(&run_dir, Some(k), false)?),
+        (None, false) => None,
+    };
+    execute(config, run_dir, None, seal, &args).await
 }
 
 /// `train --resume PATH`: PATH is a run folder (its newest checkpoint) or a
@@ -363,7 +384,14 @@ async fn resume(path: &std::path::Path, args: &TrainArgs) -> anyhow::Result<RunS
         config.cluster.plaintext = true;
     }
     let ckpt_path = if path == run_dir { run::checkpoint_root(&run_dir) } else { path.to_path_buf() };
-    let ckpt = ps_server::checkpoint::resolve(&ckpt_path)?;
+    let seal = match (&args.keys, args.no_seal) {
+        (_, true) => ps_common::seal::KeyPaths::default(),
+        (keys, false) => run::checkpoint_keys(&run_dir, keys.as_deref(), false)?,
+    };
+    if seal.is_empty() && !args.no_seal {
+        eprintln!("{} has no keys/: its checkpoints are unsigned and stay so", run_dir.display());
+    }
+    let ckpt = ps_server::checkpoint::resolve(&ckpt_path, &seal.load()?)?;
     let m = &ckpt.manifest;
     if m.num_shards != config.cluster.servers {
         anyhow::bail!(
@@ -378,13 +406,14 @@ async fn resume(path: &std::path::Path, args: &TrainArgs) -> anyhow::Result<RunS
     }
     let cut: Vec<String> = m.workers.iter().map(|w| format!("worker {} at {}", w.worker, w.clock)).collect();
     eprintln!("resuming {} from {} ({})", run_dir.display(), ckpt.dir.display(), cut.join(", "));
-    execute(config, run_dir, Some(ckpt.dir.clone()), args).await
+    execute(config, run_dir, Some(ckpt.dir.clone()), Some(seal), args).await
 }
 
 async fn execute(
     config: RunConfig,
     run_dir: PathBuf,
     resume_from: Option<PathBuf>,
+    seal: Option<ps_common::seal::KeyPaths>,
     args: &TrainArgs,
 ) -> anyhow::Result<RunSummary> {
     let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
@@ -393,6 +422,7 @@ async fn execute(
         kill_worker_after: args.kill_worker.map(|(w, s)| (w, Duration::from_secs_f64(s))),
         kill_server_after: args.kill_server.map(|(w, s)| (w, Duration::from_secs_f64(s))),
         resume_from,
+        seal,
         ..Plan::new(&exe, config, run_dir)
     };
     let summary = run::run(plan, |w, e| bars.update(w, e)).await?;
@@ -406,11 +436,15 @@ async fn checkpoint(
     dir: PathBuf,
     keep: usize,
     transport: ps_common::transport::TransportConfig,
+    keys: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let mut opts = ps_server::checkpoint::coordinator::Options::new(dir);
     opts.keep = keep.max(1);
     opts.transport = transport;
     opts.credential = paramserver::credentials::from_env()?;
+    if let Some(k) = keys {
+        opts.keys = ps_common::seal::KeyPaths::in_dir(&k).load()?;
+    }
     let m = ps_server::checkpoint::coordinator::take_once(&servers, &opts).await?;
     let cut: Vec<String> = m.workers.iter().map(|w| format!("worker {} at {}", w.worker, w.clock)).collect();
     println!(
@@ -422,6 +456,50 @@ async fn checkpoint(
         m.total_ms,
         if cut.is_empty() { "no workers".to_string() } else { cut.join(", ") }
     );
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+struct KeysArgs {
+    /// Folder to write signing.key (0600), verify.pub and, with --encrypt,
+    /// encryption.key (0600); existing key files are never overwritten.
+    #[arg(long, required_unless_present = "reseal")]
+    out: Option<PathBuf>,
+    /// Also make an AES-256-GCM key: files sealed with it are encrypted.
+    #[arg(long)]
+    encrypt: bool,
+    /// Re-sign this checkpoint folder (`<run>/checkpoints/ckpt-N`) with the
+    /// keys in --with (a checkpoint written unsigned, or under old keys).
+    #[arg(long, value_name = "CHECKPOINT", conflicts_with_all = ["out", "encrypt"])]
+    reseal: Option<PathBuf>,
+    /// With --reseal: the keys to sign with (none: remove the seal).
+    #[arg(long = "with", value_name = "KEYDIR", requires = "reseal")]
+    with_keys: Option<PathBuf>,
+    /// With --reseal: the keys it is sealed with now (none: unsigned).
+    #[arg(long, value_name = "KEYDIR", requires = "reseal")]
+    from: Option<PathBuf>,
+}
+
+/// `ps-cluster keys`: a new key set, or a checkpoint re-sealed.
+fn keys(args: KeysArgs) -> anyhow::Result<()> {
+    let load = |dir: &Option<PathBuf>| match dir {
+        Some(d) => ps_common::seal::KeyPaths::in_dir(d).load(),
+        None => Ok(ps_common::seal::Keys::none()),
+    };
+    if let Some(ckpt) = &args.reseal {
+        let (from, to) = (load(&args.from)?, load(&args.with_keys)?);
+        let m = ps_server::checkpoint::reseal(ckpt, &from, &to)?;
+        let how = to.fingerprint().map_or("unsigned".to_string(), |f| format!("signed by key {}", &f[..16]));
+        println!("{}: {} shard files and the manifest rewritten, {how}", ckpt.display(), m.shards.len());
+        return Ok(());
+    }
+    let out = args.out.context("--out DIR is required")?;
+    let paths = ps_common::seal::generate(&out, args.encrypt)?;
+    let keys = paths.load()?;
+    for p in [&paths.signing_key, &paths.verify_key, &paths.encryption_key].into_iter().flatten() {
+        println!("wrote {}", p.display());
+    }
+    println!("verify key fingerprint (SHA-256): {}", keys.fingerprint().unwrap_or_default());
     Ok(())
 }
 

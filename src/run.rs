@@ -8,6 +8,7 @@
 //! (and one as soon as training has begun), and the launcher restarts a shard
 //! that dies from the newest one (see `cluster::Servers::supervise`).
 
+use ps_common::seal::KeyPaths;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,12 +34,23 @@ pub struct Plan<'a> {
     pub kill_server_after: Option<(usize, Duration)>,
     /// Resume from this checkpoint (the run folder is the stopped run's).
     pub resume_from: Option<PathBuf>,
+    /// The keys of the run's checkpoints; `None`: the run folder's own
+    /// ([`checkpoint_keys`], made for a new run), `Some(empty)`: unsigned.
+    pub seal: Option<KeyPaths>,
 }
 
 impl<'a> Plan<'a> {
     /// A plain run: no fault injection, not resumed.
     pub fn new(exe: &'a Path, config: RunConfig, run_dir: PathBuf) -> Plan<'a> {
-        Plan { exe, config, run_dir, kill_worker_after: None, kill_server_after: None, resume_from: None }
+        Plan {
+            exe,
+            config,
+            run_dir,
+            kill_worker_after: None,
+            kill_server_after: None,
+            resume_from: None,
+            seal: None,
+        }
     }
 }
 
@@ -69,9 +81,44 @@ pub fn checkpoint_root(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
+/// Where a run keeps the keys of its checkpoints.
+pub fn keys_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("keys")
+}
+
+/// The keys of a run's checkpoints: `explicit` (a folder written by
+/// `ps-cluster keys`) if given; else the run's own `<run>/keys/`, made
+/// (signing and verify key) for a new run when `create`. A run folder
+/// without keys that is not created here (one written before checkpoints
+/// were signed) gets none, and its checkpoints stay unsigned.
+pub fn checkpoint_keys(run_dir: &Path, explicit: Option<&Path>, create: bool) -> Result<KeyPaths> {
+    if let Some(dir) = explicit {
+        let keys = KeyPaths::in_dir(dir);
+        if keys.is_empty() {
+            return Err(cluster::Error::Config(format!(
+                "{} holds no keys (make them with `ps-cluster keys --out DIR`)",
+                dir.display()
+            )));
+        }
+        return Ok(keys);
+    }
+    let dir = keys_dir(run_dir);
+    if dir.exists() {
+        return Ok(KeyPaths::in_dir(&dir));
+    }
+    if !create {
+        return Ok(KeyPaths::default());
+    }
+    ps_common::seal::generate(&dir, false).map_err(|e| cluster::Error::Config(e.to_string()))
+}
+
 /// Runs the plan; `on_event` sees every worker event as it arrives.
-pub async fn run(plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Result<RunSummary> {
+pub async fn run(mut plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Result<RunSummary> {
     let config_path = cluster::write_config(&plan.run_dir, &plan.config)?;
+    if plan.seal.is_none() {
+        let create = plan.config.checkpoint.enabled && plan.resume_from.is_none();
+        plan.seal = Some(checkpoint_keys(&plan.run_dir, None, create)?);
+    }
     let ckpt = &plan.config.checkpoint;
     let security = security(&plan.run_dir, &plan.config)?;
     // Auth on: a key pair for this run, a token per process.
@@ -81,6 +128,7 @@ pub async fn run(plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Result<
         restore: plan.resume_from.clone(),
         security: security.clone(),
         auth_key: Some(auth.public_key.clone()),
+        seal: plan.seal.clone().unwrap_or_default(),
     };
     let mut servers =
         Servers::start(plan.exe, plan.config.cluster.servers, &plan.run_dir, &server_opts).await?;
@@ -113,7 +161,9 @@ async fn run_on(
     std::fs::write(&shards, servers.addrs.join(",") + "\n")
         .map_err(|source| cluster::Error::Io { what: format!("writing {}", shards.display()), source })?;
     let checkpointer = match plan.config.checkpoint.enabled {
-        true => Some(Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &transport, auth).await?),
+        true => Some(
+            Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &transport, auth, plan.seal.as_ref()).await?,
+        ),
         false => None,
     };
     let opts = RunOptions {
@@ -191,10 +241,13 @@ impl Checkpointer {
         config: &RunConfig,
         transport: &TransportConfig,
         auth: &LocalAuth,
+        seal: Option<&KeyPaths>,
     ) -> Result<Self> {
         let c = &config.checkpoint;
         let mut opts = coordinator::Options::new(checkpoint_root(run_dir));
         opts.credential = auth.admin.clone();
+        opts.keys =
+            seal.cloned().unwrap_or_default().load().map_err(|e| cluster::Error::Config(e.to_string()))?;
         opts.job = Some(config.fingerprint());
         opts.keep = c.keep;
         opts.transport = transport.clone();

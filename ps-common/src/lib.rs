@@ -21,6 +21,8 @@
 //!   `reader`, `worker:<N>`), roles, Ed25519 bearer tokens, the principal of
 //!   a request (token or client certificate) and the credential a client
 //!   attaches to every call.
+//! - [`seal`] signs (ed25519) and optionally encrypts (AES-256-GCM) files at
+//!   rest: checkpoints and registry artifacts; it reads and writes key files.
 //!
 //! - [`metrics`] is the per-RPC layer of every server, the process collector
 //!   and the `/metrics` endpoint (Prometheus, `prometheus-client`).
@@ -35,6 +37,7 @@ pub mod error;
 pub mod metrics;
 pub mod optim;
 pub mod partition;
+pub mod seal;
 pub mod spec;
 pub mod transport;
 pub mod wire;

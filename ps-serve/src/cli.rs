@@ -21,6 +21,14 @@ pub struct Args {
     /// Folder of the registry's artifacts.
     #[arg(long, env = "PS_REGISTRY_ROOT", default_value = "registry")]
     pub registry_root: PathBuf,
+    /// The registry's keys: a folder with verify.pub (signing.key to
+    /// register, encryption.key for encrypted artifacts)
+    /// [default: <registry-root>/keys/, made for a new registry].
+    #[arg(long, env = "PS_REGISTRY_KEYS", value_name = "DIR", conflicts_with = "no_seal")]
+    pub registry_keys: Option<PathBuf>,
+    /// Write and read registry artifacts unsigned (a registry without keys).
+    #[arg(long, env = "PS_REGISTRY_NO_SEAL")]
+    pub no_seal: bool,
     /// Serve the live weights of the training cluster whose shards are
     /// these (comma-separated, shard 0 first) instead of the registry; one
     /// --model gives the name.

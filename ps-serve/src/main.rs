@@ -34,7 +34,11 @@ async fn main() -> anyhow::Result<()> {
     });
     let (url, root) = ps_registry::location(args.registry.clone(), Some(args.registry_root.clone()));
     let open = || async {
-        Registry::open(&url, &root).await.map(Arc::new).with_context(|| format!("opening the registry {url}"))
+        let keys = ps_registry::keys_choice(args.registry_keys.as_deref(), args.no_seal);
+        Registry::open_with(&url, &root, keys)
+            .await
+            .map(Arc::new)
+            .with_context(|| format!("opening the registry {url}"))
     };
 
     let mut slots = Vec::new();

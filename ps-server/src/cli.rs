@@ -49,6 +49,16 @@ pub struct Args {
     /// (PEM, from `ps-cluster token --gen-key`); `[auth]` in the config file.
     #[arg(long, env = "PS_AUTH_KEY")]
     pub auth_key: Option<PathBuf>,
+    /// Signs (ed25519 PKCS#8 PEM) the checkpoint files this shard writes.
+    #[arg(long, env = "PS_SIGNING_KEY")]
+    pub signing_key: Option<PathBuf>,
+    /// Checks the signature of a checkpoint restored (SPKI PEM; default:
+    /// the signing key's own); unsigned files are then refused.
+    #[arg(long, env = "PS_VERIFY_KEY")]
+    pub verify_key: Option<PathBuf>,
+    /// Encrypts checkpoint files at rest, and decrypts them (64 hex digits).
+    #[arg(long, env = "PS_ENCRYPTION_KEY")]
+    pub encryption_key: Option<PathBuf>,
 }
 
 /// Reads the config file (if any), applies the flags, validates.
@@ -94,6 +104,15 @@ pub fn config(args: &Args) -> Result<ServerConfig> {
     }
     if let Some(v) = &args.auth_key {
         config.auth = crate::AuthConfig { enabled: true, token_key: Some(v.clone()) };
+    }
+    for (flag, slot) in [
+        (&args.signing_key, &mut config.seal.signing_key),
+        (&args.verify_key, &mut config.seal.verify_key),
+        (&args.encryption_key, &mut config.seal.encryption_key),
+    ] {
+        if let Some(v) = flag {
+            *slot = Some(v.clone());
+        }
     }
     config.validate()?;
     config.transport.require_security()?;

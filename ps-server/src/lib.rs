@@ -72,6 +72,9 @@ pub struct ServerConfig {
     pub limits: budget::Limits,
     /// Who may call what (`[auth]`; docs/SECURITY.md, "Roles and credentials").
     pub auth: AuthConfig,
+    /// Keys that seal this shard's checkpoint files and check the ones it
+    /// restores (`[seal]`; none: plain files). See docs/SECURITY.md.
+    pub seal: ps_common::seal::KeyPaths,
 }
 
 /// The `[auth]` table of a shard config. Off by default, for tests and
@@ -117,6 +120,7 @@ impl Default for ServerConfig {
             metrics: None,
             limits: budget::Limits::default(),
             auth: AuthConfig::default(),
+            seal: Default::default(),
         }
     }
 }
@@ -144,8 +148,9 @@ pub async fn serve(
 ) -> Result<()> {
     config.validate()?;
     let limits = &config.limits;
+    let keys = config.seal.load().map_err(|e| Error::Config(e.to_string()))?;
     let (store, clocks) = match &config.restore {
-        Some(path) => restore(&config, path)?,
+        Some(path) => restore(&config, path, &keys)?,
         None => (store::Store::new(config.shard, config.num_shards), clock::Clocks::default()),
     };
     let auth = config.auth.authenticator()?;
@@ -165,6 +170,7 @@ pub async fn serve(
         gate: gate::Gate::default(),
         max_wait: Duration::from_millis(config.max_wait_ms),
         checkpoint_dir: config.checkpoint_dir.clone(),
+        seal: keys,
         queue: queue::DataQueue::with_max_workers(limits.max_workers),
         metrics: metrics::ShardMetrics::default(),
         rate: budget::RateLimiter::new(limits),
@@ -211,8 +217,9 @@ pub async fn serve(
 pub(crate) fn restore(
     config: &ServerConfig,
     path: &std::path::Path,
+    keys: &ps_common::seal::Keys,
 ) -> Result<(store::Store, clock::Clocks)> {
-    let ckpt = checkpoint::resolve(path)?;
+    let ckpt = checkpoint::resolve(path, keys)?;
     let m = &ckpt.manifest;
     if m.num_shards != config.num_shards {
         return Err(Error::BadCheckpoint(format!(
@@ -222,7 +229,8 @@ pub(crate) fn restore(
             config.num_shards
         )));
     }
-    let file = checkpoint::read_shard(&ckpt.dir, m.shard(config.shard)?, config.shard, config.num_shards)?;
+    let file =
+        checkpoint::read_shard(&ckpt.dir, m.shard(config.shard)?, config.shard, config.num_shards, keys)?;
     if file.checkpoint != m.name || file.shard != config.shard || file.num_shards != config.num_shards {
         return Err(Error::BadCheckpoint(format!(
             "{}: the file belongs to checkpoint {:?}, shard {} of {}",

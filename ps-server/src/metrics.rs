@@ -268,6 +268,7 @@ mod tests {
             gate: Gate::default(),
             max_wait: Duration::from_secs(1),
             checkpoint_dir: None,
+            seal: Default::default(),
             queue: Default::default(),
             metrics: ShardMetrics::default(),
             rate: crate::budget::RateLimiter::new(&Default::default()),

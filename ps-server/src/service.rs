@@ -34,6 +34,8 @@ pub struct Shard {
     pub max_wait: Duration,
     /// Where this shard writes its checkpoint files (`None`: it refuses cuts).
     pub checkpoint_dir: Option<PathBuf>,
+    /// Seals the checkpoint files this shard writes.
+    pub seal: ps_common::seal::Keys,
     /// The job's data queue (dynamic data assignment; used on shard 0).
     pub queue: crate::queue::DataQueue,
     /// What is measured only for the metrics endpoint.
@@ -542,7 +544,8 @@ impl ParameterServer for Service {
         let workers = shard.clock_table();
         shard.gate.open();
         let held = since.elapsed();
-        let entry = tokio::task::spawn_blocking(move || checkpoint::write_shard(&dir, &file))
+        let keys = shard.seal.clone();
+        let entry = tokio::task::spawn_blocking(move || checkpoint::write_shard(&dir, &file, &keys))
             .await
             .map_err(|e| Status::internal(format!("checkpoint writer: {e}")))?
             .map_err(|e| shard.refuse(e))?;

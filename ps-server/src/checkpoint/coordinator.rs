@@ -28,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
 use ps_common::auth::Credential;
+use ps_common::seal::Keys;
 use ps_common::transport::{self, TransportConfig};
 use ps_common::wire::pb;
 
@@ -51,6 +52,9 @@ pub struct Options {
     pub transport: TransportConfig,
     /// Sent with every call (checkpoints are admin's).
     pub credential: Credential,
+    /// Seals the manifest and reads the checkpoints to prune (the shards
+    /// seal their files with their own keys).
+    pub keys: Keys,
 }
 
 impl Options {
@@ -63,6 +67,7 @@ impl Options {
             cut_timeout: Duration::from_secs(10),
             transport: TransportConfig::default(),
             credential: Credential::none(),
+            keys: Keys::none(),
         }
     }
 }
@@ -134,8 +139,8 @@ pub async fn take(shards: &Shards, opts: &Options) -> Result<Manifest> {
         }
     };
     manifest.total_ms = started.elapsed().as_secs_f64() * 1e3;
-    manifest.write(&dir)?;
-    let deleted = super::prune(&opts.root, opts.keep)?;
+    manifest.write(&dir, &opts.keys)?;
+    let deleted = super::prune(&opts.root, opts.keep, &opts.keys)?;
     tracing::info!(
         checkpoint = %manifest.name,
         bytes = manifest.bytes(),
