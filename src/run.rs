@@ -162,7 +162,15 @@ async fn run_on(
         .map_err(|source| cluster::Error::Io { what: format!("writing {}", shards.display()), source })?;
     let checkpointer = match plan.config.checkpoint.enabled {
         true => Some(
-            Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &transport, auth, plan.seal.as_ref()).await?,
+            Checkpointer::start(
+                &servers.addrs,
+                &plan.run_dir,
+                &plan.config,
+                &transport,
+                auth,
+                plan.seal.as_ref(),
+            )
+            .await?,
         ),
         false => None,
     };

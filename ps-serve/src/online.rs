@@ -39,7 +39,13 @@ impl Online {
     /// Connects to the shards (`addrs[i]` is shard `i`) and matches the
     /// tables they hold against `template` (or infers an MLP).
     pub async fn connect(addrs: &[String], template: Option<ModelKind>) -> Result<Online> {
-        Online::connect_with(addrs, template, &TransportConfig::default(), ps_common::auth::Credential::none()).await
+        Online::connect_with(
+            addrs,
+            template,
+            &TransportConfig::default(),
+            ps_common::auth::Credential::none(),
+        )
+        .await
     }
 
     /// [`Online::connect`] over `transport` (TLS as `reader`), sending

@@ -61,11 +61,7 @@ fn spec() -> TableSpec {
 
 fn push(worker: u64, seq: u64, tick: bool, grad: f32) -> pb::PushDenseRequest {
     pb::PushDenseRequest {
-        chunks: vec![pb::DenseChunk {
-            tensor: "w".into(),
-            index: 0,
-            values: codec::encode_f32(&[grad; 4]).into(),
-        }],
+        chunks: vec![pb::DenseChunk { tensor: "w".into(), index: 0, values: codec::encode_f32(&[grad; 4]) }],
         meta: Some(pb::PushMeta { worker, seq, clock: 0, tick, read_clock: 0, codecs: 0 }),
     }
 }
@@ -165,15 +161,15 @@ async fn every_refusal_has_its_code_and_changes_nothing() {
     refused("tick as another", w1.push_dense(push(0, 2, true, 0.0)).await, Code::PermissionDenied);
     let sparse = pb::PushSparseRequest {
         table: "w".into(),
-        keys: codec::encode_u64(&[1]).into(),
-        grads: codec::encode_f32(&[1.0]).into(),
+        keys: codec::encode_u64(&[1]),
+        grads: codec::encode_f32(&[1.0]),
         meta: Some(pb::PushMeta { worker: 0, seq: 1_000, ..Default::default() }),
     };
     refused("sparse push as another", w1.push_sparse(sparse).await, Code::PermissionDenied);
     refused("pull as another", w1.pull_dense(pull(member_read)).await, Code::PermissionDenied);
     let creating = pb::PullSparseRequest {
         table: "w".into(),
-        keys: codec::encode_u64(&[1]).into(),
+        keys: codec::encode_u64(&[1]),
         meta: Some(pb::ReadMeta { worker: 0, clock: 0, compressed: false }),
         read_only: false,
     };
@@ -258,7 +254,7 @@ async fn readers_read_without_creating_and_workers_train_with_roles_on() {
         c.join(bsp, Duration::from_secs(30), 0).await.unwrap();
     }
     assert!(workers[0].wait_for_members(2, Duration::from_secs(5)).await.unwrap());
-    let set = DenseSet::new(&[dense.clone()], 1).unwrap();
+    let set = DenseSet::new(std::slice::from_ref(&dense), 1).unwrap();
     let mut handles = Vec::new();
     for mut c in workers {
         let set = set.clone();

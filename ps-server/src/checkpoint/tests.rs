@@ -374,7 +374,9 @@ fn a_sealed_checkpoint_restores_and_every_tamper_is_refused() {
         assert!(restore(&reader).unwrap().0.capture() == store.capture());
 
         let other = seal_keys(encrypt);
-        let mut cases: Vec<(&str, Box<dyn Fn()>, &str, &Path)> = vec![
+        // (what, how to damage the files, the error it must give, the file it names)
+        type Case<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a str, &'a Path);
+        let mut cases: Vec<Case> = vec![
             ("no verify key", Box::new(|| ()), "no verify key is configured", &manifest),
             ("signed by another key", Box::new(|| ()), "not by the configured verify key", &manifest),
             (
