@@ -227,13 +227,19 @@ impl Recovery {
     pub async fn measure(
         r: &crate::cluster::Restart,
         addrs: &[String],
+        credential: &ps_common::auth::Credential,
         started: std::time::Instant,
+        transport: &ps_common::transport::TransportConfig,
     ) -> Recovery {
         let m = &r.checkpoint.manifest;
         let live = addrs.iter().enumerate().find(|(i, _)| *i != r.shard as usize).map(|(_, a)| a.clone());
         let mut now: Vec<(u64, u64)> = Vec::new();
         if let Some(addr) = live {
-            let opts = ps_worker::client::ClientOptions::default();
+            let opts = ps_worker::client::ClientOptions {
+                transport: transport.clone(),
+                credential: credential.clone(),
+                ..ps_worker::client::ClientOptions::default()
+            };
             if let Ok(c) = ps_worker::client::ShardedClient::connect(&[addr], u64::MAX, opts).await
                 && let Ok(stats) = c.stats().await
             {

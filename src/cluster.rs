@@ -5,10 +5,12 @@
 //! Every child is started with `kill_on_drop`, and on Linux with a parent-death
 //! signal, so no process outlives the launcher however it ends.
 
+use ps_common::seal::KeyPaths;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use ps_common::transport::{TlsConfig, TransportConfig};
 use ps_worker::config::RunConfig;
 use ps_worker::event::Event;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -36,6 +38,8 @@ pub enum Error {
     Model(#[from] ps_model::Error),
     #[error(transparent)]
     Checkpoint(#[from] ps_server::Error),
+    #[error("certificates: {0}")]
+    Certificate(String),
     #[error("shard {shard} died ({exit}) and cannot be restored: {why}")]
     ShardDied { shard: u32, exit: String, why: String },
 }
@@ -88,15 +92,56 @@ pub struct Servers {
     exe: PathBuf,
     log_dir: PathBuf,
     checkpoint_dir: Option<PathBuf>,
+    security: Security,
+    /// The public key the shards verify tokens with (auth on), kept for restarts.
+    auth_key: Option<PathBuf>,
+    /// The launcher's own credential towards these shards (admin).
+    pub admin: ps_common::auth::Credential,
+    seal: KeyPaths,
 }
 
 /// Where shards keep checkpoints and what they start from.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// The shards' checkpoint folder (enables supervision).
     pub checkpoint_dir: Option<PathBuf>,
     /// Start every shard from this checkpoint.
     pub restore: Option<PathBuf>,
+    /// How every process of the cluster talks.
+    pub security: Security,
+    /// Turn auth on, with this token public key (`--auth-key`).
+    pub auth_key: Option<PathBuf>,
+    /// The keys that seal and check the shards' checkpoint files.
+    pub seal: KeyPaths,
+}
+
+/// How the processes of a local cluster talk: mutual TLS with the
+/// certificates `ps-cluster certs` made in a folder (the default), or
+/// plaintext when the run asks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Security {
+    Tls(PathBuf),
+    Plaintext,
+}
+
+impl Security {
+    /// The flags that give a child process its TLS (it picks its own
+    /// certificate in the folder by role and index).
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        match self {
+            Security::Tls(dir) => vec!["--tls-dir".into(), dir.clone().into_os_string()],
+            Security::Plaintext => vec!["--plaintext".into()],
+        }
+    }
+
+    /// `base` with this security, for the launcher's own channels (as
+    /// `admin`: stats, checkpoints, the final evaluation).
+    pub fn admin_transport(&self, base: &TransportConfig) -> TransportConfig {
+        base.with_tls(match self {
+            Security::Tls(dir) => Some(TlsConfig::from_dir(dir, "admin")),
+            Security::Plaintext => None,
+        })
+    }
 }
 
 /// A shard that died and was restarted from a checkpoint.
@@ -120,6 +165,10 @@ impl Servers {
             exe: exe.to_path_buf(),
             log_dir: dir.to_path_buf(),
             checkpoint_dir: opts.checkpoint_dir.clone(),
+            security: opts.security.clone(),
+            auth_key: opts.auth_key.clone(),
+            admin: ps_common::auth::Credential::none(),
+            seal: opts.seal.clone(),
         };
         for shard in 0..n {
             servers.metrics_addrs.push(free_loopback_addr()?);
@@ -154,8 +203,25 @@ impl Servers {
         if let Some(path) = restore {
             cmd.arg("--restore").arg(path);
         }
+        if let Some(key) = &self.auth_key {
+            cmd.arg("--auth-key").arg(key);
+        }
+        let seal = &self.seal;
+        for (flag, path) in [
+            ("--signing-key", &seal.signing_key),
+            ("--verify-key", &seal.verify_key),
+            ("--encryption-key", &seal.encryption_key),
+        ] {
+            if let Some(p) = path {
+                cmd.arg(flag).arg(p);
+            }
+        }
         if let Some(addr) = self.metrics_addrs.get(shard as usize) {
             cmd.args(["--metrics", addr]);
+        }
+        cmd.args(self.security.args());
+        if matches!(self.security, Security::Tls(_)) {
+            cmd.arg("--client-auth");
         }
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -205,7 +271,8 @@ impl Servers {
                     why: "checkpoints are off".into(),
                 });
             };
-            let checkpoint = ps_server::checkpoint::latest(root)?.ok_or_else(|| Error::ShardDied {
+            let keys = self.seal.load().map_err(|e| Error::Config(e.to_string()))?;
+            let checkpoint = ps_server::checkpoint::latest(root, &keys)?.ok_or_else(|| Error::ShardDied {
                 shard: shard as u32,
                 exit: exit.clone(),
                 why: "no checkpoint was complete yet".into(),
@@ -263,6 +330,12 @@ pub struct RunOptions<'a> {
     pub kill_server_after: Option<(usize, Duration)>,
     /// Append to metrics.jsonl (a resumed run) instead of starting it anew.
     pub append_metrics: bool,
+    /// How the workers talk to the shards.
+    pub security: &'a Security,
+    /// The launcher's own channels (measuring a recovery).
+    pub transport: &'a TransportConfig,
+    /// Issues each worker its token (`PS_TOKEN_FILE`); `None`: auth off.
+    pub auth: Option<&'a crate::credentials::LocalAuth>,
 }
 
 /// Starts the workers of `config` against `servers`, forwards their events
@@ -282,13 +355,19 @@ pub async fn run_workers(
     for (index, metrics_addr) in worker_metrics.iter().enumerate() {
         let log_path = opts.run_dir.join(format!("worker-{index}.log"));
         let log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
-        let mut child = command(opts.exe)
+        let mut cmd = command(opts.exe);
+        if let Some(auth) = opts.auth {
+            let token = auth.token_file(ps_common::auth::Principal::Worker(index as u64))?;
+            cmd.env(ps_common::auth::TOKEN_FILE_ENV, token);
+        }
+        let mut child = cmd
             .arg("worker")
             .arg("--config")
             .arg(opts.config_path)
             .args(["--servers", &servers.addrs.join(",")])
             .args(["--index", &index.to_string(), "--workers", &opts.workers.to_string()])
             .args(["--metrics", metrics_addr])
+            .args(opts.security.args())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -352,7 +431,7 @@ pub async fn run_workers(
                     server_killed = true;
                 }
                 if let Some(restart) = servers.supervise().await? {
-                    let recovery = crate::artifact::Recovery::measure(&restart, &servers.addrs, started).await;
+                    let recovery = crate::artifact::Recovery::measure(&restart, &servers.addrs, &servers.admin, started, opts.transport).await;
                     eprintln!("{}", recovery.describe());
                     outcome.recoveries.push(recovery);
                 }

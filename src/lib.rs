@@ -13,10 +13,16 @@
 //! - [`export`] writes a run's model as safetensors with a model card.
 //! - [`render`] is what a person sees: progress bars, summaries, tables.
 //! - [`bench`] prints throughput figures beside same-run baselines.
+//! - [`certs`] makes a development CA and the cluster's certificates
+//!   (`ps-cluster certs`; the local cluster's TLS).
+//! - [`credentials`] is `ps-cluster token` (token keys, bearer tokens) and
+//!   the per-process credentials the launcher issues to a local cluster.
 
 pub mod artifact;
 pub mod bench;
+pub mod certs;
 pub mod cluster;
+pub mod credentials;
 pub mod export;
 pub mod models;
 pub mod plot;

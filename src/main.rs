@@ -13,6 +13,9 @@
 //! ps-cluster models list          # the model registry: list, show, promote, rollback, diff
 //! ps-cluster models export mnist_mlp:2 --format safetensors   # a registered version
 //! ps-cluster models register runs/<run>/checkpoints/ckpt-N    # the model a checkpoint holds
+//! ps-cluster certs --out tls --workers 4 --hosts hostA,hostB  # a dev CA and certificates
+//! ps-cluster token --gen-key --key keys/token.key   # token keys (KEY and KEY.pub)
+//! ps-cluster token --key keys/token.key --sub worker:3 --ttl 1h   # a bearer token
 //! ps-cluster server ...           # one shard (same flags as ps-server)
 //! ps-cluster worker ...           # one worker (same flags as ps-worker)
 //! ```
@@ -53,6 +56,28 @@ enum Command {
     Status {
         #[arg(long, value_delimiter = ',', required = true)]
         servers: Vec<String>,
+        /// TLS as `admin` (`admin.pem` in --tls-dir), or --plaintext.
+        #[command(flatten)]
+        tls: ps_common::transport::TlsArgs,
+    },
+    /// Make a development CA and the certificates of a cluster (PEM; keys
+    /// mode 0600): `shard` and `serve` (server), `admin`, `reader` and
+    /// `worker-N` (client; the Subject CN is the principal). See
+    /// docs/SECURITY.md.
+    Certs {
+        /// Folder to write (must not hold a CA yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// Worker certificates to make (worker-0 ..).
+        #[arg(long, default_value_t = 2)]
+        workers: u32,
+        /// More names or addresses of the shards' (and ps-serve's) hosts,
+        /// besides localhost, 127.0.0.1 and ::1.
+        #[arg(long, value_delimiter = ',')]
+        hosts: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
     /// Print throughput figures, each beside a baseline from the same run.
     Bench {
@@ -96,7 +121,17 @@ enum Command {
         /// Complete checkpoints to keep in DIR.
         #[arg(long, default_value_t = 3)]
         keep: usize,
+        /// TLS as `admin` (`admin.pem` in --tls-dir), or --plaintext.
+        #[command(flatten)]
+        tls: ps_common::transport::TlsArgs,
+        /// Sign the manifest with the keys in this folder (the shards'
+        /// signing key; give the shards the same keys).
+        #[arg(long, value_name = "KEYDIR")]
+        keys: Option<PathBuf>,
     },
+    /// Make a key set for signed (and encrypted) checkpoints and registry
+    /// artifacts; or, with `reseal`, re-sign a checkpoint (docs/SECURITY.md).
+    Keys(KeysArgs),
     /// Export a run's model as safetensors with a model card (docs/EXPORT.md).
     Export {
         /// Run folder (model.msgpack, summary.json, config.toml).
@@ -107,6 +142,24 @@ enum Command {
     },
     /// The model registry: list, show, register, promote, rollback, history, diff, export.
     Models(paramserver::models::Args),
+    /// Make token keys, or print a bearer token for one principal
+    /// (docs/SECURITY.md, "Roles and credentials").
+    Token {
+        /// The Ed25519 private key (PEM) that signs tokens; with --gen-key,
+        /// where to write a new one (and its public half, KEY.pub).
+        #[arg(long)]
+        key: PathBuf,
+        /// Make a new key pair: KEY (private, mode 0600) and KEY.pub (the
+        /// shards' --auth-key).
+        #[arg(long, conflicts_with_all = ["sub", "ttl"])]
+        gen_key: bool,
+        /// Who the token names: admin, reader or worker:N.
+        #[arg(long, required_unless_present = "gen_key")]
+        sub: Option<String>,
+        /// How long the token is valid (e.g. 30m, 1h, 7d).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+    },
     /// Run one shard (as `ps-server`).
     Server(ps_server::cli::Args),
     /// Run one worker (as `ps-worker`).
@@ -143,6 +196,14 @@ struct TrainArgs {
     /// Override the training-pull codec of every table: f32, fp16, bf16.
     #[arg(long)]
     pull_codec: Option<ps_common::compress::Codec>,
+    /// Sign checkpoints with the keys in DIR (made by `ps-cluster keys`;
+    /// with an encryption key, also encrypt them) [default: the run
+    /// folder's keys/, made for a new run].
+    #[arg(long, value_name = "DIR", conflicts_with = "no_seal")]
+    keys: Option<PathBuf>,
+    /// Write and read checkpoints unsigned.
+    #[arg(long)]
+    no_seal: bool,
     /// Fault injection: SIGKILL worker W after S seconds (`W:S`).
     #[arg(long, value_parser = parse_kill)]
     kill_worker: Option<(usize, f64)>,
@@ -155,6 +216,10 @@ struct TrainArgs {
     /// job are refused.
     #[arg(long, conflicts_with_all = ["config", "servers", "workers", "consistency", "name", "push_codec", "pull_codec"])]
     resume: Option<PathBuf>,
+    /// Run without TLS (`[cluster] plaintext = true`); by default every
+    /// channel uses mutual TLS with certificates made in `<run>/tls/`.
+    #[arg(long)]
+    plaintext: bool,
 }
 
 fn parse_kill(s: &str) -> Result<(usize, f64), String> {
@@ -179,10 +244,36 @@ fn main() -> anyhow::Result<()> {
         Command::Server(args) => Ok(ps_server::cli::run(&args)?),
         Command::Worker(args) => Ok(ps_worker::cli::run(&args)?),
         Command::Models(args) => tokio_runtime()?.block_on(paramserver::models::run(args)),
-        Command::Status { servers } => tokio_runtime()?.block_on(status(servers)),
-        Command::Checkpoint { servers, dir, keep } => {
-            tokio_runtime()?.block_on(checkpoint(servers, dir, keep))
+        Command::Token { key, gen_key: true, .. } => {
+            let public = paramserver::credentials::generate_key(&key)?;
+            eprintln!(
+                "wrote {} (private: keep it) and {} (for the shards' --auth-key)",
+                key.display(),
+                public.display()
+            );
+            Ok(())
         }
+        Command::Token { key, sub, ttl, .. } => {
+            let sub = sub.context("--sub is required")?;
+            let ttl = ttl.unwrap_or(Duration::from_secs(3600));
+            println!("{}", paramserver::credentials::issue(&key, &sub, ttl)?);
+            Ok(())
+        }
+        Command::Status { servers, tls } => {
+            let transport = tls.client_transport("admin")?;
+            tokio_runtime()?.block_on(status(servers, transport))
+        }
+        Command::Checkpoint { servers, dir, keep, tls, keys } => {
+            let transport = tls.client_transport("admin")?;
+            tokio_runtime()?.block_on(checkpoint(servers, dir, keep, transport, keys))
+        }
+        Command::Certs { out, workers, hosts, days } => {
+            let opts = paramserver::certs::Options { workers, hosts, days };
+            let files = paramserver::certs::create(&out, &opts)?;
+            println!("wrote {} files to {}", files.len(), out.display());
+            Ok(())
+        }
+        Command::Keys(args) => keys(args),
         Command::Bench { epochs, reps, only } => {
             let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
             let opts = paramserver::bench::BenchOptions { epochs, reps, only };
@@ -246,6 +337,9 @@ async fn train(args: TrainArgs) -> anyhow::Result<RunSummary> {
     if let Some(v) = args.pull_codec {
         config.job.codecs.pull = v;
     }
+    if args.plaintext {
+        config.cluster.plaintext = true;
+    }
     config.validate()?;
     let name = args.name.clone().unwrap_or_else(|| {
         args.config
@@ -267,7 +361,12 @@ async fn train(args: TrainArgs) -> anyhow::Result<RunSummary> {
         run_dir.display(),
         run_dir.join(paramserver::cluster::METRICS_FILE).display()
     );
-    execute(config, run_dir, None, &args).await
+    let seal = match (&args.keys, args.no_seal) {
+        (_, true) => Some(ps_common::seal::KeyPaths::default()),
+        (Some(k), false) => Some(run::checkpoint_keys(&run_dir, Some(k), false)?),
+        (None, false) => None,
+    };
+    execute(config, run_dir, None, seal, &args).await
 }
 
 /// `train --resume PATH`: PATH is a run folder (its newest checkpoint) or a
@@ -287,8 +386,18 @@ async fn resume(path: &std::path::Path, args: &TrainArgs) -> anyhow::Result<RunS
     if let Some(v) = args.epochs {
         config.job.epochs = v;
     }
+    if args.plaintext {
+        config.cluster.plaintext = true;
+    }
     let ckpt_path = if path == run_dir { run::checkpoint_root(&run_dir) } else { path.to_path_buf() };
-    let ckpt = ps_server::checkpoint::resolve(&ckpt_path)?;
+    let seal = match (&args.keys, args.no_seal) {
+        (_, true) => ps_common::seal::KeyPaths::default(),
+        (keys, false) => run::checkpoint_keys(&run_dir, keys.as_deref(), false)?,
+    };
+    if seal.is_empty() && !args.no_seal {
+        eprintln!("{} has no keys/: its checkpoints are unsigned and stay so", run_dir.display());
+    }
+    let ckpt = ps_server::checkpoint::resolve(&ckpt_path, &seal.load()?)?;
     let m = &ckpt.manifest;
     if m.num_shards != config.cluster.servers {
         anyhow::bail!(
@@ -303,13 +412,14 @@ async fn resume(path: &std::path::Path, args: &TrainArgs) -> anyhow::Result<RunS
     }
     let cut: Vec<String> = m.workers.iter().map(|w| format!("worker {} at {}", w.worker, w.clock)).collect();
     eprintln!("resuming {} from {} ({})", run_dir.display(), ckpt.dir.display(), cut.join(", "));
-    execute(config, run_dir, Some(ckpt.dir.clone()), args).await
+    execute(config, run_dir, Some(ckpt.dir.clone()), Some(seal), args).await
 }
 
 async fn execute(
     config: RunConfig,
     run_dir: PathBuf,
     resume_from: Option<PathBuf>,
+    seal: Option<ps_common::seal::KeyPaths>,
     args: &TrainArgs,
 ) -> anyhow::Result<RunSummary> {
     let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
@@ -318,6 +428,7 @@ async fn execute(
         kill_worker_after: args.kill_worker.map(|(w, s)| (w, Duration::from_secs_f64(s))),
         kill_server_after: args.kill_server.map(|(w, s)| (w, Duration::from_secs_f64(s))),
         resume_from,
+        seal,
         ..Plan::new(&exe, config, run_dir)
     };
     let summary = run::run(plan, |w, e| bars.update(w, e)).await?;
@@ -326,9 +437,20 @@ async fn execute(
     Ok(summary)
 }
 
-async fn checkpoint(servers: Vec<String>, dir: PathBuf, keep: usize) -> anyhow::Result<()> {
+async fn checkpoint(
+    servers: Vec<String>,
+    dir: PathBuf,
+    keep: usize,
+    transport: ps_common::transport::TransportConfig,
+    keys: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let mut opts = ps_server::checkpoint::coordinator::Options::new(dir);
     opts.keep = keep.max(1);
+    opts.transport = transport;
+    opts.credential = paramserver::credentials::from_env()?;
+    if let Some(k) = keys {
+        opts.keys = ps_common::seal::KeyPaths::in_dir(&k).load()?;
+    }
     let m = ps_server::checkpoint::coordinator::take_once(&servers, &opts).await?;
     let cut: Vec<String> = m.workers.iter().map(|w| format!("worker {} at {}", w.worker, w.clock)).collect();
     println!(
@@ -343,8 +465,60 @@ async fn checkpoint(servers: Vec<String>, dir: PathBuf, keep: usize) -> anyhow::
     Ok(())
 }
 
-async fn status(servers: Vec<String>) -> anyhow::Result<()> {
-    let client = ShardedClient::connect(&servers, u64::MAX, ClientOptions::default()).await?;
+#[derive(clap::Args, Debug)]
+struct KeysArgs {
+    /// Folder to write signing.key (0600), verify.pub and, with --encrypt,
+    /// encryption.key (0600); existing key files are never overwritten.
+    #[arg(long, required_unless_present = "reseal")]
+    out: Option<PathBuf>,
+    /// Also make an AES-256-GCM key: files sealed with it are encrypted.
+    #[arg(long)]
+    encrypt: bool,
+    /// Re-sign this checkpoint folder (`<run>/checkpoints/ckpt-N`) with the
+    /// keys in --with (a checkpoint written unsigned, or under old keys).
+    #[arg(long, value_name = "CHECKPOINT", conflicts_with_all = ["out", "encrypt"])]
+    reseal: Option<PathBuf>,
+    /// With --reseal: the keys to sign with (none: remove the seal).
+    #[arg(long = "with", value_name = "KEYDIR", requires = "reseal")]
+    with_keys: Option<PathBuf>,
+    /// With --reseal: the keys it is sealed with now (none: unsigned).
+    #[arg(long, value_name = "KEYDIR", requires = "reseal")]
+    from: Option<PathBuf>,
+}
+
+/// `ps-cluster keys`: a new key set, or a checkpoint re-sealed.
+fn keys(args: KeysArgs) -> anyhow::Result<()> {
+    let load = |dir: &Option<PathBuf>| match dir {
+        Some(d) => ps_common::seal::KeyPaths::in_dir(d).load(),
+        None => Ok(ps_common::seal::Keys::none()),
+    };
+    if let Some(ckpt) = &args.reseal {
+        let (from, to) = (load(&args.from)?, load(&args.with_keys)?);
+        let m = ps_server::checkpoint::reseal(ckpt, &from, &to)?;
+        let how = to.fingerprint().map_or("unsigned".to_string(), |f| format!("signed by key {}", &f[..16]));
+        println!("{}: {} shard files and the manifest rewritten, {how}", ckpt.display(), m.shards.len());
+        return Ok(());
+    }
+    let out = args.out.context("--out DIR is required")?;
+    let paths = ps_common::seal::generate(&out, args.encrypt)?;
+    let keys = paths.load()?;
+    for p in [&paths.signing_key, &paths.verify_key, &paths.encryption_key].into_iter().flatten() {
+        println!("wrote {}", p.display());
+    }
+    println!("verify key fingerprint (SHA-256): {}", keys.fingerprint().unwrap_or_default());
+    Ok(())
+}
+
+async fn status(
+    servers: Vec<String>,
+    transport: ps_common::transport::TransportConfig,
+) -> anyhow::Result<()> {
+    let opts = ClientOptions {
+        transport,
+        credential: paramserver::credentials::from_env()?,
+        ..ClientOptions::default()
+    };
+    let client = ShardedClient::connect(&servers, u64::MAX, opts).await?;
     let stats: Vec<ShardStats> = client.stats().await?.iter().map(ShardStats::from_wire).collect();
     print!("{}", render::status(&stats));
     Ok(())

@@ -44,6 +44,14 @@ pub struct Args {
     /// Folder of the registry's artifacts (and of its default SQLite file).
     #[arg(long, env = "PS_REGISTRY_ROOT", global = true, default_value = "registry")]
     registry_root: PathBuf,
+    /// The registry's keys: a folder with verify.pub (signing.key to
+    /// register, encryption.key for encrypted artifacts)
+    /// [default: <registry-root>/keys/, made for a new registry].
+    #[arg(long, env = "PS_REGISTRY_KEYS", value_name = "DIR", conflicts_with = "no_seal", global = true)]
+    pub registry_keys: Option<PathBuf>,
+    /// Write and read registry artifacts unsigned (a registry without keys).
+    #[arg(long, env = "PS_REGISTRY_NO_SEAL", global = true)]
+    pub no_seal: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -211,7 +219,10 @@ enum ExportFormat {
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let (url, root) = location(args.registry, Some(args.registry_root));
-    let reg = Registry::open(&url, &root).await.with_context(|| format!("opening the registry {url}"))?;
+    let keys = ps_registry::keys_choice(args.registry_keys.as_deref(), args.no_seal);
+    let reg = Registry::open_with(&url, &root, keys)
+        .await
+        .with_context(|| format!("opening the registry {url}"))?;
     let result = command(&reg, args.command).await;
     reg.close().await;
     result
@@ -422,7 +433,12 @@ pub fn from_run(run_dir: &Path, name: Option<&str>, by: &str) -> anyhow::Result<
 /// that evaluation's; the lineage is the run's, with the checkpoint. A
 /// checkpoint taken of another job (its manifest's fingerprint) is refused.
 pub async fn from_checkpoint(path: &Path, name: Option<&str>, by: &str) -> anyhow::Result<NewVersion> {
-    let ckpt = ps_server::checkpoint::resolve(path)?;
+    // The keys of the run the checkpoint belongs to (`<run>/keys/`, if any).
+    let keys = (path.ancestors().take(3))
+        .find(|d| d.join("config.toml").exists())
+        .map(|run| ps_common::seal::KeyPaths::in_dir(&crate::run::keys_dir(run)))
+        .unwrap_or_default();
+    let ckpt = ps_server::checkpoint::resolve(path, &keys.load()?)?;
     let run_dir = ckpt
         .dir
         .parent()
@@ -438,7 +454,8 @@ pub async fn from_checkpoint(path: &Path, name: Option<&str>, by: &str) -> anyho
         bail!("{} was taken of another job than {}", ckpt.dir.display(), config_path.display());
     }
 
-    let server = ps_server::ServerConfig { restore: Some(ckpt.dir.clone()), ..Default::default() };
+    let server =
+        ps_server::ServerConfig { restore: Some(ckpt.dir.clone()), seal: keys, ..Default::default() };
     let shards = ps_server::local::LocalShards::start_with(&server, ckpt.manifest.num_shards).await?;
     let mut job = config.job.clone();
     // The shards listen already; one whose restore fails closes its port,

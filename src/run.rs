@@ -8,16 +8,19 @@
 //! (and one as soon as training has begun), and the launcher restarts a shard
 //! that dies from the newest one (see `cluster::Servers::supervise`).
 
+use ps_common::seal::KeyPaths;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ps_common::transport::TransportConfig;
 use ps_server::checkpoint::coordinator::{self, Shards};
-use ps_worker::config::{CheckpointConfig, RunConfig};
+use ps_worker::config::RunConfig;
 use ps_worker::event::Event;
 
 use crate::artifact::{CheckpointLog, JsonFile, RunSummary, ShardStats, StatsFile};
-use crate::cluster::{self, Result, RunOptions, ServerOptions, Servers};
+use crate::cluster::{self, Result, RunOptions, Security, ServerOptions, Servers};
+use crate::credentials::LocalAuth;
 
 /// The file of a run folder that lists the shard addresses, comma-separated.
 pub const SHARDS_FILE: &str = "shards.txt";
@@ -31,13 +34,46 @@ pub struct Plan<'a> {
     pub kill_server_after: Option<(usize, Duration)>,
     /// Resume from this checkpoint (the run folder is the stopped run's).
     pub resume_from: Option<PathBuf>,
+    /// The keys of the run's checkpoints; `None`: the run folder's own
+    /// ([`checkpoint_keys`], made for a new run), `Some(empty)`: unsigned.
+    pub seal: Option<KeyPaths>,
 }
 
 impl<'a> Plan<'a> {
     /// A plain run: no fault injection, not resumed.
     pub fn new(exe: &'a Path, config: RunConfig, run_dir: PathBuf) -> Plan<'a> {
-        Plan { exe, config, run_dir, kill_worker_after: None, kill_server_after: None, resume_from: None }
+        Plan {
+            exe,
+            config,
+            run_dir,
+            kill_worker_after: None,
+            kill_server_after: None,
+            resume_from: None,
+            seal: None,
+        }
     }
+}
+
+/// The run folder's certificates (`ps-cluster certs`), unless the run is
+/// plaintext.
+pub fn tls_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("tls")
+}
+
+/// Mutual TLS with certificates made in `<run>/tls/` (kept on resume), or
+/// plaintext if the run file says `[cluster] plaintext = true`.
+fn security(run_dir: &Path, config: &RunConfig) -> Result<Security> {
+    if config.cluster.plaintext {
+        return Ok(Security::Plaintext);
+    }
+    let dir = tls_dir(run_dir);
+    let opts = crate::certs::Options { workers: config.cluster.workers, ..crate::certs::Options::default() };
+    crate::certs::ensure(&dir, &opts)?;
+    // The children run elsewhere than the launcher's working directory only
+    // if a test says so; an absolute path holds in both cases.
+    let dir = std::path::absolute(&dir)
+        .map_err(|source| cluster::Error::Io { what: format!("resolving {}", dir.display()), source })?;
+    Ok(Security::Tls(dir))
 }
 
 /// The run folder's checkpoint root.
@@ -45,17 +81,59 @@ pub fn checkpoint_root(run_dir: &Path) -> PathBuf {
     run_dir.join("checkpoints")
 }
 
+/// Where a run keeps the keys of its checkpoints.
+pub fn keys_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("keys")
+}
+
+/// The keys of a run's checkpoints: `explicit` (a folder written by
+/// `ps-cluster keys`) if given; else the run's own `<run>/keys/`, made
+/// (signing and verify key) for a new run when `create`. A run folder
+/// without keys that is not created here (one written before checkpoints
+/// were signed) gets none, and its checkpoints stay unsigned.
+pub fn checkpoint_keys(run_dir: &Path, explicit: Option<&Path>, create: bool) -> Result<KeyPaths> {
+    if let Some(dir) = explicit {
+        let keys = KeyPaths::in_dir(dir);
+        if keys.is_empty() {
+            return Err(cluster::Error::Config(format!(
+                "{} holds no keys (make them with `ps-cluster keys --out DIR`)",
+                dir.display()
+            )));
+        }
+        return Ok(keys);
+    }
+    let dir = keys_dir(run_dir);
+    if dir.exists() {
+        return Ok(KeyPaths::in_dir(&dir));
+    }
+    if !create {
+        return Ok(KeyPaths::default());
+    }
+    ps_common::seal::generate(&dir, false).map_err(|e| cluster::Error::Config(e.to_string()))
+}
+
 /// Runs the plan; `on_event` sees every worker event as it arrives.
-pub async fn run(plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Result<RunSummary> {
+pub async fn run(mut plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Result<RunSummary> {
     let config_path = cluster::write_config(&plan.run_dir, &plan.config)?;
+    if plan.seal.is_none() {
+        let create = plan.config.checkpoint.enabled && plan.resume_from.is_none();
+        plan.seal = Some(checkpoint_keys(&plan.run_dir, None, create)?);
+    }
     let ckpt = &plan.config.checkpoint;
+    let security = security(&plan.run_dir, &plan.config)?;
+    // Auth on: a key pair for this run, a token per process.
+    let auth = LocalAuth::create(&plan.run_dir)?;
     let server_opts = ServerOptions {
         checkpoint_dir: ckpt.enabled.then(|| checkpoint_root(&plan.run_dir)),
         restore: plan.resume_from.clone(),
+        security: security.clone(),
+        auth_key: Some(auth.public_key.clone()),
+        seal: plan.seal.clone().unwrap_or_default(),
     };
     let mut servers =
         Servers::start(plan.exe, plan.config.cluster.servers, &plan.run_dir, &server_opts).await?;
-    let result = run_on(&plan, &config_path, &mut servers, on_event).await;
+    servers.admin = auth.admin.clone();
+    let result = run_on(&plan, &config_path, &security, &mut servers, &auth, on_event).await;
     servers.stop(Duration::from_secs(10)).await;
     let summary = result?;
     summary.write(&plan.run_dir)?;
@@ -66,10 +144,17 @@ pub async fn run(plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Result<
 async fn run_on(
     plan: &Plan<'_>,
     config_path: &Path,
+    security: &Security,
     servers: &mut Servers,
+    auth: &LocalAuth,
     on_event: impl FnMut(usize, &Event),
 ) -> Result<RunSummary> {
-    let job = &plan.config.job;
+    // The launcher's own channels (checkpoints, stats, evaluation) as `admin`.
+    let transport = security.admin_transport(&plan.config.job.client.transport);
+    let mut launcher_job = plan.config.job.clone();
+    launcher_job.client.transport = transport.clone();
+    launcher_job.client.credential = auth.admin.clone();
+    let job = &launcher_job;
     // Where the shards listen, for readers of the live model
     // (`ps-serve --online $(cat <run>/shards.txt)`).
     let shards = plan.run_dir.join(SHARDS_FILE);
@@ -77,7 +162,15 @@ async fn run_on(
         .map_err(|source| cluster::Error::Io { what: format!("writing {}", shards.display()), source })?;
     let checkpointer = match plan.config.checkpoint.enabled {
         true => Some(
-            Checkpointer::start(&servers.addrs, &plan.run_dir, &plan.config, &plan.config.checkpoint).await?,
+            Checkpointer::start(
+                &servers.addrs,
+                &plan.run_dir,
+                &plan.config,
+                &transport,
+                auth,
+                plan.seal.as_ref(),
+            )
+            .await?,
         ),
         false => None,
     };
@@ -89,6 +182,9 @@ async fn run_on(
         kill_worker_after: plan.kill_worker_after,
         kill_server_after: plan.kill_server_after,
         append_metrics: plan.resume_from.is_some(),
+        security,
+        transport: &transport,
+        auth: Some(auth),
     };
     let outcome = cluster::run_workers(opts, servers, on_event).await;
     let checkpoints = match checkpointer {
@@ -151,12 +247,19 @@ impl Checkpointer {
         addrs: &[String],
         run_dir: &Path,
         config: &RunConfig,
-        c: &CheckpointConfig,
+        transport: &TransportConfig,
+        auth: &LocalAuth,
+        seal: Option<&KeyPaths>,
     ) -> Result<Self> {
+        let c = &config.checkpoint;
         let mut opts = coordinator::Options::new(checkpoint_root(run_dir));
+        opts.credential = auth.admin.clone();
+        opts.keys =
+            seal.cloned().unwrap_or_default().load().map_err(|e| cluster::Error::Config(e.to_string()))?;
         opts.job = Some(config.fingerprint());
         opts.keep = c.keep;
-        let shards = Shards::connect(addrs, &opts.transport).await?;
+        opts.transport = transport.clone();
+        let shards = Shards::connect(addrs, &opts.transport, &opts.credential).await?;
         let log = Arc::new(Mutex::new(CheckpointLog::default()));
         let every = (c.every_s > 0.0).then(|| Duration::from_secs_f64(c.every_s));
         let every_iters = (c.every_iters > 0).then_some(c.every_iters);

@@ -1,5 +1,5 @@
-//! The error type of `ps-common`: malformed wire data, invalid specs and
-//! invalid transport settings.
+//! The error type of `ps-common`: malformed wire data, invalid specs,
+//! invalid transport settings, and sealed files that do not open.
 
 /// Everything that can be wrong with data or settings before it reaches a
 /// store or a model. Servers wrap it in their own error (and map that to a
@@ -26,8 +26,44 @@ pub enum Error {
     InvalidSpec(String),
     #[error("invalid transport settings: {0}")]
     InvalidTransport(String),
+    #[error("invalid TLS settings: {0}")]
+    InvalidTls(String),
+    #[error("TLS file {path}: {reason}")]
+    TlsFile { path: String, reason: String },
     #[error("bad server address `{addr}`: {reason}")]
     InvalidAddress { addr: String, reason: String },
+    /// No credential, or one that does not verify (UNAUTHENTICATED).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// A verified caller outside its role (PERMISSION_DENIED).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// A key, token or principal that cannot be used (a local setup error).
+    #[error("credential: {0}")]
+    Credential(String),
+    // Sealed files (`seal`): the caller adds the file's path.
+    #[error("not signed, and a verify key is configured")]
+    Unsigned,
+    #[error("not a readable sealed file: {0}")]
+    SealFormat(String),
+    #[error("a sealed {found}, not a {expected}")]
+    SealKind { found: String, expected: String },
+    #[error("signed by key {signer}, but no verify key is configured")]
+    NoVerifyKey { signer: String },
+    #[error("signed by key {found}, not by the configured verify key {expected}")]
+    WrongSigner { found: String, expected: String },
+    #[error("signature does not verify: the file was altered")]
+    BadSignature,
+    #[error("encrypted with key {key_id}, but no encryption key is configured")]
+    NoDecryptionKey { key_id: String },
+    #[error("encrypted with key {found}, not the configured encryption key {expected}")]
+    WrongDecryptionKey { found: String, expected: String },
+    #[error("decryption failed: the file was altered")]
+    DecryptFailed,
+    #[error("cannot seal: {0}")]
+    CannotSeal(String),
+    #[error("key file {path}: {reason}")]
+    KeyFile { path: String, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

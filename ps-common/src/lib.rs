@@ -17,18 +17,27 @@
 //!   frames, keep-alive, `TCP_NODELAY`, message limits) from one
 //!   [`transport::TransportConfig`].
 //!
+//! - [`auth`] is who calls and what they may do: principals (`admin`,
+//!   `reader`, `worker:<N>`), roles, Ed25519 bearer tokens, the principal of
+//!   a request (token or client certificate) and the credential a client
+//!   attaches to every call.
+//! - [`seal`] signs (ed25519) and optionally encrypts (AES-256-GCM) files at
+//!   rest: checkpoints and registry artifacts; it reads and writes key files.
+//!
 //! - [`metrics`] is the per-RPC layer of every server, the process collector
 //!   and the `/metrics` endpoint (Prometheus, `prometheus-client`).
 //!
 //! `partition`, `optim`, `codec`, `compress` and `spec` do no I/O and use neither tonic nor
-//! tokio; `wire`, `transport` and `metrics` are the only modules that touch them.
+//! tokio; `wire`, `transport`, `auth` and `metrics` are the only modules that touch them.
 
+pub mod auth;
 pub mod codec;
 pub mod compress;
 pub mod error;
 pub mod metrics;
 pub mod optim;
 pub mod partition;
+pub mod seal;
 pub mod spec;
 pub mod transport;
 pub mod wire;

@@ -4,19 +4,28 @@
 //! keep-alive, `TCP_NODELAY`, the connect timeout and the message limit.
 //! Shards build their server with [`server`] (every RPC measured by
 //! [`crate::metrics::RpcMetrics`]), [`incoming`] and [`service`];
-//! workers build each channel with [`endpoint`] and [`client`]. Both sides
+//! workers build each channel with [`endpoint`] and [`client`], which
+//! attaches the process's [`Credential`] to every call. Both sides
 //! read the same struct, so a limit cannot be raised on one side only.
 //!
-//! TLS (issue 11) belongs here too: [`server`] and [`endpoint`] are the two
-//! places that will apply it.
+//! TLS is set here too ([`TlsConfig`], the `[transport.tls]` table):
+//! [`server`] and [`endpoint`] are the only places that apply it, so every
+//! shard, worker, launcher and `ps-serve` channel is encrypted the same way
+//! (rustls with the ring provider, through tonic). A process front end
+//! refuses to start without either TLS settings or an explicit
+//! `plaintext = true` ([`TransportConfig::require_security`]); in-process
+//! test clusters built from [`TransportConfig::default`] are plaintext.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
-use tonic::transport::{Channel, Endpoint, Server};
-use tower_layer::{Identity, Stack};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+use tower_layer::Stack;
 
+use crate::auth::Credential;
 use crate::metrics::{RpcLayer, RpcMetrics};
 use crate::wire::pb::parameter_server_client::ParameterServerClient;
 use crate::wire::pb::parameter_server_server::{ParameterServer, ParameterServerServer};
@@ -55,6 +64,267 @@ pub struct TransportConfig {
     /// Largest request or response accepted (decoded) or sent (encoded), in
     /// MiB; larger messages fail with RESOURCE_EXHAUSTED.
     pub max_message_mib: u32,
+    /// TLS on this side's connections (`[transport.tls]`); absent: plaintext,
+    /// which a process accepts only with `plaintext = true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Run without TLS, knowingly (`--plaintext`). Exclusive with `tls`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub plaintext: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// The files of one side's TLS (PEM), as `ps-cluster certs` writes them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The CA that signs the peer's certificate: the shard's, for a client;
+    /// the clients', for a shard with `client_auth`.
+    pub ca: PathBuf,
+    /// This side's certificate (chain): required on a server, and on a
+    /// client of a server with `client_auth`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The private key of `cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// Server: require a client certificate signed by `ca` (mutual TLS); its
+    /// Subject CN is the client's principal (`admin`, `reader`, `worker:N`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub client_auth: bool,
+    /// Client: the name the server's certificate must carry, instead of the
+    /// host of the address (for addresses the certificate does not list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+/// Longest a TLS handshake may take on a server, so that a client that
+/// connects and says nothing holds no handshake slot for long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TlsConfig {
+    /// The files `ps-cluster certs` writes into `dir` for principal file name
+    /// `name` (`shard`, `admin`, `reader`, `worker-0`, ...): `ca.pem`,
+    /// `NAME.pem`, `NAME.key`.
+    pub fn from_dir(dir: &Path, name: &str) -> TlsConfig {
+        TlsConfig {
+            ca: dir.join(CA_FILE),
+            cert: Some(dir.join(format!("{name}.pem"))),
+            key: Some(dir.join(format!("{name}.key"))),
+            client_auth: false,
+            server_name: None,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.cert.is_some() != self.key.is_some() {
+            return Err(Error::InvalidTls("`cert` and `key` go together".into()));
+        }
+        if let Some(name) = &self.server_name
+            && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+        {
+            return Err(Error::InvalidTls(format!("`server_name` {name:?} is not a DNS name or IP address")));
+        }
+        Ok(())
+    }
+
+    fn identity(&self) -> Result<Option<Identity>> {
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Ok(Some(Identity::from_pem(read_pem(cert)?, read_pem(key)?))),
+            _ => Ok(None),
+        }
+    }
+
+    /// The settings of a server's TLS acceptor.
+    fn server(&self) -> Result<ServerTlsConfig> {
+        self.validate()?;
+        let identity =
+            self.identity()?.ok_or_else(|| Error::InvalidTls("a server needs `cert` and `key`".into()))?;
+        let mut tls = ServerTlsConfig::new().identity(identity).timeout(HANDSHAKE_TIMEOUT);
+        if self.client_auth {
+            tls = tls.client_ca_root(Certificate::from_pem(read_pem(&self.ca)?));
+        }
+        Ok(tls)
+    }
+
+    /// The settings of a client's TLS connector.
+    fn client(&self) -> Result<ClientTlsConfig> {
+        self.validate()?;
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read_pem(&self.ca)?));
+        if let Some(identity) = self.identity()? {
+            tls = tls.identity(identity);
+        }
+        if let Some(name) = &self.server_name {
+            tls = tls.domain_name(name.clone());
+        }
+        Ok(tls)
+    }
+}
+
+/// The TLS flags of every process (`ps-server`, `ps-worker`, `ps-serve`,
+/// `ps-cluster` commands that connect); they override the config file's
+/// `[transport.tls]`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Folder made by `ps-cluster certs`: `ca.pem`, and this process's
+    /// certificate and key (`shard`, `worker-N`, `admin`, `reader`, `serve`).
+    #[arg(long, env = "PS_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The CA certificate (PEM) that signs the peers' certificates.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// This process's certificate (PEM).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// This process's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Run without TLS: traffic is readable and forgeable on the network.
+    #[arg(long, conflicts_with_all = ["tls_dir", "tls_ca", "tls_cert", "tls_key"])]
+    pub plaintext: bool,
+}
+
+impl TlsArgs {
+    /// Applies the flags to `transport`; `name` is this process's
+    /// certificate in `--tls-dir` (`worker-0`: `worker-0.pem`, `worker-0.key`).
+    /// Flags naming files override the folder's, which overrides the file's
+    /// `[transport.tls]` (keeping its `client_auth` and `server_name`).
+    pub fn apply(&self, transport: &mut TransportConfig, name: &str) -> Result<()> {
+        if self.plaintext {
+            transport.tls = None;
+            transport.plaintext = true;
+            return Ok(());
+        }
+        let given = self.tls_dir.is_some() || self.tls_ca.is_some() || self.tls_cert.is_some();
+        if !given {
+            return Ok(());
+        }
+        let mut tls = match (&self.tls_dir, &transport.tls) {
+            (Some(dir), old) => TlsConfig {
+                client_auth: old.as_ref().is_some_and(|t| t.client_auth),
+                server_name: old.as_ref().and_then(|t| t.server_name.clone()),
+                ..TlsConfig::from_dir(dir, name)
+            },
+            (None, Some(old)) => old.clone(),
+            (None, None) => {
+                let ca = self
+                    .tls_ca
+                    .clone()
+                    .ok_or_else(|| Error::InvalidTls("--tls-cert needs --tls-ca (or --tls-dir)".into()))?;
+                TlsConfig { ca, cert: None, key: None, client_auth: false, server_name: None }
+            }
+        };
+        if let Some(ca) = &self.tls_ca {
+            tls.ca = ca.clone();
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            (tls.cert, tls.key) = (Some(cert.clone()), Some(key.clone()));
+        }
+        transport.tls = Some(tls);
+        transport.plaintext = false;
+        Ok(())
+    }
+
+    /// The transport settings these flags give a client with the defaults
+    /// otherwise, checked to be TLS or explicitly plaintext.
+    pub fn client_transport(&self, name: &str) -> Result<TransportConfig> {
+        let mut t = TransportConfig::default();
+        self.apply(&mut t, name)?;
+        t.require_security()?;
+        Ok(t)
+    }
+}
+
+/// A rustls server configuration from `tls` (ALPN h2 and HTTP/1.1), for
+/// servers that tonic does not build (`ps-serve`'s HTTP listener). Clients
+/// must present a certificate signed by `tls.ca` when `client_auth` is on.
+pub fn rustls_server_config(tls: &TlsConfig) -> Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    tls.validate()?;
+    let (Some(cert), Some(key)) = (&tls.cert, &tls.key) else {
+        return Err(Error::InvalidTls("a server needs `cert` and `key`".into()));
+    };
+    let bad = |path: &Path, reason: String| Error::TlsFile { path: path.display().to_string(), reason };
+    let certs = CertificateDer::pem_slice_iter(&read_pem(cert)?)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, e.to_string()))?;
+    let key_der = PrivateKeyDer::from_pem_slice(&read_pem(key)?).map_err(|e| bad(key, e.to_string()))?;
+    let provider = provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::InvalidTls(e.to_string()))?;
+    let builder = if tls.client_auth {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(&read_pem(&tls.ca)?) {
+            let ca = ca.map_err(|e| bad(&tls.ca, e.to_string()))?;
+            roots.add(ca).map_err(|e| bad(&tls.ca, e.to_string()))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .map_err(|e| bad(&tls.ca, e.to_string()))?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder.with_single_cert(certs, key_der).map_err(|e| bad(cert, e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(config))
+}
+
+/// The crypto provider of every TLS channel: rustls's ring provider with
+/// the AES-128-GCM suites first. rustls prefers AES-256-GCM; both are
+/// standard TLS 1.3 suites, and AES-128 (10 rounds against 14) costs less
+/// CPU per byte, which the bulk parameter traffic on a shared machine feels.
+fn crypto() -> tokio_rustls::rustls::crypto::CryptoProvider {
+    use tokio_rustls::rustls::CipherSuite;
+    let mut provider = tokio_rustls::rustls::crypto::ring::default_provider();
+    provider.cipher_suites.sort_by_key(|s| {
+        !matches!(
+            s.suite(),
+            CipherSuite::TLS13_AES_128_GCM_SHA256
+                | CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+                | CipherSuite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256
+        )
+    });
+    provider
+}
+
+fn provider() -> std::sync::Arc<tokio_rustls::rustls::crypto::CryptoProvider> {
+    std::sync::Arc::new(crypto())
+}
+
+/// Makes [`provider`] the process's default, which tonic's TLS builders
+/// read; once. (A provider installed before by someone else stays.)
+fn install_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = crypto().install_default();
+    });
+}
+
+/// The CA certificate's file name in a folder made by `ps-cluster certs`.
+pub const CA_FILE: &str = "ca.pem";
+
+/// A PEM file, refused if it is not one (tonic reads the bytes later, and
+/// would say only that no certificate was found). Files are small: a larger
+/// one is not ours.
+fn read_pem(path: &Path) -> Result<Vec<u8>> {
+    const MAX_PEM: u64 = 1 << 20;
+    let bad = |reason: String| Error::TlsFile { path: path.display().to_string(), reason };
+    let len = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?.len();
+    if len > MAX_PEM {
+        return Err(bad(format!("{len} bytes; a PEM file of ours is at most {MAX_PEM}")));
+    }
+    let bytes = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(bad("not a PEM file (no -----BEGIN line)".into()));
+    }
+    Ok(bytes)
 }
 
 impl Default for TransportConfig {
@@ -69,6 +339,8 @@ impl Default for TransportConfig {
             tcp_nodelay: true,
             connect_timeout: Duration::from_secs(5),
             max_message_mib: 256,
+            tls: None,
+            plaintext: false,
         }
     }
 }
@@ -105,7 +377,52 @@ impl TransportConfig {
         if self.max_message_mib == 0 || self.max_message_mib > 2047 {
             return bad(format!("max_message_mib must be 1..=2047, got {}", self.max_message_mib));
         }
+        if let Some(tls) = &self.tls {
+            if self.plaintext {
+                return Err(Error::InvalidTls(
+                    "`plaintext = true` and TLS settings exclude each other".into(),
+                ));
+            }
+            tls.validate()?;
+        }
         Ok(())
+    }
+
+    /// A process facing a network encrypts unless told not to: TLS settings
+    /// or `plaintext = true`, one of them. (Library defaults are plaintext,
+    /// for in-process clusters on loopback.)
+    pub fn require_security(&self) -> Result<()> {
+        match (&self.tls, self.plaintext) {
+            (Some(_), false) | (None, true) => Ok(()),
+            (Some(_), true) => {
+                Err(Error::InvalidTls("`plaintext = true` and TLS settings exclude each other".into()))
+            }
+            (None, false) => Err(Error::InvalidTls(
+                "no TLS settings: give a CA, certificate and key (--tls-dir DIR made by `ps-cluster certs`, \
+                 --tls-ca/--tls-cert/--tls-key, or [transport.tls]), or ask for plaintext (--plaintext)"
+                    .into(),
+            )),
+        }
+    }
+
+    /// Reads and parses a server's TLS files now, so that a bad one stops a
+    /// process before it announces its address.
+    pub fn check_server(&self) -> Result<()> {
+        if let Some(tls) = &self.tls {
+            install_provider();
+            Server::builder().tls_config(tls.server()?).map_err(|e| Error::InvalidTls(error_chain(&e)))?;
+        }
+        Ok(())
+    }
+
+    /// These settings with TLS from `tls` (`None`: plaintext, explicitly).
+    pub fn with_tls(&self, tls: Option<TlsConfig>) -> TransportConfig {
+        TransportConfig { plaintext: tls.is_none(), tls, ..self.clone() }
+    }
+
+    /// The URI scheme of this side's channels.
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     /// The message limit in bytes.
@@ -114,16 +431,58 @@ impl TransportConfig {
     }
 }
 
-/// A server builder with `config`'s HTTP/2 settings, every RPC measured in
-/// `metrics`; add services, then serve on [`incoming`].
-pub fn server(config: &TransportConfig, metrics: &RpcMetrics) -> Server<Stack<RpcLayer, Identity>> {
-    // TLS (issue 11): `.tls_config(..)` goes here.
-    Server::builder()
+/// A server builder with `config`'s HTTP/2 settings and TLS, every RPC
+/// measured in `metrics`; add services, then serve on [`incoming`]. Fails on
+/// TLS files that cannot be read or parsed.
+pub fn server(
+    config: &TransportConfig,
+    metrics: &RpcMetrics,
+) -> Result<Server<Stack<RpcLayer, tower_layer::Identity>>> {
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        install_provider();
+        builder = builder.tls_config(tls.server()?).map_err(|e| Error::InvalidTls(error_chain(&e)))?;
+    }
+    Ok(builder
         .initial_stream_window_size(config.stream_window_kib << 10)
         .initial_connection_window_size(config.connection_window_kib << 10)
         .max_frame_size(config.max_frame_bytes)
         .tcp_nodelay(config.tcp_nodelay)
-        .layer(metrics.layer())
+        .layer(metrics.layer()))
+}
+
+/// Whether `e` (or a source of it) is a TLS failure: a certificate refused
+/// by either side, a protocol mismatch. Such a failure does not heal by
+/// retrying, unlike a shard that is not up yet.
+pub fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<tokio_rustls::rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.get_ref().is_some_and(|inner| inner.is::<tokio_rustls::rustls::Error>())
+        {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// An error and its sources, one line (tonic's transport errors say
+/// "transport error" and keep the cause in the source).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    text
 }
 
 /// The connections accepted on `listener`, with `TCP_NODELAY` set as
@@ -150,9 +509,22 @@ pub fn service<T: ParameterServer>(config: &TransportConfig, svc: T) -> Paramete
 }
 
 /// The endpoint of a shard at `addr` (`host:port`, or a URI with a scheme),
-/// with `config`'s connection settings. Nothing is connected yet.
+/// with `config`'s connection settings and TLS. Nothing is connected yet.
 pub fn endpoint(config: &TransportConfig, addr: &str) -> Result<Endpoint> {
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let scheme = config.scheme();
+    let uri = match addr.split_once("://") {
+        Some((given, _)) if given != scheme => {
+            return Err(Error::InvalidAddress {
+                addr: addr.to_string(),
+                reason: match config.tls {
+                    Some(_) => "TLS is on: give host:port or an https:// URI".into(),
+                    None => "TLS is off: give host:port or an http:// URI".into(),
+                },
+            });
+        }
+        Some(_) => addr.to_string(),
+        None => format!("{scheme}://{addr}"),
+    };
     let mut endpoint = Endpoint::from_shared(uri)
         .map_err(|e| Error::InvalidAddress { addr: addr.to_string(), reason: e.to_string() })?
         .connect_timeout(config.connect_timeout)
@@ -166,13 +538,21 @@ pub fn endpoint(config: &TransportConfig, addr: &str) -> Result<Endpoint> {
             .keep_alive_timeout(config.keep_alive_timeout)
             .keep_alive_while_idle(config.keep_alive_while_idle);
     }
-    // TLS (issue 11): `.tls_config(..)` goes here.
+    if let Some(tls) = &config.tls {
+        install_provider();
+        endpoint = endpoint.tls_config(tls.client()?).map_err(|e| Error::InvalidTls(error_chain(&e)))?;
+    }
     Ok(endpoint)
 }
 
-/// The generated shard client over `channel`, with `config`'s message limits.
-pub fn client(config: &TransportConfig, channel: Channel) -> ParameterServerClient<Channel> {
-    ParameterServerClient::new(channel)
+/// A shard client: the generated client over a channel that attaches the
+/// process's credential to every call.
+pub type ShardClient = ParameterServerClient<InterceptedService<Channel, Credential>>;
+
+/// The generated shard client over `channel`, with `config`'s message limits,
+/// sending `credential` (a bearer token, or none) with every call.
+pub fn client(config: &TransportConfig, channel: Channel, credential: Credential) -> ShardClient {
+    ParameterServerClient::with_interceptor(channel, credential)
         .max_decoding_message_size(config.max_message_bytes())
         .max_encoding_message_size(config.max_message_bytes())
 }
@@ -219,6 +599,63 @@ mod tests {
         assert!(check("keep_alive_timeout_ms = 0").is_err());
         check("keep_alive_interval_ms = 0\nkeep_alive_timeout_ms = 0").unwrap();
         check("max_message_mib = 2047\nmax_frame_bytes = 16384").unwrap();
+    }
+
+    #[test]
+    fn a_process_must_choose_tls_or_plaintext() {
+        let none = TransportConfig::default();
+        let e = none.require_security().unwrap_err().to_string();
+        assert!(e.contains("--tls-dir") && e.contains("--plaintext"), "names both ways out: {e}");
+        let plain: TransportConfig = toml::from_str("plaintext = true").unwrap();
+        plain.require_security().unwrap();
+        let text = "[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\nclient_auth = true";
+        let tls: TransportConfig = toml::from_str(text).unwrap();
+        tls.require_security().unwrap();
+        assert_eq!(toml::from_str::<TransportConfig>(&toml::to_string(&tls).unwrap()).unwrap(), tls);
+        let both: TransportConfig = toml::from_str(&format!("plaintext = true\n{text}")).unwrap();
+        assert!(both.validate().is_err() && both.require_security().is_err());
+        let half: TransportConfig = toml::from_str("[tls]\nca = \"ca.pem\"\ncert = \"a.pem\"").unwrap();
+        assert!(half.validate().unwrap_err().to_string().contains("go together"));
+        assert!(toml::from_str::<TransportConfig>("[tls]\nca = \"c\"\ncafile = \"x\"").is_err());
+    }
+
+    #[test]
+    fn tls_flags_pick_this_process_certificate_and_override_the_file() {
+        let dir = Path::new("certs");
+        let mut t = TransportConfig::default();
+        let args = TlsArgs { tls_dir: Some(dir.into()), ..TlsArgs::default() };
+        args.apply(&mut t, "worker-3").unwrap();
+        let tls = t.tls.clone().unwrap();
+        assert_eq!(
+            (tls.ca, tls.cert, tls.key),
+            (dir.join("ca.pem"), Some(dir.join("worker-3.pem")), Some(dir.join("worker-3.key")))
+        );
+        let plain = TlsArgs { plaintext: true, ..TlsArgs::default() };
+        plain.apply(&mut t, "worker-3").unwrap();
+        assert!(t.tls.is_none() && t.plaintext);
+        let cert_only =
+            TlsArgs { tls_cert: Some("a.pem".into()), tls_key: Some("a.key".into()), ..TlsArgs::default() };
+        assert!(cert_only.client_transport("admin").is_err(), "a certificate without a CA");
+        assert!(TlsArgs::default().client_transport("admin").is_err(), "neither TLS nor --plaintext");
+    }
+
+    #[test]
+    fn tls_endpoints_use_https_and_read_their_files() {
+        let tls = TlsConfig {
+            ca: PathBuf::from("/nonexistent/ca.pem"),
+            cert: None,
+            key: None,
+            client_auth: false,
+            server_name: None,
+        };
+        let c = TransportConfig::default().with_tls(Some(tls));
+        let e = endpoint(&c, "127.0.0.1:7000").unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/ca.pem"), "names the file: {e}");
+        let e = endpoint(&c, "http://127.0.0.1:7000").unwrap_err().to_string();
+        assert!(e.contains("TLS is on"), "{e}");
+        let e = endpoint(&TransportConfig::default(), "https://127.0.0.1:7000").unwrap_err().to_string();
+        assert!(e.contains("TLS is off"), "{e}");
+        assert!(matches!(c.check_server(), Err(Error::InvalidTls(_))), "a server needs a certificate");
     }
 
     #[test]

@@ -28,6 +28,11 @@ pub enum Error {
     /// The artifact of a version cannot be served as it was registered.
     #[error("{model} version {version}: artifact {} {fault}", path.display())]
     Artifact { model: String, version: i64, path: PathBuf, fault: ArtifactFault },
+    #[error("sealing an artifact: {0}")]
+    Seal(ps_common::Error),
+    /// The registry's keys (`<root>/keys/`, or those given) cannot be used.
+    #[error("registry keys {}: {reason}", path.display())]
+    Keys { path: PathBuf, reason: String },
     #[error("not a valid model file: {0}")]
     Model(#[from] ps_model::Error),
     /// A stored value that does not parse (a database edited by hand).
@@ -44,6 +49,12 @@ pub enum ArtifactFault {
     Corrupted(String),
     #[error("cannot be read: {0}")]
     Unreadable(std::io::Error),
+    /// Its seal does not fit the registry's keys (unsigned, another signer,
+    /// encrypted for a key not held); see docs/SECURITY.md.
+    #[error(
+        "is refused: {0} (docs/SECURITY.md: the registry's keys are <root>/keys/ unless given; open it with the keys that wrote it, or with --no-seal)"
+    )]
+    Refused(ps_common::Error),
 }
 
 impl From<sqlx::Error> for Error {

@@ -33,5 +33,5 @@ pub mod store;
 pub use error::{ArtifactFault, Error, Result};
 pub use registry::{
     Backend, Label, LabelMove, Lineage, ModelVersion, NewVersion, Pending, Registry, check_label,
-    check_model_name, location,
+    check_model_name, keys_choice, location,
 };

@@ -11,6 +11,7 @@
 //! NO KEY UPDATE`), so moves of one label, or registrations of one model,
 //! queue behind each other and each reads what the previous one committed.
 
+use ps_common::seal::KeyPaths;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -188,6 +189,21 @@ impl Registry {
     /// missing), brings its schema up to date, and keeps artifacts under
     /// `root/artifacts/`.
     pub async fn open(url: &str, root: &Path) -> Result<Registry> {
+        Registry::open_with(url, root, None).await
+    }
+
+    /// [`Registry::open`] with the keys that seal and check its artifacts:
+    /// `None` for the default, the registry's own `root/keys/` (made, with
+    /// a signing and a verify key, when a new registry is opened; a registry
+    /// that already holds artifacts but no keys stays unsigned); `Some` for
+    /// those key files (`Some(KeyPaths::default())`: unsigned).
+    pub async fn open_with(url: &str, root: &Path, keys: Option<KeyPaths>) -> Result<Registry> {
+        let paths = match keys {
+            Some(k) => k,
+            None => default_keys(root)?,
+        };
+        let keys =
+            paths.load().map_err(|e| Error::Keys { path: root.join("keys"), reason: e.to_string() })?;
         sqlx::any::install_default_drivers();
         let backend = Backend::of_url(url)?;
         let url = match backend {
@@ -228,7 +244,7 @@ impl Registry {
                 return Err(e.into());
             }
         }
-        Ok(Registry { pool, backend, store: ArtifactStore::new(root) })
+        Ok(Registry { pool, backend, store: ArtifactStore::new(root).with_keys(keys) })
     }
 
     pub fn backend(&self) -> Backend {
@@ -652,6 +668,42 @@ fn sqlite_url(url: &str) -> Result<String> {
 /// The registry's database URL and artifact folder: the explicit ones, else
 /// `$PS_REGISTRY` / `$PS_REGISTRY_ROOT`, else `sqlite://registry/registry.db`
 /// and `registry`.
+/// The default keys of the registry at `root`: `root/keys/`, made for a new
+/// registry (no artifact folder yet). Made in a temporary folder renamed
+/// into place, so of processes opening a new registry at once, one set wins
+/// and every process uses it.
+fn default_keys(root: &Path) -> Result<KeyPaths> {
+    let dir = root.join("keys");
+    if !dir.exists() {
+        if root.join("artifacts").exists() {
+            return Ok(KeyPaths::default());
+        }
+        let tmp = root.join(format!(".keys-{}", std::process::id()));
+        let bad = |reason: String| Error::Keys { path: dir.clone(), reason };
+        let _ = std::fs::remove_dir_all(&tmp);
+        ps_common::seal::generate(&tmp, false).map_err(|e| bad(e.to_string()))?;
+        if std::fs::rename(&tmp, &dir).is_err() {
+            // Another process made them first.
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+    }
+    let keys = KeyPaths::in_dir(&dir);
+    if keys.is_empty() {
+        return Err(Error::Keys { path: dir, reason: "holds no key files".into() });
+    }
+    Ok(keys)
+}
+
+/// The keys a front end asked for: `--registry-keys DIR`, `--no-seal`, or
+/// neither (`None`: the registry's default, see [`Registry::open_with`]).
+pub fn keys_choice(dir: Option<&Path>, no_seal: bool) -> Option<KeyPaths> {
+    match (dir, no_seal) {
+        (_, true) => Some(KeyPaths::default()),
+        (Some(d), false) => Some(KeyPaths::in_dir(d)),
+        (None, false) => None,
+    }
+}
+
 pub fn location(url: Option<String>, root: Option<PathBuf>) -> (String, PathBuf) {
     let root = root
         .or_else(|| std::env::var_os("PS_REGISTRY_ROOT").map(PathBuf::from))

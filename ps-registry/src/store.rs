@@ -6,17 +6,31 @@
 //! complete on disk before the database row that names it commits. Reading
 //! checks the length and re-hashes the bytes: a file that is missing or
 //! whose hash differs is reported, never returned.
+//!
+//! With keys ([`ArtifactStore::with_keys`]) a file is sealed
+//! ([`ps_common::seal`], kind `registry-artifact`): signed, and encrypted
+//! if an encryption key is held. The name stays the sha256 of the model
+//! bytes. Reading checks the seal before anything else (an unsigned file
+//! is refused when a verify key is held), then the length and hash of what
+//! it holds.
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ps_common::seal::Keys;
 use sha2::{Digest, Sha256};
 
 use crate::error::{ArtifactFault, Error, Result};
 
 /// Largest artifact the store reads back: the model file's own limit.
 pub const MAX_ARTIFACT_BYTES: u64 = ps_model::saved::MAX_FILE_BYTES;
+
+/// What a sealed artifact says it is.
+pub const ARTIFACT_KIND: &str = "registry-artifact";
+
+/// The most a seal adds to a file (header and signature).
+const MAX_SEAL_BYTES: u64 = 256;
 
 /// An artifact as stored: its hash (lowercase hex) and length.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,12 +43,22 @@ pub struct Artifact {
 #[derive(Debug, Clone)]
 pub struct ArtifactStore {
     dir: PathBuf,
+    keys: Keys,
 }
 
 impl ArtifactStore {
     /// The store under `root` (`root/artifacts/sha256/`); created on first write.
     pub fn new(root: &Path) -> ArtifactStore {
-        ArtifactStore { dir: root.join("artifacts").join("sha256") }
+        ArtifactStore { dir: root.join("artifacts").join("sha256"), keys: Keys::none() }
+    }
+
+    /// The store sealing what it writes and checking what it reads with `keys`.
+    pub fn with_keys(self, keys: Keys) -> ArtifactStore {
+        ArtifactStore { keys, ..self }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
     }
 
     /// Where the artifact of hash `sha256` lives.
@@ -63,8 +87,9 @@ impl ArtifactStore {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
+        let sealed = self.keys.seal(ARTIFACT_KIND, bytes).map_err(Error::Seal)?;
         let written = std::fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+            .and_then(|mut f| f.write_all(&sealed).and_then(|()| f.sync_all()))
             .map_err(io("writing", &tmp))
             .and_then(|()| std::fs::rename(&tmp, &path).map_err(io("renaming into", &path)));
         if written.is_err() {
@@ -88,13 +113,35 @@ impl ArtifactStore {
             Err(e) => return Err(ArtifactFault::Unreadable(e)),
         };
         let len = file.metadata().map_err(ArtifactFault::Unreadable)?.len();
-        if len != artifact.size || len > MAX_ARTIFACT_BYTES {
+        // A sealed file is a little longer than what it holds.
+        let slack = if self.keys.verifies() { MAX_SEAL_BYTES } else { 0 };
+        if len < artifact.size
+            || len > artifact.size.saturating_add(slack)
+            || len > MAX_ARTIFACT_BYTES + slack
+        {
             return Err(ArtifactFault::Corrupted(format!("{len} bytes, registered as {}", artifact.size)));
         }
         // `len` is bounded above, so this allocation is too; `take` guards
         // against a file that grows while it is read.
         let mut bytes = Vec::with_capacity(len as usize);
         file.take(len).read_to_end(&mut bytes).map_err(ArtifactFault::Unreadable)?;
+        // The seal is checked before anything reads the payload.
+        let bytes = match self.keys.open(ARTIFACT_KIND, &bytes) {
+            Ok(payload) => payload.into_owned(),
+            Err(
+                e @ (ps_common::Error::BadSignature
+                | ps_common::Error::SealFormat(_)
+                | ps_common::Error::DecryptFailed),
+            ) => return Err(ArtifactFault::Corrupted(e.to_string())),
+            Err(e) => return Err(ArtifactFault::Refused(e)),
+        };
+        if bytes.len() as u64 != artifact.size {
+            return Err(ArtifactFault::Corrupted(format!(
+                "holds {} bytes, registered as {}",
+                bytes.len(),
+                artifact.size
+            )));
+        }
         let found = sha256_hex(&bytes);
         if found != artifact.sha256 {
             return Err(ArtifactFault::Corrupted(format!(

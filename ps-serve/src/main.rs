@@ -26,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
     if args.max_batch == 0 || args.max_request_rows == 0 || args.max_request_mib == 0 {
         bail!("--max-batch, --max-request-rows and --max-request-mib must be positive");
     }
+    let transport = args.server_transport()?;
     let batching = (!args.no_batching).then_some(BatchConfig {
         max_batch: args.max_batch,
         max_delay: Duration::from_micros(args.batch_delay_us),
@@ -33,7 +34,11 @@ async fn main() -> anyhow::Result<()> {
     });
     let (url, root) = ps_registry::location(args.registry.clone(), Some(args.registry_root.clone()));
     let open = || async {
-        Registry::open(&url, &root).await.map(Arc::new).with_context(|| format!("opening the registry {url}"))
+        let keys = ps_registry::keys_choice(args.registry_keys.as_deref(), args.no_seal);
+        Registry::open_with(&url, &root, keys)
+            .await
+            .map(Arc::new)
+            .with_context(|| format!("opening the registry {url}"))
     };
 
     let mut slots = Vec::new();
@@ -70,7 +75,8 @@ async fn main() -> anyhow::Result<()> {
                 Some(registry.load(&registry.version(&model, version).await?)?.model)
             }
         };
-        let online = Online::connect(&args.online, template)
+        let credential = ps_common::auth::Credential::from_optional_file(args.token_file.as_deref())?;
+        let online = Online::connect_with(&args.online, template, &args.online_transport()?, credential)
             .await
             .with_context(|| format!("reading the cluster {}", args.online.join(",")))?;
         slots.push(Arc::new(ModelSlot::from_cluster(name.clone(), online, batching, args.max_request_rows)));
@@ -90,12 +96,14 @@ async fn main() -> anyhow::Result<()> {
     }
     let models = Arc::new(Models::new(slots));
     let limits = Limits { max_request_bytes: args.max_request_mib << 20 };
-    let running = server::start(models, args.grpc, args.http, limits).await?;
+    let running = server::start_with(models, args.grpc, args.http, limits, &transport).await?;
     println!(
-        "ps-serve: gRPC on {}, HTTP on {} (POST http://{}/v1/models/NAME:predict); batching {}",
+        "ps-serve: gRPC on {}, HTTP on {} (POST {}://{}/v1/models/NAME:predict){}; batching {}",
         running.grpc,
         running.http,
+        if transport.tls.is_some() { "https" } else { "http" },
         running.http,
+        if transport.tls.is_some() { ", TLS" } else { ", plaintext" },
         match batching {
             Some(b) => format!("up to {} examples, {} us", b.max_batch, b.max_delay.as_micros()),
             None => "off".into(),

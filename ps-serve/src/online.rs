@@ -15,6 +15,7 @@
 use std::time::{Duration, Instant};
 
 use ps_common::spec::{Layout, TableSpec};
+use ps_common::transport::TransportConfig;
 use ps_model::{ModelKind, SavedModel, SparseTable};
 use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
 
@@ -38,7 +39,29 @@ impl Online {
     /// Connects to the shards (`addrs[i]` is shard `i`) and matches the
     /// tables they hold against `template` (or infers an MLP).
     pub async fn connect(addrs: &[String], template: Option<ModelKind>) -> Result<Online> {
-        let opts = ClientOptions { connect_within: Duration::from_secs(10), ..ClientOptions::default() };
+        Online::connect_with(
+            addrs,
+            template,
+            &TransportConfig::default(),
+            ps_common::auth::Credential::none(),
+        )
+        .await
+    }
+
+    /// [`Online::connect`] over `transport` (TLS as `reader`), sending
+    /// `credential` (a reader's) with every call.
+    pub async fn connect_with(
+        addrs: &[String],
+        template: Option<ModelKind>,
+        transport: &TransportConfig,
+        credential: ps_common::auth::Credential,
+    ) -> Result<Online> {
+        let opts = ClientOptions {
+            connect_within: Duration::from_secs(10),
+            transport: transport.clone(),
+            credential,
+            ..ClientOptions::default()
+        };
         let client = ShardedClient::connect(addrs, READER_ID, opts).await?;
         let specs = client.list_tables().await?;
         let kind = match template {

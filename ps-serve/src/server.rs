@@ -79,13 +79,34 @@ impl Running {
 }
 
 /// Binds `grpc` and `http` (port 0: any free port) and serves `models` on
-/// both.
+/// both, in plaintext (in-process tests).
 pub async fn start(
     models: Arc<Models>,
     grpc: SocketAddr,
     http: SocketAddr,
     limits: Limits,
 ) -> Result<Running> {
+    start_with(models, grpc, http, limits, &TransportConfig::default()).await
+}
+
+/// [`start`] with `transport`'s TLS on both listeners (HTTPS on `http`).
+pub async fn start_with(
+    models: Arc<Models>,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    limits: Limits,
+    transport: &TransportConfig,
+) -> Result<Running> {
+    let tls_error = |e: ps_common::Error| Error::Io {
+        what: "setting up TLS".into(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
+    };
+    // Both TLS configurations first, so that a bad file binds nothing.
+    let grpc_server = transport::server(transport, &models.metrics.rpc).map_err(tls_error)?;
+    let http_tls = match &transport.tls {
+        Some(tls) => Some(transport::rustls_server_config(tls).map_err(tls_error)?),
+        None => None,
+    };
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr).await.map_err(|source| Error::Io { what: format!("binding {addr}"), source })
     };
@@ -95,24 +116,67 @@ pub async fn start(
     };
     let (grpc, http) = (local(&grpc_listener)?, local(&http_listener)?);
 
-    let config = TransportConfig::default();
-    let rpc = models.metrics.rpc.clone();
     let service = PredictionServer::new(PredictionService(Arc::clone(&models)))
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_request_bytes.max(64 << 20));
-    let incoming = transport::incoming(&config, grpc_listener);
+    let incoming = transport::incoming(transport, grpc_listener);
     let grpc_task = tokio::spawn(async move {
-        if let Err(e) =
-            transport::server(&config, &rpc).add_service(service).serve_with_incoming(incoming).await
-        {
+        let mut grpc_server = grpc_server;
+        if let Err(e) = grpc_server.add_service(service).serve_with_incoming(incoming).await {
             tracing::error!("gRPC listener stopped: {e}");
         }
     });
     let router = crate::http::router(models, limits.max_request_bytes);
-    let http_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_listener, router).await {
-            tracing::error!("HTTP listener stopped: {e}");
-        }
-    });
+    let http_task = match http_tls {
+        None => tokio::spawn(async move {
+            if let Err(e) = axum::serve(http_listener, router).await {
+                tracing::error!("HTTP listener stopped: {e}");
+            }
+        }),
+        Some(tls) => tokio::spawn(serve_https(http_listener, router, tls)),
+    };
     Ok(Running { grpc, http, tasks: vec![grpc_task, http_task] })
+}
+
+/// HTTPS: each accepted connection's TLS handshake (bounded in time) and
+/// then HTTP/1.1 or HTTP/2 on its own task, so that a slow client holds up
+/// no other. (`axum::serve` takes plain TCP listeners only.)
+async fn serve_https(
+    listener: TcpListener,
+    router: axum::Router,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: wait rather than spin.
+                tracing::warn!(error = %e, "HTTPS accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await {
+                tracing::debug!(%peer, error = %e, "HTTPS connection ended with an error");
+            }
+        });
+    }
 }

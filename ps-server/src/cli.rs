@@ -38,6 +38,27 @@ pub struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9100).
     #[arg(long, env = "PS_METRICS")]
     pub metrics: Option<SocketAddr>,
+    /// TLS: this shard's certificate is `shard.pem` in --tls-dir.
+    #[command(flatten)]
+    pub tls: ps_common::transport::TlsArgs,
+    /// Mutual TLS: refuse clients without a certificate signed by the CA
+    /// (`[transport.tls] client_auth`).
+    #[arg(long)]
+    pub client_auth: bool,
+    /// Turn auth on, verifying bearer tokens with this Ed25519 public key
+    /// (PEM, from `ps-cluster token --gen-key`); `[auth]` in the config file.
+    #[arg(long, env = "PS_AUTH_KEY")]
+    pub auth_key: Option<PathBuf>,
+    /// Signs (ed25519 PKCS#8 PEM) the checkpoint files this shard writes.
+    #[arg(long, env = "PS_SIGNING_KEY")]
+    pub signing_key: Option<PathBuf>,
+    /// Checks the signature of a checkpoint restored (SPKI PEM; default:
+    /// the signing key's own); unsigned files are then refused.
+    #[arg(long, env = "PS_VERIFY_KEY")]
+    pub verify_key: Option<PathBuf>,
+    /// Encrypts checkpoint files at rest, and decrypts them (64 hex digits).
+    #[arg(long, env = "PS_ENCRYPTION_KEY")]
+    pub encryption_key: Option<PathBuf>,
 }
 
 /// Reads the config file (if any), applies the flags, validates.
@@ -74,7 +95,27 @@ pub fn config(args: &Args) -> Result<ServerConfig> {
     if let Some(v) = args.metrics {
         config.metrics = Some(v);
     }
+    args.tls.apply(&mut config.transport, "shard")?;
+    if args.client_auth {
+        let tls = config.transport.tls.as_mut().ok_or_else(|| {
+            Error::Config("--client-auth needs TLS (--tls-dir or --tls-ca/--tls-cert/--tls-key)".into())
+        })?;
+        tls.client_auth = true;
+    }
+    if let Some(v) = &args.auth_key {
+        config.auth = crate::AuthConfig { enabled: true, token_key: Some(v.clone()) };
+    }
+    for (flag, slot) in [
+        (&args.signing_key, &mut config.seal.signing_key),
+        (&args.verify_key, &mut config.seal.verify_key),
+        (&args.encryption_key, &mut config.seal.encryption_key),
+    ] {
+        if let Some(v) = flag {
+            *slot = Some(v.clone());
+        }
+    }
     config.validate()?;
+    config.transport.require_security()?;
     Ok(config)
 }
 

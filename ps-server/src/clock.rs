@@ -59,6 +59,9 @@ struct State {
     /// (or a resumed job's worker that had finished) continues from there.
     left: BTreeMap<u64, u64>,
     histogram: Vec<u64>,
+    /// The highest clock the set has held (clocks only grow): the base of
+    /// the clock lead limit (`budget::Limits::check_clock`).
+    high: u64,
 }
 
 impl State {
@@ -141,6 +144,8 @@ pub struct Clocks {
     /// Late pushes (backup workers) dropped, and applied down-weighted.
     pub late_dropped: std::sync::atomic::AtomicU64,
     pub late_weighted: std::sync::atomic::AtomicU64,
+    /// Most distinct workers (members and those that left) the set keeps.
+    max_workers: usize,
 }
 
 impl Default for Clocks {
@@ -151,6 +156,7 @@ impl Default for Clocks {
             wait_micros: Default::default(),
             late_dropped: Default::default(),
             late_weighted: Default::default(),
+            max_workers: crate::budget::Limits::default().max_workers,
         }
     }
 }
@@ -158,6 +164,17 @@ impl Default for Clocks {
 impl Clocks {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps at most `n` distinct workers: a join of one more is refused.
+    pub fn with_max_workers(mut self, n: usize) -> Clocks {
+        self.max_workers = n;
+        self
+    }
+
+    /// The highest clock any worker has had here (0 at first).
+    pub fn highest(&self) -> u64 {
+        self.lock().high
     }
 
     fn publish(&self, state: &State) {
@@ -191,6 +208,14 @@ impl Clocks {
         clock: u64,
     ) -> Result<u64> {
         let mut st = self.lock();
+        let known = st.members.len() + st.left.len();
+        if known >= self.max_workers && !st.members.contains_key(&worker) && !st.left.contains_key(&worker) {
+            return Err(Error::LimitExceeded {
+                what: "workers",
+                got: known as u64 + 1,
+                limit: self.max_workers as u64,
+            });
+        }
         match st.model {
             Some(current) if (current, st.backup) != (model, backup) && !st.members.is_empty() => {
                 let show = |m: Consistency, b: Backup| match b.workers {
@@ -211,6 +236,7 @@ impl Clocks {
         let now = Instant::now();
         let before = st.members.get(&worker).map(|m| m.clock).or_else(|| st.left.remove(&worker));
         let clock = before.unwrap_or(0).max(clock);
+        st.high = st.high.max(clock);
         st.members.insert(worker, Member { clock, last_seen: now, lease, waiting_for: None });
         self.publish(&st);
         Ok(clock)
@@ -306,6 +332,7 @@ impl Clocks {
             m.last_seen = Instant::now();
             m.clock
         });
+        st.high = st.high.max(now.unwrap_or(0));
         self.publish(&st);
         now
     }
@@ -407,6 +434,8 @@ impl Clocks {
                 st.members.insert(worker, Member { clock, last_seen: now, lease, waiting_for: None });
             }
             st.left = capture.left.into_iter().collect();
+            st.high =
+                st.members.values().map(|m| m.clock).chain(st.left.values().copied()).max().unwrap_or(0);
             clocks.publish(&st);
         }
         clocks
@@ -579,5 +608,19 @@ mod tests {
         assert!(c.join(2, Consistency::Asp, LEASE).is_err());
         c.leave(1);
         c.join(2, Consistency::Asp, LEASE).unwrap();
+    }
+
+    #[test]
+    fn the_set_keeps_at_most_max_workers_and_tracks_its_highest_clock() {
+        let c = Clocks::default().with_max_workers(2);
+        c.join(1, Consistency::Asp, LEASE).unwrap();
+        c.join(2, Consistency::Asp, LEASE).unwrap();
+        c.leave(2);
+        let err = c.join(3, Consistency::Asp, LEASE).unwrap_err();
+        assert!(matches!(err, Error::LimitExceeded { what: "workers", got: 3, limit: 2 }), "{err}");
+        // Those it knows may come back.
+        assert_eq!(c.rejoin(2, Consistency::Asp, LEASE, 7).unwrap(), 7);
+        c.tick(1, 9);
+        assert_eq!(c.highest(), 10);
     }
 }

@@ -48,8 +48,24 @@ pub enum Error {
     DataPlan(String),
     #[error("data queue: {0}")]
     BadRange(String),
+    /// A caller without a valid credential, or outside its role
+    /// (`ps_common::Error::Unauthenticated` / `PermissionDenied`).
+    #[error("{0}")]
+    Auth(ps_common::Error),
     #[error("shard {addr}: {status}")]
     Peer { addr: String, status: tonic::Status },
+    #[error("gradient value {value:e} in {what} is over the limit of {limit:e} in magnitude")]
+    HugeGradient { what: String, value: f32, limit: f32 },
+    #[error(
+        "memory budget: {bytes} more bytes would exceed the shard's budget ({used} of {limit} bytes used)"
+    )]
+    OverBudget { bytes: u64, used: u64, limit: u64 },
+    #[error("too many {what}: {got} is over the shard's limit of {limit}")]
+    LimitExceeded { what: &'static str, got: u64, limit: u64 },
+    #[error("{what} {value} is out of range: {rule}")]
+    OutOfRange { what: &'static str, value: u64, rule: String },
+    #[error("connection {peer} is over the rate limit of {rate} requests a second")]
+    RateLimited { peer: String, rate: u32 },
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("invalid server config: {0}")]
@@ -71,9 +87,11 @@ impl From<Error> for tonic::Status {
             | Error::DimMismatch { .. }
             | Error::Duplicate { .. }
             | Error::NonFinite { .. }
+            | Error::HugeGradient { .. }
             | Error::ChunkOutOfRange { .. }
             | Error::CheckpointName(_)
             | Error::BadRange(_) => Code::InvalidArgument,
+            Error::OutOfRange { .. } => Code::OutOfRange,
             Error::UnknownTable(_) => Code::NotFound,
             Error::WrongKind { .. }
             | Error::ShardCountMismatch { .. }
@@ -82,12 +100,17 @@ impl From<Error> for tonic::Status {
             | Error::DataPlan(_) => Code::FailedPrecondition,
             Error::SpecConflict(_) => Code::AlreadyExists,
             Error::WaitTimeout { .. } => Code::DeadlineExceeded,
-            Error::TooLarge { .. } => Code::ResourceExhausted,
+            Error::TooLarge { .. }
+            | Error::OverBudget { .. }
+            | Error::LimitExceeded { .. }
+            | Error::RateLimited { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,
             Error::BadCheckpoint(_) => Code::DataLoss,
             Error::CheckpointBusy => Code::Aborted,
             Error::NotHeld | Error::NoCheckpointDir => Code::FailedPrecondition,
             Error::HoldTimeout => Code::DeadlineExceeded,
+            Error::Auth(ps_common::Error::PermissionDenied(_)) => Code::PermissionDenied,
+            Error::Auth(_) => Code::Unauthenticated,
             Error::Peer { status, .. } => status.code(),
             Error::Config(_) | Error::Io { .. } | Error::Transport(_) => Code::Internal,
         };

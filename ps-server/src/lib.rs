@@ -20,6 +20,7 @@
 //! - [`local::LocalShards`] starts N shards in-process on loopback, for tests,
 //!   benchmarks and examples.
 
+pub mod budget;
 pub mod checkpoint;
 pub mod cli;
 pub mod clock;
@@ -67,6 +68,42 @@ pub struct ServerConfig {
     pub restore: Option<PathBuf>,
     /// Serve Prometheus metrics at `http://ADDR/metrics` (see `metrics`).
     pub metrics: Option<SocketAddr>,
+    /// Resource budgets (`[limits]`, see `budget` and docs/SECURITY.md).
+    pub limits: budget::Limits,
+    /// Who may call what (`[auth]`; docs/SECURITY.md, "Roles and credentials").
+    pub auth: AuthConfig,
+    /// Keys that seal this shard's checkpoint files and check the ones it
+    /// restores (`[seal]`; none: plain files). See docs/SECURITY.md.
+    pub seal: ps_common::seal::KeyPaths,
+}
+
+/// The `[auth]` table of a shard config. Off by default, for tests and
+/// setups older than roles (the shard then warns at start); the launcher's
+/// local cluster turns it on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Check every request's credential and role.
+    pub enabled: bool,
+    /// Ed25519 public key (PEM) that verifies bearer tokens. Without it only
+    /// TLS client certificates identify callers.
+    pub token_key: Option<PathBuf>,
+}
+
+impl AuthConfig {
+    /// The authenticator of a shard with these settings (`None`: auth off).
+    pub fn authenticator(&self) -> Result<Option<ps_common::auth::Authenticator>> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let tokens = match &self.token_key {
+            Some(path) => Some(
+                ps_common::auth::TokenVerifier::from_file(path).map_err(|e| Error::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
+        Ok(Some(ps_common::auth::Authenticator::new(tokens)))
+    }
 }
 
 impl Default for ServerConfig {
@@ -81,6 +118,9 @@ impl Default for ServerConfig {
             checkpoint_dir: None,
             restore: None,
             metrics: None,
+            limits: budget::Limits::default(),
+            auth: AuthConfig::default(),
+            seal: Default::default(),
         }
     }
 }
@@ -94,6 +134,7 @@ impl ServerConfig {
         if self.reap_interval_ms == 0 {
             return bad("reap_interval_ms must be positive".into());
         }
+        self.limits.validate()?;
         self.transport.validate().map_err(|e| Error::Config(e.to_string()))
     }
 }
@@ -106,19 +147,34 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
+    let limits = &config.limits;
+    let keys = config.seal.load().map_err(|e| Error::Config(e.to_string()))?;
     let (store, clocks) = match &config.restore {
-        Some(path) => restore(&config, path)?,
+        Some(path) => restore(&config, path, &keys)?,
         None => (store::Store::new(config.shard, config.num_shards), clock::Clocks::default()),
     };
+    let auth = config.auth.authenticator()?;
+    if auth.is_none() {
+        tracing::warn!(
+            shard = config.shard,
+            "auth is off: any client that reaches this shard may act in any role"
+        );
+    }
     let shard = Arc::new(Shard {
+        auth,
         // An answer must fit in one message (4 bytes a value).
-        store: store.with_max_pull_values(config.transport.max_message_bytes() / 4),
-        clocks,
+        store: store
+            .with_max_pull_values(config.transport.max_message_bytes() / 4)
+            .with_limits(limits.clone())?,
+        clocks: clocks.with_max_workers(limits.max_workers),
         gate: gate::Gate::default(),
         max_wait: Duration::from_millis(config.max_wait_ms),
         checkpoint_dir: config.checkpoint_dir.clone(),
-        queue: queue::DataQueue::default(),
+        seal: keys,
+        queue: queue::DataQueue::with_max_workers(limits.max_workers),
         metrics: metrics::ShardMetrics::default(),
+        rate: budget::RateLimiter::new(limits),
+        limits: limits.clone(),
     });
     let (registry, rpc) = metrics::registry(&shard);
     // The metrics endpoint, if asked for; aborted with the shard.
@@ -148,7 +204,8 @@ pub async fn serve(
         })
     });
     let t = &config.transport;
-    let result = transport::server(t, &rpc)
+    let result = transport::server(t, &rpc)?
+        .max_concurrent_streams(limits.max_concurrent_streams)
         .add_service(transport::service(t, Service(shard)))
         .serve_with_incoming_shutdown(transport::incoming(t, listener), shutdown)
         .await;
@@ -160,8 +217,9 @@ pub async fn serve(
 pub(crate) fn restore(
     config: &ServerConfig,
     path: &std::path::Path,
+    keys: &ps_common::seal::Keys,
 ) -> Result<(store::Store, clock::Clocks)> {
-    let ckpt = checkpoint::resolve(path)?;
+    let ckpt = checkpoint::resolve(path, keys)?;
     let m = &ckpt.manifest;
     if m.num_shards != config.num_shards {
         return Err(Error::BadCheckpoint(format!(
@@ -171,7 +229,8 @@ pub(crate) fn restore(
             config.num_shards
         )));
     }
-    let file = checkpoint::read_shard(&ckpt.dir, m.shard(config.shard)?, config.shard, config.num_shards)?;
+    let file =
+        checkpoint::read_shard(&ckpt.dir, m.shard(config.shard)?, config.shard, config.num_shards, keys)?;
     if file.checkpoint != m.name || file.shard != config.shard || file.num_shards != config.num_shards {
         return Err(Error::BadCheckpoint(format!(
             "{}: the file belongs to checkpoint {:?}, shard {} of {}",
@@ -195,6 +254,8 @@ pub async fn bind_and_serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
+    // Unreadable TLS files fail the start, before the address is announced.
+    config.transport.check_server()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| Error::Io { what: format!("bind {}", config.listen), source: e })?;

@@ -115,6 +115,18 @@ impl Collector for ShardCollector {
             ("ps_rejected_requests", "Requests refused with an error status", &c.rejected),
             ("ps_values_pulled", "Parameter values returned by pulls", &c.values_pulled),
             ("ps_values_pushed", "Gradient values applied by pushes", &c.values_pushed),
+            (
+                "ps_nonfinite_updates",
+                "Block updates not applied: they would have made a value non-finite",
+                &c.nonfinite_updates,
+            ),
+            (
+                "ps_clipped_gradient_values",
+                "Gradient values clipped to limits.max_gradient",
+                &c.clipped_values,
+            ),
+            ("ps_over_budget", "Allocations refused over the memory budget", &shard.store.budget.refused),
+            ("ps_rate_limited", "Requests refused by the rate limit", &shard.rate.limited),
         ] {
             counter(&mut e, name, help, v.load(Relaxed))?;
         }
@@ -202,6 +214,9 @@ impl Collector for ShardCollector {
         gauge(&mut e, "ps_members", "Workers in the clock set", members.len() as f64)?;
         let blocked = members.iter().filter(|m| m.waiting_for.is_some()).count();
         gauge(&mut e, "ps_members_blocked", "Members blocked in a read right now", blocked as f64)?;
+        let budget = &shard.store.budget;
+        gauge(&mut e, "ps_budget_used_bytes", "Bytes of the memory budget in use", budget.used() as f64)?;
+        gauge(&mut e, "ps_budget_limit_bytes", "The shard's memory budget", budget.limit() as f64)?;
 
         let last = shard.metrics.last_checkpoint_ms.load(Relaxed);
         if last > 0 {
@@ -253,19 +268,24 @@ mod tests {
             gate: Gate::default(),
             max_wait: Duration::from_secs(1),
             checkpoint_dir: None,
+            seal: Default::default(),
             queue: Default::default(),
             metrics: ShardMetrics::default(),
+            rate: crate::budget::RateLimiter::new(&Default::default()),
+            limits: Default::default(),
+            auth: None,
         });
         let (registry, rpc) = registry(&shard);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let t = TransportConfig::default();
         let server = transport::server(&t, &rpc)
+            .unwrap()
             .add_service(transport::service(&t, Service(Arc::clone(&shard))))
             .serve_with_incoming(transport::incoming(&t, listener));
         let server = tokio::spawn(server);
         let channel = transport::endpoint(&t, &addr).unwrap().connect().await.unwrap();
-        let mut client = transport::client(&t, channel);
+        let mut client = transport::client(&t, channel, Default::default());
 
         let spec = TableSpec::dense("w", &[10], Init::zeros(), Rule::sgd(0.5).into());
         let table = Some(pb::TableSpec::from(&spec));

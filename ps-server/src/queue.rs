@@ -167,12 +167,24 @@ impl Job {
 }
 
 /// The data queue of a shard (empty until the first request sets its plan).
-#[derive(Default)]
 pub struct DataQueue {
     job: Mutex<Option<Job>>,
+    /// Most distinct workers a queue keeps track of.
+    max_workers: usize,
+}
+
+impl Default for DataQueue {
+    fn default() -> Self {
+        DataQueue::with_max_workers(crate::budget::Limits::default().max_workers)
+    }
 }
 
 impl DataQueue {
+    /// An empty queue that keeps track of at most `n` workers.
+    pub fn with_max_workers(n: usize) -> DataQueue {
+        DataQueue { job: Mutex::default(), max_workers: n }
+    }
+
     /// `worker` reports the ranges in `done` completed and asks for its
     /// range. `lease` is how long it may go unheard before its range is
     /// taken for lost (unless `is_member` says it is in the clock set).
@@ -205,6 +217,10 @@ impl DataQueue {
             _ => *guard = Some(Job::new(plan, total)),
         }
         let job = guard.as_mut().expect("set above");
+        if job.seen.len() >= self.max_workers && !job.seen.contains_key(&worker) {
+            let (got, limit) = (job.seen.len() as u64 + 1, self.max_workers as u64);
+            return Err(Error::LimitExceeded { what: "workers taking ranges", got, limit });
+        }
         job.seen.insert(worker, (now, lease));
         for id in ids {
             job.complete(worker, id);

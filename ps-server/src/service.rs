@@ -10,12 +10,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ps_common::auth::{self, Access, Authenticator};
 use ps_common::codec;
 use ps_common::compress::{self, CodecKind};
 use ps_common::spec::{Backup, Consistency, TableSpec};
 use ps_common::wire::pb::{self, parameter_server_server::ParameterServer};
 use tonic::{Request, Response, Status};
 
+use crate::budget::{Limits, OnHuge, RateLimiter};
 use crate::checkpoint::{self, ShardFile};
 use crate::clock::{Clocks, Timeliness};
 use crate::error::Error;
@@ -32,10 +34,67 @@ pub struct Shard {
     pub max_wait: Duration,
     /// Where this shard writes its checkpoint files (`None`: it refuses cuts).
     pub checkpoint_dir: Option<PathBuf>,
+    /// Seals the checkpoint files this shard writes.
+    pub seal: ps_common::seal::Keys,
     /// The job's data queue (dynamic data assignment; used on shard 0).
     pub queue: crate::queue::DataQueue,
     /// What is measured only for the metrics endpoint.
     pub metrics: ShardMetrics,
+    /// Requests a second per connection.
+    pub rate: RateLimiter,
+    /// The `[limits]` the shard enforces (the store keeps its own copy).
+    pub limits: Limits,
+    /// Who calls (`None`: auth off, every request is admitted).
+    pub auth: Option<Authenticator>,
+}
+
+/// Who may call what: the one table of RPC -> access, read by
+/// [`Shard::check`] at the top of every handler, before the request
+/// touches anything (docs/SECURITY.md, "Roles and credentials").
+pub trait Guarded {
+    fn access(&self) -> Access;
+}
+
+/// A read: an outside reader's (no worker id, or an [`auth::OUTSIDE_READERS`]
+/// label) that creates nothing is open to every role; any other read renews a
+/// lease, waits in the clock set or may create rows, so it is the named
+/// worker's (a pull that creates rows and names no one: any worker's).
+fn read_access(meta: Option<&pb::ReadMeta>, creates_nothing: bool) -> Access {
+    match meta {
+        None if creates_nothing => Access::Read,
+        None => Access::AnyWorker,
+        Some(m) if creates_nothing && auth::is_outside_reader(m.worker) => Access::Read,
+        Some(m) => Access::Member(m.worker),
+    }
+}
+
+macro_rules! guarded {
+    ($($request:ty => |$r:ident| $access:expr;)*) => {
+        $(impl Guarded for $request {
+            fn access(&self) -> Access {
+                let $r = self;
+                $access
+            }
+        })*
+    };
+}
+
+guarded! {
+    pb::RegisterRequest => |_r| Access::AnyWorker;
+    pb::PullDenseRequest => |r| read_access(r.meta.as_ref(), true);
+    pb::PullSparseRequest => |r| read_access(r.meta.as_ref(), r.read_only);
+    pb::PushDenseRequest => |r| Access::Member(r.meta.map_or(0, |m| m.worker));
+    pb::PushSparseRequest => |r| Access::Member(r.meta.map_or(0, |m| m.worker));
+    pb::JoinRequest => |r| Access::Member(r.worker);
+    pb::HeartbeatRequest => |r| Access::Member(r.worker);
+    pb::LeaveRequest => |r| Access::Member(r.worker);
+    pb::TakeRangeRequest => |r| Access::Member(r.worker);
+    pb::StatsRequest => |_r| Access::Monitor;
+    pb::HoldRequest => |_r| Access::Admin;
+    pb::CutRequest => |_r| Access::Admin;
+    pb::ReleaseRequest => |_r| Access::Admin;
+    pb::ListTablesRequest => |_r| Access::Read;
+    pb::ScanSparseRequest => |_r| Access::Read;
 }
 
 /// The tonic service; cheap to clone.
@@ -43,15 +102,55 @@ pub struct Shard {
 pub struct Service(pub Arc<Shard>);
 
 impl Shard {
+    /// Admits `req` if its caller may do what the table says (always, with
+    /// auth off); otherwise UNAUTHENTICATED / PERMISSION_DENIED, counted as
+    /// a refusal, and nothing else happens.
+    fn check<T: Guarded>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(authenticator) = &self.auth else { return Ok(()) };
+        let need = req.get_ref().access();
+        (authenticator.principal_of(req))
+            .and_then(|who| auth::authorize(who, need))
+            .map_err(|e| self.refuse(Error::Auth(e)))
+    }
+
     /// Counts a refused request and turns it into its status.
     fn refuse(&self, e: impl Into<Error>) -> Status {
         self.store.counters.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Status::from(e.into())
     }
 
+    /// Takes a token of the request's connection (`limits.requests_per_sec`).
+    fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.rate.admit(req.remote_addr()).map_err(|e| self.refuse(e))
+    }
+
+    /// Refuses a clock out of range: at or over `limits.max_clock`, or more
+    /// than `limits.max_clock_lead` beyond the highest clock of the set.
+    fn check_clock(&self, what: &'static str, clock: u64) -> Result<(), Error> {
+        self.limits.check_clock(what, clock, self.clocks.highest())
+    }
+
+    /// Clips a push's gradient to `limits.max_gradient` in clip mode
+    /// (counted); in refuse mode the store refuses it whole.
+    fn clip(&self, grad: &mut [f32]) {
+        let max = self.limits.max_gradient;
+        if self.limits.on_huge_gradient != OnHuge::Clip {
+            return;
+        }
+        let mut clipped = 0;
+        for g in grad.iter_mut().filter(|g| g.is_finite() && g.abs() > max) {
+            *g = g.clamp(-max, max);
+            clipped += 1;
+        }
+        self.store.counters.clipped_values.fetch_add(clipped, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The push's staleness and, with backup workers, whether it is late
     /// (then the worker's clock jumps to `Timeliness::Late::to` on its tick).
-    fn before_push(&self, meta: &pb::PushMeta) -> (PushInfo, Timeliness) {
+    /// Its clocks are checked first.
+    fn before_push(&self, meta: &pb::PushMeta) -> Result<(PushInfo, Timeliness), Status> {
+        self.check_clock("push clock", meta.clock).map_err(|e| self.refuse(e))?;
+        self.check_clock("push read clock", meta.read_clock).map_err(|e| self.refuse(e))?;
         self.clocks.touch(meta.worker);
         let staleness = self.clocks.staleness(meta.worker, meta.read_clock);
         let timeliness = self.clocks.timeliness(meta.worker, meta.clock);
@@ -59,10 +158,10 @@ impl Shard {
             Timeliness::Late { handling, .. } => Some(handling),
             Timeliness::OnTime => None,
         };
-        (
+        Ok((
             PushInfo { worker: meta.worker, seq: meta.seq, staleness, read_clock: meta.read_clock, late },
             timeliness,
-        )
+        ))
     }
 
     /// Records the staleness of an applied push, then ticks the clock (a
@@ -152,6 +251,7 @@ impl Shard {
 
     async fn before_read(&self, meta: Option<&pb::ReadMeta>) -> Result<(), Error> {
         if let Some(m) = meta {
+            self.check_clock("read clock", m.clock)?;
             self.clocks.touch(m.worker);
             let started = std::time::Instant::now();
             self.clocks.wait_read(m.worker, m.clock, self.max_wait).await?;
@@ -183,6 +283,8 @@ impl ParameterServer for Service {
         &self,
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         let table = req.table.ok_or(ps_common::Error::MissingField("table")).map_err(|e| self.0.refuse(e))?;
         let spec = TableSpec::try_from(table).map_err(|e| self.0.refuse(e))?;
@@ -199,6 +301,8 @@ impl ParameterServer for Service {
         &self,
         req: Request<pb::PullDenseRequest>,
     ) -> Result<Response<pb::PullDenseResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let ids: Vec<(&str, u32)> = req.chunks.iter().map(|c| (c.tensor.as_str(), c.index)).collect();
@@ -237,16 +341,19 @@ impl ParameterServer for Service {
         &self,
         req: Request<pb::PushDenseRequest>,
     ) -> Result<Response<pb::PushResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
         let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
-        let info = self.0.before_push(&meta);
+        let info = self.0.before_push(&meta)?;
         let kinds: Vec<(&str, CodecKind)> =
             req.chunks.iter().map(|c| (c.tensor.as_str(), self.0.push_kind(&c.tensor))).collect();
         check_push_codecs(&meta, &kinds).map_err(|e| self.0.refuse(e))?;
-        let grads = (req.chunks.iter().zip(&kinds).map(|(c, &(_, kind))| self.0.dense_gradient(c, kind)))
+        let mut grads = (req.chunks.iter().zip(&kinds).map(|(c, &(_, kind))| self.0.dense_gradient(c, kind)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.0.refuse(e))?;
+        grads.iter_mut().for_each(|g| self.0.clip(g));
         let chunks: Vec<(&str, u32, &[f32])> =
             req.chunks.iter().zip(&grads).map(|(c, g)| (c.tensor.as_str(), c.index, g.as_slice())).collect();
         let out = self.0.store.push_dense(&chunks, info.0).map_err(|e| self.0.refuse(e))?;
@@ -258,6 +365,8 @@ impl ParameterServer for Service {
         &self,
         req: Request<pb::PullSparseRequest>,
     ) -> Result<Response<pb::PullSparseResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
@@ -301,27 +410,33 @@ impl ParameterServer for Service {
         &self,
         req: Request<pb::PushSparseRequest>,
     ) -> Result<Response<pb::PushResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
         let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
-        let info = self.0.before_push(&meta);
+        let info = self.0.before_push(&meta)?;
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
         let kind = self.0.push_kind(&req.table);
         check_push_codecs(&meta, &[(&req.table, kind)]).map_err(|e| self.0.refuse(e))?;
-        let grads =
+        let mut grads =
             self.0.sparse_gradient(&req.table, &req.grads, keys.len(), kind).map_err(|e| self.0.refuse(e))?;
+        self.0.clip(&mut grads);
         let out =
             self.0.store.push_sparse(&req.table, &keys, &grads, info.0).map_err(|e| self.0.refuse(e))?;
         Ok(Response::new(self.0.after_push(&meta, info, out)))
     }
 
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         let model = match req.consistency {
             Some(c) => Consistency::try_from(c).map_err(|e| self.0.refuse(e))?,
             None => Consistency::Asp,
         };
         let lease = Duration::from_millis(u64::from(req.lease_ms.clamp(100, 3_600_000)));
+        self.0.check_clock("join clock", req.clock).map_err(|e| self.0.refuse(e))?;
         let backup =
             Backup::from_wire(req.backup_workers, req.late_gradients).map_err(|e| self.0.refuse(e))?;
         let clock = (self.0.clocks)
@@ -335,18 +450,28 @@ impl ParameterServer for Service {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         self.0.clocks.touch(req.into_inner().worker);
-        Ok(Response::new(pb::HeartbeatResponse {}))
+        let members = self.0.clocks.status();
+        Ok(Response::new(pb::HeartbeatResponse {
+            members: members.len().min(u32::MAX as usize) as u32,
+            started: members.iter().any(|m| m.clock > 0),
+        }))
     }
 
     async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         let worker = req.into_inner().worker;
         self.0.clocks.leave(worker);
         self.0.store.forget_reads(worker);
         Ok(Response::new(pb::LeaveResponse {}))
     }
 
-    async fn stats(&self, _req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
+    async fn stats(&self, req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.0.store;
         let c = &s.counters;
@@ -382,6 +507,12 @@ impl ParameterServer for Service {
             consistency: self.0.clocks.model().map(Into::into),
             wait_micros: self.0.clocks.wait_micros(),
             late_dropped: self.0.clocks.late_dropped.load(Relaxed),
+            nonfinite_updates: c.nonfinite_updates.load(Relaxed),
+            clipped_values: c.clipped_values.load(Relaxed),
+            budget_used_bytes: s.budget.used(),
+            budget_limit_bytes: s.budget.limit(),
+            over_budget: s.budget.refused.load(Relaxed),
+            rate_limited: self.0.rate.limited.load(Relaxed),
             late_weighted: self.0.clocks.late_weighted.load(Relaxed),
             backup_workers: self.0.clocks.backup().workers,
             data_queue: self.0.queue.stats().map(|q| pb::DataQueueStats {
@@ -393,6 +524,8 @@ impl ParameterServer for Service {
     }
 
     async fn hold(&self, req: Request<pb::HoldRequest>) -> Result<Response<pb::HoldResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         let timeout = Duration::from_millis(u64::from(req.into_inner().timeout_ms.clamp(1, 60_000)));
         self.0.gate.hold(timeout).await.map_err(|e| self.0.refuse(e))?;
         Ok(Response::new(pb::HoldResponse {
@@ -404,6 +537,8 @@ impl ParameterServer for Service {
 
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), checkpoint = %req.get_ref().checkpoint))]
     async fn cut(&self, req: Request<pb::CutRequest>) -> Result<Response<pb::CutResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         let shard = &self.0;
         let dir = shard.checkpoint_folder(&req.checkpoint).map_err(|e| shard.refuse(e))?;
@@ -422,7 +557,8 @@ impl ParameterServer for Service {
         let workers = shard.clock_table();
         shard.gate.open();
         let held = since.elapsed();
-        let entry = tokio::task::spawn_blocking(move || checkpoint::write_shard(&dir, &file))
+        let keys = shard.seal.clone();
+        let entry = tokio::task::spawn_blocking(move || checkpoint::write_shard(&dir, &file, &keys))
             .await
             .map_err(|e| Status::internal(format!("checkpoint writer: {e}")))?
             .map_err(|e| shard.refuse(e))?;
@@ -446,16 +582,20 @@ impl ParameterServer for Service {
 
     async fn release(
         &self,
-        _req: Request<pb::ReleaseRequest>,
+        req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         self.0.gate.open();
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 
     async fn list_tables(
         &self,
-        _req: Request<pb::ListTablesRequest>,
+        req: Request<pb::ListTablesRequest>,
     ) -> Result<Response<pb::ListTablesResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         let s = &self.0.store;
         let tables = s.specs().iter().map(pb::TableSpec::from).collect();
         Ok(Response::new(pb::ListTablesResponse { tables, num_shards: s.num_shards() }))
@@ -466,6 +606,8 @@ impl ParameterServer for Service {
         &self,
         req: Request<pb::ScanSparseRequest>,
     ) -> Result<Response<pb::ScanSparseResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         let req = req.into_inner();
         let after = (!req.from_start).then_some(req.start_after);
         let (mut keys, mut values) = (Vec::new(), Vec::new());
@@ -487,6 +629,8 @@ impl ParameterServer for Service {
         &self,
         req: Request<pb::TakeRangeRequest>,
     ) -> Result<Response<pb::TakeRangeResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
         use crate::queue::{Plan, Range};
         let req = req.into_inner();
         let p = req.plan.ok_or(ps_common::Error::MissingField("plan")).map_err(|e| self.0.refuse(e))?;

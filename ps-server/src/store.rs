@@ -21,8 +21,9 @@
 //! encodes straight from the block (one copy) and a checkpoint or another
 //! codec can consume the same values without a wire format in between.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -30,6 +31,7 @@ use ps_common::compress::Codecs;
 use ps_common::partition::{self, ShardId};
 use ps_common::spec::{LateGradients, Layout, TableSpec};
 
+use crate::budget::{self, Budget, Limits};
 use crate::error::{Error, Result};
 
 mod rows;
@@ -104,7 +106,34 @@ impl Block {
         &self.data[..len]
     }
 
-    fn apply(&mut self, spec: &TableSpec, len: usize, grad: &[f32], info: &PushInfo, read: Option<&[f32]>) {
+    /// Applies one update, unless it would make a value or an optimizer
+    /// state non-finite: then the block keeps what it held (a copy taken
+    /// first) and this returns false.
+    fn apply(
+        &mut self,
+        spec: &TableSpec,
+        len: usize,
+        grad: &[f32],
+        info: &PushInfo,
+        read: Option<&[f32]>,
+    ) -> bool {
+        thread_local! {
+            static BEFORE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        }
+        BEFORE.with_borrow_mut(|before| {
+            before.clear();
+            before.extend_from_slice(&self.data);
+            self.update(spec, len, grad, info, read);
+            if self.data.iter().all(|v| v.is_finite()) {
+                return true;
+            }
+            self.data.copy_from_slice(before);
+            self.step -= 1;
+            false
+        })
+    }
+
+    fn update(&mut self, spec: &TableSpec, len: usize, grad: &[f32], info: &PushInfo, read: Option<&[f32]>) {
         self.step += 1;
         apply_update(spec, len, &mut self.data, self.step, grad, info, read);
     }
@@ -195,12 +224,16 @@ pub struct Counters {
     pub rejected: AtomicU64,
     pub values_pulled: AtomicU64,
     pub values_pushed: AtomicU64,
+    /// Block updates not applied because they would have made a value or
+    /// an optimizer state non-finite.
+    pub nonfinite_updates: AtomicU64,
+    /// Gradient values clipped to `limits.max_gradient` (clip mode).
+    pub clipped_values: AtomicU64,
 }
 
-/// Bytes a dense chunk costs beside its floats: its map slot (key, boxed
-/// slice, step: 32 B, at hashbrown's load factor) and its allocation's
-/// rounding. (A sparse row costs less: see [`rows`].)
-pub const BLOCK_OVERHEAD: u64 = 77;
+/// Bytes a dense chunk costs beside its floats (see [`budget::BLOCK_OVERHEAD`];
+/// a sparse row costs less: see [`rows`]).
+pub use crate::budget::BLOCK_OVERHEAD;
 
 /// One table's size on this shard (see [`Store::table_sizes`]).
 #[derive(Debug, Clone, PartialEq)]
@@ -244,11 +277,20 @@ pub struct Store {
     /// answer is bounded before anything is read or created.
     max_pull_values: usize,
     pub counters: Counters,
+    /// What requests may make this store hold (`[limits]`).
+    limits: Limits,
+    /// The memory budget: every block, table and kept read is reserved
+    /// here before it is allocated.
+    pub budget: Budget,
+    /// Tables held (checked against `limits.max_tables` at registration).
+    table_count: AtomicUsize,
 }
 
 /// Keeps `values` as `worker`'s read of chunk `index` at `clock` (bounded:
 /// at most [`MAX_DC_WORKERS`] workers per table).
-fn keep_read(table: &Table, worker: u64, clock: u64, index: u32, values: &[f32]) {
+/// A new worker's reads are reserved in `budget` first (over it, they are
+/// not kept and the push gets no compensation).
+fn keep_read(table: &Table, budget: &Budget, worker: u64, clock: u64, index: u32, values: &[f32]) {
     if let Some(mut kept) = table.reads.get_mut(&(worker, index)) {
         kept.keep(clock, values);
         return;
@@ -257,8 +299,19 @@ fn keep_read(table: &Table, worker: u64, clock: u64, index: u32, values: &[f32])
         Blocks::Dense { chunks, .. } => chunks.len().max(1),
         Blocks::Sparse { .. } => return,
     };
-    if table.reads.len() / chunks < MAX_DC_WORKERS {
+    if table.reads.len() / chunks < MAX_DC_WORKERS
+        && budget.try_reserve(budget::reads_bytes(values.len())).is_ok()
+    {
         table.reads.entry((worker, index)).or_default().keep(clock, values);
+    }
+}
+
+/// Refuses a key that appears twice in one request.
+fn check_distinct(name: &str, keys: &[u64]) -> Result<()> {
+    let mut seen = HashSet::with_capacity(keys.len());
+    match keys.iter().find(|&&k| !seen.insert(k)) {
+        Some(k) => Err(Error::Duplicate { what: format!("key {k} of `{name}`") }),
+        None => Ok(()),
     }
 }
 
@@ -275,7 +328,41 @@ impl Store {
             last_seq: DashMap::new(),
             max_pull_values: usize::MAX,
             counters: Counters::default(),
+            limits: Limits::default(),
+            budget: Budget::default(),
+            table_count: AtomicUsize::new(0),
         }
+    }
+
+    /// Applies `limits`; what the store holds already (a restored
+    /// checkpoint) is charged to the new budget, and refused if over it.
+    pub fn with_limits(mut self, limits: Limits) -> Result<Store> {
+        let budget = Budget::new(limits.memory_bytes());
+        let tables: u64 = self.tables.iter().map(|t| budget::table_bytes(&t.spec)).sum();
+        let blocks: u64 = self.table_sizes().iter().map(|t| t.bytes).sum();
+        budget.charge(tables + blocks)?;
+        self.budget = budget;
+        self.limits = limits;
+        Ok(self)
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Bytes of the dense chunks of `spec` this shard owns (refused if the
+    /// tensor has more chunks than `limits.max_chunks_per_table`).
+    fn dense_bytes(&self, spec: &TableSpec, len: usize, chunk_len: usize) -> Result<u64> {
+        let num_chunks = partition::num_chunks(len, chunk_len);
+        let limit = self.limits.max_chunks_per_table;
+        if num_chunks as u64 > limit {
+            return Err(Error::LimitExceeded { what: "chunks of one tensor", got: num_chunks as u64, limit });
+        }
+        let owned = (0..num_chunks as u32)
+            .filter(|&i| partition::chunk_shard(&spec.name, i, self.num_shards) == self.shard);
+        Ok(owned
+            .map(|i| budget::block_bytes(spec, partition::chunk_range(len, chunk_len, i as usize).len()))
+            .sum())
     }
 
     /// Refuses pulls that would return more than `n` values.
@@ -313,6 +400,20 @@ impl Store {
         let entry = self.tables.entry(spec.name.clone());
         if let dashmap::Entry::Occupied(existing) = &entry {
             return if existing.get().spec == spec { Ok(false) } else { Err(Error::SpecConflict(spec.name)) };
+        }
+        let count = self.table_count.fetch_add(1, Ordering::Relaxed);
+        let checked = self.limits.check_table(&spec, count).and_then(|()| {
+            let blocks = match &spec.layout {
+                Layout::Dense { shape, chunk_len } => {
+                    self.dense_bytes(&spec, Layout::dense_len(shape).unwrap_or(0), *chunk_len as usize)?
+                }
+                Layout::Sparse { .. } => 0,
+            };
+            self.budget.try_reserve(budget::table_bytes(&spec).saturating_add(blocks))
+        });
+        if let Err(e) = checked {
+            self.table_count.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
         }
         let blocks = match &spec.layout {
             Layout::Dense { shape, chunk_len } => {
@@ -430,6 +531,10 @@ impl Store {
     ) -> Result<()> {
         let resolved = self.resolve_chunks(chunks)?;
         self.check_pull_size(resolved.iter().try_fold(0usize, |n, (_, _, len)| n.checked_add(*len)))?;
+        let mut seen = HashSet::with_capacity(chunks.len());
+        if let Some((name, index)) = chunks.iter().find(|c| !seen.insert(**c)) {
+            return Err(Error::Duplicate { what: format!("chunk {index} of `{name}`") });
+        }
         let mut total = 0;
         for (table, index, len) in &resolved {
             let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("checked by check_chunk") };
@@ -438,7 +543,7 @@ impl Store {
             if let Some((worker, clock)) = reader
                 && table.spec.optimizer.delay_compensation.is_some()
             {
-                keep_read(table, worker, clock, *index, values);
+                keep_read(table, &self.budget, worker, clock, *index, values);
             }
             visit(values);
             total += len;
@@ -451,7 +556,13 @@ impl Store {
     /// Forgets what `worker` read (it left the job).
     pub fn forget_reads(&self, worker: u64) {
         for t in self.tables.iter() {
-            t.reads.retain(|(w, _), _| *w != worker);
+            t.reads.retain(|(w, _), kept| {
+                if *w == worker {
+                    let len = kept.0.iter().flatten().map(|(_, v)| v.len()).next().unwrap_or(0);
+                    self.budget.release(budget::reads_bytes(len));
+                }
+                *w != worker
+            });
         }
     }
 
@@ -473,9 +584,7 @@ impl Store {
                     got: grad.len(),
                 });
             }
-            if grad.iter().any(|g| !g.is_finite()) {
-                return Err(Error::NonFinite { what: format!("chunk {index} of `{name}`") });
-            }
+            self.check_gradient(grad, || format!("chunk {index} of `{name}`"))?;
             resolved.push((table, index, len));
         }
         Ok(resolved)
@@ -494,14 +603,12 @@ impl Store {
                 let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("validated") };
                 let mut block = chunks.get_mut(index).expect("owned chunks are created at registration");
                 let reads = table.reads.get(&(info.worker, *index));
-                block.apply(
-                    &table.spec,
-                    *len,
-                    grad,
-                    &info,
-                    reads.as_deref().and_then(|r| r.at(info.read_clock)),
-                );
-                applied += *len as u64;
+                let read = reads.as_deref().and_then(|r| r.at(info.read_clock));
+                if block.apply(&table.spec, *len, grad, &info, read) {
+                    applied += *len as u64;
+                } else {
+                    self.counters.nonfinite_updates.fetch_add(1, Ordering::Relaxed);
+                }
             }
             applied
         })
@@ -509,16 +616,24 @@ impl Store {
 
     /// Runs `apply` unless `(worker, seq)` was applied before. The worker's
     /// lock is held across the check and the apply.
+    /// A seq may lead the last applied one by at most `limits.max_seq_jump`,
+    /// and the store keeps seqs of at most `limits.max_workers` workers.
     fn exactly_once(&self, info: PushInfo, apply: impl FnOnce() -> u64) -> Result<PushOutcome> {
         let applied = if info.seq == 0 {
             apply()
         } else {
+            let max = self.limits.max_workers;
+            if !self.last_seq.contains_key(&info.worker) && self.last_seq.len() >= max {
+                let got = self.last_seq.len() as u64 + 1;
+                return Err(Error::LimitExceeded { what: "workers with seqs", got, limit: max as u64 });
+            }
             let lock = Arc::clone(&self.last_seq.entry(info.worker).or_default());
             let mut last = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if info.seq <= *last {
                 self.counters.duplicate_pushes.fetch_add(1, Ordering::Relaxed);
                 return Ok(PushOutcome { applied: 0, duplicate: true });
             }
+            self.limits.check_seq(info.seq, *last)?;
             let applied = apply();
             *last = info.seq;
             applied
@@ -531,6 +646,17 @@ impl Store {
     /// The last seq applied for `worker` on this shard (0 if none).
     pub fn last_seq(&self, worker: u64) -> u64 {
         self.last_seq.get(&worker).map(|l| *l.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or(0)
+    }
+
+    /// Refuses a gradient with a value that is not finite or over
+    /// `limits.max_gradient` in magnitude (one pass; `what` names the block).
+    fn check_gradient(&self, grad: &[f32], what: impl Fn() -> String) -> Result<()> {
+        let max = self.limits.max_gradient;
+        match grad.iter().find(|g| !(g.is_finite() && g.abs() <= max)) {
+            None => Ok(()),
+            Some(g) if g.is_finite() => Err(Error::HugeGradient { what: what(), value: *g, limit: max }),
+            Some(_) => Err(Error::NonFinite { what: what() }),
+        }
     }
 
     fn sparse_table(&self, name: &str) -> Result<(Arc<Table>, usize)> {
@@ -574,7 +700,9 @@ impl Store {
         let (table, dim) = self.sparse_table(name)?;
         self.check_keys(name, keys)?;
         self.check_pull_size(keys.len().checked_mul(dim))?;
+        check_distinct(name, keys)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
+        let row_bytes = budget::block_bytes(&table.spec, dim);
         let (order, starts) = Rows::group(keys);
         let (mut missing, mut scratch) = (Vec::new(), Vec::new());
         for s in 0..STRIPES {
@@ -606,12 +734,15 @@ impl Store {
             }
             let mut stripe = rows.write(s);
             for &i in &missing {
-                // Created meanwhile by another request, or earlier in this
-                // one (a key may repeat in a pull).
+                // Created meanwhile by another request.
                 let (key, hash) = (keys[i], rows.hash(keys[i]));
                 let slot = match stripe.find(hash, key) {
                     Some(slot) => slot,
-                    None => stripe.create_row(rows, &table.spec, hash, key, &mut scratch),
+                    // Over the budget, the pull is refused (rows created so far stay).
+                    None => {
+                        self.budget.try_reserve(row_bytes)?;
+                        stripe.create_row(rows, &table.spec, hash, key, &mut scratch)
+                    }
                 };
                 visit(i, &stripe.row(slot, rows.width)[..dim]);
             }
@@ -628,12 +759,10 @@ impl Store {
             let (expected, got) = (keys.len() * dim, grads.len());
             return Err(ps_common::Error::LengthMismatch { what: "sparse gradient", expected, got }.into());
         }
-        let mut seen = HashSet::with_capacity(keys.len());
-        if let Some(k) = keys.iter().find(|&&k| !seen.insert(k)) {
-            return Err(Error::Duplicate { what: format!("key {k} of `{name}`") });
-        }
-        if let Some(i) = grads.iter().position(|g| !g.is_finite()) {
-            return Err(Error::NonFinite { what: format!("row of key {} of `{name}`", keys[i / dim]) });
+        check_distinct(name, keys)?;
+        let max = self.limits.max_gradient;
+        if let Some(i) = grads.iter().position(|g| !(g.is_finite() && g.abs() <= max)) {
+            self.check_gradient(&grads[i..=i], || format!("row of key {} of `{name}`", keys[i / dim]))?;
         }
         Ok((table, dim))
     }
@@ -650,11 +779,17 @@ impl Store {
         let (table, dim) = self.validate_sparse(name, keys, grads)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("validated") };
         let (order, starts) = Rows::group(keys);
+        // The rows it would create are reserved before anything is applied;
+        // those a concurrent request creates first go back on drop.
+        let row_bytes = budget::block_bytes(&table.spec, dim);
+        let missing = keys.iter().filter(|&&k| rows.get(k, |_, _| ()).is_none()).count() as u64;
+        let mut reserved = self.budget.reserve(row_bytes.saturating_mul(missing))?;
         self.exactly_once(info, || {
             if info.dropped() {
                 return 0;
             }
-            let mut scratch = Vec::new();
+            let (mut scratch, mut before) = (Vec::new(), Vec::new());
+            let mut applied = 0;
             for s in 0..STRIPES {
                 let part = &order[starts[s]..starts[s + 1]];
                 if part.is_empty() {
@@ -666,18 +801,30 @@ impl Store {
                     let hash = rows.hash(key);
                     let slot = match stripe.find(hash, key) {
                         Some(slot) => slot,
-                        None => stripe.create_row(rows, &table.spec, hash, key, &mut scratch),
+                        None => {
+                            reserved.keep(row_bytes);
+                            stripe.create_row(rows, &table.spec, hash, key, &mut scratch)
+                        }
                     };
                     let (data, step) = stripe.row_mut(slot, rows.width);
                     // Rows of rules that read no update count keep none.
-                    let step = step.map_or(1, |s| {
-                        *s += 1;
-                        *s
-                    });
-                    apply_update(&table.spec, dim, data, step, &grads[i * dim..(i + 1) * dim], &info, None);
+                    let next = step.as_deref().map_or(1, |s| *s + 1);
+                    before.clear();
+                    before.extend_from_slice(data);
+                    apply_update(&table.spec, dim, data, next, &grads[i * dim..(i + 1) * dim], &info, None);
+                    // An update that would make a value non-finite is undone.
+                    if data.iter().all(|v| v.is_finite()) {
+                        if let Some(s) = step {
+                            *s = next;
+                        }
+                        applied += 1;
+                    } else {
+                        data.copy_from_slice(&before);
+                        self.counters.nonfinite_updates.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
-            keys.len() as u64
+            applied
         })
     }
 
@@ -740,7 +887,9 @@ impl Store {
         mut visit: impl FnMut(u64, &[f32]),
     ) -> Result<(usize, bool)> {
         let (table, dim) = self.sparse_table(name)?;
-        let limit = limit.clamp(1, (self.max_pull_values / dim).max(1));
+        // A page's answer holds a key (2 values' bytes) beside each row,
+        // and 64 bytes of framing.
+        let limit = limit.clamp(1, (self.max_pull_values.saturating_sub(16) / (dim + 2)).max(1));
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
         let mut keys = Vec::new();
         rows.for_each(|k, _, _| {
@@ -1015,7 +1164,7 @@ mod tests {
 
     #[test]
     fn a_scan_pages_through_the_rows_in_key_order() {
-        let s = Store::new(0, 1).with_max_pull_values(6);
+        let s = Store::new(0, 1).with_max_pull_values(28);
         s.register(TableSpec::sparse("e", 2, Init::zeros(), Rule::sgd(1.0).into()), 1).unwrap();
         let keys = [40u64, 3, 17, 99, 5, 61, 8];
         for part in keys.chunks(3) {
@@ -1023,7 +1172,8 @@ mod tests {
         }
         let (mut seen, mut after, mut pages) = (Vec::new(), None, 0);
         loop {
-            // Asks for 10 rows; the pull limit (6 values) allows 3.
+            // Asks for 10 rows; the pull limit (28 values, less 16 for framing,
+            // 4 a row with its key) allows 3.
             let (dim, done) = s
                 .scan_sparse("e", after, 10, |k, row| {
                     assert_eq!(row.len(), 2);
@@ -1060,5 +1210,101 @@ mod tests {
         let theirs = (0..).find(|&k| partition::key_shard(k, 2) == 1).unwrap();
         let err = other.push_sparse("e", &[theirs], &[1.0; 2], PushInfo::default()).unwrap_err();
         assert!(matches!(err, Error::WrongShard { owner: 1, this: 0, .. }));
+    }
+
+    fn limited(limits: Limits) -> Store {
+        Store::new(0, 1).with_limits(limits).unwrap()
+    }
+
+    #[test]
+    fn rows_and_tables_beyond_the_budget_are_refused_before_they_are_allocated() {
+        // Room for the table and 10 rows of width 4 (SGD: no state).
+        let spec = TableSpec::sparse("e", 4, Init::zeros(), Rule::sgd(1.0).into());
+        let row = budget::block_bytes(&spec, 4);
+        let limits = Limits { memory_mib: 1, ..Limits::default() };
+        let s = limited(limits);
+        s.budget.try_reserve(s.budget.limit() - budget::table_bytes(&spec) - 10 * row).unwrap();
+        s.register(spec, 1).unwrap();
+        pull_rows(&s, "e", &[1, 2, 3, 4, 5, 6], false).unwrap();
+        // A push creating 5 rows does not fit (4 left): nothing is applied.
+        let err = s.push_sparse("e", &[7, 8, 9, 10, 11], &[1.0; 20], PushInfo::default()).unwrap_err();
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::ResourceExhausted);
+        assert_eq!(s.sizes(), (1, 0, 6));
+        // Existing rows cost nothing more; 4 new ones fit exactly.
+        s.push_sparse("e", &[1, 7, 8, 9, 10], &[1.0; 20], PushInfo::default()).unwrap();
+        assert_eq!(s.budget.used(), s.budget.limit());
+        assert!(matches!(s.pull_sparse("e", &[11], false, |_, _| {}), Err(Error::OverBudget { .. })));
+        // Read-only pulls create nothing and are served.
+        assert_eq!(pull_rows(&s, "e", &[11, 12], true).unwrap().len(), 8);
+        // A dense table of more than the budget is refused whole.
+        let big = TableSpec::dense("big", &[1 << 20], Init::zeros(), Rule::adam(1e-3).into());
+        assert!(matches!(s.register(big, 1), Err(Error::OverBudget { .. })));
+        assert_eq!(s.sizes(), (1, 0, 10));
+    }
+
+    #[test]
+    fn table_count_and_name_limits_hold() {
+        let s = limited(Limits { max_tables: 2, max_name_bytes: 8, ..Limits::default() });
+        let t = |n: &str| TableSpec::sparse(n, 1, Init::zeros(), Rule::sgd(1.0).into());
+        assert!(matches!(s.register(t("a-very-long-name"), 1), Err(Error::LimitExceeded { .. })));
+        s.register(t("a"), 1).unwrap();
+        s.register(t("b"), 1).unwrap();
+        assert!(!s.register(t("b"), 1).unwrap(), "an existing table is not counted again");
+        assert!(matches!(s.register(t("c"), 1), Err(Error::LimitExceeded { what: "tables", .. })));
+        let chunky = Limits { max_chunks_per_table: 3, ..Limits::default() };
+        let mut d = TableSpec::dense("d", &[10], Init::zeros(), Rule::sgd(1.0).into());
+        d.layout = Layout::Dense { shape: vec![10], chunk_len: 3 };
+        assert!(matches!(limited(chunky).register(d, 1), Err(Error::LimitExceeded { got: 4, .. })));
+    }
+
+    #[test]
+    fn repeated_ids_in_a_pull_are_refused() {
+        let s = Store::new(0, 1);
+        s.register(TableSpec::sparse("e", 2, Init::zeros(), Rule::sgd(1.0).into()), 1).unwrap();
+        s.register(sgd_dense("w", 10, 4), 1).unwrap();
+        assert!(matches!(s.pull_sparse("e", &[3, 4, 3], false, |_, _| {}), Err(Error::Duplicate { .. })));
+        assert!(matches!(s.pull_sparse("e", &[3, 3], true, |_, _| {}), Err(Error::Duplicate { .. })));
+        assert!(matches!(s.pull_dense(&[("w", 1), ("w", 1)], |_| {}), Err(Error::Duplicate { .. })));
+        assert_eq!(s.sizes(), (2, 3, 0));
+    }
+
+    #[test]
+    fn updates_that_would_be_non_finite_are_not_applied() {
+        let s = Store::new(0, 1);
+        // lr 1e30: a gradient of 1e10 (under max_gradient) overflows.
+        s.register(TableSpec::sparse("e", 2, Init::zeros(), Rule::sgd(1e30).into()), 1).unwrap();
+        let out = s.push_sparse("e", &[1, 2], &[1e10, 0.0, 1.0, 1.0], PushInfo::default()).unwrap();
+        assert_eq!(out.applied, 1, "row 2 applied, row 1 kept");
+        assert_eq!(pull_rows(&s, "e", &[1, 2], true).unwrap(), vec![0.0, 0.0, -1e30, -1e30]);
+        assert_eq!(s.counters.nonfinite_updates.load(Ordering::Relaxed), 1);
+        // Over max_gradient (1e15) or non-finite: the whole push is refused.
+        let huge = s.push_sparse("e", &[3], &[1e38, 0.0], PushInfo::default()).unwrap_err();
+        assert!(matches!(huge, Error::HugeGradient { .. }), "{huge}");
+        let nan = s.push_sparse("e", &[3], &[f32::NAN, 0.0], PushInfo::default()).unwrap_err();
+        assert!(matches!(nan, Error::NonFinite { .. }));
+        s.register(sgd_dense("w", 4, 4), 1).unwrap();
+        assert!(matches!(
+            s.push_dense(&[("w", 0, &[-1e16; 4])], PushInfo::default()),
+            Err(Error::HugeGradient { .. })
+        ));
+        assert!(s.snapshot("e").unwrap().iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
+    }
+
+    #[test]
+    fn seq_jumps_and_too_many_workers_are_refused() {
+        let s = limited(Limits { max_seq_jump: 10, max_workers: 2, ..Limits::default() });
+        s.register(sgd_dense("w", 4, 4), 1).unwrap();
+        let g = [1.0; 4];
+        let push =
+            |worker, seq| s.push_dense(&[("w", 0, &g)], PushInfo { worker, seq, ..PushInfo::default() });
+        push(1, 10).unwrap();
+        let err = push(1, u64::MAX).unwrap_err();
+        assert_eq!(tonic::Status::from(err).code(), tonic::Code::OutOfRange);
+        assert!(push(1, 21).is_err());
+        push(1, 20).unwrap();
+        push(2, 1).unwrap();
+        assert!(matches!(push(3, 1), Err(Error::LimitExceeded { .. })));
+        push(3, 0).unwrap();
+        assert_eq!(s.last_seq(1), 20);
     }
 }

@@ -30,14 +30,27 @@ pub struct Args {
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9100).
     #[arg(long, env = "PS_METRICS")]
     pub metrics: Option<SocketAddr>,
+    /// TLS: this worker's certificate is `worker-INDEX.pem` in --tls-dir.
+    #[command(flatten)]
+    pub tls: ps_common::transport::TlsArgs,
+    /// This worker's bearer token (`ps-cluster token --sub worker:N`), sent
+    /// with every call; shards with auth on refuse calls without one.
+    #[arg(long, env = "PS_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// Trains one worker; progress events go to stdout as JSON lines.
 pub fn run(args: &Args) -> Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .map_err(|source| Error::Io { what: format!("reading {}", args.config.display()), source })?;
-    let config =
+    let mut config =
         RunConfig::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", args.config.display())))?;
+    let transport = &mut config.job.client.transport;
+    args.tls.apply(transport, &format!("worker-{}", args.index))?;
+    transport.validate()?;
+    transport.require_security()?;
+    config.job.client.credential =
+        ps_common::auth::Credential::from_optional_file(args.token_file.as_deref())?;
     if args.index >= args.workers {
         return Err(Error::Config(format!(
             "--index {} must be below --workers {}",

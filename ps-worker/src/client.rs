@@ -26,9 +26,8 @@ use ps_common::compress::{self, Codec, CodecKind, Codecs};
 use ps_common::partition::{self, ShardId, fnv1a64, splitmix64};
 use ps_common::spec::{Backup, Consistency, Layout, TableSpec};
 use ps_common::transport::{self, TransportConfig, duration_ms};
-use ps_common::wire::pb::{self, parameter_server_client::ParameterServerClient};
+use ps_common::wire::pb;
 use serde::{Deserialize, Serialize};
-use tonic::transport::Channel;
 
 use crate::error::{Error, Result};
 use crate::feedback::Residuals;
@@ -55,6 +54,10 @@ pub struct ClientOptions {
     pub recover_within: Duration,
     /// HTTP/2 settings and the message limit (`[job.client.transport]`).
     pub transport: TransportConfig,
+    /// What this process attaches to every call (a bearer token, from
+    /// `--token-file` / `PS_TOKEN_FILE`); never in a run file.
+    #[serde(skip)]
+    pub credential: ps_common::auth::Credential,
 }
 
 impl Default for ClientOptions {
@@ -66,6 +69,7 @@ impl Default for ClientOptions {
             push_retries: 5,
             recover_within: Duration::from_secs(120),
             transport: TransportConfig::default(),
+            credential: ps_common::auth::Credential::none(),
         }
     }
 }
@@ -143,7 +147,7 @@ impl DenseSet {
 
 /// One worker's connections to every shard.
 pub struct ShardedClient {
-    shards: Vec<ParameterServerClient<Channel>>,
+    shards: Vec<transport::ShardClient>,
     addrs: Vec<String>,
     worker: u64,
     /// Next seq per shard.
@@ -232,7 +236,7 @@ impl ShardedClient {
             let channel = loop {
                 match endpoint.connect().await {
                     Ok(c) => break c,
-                    Err(e) if tokio::time::Instant::now() >= deadline => {
+                    Err(e) if tokio::time::Instant::now() >= deadline || transport::is_tls_failure(&e) => {
                         return Err(Error::Connect { addr: addr.clone(), source: e });
                     }
                     Err(e) => {
@@ -243,7 +247,7 @@ impl ShardedClient {
                     }
                 }
             };
-            shards.push(transport::client(&opts.transport, channel));
+            shards.push(transport::client(&opts.transport, channel, opts.credential.clone()));
         }
         let n = shards.len();
         Ok(ShardedClient {
@@ -538,9 +542,19 @@ impl ShardedClient {
     pub async fn wait_for_members(&self, workers: usize, within: Duration) -> Result<bool> {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            let stats = self.stats().await?;
-            let started = stats.iter().any(|s| s.clocks.iter().any(|c| c.clock > 0));
-            if started || stats.iter().all(|s| s.clocks.len() >= workers) {
+            // Heartbeats answer with the clock set: a worker needs no Stats.
+            let calls = self.shards.iter().map(|c| {
+                let mut c = c.clone();
+                let req =
+                    self.request(pb::HeartbeatRequest { worker: self.worker }, self.opts.request_timeout);
+                async move { c.heartbeat(req).await }
+            });
+            let mut sets = Vec::new();
+            for (i, r) in join_all(calls).await.into_iter().enumerate() {
+                sets.push(r.map_err(|s| self.status(i, s))?.into_inner());
+            }
+            let started = sets.iter().any(|s| s.started);
+            if started || sets.iter().all(|s| s.members as usize >= workers) {
                 return Ok(true);
             }
             if tokio::time::Instant::now() >= deadline {
@@ -672,7 +686,7 @@ impl ShardedClient {
     async fn send_pushes<M, F, Fut>(&self, requests: Vec<(usize, M)>, send: F) -> Result<()>
     where
         M: Clone,
-        F: Fn(ParameterServerClient<Channel>, tonic::Request<M>) -> Fut + Copy,
+        F: Fn(transport::ShardClient, tonic::Request<M>) -> Fut + Copy,
         Fut: std::future::Future<
                 Output = std::result::Result<tonic::Response<pb::PushResponse>, tonic::Status>,
             >,

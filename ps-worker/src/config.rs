@@ -88,11 +88,17 @@ impl CheckpointConfig {
 pub struct ClusterConfig {
     pub servers: u32,
     pub workers: u32,
+    /// Run the local cluster without TLS (`ps-cluster train --plaintext`);
+    /// by default the launcher makes certificates in `<run>/tls/` and every
+    /// channel uses mutual TLS. Not written when false, so the job
+    /// fingerprint of earlier runs is unchanged.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub plaintext: bool,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { servers: 2, workers: 2 }
+        ClusterConfig { servers: 2, workers: 2, plaintext: false }
     }
 }
 
@@ -556,7 +562,9 @@ impl RunConfig {
             cluster: &'a ClusterConfig,
             job: JobConfig,
         }
-        let text = toml::to_string(&Identity { cluster: &self.cluster, job }).unwrap_or_default();
+        // How the processes talk is not the job.
+        let cluster = ClusterConfig { plaintext: false, ..self.cluster.clone() };
+        let text = toml::to_string(&Identity { cluster: &cluster, job }).unwrap_or_default();
         format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()))
     }
 }

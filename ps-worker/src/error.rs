@@ -4,7 +4,7 @@ use ps_common::partition::ShardId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot connect to server {addr}: {source}")]
+    #[error("cannot connect to server {addr}: {}", ps_common::transport::error_chain(source))]
     Connect { addr: String, source: tonic::transport::Error },
     #[error("shard {shard} ({addr}): {} ({:?})", status.message(), status.code())]
     Status { shard: ShardId, addr: String, status: tonic::Status },

@@ -92,7 +92,7 @@ async fn a_stopped_and_resumed_bsp_sgd_run_ends_with_the_same_parameters() {
     let cut = manifest.clock_of(0);
     assert!((15..80).contains(&cut), "cut at {cut} of 80 iterations");
     // Read back from disk (its float timings may differ in the last bit).
-    let on_disk = checkpoint::latest(&dir.0).unwrap().unwrap().manifest;
+    let on_disk = checkpoint::latest(&dir.0, &ps_common::seal::Keys::none()).unwrap().unwrap().manifest;
     assert_eq!(
         (&on_disk.name, &on_disk.workers, &on_disk.shards.len()),
         (&manifest.name, &manifest.workers, &2)
@@ -126,4 +126,81 @@ async fn a_stopped_and_resumed_bsp_sgd_run_ends_with_the_same_parameters() {
     };
     init.stop().await.unwrap();
     assert!(untrained_diff > 1.0, "the runs trained: {untrained_diff}");
+}
+
+/// A checkpoint written by real shards with keys: sealed on disk; a
+/// tampered shard file is refused by the restore (each way an attacker
+/// without the signing key, or with it but not the shard's file, could try),
+/// the files are left as they were, and the intact checkpoint restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_signed_checkpoint_is_refused_and_left_unchanged() {
+    use ps_common::seal::{self, KeyPaths};
+    let job = job();
+    let dir = TempDir::new("sealed");
+    let keys_dir = dir.0.join("keys");
+    let paths = seal::generate(&keys_dir, true).unwrap();
+    let root = dir.0.join("checkpoints");
+    let config =
+        ServerConfig { checkpoint_dir: Some(root.clone()), seal: paths.clone(), ..ServerConfig::default() };
+    let shards = LocalShards::start_with(&config, 2).await.unwrap();
+    let (j, addrs) = (job.clone(), shards.addrs.clone());
+    let training = tokio::spawn(async move { train(&j, &addrs).await });
+    while worker_clock(&shards.addrs).await < 5 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut opts = coordinator::Options::new(&root);
+    opts.keys = paths.load().unwrap();
+    let manifest = coordinator::take_once(&shards.addrs, &opts).await.unwrap();
+    training.abort();
+    drop(shards);
+
+    let ckpt = root.join(&manifest.name);
+    let file1 = ckpt.join(checkpoint::shard_file_name(1, 2));
+    let manifest_path = ckpt.join(checkpoint::MANIFEST);
+    let (good, good_manifest) = (std::fs::read(&file1).unwrap(), std::fs::read(&manifest_path).unwrap());
+    assert!(seal::is_sealed(&good) && seal::is_sealed(&good_manifest), "sealed on disk");
+
+    let restore = |seal: KeyPaths| {
+        let config = ServerConfig { restore: Some(ckpt.clone()), seal, ..ServerConfig::default() };
+        async move {
+            match LocalShards::start_with(&config, 2).await {
+                Ok(shards) => shards.stop().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+    };
+    // The readers hold the verify and encryption keys only.
+    let reader = KeyPaths { signing_key: None, ..paths.clone() };
+    restore(reader.clone()).await.expect("the intact checkpoint restores");
+
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 1;
+    let sha = ps_registry::store::sha256_hex;
+    let mut forged = manifest.clone();
+    forged.shards[1].sha256 = sha(&flipped);
+    let plain_manifest = serde_json::to_vec_pretty(&forged).unwrap();
+    let resigned_manifest =
+        opts.keys.signing_only().seal(checkpoint::MANIFEST_KIND, &plain_manifest).unwrap();
+    let cases: Vec<(&str, Vec<u8>, Vec<u8>, &str)> = vec![
+        ("a flipped byte", flipped.clone(), good_manifest.clone(), "does not match the manifest"),
+        ("a flipped byte, manifest rewritten unsigned", flipped.clone(), plain_manifest, "not signed"),
+        ("a flipped byte, manifest re-signed", flipped, resigned_manifest, "signature does not verify"),
+        ("truncated", good[..good.len() - 1].to_vec(), good_manifest.clone(), "truncated"),
+    ];
+    for (what, file, manifest_bytes, message) in cases {
+        std::fs::write(&file1, &file).unwrap();
+        std::fs::write(&manifest_path, &manifest_bytes).unwrap();
+        let err = restore(reader.clone()).await.expect_err(what);
+        assert!(err.contains(message) && err.contains(&ckpt.display().to_string()), "{what}: {err}");
+        assert_eq!(std::fs::read(&file1).unwrap(), file, "{what}: the file is left as it was");
+    }
+    std::fs::write(&file1, &good).unwrap();
+    std::fs::write(&manifest_path, &good_manifest).unwrap();
+    // Signed by another key, and encrypted without the key.
+    let other = seal::generate(&dir.0.join("other"), false).unwrap();
+    let err = restore(KeyPaths { signing_key: None, ..other }).await.unwrap_err();
+    assert!(err.contains("not by the configured verify key"), "{err}");
+    let err = restore(KeyPaths { encryption_key: None, ..reader.clone() }).await.unwrap_err();
+    assert!(err.contains("no encryption key is configured") && err.contains("shard-"), "{err}");
+    restore(reader).await.expect("the intact checkpoint restores again");
 }

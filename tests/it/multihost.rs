@@ -218,11 +218,33 @@ impl Topology {
         (0..2).map(|s| format!("{}.1:7000", Self::net(w, s))).collect::<Vec<_>>().join(",")
     }
 
-    fn start_shards(&self) -> Vec<Proc> {
+    /// Certificates (`ps-cluster certs`) whose server certificate names every
+    /// address a worker reaches a shard by.
+    fn make_certs(dir: &Path) -> std::path::PathBuf {
+        let out = dir.join("tls");
+        let hosts = (0..2).flat_map(|w| (0..2).map(move |s| format!("{}.1", Self::net(w, s)))).collect();
+        let opts = paramserver::certs::Options { workers: 2, hosts, ..Default::default() };
+        paramserver::certs::create(&out, &opts).expect("make certificates");
+        out
+    }
+
+    fn start_shards(&self, tls: &Path) -> Vec<Proc> {
+        let tls = tls.to_str().expect("utf-8 path");
         (0..2)
             .map(|s| {
                 let shard = s.to_string();
-                let args = ["server", "--shard", &shard, "--num-shards", "2", "--listen", "0.0.0.0:7000"];
+                let args = [
+                    "server",
+                    "--shard",
+                    &shard,
+                    "--num-shards",
+                    "2",
+                    "--listen",
+                    "0.0.0.0:7000",
+                    "--tls-dir",
+                    tls,
+                    "--client-auth",
+                ];
                 let mut p = Proc::start(&format!("shard {s}"), &self.shard_ns[s], &args, &[]);
                 let deadline = Instant::now() + Duration::from_secs(20);
                 while !p.seen.iter().any(|l| l.text.starts_with("listening on")) {
@@ -236,8 +258,9 @@ impl Topology {
             .collect()
     }
 
-    fn start_workers(&self, config: &Path) -> Vec<Proc> {
+    fn start_workers(&self, config: &Path, tls: &Path) -> Vec<Proc> {
         let config = config.to_str().expect("utf-8 path");
+        let tls = tls.to_str().expect("utf-8 path");
         (0..2)
             .map(|w| {
                 let (index, servers) = (w.to_string(), self.servers(w));
@@ -251,6 +274,8 @@ impl Topology {
                     &index,
                     "--workers",
                     "2",
+                    "--tls-dir",
+                    tls,
                 ];
                 let env = [("RUST_LOG", "warn,ps_worker=info")];
                 Proc::start(&format!("worker {w}"), &self.worker_ns[w], &args, &env)
@@ -332,13 +357,14 @@ fn workers_survive_a_partition_between_hosts() {
         }
     };
     let dir = TempDir::new("multihost");
+    let tls = Topology::make_certs(&dir.0);
     let t0 = Instant::now();
 
     // 1. A small job to completion, shards and workers on four hosts.
     let config = dir.0.join("small.toml");
     std::fs::write(&config, run_file(1000, 1, 0)).expect("write run file");
-    let shards = topo.start_shards();
-    let mut workers = topo.start_workers(&config);
+    let shards = topo.start_shards(&tls);
+    let mut workers = topo.start_workers(&config, &tls);
     for w in &mut workers {
         w.finish(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(done_iters(w), Some(500u64.div_ceil(32)), "{} finished its share:\n{}", w.name, w.log());
@@ -351,9 +377,9 @@ fn workers_survive_a_partition_between_hosts() {
     let (limit, epochs) = (4000u32, 2u32);
     let total = u64::from((limit / 2).div_ceil(32) * epochs);
     std::fs::write(&config, run_file(limit, epochs, 8)).expect("write run file");
-    let shards = topo.start_shards();
+    let shards = topo.start_shards(&tls);
     let started = Instant::now();
-    let mut workers = topo.start_workers(&config);
+    let mut workers = topo.start_workers(&config, &tls);
     let deadline = started + Duration::from_secs(60);
     while workers[0].iter() < 20 {
         assert!(Instant::now() < deadline, "worker 0 made no progress:\n{}", workers[0].log());
@@ -438,10 +464,10 @@ fn workers_survive_a_partition_between_hosts() {
     //    registering, says so, and trains once the link is up.
     let config = dir.0.join("startup.toml");
     std::fs::write(&config, run_file(1000, 1, 0)).expect("write run file");
-    let _shards = topo.start_shards();
+    let _shards = topo.start_shards(&tls);
     topo.set_link(0, 1, false);
     let started = Instant::now();
-    let mut workers = topo.start_workers(&config);
+    let mut workers = topo.start_workers(&config, &tls);
     let cut_for = Duration::from_secs(3);
     while started.elapsed() < cut_for {
         workers.iter_mut().for_each(|w| {

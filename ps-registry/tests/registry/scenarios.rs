@@ -23,6 +23,7 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("concurrent_promotes", |e| Box::pin(concurrent_promotes(e))),
     ("crash_between_artifact_and_row", |e| Box::pin(crash_between_artifact_and_row(e))),
     ("corrupted_and_missing_artifacts", |e| Box::pin(corrupted_and_missing_artifacts(e))),
+    ("sealed_artifacts", |e| Box::pin(sealed_artifacts(e))),
 ];
 
 /// A small valid model (a 2-3-2 MLP) whose values, and so hash, depend on `seed`.
@@ -279,14 +280,15 @@ async fn corrupted_and_missing_artifacts(env: Env) -> anyhow::Result<()> {
     let (v1, v2) = (reg.version("mnist", 1).await?, reg.version("mnist", 2).await?);
     let path = reg.artifact_path(&v1);
 
-    // Same length, one byte flipped: only the hash can tell.
+    // Same length, one byte flipped: the signature tells (a new registry
+    // is signed by default: `sealed_artifacts`; unsigned, the hash would).
     let mut bytes = std::fs::read(&path)?;
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&path, &bytes)?;
     let err = reg.load(&v1).unwrap_err();
     ensure!(
-        matches!(&err, Error::Artifact { fault: ArtifactFault::Corrupted(m), .. } if m.contains("sha256")),
+        matches!(&err, Error::Artifact { fault: ArtifactFault::Corrupted(m), .. } if m.contains("signature")),
         "{err}"
     );
     ensure!(err.to_string().contains("mnist version 1") && err.to_string().contains("is corrupted"), "{err}");
@@ -302,5 +304,74 @@ async fn corrupted_and_missing_artifacts(env: Env) -> anyhow::Result<()> {
     // Registering the same bytes again repairs the file.
     reg.register(new_version("mnist", 1)).await?;
     ensure!(reg.load(&v1)? == model(1));
+    Ok(())
+}
+
+/// A new registry signs its artifacts with `<root>/keys/`; every attack on a
+/// file (flipped byte, truncation, another signer, no key, an unsigned file,
+/// an encrypted file without its key) is refused by `Registry::load` with
+/// the version and path named, and the file is left as it was.
+async fn sealed_artifacts(env: Env) -> anyhow::Result<()> {
+    use ps_common::seal::{self, KeyPaths};
+    let reg = open(&env).await?;
+    let v1 = reg.register(new_version("m", 1)).await?;
+    let path = reg.artifact_path(&v1);
+    let good = std::fs::read(&path)?;
+    ensure!(seal::is_sealed(&good), "signed by default");
+    ensure!(env.root.join("keys").join(seal::SIGNING_KEY_FILE).exists());
+    ensure!(reg.load(&v1)? == model(1));
+
+    let refused = |err: Error, what: &str, message: &str| -> anyhow::Result<()> {
+        let text = err.to_string();
+        ensure!(matches!(err, Error::Artifact { .. }), "{what}: {text}");
+        ensure!(text.contains("m version 1") && text.contains(&path.display().to_string()), "{what}: {text}");
+        ensure!(text.contains(message), "{what}: {text}");
+        Ok(())
+    };
+    // A flipped byte in the payload, and a truncated file.
+    let mut bad = good.clone();
+    bad[good.len() / 2] ^= 0x10;
+    std::fs::write(&path, &bad)?;
+    refused(reg.load(&v1).unwrap_err(), "flipped byte", "signature does not verify")?;
+    std::fs::write(&path, &good[..good.len() - 70])?;
+    refused(reg.load(&v1).unwrap_err(), "truncated", "is corrupted")?;
+    std::fs::write(&path, &good)?;
+
+    // Opened with another key, or with none.
+    let other = env.root.join("other-keys");
+    seal::generate(&other, false)?;
+    let by_other = Registry::open_with(&env.url, &env.root, Some(KeyPaths::in_dir(&other))).await?;
+    refused(by_other.load(&v1).unwrap_err(), "another key", "not by the configured verify key")?;
+    let no_keys = Registry::open_with(&env.url, &env.root, Some(KeyPaths::default())).await?;
+    refused(no_keys.load(&v1).unwrap_err(), "no verify key", "no verify key is configured")?;
+
+    // An unsigned artifact, once keys are configured.
+    let v2 = no_keys.register(new_version("unsigned", 2)).await?;
+    ensure!(!seal::is_sealed(&std::fs::read(reg.artifact_path(&v2))?));
+    let err = reg.load(&v2).unwrap_err();
+    ensure!(matches!(&err, Error::Artifact { fault: ArtifactFault::Refused(_), .. }), "{err}");
+    ensure!(err.to_string().contains("not signed") && err.to_string().contains("--no-seal"), "{err}");
+
+    // Encrypted: no model bytes on disk; without the key, refused.
+    let enc = env.root.join("enc-keys");
+    seal::generate(&enc, true)?;
+    let encrypted = Registry::open_with(&env.url, &env.root, Some(KeyPaths::in_dir(&enc))).await?;
+    let v3 = encrypted.register(new_version("secret", 3)).await?;
+    let on_disk = std::fs::read(encrypted.artifact_path(&v3))?;
+    let plain = model(3).to_bytes()?;
+    ensure!(!on_disk.windows(32).any(|w| w == &plain[plain.len() - 32..]), "no plaintext on disk");
+    ensure!(encrypted.load(&v3)? == model(3));
+    let verify_only = env.root.join("verify-only");
+    std::fs::create_dir_all(&verify_only)?;
+    std::fs::copy(enc.join(seal::VERIFY_KEY_FILE), verify_only.join(seal::VERIFY_KEY_FILE))?;
+    let reader = Registry::open_with(&env.url, &env.root, Some(KeyPaths::in_dir(&verify_only))).await?;
+    let err = reader.load(&v3).unwrap_err();
+    ensure!(err.to_string().contains("no encryption key is configured"), "{err}");
+
+    // Nothing was changed by the refusals: the intact file loads.
+    ensure!(std::fs::read(&path)? == good && reg.load(&v1)? == model(1));
+    for r in [&by_other, &no_keys, &encrypted, &reader] {
+        r.close().await;
+    }
     Ok(())
 }

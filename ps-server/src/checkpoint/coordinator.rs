@@ -27,9 +27,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
+use ps_common::auth::Credential;
+use ps_common::seal::Keys;
 use ps_common::transport::{self, TransportConfig};
-use ps_common::wire::pb::{self, parameter_server_client::ParameterServerClient};
-use tonic::transport::Channel;
+use ps_common::wire::pb;
 
 use super::{Manifest, WorkerEntry};
 use crate::error::{Error, Result};
@@ -49,6 +50,11 @@ pub struct Options {
     /// Longest a shard waits for the workers to reach the cut.
     pub cut_timeout: Duration,
     pub transport: TransportConfig,
+    /// Sent with every call (checkpoints are admin's).
+    pub credential: Credential,
+    /// Seals the manifest and reads the checkpoints to prune (the shards
+    /// seal their files with their own keys).
+    pub keys: Keys,
 }
 
 impl Options {
@@ -60,24 +66,30 @@ impl Options {
             hold_timeout: Duration::from_secs(10),
             cut_timeout: Duration::from_secs(10),
             transport: TransportConfig::default(),
+            credential: Credential::none(),
+            keys: Keys::none(),
         }
     }
 }
 
 /// Connected shards, `clients[i]` being shard `i`.
 pub struct Shards {
-    clients: Vec<ParameterServerClient<Channel>>,
+    clients: Vec<transport::ShardClient>,
     addrs: Vec<String>,
 }
 
 impl Shards {
     /// Connects to every shard (fails fast: the shards must be up).
-    pub async fn connect(addrs: &[String], transport: &TransportConfig) -> Result<Shards> {
+    pub async fn connect(
+        addrs: &[String],
+        transport: &TransportConfig,
+        credential: &Credential,
+    ) -> Result<Shards> {
         let mut clients = Vec::with_capacity(addrs.len());
         for addr in addrs {
             let endpoint = transport::endpoint(transport, addr).map_err(Error::Malformed)?;
             let channel = endpoint.connect().await?;
-            clients.push(transport::client(transport, channel));
+            clients.push(transport::client(transport, channel, credential.clone()));
         }
         Ok(Shards { clients, addrs: addrs.to_vec() })
     }
@@ -127,8 +139,8 @@ pub async fn take(shards: &Shards, opts: &Options) -> Result<Manifest> {
         }
     };
     manifest.total_ms = started.elapsed().as_secs_f64() * 1e3;
-    manifest.write(&dir)?;
-    let deleted = super::prune(&opts.root, opts.keep)?;
+    manifest.write(&dir, &opts.keys)?;
+    let deleted = super::prune(&opts.root, opts.keep, &opts.keys)?;
     tracing::info!(
         checkpoint = %manifest.name,
         bytes = manifest.bytes(),
@@ -211,6 +223,6 @@ async fn cut(shards: &Shards, opts: &Options, name: &str) -> Result<(Manifest, P
 /// Takes a checkpoint of the shards at `addrs` into `root` (for the
 /// `ps-cluster checkpoint` command).
 pub async fn take_once(addrs: &[String], opts: &Options) -> Result<Manifest> {
-    let shards = Shards::connect(addrs, &opts.transport).await?;
+    let shards = Shards::connect(addrs, &opts.transport, &opts.credential).await?;
     take(&shards, opts).await
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use prost::Message;
+use ps_common::seal::Keys;
 use ps_common::spec::{Consistency, TableSpec};
 use ps_common::wire::pb;
 use serde::{Deserialize, Serialize};
@@ -21,7 +22,10 @@ use crate::store::{Capture, TableCapture};
 #[cfg(target_endian = "big")]
 compile_error!("checkpoint files are little-endian; big-endian hosts are not supported");
 
-/// First bytes of every shard file.
+/// What a sealed shard file says it is.
+pub const SHARD_KIND: &str = "checkpoint-shard";
+
+/// First bytes of every shard file (inside the seal, when sealed).
 pub const MAGIC: &[u8; 8] = b"PSCKPT01";
 
 /// Largest shard file read back (64 GiB): a bound, not a promise.
@@ -120,14 +124,14 @@ fn io(what: String) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// Writes `file` into `dir` (created if missing) under its temporary name,
-/// fsyncs it, and renames it into place. Returns its entry for the manifest.
-pub fn write_shard(dir: &Path, file: &ShardFile) -> Result<ShardEntry> {
+/// fsyncs it, and renames it into place; sealed (signed, and encrypted if
+/// an encryption key is held) when `keys` hold a signing key. Returns its
+/// entry for the manifest.
+pub fn write_shard(dir: &Path, file: &ShardFile, keys: &Keys) -> Result<ShardEntry> {
     std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
     let name = shard_file_name(file.shard, file.num_shards);
     let (tmp, path) = (dir.join(format!("{name}.tmp")), dir.join(&name));
     let started = std::time::Instant::now();
-    let f = File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
-    let mut w = Hashing { inner: BufWriter::with_capacity(1 << 20, f), hash: Sha256::new(), bytes: 0 };
     let record = RecordOut {
         version: FORMAT_VERSION,
         checkpoint: &file.checkpoint,
@@ -141,12 +145,28 @@ pub fn write_shard(dir: &Path, file: &ShardFile) -> Result<ShardEntry> {
         last_seq: &file.store.last_seq,
         tables: file.store.tables.iter().map(table_out).collect(),
     };
-    let written = (|| {
-        w.write_all(MAGIC)?;
-        rmp_serde::encode::write_named(&mut w, &record).map_err(std::io::Error::other)?;
-        w.flush()?;
-        w.inner.get_ref().sync_all()
-    })();
+    let f = File::create(&tmp).map_err(io(format!("creating {}", tmp.display())))?;
+    let mut w = Hashing { inner: BufWriter::with_capacity(1 << 20, f), hash: Sha256::new(), bytes: 0 };
+    let written = if keys.signs() {
+        // Signing needs the whole file: it is built in memory, sealed, written.
+        let sealed = keys.seal_with(SHARD_KIND, |buf| {
+            buf.reserve(file.store.tables.iter().map(|t| t.data.len() * 4 + t.keys.len() * 16).sum());
+            buf.extend_from_slice(MAGIC);
+            rmp_serde::encode::write_named(buf, &record).map_err(|e| Error::BadCheckpoint(e.to_string()))
+        })?;
+        (|| {
+            w.write_all(&sealed)?;
+            w.flush()?;
+            w.inner.get_ref().sync_all()
+        })()
+    } else {
+        (|| {
+            w.write_all(MAGIC)?;
+            rmp_serde::encode::write_named(&mut w, &record).map_err(std::io::Error::other)?;
+            w.flush()?;
+            w.inner.get_ref().sync_all()
+        })()
+    };
     written.map_err(io(format!("writing {}", tmp.display())))?;
     std::fs::rename(&tmp, &path).map_err(io(format!("renaming {}", tmp.display())))?;
     sync_dir(dir)?;
@@ -175,8 +195,15 @@ pub(super) fn sync_dir(dir: &Path) -> Result<()> {
 }
 
 /// Reads shard `shard` of `num_shards` from `dir`, checking it against the
-/// manifest's `entry` (size and SHA-256) before decoding anything.
-pub fn read_shard(dir: &Path, entry: &ShardEntry, shard: u32, num_shards: u32) -> Result<ShardFile> {
+/// manifest's `entry` (size and SHA-256) and then its seal (`keys`) before
+/// decoding anything.
+pub fn read_shard(
+    dir: &Path,
+    entry: &ShardEntry,
+    shard: u32,
+    num_shards: u32,
+    keys: &Keys,
+) -> Result<ShardFile> {
     let bad = |reason: String| Error::BadCheckpoint(format!("{}: {reason}", dir.join(&entry.file).display()));
     if entry.file != shard_file_name(shard, num_shards) {
         return Err(bad(format!("the manifest names it for another shard than {shard} of {num_shards}")));
@@ -193,7 +220,8 @@ pub fn read_shard(dir: &Path, entry: &ShardEntry, shard: u32, num_shards: u32) -
     if sum != entry.sha256 {
         return Err(bad(format!("SHA-256 {sum} does not match the manifest's {} (corrupted)", entry.sha256)));
     }
-    decode(&bytes).map_err(|e| bad(e.to_string()))
+    let payload = keys.open(SHARD_KIND, &bytes).map_err(|e| bad(super::seal_hint(e)))?;
+    decode(&payload).map_err(|e| bad(e.to_string()))
 }
 
 /// Decodes a whole shard file; any inconsistency is an error.

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ps_common::seal::Keys;
 use serde::{Deserialize, Serialize};
 
 use super::FORMAT_VERSION;
@@ -10,6 +11,9 @@ use crate::error::{Error, Result};
 
 /// File name of the manifest inside a checkpoint folder.
 pub const MANIFEST: &str = "manifest.json";
+
+/// What a sealed manifest says it is.
+pub const MANIFEST_KIND: &str = "checkpoint-manifest";
 
 /// Largest manifest read (it lists shards, not values).
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
@@ -91,14 +95,20 @@ impl Manifest {
     }
 
     /// Writes `<dir>/manifest.json` by temporary name, fsync and rename: the
-    /// step that makes the checkpoint complete.
-    pub fn write(&self, dir: &Path) -> Result<()> {
+    /// step that makes the checkpoint complete. Sealed when `keys` sign.
+    pub fn write(&self, dir: &Path, keys: &Keys) -> Result<()> {
         let (tmp, path) = (dir.join(format!("{MANIFEST}.tmp")), dir.join(MANIFEST));
         let io = |what: &str| {
             let what = format!("{what} {}", tmp.display());
             move |source| Error::Io { what, source }
         };
         let text = serde_json::to_vec_pretty(self).map_err(|e| Error::BadCheckpoint(e.to_string()))?;
+        // Signed, never encrypted: it holds names, clocks and checksums, and
+        // tools that list checkpoints need only the verify key.
+        let text = keys
+            .signing_only()
+            .seal(MANIFEST_KIND, &text)
+            .map_err(|e| Error::BadCheckpoint(e.to_string()))?;
         let f = std::fs::File::create(&tmp).map_err(io("creating"))?;
         std::io::Write::write_all(&mut &f, &text).map_err(io("writing"))?;
         f.sync_all().map_err(io("syncing"))?;
@@ -106,8 +116,8 @@ impl Manifest {
         sync_dir(dir)
     }
 
-    /// Reads and checks `<dir>/manifest.json`.
-    pub fn read(dir: &Path) -> Result<Manifest> {
+    /// Reads and checks `<dir>/manifest.json`: its seal first (`keys`).
+    pub fn read(dir: &Path, keys: &Keys) -> Result<Manifest> {
         let path = dir.join(MANIFEST);
         let io = |source| Error::Io { what: format!("reading {}", path.display()), source };
         let len = std::fs::metadata(&path).map_err(io)?.len();
@@ -115,6 +125,8 @@ impl Manifest {
             return Err(Error::BadCheckpoint(format!("{}: {len} bytes is not a manifest", path.display())));
         }
         let text = std::fs::read(&path).map_err(io)?;
+        let text = (keys.open(MANIFEST_KIND, &text))
+            .map_err(|e| Error::BadCheckpoint(format!("{}: {}", path.display(), super::seal_hint(e))))?;
         let m: Manifest = serde_json::from_slice(&text)
             .map_err(|e| Error::BadCheckpoint(format!("{}: {e}", path.display())))?;
         m.validate()?;
@@ -158,13 +170,13 @@ pub fn next_name(root: &Path) -> Result<String> {
 /// The complete checkpoints under `root`, oldest first. A folder without a
 /// manifest (a checkpoint cut short) is skipped; so is one whose manifest
 /// cannot be read, with a warning.
-pub fn complete(root: &Path) -> Result<Vec<CheckpointRef>> {
+pub fn complete(root: &Path, keys: &Keys) -> Result<Vec<CheckpointRef>> {
     let mut out = Vec::new();
     for (_, dir) in folders(root)? {
         if !dir.join(MANIFEST).exists() {
             continue;
         }
-        match Manifest::read(&dir) {
+        match Manifest::read(&dir, keys) {
             Ok(manifest) => out.push(CheckpointRef { dir, manifest }),
             Err(e) => tracing::warn!(dir = %dir.display(), error = %e, "skipping an unreadable checkpoint"),
         }
@@ -172,25 +184,42 @@ pub fn complete(root: &Path) -> Result<Vec<CheckpointRef>> {
     Ok(out)
 }
 
-/// The newest complete checkpoint under `root`.
-pub fn latest(root: &Path) -> Result<Option<CheckpointRef>> {
-    Ok(complete(root)?.pop())
+/// The newest complete checkpoint under `root`. One whose manifest cannot
+/// be read is skipped with a warning, but if none can be read, the newest
+/// one's error is returned (a checkpoint refused for its seal is reported,
+/// not mistaken for no checkpoint).
+pub fn latest(root: &Path, keys: &Keys) -> Result<Option<CheckpointRef>> {
+    let mut first_error = None;
+    for (_, dir) in folders(root)?.into_iter().rev() {
+        if !dir.join(MANIFEST).exists() {
+            continue;
+        }
+        match Manifest::read(&dir, keys) {
+            Ok(manifest) => return Ok(Some(CheckpointRef { dir, manifest })),
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "skipping an unreadable checkpoint");
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(None), Err)
 }
 
 /// `path` as a checkpoint: a checkpoint folder (with its manifest), or a
 /// folder of checkpoints (its newest complete one).
-pub fn resolve(path: &Path) -> Result<CheckpointRef> {
+pub fn resolve(path: &Path, keys: &Keys) -> Result<CheckpointRef> {
     if path.join(MANIFEST).exists() {
-        return Ok(CheckpointRef { dir: path.to_path_buf(), manifest: Manifest::read(path)? });
+        return Ok(CheckpointRef { dir: path.to_path_buf(), manifest: Manifest::read(path, keys)? });
     }
-    latest(path)?.ok_or_else(|| Error::BadCheckpoint(format!("no complete checkpoint in {}", path.display())))
+    latest(path, keys)?
+        .ok_or_else(|| Error::BadCheckpoint(format!("no complete checkpoint in {}", path.display())))
 }
 
 /// Keeps the newest `keep` complete checkpoints under `root` and deletes the
 /// older ones, and any incomplete folder older than the newest complete one.
 /// Returns the folders deleted.
-pub fn prune(root: &Path, keep: usize) -> Result<Vec<PathBuf>> {
-    let complete = complete(root)?;
+pub fn prune(root: &Path, keep: usize, keys: &Keys) -> Result<Vec<PathBuf>> {
+    let complete = complete(root, keys)?;
     let Some(newest) = complete.last().and_then(|c| seq_of(&c.manifest.name)) else { return Ok(Vec::new()) };
     let kept: Vec<&PathBuf> = complete.iter().rev().take(keep.max(1)).map(|c| &c.dir).collect();
     let mut deleted = Vec::new();

@@ -8,6 +8,8 @@ use ps_common::optim::Rule;
 use ps_common::partition;
 use ps_common::spec::{Consistency, Init, TableSpec};
 
+use ps_common::seal::Keys;
+
 use super::*;
 use crate::clock::Clocks;
 use crate::store::{PushInfo, Store};
@@ -91,11 +93,16 @@ fn file_of(checkpoint: &str, shard: u32, store: &Store, clocks: &Clocks) -> Shar
 
 /// Writes a complete two-shard checkpoint `name` under `root`.
 fn write_checkpoint(root: &Path, name: &str) -> Manifest {
+    write_checkpoint_with(root, name, &Keys::none())
+}
+
+/// [`write_checkpoint`], sealed with `keys`.
+fn write_checkpoint_with(root: &Path, name: &str, keys: &Keys) -> Manifest {
     let dir = root.join(name);
     let shards = (0..2)
         .map(|s| {
             let (store, clocks) = trained_shard(s);
-            write_shard(&dir, &file_of(name, s, &store, &clocks)).unwrap()
+            write_shard(&dir, &file_of(name, s, &store, &clocks), keys).unwrap()
         })
         .collect();
     let m = Manifest {
@@ -109,7 +116,7 @@ fn write_checkpoint(root: &Path, name: &str) -> Manifest {
         held_ms: 0.0,
         total_ms: 0.0,
     };
-    m.write(&dir).unwrap();
+    m.write(&dir, keys).unwrap();
     m
 }
 
@@ -123,7 +130,7 @@ fn a_shard_comes_back_exactly_as_it_was_checkpointed() {
     write_checkpoint(&tmp.0, "ckpt-000001");
     for shard in 0..2 {
         let (store, clocks) = trained_shard(shard);
-        let (restored, rclocks) = crate::restore(&config(shard, 2, &tmp.0), &tmp.0).unwrap();
+        let (restored, rclocks) = crate::restore(&config(shard, 2, &tmp.0), &tmp.0, &Keys::none()).unwrap();
         assert!(restored.capture() == store.capture(), "values, optimizer state, steps and seqs");
         assert_eq!(rclocks.capture().members.len(), 1);
         assert_eq!(rclocks.clock_of(7), Some(3));
@@ -147,7 +154,7 @@ fn forge(d: &Path, m: &Manifest, edit: impl Fn(&mut ShardFile)) {
     let mut f = file_of(&m.name, 0, &store, &clocks);
     edit(&mut f);
     let tmp = d.join("forged");
-    let e = write_shard(&tmp, &f).unwrap();
+    let e = write_shard(&tmp, &f, &Keys::none()).unwrap();
     let bytes = std::fs::read(tmp.join(e.file)).unwrap();
     std::fs::remove_dir_all(tmp).unwrap();
     resign(d, m, bytes);
@@ -155,11 +162,16 @@ fn forge(d: &Path, m: &Manifest, edit: impl Fn(&mut ShardFile)) {
 
 /// Writes `bytes` as shard 0's file and re-signs it in the manifest.
 fn resign(dir: &Path, m: &Manifest, bytes: Vec<u8>) {
+    resign_with(dir, m, bytes, &Keys::none())
+}
+
+/// [`resign`], the manifest sealed with `keys`.
+fn resign_with(dir: &Path, m: &Manifest, bytes: Vec<u8>, keys: &Keys) {
     std::fs::write(dir.join(shard_file_name(0, 2)), &bytes).unwrap();
     let mut m = m.clone();
     m.shards[0].bytes = bytes.len() as u64;
     m.shards[0].sha256 = format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&bytes));
-    m.write(dir).unwrap();
+    m.write(dir, keys).unwrap();
 }
 
 /// Damage done to a checkpoint folder, given its manifest.
@@ -197,7 +209,7 @@ fn bad_checkpoints_are_refused_whole_and_the_previous_one_stays_good() {
                 let mut b = Vec::from(MAGIC.as_slice());
                 let record = file_of(&m.name, 0, &store, &clocks);
                 let tmp = d.join("v2");
-                let e = write_shard(&tmp, &record).unwrap();
+                let e = write_shard(&tmp, &record, &Keys::none()).unwrap();
                 let body = std::fs::read(tmp.join(e.file)).unwrap();
                 // The record starts with its version: a map whose first value is 1.
                 let mut body = body[MAGIC.len()..].to_vec();
@@ -264,7 +276,7 @@ fn bad_checkpoints_are_refused_whole_and_the_previous_one_stays_good() {
             Box::new(move |d, m| {
                 let mut m = m.clone();
                 m.shards.pop();
-                m.write(d).unwrap();
+                m.write(d, &Keys::none()).unwrap();
             }),
             "lists shards",
         ),
@@ -280,13 +292,13 @@ fn bad_checkpoints_are_refused_whole_and_the_previous_one_stays_good() {
         let m = write_checkpoint(&tmp.0, "ckpt-000002");
         let newest = tmp.0.join("ckpt-000002");
         damage(&newest, &m);
-        let err = crate::restore(&config(0, 2, &newest), &newest)
+        let err = crate::restore(&config(0, 2, &newest), &newest, &Keys::none())
             .err()
             .unwrap_or_else(|| panic!("{what}: restored"));
         let text = err.to_string();
         assert!(text.contains(expected), "{what}: {text}");
         let older = tmp.0.join("ckpt-000001");
-        let (store, _) = crate::restore(&config(0, 2, &older), &older).unwrap();
+        let (store, _) = crate::restore(&config(0, 2, &older), &older, &Keys::none()).unwrap();
         assert!(store.capture() == trained_shard(0).0.capture(), "{what}: the previous checkpoint");
     }
 }
@@ -295,7 +307,7 @@ fn bad_checkpoints_are_refused_whole_and_the_previous_one_stays_good() {
 fn a_checkpoint_of_another_shard_count_is_refused() {
     let tmp = TempDir::new("count");
     write_checkpoint(&tmp.0, "ckpt-000001");
-    let err = crate::restore(&config(0, 3, &tmp.0), &tmp.0).err().unwrap();
+    let err = crate::restore(&config(0, 3, &tmp.0), &tmp.0, &Keys::none()).err().unwrap();
     assert!(matches!(err, Error::BadCheckpoint(ref m) if m.contains("of 2 shards")), "{err}");
 }
 
@@ -310,16 +322,17 @@ fn a_crash_while_writing_leaves_the_previous_checkpoint_the_latest() {
     std::fs::create_dir_all(&cut_short).unwrap();
     std::fs::write(cut_short.join(format!("{}.tmp", shard_file_name(0, 2))), b"PSCKPT01 half").unwrap();
     let (store, clocks) = trained_shard(1);
-    write_shard(&cut_short, &file_of("ckpt-000002", 1, &store, &clocks)).unwrap();
-    assert_eq!(latest(&tmp.0).unwrap().unwrap().manifest.name, "ckpt-000001");
-    assert_eq!(resolve(&tmp.0).unwrap().manifest.name, "ckpt-000001");
-    crate::restore(&config(0, 2, &tmp.0), &tmp.0).unwrap();
+    write_shard(&cut_short, &file_of("ckpt-000002", 1, &store, &clocks), &Keys::none()).unwrap();
+    assert_eq!(latest(&tmp.0, &Keys::none()).unwrap().unwrap().manifest.name, "ckpt-000001");
+    assert_eq!(resolve(&tmp.0, &Keys::none()).unwrap().manifest.name, "ckpt-000001");
+    crate::restore(&config(0, 2, &tmp.0), &tmp.0, &Keys::none()).unwrap();
     assert_eq!(next_name(&tmp.0).unwrap(), "ckpt-000003", "a cut-short name is not reused");
     write_checkpoint(&tmp.0, "ckpt-000003");
     write_checkpoint(&tmp.0, "ckpt-000004");
-    let deleted = prune(&tmp.0, 2).unwrap();
+    let deleted = prune(&tmp.0, 2, &Keys::none()).unwrap();
     assert_eq!(deleted, vec![tmp.0.join("ckpt-000001"), cut_short]);
-    let left: Vec<String> = complete(&tmp.0).unwrap().into_iter().map(|c| c.manifest.name).collect();
+    let left: Vec<String> =
+        complete(&tmp.0, &Keys::none()).unwrap().into_iter().map(|c| c.manifest.name).collect();
     assert_eq!(left, ["ckpt-000003", "ckpt-000004"]);
 }
 
@@ -329,4 +342,134 @@ fn checkpoint_names_from_the_network_cannot_escape_the_folder() {
         assert!(matches!(check_name(bad), Err(Error::CheckpointName(_))), "{bad:?}");
     }
     check_name("ckpt-000001").unwrap();
+}
+
+fn seal_keys(encrypt: bool) -> Keys {
+    use ps_common::seal::{new_encryption_key, new_signing_key};
+    Keys::new(Some(new_signing_key()), None, encrypt.then(new_encryption_key))
+}
+
+/// A sealed checkpoint restores exactly; each attack on it is refused with
+/// an error naming the file, and the intact checkpoint then still restores.
+#[test]
+fn a_sealed_checkpoint_restores_and_every_tamper_is_refused() {
+    use ps_common::seal::{Keys, is_sealed};
+    for encrypt in [false, true] {
+        let tmp = TempDir::new(&format!("sealed-{encrypt}"));
+        let keys = seal_keys(encrypt);
+        let m = write_checkpoint_with(&tmp.0, "ckpt-000001", &keys);
+        let dir = tmp.0.join("ckpt-000001");
+        let (file0, manifest) = (dir.join(shard_file_name(0, 2)), dir.join(MANIFEST));
+        let (shard0, manifest0) = (std::fs::read(&file0).unwrap(), std::fs::read(&manifest).unwrap());
+        assert!(is_sealed(&shard0) && is_sealed(&manifest0));
+        let (store, _) = trained_shard(0);
+        if encrypt {
+            let plain =
+                store.capture().tables[0].data.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>();
+            assert!(!shard0.windows(64).any(|w| w == &plain[..64]), "no plaintext values on disk");
+        }
+        // The readers hold the verify key (and the encryption key) only.
+        let reader = Keys::new(None, Some(keys_verify(&keys)), keys_encryption(&keys));
+        let restore = |k: &Keys| crate::restore(&config(0, 2, &tmp.0), &tmp.0, k);
+        assert!(restore(&reader).unwrap().0.capture() == store.capture());
+
+        let other = seal_keys(encrypt);
+        // (what, how to damage the files, the error it must give, the file it names)
+        type Case<'a> = (&'a str, Box<dyn Fn() + 'a>, &'a str, &'a Path);
+        let mut cases: Vec<Case> = vec![
+            ("no verify key", Box::new(|| ()), "no verify key is configured", &manifest),
+            ("signed by another key", Box::new(|| ()), "not by the configured verify key", &manifest),
+            (
+                "a flipped byte, the checksum re-signed",
+                Box::new(|| {
+                    let mut b = shard0.clone();
+                    b[shard0.len() / 2] ^= 1;
+                    resign_with(&dir, &m, b, &keys);
+                }),
+                "signature does not verify",
+                &file0,
+            ),
+            (
+                "truncated, the checksum re-signed",
+                Box::new(|| resign_with(&dir, &m, shard0[..shard0.len() - 100].to_vec(), &keys)),
+                "truncated",
+                &file0,
+            ),
+            (
+                "an unsigned file, the checksum re-signed",
+                Box::new(|| {
+                    let (store, clocks) = trained_shard(0);
+                    let plain = dir.join("plain");
+                    let e = write_shard(&plain, &file_of("ckpt-000001", 0, &store, &clocks), &Keys::none())
+                        .unwrap();
+                    resign_with(&dir, &m, std::fs::read(plain.join(e.file)).unwrap(), &keys);
+                    std::fs::remove_dir_all(plain).unwrap();
+                }),
+                "--reseal CHECKPOINT",
+                &file0,
+            ),
+            (
+                "a flipped byte in the manifest",
+                Box::new(|| {
+                    let mut b = manifest0.clone();
+                    b[manifest0.len() - 80] ^= 1;
+                    std::fs::write(&manifest, b).unwrap();
+                }),
+                "signature does not verify",
+                &manifest,
+            ),
+        ];
+        if encrypt {
+            cases.push(("encrypted, no encryption key", Box::new(|| ()), "no encryption key", &file0));
+        }
+        for (what, damage, message, named) in cases {
+            damage();
+            let k = match what {
+                "no verify key" => Keys::none(),
+                "signed by another key" => Keys::new(None, Some(keys_verify(&other)), keys_encryption(&keys)),
+                "encrypted, no encryption key" => Keys::new(None, Some(keys_verify(&keys)), None),
+                _ => reader.clone(),
+            };
+            let err = restore(&k).err().unwrap_or_else(|| panic!("{what}: restored"));
+            let text = err.to_string();
+            assert!(matches!(err, Error::BadCheckpoint(_)), "{what}: {err}");
+            assert!(text.contains(message) && text.contains(&named.display().to_string()), "{what}: {text}");
+            // Undo: the intact checkpoint restores again.
+            std::fs::write(&file0, &shard0).unwrap();
+            std::fs::write(&manifest, &manifest0).unwrap();
+            assert!(restore(&reader).unwrap().0.capture() == store.capture(), "{what}: intact again");
+        }
+    }
+}
+
+fn keys_verify(k: &Keys) -> ps_common::seal::VerifyingKey {
+    k.verifying_key().unwrap()
+}
+
+fn keys_encryption(k: &Keys) -> Option<ps_common::seal::EncryptionKey> {
+    k.encryption_key().cloned()
+}
+
+/// A checkpoint written without keys is refused once keys are configured,
+/// with the way out in the message; `reseal` signs it in place.
+#[test]
+fn an_unsigned_checkpoint_is_refused_until_resealed() {
+    let tmp = TempDir::new("reseal");
+    write_checkpoint(&tmp.0, "ckpt-000001");
+    let keys = seal_keys(true);
+    let err = crate::restore(&config(1, 2, &tmp.0), &tmp.0, &keys).err().unwrap();
+    assert!(
+        err.to_string().contains("not signed") && err.to_string().contains("ps-cluster keys --reseal"),
+        "{err}"
+    );
+    let dir = tmp.0.join("ckpt-000001");
+    reseal(&dir, &Keys::none(), &keys).unwrap();
+    let (store, _) = trained_shard(1);
+    assert!(crate::restore(&config(1, 2, &tmp.0), &tmp.0, &keys).unwrap().0.capture() == store.capture());
+    assert!(crate::restore(&config(1, 2, &tmp.0), &tmp.0, &Keys::none()).is_err(), "now sealed");
+    // And back: resealing with no keys disables the seal.
+    reseal(&dir, &keys, &Keys::none()).unwrap();
+    assert!(
+        crate::restore(&config(1, 2, &tmp.0), &tmp.0, &Keys::none()).unwrap().0.capture() == store.capture()
+    );
 }

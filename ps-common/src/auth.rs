@@ -1,0 +1,585 @@
+//! Who is calling, and what they may do: principals, roles, bearer tokens.
+//!
+//! A [`Principal`] is one of the agreed identity strings: `admin`, `reader`,
+//! `worker:<N>` (N is the worker id the requests carry) or `shard` (a
+//! server's own certificate). It reaches a shard in one of two ways:
+//!
+//! - a **bearer token** in the `authorization` metadata (`Bearer <JWT>`): an
+//!   EdDSA (Ed25519) JSON Web Token whose `sub` claim is the principal and
+//!   whose `exp` claim is checked. Tokens are made by [`TokenIssuer`], which
+//!   holds the private key (the launcher, `ps-cluster token`); shards hold
+//!   only the public key ([`TokenVerifier`]), so a shard cannot mint one;
+//! - else the **TLS client certificate** the connection presented (mutual
+//!   TLS), whose Subject Common Name is the principal.
+//!
+//! [`Authenticator::principal_of`] reads either from a request; [`authorize`]
+//! decides whether a principal may do what an RPC needs ([`Access`]). Shards
+//! call both at the top of every handler (`ps_server::service`); clients
+//! attach their [`Credential`] to every call (`transport::client`).
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
+
+use crate::{Error, Result};
+
+/// What a principal is allowed to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Registers, checkpoints, reads stats; may do everything.
+    Admin,
+    /// Trains as one worker id: join, pull, push, heartbeat, leave.
+    Worker,
+    /// Reads without changing anything: read-only pulls, scans, serving.
+    Reader,
+}
+
+/// One identity (the `sub` claim of a token, the Common Name of a certificate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Principal {
+    Admin,
+    Reader,
+    Worker(u64),
+    /// A shard's own certificate: a server identity, with no role on RPCs.
+    Shard,
+}
+
+impl Principal {
+    /// The principal's role; `None` for a shard, which calls no RPC.
+    pub fn role(self) -> Option<Role> {
+        match self {
+            Principal::Admin => Some(Role::Admin),
+            Principal::Reader => Some(Role::Reader),
+            Principal::Worker(_) => Some(Role::Worker),
+            Principal::Shard => None,
+        }
+    }
+}
+
+impl fmt::Display for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Principal::Admin => f.write_str("admin"),
+            Principal::Reader => f.write_str("reader"),
+            Principal::Worker(n) => write!(f, "worker:{n}"),
+            Principal::Shard => f.write_str("shard"),
+        }
+    }
+}
+
+impl FromStr for Principal {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Principal> {
+        let bad =
+            || Error::Credential(format!("unknown principal {s:?}: admin, reader, worker:<N> or shard"));
+        match s {
+            "admin" => Ok(Principal::Admin),
+            "reader" => Ok(Principal::Reader),
+            "shard" => Ok(Principal::Shard),
+            _ => {
+                let n = s.strip_prefix("worker:").ok_or_else(bad)?;
+                // Digits only: no sign, no spaces, no second spelling of one id.
+                if n.is_empty()
+                    || !n.bytes().all(|b| b.is_ascii_digit())
+                    || (n.len() > 1 && n.starts_with('0'))
+                {
+                    return Err(bad());
+                }
+                n.parse().map(Principal::Worker).map_err(|_| bad())
+            }
+        }
+    }
+}
+
+/// Worker ids at or above this label reads by processes that never join the
+/// clock set: `u64::MAX` is the evaluator (`ps_worker::session::EVALUATOR`),
+/// `u64::MAX - 1` ps-serve's online reader. A read under such an id is an
+/// outside read: it waits for no one and is kept for no one.
+pub const OUTSIDE_READERS: u64 = u64::MAX - 1;
+
+/// Whether `worker` is an outside reader's label (see [`OUTSIDE_READERS`]).
+pub fn is_outside_reader(worker: u64) -> bool {
+    worker >= OUTSIDE_READERS
+}
+
+/// What an RPC needs of its caller (the table is `ps_server::service::access`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Admin only: checkpoints (Hold, Cut, Release).
+    Admin,
+    /// Admin or reader: the monitoring view (Stats).
+    Monitor,
+    /// Any role: reads that change nothing (ListTables, ScanSparse, outside
+    /// reads that create no row).
+    Read,
+    /// Admin or any worker: table registration (workers register their
+    /// job's tables; an identical spec is a no-op and a different one for an
+    /// existing name is refused anyway), and a pull that may create rows
+    /// without naming a worker.
+    AnyWorker,
+    /// Admin, or the worker whose id the request names: everything that
+    /// changes a worker's state (join, push, seq, clock, lease, leave,
+    /// data ranges) or may create rows.
+    Member(u64),
+}
+
+/// Whether `who` may do what `need` says; PERMISSION_DENIED otherwise.
+pub fn authorize(who: Principal, need: Access) -> Result<()> {
+    let role = who.role();
+    let ok = match need {
+        _ if role == Some(Role::Admin) => true,
+        Access::Admin => false,
+        Access::Monitor => role == Some(Role::Reader),
+        Access::Read => role.is_some(),
+        Access::AnyWorker => role == Some(Role::Worker),
+        Access::Member(id) => who == Principal::Worker(id),
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(Error::PermissionDenied(match need {
+        Access::Member(id) if role == Some(Role::Worker) => format!("{who} may not act as worker {id}"),
+        Access::Member(id) => format!("{who} may not act as worker {id} (a worker's own credential may)"),
+        Access::Admin => format!("{who} may not do this: admin only"),
+        Access::Monitor => format!("{who} may not read stats: admin or reader only"),
+        Access::AnyWorker => format!("{who} may not do this: admin or worker only"),
+        Access::Read => format!("{who} has no role on this shard"),
+    }))
+}
+
+// ---------------------------------------------------------------- tokens
+
+/// The claims of a token: who (`sub`), issued at, expires at (seconds since
+/// the Unix epoch).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    iat: u64,
+    exp: u64,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Makes tokens: holds the Ed25519 private key (PKCS#8 PEM).
+pub struct TokenIssuer {
+    key: EncodingKey,
+}
+
+impl TokenIssuer {
+    pub fn from_pem(pem: &[u8]) -> Result<TokenIssuer> {
+        let key = EncodingKey::from_ed_pem(pem)
+            .map_err(|e| Error::Credential(format!("not an Ed25519 private key (PKCS#8 PEM): {e}")))?;
+        Ok(TokenIssuer { key })
+    }
+
+    pub fn from_file(path: &Path) -> Result<TokenIssuer> {
+        TokenIssuer::from_pem(&read_key(path)?)
+            .map_err(|e| Error::Credential(format!("{}: {e}", path.display())))
+    }
+
+    /// A token for `who`, valid for `ttl` from now.
+    pub fn issue(&self, who: Principal, ttl: Duration) -> Result<String> {
+        let now = SystemTime::now();
+        self.issue_expiring(who, now.checked_add(ttl).unwrap_or(now))
+    }
+
+    /// A token for `who` that expires at `exp` (in the past: an expired
+    /// token, for tests).
+    pub fn issue_expiring(&self, who: Principal, exp: SystemTime) -> Result<String> {
+        let claims =
+            Claims { sub: who.to_string(), iat: unix(SystemTime::now()).min(unix(exp)), exp: unix(exp) };
+        jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &self.key)
+            .map_err(|e| Error::Credential(format!("signing a token: {e}")))
+    }
+}
+
+/// Checks tokens: holds the Ed25519 public key (SubjectPublicKeyInfo PEM).
+pub struct TokenVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// Clock skew allowed between the issuer and a shard, in seconds.
+const LEEWAY_S: u64 = 5;
+
+impl TokenVerifier {
+    pub fn from_pem(pem: &[u8]) -> Result<TokenVerifier> {
+        let key = DecodingKey::from_ed_pem(pem)
+            .map_err(|e| Error::Credential(format!("not an Ed25519 public key (PEM): {e}")))?;
+        // EdDSA only: a token cannot pick a weaker algorithm.
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.leeway = LEEWAY_S;
+        validation.validate_exp = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Ok(TokenVerifier { key, validation })
+    }
+
+    pub fn from_file(path: &Path) -> Result<TokenVerifier> {
+        TokenVerifier::from_pem(&read_key(path)?)
+            .map_err(|e| Error::Credential(format!("{}: {e}", path.display())))
+    }
+
+    /// The principal a token names, if its signature is this key's and it
+    /// has not expired; UNAUTHENTICATED otherwise.
+    pub fn verify(&self, token: &str) -> Result<Principal> {
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|e| Error::Unauthenticated(format!("bad token: {e}")))?;
+        data.claims.sub.parse().map_err(|e: Error| Error::Unauthenticated(format!("bad token: {e}")))
+    }
+}
+
+/// A key file is a few hundred bytes; anything much larger is not one.
+fn read_key(path: &Path) -> Result<Vec<u8>> {
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::Credential(format!("reading {}: {e}", path.display())))?;
+    if bytes.len() > 16 << 10 {
+        return Err(Error::Credential(format!(
+            "{}: {} bytes is not a key file",
+            path.display(),
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A fresh Ed25519 key pair for tokens, as PEM text: the private key
+/// (PKCS#8, for issuers only) and the public key (for shards).
+pub struct KeyPair {
+    pub private_pem: String,
+    pub public_pem: String,
+}
+
+/// Makes a key pair from the operating system's random source.
+pub fn generate_key_pair() -> Result<KeyPair> {
+    use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey, spki::der::pem::LineEnding};
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret).map_err(|e| Error::Credential(format!("no randomness for a key: {e}")))?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&secret);
+    let private_pem = key
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| Error::Credential(format!("encoding the private key: {e}")))?
+        .to_string();
+    let public_pem = key
+        .verifying_key()
+        .to_public_key_pem(LineEnding::LF)
+        .map_err(|e| Error::Credential(format!("encoding the public key: {e}")))?;
+    Ok(KeyPair { private_pem, public_pem })
+}
+
+// ---------------------------------------------------------------- server side
+
+/// How a shard learns who calls: a bearer token (if it has a verifier),
+/// else the TLS client certificate of the connection.
+pub struct Authenticator {
+    tokens: Option<TokenVerifier>,
+}
+
+impl Authenticator {
+    /// With `tokens`, bearer tokens are accepted; without, only client
+    /// certificates (mutual TLS) identify callers.
+    pub fn new(tokens: Option<TokenVerifier>) -> Authenticator {
+        Authenticator { tokens }
+    }
+
+    /// The caller of `req`: UNAUTHENTICATED when it carries no credential or
+    /// a bad one. A token, when present, decides: a bad token is not
+    /// overlooked in favour of a certificate.
+    pub fn principal_of<T>(&self, req: &tonic::Request<T>) -> Result<Principal> {
+        if let Some(token) = bearer(req.metadata())? {
+            let tokens = self.tokens.as_ref().ok_or_else(|| {
+                Error::Unauthenticated("this shard accepts no bearer tokens (no token key)".into())
+            })?;
+            return tokens.verify(token);
+        }
+        match peer_certificate(req) {
+            Some(der) => principal_from_cert(&der),
+            None => Err(Error::Unauthenticated(
+                "no credential: send a bearer token or a client certificate".into(),
+            )),
+        }
+    }
+}
+
+/// The token of an `authorization: Bearer <token>` entry, if any.
+fn bearer(metadata: &MetadataMap) -> Result<Option<&str>> {
+    let Some(value) = metadata.get("authorization") else { return Ok(None) };
+    let text = value
+        .to_str()
+        .map_err(|_| Error::Unauthenticated("the authorization metadata is not ASCII".into()))?;
+    let token = text
+        .strip_prefix("Bearer ")
+        .ok_or_else(|| Error::Unauthenticated("the authorization metadata is not `Bearer <token>`".into()))?;
+    Ok(Some(token.trim()))
+}
+
+/// The end-entity certificate the TLS client presented (verified by the
+/// server's TLS settings against its client CA before the request exists).
+fn peer_certificate<T>(req: &tonic::Request<T>) -> Option<Vec<u8>> {
+    let certs = req.peer_certs()?;
+    certs.first().map(|c| c.as_ref().to_vec())
+}
+
+/// The principal a certificate (DER) names in its Subject Common Name.
+pub fn principal_from_cert(der: &[u8]) -> Result<Principal> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| Error::Unauthenticated(format!("unreadable client certificate: {e}")))?;
+    let mut names = cert.subject().iter_common_name();
+    let cn = names
+        .next()
+        .ok_or_else(|| Error::Unauthenticated("the client certificate has no Common Name".into()))?;
+    if names.next().is_some() {
+        return Err(Error::Unauthenticated("the client certificate has more than one Common Name".into()));
+    }
+    let cn = cn.as_str().map_err(|e| {
+        Error::Unauthenticated(format!("the client certificate's Common Name is not text: {e}"))
+    })?;
+    cn.parse().map_err(|e: Error| Error::Unauthenticated(format!("client certificate: {e}")))
+}
+
+// ---------------------------------------------------------------- client side
+
+/// What a client attaches to every call: a bearer token, or nothing (no
+/// auth, or a client certificate, which the TLS channel presents). Its
+/// `Debug` never shows the token.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credential {
+    header: Option<AsciiMetadataValue>,
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.header.is_some() { "Credential(bearer token)" } else { "Credential(none)" })
+    }
+}
+
+/// The environment variable that names a process's token file.
+pub const TOKEN_FILE_ENV: &str = "PS_TOKEN_FILE";
+
+impl Credential {
+    /// No credential.
+    pub fn none() -> Credential {
+        Credential::default()
+    }
+
+    /// A bearer token (as `ps-cluster token` prints it).
+    pub fn bearer(token: &str) -> Result<Credential> {
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(Error::Credential("empty token".into()));
+        }
+        let header = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Error::Credential("a token must be printable ASCII".into()))?;
+        Ok(Credential { header: Some(header) })
+    }
+
+    /// The token in the file at `path`.
+    pub fn from_token_file(path: &Path) -> Result<Credential> {
+        let text = read_key(path)?;
+        let text = std::str::from_utf8(&text)
+            .map_err(|_| Error::Credential(format!("{}: not text", path.display())))?;
+        Credential::bearer(text).map_err(|e| Error::Credential(format!("{}: {e}", path.display())))
+    }
+
+    /// The token file `path`, if given, else none.
+    pub fn from_optional_file(path: Option<&Path>) -> Result<Credential> {
+        path.map_or(Ok(Credential::none()), Credential::from_token_file)
+    }
+
+    pub fn is_none(&self) -> bool {
+        self.header.is_none()
+    }
+}
+
+impl tonic::service::Interceptor for Credential {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(h) = &self.header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> (TokenIssuer, TokenVerifier) {
+        let pair = generate_key_pair().unwrap();
+        (
+            TokenIssuer::from_pem(pair.private_pem.as_bytes()).unwrap(),
+            TokenVerifier::from_pem(pair.public_pem.as_bytes()).unwrap(),
+        )
+    }
+
+    fn request_with(cred: &Credential) -> tonic::Request<()> {
+        use tonic::service::Interceptor;
+        cred.clone().call(tonic::Request::new(())).unwrap()
+    }
+
+    #[test]
+    fn principals_round_trip_and_odd_spellings_are_refused() {
+        for p in [
+            Principal::Admin,
+            Principal::Reader,
+            Principal::Shard,
+            Principal::Worker(0),
+            Principal::Worker(u64::MAX),
+        ] {
+            assert_eq!(p.to_string().parse::<Principal>().unwrap(), p);
+        }
+        for bad in [
+            "",
+            "Admin",
+            "worker",
+            "worker:",
+            "worker:-1",
+            "worker:+1",
+            "worker:01",
+            "worker: 1",
+            "worker:18446744073709551616",
+            "root",
+        ] {
+            assert!(bad.parse::<Principal>().is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn roles_allow_what_the_table_says() {
+        use Access::*;
+        let w3 = Principal::Worker(3);
+        let cases = [
+            (Principal::Admin, [Admin, Monitor, Read, AnyWorker, Member(7)], [true, true, true, true, true]),
+            (
+                Principal::Reader,
+                [Admin, Monitor, Read, AnyWorker, Member(7)],
+                [false, true, true, false, false],
+            ),
+            (w3, [Admin, Monitor, Read, AnyWorker, Member(7)], [false, false, true, true, false]),
+            (Principal::Shard, [Admin, Monitor, Read, AnyWorker, Member(7)], [false; 5]),
+        ];
+        for (who, needs, allowed) in cases {
+            for (need, ok) in needs.into_iter().zip(allowed) {
+                assert_eq!(authorize(who, need).is_ok(), ok, "{who} {need:?}");
+            }
+        }
+        assert!(authorize(w3, Member(3)).is_ok());
+        assert!(
+            matches!(authorize(w3, Member(4)), Err(Error::PermissionDenied(m)) if m.contains("worker 4"))
+        );
+    }
+
+    #[test]
+    fn tokens_verify_only_with_their_key_and_before_they_expire() {
+        let (issuer, verifier) = keys();
+        let token = issuer.issue(Principal::Worker(3), Duration::from_secs(60)).unwrap();
+        assert_eq!(verifier.verify(&token).unwrap(), Principal::Worker(3));
+
+        let expired =
+            issuer.issue_expiring(Principal::Admin, SystemTime::now() - Duration::from_secs(60)).unwrap();
+        assert!(matches!(verifier.verify(&expired), Err(Error::Unauthenticated(m)) if m.contains("xpired")));
+
+        let (_, other) = keys();
+        assert!(matches!(other.verify(&token), Err(Error::Unauthenticated(_))));
+
+        // A token whose payload was changed (worker 3 -> admin) fails its signature.
+        let parts: Vec<&str> = token.split('.').collect();
+        let forged_claims = Claims { sub: "admin".into(), iat: 0, exp: u64::MAX / 2 };
+        let payload = {
+            use base64::Engine;
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(serde_json::to_vec(&forged_claims).unwrap())
+        };
+        let forged = format!("{}.{payload}.{}", parts[0], parts[2]);
+        assert!(verifier.verify(&forged).is_err());
+        for junk in ["", "a.b.c", "not a token"] {
+            assert!(matches!(verifier.verify(junk), Err(Error::Unauthenticated(_))), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn a_token_naming_an_unknown_principal_is_refused() {
+        let (issuer, verifier) = keys();
+        let claims = Claims { sub: "root".into(), iat: 0, exp: unix(SystemTime::now()) + 60 };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &issuer.key).unwrap();
+        assert!(matches!(verifier.verify(&token), Err(Error::Unauthenticated(m)) if m.contains("root")));
+    }
+
+    #[test]
+    fn the_authenticator_reads_the_bearer_token_and_refuses_its_absence() {
+        let (issuer, verifier) = keys();
+        let auth = Authenticator::new(Some(verifier));
+        let cred =
+            Credential::bearer(&issuer.issue(Principal::Reader, Duration::from_secs(60)).unwrap()).unwrap();
+        assert_eq!(auth.principal_of(&request_with(&cred)).unwrap(), Principal::Reader);
+        assert!(matches!(
+            auth.principal_of(&request_with(&Credential::none())),
+            Err(Error::Unauthenticated(_))
+        ));
+        let mut req = tonic::Request::new(());
+        req.metadata_mut().insert("authorization", "Basic abc".parse().unwrap());
+        assert!(matches!(auth.principal_of(&req), Err(Error::Unauthenticated(_))));
+        // A shard without a token key refuses tokens rather than ignoring them.
+        assert!(matches!(
+            Authenticator::new(None).principal_of(&request_with(&cred)),
+            Err(Error::Unauthenticated(_))
+        ));
+        assert_eq!(format!("{cred:?}"), "Credential(bearer token)");
+    }
+
+    #[test]
+    fn a_certificate_names_its_principal_in_the_common_name() {
+        let cert = |cn: Option<&str>| {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            if let Some(cn) = cn {
+                params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            }
+            params.distinguished_name.push(rcgen::DnType::OrganizationName, "ps");
+            params.self_signed(&key).unwrap().der().to_vec()
+        };
+        assert_eq!(principal_from_cert(&cert(Some("worker:3"))).unwrap(), Principal::Worker(3));
+        assert_eq!(principal_from_cert(&cert(Some("admin"))).unwrap(), Principal::Admin);
+        assert_eq!(principal_from_cert(&cert(Some("shard"))).unwrap(), Principal::Shard);
+        assert!(matches!(principal_from_cert(&cert(Some("worker:x"))), Err(Error::Unauthenticated(_))));
+        assert!(matches!(principal_from_cert(&cert(None)), Err(Error::Unauthenticated(_))));
+        assert!(matches!(principal_from_cert(b"not a certificate"), Err(Error::Unauthenticated(_))));
+    }
+
+    #[test]
+    fn key_files_and_token_files_are_read_with_clear_errors() {
+        let dir = std::env::temp_dir().join(format!("ps-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pair = generate_key_pair().unwrap();
+        let (private, public) = (dir.join("k"), dir.join("k.pub"));
+        std::fs::write(&private, &pair.private_pem).unwrap();
+        std::fs::write(&public, &pair.public_pem).unwrap();
+        let issuer = TokenIssuer::from_file(&private).unwrap();
+        let verifier = TokenVerifier::from_file(&public).unwrap();
+        // The halves are not interchangeable.
+        assert!(TokenIssuer::from_file(&public).is_err());
+        assert!(TokenVerifier::from_file(&private).is_err());
+        assert!(TokenVerifier::from_file(&dir.join("missing")).is_err());
+        let token_file = dir.join("t");
+        std::fs::write(
+            &token_file,
+            issuer.issue(Principal::Worker(1), Duration::from_secs(60)).unwrap() + "\n",
+        )
+        .unwrap();
+        let cred = Credential::from_token_file(&token_file).unwrap();
+        let auth = Authenticator::new(Some(verifier));
+        assert_eq!(auth.principal_of(&request_with(&cred)).unwrap(), Principal::Worker(1));
+        std::fs::write(&token_file, "").unwrap();
+        assert!(Credential::from_token_file(&token_file).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,409 @@
+//! Resource budgets: what one shard lets its clients make it hold.
+//!
+//! - [`Limits`] is the `[limits]` section of the shard config: the memory
+//!   budget, the most tables, name bytes, workers, streams and requests a
+//!   second, the gradient bound and the clock and seq ranges. Its defaults
+//!   are safe (no single request can take the shard down) and above what
+//!   the tests and the reference run use.
+//! - [`Budget`] is the accountant of the memory budget: bytes of dense
+//!   chunks, sparse rows (values, optimizer state and [`BLOCK_OVERHEAD`]),
+//!   tables ([`TABLE_OVERHEAD`]) and the reads kept for delay compensation.
+//!   Every creation point reserves what it is about to allocate
+//!   ([`Budget::try_reserve`]) *before* allocating; a reservation beyond the
+//!   budget is refused with [`Error::OverBudget`] (`RESOURCE_EXHAUSTED`),
+//!   and nothing is created.
+//! - [`RateLimiter`] is a token bucket per connection (its peer address).
+//!
+//! ARCHITECTURE.md ("Invariants", "Resource budgets") states the rules and
+//! docs/SECURITY.md ("Resource budgets") the keys and defaults.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use ps_common::spec::TableSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Bytes a block costs beside its floats: its map slot (key, boxed slice,
+/// step: 32 B, at hashbrown's load factor) and its allocation's rounding, as
+/// measured (ARCHITECTURE.md, "Memory per sparse key": 141 B a width-8
+/// Adagrad row, 64 of them floats).
+pub const BLOCK_OVERHEAD: u64 = 77;
+
+/// Bytes a table costs before any block: its `Table` and spec, the empty
+/// concurrent maps (one small hash map per DashMap shard), its name twice
+/// (the table map's key and the spec).
+pub const TABLE_OVERHEAD: u64 = 4096;
+
+/// Bytes one block of `len` parameters of a table of `spec` costs: values,
+/// optimizer state (including delay compensation's), and [`BLOCK_OVERHEAD`].
+/// The one formula the budget charges blocks with.
+pub fn block_bytes(spec: &TableSpec, len: usize) -> u64 {
+    let floats = (len as u64).saturating_mul(1 + spec.optimizer.state_per_param() as u64);
+    floats.saturating_mul(4).saturating_add(BLOCK_OVERHEAD)
+}
+
+/// Bytes a table's entry costs before its blocks.
+pub fn table_bytes(spec: &TableSpec) -> u64 {
+    TABLE_OVERHEAD + 2 * spec.name.len() as u64
+}
+
+/// Bytes the two reads of a dense chunk of `len` values kept for one worker
+/// (delay compensation) cost.
+pub fn reads_bytes(len: usize) -> u64 {
+    (len as u64).saturating_mul(8).saturating_add(2 * BLOCK_OVERHEAD)
+}
+
+/// What a shard does with a gradient over [`Limits::max_gradient`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnHuge {
+    /// The whole push is refused (`INVALID_ARGUMENT`), nothing applied.
+    #[default]
+    Refuse,
+    /// Each value is clipped to `[-max_gradient, max_gradient]` and counted.
+    Clip,
+}
+
+/// The `[limits]` section of a shard's config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Memory budget of the store, in MiB: dense chunks, sparse rows with
+    /// their optimizer state and per-block overhead, tables, kept reads.
+    pub memory_mib: u64,
+    /// Most tables on the shard.
+    pub max_tables: usize,
+    /// Longest table name, in bytes (at most 256, the spec's own limit).
+    pub max_name_bytes: usize,
+    /// Most chunks of one dense table (registration walks them).
+    pub max_chunks_per_table: u64,
+    /// Most distinct worker ids the shard keeps state for (clock set
+    /// members and workers that left, seq records, the data queue).
+    pub max_workers: usize,
+    /// Most concurrent HTTP/2 streams (requests in flight) per connection.
+    pub max_concurrent_streams: u32,
+    /// Requests a second per connection (a token bucket; 0: no limit).
+    pub requests_per_sec: u32,
+    /// Bucket size: requests a connection may send at once after a pause.
+    pub burst: u32,
+    /// Largest gradient magnitude accepted.
+    pub max_gradient: f32,
+    /// A gradient over `max_gradient`: refuse the push, or clip it.
+    pub on_huge_gradient: OnHuge,
+    /// Clocks (join, push, read) must be below this.
+    pub max_clock: u64,
+    /// A clock may lead the highest clock the shard knows by at most this.
+    pub max_clock_lead: u64,
+    /// A push's seq may lead the worker's last applied seq by at most this.
+    pub max_seq_jump: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_mib: 4096,
+            max_tables: 1024,
+            max_name_bytes: 256,
+            max_chunks_per_table: 1 << 22,
+            max_workers: 1024,
+            max_concurrent_streams: 256,
+            requests_per_sec: 20_000,
+            burst: 20_000,
+            max_gradient: 1e15,
+            on_huge_gradient: OnHuge::Refuse,
+            max_clock: 1 << 40,
+            max_clock_lead: 1 << 24,
+            max_seq_jump: 1 << 24,
+        }
+    }
+}
+
+impl Limits {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(format!("[limits] {m}")));
+        if self.memory_mib == 0 || self.memory_mib > 1 << 30 {
+            return bad("memory_mib must be 1..=2^30");
+        }
+        if self.max_tables == 0 || self.max_workers == 0 || self.max_concurrent_streams == 0 {
+            return bad("max_tables, max_workers and max_concurrent_streams must be positive");
+        }
+        if self.max_name_bytes == 0 || self.max_name_bytes > 256 {
+            return bad("max_name_bytes must be 1..=256");
+        }
+        if self.max_chunks_per_table == 0 {
+            return bad("max_chunks_per_table must be positive");
+        }
+        if self.requests_per_sec > 0 && self.burst == 0 {
+            return bad("burst must be positive when requests_per_sec is");
+        }
+        if !(self.max_gradient.is_finite() && self.max_gradient > 0.0) {
+            return bad("max_gradient must be finite and positive");
+        }
+        if self.max_clock == 0
+            || self.max_clock > 1 << 62
+            || self.max_clock_lead == 0
+            || self.max_seq_jump == 0
+        {
+            return bad("max_clock must be 1..=2^62, max_clock_lead and max_seq_jump positive");
+        }
+        Ok(())
+    }
+
+    /// The memory budget in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+
+    /// Checks a new table's name length and the table count (`tables`:
+    /// how many the shard holds now).
+    pub fn check_table(&self, spec: &TableSpec, tables: usize) -> Result<()> {
+        if spec.name.len() > self.max_name_bytes {
+            return Err(Error::LimitExceeded {
+                what: "table name bytes",
+                got: spec.name.len() as u64,
+                limit: self.max_name_bytes as u64,
+            });
+        }
+        if tables >= self.max_tables {
+            return Err(Error::LimitExceeded {
+                what: "tables",
+                got: tables as u64 + 1,
+                limit: self.max_tables as u64,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks `clock` (named `what`) against the absolute bound and the
+    /// lead over `high`, the highest clock the shard knows.
+    pub fn check_clock(&self, what: &'static str, clock: u64, high: u64) -> Result<()> {
+        let lead_limit = high.saturating_add(self.max_clock_lead);
+        if clock >= self.max_clock || clock > lead_limit {
+            return Err(Error::OutOfRange {
+                what,
+                value: clock,
+                rule: format!(
+                    "must be < {} and <= {lead_limit} (highest clock {high} + {})",
+                    self.max_clock, self.max_clock_lead
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks a push's `seq` against the worker's last applied seq `last`.
+    pub fn check_seq(&self, seq: u64, last: u64) -> Result<()> {
+        let limit = last.saturating_add(self.max_seq_jump);
+        if seq > limit {
+            return Err(Error::OutOfRange {
+                what: "seq",
+                value: seq,
+                rule: format!("must be <= {limit} (last applied {last} + {})", self.max_seq_jump),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The accountant of a shard's memory budget. Lock-free: a reservation is
+/// one compare-and-swap loop.
+#[derive(Debug)]
+pub struct Budget {
+    limit: u64,
+    used: AtomicU64,
+    /// Reservations refused.
+    pub refused: AtomicU64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget::new(Limits::default().memory_bytes())
+    }
+}
+
+impl Budget {
+    pub fn new(limit: u64) -> Budget {
+        Budget { limit, used: AtomicU64::new(0), refused: AtomicU64::new(0) }
+    }
+
+    /// Takes `bytes` from the budget, or refuses (nothing taken).
+    pub fn try_reserve(&self, bytes: u64) -> Result<()> {
+        let mut used = self.used.load(Ordering::Relaxed);
+        loop {
+            let next = match used.checked_add(bytes) {
+                Some(n) if n <= self.limit => n,
+                _ => {
+                    self.refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(Error::OverBudget { bytes, used, limit: self.limit });
+                }
+            };
+            match self.used.compare_exchange_weak(used, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Ok(()),
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    /// Takes `bytes` and returns them when the [`Reservation`] drops, less
+    /// what was [`Reservation::keep`]: for a request that may create up to
+    /// so many blocks, of which a concurrent request may create some first.
+    pub fn reserve(&self, bytes: u64) -> Result<Reservation<'_>> {
+        self.try_reserve(bytes)?;
+        Ok(Reservation { budget: self, bytes })
+    }
+
+    /// Gives `bytes` back.
+    pub fn release(&self, bytes: u64) {
+        // Saturating: a release never wraps the count.
+        let _ =
+            self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(bytes)));
+    }
+
+    /// Adds what is already allocated (a restored checkpoint): refused if
+    /// it is over the budget.
+    pub fn charge(&self, bytes: u64) -> Result<()> {
+        self.try_reserve(bytes)
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+}
+
+/// Bytes taken from a [`Budget`]; what is not kept goes back on drop.
+pub struct Reservation<'a> {
+    budget: &'a Budget,
+    bytes: u64,
+}
+
+impl Reservation<'_> {
+    /// Marks `bytes` of the reservation as allocated for good.
+    pub fn keep(&mut self, bytes: u64) {
+        self.bytes = self.bytes.saturating_sub(bytes);
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
+}
+
+/// Most connections whose buckets are kept; idle buckets are dropped first.
+const MAX_BUCKETS: usize = 4096;
+
+/// A token bucket per connection: `rate` requests a second, up to `burst`
+/// at once.
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<SocketAddr, (f64, Instant)>>,
+    /// Requests refused.
+    pub limited: AtomicU64,
+}
+
+impl RateLimiter {
+    pub fn new(limits: &Limits) -> RateLimiter {
+        RateLimiter {
+            rate: f64::from(limits.requests_per_sec),
+            burst: f64::from(limits.burst),
+            buckets: Mutex::default(),
+            limited: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes one token of `peer`'s bucket (a request without a peer
+    /// address, in-process, is not limited).
+    pub fn admit(&self, peer: Option<SocketAddr>) -> Result<()> {
+        let Some(peer) = peer.filter(|_| self.rate > 0.0) else { return Ok(()) };
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&peer) {
+            // A full bucket is an idle connection's: forget those.
+            let (rate, burst) = (self.rate, self.burst);
+            buckets.retain(|_, (tokens, at)| *tokens + rate * now.duration_since(*at).as_secs_f64() < burst);
+            if buckets.len() >= MAX_BUCKETS {
+                self.limited.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::RateLimited { peer: peer.to_string(), rate: self.rate as u32 });
+            }
+        }
+        let (tokens, at) = buckets.entry(peer).or_insert((self.burst, now));
+        *tokens = (*tokens + self.rate * now.duration_since(*at).as_secs_f64()).min(self.burst);
+        *at = now;
+        if *tokens < 1.0 {
+            self.limited.fetch_add(1, Ordering::Relaxed);
+            return Err(Error::RateLimited { peer: peer.to_string(), rate: self.rate as u32 });
+        }
+        *tokens -= 1.0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_budget_refuses_what_does_not_fit_and_gets_back_what_is_not_kept() {
+        let b = Budget::new(100);
+        b.try_reserve(60).unwrap();
+        assert!(matches!(b.try_reserve(41), Err(Error::OverBudget { bytes: 41, used: 60, limit: 100 })));
+        assert!(b.try_reserve(u64::MAX).is_err(), "no overflow");
+        {
+            let mut r = b.reserve(40).unwrap();
+            r.keep(15);
+        }
+        assert_eq!(b.used(), 75);
+        b.release(1000);
+        assert_eq!(b.used(), 0);
+        assert_eq!(b.refused.load(Ordering::Relaxed), 2);
+        let status = tonic::Status::from(b.try_reserve(101).unwrap_err());
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn clocks_and_seqs_out_of_range_are_refused() {
+        let l = Limits { max_clock: 1000, max_clock_lead: 10, max_seq_jump: 5, ..Limits::default() };
+        l.check_clock("clock", 15, 5).unwrap();
+        assert!(l.check_clock("clock", 16, 5).is_err());
+        assert!(l.check_clock("clock", 1000, 995).is_err());
+        assert!(l.check_clock("clock", u64::MAX, u64::MAX).is_err());
+        l.check_seq(10, 5).unwrap();
+        assert!(l.check_seq(11, 5).is_err());
+        assert!(l.check_seq(u64::MAX, 0).is_err());
+        l.check_seq(3, u64::MAX).unwrap();
+    }
+
+    #[test]
+    fn a_bucket_lets_a_burst_through_then_refuses() {
+        let l = Limits { requests_per_sec: 1, burst: 3, ..Limits::default() };
+        let r = RateLimiter::new(&l);
+        let (a, b): (SocketAddr, SocketAddr) =
+            ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        for _ in 0..3 {
+            r.admit(Some(a)).unwrap();
+        }
+        assert!(matches!(r.admit(Some(a)), Err(Error::RateLimited { .. })));
+        r.admit(Some(b)).unwrap();
+        r.admit(None).unwrap();
+    }
+
+    #[test]
+    fn the_defaults_are_valid_and_a_bad_section_is_refused() {
+        Limits::default().validate().unwrap();
+        assert!(Limits { max_gradient: f32::INFINITY, ..Limits::default() }.validate().is_err());
+        assert!(Limits { max_name_bytes: 300, ..Limits::default() }.validate().is_err());
+        let l: Limits = toml::from_str("memory_mib = 64\non_huge_gradient = \"clip\"").unwrap();
+        assert_eq!((l.memory_mib, l.on_huge_gradient), (64, OnHuge::Clip));
+        assert!(toml::from_str::<Limits>("memory = 1").is_err());
+    }
+}
