@@ -81,6 +81,8 @@ fn start_shard(dir: &TempDir, as_bytes: u64) -> ShardProcess {
         .arg(env!("CARGO_BIN_EXE_ps-cluster"))
         .args(["server", "--shard", "0", "--num-shards", "1", "--listen", "127.0.0.1:0", "--config"])
         .arg(&config)
+        // Loopback, knowingly (the TLS refusals are tests/it/tls.rs).
+        .arg("--plaintext")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
