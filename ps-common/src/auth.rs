@@ -322,7 +322,12 @@ fn bearer(metadata: &MetadataMap) -> Result<Option<&str>> {
 
 /// The end-entity certificate the TLS client presented (verified by the
 /// server's TLS settings against its client CA before the request exists).
+/// On the data plane the shard's own connection task puts it in the
+/// request's extensions ([`crate::dataplane::Peer`]); a client cannot.
 fn peer_certificate<T>(req: &tonic::Request<T>) -> Option<Vec<u8>> {
+    if let Some(peer) = req.extensions().get::<crate::dataplane::Peer>() {
+        return peer.certificate.as_ref().map(|c| c.to_vec());
+    }
     let certs = req.peer_certs()?;
     certs.first().map(|c| c.as_ref().to_vec())
 }
@@ -397,13 +402,24 @@ impl Credential {
     pub fn is_none(&self) -> bool {
         self.header.is_none()
     }
+
+    /// The bearer token's text, if any (a data-plane hello carries it).
+    pub fn token(&self) -> Option<&str> {
+        let header = self.header.as_ref()?.to_str().ok()?;
+        header.strip_prefix("Bearer ")
+    }
+
+    /// Puts this credential in `metadata`, as every gRPC call carries it.
+    pub fn attach(&self, metadata: &mut tonic::metadata::MetadataMap) {
+        if let Some(h) = &self.header {
+            metadata.insert("authorization", h.clone());
+        }
+    }
 }
 
 impl tonic::service::Interceptor for Credential {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(h) = &self.header {
-            req.metadata_mut().insert("authorization", h.clone());
-        }
+        self.attach(req.metadata_mut());
         Ok(req)
     }
 }

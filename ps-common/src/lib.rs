@@ -16,6 +16,9 @@
 //! - [`transport`] builds every server and client channel (HTTP/2 windows and
 //!   frames, keep-alive, `TCP_NODELAY`, message limits) from one
 //!   [`transport::TransportConfig`].
+//! - [`dataplane`] carries the four hot RPCs (dense and sparse pull and push)
+//!   as length-prefixed protobuf frames on plain TCP or TLS, beside gRPC:
+//!   the frame format, and the client's pooled link to one shard.
 //!
 //! - [`auth`] is who calls and what they may do: principals (`admin`,
 //!   `reader`, `worker:<N>`), roles, Ed25519 bearer tokens, the principal of
@@ -28,11 +31,12 @@
 //!   and the `/metrics` endpoint (Prometheus, `prometheus-client`).
 //!
 //! `partition`, `optim`, `codec`, `compress` and `spec` do no I/O and use neither tonic nor
-//! tokio; `wire`, `transport`, `auth` and `metrics` are the only modules that touch them.
+//! tokio; `wire`, `transport`, `dataplane`, `auth` and `metrics` are the only modules that touch them.
 
 pub mod auth;
 pub mod codec;
 pub mod compress;
+pub mod dataplane;
 pub mod error;
 pub mod metrics;
 pub mod optim;

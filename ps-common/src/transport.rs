@@ -71,6 +71,10 @@ pub struct TransportConfig {
     /// Run without TLS, knowingly (`--plaintext`). Exclusive with `tls`.
     #[serde(skip_serializing_if = "is_false")]
     pub plaintext: bool,
+    /// Move pulls and pushes on the data plane (`ps_common::dataplane`): a
+    /// shard serves it beside gRPC, a client uses it where the shard offers
+    /// one. Off: everything goes over gRPC.
+    pub data_plane: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -276,6 +280,37 @@ pub fn rustls_server_config(tls: &TlsConfig) -> Result<std::sync::Arc<tokio_rust
     Ok(std::sync::Arc::new(config))
 }
 
+/// A rustls client configuration from `tls`, for connections tonic does not
+/// make (the data plane, `ps_common::dataplane`): the server must present a
+/// certificate signed by `tls.ca`; this side presents `cert` if given.
+pub fn rustls_client_config(tls: &TlsConfig) -> Result<tokio_rustls::rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    tls.validate()?;
+    let bad = |path: &Path, reason: String| Error::TlsFile { path: path.display().to_string(), reason };
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(&read_pem(&tls.ca)?) {
+        let ca = ca.map_err(|e| bad(&tls.ca, e.to_string()))?;
+        roots.add(ca).map_err(|e| bad(&tls.ca, e.to_string()))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::InvalidTls(e.to_string()))?
+        .with_root_certificates(roots);
+    match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            let certs = CertificateDer::pem_slice_iter(&read_pem(cert)?)
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| bad(cert, e.to_string()))?;
+            let key_der =
+                PrivateKeyDer::from_pem_slice(&read_pem(key)?).map_err(|e| bad(key, e.to_string()))?;
+            builder.with_client_auth_cert(certs, key_der).map_err(|e| bad(cert, e.to_string()))
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
 /// The crypto provider of every TLS channel: rustls's ring provider with
 /// the AES-128-GCM suites first. rustls prefers AES-256-GCM; both are
 /// standard TLS 1.3 suites, and AES-128 (10 rounds against 14) costs less
@@ -341,6 +376,7 @@ impl Default for TransportConfig {
             max_message_mib: 256,
             tls: None,
             plaintext: false,
+            data_plane: true,
         }
     }
 }
@@ -543,6 +579,17 @@ pub fn endpoint(config: &TransportConfig, addr: &str) -> Result<Endpoint> {
         endpoint = endpoint.tls_config(tls.client()?).map_err(|e| Error::InvalidTls(error_chain(&e)))?;
     }
     Ok(endpoint)
+}
+
+/// The host of a shard address (`host:port`, `[v6]:port`, or a URI with a
+/// scheme), as written: for reaching the same host on another port.
+pub fn host_of(addr: &str) -> &str {
+    let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
+    let rest = rest.split('/').next().unwrap_or(rest);
+    match rest.rsplit_once(':') {
+        Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => rest,
+    }
 }
 
 /// A shard client: the generated client over a channel that attaches the

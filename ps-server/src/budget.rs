@@ -87,6 +87,9 @@ pub struct Limits {
     pub max_workers: usize,
     /// Most concurrent HTTP/2 streams (requests in flight) per connection.
     pub max_concurrent_streams: u32,
+    /// Most open data-plane connections (each serves one request at a
+    /// time); a connection beyond it is closed at once.
+    pub max_data_connections: usize,
     /// Requests a second per connection (a token bucket; 0: no limit).
     pub requests_per_sec: u32,
     /// Bucket size: requests a connection may send at once after a pause.
@@ -112,6 +115,7 @@ impl Default for Limits {
             max_chunks_per_table: 1 << 22,
             max_workers: 1024,
             max_concurrent_streams: 256,
+            max_data_connections: 256,
             requests_per_sec: 20_000,
             burst: 20_000,
             max_gradient: 1e15,
@@ -129,8 +133,14 @@ impl Limits {
         if self.memory_mib == 0 || self.memory_mib > 1 << 30 {
             return bad("memory_mib must be 1..=2^30");
         }
-        if self.max_tables == 0 || self.max_workers == 0 || self.max_concurrent_streams == 0 {
-            return bad("max_tables, max_workers and max_concurrent_streams must be positive");
+        if self.max_tables == 0
+            || self.max_workers == 0
+            || self.max_concurrent_streams == 0
+            || self.max_data_connections == 0
+        {
+            return bad(
+                "max_tables, max_workers, max_concurrent_streams and max_data_connections must be positive",
+            );
         }
         if self.max_name_bytes == 0 || self.max_name_bytes > 256 {
             return bad("max_name_bytes must be 1..=256");

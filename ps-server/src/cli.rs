@@ -22,6 +22,13 @@ pub struct Args {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Port of the data plane (pulls and pushes as frames on TCP) on the
+    /// listen address; 0 picks a free one, which clients ask for over gRPC.
+    #[arg(long, env = "PS_DATA_PORT")]
+    pub data_port: Option<u16>,
+    /// Serve pulls and pushes over gRPC only (`transport.data_plane = false`).
+    #[arg(long)]
+    pub no_data_plane: bool,
     /// Largest message accepted or sent, in MiB (`transport.max_message_mib`).
     #[arg(long)]
     pub max_message_mib: Option<u32>,
@@ -79,6 +86,12 @@ pub fn config(args: &Args) -> Result<ServerConfig> {
     }
     if let Some(v) = args.listen {
         config.listen = v;
+    }
+    if let Some(v) = args.data_port {
+        config.data_port = v;
+    }
+    if args.no_data_plane {
+        config.transport.data_plane = false;
     }
     if let Some(v) = args.max_message_mib {
         config.transport.max_message_mib = v;

@@ -24,6 +24,7 @@ pub mod budget;
 pub mod checkpoint;
 pub mod cli;
 pub mod clock;
+pub mod dataplane;
 pub mod error;
 mod gate;
 pub mod local;
@@ -54,6 +55,9 @@ pub struct ServerConfig {
     pub num_shards: u32,
     /// Address to listen on; port 0 picks a free port (printed at start).
     pub listen: SocketAddr,
+    /// Port of the data plane on `listen`'s address (0: a free one, which
+    /// clients learn over gRPC). Served when `transport.data_plane` is on.
+    pub data_port: u16,
     /// Longest a BSP/SSP read may wait before failing with DEADLINE_EXCEEDED.
     pub max_wait_ms: u64,
     /// How often expired worker leases are checked.
@@ -112,6 +116,7 @@ impl Default for ServerConfig {
             shard: 0,
             num_shards: 1,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_port: 0,
             max_wait_ms: 120_000,
             reap_interval_ms: 250,
             transport: TransportConfig::default(),
@@ -175,6 +180,7 @@ pub async fn serve(
         metrics: metrics::ShardMetrics::default(),
         rate: budget::RateLimiter::new(limits),
         limits: limits.clone(),
+        data_port: Default::default(),
     });
     let (registry, rpc) = metrics::registry(&shard);
     // The metrics endpoint, if asked for; aborted with the shard.
@@ -204,6 +210,23 @@ pub async fn serve(
         })
     });
     let t = &config.transport;
+    // The data plane, beside the gRPC listener; aborted with the shard.
+    let _data_plane = if t.data_plane {
+        let grpc = listener.local_addr().map_err(|e| Error::Io { what: "local_addr".into(), source: e })?;
+        let data = dataplane::bind(grpc, config.data_port).await?;
+        let port = data.local_addr().map_err(|e| Error::Io { what: "local_addr".into(), source: e })?.port();
+        shard.data_port.store(port, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(shard = config.shard, port, "data plane listening");
+        let service = Service(Arc::clone(&shard));
+        Some(AbortOnDrop(tokio::spawn(dataplane::serve(
+            data,
+            service,
+            t.clone(),
+            limits.max_data_connections,
+        ))))
+    } else {
+        None
+    };
     let result = transport::server(t, &rpc)?
         .max_concurrent_streams(limits.max_concurrent_streams)
         .add_service(transport::service(t, Service(shard)))

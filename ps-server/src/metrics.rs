@@ -274,6 +274,7 @@ mod tests {
             rate: crate::budget::RateLimiter::new(&Default::default()),
             limits: Default::default(),
             auth: None,
+            data_port: Default::default(),
         });
         let (registry, rpc) = registry(&shard);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -13,6 +13,7 @@ use std::time::Duration;
 use ps_common::auth::{self, Access, Authenticator};
 use ps_common::codec;
 use ps_common::compress::{self, CodecKind};
+use ps_common::dataplane;
 use ps_common::spec::{Backup, Consistency, TableSpec};
 use ps_common::wire::pb::{self, parameter_server_server::ParameterServer};
 use tonic::{Request, Response, Status};
@@ -46,6 +47,8 @@ pub struct Shard {
     pub limits: Limits,
     /// Who calls (`None`: auth off, every request is admitted).
     pub auth: Option<Authenticator>,
+    /// The port of this shard's data plane (0: none), set once it is bound.
+    pub data_port: std::sync::atomic::AtomicU16,
 }
 
 /// Who may call what: the one table of RPC -> access, read by
@@ -95,6 +98,7 @@ guarded! {
     pb::ReleaseRequest => |_r| Access::Admin;
     pb::ListTablesRequest => |_r| Access::Read;
     pb::ScanSparseRequest => |_r| Access::Read;
+    pb::DataPlaneRequest => |_r| Access::Read;
 }
 
 /// The tonic service; cheap to clone.
@@ -121,7 +125,8 @@ impl Shard {
 
     /// Takes a token of the request's connection (`limits.requests_per_sec`).
     fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        self.rate.admit(req.remote_addr()).map_err(|e| self.refuse(e))
+        let peer = req.remote_addr().or_else(|| req.extensions().get::<dataplane::Peer>().map(|p| p.addr));
+        self.rate.admit(peer).map_err(|e| self.refuse(e))
     }
 
     /// Refuses a clock out of range: at or over `limits.max_clock`, or more
@@ -651,5 +656,15 @@ impl ParameterServer for Service {
             completed: answer.completed,
             total: answer.total,
         }))
+    }
+
+    async fn data_plane(
+        &self,
+        req: Request<pb::DataPlaneRequest>,
+    ) -> Result<Response<pb::DataPlaneResponse>, Status> {
+        self.0.admit(&req)?;
+        self.0.check(&req)?;
+        let port = self.0.data_port.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(Response::new(pb::DataPlaneResponse { port: u32::from(port) }))
     }
 }

@@ -23,6 +23,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use ps_common::codec;
 use ps_common::compress::{self, Codec, CodecKind, Codecs};
+use ps_common::dataplane::{DataLink, Kind};
 use ps_common::partition::{self, ShardId, fnv1a64, splitmix64};
 use ps_common::spec::{Backup, Consistency, Layout, TableSpec};
 use ps_common::transport::{self, TransportConfig, duration_ms};
@@ -148,6 +149,9 @@ impl DenseSet {
 /// One worker's connections to every shard.
 pub struct ShardedClient {
     shards: Vec<transport::ShardClient>,
+    /// Each shard's data plane, where it offers one: pulls and pushes go
+    /// there, everything else over gRPC.
+    data: Vec<Option<DataLink>>,
     addrs: Vec<String>,
     worker: u64,
     /// Next seq per shard.
@@ -229,6 +233,7 @@ impl ShardedClient {
             return Err(Error::Config("no server addresses".into()));
         }
         let mut shards = Vec::with_capacity(addrs.len());
+        let mut data = Vec::with_capacity(addrs.len());
         for addr in addrs {
             let endpoint = transport::endpoint(&opts.transport, addr)?;
             let deadline = tokio::time::Instant::now() + opts.connect_within;
@@ -247,11 +252,14 @@ impl ShardedClient {
                     }
                 }
             };
-            shards.push(transport::client(&opts.transport, channel, opts.credential.clone()));
+            let client = transport::client(&opts.transport, channel, opts.credential.clone());
+            data.push(data_link(&client, shards.len(), addr, &opts).await?);
+            shards.push(client);
         }
         let n = shards.len();
         Ok(ShardedClient {
             shards,
+            data,
             addrs: addrs.to_vec(),
             worker,
             next_seq: vec![1; n],
@@ -571,12 +579,14 @@ impl ShardedClient {
         let compressed = set.tensors.iter().any(|(t, _)| self.codecs_of(t).pull.is_lossy());
         let meta = pb::ReadMeta { worker: self.worker, clock, compressed };
         let calls = set.by_shard.iter().enumerate().filter(|(_, c)| !c.is_empty()).map(|(i, chunks)| {
-            let mut c = self.shards[i].clone();
+            let (mut c, data) = (self.shards[i].clone(), self.data[i].clone());
             let ids =
                 chunks.iter().map(|(t, idx, _)| pb::ChunkId { tensor: t.clone(), index: *idx }).collect();
-            let req =
-                self.request(pb::PullDenseRequest { chunks: ids, meta: Some(meta) }, self.opts.read_timeout);
-            async move { (i, c.pull_dense(req).await) }
+            let msg = pb::PullDenseRequest { chunks: ids, meta: Some(meta) };
+            let call = hot_call(data, Kind::PullDense, msg, self.opts.read_timeout, move |req| async move {
+                c.pull_dense(req).await
+            });
+            async move { (i, call.await) }
         });
         for (i, r) in join_all(calls).await {
             let resp = r.map_err(|s| self.status(i, s))?.into_inner();
@@ -678,27 +688,26 @@ impl ShardedClient {
     }
 
     async fn send_dense_pushes(&self, requests: Vec<(usize, pb::PushDenseRequest)>) -> Result<()> {
-        self.send_pushes(requests, |mut c, req| async move { c.push_dense(req).await }).await
+        self.send_pushes(requests, Kind::PushDense, |mut c, req| async move { c.push_dense(req).await }).await
     }
 
     /// Sends one push per shard concurrently, each retried on transient
     /// errors with its seq unchanged.
-    async fn send_pushes<M, F, Fut>(&self, requests: Vec<(usize, M)>, send: F) -> Result<()>
+    async fn send_pushes<M, F, Fut>(&self, requests: Vec<(usize, M)>, kind: Kind, send: F) -> Result<()>
     where
-        M: Clone,
+        M: Message + Clone,
         F: Fn(transport::ShardClient, tonic::Request<M>) -> Fut + Copy,
         Fut: std::future::Future<
                 Output = std::result::Result<tonic::Response<pb::PushResponse>, tonic::Status>,
             >,
     {
         let calls = requests.into_iter().map(|(i, msg)| {
-            let c = &self.shards[i];
+            let (c, data) = (&self.shards[i], &self.data[i]);
             let (opts, lost) = (&self.opts, &*self.lost_contact);
             async move {
                 let r = retry(opts, lost, || {
-                    let mut req = tonic::Request::new(msg.clone());
-                    req.set_timeout(opts.request_timeout);
-                    send(c.clone(), req)
+                    let c = c.clone();
+                    hot_call(data.clone(), kind, msg.clone(), opts.request_timeout, move |req| send(c, req))
                 })
                 .await;
                 (i, r)
@@ -804,17 +813,17 @@ impl ShardedClient {
         let compressed = !read_only && self.codecs_of(table).pull.is_lossy();
         let meta = pb::ReadMeta { worker: self.worker, clock, compressed };
         let calls = plan.by_shard.iter().enumerate().filter(|(_, k)| !k.is_empty()).map(|(i, ks)| {
-            let mut c = self.shards[i].clone();
-            let req = self.request(
-                pb::PullSparseRequest {
-                    table: table.to_string(),
-                    keys: codec::encode_u64(ks),
-                    meta: Some(meta),
-                    read_only,
-                },
-                self.opts.read_timeout,
-            );
-            async move { (i, c.pull_sparse(req).await) }
+            let (mut c, data) = (self.shards[i].clone(), self.data[i].clone());
+            let msg = pb::PullSparseRequest {
+                table: table.to_string(),
+                keys: codec::encode_u64(ks),
+                meta: Some(meta),
+                read_only,
+            };
+            let call = hot_call(data, Kind::PullSparse, msg, self.opts.read_timeout, move |req| async move {
+                c.pull_sparse(req).await
+            });
+            async move { (i, call.await) }
         });
         let mut unique = vec![0.0f32; plan.unique * dim];
         for (i, r) in join_all(calls).await {
@@ -908,7 +917,8 @@ impl ShardedClient {
             self.count_pushed(&msg);
             requests.push((i, msg));
         }
-        self.send_pushes(requests, |mut c, req| async move { c.push_sparse(req).await }).await
+        self.send_pushes(requests, Kind::PushSparse, |mut c, req| async move { c.push_sparse(req).await })
+            .await
     }
 
     /// The specs of every table, as shard 0 lists them (tables are
@@ -977,6 +987,59 @@ impl SparsePlan {
 /// Runs `call` until it succeeds or fails for good. A timed-out call is
 /// retried `push_retries` times; an unreachable shard (down or restarting) is
 /// retried until `recover_within` has passed. Backoff doubles from 50 ms.
+/// The data plane of the shard at `addr` (reached as `client`), if it offers
+/// one and `opts` uses it; it is asked over gRPC where it listens. A shard
+/// of a version without one answers UNIMPLEMENTED: then gRPC only.
+async fn data_link(
+    client: &transport::ShardClient,
+    shard: usize,
+    addr: &str,
+    opts: &ClientOptions,
+) -> Result<Option<DataLink>> {
+    if !opts.transport.data_plane {
+        return Ok(None);
+    }
+    let mut req = tonic::Request::new(pb::DataPlaneRequest {});
+    req.set_timeout(opts.request_timeout);
+    let port = match client.clone().data_plane(req).await {
+        Ok(r) => r.into_inner().port,
+        Err(s) if s.code() == tonic::Code::Unimplemented => 0,
+        Err(status) => return Err(Error::Status { shard: shard as ShardId, addr: addr.to_string(), status }),
+    };
+    if port == 0 || port > u32::from(u16::MAX) {
+        tracing::info!(%addr, "the shard offers no data plane; pulls and pushes go over gRPC");
+        return Ok(None);
+    }
+    let host = transport::host_of(addr);
+    Ok(Some(DataLink::new(&opts.transport, host, port as u16, opts.credential.token())?))
+}
+
+/// Sends a pull or push: on the shard's data plane if it has one, else over
+/// gRPC with `grpc`. Either way the answer, or a status that reads the same
+/// (UNAVAILABLE for a shard that cannot be reached, DEADLINE_EXCEEDED).
+async fn hot_call<M, R, F, Fut>(
+    data: Option<DataLink>,
+    kind: Kind,
+    msg: M,
+    timeout: Duration,
+    grpc: F,
+) -> std::result::Result<tonic::Response<R>, tonic::Status>
+where
+    M: Message,
+    R: Message + Default,
+    F: FnOnce(tonic::Request<M>) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
+{
+    match data {
+        Some(link) => link.call(kind, &msg, timeout).await.map(tonic::Response::new),
+        None => {
+            let mut req = tonic::Request::new(msg);
+            req.set_timeout(timeout);
+            grpc(req).await
+        }
+    }
+}
+
 async fn retry<T, F, Fut>(
     opts: &ClientOptions,
     lost_contact: &AtomicBool,

@@ -1,0 +1,417 @@
+//! The data plane: pulls and pushes as length-prefixed frames on plain TCP
+//! (or TLS), beside gRPC as the control plane (issue 14, docs/PERFORMANCE.md).
+//!
+//! gRPC costs a small pull or push several cross-thread wake-ups, HTTP/2
+//! framing and HPACK, and copies a large one through tonic's encode and
+//! decode buffers. The four hot RPCs (`PullDense`, `PushDense`,
+//! `PullSparse`, `PushSparse`) therefore also travel here, as the same
+//! protobuf messages in a frame of our own, one request at a time per
+//! connection, answered by the connection's own task on the shard: no
+//! HTTP/2, no task hop. Every other RPC stays on gRPC, and a shard that
+//! offers no data plane (or a client with `transport.data_plane = false`)
+//! is served over gRPC as before. A shard answers a data-plane request
+//! with the same handler, the same checks and the same status as over gRPC,
+//! so the update semantics of ARCHITECTURE.md hold on either path.
+//!
+//! Wire format (all integers little-endian):
+//!
+//! ```text
+//! frame    = len:u32 kind:u8 body      (len counts kind and body)
+//! hello    = kind 0, body "PSD1" token  (the client's first frame; token: a
+//!            bearer token's text, or empty)
+//! request  = kind 1..=4 (Kind), body a protobuf request
+//! answer   = kind 0 (OK), body the protobuf response
+//!          | kind c (a gRPC code), body the status message (UTF-8)
+//! ```
+//!
+//! A frame longer than the message limit (`transport.max_message_mib`) is
+//! refused before it is read; a frame's buffer grows only as its bytes
+//! arrive, so a peer that announces a large frame and stalls holds little.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tonic::{Code, Status};
+
+use crate::error::{Error, Result};
+use crate::transport::{TlsConfig, TransportConfig};
+
+/// The first bytes of a client's hello.
+pub const MAGIC: &[u8; 4] = b"PSD1";
+/// The ALPN protocol of a data-plane TLS connection.
+pub const ALPN: &[u8] = b"ps-data/1";
+/// A frame's header: length and kind.
+const HEADER: usize = 5;
+/// A frame's buffer grows by at most this much before its bytes arrive.
+const GROW: usize = 4 << 20;
+/// Idle connections a client keeps per shard.
+const MAX_IDLE: usize = 8;
+
+/// What a request frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    PullDense = 1,
+    PushDense = 2,
+    PullSparse = 3,
+    PushSparse = 4,
+}
+
+impl Kind {
+    pub fn from_byte(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::PullDense,
+            2 => Kind::PushDense,
+            3 => Kind::PullSparse,
+            4 => Kind::PushSparse,
+            _ => return None,
+        })
+    }
+}
+
+/// The kind byte of a hello and of an OK answer.
+pub const OK: u8 = 0;
+
+/// Reads frames from one connection into a buffer it reuses.
+pub struct FrameReader {
+    buf: BytesMut,
+    max: usize,
+}
+
+impl FrameReader {
+    /// A reader refusing frames whose body exceeds `max` bytes.
+    pub fn new(max: usize) -> FrameReader {
+        FrameReader { buf: BytesMut::new(), max }
+    }
+
+    /// The next frame as (kind, body); `None` at a clean end of stream
+    /// (between frames).
+    pub async fn next<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> std::io::Result<Option<(u8, Bytes)>> {
+        while self.buf.len() < HEADER {
+            self.buf.reserve(64 << 10);
+            if r.read_buf(&mut self.buf).await? == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if len == 0 || len - 1 > self.max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a frame of {len} bytes; the limit is {} (transport.max_message_mib)", self.max + 1),
+            ));
+        }
+        let total = 4 + len;
+        while self.buf.len() < total {
+            self.buf.reserve((total - self.buf.len()).min(GROW));
+            if r.read_buf(&mut self.buf).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        let mut frame = self.buf.split_to(total);
+        let kind = frame[4];
+        frame.advance(HEADER);
+        Ok(Some((kind, frame.freeze())))
+    }
+}
+
+/// Encodes one frame of `kind` holding `body` into `out` (cleared first).
+pub fn encode_frame(out: &mut BytesMut, kind: u8, body: impl FnOnce(&mut BytesMut)) {
+    out.clear();
+    out.put_u32_le(0);
+    out.put_u8(kind);
+    body(out);
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_le_bytes());
+}
+
+/// Encodes an answer: OK and `msg`, or the status's code and message.
+pub fn encode_answer<M: Message>(out: &mut BytesMut, answer: std::result::Result<M, Status>) {
+    match answer {
+        Ok(msg) => encode_frame(out, OK, |b| {
+            b.reserve(msg.encoded_len());
+            // Cannot fail: the buffer was reserved (BytesMut grows anyway).
+            let _ = msg.encode(b);
+        }),
+        Err(status) => encode_status(out, &status),
+    }
+}
+
+/// Encodes a refusal.
+pub fn encode_status(out: &mut BytesMut, status: &Status) {
+    let code = (status.code() as i32).clamp(1, 16) as u8;
+    encode_frame(out, code, |b| b.put_slice(status.message().as_bytes()));
+}
+
+/// Decodes an answer frame into the response or the shard's status.
+fn decode_answer<M: Message + Default>(kind: u8, body: Bytes) -> std::result::Result<M, Status> {
+    if kind == OK {
+        return M::decode(body).map_err(|e| Status::internal(format!("undecodable data-plane answer: {e}")));
+    }
+    let message = String::from_utf8_lossy(&body).into_owned();
+    Err(Status::new(Code::from_i32(i32::from(kind)), message))
+}
+
+/// A connection's byte stream: TCP, or TLS over TCP.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// One client connection with its buffers.
+struct Conn {
+    io: Box<dyn Io>,
+    reader: FrameReader,
+    out: BytesMut,
+}
+
+impl Conn {
+    async fn round_trip(
+        &mut self,
+        kind: u8,
+        body: impl FnOnce(&mut BytesMut),
+    ) -> std::io::Result<(u8, Bytes)> {
+        encode_frame(&mut self.out, kind, body);
+        self.io.write_all(&self.out).await?;
+        self.io.flush().await?;
+        self.reader.next(&mut self.io).await?.ok_or_else(|| std::io::ErrorKind::UnexpectedEof.into())
+    }
+}
+
+/// A client's data plane to one shard: a pool of connections, each used by
+/// one request at a time. Cheap to clone.
+#[derive(Clone)]
+pub struct DataLink(Arc<Link>);
+
+struct Link {
+    addr: String,
+    tls: Option<(tokio_rustls::TlsConnector, rustls_pki_types::ServerName<'static>)>,
+    hello: Bytes,
+    max: usize,
+    connect_timeout: Duration,
+    nodelay: bool,
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl std::fmt::Debug for DataLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DataLink({})", self.0.addr)
+    }
+}
+
+impl DataLink {
+    /// The data plane of the shard at `host` (the host of its gRPC address)
+    /// on `port`, with `config`'s TLS, limits and timeouts, sending `token`
+    /// (a bearer token's text) in its hello. Nothing is connected yet.
+    pub fn new(config: &TransportConfig, host: &str, port: u16, token: Option<&str>) -> Result<DataLink> {
+        let addr = format!("{host}:{port}");
+        let tls = match &config.tls {
+            Some(tls) => {
+                let name =
+                    tls.server_name.as_deref().unwrap_or(host.trim_start_matches('[').trim_end_matches(']'));
+                let name = rustls_pki_types::ServerName::try_from(name.to_string()).map_err(|e| {
+                    Error::InvalidAddress {
+                        addr: addr.clone(),
+                        reason: format!("not a TLS server name: {e}"),
+                    }
+                })?;
+                Some((tokio_rustls::TlsConnector::from(client_tls(tls)?), name))
+            }
+            None => None,
+        };
+        let mut hello = MAGIC.to_vec();
+        hello.extend_from_slice(token.unwrap_or("").as_bytes());
+        Ok(DataLink(Arc::new(Link {
+            addr,
+            tls,
+            hello: hello.into(),
+            max: config.max_message_bytes(),
+            connect_timeout: config.connect_timeout,
+            nodelay: config.tcp_nodelay,
+            idle: Mutex::new(Vec::new()),
+        })))
+    }
+
+    /// `host:port` of the shard's data plane.
+    pub fn addr(&self) -> &str {
+        &self.0.addr
+    }
+
+    /// Sends `msg` as a `kind` request and waits up to `timeout` for the
+    /// answer. Failures read as gRPC's would: UNAVAILABLE when the shard
+    /// cannot be reached or the connection breaks, DEADLINE_EXCEEDED on
+    /// the timeout, else the shard's own status.
+    pub async fn call<Req: Message, Resp: Message + Default>(
+        &self,
+        kind: Kind,
+        msg: &Req,
+        timeout: Duration,
+    ) -> std::result::Result<Resp, Status> {
+        let link = &self.0;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let write = |b: &mut BytesMut| {
+            b.reserve(msg.encoded_len());
+            let _ = msg.encode(b);
+        };
+        // A pooled connection the shard has closed meanwhile (restarted, or
+        // idle too long) fails at once: then one fresh connection is tried.
+        // Requests are safe to repeat: pushes carry their (worker, seq).
+        let pooled = link.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let (mut conn, reused) = match pooled {
+            Some(c) => (c, true),
+            None => (self.connect_by(deadline).await?, false),
+        };
+        let answer = match tokio::time::timeout_at(deadline, conn.round_trip(kind as u8, write)).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) if reused => {
+                tracing::debug!(addr = %link.addr, error = %e, "pooled data-plane connection failed; reconnecting");
+                conn = self.connect_by(deadline).await?;
+                let write = |b: &mut BytesMut| {
+                    b.reserve(msg.encoded_len());
+                    let _ = msg.encode(b);
+                };
+                match tokio::time::timeout_at(deadline, conn.round_trip(kind as u8, write)).await {
+                    Ok(Ok(answer)) => answer,
+                    Ok(Err(e)) => return Err(self.broken(e)),
+                    Err(_) => return Err(self.late(timeout)),
+                }
+            }
+            Ok(Err(e)) => return Err(self.broken(e)),
+            Err(_) => return Err(self.late(timeout)),
+        };
+        let mut idle = link.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < MAX_IDLE {
+            idle.push(conn);
+        }
+        drop(idle);
+        decode_answer(answer.0, answer.1)
+    }
+
+    fn broken(&self, e: std::io::Error) -> Status {
+        Status::unavailable(format!("data plane {}: {e}", self.0.addr))
+    }
+
+    fn late(&self, timeout: Duration) -> Status {
+        Status::deadline_exceeded(format!("data plane {}: no answer within {timeout:?}", self.0.addr))
+    }
+
+    /// A new connection, TLS set up and hello answered, by `deadline`.
+    async fn connect_by(&self, deadline: tokio::time::Instant) -> std::result::Result<Conn, Status> {
+        let link = &self.0;
+        let until = deadline.min(tokio::time::Instant::now() + link.connect_timeout);
+        match tokio::time::timeout_at(until, self.connect()).await {
+            Ok(r) => r,
+            Err(_) => Err(Status::unavailable(format!("data plane {}: connect timed out", link.addr))),
+        }
+    }
+
+    async fn connect(&self) -> std::result::Result<Conn, Status> {
+        let link = &self.0;
+        let tcp = TcpStream::connect(&link.addr).await.map_err(|e| self.broken(e))?;
+        let _ = tcp.set_nodelay(link.nodelay);
+        let io: Box<dyn Io> = match &link.tls {
+            Some((connector, name)) => Box::new(connector.connect(name.clone(), tcp).await.map_err(|e| {
+                Status::unavailable(format!(
+                    "data plane {}: TLS: {}",
+                    link.addr,
+                    crate::transport::error_chain(&e)
+                ))
+            })?),
+            None => Box::new(tcp),
+        };
+        let mut conn = Conn { io, reader: FrameReader::new(link.max), out: BytesMut::new() };
+        let (kind, body) =
+            conn.round_trip(OK, |b| b.put_slice(&link.hello)).await.map_err(|e| self.broken(e))?;
+        decode_answer::<Welcome>(kind, body)?;
+        Ok(conn)
+    }
+}
+
+/// The rustls client settings of `tls`, with the data plane's ALPN.
+fn client_tls(tls: &TlsConfig) -> Result<Arc<tokio_rustls::rustls::ClientConfig>> {
+    let mut config = crate::transport::rustls_client_config(tls)?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The rustls server settings of `tls`, with the data plane's ALPN.
+pub fn server_tls(tls: &TlsConfig) -> Result<Arc<tokio_rustls::rustls::ServerConfig>> {
+    let mut config = Arc::unwrap_or_clone(crate::transport::rustls_server_config(tls)?);
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// What a shard learns from a connection's hello: the token, if one was sent.
+pub fn parse_hello(body: &[u8]) -> std::result::Result<Option<String>, Status> {
+    let token = body.strip_prefix(MAGIC.as_slice()).ok_or_else(|| {
+        Status::invalid_argument("not a data-plane client (no PSD1 hello); use gRPC on the shard's address")
+    })?;
+    if token.is_empty() {
+        return Ok(None);
+    }
+    match std::str::from_utf8(token) {
+        Ok(t) if t.is_ascii() => Ok(Some(t.to_string())),
+        _ => Err(Status::unauthenticated("the hello's token is not ASCII")),
+    }
+}
+
+/// The peer of a data-plane request, put in its extensions by the shard:
+/// its address (for the rate limit) and the principal its TLS client
+/// certificate named, checked at the handshake (the extensions of a gRPC
+/// request come only from the server's own connection, never the wire).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub certificate: Option<Arc<Vec<u8>>>,
+}
+
+/// The hello's answer: an empty message.
+#[derive(Clone, PartialEq, Message)]
+struct Welcome {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_oversized_ones_are_refused_before_reading() {
+        let mut out = BytesMut::new();
+        encode_frame(&mut out, 3, |b| b.put_slice(b"hello"));
+        let mut two = out.to_vec();
+        encode_frame(&mut out, 0, |_| {});
+        two.extend_from_slice(&out);
+        let mut r = FrameReader::new(16);
+        let mut src = two.as_slice();
+        assert_eq!(r.next(&mut src).await.unwrap(), Some((3, Bytes::from_static(b"hello"))));
+        assert_eq!(r.next(&mut src).await.unwrap(), Some((0, Bytes::new())));
+        assert_eq!(r.next(&mut src).await.unwrap(), None);
+        // A header announcing more than the limit: refused, nothing allocated for it.
+        let mut big: &[u8] = &[0xff, 0xff, 0xff, 0x7f, 1];
+        let err = FrameReader::new(16).next(&mut big).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        // A frame cut short is an error, not a clean end.
+        let mut cut: &[u8] = &[9, 0, 0, 0, 1, 1, 2];
+        let err = FrameReader::new(16).next(&mut cut).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        let mut zero: &[u8] = &[0, 0, 0, 0, 1];
+        assert!(FrameReader::new(16).next(&mut zero).await.is_err());
+    }
+
+    #[test]
+    fn answers_carry_the_status_code_and_message() {
+        let mut out = BytesMut::new();
+        encode_answer::<Welcome>(&mut out, Err(Status::permission_denied("not yours")));
+        let (kind, body) = (out[4], out.split_off(HEADER).freeze());
+        let err = decode_answer::<Welcome>(kind, body).unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert_eq!(err.message(), "not yours");
+        assert!(parse_hello(b"PSD1").unwrap().is_none());
+        assert_eq!(parse_hello(b"PSD1abc").unwrap().as_deref(), Some("abc"));
+        assert_eq!(parse_hello(b"PRI * HTTP/2.0").unwrap_err().code(), Code::InvalidArgument);
+    }
+}

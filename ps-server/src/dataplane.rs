@@ -1,0 +1,216 @@
+//! The shard's side of the data plane (`ps_common::dataplane`): the four
+//! pull and push RPCs as frames on plain TCP or TLS, beside gRPC.
+//!
+//! Each connection is served by one task, one request at a time, with the
+//! same handlers as gRPC ([`Service`]'s `ParameterServer` methods): the same
+//! rate limit, role check, consistency waits, budget and store calls, and
+//! the same statuses. What differs is only how the request arrived: its
+//! peer (address, and the client certificate the TLS handshake verified)
+//! is put in the request's extensions, and the hello's bearer token, if
+//! any, in its `authorization` metadata, where the handlers look for them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use ps_common::dataplane::{self, FrameReader, Kind, Peer};
+use ps_common::transport::TransportConfig;
+use ps_common::wire::pb::parameter_server_server::ParameterServer;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tonic::Status;
+use tonic::metadata::AsciiMetadataValue;
+
+use crate::error::{Error, Result};
+use crate::service::Service;
+
+/// Longest a new connection may take to finish its TLS handshake and send
+/// its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the data plane on `listener` until dropped (the task is aborted
+/// with the shard).
+pub async fn serve(listener: TcpListener, service: Service, config: TransportConfig, max_connections: usize) {
+    let tls = match &config.tls {
+        Some(tls) => match dataplane::server_tls(tls) {
+            Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
+            Err(e) => {
+                // The gRPC server read the same files first and failed the start.
+                tracing::error!(error = %e, "data plane: TLS settings unusable; not serving it");
+                return;
+            }
+        },
+        None => None,
+    };
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let max = config.max_message_bytes();
+    loop {
+        let (tcp, addr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors, mostly: wait rather than spin.
+                tracing::warn!(error = %e, "data plane: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(%addr, max_connections, "data plane: connection refused, at [limits] max_data_connections");
+            continue;
+        };
+        let _ = tcp.set_nodelay(config.tcp_nodelay);
+        let (service, tls) = (service.clone(), tls.clone());
+        tokio::spawn(async move {
+            if let Err(e) = connection(service, tcp, addr, tls, max).await {
+                tracing::debug!(%addr, error = %e, "data plane: connection closed");
+            }
+            drop(slot);
+        });
+    }
+}
+
+async fn connection(
+    service: Service,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    max: usize,
+) -> std::io::Result<()> {
+    match tls {
+        None => serve_stream(service, tcp, Peer { addr, certificate: None }, max).await,
+        Some(acceptor) => {
+            let stream =
+                tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await.map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
+            let certificate =
+                stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| Arc::new(c.to_vec()));
+            serve_stream(service, stream, Peer { addr, certificate }, max).await
+        }
+    }
+}
+
+/// Answers the hello, then each request in turn until the client closes.
+async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    service: Service,
+    mut io: S,
+    peer: Peer,
+    max: usize,
+) -> std::io::Result<()> {
+    let mut reader = FrameReader::new(max);
+    let mut out = BytesMut::new();
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, reader.next(&mut io))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello"))??;
+    let Some((_, body)) = hello else { return Ok(()) };
+    let token = match hello_token(&service, &body, &peer) {
+        Ok(token) => token,
+        Err(status) => {
+            dataplane::encode_status(&mut out, &status);
+            io.write_all(&out).await?;
+            return io.flush().await;
+        }
+    };
+    dataplane::encode_frame(&mut out, dataplane::OK, |_| {});
+    io.write_all(&out).await?;
+    io.flush().await?;
+    while let Some((kind, body)) = reader.next(&mut io).await? {
+        let context = Context { peer: &peer, token: token.as_ref() };
+        match Kind::from_byte(kind) {
+            Some(Kind::PullDense) => {
+                let answer = call(body, &context, |r| service.pull_dense(r)).await;
+                dataplane::encode_answer(&mut out, answer);
+            }
+            Some(Kind::PushDense) => {
+                let answer = call(body, &context, |r| service.push_dense(r)).await;
+                dataplane::encode_answer(&mut out, answer);
+            }
+            Some(Kind::PullSparse) => {
+                let answer = call(body, &context, |r| service.pull_sparse(r)).await;
+                dataplane::encode_answer(&mut out, answer);
+            }
+            Some(Kind::PushSparse) => {
+                let answer = call(body, &context, |r| service.push_sparse(r)).await;
+                dataplane::encode_answer(&mut out, answer);
+            }
+            None => {
+                let status = Status::unimplemented(format!("no data-plane request of kind {kind}"));
+                dataplane::encode_status(&mut out, &status);
+            }
+        }
+        io.write_all(&out).await?;
+        io.flush().await?;
+        // A large answer's buffer is not kept for a connection's lifetime.
+        if out.capacity() > 1 << 20 {
+            out = BytesMut::new();
+        }
+    }
+    Ok(())
+}
+
+/// What every request of a connection carries.
+struct Context<'a> {
+    peer: &'a Peer,
+    token: Option<&'a AsciiMetadataValue>,
+}
+
+/// Checks the hello: the magic, and with auth on, that the connection
+/// names a principal (its token or client certificate). Returns the token
+/// as the `authorization` metadata each request will carry.
+fn hello_token(
+    service: &Service,
+    body: &[u8],
+    peer: &Peer,
+) -> std::result::Result<Option<AsciiMetadataValue>, Status> {
+    let token = dataplane::parse_hello(body)?;
+    let header = match token {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse::<AsciiMetadataValue>()
+                .map_err(|_| Status::unauthenticated("the hello's token is not printable ASCII"))?,
+        ),
+        None => None,
+    };
+    if let Some(auth) = &service.0.auth {
+        let probe = request((), &Context { peer, token: header.as_ref() });
+        auth.principal_of(&probe).map_err(|e| Status::from(Error::Auth(e)))?;
+    }
+    Ok(header)
+}
+
+/// A tonic request of `msg` as the connection's: its peer and token.
+fn request<T>(msg: T, context: &Context<'_>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.extensions_mut().insert(context.peer.clone());
+    if let Some(token) = context.token {
+        req.metadata_mut().insert("authorization", token.clone());
+    }
+    req
+}
+
+/// Decodes a request, runs its handler, and returns its answer.
+async fn call<Req, Resp, F, Fut>(
+    body: Bytes,
+    context: &Context<'_>,
+    handler: F,
+) -> std::result::Result<Resp, Status>
+where
+    Req: Message + Default,
+    F: FnOnce(tonic::Request<Req>) -> Fut,
+    Fut: Future<Output = std::result::Result<tonic::Response<Resp>, Status>>,
+{
+    let msg = Req::decode(body).map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))?;
+    handler(request(msg, context)).await.map(tonic::Response::into_inner)
+}
+
+/// Binds the data plane beside the gRPC listener at `grpc`: same address,
+/// port `port` (0: any free one).
+pub async fn bind(grpc: SocketAddr, port: u16) -> Result<TcpListener> {
+    let addr = SocketAddr::new(grpc.ip(), port);
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Io { what: format!("binding the data plane {addr}"), source })
+}
