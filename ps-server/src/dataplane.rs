@@ -31,8 +31,13 @@ use crate::service::Service;
 /// its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves the data plane on `listener` until dropped (the task is aborted
-/// with the shard).
+/// A connection with no request for this long is closed (a client whose
+/// host vanished leaves no slot taken for good); clients reconnect.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Serves the data plane on `listener` until dropped: the task is aborted
+/// with the shard, and its connections with it (they live in its `JoinSet`),
+/// so a stopped shard answers nothing more here either.
 pub async fn serve(listener: TcpListener, service: Service, config: TransportConfig, max_connections: usize) {
     let tls = match &config.tls {
         Some(tls) => match dataplane::server_tls(tls) {
@@ -47,8 +52,13 @@ pub async fn serve(listener: TcpListener, service: Service, config: TransportCon
     };
     let slots = Arc::new(Semaphore::new(max_connections));
     let max = config.max_message_bytes();
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let (tcp, addr) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            Some(_) = connections.join_next() => continue,
+        };
+        let (tcp, addr) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // Out of file descriptors, mostly: wait rather than spin.
@@ -63,7 +73,7 @@ pub async fn serve(listener: TcpListener, service: Service, config: TransportCon
         };
         let _ = tcp.set_nodelay(config.tcp_nodelay);
         let (service, tls) = (service.clone(), tls.clone());
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = connection(service, tcp, addr, tls, max).await {
                 tracing::debug!(%addr, error = %e, "data plane: connection closed");
             }
@@ -117,7 +127,9 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     dataplane::encode_frame(&mut out, dataplane::OK, |_| {});
     io.write_all(&out).await?;
     io.flush().await?;
-    while let Some((kind, body)) = reader.next(&mut io).await? {
+    loop {
+        let Ok(next) = tokio::time::timeout(IDLE_TIMEOUT, reader.next(&mut io)).await else { break };
+        let Some((kind, body)) = next? else { break };
         let context = Context { peer: &peer, token: token.as_ref() };
         match Kind::from_byte(kind) {
             Some(Kind::PullDense) => {

@@ -306,14 +306,22 @@ fn keep_read(table: &Table, budget: &Budget, worker: u64, clock: u64, index: u32
     }
 }
 
-/// Refuses a key that appears twice in one request.
-fn check_distinct(name: &str, keys: &[u64]) -> Result<()> {
-    let mut seen = HashSet::with_capacity(keys.len());
-    match keys.iter().find(|&&k| !seen.insert(k)) {
+/// Refuses a key that appears twice in one request (`keys` grouped by
+/// stripe as `order` and `starts`, from [`Rows::group`]).
+fn check_distinct(name: &str, keys: &[u64], order: &[u32], starts: &[usize; STRIPES + 1]) -> Result<()> {
+    match Rows::repeated(keys, order, starts) {
         Some(k) => Err(Error::Duplicate { what: format!("key {k} of `{name}`") }),
         None => Ok(()),
     }
 }
+
+/// Keys grouped by stripe: positions in stripe order, and where each
+/// stripe's start ([`Rows::group`]).
+type Grouped = (Vec<u32>, [usize; STRIPES + 1]);
+
+/// A key's slot not found yet. A real slot is below it unless one stripe
+/// held 2^32 rows, which no memory budget allows.
+const NO_SLOT: u32 = u32::MAX;
 
 /// A validated dense chunk reference: table, chunk index, chunk length.
 type ChunkRef = (Arc<Table>, u32, usize);
@@ -700,10 +708,10 @@ impl Store {
         let (table, dim) = self.sparse_table(name)?;
         self.check_keys(name, keys)?;
         self.check_pull_size(keys.len().checked_mul(dim))?;
-        check_distinct(name, keys)?;
+        let (order, starts) = Rows::group(keys);
+        check_distinct(name, keys, &order, &starts)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
         let row_bytes = budget::block_bytes(&table.spec, dim);
-        let (order, starts) = Rows::group(keys);
         let (mut missing, mut scratch) = (Vec::new(), Vec::new());
         for s in 0..STRIPES {
             let part = &order[starts[s]..starts[s + 1]];
@@ -752,19 +760,27 @@ impl Store {
         Ok(dim)
     }
 
-    fn validate_sparse(&self, name: &str, keys: &[u64], grads: &[f32]) -> Result<(Arc<Table>, usize)> {
+    /// Checks a sparse push; returns its table, row width and keys grouped by
+    /// stripe ([`Rows::group`]).
+    fn validate_sparse(
+        &self,
+        name: &str,
+        keys: &[u64],
+        grads: &[f32],
+    ) -> Result<(Arc<Table>, usize, Grouped)> {
         let (table, dim) = self.sparse_table(name)?;
         self.check_keys(name, keys)?;
         if grads.len() != keys.len() * dim {
             let (expected, got) = (keys.len() * dim, grads.len());
             return Err(ps_common::Error::LengthMismatch { what: "sparse gradient", expected, got }.into());
         }
-        check_distinct(name, keys)?;
+        let (order, starts) = Rows::group(keys);
+        check_distinct(name, keys, &order, &starts)?;
         let max = self.limits.max_gradient;
         if let Some(i) = grads.iter().position(|g| !(g.is_finite() && g.abs() <= max)) {
             self.check_gradient(&grads[i..=i], || format!("row of key {} of `{name}`", keys[i / dim]))?;
         }
-        Ok((table, dim))
+        Ok((table, dim, (order, starts)))
     }
 
     /// Applies a sparse push: `grads` holds `dim` values per key, in key
@@ -776,13 +792,29 @@ impl Store {
         grads: &[f32],
         info: PushInfo,
     ) -> Result<PushOutcome> {
-        let (table, dim) = self.validate_sparse(name, keys, grads)?;
+        let (table, dim, (order, starts)) = self.validate_sparse(name, keys, grads)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("validated") };
-        let (order, starts) = Rows::group(keys);
-        // The rows it would create are reserved before anything is applied;
+        // Each key's slot, found under its stripe's read lock (rows never
+        // move and are never removed, so a slot found stays valid); the
+        // rows it would create are reserved before anything is applied, and
         // those a concurrent request creates first go back on drop.
+        let mut slots = vec![NO_SLOT; keys.len()];
+        let mut missing = 0u64;
+        for s in 0..STRIPES {
+            let part = &order[starts[s]..starts[s + 1]];
+            if part.is_empty() {
+                continue;
+            }
+            let stripe = rows.read(s);
+            for &i in part {
+                let key = keys[i as usize];
+                match stripe.find(rows.hash(key), key) {
+                    Some(slot) => slots[i as usize] = slot,
+                    None => missing += 1,
+                }
+            }
+        }
         let row_bytes = budget::block_bytes(&table.spec, dim);
-        let missing = keys.iter().filter(|&&k| rows.get(k, |_, _| ()).is_none()).count() as u64;
         let mut reserved = self.budget.reserve(row_bytes.saturating_mul(missing))?;
         self.exactly_once(info, || {
             if info.dropped() {
@@ -798,13 +830,18 @@ impl Store {
                 let mut stripe = rows.write(s);
                 for &i in part {
                     let (i, key) = (i as usize, keys[i as usize]);
-                    let hash = rows.hash(key);
-                    let slot = match stripe.find(hash, key) {
-                        Some(slot) => slot,
-                        None => {
-                            reserved.keep(row_bytes);
-                            stripe.create_row(rows, &table.spec, hash, key, &mut scratch)
+                    let slot = match slots[i] {
+                        NO_SLOT => {
+                            let hash = rows.hash(key);
+                            match stripe.find(hash, key) {
+                                Some(slot) => slot,
+                                None => {
+                                    reserved.keep(row_bytes);
+                                    stripe.create_row(rows, &table.spec, hash, key, &mut scratch)
+                                }
+                            }
                         }
+                        slot => slot,
                     };
                     let (data, step) = stripe.row_mut(slot, rows.width);
                     // Rows of rules that read no update count keep none.

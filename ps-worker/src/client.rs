@@ -825,7 +825,17 @@ impl ShardedClient {
             });
             async move { (i, call.await) }
         });
-        let mut unique = vec![0.0f32; plan.unique * dim];
+        // Rows go straight into `out` when every key is distinct (distinct
+        // key u is then key u); else into one slot per distinct key, copied
+        // out to every occurrence at the end.
+        let direct = plan.unique == keys.len();
+        let mut scratch = Vec::new();
+        let unique: &mut [f32] = if direct {
+            &mut *out
+        } else {
+            scratch = vec![0.0f32; plan.unique * dim];
+            &mut scratch
+        };
         for (i, r) in join_all(calls).await {
             let resp = r.map_err(|s| self.status(i, s))?.into_inner();
             if resp.dim as usize != dim {
@@ -857,8 +867,10 @@ impl ShardedClient {
                 unique[u * dim..(u + 1) * dim].copy_from_slice(row);
             }
         }
-        for (o, &u) in out.chunks_exact_mut(dim).zip(&plan.unique_of_key) {
-            o.copy_from_slice(&unique[u * dim..(u + 1) * dim]);
+        if !direct {
+            for (o, &u) in out.chunks_exact_mut(dim).zip(&plan.unique_of_key) {
+                o.copy_from_slice(&scratch[u * dim..(u + 1) * dim]);
+            }
         }
         Ok(())
     }

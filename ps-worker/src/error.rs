@@ -6,7 +6,7 @@ use ps_common::partition::ShardId;
 pub enum Error {
     #[error("cannot connect to server {addr}: {}", ps_common::transport::error_chain(source))]
     Connect { addr: String, source: tonic::transport::Error },
-    #[error("shard {shard} ({addr}): {} ({:?})", status.message(), status.code())]
+    #[error("shard {shard} ({addr}): {} ({:?}){}", status.message(), status.code(), cause(status))]
     Status { shard: ShardId, addr: String, status: tonic::Status },
     #[error("unexpected answer from a server: {0}")]
     Protocol(String),
@@ -23,3 +23,14 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What lies under a status the client made itself (tonic says "transport
+/// error" and keeps the cause, such as the TLS alert of a shard that
+/// refused this side's certificate, as its source); empty for a shard's
+/// own refusals, which carry none.
+fn cause(status: &tonic::Status) -> String {
+    match std::error::Error::source(status) {
+        Some(e) => format!(": {}", ps_common::transport::error_chain(e)),
+        None => String::new(),
+    }
+}

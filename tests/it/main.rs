@@ -7,6 +7,7 @@ mod checkpoint;
 mod cluster;
 mod codecs;
 mod compress;
+mod dataplane;
 mod export;
 mod hostile;
 mod manifests;

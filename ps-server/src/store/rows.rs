@@ -232,6 +232,24 @@ impl Rows {
         (order, starts)
     }
 
+    /// A key that appears twice in `keys`, grouped as [`Rows::group`]
+    /// returns them, if any. One small set per stripe (a few thousand keys
+    /// of a large request), which stays in cache, instead of one set of
+    /// every key.
+    pub fn repeated(keys: &[u64], order: &[u32], starts: &[usize; STRIPES + 1]) -> Option<u64> {
+        let most = (0..STRIPES).map(|s| starts[s + 1] - starts[s]).max().unwrap_or(0);
+        let mut seen = hashbrown::HashSet::with_capacity(most);
+        for s in 0..STRIPES {
+            seen.clear();
+            for &i in &order[starts[s]..starts[s + 1]] {
+                if !seen.insert(keys[i as usize]) {
+                    return Some(keys[i as usize]);
+                }
+            }
+        }
+        None
+    }
+
     /// Bytes a row costs beside its floats: its key, its index slot (4 B
     /// and a control byte at a load factor of about 5/8), its update count
     /// if kept.

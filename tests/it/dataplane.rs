@@ -1,0 +1,205 @@
+//! The data plane (`ps_common::dataplane`): pulls and pushes on it read and
+//! change the same state as over gRPC, a refused request gets the same
+//! status on both paths, hostile frames end only their own connection, and
+//! a client notices a shard that stopped instead of waiting on it.
+
+use std::time::{Duration, Instant};
+
+use ps_common::codec;
+use ps_common::dataplane::{DataLink, Kind};
+use ps_common::optim::Rule;
+use ps_common::partition::key_shard;
+use ps_common::spec::{Init, InitKind, TableSpec};
+use ps_common::transport::TransportConfig;
+use ps_common::wire::pb;
+use ps_server::local::LocalShards;
+use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+use crate::util::raw_client;
+
+fn specs() -> (TableSpec, TableSpec) {
+    let init = Init { kind: InitKind::Uniform { low: -1.0, high: 1.0 }, seed: 5 };
+    let dense = TableSpec::dense("w", &[3000], init.clone(), Rule::adam(0.01).into());
+    let sparse = TableSpec::sparse("e", 4, init, Rule::adagrad(0.1).into());
+    (dense, sparse)
+}
+
+async fn client(shards: &LocalShards, worker: u64, data_plane: bool) -> ShardedClient {
+    let mut opts = ClientOptions::default();
+    opts.transport.data_plane = data_plane;
+    ShardedClient::connect(&shards.addrs, worker, opts).await.expect("connect")
+}
+
+/// The data-plane port shard `addr` advertises.
+async fn data_port(addr: &str) -> u16 {
+    let port = raw_client(addr)
+        .await
+        .data_plane(pb::DataPlaneRequest {})
+        .await
+        .expect("DataPlane")
+        .into_inner()
+        .port;
+    assert_ne!(port, 0, "an in-process shard serves a data plane by default");
+    port as u16
+}
+
+#[tokio::test]
+async fn both_paths_read_and_change_the_same_state() {
+    let shards = LocalShards::start(2).await.expect("start");
+    let (dense, sparse) = specs();
+    let mut fast = client(&shards, 1, true).await;
+    let mut slow = client(&shards, 2, false).await;
+    fast.register(&dense).await.unwrap();
+    fast.register(&sparse).await.unwrap();
+    slow.register(&dense).await.unwrap();
+    let set = DenseSet::new(&[dense], 2).unwrap();
+    let keys: Vec<u64> = (0..500).map(|k| k * 7919).collect();
+
+    // Pushes alternate between the paths; after each, both read the same.
+    for round in 0..4u64 {
+        let grad: Vec<f32> = (0..set.len()).map(|i| ((i as u64 + round) % 7) as f32 - 3.0).collect();
+        let rows: Vec<f32> = (0..keys.len() * 4).map(|i| ((i as u64 * 3 + round) % 5) as f32 - 2.0).collect();
+        let pusher = if round % 2 == 0 { &mut fast } else { &mut slow };
+        pusher.push_dense(&set, &grad, round, round, false).await.unwrap();
+        pusher.push_sparse("e", 4, &keys, &rows, round, round, false).await.unwrap();
+        let (mut a, mut b) = (vec![0.0; set.len()], vec![0.0; set.len()]);
+        fast.pull_dense(&set, 0, &mut a).await.unwrap();
+        slow.pull_dense(&set, 0, &mut b).await.unwrap();
+        assert_eq!(a, b, "dense values after round {round}");
+        let (mut a, mut b) = (vec![0.0; keys.len() * 4], vec![0.0; keys.len() * 4]);
+        fast.pull_sparse("e", 4, &keys, 0, &mut a).await.unwrap();
+        slow.pull_sparse("e", 4, &keys, 0, &mut b).await.unwrap();
+        assert_eq!(a, b, "sparse rows after round {round}");
+    }
+    // Every push was applied once: each round pushed to the shards holding
+    // a dense chunk and to both shards' rows.
+    let dense_shards = set.shard_loads().iter().filter(|&&n| n > 0).count() as u64;
+    let stats = fast.stats().await.unwrap();
+    assert_eq!(stats.iter().map(|s| s.pushes).sum::<u64>(), 4 * (dense_shards + 2));
+    assert_eq!(stats.iter().map(|s| s.duplicate_pushes).sum::<u64>(), 0);
+    shards.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_request_reads_the_same_on_both_paths() {
+    let shards = LocalShards::start(2).await.expect("start");
+    let (_, sparse) = specs();
+    client(&shards, 1, false).await.register(&sparse).await.unwrap();
+    let addr = &shards.addrs[0];
+    let link = DataLink::new(&TransportConfig::default(), "127.0.0.1", data_port(addr).await, None).unwrap();
+    let mut grpc = raw_client(addr).await;
+    let other = (0..).find(|&k| key_shard(k, 2) == 1).unwrap();
+    let mine = (0..).find(|&k| key_shard(k, 2) == 0).unwrap();
+    let pull = |table: &str, keys: &[u64]| pb::PullSparseRequest {
+        table: table.into(),
+        keys: codec::encode_u64(keys),
+        meta: None,
+        read_only: false,
+    };
+    let push = |keys: &[u64], grads: &[f32], seq: u64| pb::PushSparseRequest {
+        table: "e".into(),
+        keys: codec::encode_u64(keys),
+        grads: codec::encode_f32(grads).into(),
+        meta: Some(pb::PushMeta { worker: 3, seq, ..Default::default() }),
+    };
+    let t = Duration::from_secs(10);
+    let pulls = [pull("nope", &[mine]), pull("e", &[other]), pull("e", &[mine, mine])];
+    for (i, msg) in pulls.into_iter().enumerate() {
+        let fast = link.call::<_, pb::PullSparseResponse>(Kind::PullSparse, &msg, t).await.unwrap_err();
+        let slow = grpc.pull_sparse(msg).await.unwrap_err();
+        assert_eq!((fast.code(), fast.message()), (slow.code(), slow.message()), "pull {i}");
+        assert_ne!(fast.code(), Code::Ok);
+    }
+    let pushes =
+        [push(&[mine], &[1.0; 3], 1), push(&[mine], &[f32::NAN; 4], 1), push(&[mine], &[1.0; 4], 1 << 40)];
+    for (i, msg) in pushes.into_iter().enumerate() {
+        let fast = link.call::<_, pb::PushResponse>(Kind::PushSparse, &msg, t).await.unwrap_err();
+        let slow = grpc.push_sparse(msg).await.unwrap_err();
+        assert_eq!((fast.code(), fast.message()), (slow.code(), slow.message()), "push {i}");
+    }
+    // Nothing was applied: the first good push is seq 1.
+    let ok =
+        link.call::<_, pb::PushResponse>(Kind::PushSparse, &push(&[mine], &[1.0; 4], 1), t).await.unwrap();
+    assert_eq!((ok.applied, ok.duplicate), (1, false));
+    let again = grpc.push_sparse(push(&[mine], &[1.0; 4], 1)).await.unwrap().into_inner();
+    assert!(again.duplicate, "the same (worker, seq) over gRPC is the same push");
+    shards.stop().await.unwrap();
+}
+
+/// Writes `bytes` on a fresh connection to the data plane and reads until
+/// the shard closes it (or 5 s pass): what the shard answered.
+async fn send_raw(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await;
+    answer
+}
+
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = ((body.len() + 1) as u32).to_le_bytes().to_vec();
+    f.push(kind);
+    f.extend_from_slice(body);
+    f
+}
+
+#[tokio::test]
+async fn hostile_frames_end_their_connection_and_nothing_else() {
+    let shards = LocalShards::start(1).await.expect("start");
+    let (dense, _) = specs();
+    let mut good = client(&shards, 1, true).await;
+    good.register(&dense).await.unwrap();
+    let set = DenseSet::new(&[dense], 1).unwrap();
+    let mut before = vec![0.0; set.len()];
+    good.pull_dense(&set, 0, &mut before).await.unwrap();
+    let port = data_port(&shards.addrs[0]).await;
+
+    // An HTTP/2 client on the wrong port: its preface reads as a frame of
+    // half a GiB, over the limit, and the connection is closed.
+    assert!(send_raw(port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.is_empty());
+    // A first frame that is not a hello: told so, and closed.
+    let answer = send_raw(port, &frame(0, b"GET / HTTP/1.1")).await;
+    assert!(String::from_utf8_lossy(&answer).contains("not a data-plane client"), "{answer:?}");
+    // A frame announcing 2 GiB: closed at its header, nothing allocated.
+    assert!(send_raw(port, &[0, 0, 0, 0x80, 0]).await.is_empty());
+    // A frame cut short by the client's end of stream: closed.
+    assert!(send_raw(port, &[100, 0, 0, 0, 0, b'P']).await.is_empty());
+    // After a good hello: an unknown kind and an undecodable body are
+    // answered with a status each, on the same connection.
+    let mut bytes = frame(0, b"PSD1");
+    bytes.extend(frame(9, b""));
+    bytes.extend(frame(1, &[0xff; 7]));
+    let answer = send_raw(port, &bytes).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.contains("no data-plane request of kind 9") && text.contains("undecodable request"),
+        "{text}"
+    );
+
+    // The shard still serves, and nothing changed.
+    let mut after = vec![0.0; set.len()];
+    good.pull_dense(&set, 0, &mut after).await.unwrap();
+    assert_eq!(before, after);
+    shards.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stopped_shard_is_noticed_not_waited_for() {
+    let shards = LocalShards::start(1).await.expect("start");
+    let (dense, _) = specs();
+    let mut opts = ClientOptions { read_timeout: Duration::from_secs(20), ..ClientOptions::default() };
+    opts.transport.connect_timeout = Duration::from_secs(2);
+    let c = ShardedClient::connect(&shards.addrs, 1, opts).await.unwrap();
+    c.register(&dense).await.unwrap();
+    let set = DenseSet::new(&[dense], 1).unwrap();
+    let mut out = vec![0.0; set.len()];
+    c.pull_dense(&set, 0, &mut out).await.unwrap();
+    shards.stop().await.unwrap();
+    let started = Instant::now();
+    let err = c.pull_dense(&set, 0, &mut out).await.expect_err("the shard is gone");
+    assert!(err.is_unreachable(), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5), "noticed in {:?}", started.elapsed());
+}
