@@ -189,7 +189,12 @@ impl Conn {
 pub struct DataLink(Arc<Link>);
 
 struct Link {
-    addr: String,
+    host: String,
+    /// The shard's data-plane port: it changes when a shard restarts on a
+    /// free port, and is asked again over gRPC ([`Link::discover`]).
+    port: std::sync::atomic::AtomicU16,
+    /// The shard's gRPC client, which says where its data plane is now.
+    discover: Option<crate::transport::ShardClient>,
     tls: Option<(tokio_rustls::TlsConnector, rustls_pki_types::ServerName<'static>)>,
     hello: Bytes,
     max: usize,
@@ -200,15 +205,24 @@ struct Link {
 
 impl std::fmt::Debug for DataLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DataLink({})", self.0.addr)
+        write!(f, "DataLink({})", self.addr())
     }
 }
 
 impl DataLink {
     /// The data plane of the shard at `host` (the host of its gRPC address)
     /// on `port`, with `config`'s TLS, limits and timeouts, sending `token`
-    /// (a bearer token's text) in its hello. Nothing is connected yet.
-    pub fn new(config: &TransportConfig, host: &str, port: u16, token: Option<&str>) -> Result<DataLink> {
+    /// (a bearer token's text) in its hello. Nothing is connected yet. With
+    /// `discover` (the shard's gRPC client), a connection refused on `port`
+    /// makes it ask the shard where its data plane is now (a restarted shard
+    /// may listen elsewhere).
+    pub fn new(
+        config: &TransportConfig,
+        host: &str,
+        port: u16,
+        token: Option<&str>,
+        discover: Option<crate::transport::ShardClient>,
+    ) -> Result<DataLink> {
         let addr = format!("{host}:{port}");
         let tls = match &config.tls {
             Some(tls) => {
@@ -227,7 +241,10 @@ impl DataLink {
         let mut hello = MAGIC.to_vec();
         hello.extend_from_slice(token.unwrap_or("").as_bytes());
         Ok(DataLink(Arc::new(Link {
-            addr,
+            // Unbracketed, as a socket address's host (an IPv6 literal).
+            host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            port: port.into(),
+            discover,
             tls,
             hello: hello.into(),
             max: config.max_message_bytes(),
@@ -238,8 +255,12 @@ impl DataLink {
     }
 
     /// `host:port` of the shard's data plane.
-    pub fn addr(&self) -> &str {
-        &self.0.addr
+    pub fn addr(&self) -> String {
+        let port = self.0.port.load(std::sync::atomic::Ordering::Relaxed);
+        match self.0.host.contains(':') {
+            true => format!("[{}]:{port}", self.0.host),
+            false => format!("{}:{port}", self.0.host),
+        }
     }
 
     /// Sends `msg` as a `kind` request and waits up to `timeout` for the
@@ -269,7 +290,7 @@ impl DataLink {
         let answer = match tokio::time::timeout_at(deadline, conn.round_trip(kind as u8, write)).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) if reused => {
-                tracing::debug!(addr = %link.addr, error = %e, "pooled data-plane connection failed; reconnecting");
+                tracing::debug!(addr = %self.addr(), error = %e, "pooled data-plane connection failed; reconnecting");
                 conn = self.connect_by(deadline).await?;
                 let write = |b: &mut BytesMut| {
                     b.reserve(msg.encoded_len());
@@ -293,11 +314,11 @@ impl DataLink {
     }
 
     fn broken(&self, e: std::io::Error) -> Status {
-        Status::unavailable(format!("data plane {}: {e}", self.0.addr))
+        Status::unavailable(format!("data plane {}: {e}", self.addr()))
     }
 
     fn late(&self, timeout: Duration) -> Status {
-        Status::deadline_exceeded(format!("data plane {}: no answer within {timeout:?}", self.0.addr))
+        Status::deadline_exceeded(format!("data plane {}: no answer within {timeout:?}", self.addr()))
     }
 
     /// A new connection, TLS set up and hello answered, by `deadline`.
@@ -306,19 +327,44 @@ impl DataLink {
         let until = deadline.min(tokio::time::Instant::now() + link.connect_timeout);
         match tokio::time::timeout_at(until, self.connect()).await {
             Ok(r) => r,
-            Err(_) => Err(Status::unavailable(format!("data plane {}: connect timed out", link.addr))),
+            Err(_) => Err(Status::unavailable(format!("data plane {}: connect timed out", self.addr()))),
         }
     }
 
+    /// Connects to the port last known, and if that is refused, to the port
+    /// the shard names now.
     async fn connect(&self) -> std::result::Result<Conn, Status> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let port = self.0.port.load(Relaxed);
+        match self.connect_to(port).await {
+            Err(refused) if refused.code() == Code::Unavailable => {
+                let Some(now) = self.discover().await.filter(|&p| p != port) else { return Err(refused) };
+                tracing::info!(host = %self.0.host, old = port, new = now, "the shard's data plane moved");
+                self.0.port.store(now, Relaxed);
+                self.connect_to(now).await
+            }
+            r => r,
+        }
+    }
+
+    /// Where the shard's data plane listens now, asked over gRPC.
+    async fn discover(&self) -> Option<u16> {
+        let mut rpc = self.0.discover.clone()?;
+        let mut req = tonic::Request::new(crate::wire::pb::DataPlaneRequest {});
+        req.set_timeout(self.0.connect_timeout);
+        let port = rpc.data_plane(req).await.ok()?.into_inner().port;
+        u16::try_from(port).ok().filter(|&p| p != 0)
+    }
+
+    async fn connect_to(&self, port: u16) -> std::result::Result<Conn, Status> {
         let link = &self.0;
-        let tcp = TcpStream::connect(&link.addr).await.map_err(|e| self.broken(e))?;
+        let tcp = TcpStream::connect((link.host.as_str(), port)).await.map_err(|e| self.broken(e))?;
         let _ = tcp.set_nodelay(link.nodelay);
         let io: Box<dyn Io> = match &link.tls {
             Some((connector, name)) => Box::new(connector.connect(name.clone(), tcp).await.map_err(|e| {
                 Status::unavailable(format!(
                     "data plane {}: TLS: {}",
-                    link.addr,
+                    self.addr(),
                     crate::transport::error_chain(&e)
                 ))
             })?),

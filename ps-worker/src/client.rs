@@ -1023,7 +1023,13 @@ async fn data_link(
         return Ok(None);
     }
     let host = transport::host_of(addr);
-    Ok(Some(DataLink::new(&opts.transport, host, port as u16, opts.credential.token())?))
+    Ok(Some(DataLink::new(
+        &opts.transport,
+        host,
+        port as u16,
+        opts.credential.token(),
+        Some(client.clone()),
+    )?))
 }
 
 /// Sends a pull or push: on the shard's data plane if it has one, else over

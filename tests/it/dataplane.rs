@@ -22,7 +22,12 @@ use crate::util::raw_client;
 fn specs() -> (TableSpec, TableSpec) {
     let init = Init { kind: InitKind::Uniform { low: -1.0, high: 1.0 }, seed: 5 };
     let dense = TableSpec::dense("w", &[3000], init.clone(), Rule::adam(0.01).into());
-    let sparse = TableSpec::sparse("e", 4, init, Rule::adagrad(0.1).into());
+    let sparse = TableSpec::sparse(
+        "e",
+        4,
+        init,
+        Rule::Adagrad { lr: 0.1, eps: 1e-8, initial_accumulator: 0.1, weight_decay: 0.0 }.into(),
+    );
     (dense, sparse)
 }
 
@@ -88,7 +93,8 @@ async fn a_refused_request_reads_the_same_on_both_paths() {
     let (_, sparse) = specs();
     client(&shards, 1, false).await.register(&sparse).await.unwrap();
     let addr = &shards.addrs[0];
-    let link = DataLink::new(&TransportConfig::default(), "127.0.0.1", data_port(addr).await, None).unwrap();
+    let link =
+        DataLink::new(&TransportConfig::default(), "127.0.0.1", data_port(addr).await, None, None).unwrap();
     let mut grpc = raw_client(addr).await;
     let other = (0..).find(|&k| key_shard(k, 2) == 1).unwrap();
     let mine = (0..).find(|&k| key_shard(k, 2) == 0).unwrap();
@@ -150,7 +156,7 @@ fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
 async fn hostile_frames_end_their_connection_and_nothing_else() {
     let shards = LocalShards::start(1).await.expect("start");
     let (dense, _) = specs();
-    let mut good = client(&shards, 1, true).await;
+    let good = client(&shards, 1, true).await;
     good.register(&dense).await.unwrap();
     let set = DenseSet::new(&[dense], 1).unwrap();
     let mut before = vec![0.0; set.len()];
