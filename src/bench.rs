@@ -128,6 +128,27 @@ async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result
             s.test_score
         );
     }
+    // The same 2 + 2 run without TLS, and with pulls and pushes over gRPC
+    // (no data plane), beside the TLS + data plane default above.
+    for (label, plaintext, data_plane) in
+        [("plaintext, data plane", true, true), ("TLS, gRPC only (no data plane)", false, false)]
+    {
+        let mut c = config.clone();
+        c.cluster.workers = 2;
+        c.cluster.plaintext = plaintext;
+        c.job.client.transport.data_plane = data_plane;
+        c.job.epochs = opts.epochs;
+        c.job.eval_every_epochs = 0;
+        c.registry.register = false;
+        let (looped, s) = training_rate(exe, c, &tmp.0, &format!("bench-{}", label.len())).await?;
+        println!(
+            "{:<44} {:>10.0} samples/s   ({:.2}x baseline; test acc {:.4})",
+            format!("2 shard + 2 workers, {label}"),
+            looped,
+            looped / local,
+            s.test_score
+        );
+    }
     Ok(())
 }
 

@@ -73,12 +73,18 @@ pub struct TransportConfig {
     pub plaintext: bool,
     /// Move pulls and pushes on the data plane (`ps_common::dataplane`): a
     /// shard serves it beside gRPC, a client uses it where the shard offers
-    /// one. Off: everything goes over gRPC.
+    /// one. Off: everything goes over gRPC. (Written out only when off, so
+    /// run files and job fingerprints from before it read the same.)
+    #[serde(skip_serializing_if = "is_true")]
     pub data_plane: bool,
 }
 
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 /// The files of one side's TLS (PEM), as `ps-cluster certs` writes them.
