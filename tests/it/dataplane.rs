@@ -21,7 +21,7 @@ use crate::util::raw_client;
 
 fn specs() -> (TableSpec, TableSpec) {
     let init = Init { kind: InitKind::Uniform { low: -1.0, high: 1.0 }, seed: 5 };
-    let dense = TableSpec::dense("w", &[3000], init.clone(), Rule::adam(0.01).into());
+    let dense = TableSpec::dense("w", &[3000], init, Rule::adam(0.01).into());
     let sparse = TableSpec::sparse(
         "e",
         4,
@@ -107,7 +107,7 @@ async fn a_refused_request_reads_the_same_on_both_paths() {
     let push = |keys: &[u64], grads: &[f32], seq: u64| pb::PushSparseRequest {
         table: "e".into(),
         keys: codec::encode_u64(keys),
-        grads: codec::encode_f32(grads).into(),
+        grads: codec::encode_f32(grads),
         meta: Some(pb::PushMeta { worker: 3, seq, ..Default::default() }),
     };
     let t = Duration::from_secs(10);
