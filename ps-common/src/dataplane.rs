@@ -200,6 +200,8 @@ struct Link {
     max: usize,
     connect_timeout: Duration,
     nodelay: bool,
+    /// Dead-peer detection: `transport.keep_alive_interval` and `_timeout`.
+    keep_alive: Option<(Duration, Duration)>,
     idle: Mutex<Vec<Conn>>,
 }
 
@@ -250,6 +252,8 @@ impl DataLink {
             max: config.max_message_bytes(),
             connect_timeout: config.connect_timeout,
             nodelay: config.tcp_nodelay,
+            keep_alive: (!config.keep_alive_interval.is_zero())
+                .then_some((config.keep_alive_interval, config.keep_alive_timeout)),
             idle: Mutex::new(Vec::new()),
         })))
     }
@@ -360,6 +364,9 @@ impl DataLink {
         let link = &self.0;
         let tcp = TcpStream::connect((link.host.as_str(), port)).await.map_err(|e| self.broken(e))?;
         let _ = tcp.set_nodelay(link.nodelay);
+        if let Some((interval, timeout)) = link.keep_alive {
+            keep_alive(&tcp, interval, timeout);
+        }
         let io: Box<dyn Io> = match &link.tls {
             Some((connector, name)) => Box::new(connector.connect(name.clone(), tcp).await.map_err(|e| {
                 Status::unavailable(format!(
@@ -376,6 +383,21 @@ impl DataLink {
         decode_answer::<Welcome>(kind, body)?;
         Ok(conn)
     }
+}
+
+/// Makes a connection to a peer that stops answering fail within about
+/// `interval + timeout`, as the HTTP/2 pings of a gRPC channel do: keepalive
+/// probes after `interval` of silence (whole seconds, at least one), and
+/// TCP_USER_TIMEOUT, which ends the connection once probes or data stay
+/// unacknowledged for `interval + timeout`. Best effort: a socket that
+/// refuses the options still works, and the request deadline still holds.
+pub fn keep_alive(tcp: &TcpStream, interval: Duration, timeout: Duration) {
+    let every = interval.max(Duration::from_secs(1));
+    let probes = socket2::TcpKeepalive::new().with_time(every).with_interval(every);
+    let socket = socket2::SockRef::from(tcp);
+    let _ = socket.set_tcp_keepalive(&probes);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let _ = socket.set_tcp_user_timeout(Some(interval + timeout));
 }
 
 /// The rustls client settings of `tls`, with the data plane's ALPN.
