@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::feedback::Residuals;
+use crate::plan::SparsePlan;
 use prost::Message;
 
 /// Connection and retry settings (the `[job.client]` table of a run file).
@@ -812,11 +813,11 @@ impl ShardedClient {
         // Evaluation (read-only lookups) reads exact values.
         let compressed = !read_only && self.codecs_of(table).pull.is_lossy();
         let meta = pb::ReadMeta { worker: self.worker, clock, compressed };
-        let calls = plan.by_shard.iter().enumerate().filter(|(_, k)| !k.is_empty()).map(|(i, ks)| {
+        let calls = plan.ranges.iter().enumerate().filter(|(_, r)| !r.is_empty()).map(|(i, r)| {
             let (mut c, data) = (self.shards[i].clone(), self.data[i].clone());
             let msg = pb::PullSparseRequest {
                 table: table.to_string(),
-                keys: codec::encode_u64(ks),
+                keys: codec::encode_u64(&plan.keys[r.clone()]),
                 meta: Some(meta),
                 read_only,
             };
@@ -825,17 +826,8 @@ impl ShardedClient {
             });
             async move { (i, call.await) }
         });
-        // Rows go straight into `out` when every key is distinct (distinct
-        // key u is then key u); else into one slot per distinct key, copied
-        // out to every occurrence at the end.
-        let direct = plan.unique == keys.len();
-        let mut scratch = Vec::new();
-        let unique: &mut [f32] = if direct {
-            &mut *out
-        } else {
-            scratch = vec![0.0f32; plan.unique * dim];
-            &mut scratch
-        };
+        // Each distinct key's row goes straight to its first occurrence in
+        // `out`; repeats are copied from there at the end.
         for (i, r) in join_all(calls).await {
             let resp = r.map_err(|s| self.status(i, s))?.into_inner();
             if resp.dim as usize != dim {
@@ -846,7 +838,8 @@ impl ShardedClient {
             }
             self.count_pulled(&resp);
             let kind = CodecKind::from_wire("pulled rows", resp.codec)?;
-            let n = plan.by_shard[i].len() * dim;
+            let first = &plan.first[plan.ranges[i].clone()];
+            let n = first.len() * dim;
             if kind == CodecKind::F32 && dim > 0 {
                 // Straight from the answer's bytes into place (one copy).
                 if resp.values.len() != n * 4 {
@@ -857,20 +850,19 @@ impl ShardedClient {
                     }
                     .into());
                 }
-                for (row, &u) in resp.values.chunks_exact(dim * 4).zip(&plan.slot_of[i]) {
-                    codec::decode_f32_into("pulled rows", row, &mut unique[u * dim..(u + 1) * dim])?;
+                for (row, &p) in resp.values.chunks_exact(dim * 4).zip(first) {
+                    codec::decode_f32_into("pulled rows", row, &mut out[p * dim..(p + 1) * dim])?;
                 }
                 continue;
             }
             let values = compress::decode(kind, "pulled rows", &resp.values, n, dim)?;
-            for (row, &u) in values.chunks_exact(dim).zip(&plan.slot_of[i]) {
-                unique[u * dim..(u + 1) * dim].copy_from_slice(row);
+            for (row, &p) in values.chunks_exact(dim).zip(first) {
+                out[p * dim..(p + 1) * dim].copy_from_slice(row);
             }
         }
-        if !direct {
-            for (o, &u) in out.chunks_exact_mut(dim).zip(&plan.unique_of_key) {
-                o.copy_from_slice(&scratch[u * dim..(u + 1) * dim]);
-            }
+        for &(p, u) in &plan.repeats {
+            let from = plan.first[u] * dim;
+            out.copy_within(from..from + dim, p * dim);
         }
         Ok(())
     }
@@ -890,33 +882,36 @@ impl ShardedClient {
     ) -> Result<()> {
         check_len("gradient", grads.len(), keys.len() * dim)?;
         let plan = SparsePlan::new(keys, self.num_shards());
-        let mut merged = vec![0.0f32; plan.unique * dim];
-        for (g, &u) in grads.chunks_exact(dim).zip(&plan.unique_of_key) {
-            for (m, v) in merged[u * dim..(u + 1) * dim].iter_mut().zip(g) {
+        // One row per distinct key, shard after shard: each shard's rows
+        // are one slice of it.
+        let mut merged = Vec::with_capacity(plan.unique() * dim);
+        for &p in &plan.first {
+            merged.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
+        }
+        for &(p, u) in &plan.repeats {
+            for (m, v) in merged[u * dim..(u + 1) * dim].iter_mut().zip(&grads[p * dim..(p + 1) * dim]) {
                 *m += v;
             }
         }
         let codec = self.codecs_of(table).push;
         let mut requests = Vec::new();
         for i in 0..self.shards.len() {
-            let ks = &plan.by_shard[i];
+            let range = plan.ranges[i].clone();
+            let ks = &plan.keys[range.clone()];
             if ks.is_empty() && !tick {
                 continue;
             }
-            let mut g = Vec::with_capacity(ks.len() * dim);
-            for &u in &plan.slot_of[i] {
-                g.extend_from_slice(&merged[u * dim..(u + 1) * dim]);
-            }
+            let g = &merged[range.start * dim..range.end * dim];
             // int8: one scale per row; top-k: over the whole push.
             let seed = self.seed(clock, table, i as u64);
             let mut grads = Vec::new();
             if codec.is_lossy() && self.error_feedback {
                 let mut residual = vec![0.0f32; g.len()];
                 self.residuals.take_rows(table, ks, dim, &mut residual);
-                compress::encode_with_feedback(codec, &g, &mut residual, dim, seed, &mut grads)?;
+                compress::encode_with_feedback(codec, g, &mut residual, dim, seed, &mut grads)?;
                 self.residuals.put_rows(table, ks, dim, &residual);
             } else {
-                compress::encode(codec, &g, dim, seed, &mut grads);
+                compress::encode(codec, g, dim, seed, &mut grads);
             }
             let mut meta = self.next_meta(i, clock, read_clock, tick);
             meta.codecs = compress::codecs_tag([codec.kind()]);
@@ -960,39 +955,6 @@ impl ShardedClient {
             out.push(r.map_err(|s| self.status(i, s))?.into_inner());
         }
         Ok(out)
-    }
-}
-
-/// Routing of a batch of sparse keys: distinct keys grouped by shard.
-struct SparsePlan {
-    unique: usize,
-    /// For every input key, its index among the distinct keys.
-    unique_of_key: Vec<usize>,
-    /// Per shard: the distinct keys it owns, and their distinct-key index.
-    by_shard: Vec<Vec<u64>>,
-    slot_of: Vec<Vec<usize>>,
-}
-
-impl SparsePlan {
-    fn new(keys: &[u64], num_shards: u32) -> SparsePlan {
-        // hashbrown's seeded foldhash: std's SipHash was a quarter of a
-        // 1M-key pull's time (docs/PERFORMANCE.md).
-        let mut index: hashbrown::HashMap<u64, usize> = hashbrown::HashMap::with_capacity(keys.len());
-        let mut by_shard = vec![Vec::new(); num_shards as usize];
-        let mut slot_of = vec![Vec::new(); num_shards as usize];
-        let unique_of_key = keys
-            .iter()
-            .map(|&k| {
-                let next = index.len();
-                *index.entry(k).or_insert_with(|| {
-                    let s = partition::key_shard(k, num_shards) as usize;
-                    by_shard[s].push(k);
-                    slot_of[s].push(next);
-                    next
-                })
-            })
-            .collect();
-        SparsePlan { unique: index.len(), unique_of_key, by_shard, slot_of }
     }
 }
 

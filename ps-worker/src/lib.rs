@@ -26,6 +26,7 @@ pub mod error;
 pub mod event;
 pub mod feedback;
 pub mod metrics;
+mod plan;
 pub mod session;
 pub mod train;
 pub mod workload;
