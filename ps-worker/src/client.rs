@@ -809,7 +809,7 @@ impl ShardedClient {
         read_only: bool,
     ) -> Result<()> {
         check_len("pull buffer", out.len(), keys.len() * dim)?;
-        let plan = SparsePlan::new(keys, self.num_shards());
+        let plan = SparsePlan::new(keys, self.num_shards())?;
         // Evaluation (read-only lookups) reads exact values.
         let compressed = !read_only && self.codecs_of(table).pull.is_lossy();
         let meta = pb::ReadMeta { worker: self.worker, clock, compressed };
@@ -851,18 +851,20 @@ impl ShardedClient {
                     .into());
                 }
                 for (row, &p) in resp.values.chunks_exact(dim * 4).zip(first) {
+                    let p = p as usize;
                     codec::decode_f32_into("pulled rows", row, &mut out[p * dim..(p + 1) * dim])?;
                 }
                 continue;
             }
             let values = compress::decode(kind, "pulled rows", &resp.values, n, dim)?;
             for (row, &p) in values.chunks_exact(dim).zip(first) {
+                let p = p as usize;
                 out[p * dim..(p + 1) * dim].copy_from_slice(row);
             }
         }
         for &(p, u) in &plan.repeats {
-            let from = plan.first[u] * dim;
-            out.copy_within(from..from + dim, p * dim);
+            let from = plan.first[u as usize] as usize * dim;
+            out.copy_within(from..from + dim, p as usize * dim);
         }
         Ok(())
     }
@@ -881,14 +883,16 @@ impl ShardedClient {
         tick: bool,
     ) -> Result<()> {
         check_len("gradient", grads.len(), keys.len() * dim)?;
-        let plan = SparsePlan::new(keys, self.num_shards());
+        let plan = SparsePlan::new(keys, self.num_shards())?;
         // One row per distinct key, shard after shard: each shard's rows
         // are one slice of it.
         let mut merged = Vec::with_capacity(plan.unique() * dim);
         for &p in &plan.first {
+            let p = p as usize;
             merged.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
         }
         for &(p, u) in &plan.repeats {
+            let (p, u) = (p as usize, u as usize);
             for (m, v) in merged[u * dim..(u + 1) * dim].iter_mut().zip(&grads[p * dim..(p + 1) * dim]) {
                 *m += v;
             }

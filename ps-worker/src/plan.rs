@@ -5,39 +5,50 @@
 //! key twice (each row is updated once per push; repeated gradients are
 //! summed by the client). One hash map of every key of a 1M-key batch missed
 //! the cache on nearly every key and was a sixth of a sparse pull's time
-//! (docs/PERFORMANCE.md); here the keys are first scattered into buckets by
-//! shard and hash (two sequential passes), and each bucket, a few hundred
-//! keys, is deduplicated with one small map that stays in cache.
+//! (docs/PERFORMANCE.md). Here the keys are scattered into buckets by shard
+//! and hash (two sequential passes), each bucket (a few hundred keys) is
+//! deduplicated with one small map that stays in cache, and a last pass in
+//! batch order lays out each shard's distinct keys in the order they first
+//! appear, so that rows are read from and written to the caller's buffers
+//! front to back.
 
 use std::ops::Range;
 
-use ps_common::partition::splitmix64;
+use ps_common::partition::{key_shard, splitmix64};
+
+use crate::error::{Error, Result};
 
 /// Keys a bucket holds on average: its map stays in the L1/L2 cache.
-const BUCKET_KEYS: usize = 256;
+const BUCKET_KEYS: usize = 4096;
+/// In `link`: a first occurrence (not yet given its distinct index).
+const FIRST: u32 = u32::MAX;
 
 #[derive(Debug)]
 pub(crate) struct SparsePlan {
-    /// The distinct keys, shard after shard (`ranges[s]` are shard `s`'s);
-    /// a key's index here is its "distinct index".
+    /// The distinct keys, shard after shard (`ranges[s]` are shard `s`'s),
+    /// each shard's in the order they first appear in the batch; a key's
+    /// index here is its "distinct index".
     pub keys: Vec<u64>,
     pub ranges: Vec<Range<usize>>,
     /// For each distinct key, the position of its first occurrence in the
-    /// batch.
-    pub first: Vec<usize>,
-    /// Every later occurrence of a key: its position in the batch and the
-    /// key's distinct index (the repeats of one key in batch order, so
-    /// that their gradients are summed in a fixed order).
-    pub repeats: Vec<(usize, usize)>,
+    /// batch (increasing within each shard's range).
+    pub first: Vec<u32>,
+    /// Every later occurrence of a key, in batch order: its position and
+    /// the key's distinct index.
+    pub repeats: Vec<(u32, u32)>,
 }
 
 impl SparsePlan {
-    pub fn new(keys: &[u64], num_shards: u32) -> SparsePlan {
+    pub fn new(keys: &[u64], num_shards: u32) -> Result<SparsePlan> {
+        let n = keys.len();
+        if n >= FIRST as usize {
+            return Err(Error::Config(format!("a batch of {n} keys; at most {} in one call", FIRST - 1)));
+        }
         let shards = num_shards.max(1) as usize;
-        // Buckets per shard: a power of two, so a bucket is the top bits of
-        // the key's hash (its shard is the hash modulo the shard count,
-        // `partition::key_shard`).
-        let per_shard = (keys.len() / shards / BUCKET_KEYS).max(1).next_power_of_two();
+        // Buckets per shard: a power of two, so a key's bucket within its
+        // shard is the top bits of the hash whose remainder is its shard
+        // (`partition::key_shard`).
+        let per_shard = (n / shards / BUCKET_KEYS).max(1).next_power_of_two();
         let shift = 64 - per_shard.trailing_zeros();
         let bucket_of = |key: u64| {
             let h = splitmix64(key);
@@ -54,41 +65,58 @@ impl SparsePlan {
             starts[b] += starts[b - 1];
         }
         let mut next = starts.clone();
-        let (mut sorted, mut at) = (vec![0u64; keys.len()], vec![0usize; keys.len()]);
+        let (mut sorted, mut at) = (vec![0u64; n], vec![0u32; n]);
         for (p, &k) in keys.iter().enumerate() {
             let b = bucket_of(k);
             sorted[next[b]] = k;
-            at[next[b]] = p;
+            at[next[b]] = p as u32;
             next[b] += 1;
         }
 
-        let mut plan = SparsePlan {
-            keys: Vec::with_capacity(keys.len()),
-            ranges: Vec::with_capacity(shards),
-            first: Vec::with_capacity(keys.len()),
-            repeats: Vec::new(),
-        };
+        // Per bucket: each repeat is linked to its key's first occurrence;
+        // each shard's distinct keys are counted.
+        let mut link = vec![FIRST; n];
+        let mut distinct = vec![0usize; shards];
         let most = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-        let mut seen: hashbrown::HashMap<u64, usize> = hashbrown::HashMap::with_capacity(most);
-        for s in 0..shards {
-            let from = plan.keys.len();
-            for b in s * per_shard..(s + 1) * per_shard {
-                seen.clear();
-                for i in starts[b]..starts[b + 1] {
-                    let (k, p) = (sorted[i], at[i]);
-                    let next = plan.keys.len();
-                    let u = *seen.entry(k).or_insert(next);
-                    if u == next {
-                        plan.keys.push(k);
-                        plan.first.push(p);
-                    } else {
-                        plan.repeats.push((p, u));
-                    }
+        let mut seen: hashbrown::HashMap<u64, u32> = hashbrown::HashMap::with_capacity(most);
+        for b in 0..shards * per_shard {
+            seen.clear();
+            for i in starts[b]..starts[b + 1] {
+                let p = at[i];
+                let first = *seen.entry(sorted[i]).or_insert(p);
+                if first != p {
+                    link[p as usize] = first;
                 }
             }
-            plan.ranges.push(from..plan.keys.len());
+            distinct[b / per_shard] += seen.len();
         }
-        plan
+        drop((sorted, at));
+
+        // In batch order: a first occurrence takes the next distinct index of
+        // its shard (kept in `link` for its repeats, which come later).
+        let mut ranges = Vec::with_capacity(shards);
+        let mut start = 0;
+        for d in distinct {
+            ranges.push(start..start + d);
+            start += d;
+        }
+        let mut next: Vec<usize> = ranges.iter().map(|r| r.start).collect();
+        let (mut unique, mut first) = (vec![0u64; start], vec![0u32; start]);
+        let mut repeats = Vec::new();
+        for (p, &k) in keys.iter().enumerate() {
+            match link[p] {
+                FIRST => {
+                    let s = key_shard(k, shards as u32) as usize;
+                    let u = next[s];
+                    next[s] += 1;
+                    unique[u] = k;
+                    first[u] = p as u32;
+                    link[p] = u as u32;
+                }
+                f => repeats.push((p as u32, link[f as usize])),
+            }
+        }
+        Ok(SparsePlan { keys: unique, ranges, first, repeats })
     }
 
     /// Number of distinct keys.
@@ -100,7 +128,6 @@ impl SparsePlan {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ps_common::partition::key_shard;
     use proptest::prelude::*;
 
     proptest! {
@@ -111,15 +138,16 @@ mod tests {
             keys in prop::collection::vec(0u64..300, 0..2000),
             shards in 1u32..5,
         ) {
-            let plan = SparsePlan::new(&keys, shards);
+            let plan = SparsePlan::new(&keys, shards).unwrap();
             prop_assert_eq!(plan.ranges.len(), shards as usize);
             let mut seen = vec![0u32; keys.len()];
             for (s, r) in plan.ranges.iter().enumerate() {
                 for u in r.clone() {
                     prop_assert_eq!(key_shard(plan.keys[u], shards) as usize, s);
-                    prop_assert_eq!(keys[plan.first[u]], plan.keys[u]);
-                    seen[plan.first[u]] += 1;
+                    prop_assert_eq!(keys[plan.first[u] as usize], plan.keys[u]);
+                    seen[plan.first[u] as usize] += 1;
                 }
+                prop_assert!(plan.first[r.clone()].windows(2).all(|w| w[0] < w[1]), "in batch order");
             }
             prop_assert_eq!(plan.ranges.last().map_or(0, |r| r.end), plan.unique());
             let mut distinct = plan.keys.clone();
@@ -127,16 +155,14 @@ mod tests {
             distinct.dedup();
             prop_assert_eq!(distinct.len(), plan.unique());
             for &(p, u) in &plan.repeats {
+                let (p, u) = (p as usize, u as usize);
                 prop_assert_eq!(keys[p], plan.keys[u]);
-                prop_assert!(plan.first[u] < p, "a repeat comes after its first occurrence");
+                prop_assert!((plan.first[u] as usize) < p, "a repeat comes after its first occurrence");
                 seen[p] += 1;
             }
             prop_assert!(seen.iter().all(|&c| c == 1));
-            let mut last = vec![0usize; plan.unique()];
-            for &(p, u) in &plan.repeats {
-                prop_assert!(p > last[u], "the repeats of one key come in batch order");
-                last[u] = p;
-            }
+            prop_assert!(plan.repeats.windows(2).all(|w| w[0].0 < w[1].0), "repeats in batch order");
         }
     }
 }
+
