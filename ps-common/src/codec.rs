@@ -13,6 +13,24 @@ pub fn encode_f32(values: &[f32]) -> Bytes {
     Bytes::from(out)
 }
 
+/// `values` as little-endian f32 bytes, without a copy on a little-endian
+/// machine: the bytes are the vector's own, which the `Bytes` keeps.
+pub fn into_f32_bytes(values: Vec<f32>) -> Bytes {
+    if cfg!(target_endian = "little") {
+        return Bytes::from_owner(F32s(values));
+    }
+    encode_f32(&values)
+}
+
+/// Floats seen as their bytes (little-endian machines only).
+struct F32s(Vec<f32>);
+
+impl AsRef<[u8]> for F32s {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
 /// Appends `values` to `out` as little-endian f32 bytes (for answers built
 /// block by block).
 pub fn append_f32(out: &mut Vec<u8>, values: &[f32]) {

@@ -40,6 +40,7 @@ use tonic::{Code, Status};
 
 use crate::error::{Error, Result};
 use crate::transport::{TlsConfig, TransportConfig};
+use crate::wire::pb;
 
 /// The first bytes of a client's hello.
 pub const MAGIC: &[u8; 4] = b"PSD1";
@@ -122,32 +123,174 @@ impl FrameReader {
     }
 }
 
-/// Encodes one frame of `kind` holding `body` into `out` (cleared first).
-pub fn encode_frame(out: &mut BytesMut, kind: u8, body: impl FnOnce(&mut BytesMut)) {
-    out.clear();
-    out.put_u32_le(0);
-    out.put_u8(kind);
-    body(out);
-    let len = (out.len() - 4) as u32;
-    out[..4].copy_from_slice(&len.to_le_bytes());
+/// Bytes fields at least this long are written from their own buffer.
+const SPLIT_AT: usize = 64 << 10;
+
+/// An outgoing frame. Its header and small fields are encoded into one
+/// buffer; its large `bytes` fields (a pull's rows, a push's gradients and
+/// keys) are written from their own buffers after the field's key and
+/// length, not copied in: copying a 32 MiB answer into a fresh frame buffer
+/// cost a pass over it and a page fault every 4 KiB (docs/PERFORMANCE.md).
+/// Protobuf decoders accept fields in any order, so the body still decodes
+/// as the message.
+#[derive(Default)]
+pub struct OutFrame {
+    head: BytesMut,
+    /// Written before what is left in `head`: head pieces and large fields.
+    parts: Vec<Bytes>,
 }
 
-/// Encodes an answer: OK and `msg`, or the status's code and message.
-pub fn encode_answer<M: Message>(out: &mut BytesMut, answer: std::result::Result<M, Status>) {
-    match answer {
-        Ok(msg) => encode_frame(out, OK, |b| {
-            b.reserve(msg.encoded_len());
-            // Cannot fail: the buffer was reserved (BytesMut grows anyway).
-            let _ = msg.encode(b);
-        }),
-        Err(status) => encode_status(out, &status),
+impl OutFrame {
+    fn start(&mut self, kind: u8, body_len: usize) {
+        self.parts.clear();
+        self.head.clear();
+        // A large answer's buffer is not kept for a connection's lifetime.
+        if self.head.capacity() > 1 << 20 {
+            self.head = BytesMut::new();
+        }
+        self.head.put_u32_le((body_len + 1) as u32);
+        self.head.put_u8(kind);
+    }
+
+    /// A frame of `kind` holding `body` as it is.
+    pub fn raw(&mut self, kind: u8, body: &[u8]) {
+        self.start(kind, body.len());
+        self.head.put_slice(body);
+    }
+
+    /// A frame of `kind` holding `msg`.
+    pub fn message<M: Body>(&mut self, kind: u8, msg: &M) {
+        let len = msg.encoded_len();
+        self.start(kind, len);
+        msg.put(self);
+        debug_assert_eq!(self.len(), HEADER + len, "a Body's put writes its encoded_len");
+    }
+
+    /// An answer: OK and `msg`, or the status's code and message.
+    pub fn answer<M: Body>(&mut self, answer: std::result::Result<M, Status>) {
+        match answer {
+            Ok(msg) => self.message(OK, &msg),
+            Err(status) => self.status(&status),
+        }
+    }
+
+    /// A refusal.
+    pub fn status(&mut self, status: &Status) {
+        let code = (status.code() as i32).clamp(1, 16) as u8;
+        self.raw(code, status.message().as_bytes());
+    }
+
+    /// Encodes every field of `msg` that is set into the head (a [`Body`]
+    /// leaves its large fields empty here and puts them with
+    /// [`OutFrame::put_bytes`]).
+    pub fn put_fields(&mut self, msg: &impl Message) {
+        // Cannot fail: a BytesMut grows.
+        let _ = msg.encode(&mut self.head);
+    }
+
+    /// Field `tag` of type `bytes`, as protobuf encodes it (nothing when
+    /// empty); its bytes are written from `value`'s own buffer when large.
+    pub fn put_bytes(&mut self, tag: u32, value: &Bytes) {
+        if value.len() < SPLIT_AT {
+            if !value.is_empty() {
+                prost::encoding::bytes::encode(tag, value, &mut self.head);
+            }
+            return;
+        }
+        prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, &mut self.head);
+        prost::encoding::encode_varint(value.len() as u64, &mut self.head);
+        self.parts.push(self.head.split().freeze());
+        self.parts.push(value.clone());
+    }
+
+    /// Length-delimited field `tag` holding `chunk`, its values put with
+    /// [`OutFrame::put_bytes`].
+    fn put_chunk(&mut self, tag: u32, chunk: &pb::DenseChunk) {
+        prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, &mut self.head);
+        prost::encoding::encode_varint(chunk.encoded_len() as u64, &mut self.head);
+        self.put_fields(&pb::DenseChunk {
+            tensor: chunk.tensor.clone(),
+            index: chunk.index,
+            values: Bytes::new(),
+        });
+        self.put_bytes(3, &chunk.values);
+    }
+
+    /// The frame's length in bytes, header included.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum::<usize>() + self.head.len()
+    }
+
+    /// Writes the frame (in as few system calls as the stream allows: one
+    /// vectored write of all its pieces on TCP) and flushes.
+    pub async fn write_to<W: AsyncWrite + Unpin + ?Sized>(&self, w: &mut W) -> std::io::Result<()> {
+        let mut slices: Vec<std::io::IoSlice<'_>> =
+            self.parts.iter().map(|p| &p[..]).chain([&self.head[..]]).map(std::io::IoSlice::new).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            let n = w.write_vectored(rest).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            std::io::IoSlice::advance_slices(&mut rest, n);
+        }
+        w.flush().await
     }
 }
 
-/// Encodes a refusal.
-pub fn encode_status(out: &mut BytesMut, status: &Status) {
-    let code = (status.code() as i32).clamp(1, 16) as u8;
-    encode_frame(out, code, |b| b.put_slice(status.message().as_bytes()));
+/// A message as a frame lays it out: by default every field in the head;
+/// the pulls' answers and the pushes put their large `bytes` fields after
+/// it, from their own buffers ([`OutFrame`]).
+pub trait Body: Message + Sized {
+    fn put(&self, out: &mut OutFrame) {
+        out.put_fields(self);
+    }
+}
+
+impl Body for pb::PullDenseRequest {}
+impl Body for pb::PushResponse {}
+impl Body for Welcome {}
+
+impl Body for pb::PullDenseResponse {
+    fn put(&self, out: &mut OutFrame) {
+        out.put_fields(&pb::PullDenseResponse { chunks: Vec::new(), codecs: self.codecs.clone() });
+        for chunk in &self.chunks {
+            out.put_chunk(1, chunk);
+        }
+    }
+}
+
+impl Body for pb::PushDenseRequest {
+    fn put(&self, out: &mut OutFrame) {
+        out.put_fields(&pb::PushDenseRequest { chunks: Vec::new(), meta: self.meta });
+        for chunk in &self.chunks {
+            out.put_chunk(1, chunk);
+        }
+    }
+}
+
+impl Body for pb::PullSparseRequest {
+    fn put(&self, out: &mut OutFrame) {
+        let (table, meta, read_only) = (self.table.clone(), self.meta, self.read_only);
+        out.put_fields(&pb::PullSparseRequest { table, keys: Bytes::new(), meta, read_only });
+        out.put_bytes(2, &self.keys);
+    }
+}
+
+impl Body for pb::PullSparseResponse {
+    fn put(&self, out: &mut OutFrame) {
+        out.put_fields(&pb::PullSparseResponse { values: Bytes::new(), dim: self.dim, codec: self.codec });
+        out.put_bytes(1, &self.values);
+    }
+}
+
+impl Body for pb::PushSparseRequest {
+    fn put(&self, out: &mut OutFrame) {
+        let (table, meta) = (self.table.clone(), self.meta);
+        out.put_fields(&pb::PushSparseRequest { table, keys: Bytes::new(), grads: Bytes::new(), meta });
+        out.put_bytes(2, &self.keys);
+        out.put_bytes(3, &self.grads);
+    }
 }
 
 /// Decodes an answer frame into the response or the shard's status.
@@ -167,18 +310,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 struct Conn {
     io: Box<dyn Io>,
     reader: FrameReader,
-    out: BytesMut,
+    out: OutFrame,
 }
 
 impl Conn {
-    async fn round_trip(
-        &mut self,
-        kind: u8,
-        body: impl FnOnce(&mut BytesMut),
-    ) -> std::io::Result<(u8, Bytes)> {
-        encode_frame(&mut self.out, kind, body);
-        self.io.write_all(&self.out).await?;
-        self.io.flush().await?;
+    /// Sends the frame `build` makes and reads the answer.
+    async fn round_trip(&mut self, build: impl FnOnce(&mut OutFrame)) -> std::io::Result<(u8, Bytes)> {
+        build(&mut self.out);
+        self.out.write_to(&mut self.io).await?;
         self.reader.next(&mut self.io).await?.ok_or_else(|| std::io::ErrorKind::UnexpectedEof.into())
     }
 }
@@ -271,7 +410,7 @@ impl DataLink {
     /// answer. Failures read as gRPC's would: UNAVAILABLE when the shard
     /// cannot be reached or the connection breaks, DEADLINE_EXCEEDED on
     /// the timeout, else the shard's own status.
-    pub async fn call<Req: Message, Resp: Message + Default>(
+    pub async fn call<Req: Body, Resp: Message + Default>(
         &self,
         kind: Kind,
         msg: &Req,
@@ -279,35 +418,26 @@ impl DataLink {
     ) -> std::result::Result<Resp, Status> {
         let link = &self.0;
         let deadline = tokio::time::Instant::now() + timeout;
-        let write = |b: &mut BytesMut| {
-            b.reserve(msg.encoded_len());
-            let _ = msg.encode(b);
-        };
+        let frame = |out: &mut OutFrame| out.message(kind as u8, msg);
         // A pooled connection the shard has closed meanwhile (restarted, or
         // idle too long) fails at once: then one fresh connection is tried.
         // Requests are safe to repeat: pushes carry their (worker, seq).
         let pooled = link.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        let (mut conn, reused) = match pooled {
+        let (mut conn, mut retry) = match pooled {
             Some(c) => (c, true),
             None => (self.connect_by(deadline).await?, false),
         };
-        let answer = match tokio::time::timeout_at(deadline, conn.round_trip(kind as u8, write)).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(e)) if reused => {
-                tracing::debug!(addr = %self.addr(), error = %e, "pooled data-plane connection failed; reconnecting");
-                conn = self.connect_by(deadline).await?;
-                let write = |b: &mut BytesMut| {
-                    b.reserve(msg.encoded_len());
-                    let _ = msg.encode(b);
-                };
-                match tokio::time::timeout_at(deadline, conn.round_trip(kind as u8, write)).await {
-                    Ok(Ok(answer)) => answer,
-                    Ok(Err(e)) => return Err(self.broken(e)),
-                    Err(_) => return Err(self.late(timeout)),
+        let answer = loop {
+            match tokio::time::timeout_at(deadline, conn.round_trip(frame)).await {
+                Ok(Ok(answer)) => break answer,
+                Ok(Err(e)) if retry => {
+                    tracing::debug!(addr = %self.addr(), error = %e, "pooled data-plane connection failed; reconnecting");
+                    conn = self.connect_by(deadline).await?;
+                    retry = false;
                 }
+                Ok(Err(e)) => return Err(self.broken(e)),
+                Err(_) => return Err(self.late(timeout)),
             }
-            Ok(Err(e)) => return Err(self.broken(e)),
-            Err(_) => return Err(self.late(timeout)),
         };
         let mut idle = link.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
@@ -377,9 +507,9 @@ impl DataLink {
             })?),
             None => Box::new(tcp),
         };
-        let mut conn = Conn { io, reader: FrameReader::new(link.max), out: BytesMut::new() };
+        let mut conn = Conn { io, reader: FrameReader::new(link.max), out: OutFrame::default() };
         let (kind, body) =
-            conn.round_trip(OK, |b| b.put_slice(&link.hello)).await.map_err(|e| self.broken(e))?;
+            conn.round_trip(|out| out.raw(OK, &link.hello)).await.map_err(|e| self.broken(e))?;
         decode_answer::<Welcome>(kind, body)?;
         Ok(conn)
     }
@@ -448,11 +578,12 @@ mod tests {
 
     #[tokio::test]
     async fn frames_round_trip_and_oversized_ones_are_refused_before_reading() {
-        let mut out = BytesMut::new();
-        encode_frame(&mut out, 3, |b| b.put_slice(b"hello"));
-        let mut two = out.to_vec();
-        encode_frame(&mut out, 0, |_| {});
-        two.extend_from_slice(&out);
+        let mut out = OutFrame::default();
+        let mut two = Vec::new();
+        out.raw(3, b"hello");
+        out.write_to(&mut two).await.unwrap();
+        out.raw(0, b"");
+        out.write_to(&mut two).await.unwrap();
         let mut r = FrameReader::new(16);
         let mut src = two.as_slice();
         assert_eq!(r.next(&mut src).await.unwrap(), Some((3, Bytes::from_static(b"hello"))));
@@ -470,16 +601,69 @@ mod tests {
         assert!(FrameReader::new(16).next(&mut zero).await.is_err());
     }
 
-    #[test]
-    fn answers_carry_the_status_code_and_message() {
-        let mut out = BytesMut::new();
-        encode_answer::<Welcome>(&mut out, Err(Status::permission_denied("not yours")));
-        let (kind, body) = (out[4], out.split_off(HEADER).freeze());
+    /// The frame `out` holds, read back.
+    async fn read_back(out: &OutFrame) -> (u8, Bytes) {
+        let mut bytes = Vec::new();
+        out.write_to(&mut bytes).await.unwrap();
+        assert_eq!(bytes.len(), out.len());
+        FrameReader::new(1 << 30).next(&mut bytes.as_slice()).await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn answers_carry_the_status_code_and_message() {
+        let mut out = OutFrame::default();
+        out.answer::<Welcome>(Err(Status::permission_denied("not yours")));
+        let (kind, body) = read_back(&out).await;
         let err = decode_answer::<Welcome>(kind, body).unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied);
         assert_eq!(err.message(), "not yours");
         assert!(parse_hello(b"PSD1").unwrap().is_none());
         assert_eq!(parse_hello(b"PSD1abc").unwrap().as_deref(), Some("abc"));
         assert_eq!(parse_hello(b"PRI * HTTP/2.0").unwrap_err().code(), Code::InvalidArgument);
+    }
+
+    /// Every message a frame splits decodes as itself, large fields or
+    /// small, empty or not.
+    #[tokio::test]
+    async fn split_messages_decode_as_themselves() {
+        let big = Bytes::from((0..200_000u32).map(|i| i as u8).collect::<Vec<u8>>());
+        let small = Bytes::from_static(b"0123456789abcdef");
+        for values in [big.clone(), small.clone(), Bytes::new()] {
+            let chunk = |i| pb::DenseChunk { tensor: format!("w{i}"), index: i, values: values.clone() };
+            let meta = pb::PushMeta { worker: 3, seq: 9, clock: 4, tick: true, read_clock: 2, codecs: 7 };
+            let read = pb::ReadMeta { worker: 1, clock: 5, compressed: true };
+            let mut out = OutFrame::default();
+            macro_rules! check {
+                ($msg:expr) => {{
+                    let msg = $msg;
+                    out.message(2, &msg);
+                    let (kind, body) = read_back(&out).await;
+                    assert_eq!(kind, 2);
+                    assert_eq!(body.len(), msg.encoded_len());
+                    assert_eq!(Message::decode(body).ok(), Some(msg));
+                }};
+            }
+            check!(pb::PushDenseRequest { chunks: vec![chunk(0), chunk(1), chunk(2)], meta: Some(meta) });
+            check!(pb::PullDenseResponse { chunks: vec![chunk(4), chunk(5)], codecs: vec![0, 1] });
+            check!(pb::PullSparseRequest {
+                table: "t".into(),
+                keys: values.clone(),
+                meta: Some(read),
+                read_only: true
+            });
+            check!(pb::PullSparseResponse { values: values.clone(), dim: 16, codec: 1 });
+            check!(pb::PushSparseRequest {
+                table: "e".into(),
+                keys: small.clone(),
+                grads: values.clone(),
+                meta: None
+            });
+            check!(pb::PushSparseRequest {
+                table: "e".into(),
+                keys: big.clone(),
+                grads: values.clone(),
+                meta: Some(meta)
+            });
+        }
     }
 }

@@ -13,12 +13,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use prost::Message;
-use ps_common::dataplane::{self, FrameReader, Kind, Peer};
+use ps_common::dataplane::{self, FrameReader, Kind, OutFrame, Peer};
 use ps_common::transport::TransportConfig;
 use ps_common::wire::pb::parameter_server_server::ParameterServer;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tonic::Status;
@@ -111,7 +111,7 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     max: usize,
 ) -> std::io::Result<()> {
     let mut reader = FrameReader::new(max);
-    let mut out = BytesMut::new();
+    let mut out = OutFrame::default();
     let hello = tokio::time::timeout(HELLO_TIMEOUT, reader.next(&mut io))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello"))??;
@@ -119,46 +119,24 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     let token = match hello_token(&service, &body, &peer) {
         Ok(token) => token,
         Err(status) => {
-            dataplane::encode_status(&mut out, &status);
-            io.write_all(&out).await?;
-            return io.flush().await;
+            out.status(&status);
+            return out.write_to(&mut io).await;
         }
     };
-    dataplane::encode_frame(&mut out, dataplane::OK, |_| {});
-    io.write_all(&out).await?;
-    io.flush().await?;
+    out.raw(dataplane::OK, b"");
+    out.write_to(&mut io).await?;
     loop {
         let Ok(next) = tokio::time::timeout(IDLE_TIMEOUT, reader.next(&mut io)).await else { break };
         let Some((kind, body)) = next? else { break };
         let context = Context { peer: &peer, token: token.as_ref() };
         match Kind::from_byte(kind) {
-            Some(Kind::PullDense) => {
-                let answer = call(body, &context, |r| service.pull_dense(r)).await;
-                dataplane::encode_answer(&mut out, answer);
-            }
-            Some(Kind::PushDense) => {
-                let answer = call(body, &context, |r| service.push_dense(r)).await;
-                dataplane::encode_answer(&mut out, answer);
-            }
-            Some(Kind::PullSparse) => {
-                let answer = call(body, &context, |r| service.pull_sparse(r)).await;
-                dataplane::encode_answer(&mut out, answer);
-            }
-            Some(Kind::PushSparse) => {
-                let answer = call(body, &context, |r| service.push_sparse(r)).await;
-                dataplane::encode_answer(&mut out, answer);
-            }
-            None => {
-                let status = Status::unimplemented(format!("no data-plane request of kind {kind}"));
-                dataplane::encode_status(&mut out, &status);
-            }
+            Some(Kind::PullDense) => out.answer(call(body, &context, |r| service.pull_dense(r)).await),
+            Some(Kind::PushDense) => out.answer(call(body, &context, |r| service.push_dense(r)).await),
+            Some(Kind::PullSparse) => out.answer(call(body, &context, |r| service.pull_sparse(r)).await),
+            Some(Kind::PushSparse) => out.answer(call(body, &context, |r| service.push_sparse(r)).await),
+            None => out.status(&Status::unimplemented(format!("no data-plane request of kind {kind}"))),
         }
-        io.write_all(&out).await?;
-        io.flush().await?;
-        // A large answer's buffer is not kept for a connection's lifetime.
-        if out.capacity() > 1 << 20 {
-            out = BytesMut::new();
-        }
+        out.write_to(&mut io).await?;
     }
     Ok(())
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use ps_common::codec;
 use ps_common::compress::{self, Codec, CodecKind, Codecs};
-use ps_common::dataplane::{DataLink, Kind};
+use ps_common::dataplane::{Body, DataLink, Kind};
 use ps_common::partition::{self, ShardId, fnv1a64, splitmix64};
 use ps_common::spec::{Backup, Consistency, Layout, TableSpec};
 use ps_common::transport::{self, TransportConfig, duration_ms};
@@ -696,7 +696,7 @@ impl ShardedClient {
     /// errors with its seq unchanged.
     async fn send_pushes<M, F, Fut>(&self, requests: Vec<(usize, M)>, kind: Kind, send: F) -> Result<()>
     where
-        M: Message + Clone,
+        M: Body + Clone,
         F: Fn(transport::ShardClient, tonic::Request<M>) -> Fut + Copy,
         Fut: std::future::Future<
                 Output = std::result::Result<tonic::Response<pb::PushResponse>, tonic::Status>,
@@ -884,45 +884,54 @@ impl ShardedClient {
     ) -> Result<()> {
         check_len("gradient", grads.len(), keys.len() * dim)?;
         let plan = SparsePlan::new(keys, self.num_shards())?;
-        // One row per distinct key, shard after shard: each shard's rows
-        // are one slice of it.
-        let mut merged = Vec::with_capacity(plan.unique() * dim);
-        for &p in &plan.first {
-            let p = p as usize;
-            merged.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
+        // Each shard's rows, one per distinct key: a first occurrence's
+        // gradient, plus its repeats'.
+        let mut merged: Vec<Vec<f32>> =
+            plan.ranges.iter().map(|r| Vec::with_capacity(r.len() * dim)).collect();
+        for (m, r) in merged.iter_mut().zip(&plan.ranges) {
+            for &p in &plan.first[r.clone()] {
+                let p = p as usize;
+                m.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
+            }
         }
         for &(p, u) in &plan.repeats {
             let (p, u) = (p as usize, u as usize);
-            for (m, v) in merged[u * dim..(u + 1) * dim].iter_mut().zip(&grads[p * dim..(p + 1) * dim]) {
+            let s = plan.ranges.partition_point(|r| r.end <= u);
+            let row = u - plan.ranges[s].start;
+            for (m, v) in merged[s][row * dim..(row + 1) * dim].iter_mut().zip(&grads[p * dim..(p + 1) * dim])
+            {
                 *m += v;
             }
         }
         let codec = self.codecs_of(table).push;
         let mut requests = Vec::new();
-        for i in 0..self.shards.len() {
-            let range = plan.ranges[i].clone();
-            let ks = &plan.keys[range.clone()];
+        for (i, g) in merged.into_iter().enumerate() {
+            let ks = &plan.keys[plan.ranges[i].clone()];
             if ks.is_empty() && !tick {
                 continue;
             }
-            let g = &merged[range.start * dim..range.end * dim];
             // int8: one scale per row; top-k: over the whole push.
             let seed = self.seed(clock, table, i as u64);
-            let mut grads = Vec::new();
-            if codec.is_lossy() && self.error_feedback {
-                let mut residual = vec![0.0f32; g.len()];
+            let grads = if codec == Codec::F32 {
+                // The rows' own bytes: no copy.
+                codec::into_f32_bytes(g)
+            } else if codec.is_lossy() && self.error_feedback {
+                let (mut residual, mut out) = (vec![0.0f32; g.len()], Vec::new());
                 self.residuals.take_rows(table, ks, dim, &mut residual);
-                compress::encode_with_feedback(codec, g, &mut residual, dim, seed, &mut grads)?;
+                compress::encode_with_feedback(codec, &g, &mut residual, dim, seed, &mut out)?;
                 self.residuals.put_rows(table, ks, dim, &residual);
+                out.into()
             } else {
-                compress::encode(codec, g, dim, seed, &mut grads);
-            }
+                let mut out = Vec::new();
+                compress::encode(codec, &g, dim, seed, &mut out);
+                out.into()
+            };
             let mut meta = self.next_meta(i, clock, read_clock, tick);
             meta.codecs = compress::codecs_tag([codec.kind()]);
             let msg = pb::PushSparseRequest {
                 table: table.to_string(),
                 keys: codec::encode_u64(ks),
-                grads: grads.into(),
+                grads,
                 meta: Some(meta),
             };
             self.count_pushed(&msg);
@@ -1009,7 +1018,7 @@ async fn hot_call<M, R, F, Fut>(
     grpc: F,
 ) -> std::result::Result<tonic::Response<R>, tonic::Status>
 where
-    M: Message,
+    M: Body,
     R: Message + Default,
     F: FnOnce(tonic::Request<M>) -> Fut,
     Fut: std::future::Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,

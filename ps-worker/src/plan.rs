@@ -118,11 +118,6 @@ impl SparsePlan {
         }
         Ok(SparsePlan { keys: unique, ranges, first, repeats })
     }
-
-    /// Number of distinct keys.
-    pub fn unique(&self) -> usize {
-        self.keys.len()
-    }
 }
 
 #[cfg(test)]
@@ -149,11 +144,11 @@ mod tests {
                 }
                 prop_assert!(plan.first[r.clone()].windows(2).all(|w| w[0] < w[1]), "in batch order");
             }
-            prop_assert_eq!(plan.ranges.last().map_or(0, |r| r.end), plan.unique());
+            prop_assert_eq!(plan.ranges.last().map_or(0, |r| r.end), plan.keys.len());
             let mut distinct = plan.keys.clone();
             distinct.sort_unstable();
             distinct.dedup();
-            prop_assert_eq!(distinct.len(), plan.unique());
+            prop_assert_eq!(distinct.len(), plan.keys.len());
             for &(p, u) in &plan.repeats {
                 let (p, u) = (p as usize, u as usize);
                 prop_assert_eq!(keys[p], plan.keys[u]);
@@ -165,4 +160,3 @@ mod tests {
         }
     }
 }
-
