@@ -217,7 +217,7 @@ impl OutFrame {
     }
 
     /// The frame's length in bytes, header included.
-    pub fn len(&self) -> usize {
+    fn len(&self) -> usize {
         self.parts.iter().map(Bytes::len).sum::<usize>() + self.head.len()
     }
 
