@@ -884,46 +884,42 @@ impl ShardedClient {
     ) -> Result<()> {
         check_len("gradient", grads.len(), keys.len() * dim)?;
         let plan = SparsePlan::new(keys, self.num_shards())?;
-        // Each shard's rows, one per distinct key: a first occurrence's
-        // gradient, plus its repeats'.
-        let mut merged: Vec<Vec<f32>> =
-            plan.ranges.iter().map(|r| Vec::with_capacity(r.len() * dim)).collect();
-        for (m, r) in merged.iter_mut().zip(&plan.ranges) {
-            for &p in &plan.first[r.clone()] {
-                let p = p as usize;
-                m.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
-            }
+        // One row per distinct key, shard after shard (each shard's rows are
+        // one range): a first occurrence's gradient, plus its repeats'.
+        let mut merged = Vec::with_capacity(plan.keys.len() * dim);
+        for &p in &plan.first {
+            let p = p as usize;
+            merged.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
         }
         for &(p, u) in &plan.repeats {
             let (p, u) = (p as usize, u as usize);
-            let s = plan.ranges.partition_point(|r| r.end <= u);
-            let row = u - plan.ranges[s].start;
-            for (m, v) in merged[s][row * dim..(row + 1) * dim].iter_mut().zip(&grads[p * dim..(p + 1) * dim])
-            {
+            for (m, v) in merged[u * dim..(u + 1) * dim].iter_mut().zip(&grads[p * dim..(p + 1) * dim]) {
                 *m += v;
             }
         }
         let codec = self.codecs_of(table).push;
+        // f32: the rows' own bytes, each shard's request a slice of them (no copy).
+        let raw = (codec == Codec::F32).then(|| codec::into_f32_bytes(std::mem::take(&mut merged)));
         let mut requests = Vec::new();
-        for (i, g) in merged.into_iter().enumerate() {
-            let ks = &plan.keys[plan.ranges[i].clone()];
+        for (i, range) in plan.ranges.iter().enumerate() {
+            let ks = &plan.keys[range.clone()];
             if ks.is_empty() && !tick {
                 continue;
             }
+            let rows = range.start * dim..range.end * dim;
             // int8: one scale per row; top-k: over the whole push.
             let seed = self.seed(clock, table, i as u64);
-            let grads = if codec == Codec::F32 {
-                // The rows' own bytes: no copy.
-                codec::into_f32_bytes(g)
+            let grads = if let Some(raw) = &raw {
+                raw.slice(rows.start * 4..rows.end * 4)
             } else if codec.is_lossy() && self.error_feedback {
-                let (mut residual, mut out) = (vec![0.0f32; g.len()], Vec::new());
+                let (mut residual, mut out) = (vec![0.0f32; rows.len()], Vec::new());
                 self.residuals.take_rows(table, ks, dim, &mut residual);
-                compress::encode_with_feedback(codec, &g, &mut residual, dim, seed, &mut out)?;
+                compress::encode_with_feedback(codec, &merged[rows], &mut residual, dim, seed, &mut out)?;
                 self.residuals.put_rows(table, ks, dim, &residual);
                 out.into()
             } else {
                 let mut out = Vec::new();
-                compress::encode(codec, &g, dim, seed, &mut out);
+                compress::encode(codec, &merged[rows], dim, seed, &mut out);
                 out.into()
             };
             let mut meta = self.next_meta(i, clock, read_clock, tick);

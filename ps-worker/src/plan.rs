@@ -46,14 +46,12 @@ impl SparsePlan {
         }
         let shards = num_shards.max(1) as usize;
         // Buckets per shard: a power of two, so a key's bucket within its
-        // shard is the top bits of the hash whose remainder is its shard
-        // (`partition::key_shard`).
+        // shard is the top bits of its hash.
         let per_shard = (n / shards / BUCKET_KEYS).max(1).next_power_of_two();
         let shift = 64 - per_shard.trailing_zeros();
         let bucket_of = |key: u64| {
-            let h = splitmix64(key);
-            let top = if shift == 64 { 0 } else { (h >> shift) as usize };
-            (h % shards as u64) as usize * per_shard + top
+            let top = splitmix64(key).checked_shr(shift).unwrap_or(0) as usize;
+            key_shard(key, shards as u32) as usize * per_shard + top
         };
 
         // Counting sort of (key, position) by bucket, stable.
