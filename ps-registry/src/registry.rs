@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::error::BoxDynError;
-use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::migrate::{MigrateError, Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::{Any, AnyPool, Executor as _, Row as _, Transaction};
 
 use crate::error::{Error, Result};
@@ -226,19 +226,38 @@ impl Registry {
             })
             .connect(&url)
             .await?;
+        // SQLite answers BUSY at once, without waiting out the busy timeout,
+        // where waiting could deadlock: a connection that read the file and
+        // now wants to write while another writes (switching to WAL, a
+        // migration's first statement). Opening retries those until
+        // `SQLITE_BUSY_TIMEOUT_MS` has passed.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(SQLITE_BUSY_TIMEOUT_MS.into());
         if backend == Backend::Sqlite {
             // Readers then never wait for the writer (persistent in the file).
-            pool.execute("PRAGMA journal_mode = WAL").await?;
+            while let Err(e) = pool.execute("PRAGMA journal_mode = WAL").await {
+                if !is_busy(&e) || tokio::time::Instant::now() >= deadline {
+                    return Err(e.into());
+                }
+                busy_pause().await;
+            }
         }
         let migrator = Migrator::new(Migrations).await?;
         // PostgreSQL's migrator takes an advisory lock; SQLite's takes none,
         // but applies each migration and its bookkeeping in one transaction.
         // So of processes migrating a file at once, one fails (the table or
         // column exists) whenever another has committed a migration first.
-        // Each failure means another migration committed, so after one try
-        // per migration the schema is applied.
+        // Each such failure means another migration committed, so after one
+        // try per migration the schema is applied; BUSY answers do not count.
         let mut tries = 0;
         while let Err(e) = migrator.run(&pool).await {
+            let busy = match &e {
+                MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => is_busy(e),
+                _ => false,
+            };
+            if busy && tokio::time::Instant::now() < deadline {
+                busy_pause().await;
+                continue;
+            }
             tries += 1;
             if backend == Backend::Postgres || tries > MIGRATIONS.len() {
                 return Err(e.into());
@@ -632,6 +651,22 @@ fn to_json<V: serde::Serialize>(map: &BTreeMap<String, V>) -> String {
 
 fn now() -> String {
     humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// Whether `e` is SQLite's BUSY or LOCKED (primary result codes 5 and 6,
+/// extended codes included): another connection holds the lock now.
+fn is_busy(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else { return false };
+    db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| matches!(c & 0xff, 5 | 6))
+}
+
+/// A short pause before trying a busy SQLite file again, 5-20 ms so that
+/// openers racing each other fall out of step.
+async fn busy_pause() {
+    let jitter = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() % 15);
+    tokio::time::sleep(Duration::from_millis(5 + u64::from(jitter))).await;
 }
 
 /// A SQLite URL that creates its file (and folder) if missing.
