@@ -208,7 +208,7 @@ impl Registry {
         let backend = Backend::of_url(url)?;
         let url = match backend {
             Backend::Sqlite => sqlite_url(url)?,
-            Backend::Postgres => url.to_string(),
+            Backend::Postgres => postgres_url(url),
         };
         let pool = AnyPoolOptions::new()
             .max_connections(4)
@@ -669,6 +669,23 @@ async fn busy_pause() {
     tokio::time::sleep(Duration::from_millis(5 + u64::from(jitter))).await;
 }
 
+/// A PostgreSQL URL that, unless it names an `sslmode`, connects over TLS
+/// and checks the server's certificate and name (`sslmode=verify-full`;
+/// PostgreSQL's own default, `prefer`, falls back to plaintext and checks
+/// nothing). The server's CA comes from `sslrootcert=PATH`, else the Mozilla
+/// roots; `sslcert=`/`sslkey=` add a client certificate. Plaintext only
+/// when asked for: `sslmode=disable`.
+fn postgres_url(url: &str) -> String {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    if query.split('&').any(|kv| kv.starts_with("sslmode=")) {
+        url.to_string()
+    } else if url.contains('?') {
+        format!("{url}&sslmode=verify-full")
+    } else {
+        format!("{url}?sslmode=verify-full")
+    }
+}
+
 /// A SQLite URL that creates its file (and folder) if missing.
 fn sqlite_url(url: &str) -> Result<String> {
     let rest = url.strip_prefix("sqlite:").ok_or_else(|| Error::Url(url.into()))?;
@@ -802,6 +819,12 @@ mod tests {
         assert_eq!(sqlite_url("sqlite::memory:").unwrap(), "sqlite::memory:");
         assert_eq!(sqlite_url("sqlite://x.db?mode=ro").unwrap(), "sqlite://x.db?mode=ro");
         assert_eq!(sqlite_url("sqlite://x.db?cache=shared").unwrap(), "sqlite://x.db?cache=shared&mode=rwc");
+        assert_eq!(postgres_url("postgres://u@h/db"), "postgres://u@h/db?sslmode=verify-full");
+        assert_eq!(
+            postgres_url("postgres://u@h/db?sslrootcert=/ca.pem"),
+            "postgres://u@h/db?sslrootcert=/ca.pem&sslmode=verify-full"
+        );
+        assert_eq!(postgres_url("postgres://u@h/db?sslmode=disable"), "postgres://u@h/db?sslmode=disable");
 
         assert!(check_model_name("mnist_mlp").is_ok() && check_model_name("a9a-v2.1").is_ok());
         for bad in ["", "-x", "a:b", "a@b", "a b", &"m".repeat(129)] {

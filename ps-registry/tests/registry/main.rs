@@ -47,7 +47,8 @@ fn main() -> ExitCode {
     let tmp = std::env::temp_dir().join(format!("ps-registry-test-{}", std::process::id()));
     let (mut passed, mut failed) = (0, Vec::new());
     for backend in ["sqlite", "postgres"] {
-        for (name, scenario) in scenarios::ALL {
+        let only_here: &[_] = if backend == "postgres" { scenarios::POSTGRES } else { &[] };
+        for (name, scenario) in scenarios::ALL.iter().chain(only_here) {
             let id = format!("{backend}::{name}");
             if !id.contains(&filter) {
                 continue;
@@ -58,7 +59,11 @@ fn main() -> ExitCode {
                 let url = match backend {
                     "sqlite" => format!("sqlite://{}/registry.db", root.display()),
                     _ => {
-                        let mut admin = sqlx::AnyConnection::connect(&pg.url("postgres")).await?;
+                        let mut admin = sqlx::AnyConnection::connect(&format!(
+                            "{}&sslmode=verify-full",
+                            pg.url("postgres")
+                        ))
+                        .await?;
                         admin.execute(format!("CREATE DATABASE {name}").as_str()).await?;
                         pg.url(name)
                     }

@@ -1,12 +1,13 @@
 //! A throwaway PostgreSQL server for the tests: `initdb` into a temporary
 //! folder, `pg_ctl start` on a free loopback port, `pg_ctl stop -m immediate`
-//! and the folder removed on drop (also when a test panics).
+//! and the folder removed on drop (also when a test panics). TCP clients
+//! must use TLS (`hostssl` only), with a certificate from a CA made here.
 //!
 //! The binaries come from `$PG_BINDIR`, else `pg_config --bindir`. PostgreSQL
 //! refuses to run as root, so as root every command runs as the `postgres`
 //! system user (`runuser -u postgres --`), in a folder that user owns.
 
-use std::os::unix::fs::MetadataExt as _;
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -41,10 +42,19 @@ impl Postgres {
         let mut pg = Postgres { bindir, dir, run_as, port: free_port()? };
         let data = pg.data()?;
         pg.run("initdb", &["-D", &data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"])?;
+        // TCP clients must use TLS: plaintext ones are rejected.
+        std::fs::write(
+            Path::new(&data).join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 127.0.0.1/32 reject\n",
+        )?;
+        let (cert, key) = pg.server_certificate()?;
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=60 -c ssl=on \
+             -c ssl_cert_file={} -c ssl_key_file={}",
             pg.port,
-            pg.dir.display()
+            pg.dir.display(),
+            cert.display(),
+            key.display()
         );
         let log = pg.dir.join("server.log");
         let log_arg = log.to_string_lossy();
@@ -58,9 +68,39 @@ impl Postgres {
         Ok(pg)
     }
 
-    /// A URL for database `db` as the superuser.
+    /// A URL for database `db` as the superuser, trusting the server's CA;
+    /// the registry adds `sslmode=verify-full` itself.
     pub fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+        format!("postgres://postgres@127.0.0.1:{}/{db}?sslrootcert={}", self.port, self.ca().display())
+    }
+
+    /// The CA (PEM) that signed the server's certificate.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// Makes a CA ([`Postgres::ca`]) and a server certificate for 127.0.0.1
+    /// signed by it; returns the certificate's and key's paths. The key is
+    /// the server user's, readable by it alone, as PostgreSQL demands.
+    fn server_certificate(&self) -> anyhow::Result<(PathBuf, PathBuf)> {
+        let (ca, issuer) = test_ca("registry test CA")?;
+        std::fs::write(self.ca(), ca)?;
+        let key = rcgen::KeyPair::generate()?;
+        let mut params =
+            rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+        params.distinguished_name.push(rcgen::DnType::CommonName, "postgres");
+        let cert = params.signed_by(&key, &issuer)?;
+        let (cert_path, key_path) = (self.dir.join("server.crt"), self.dir.join("server.key"));
+        std::fs::write(&cert_path, cert.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+        if self.run_as.is_some() {
+            let (uid, gid) = user_ids("postgres")?;
+            for path in [&cert_path, &key_path] {
+                std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+            }
+        }
+        Ok((cert_path, key_path))
     }
 
     fn data(&self) -> anyhow::Result<String> {
@@ -104,6 +144,16 @@ impl Drop for Postgres {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A self-signed CA named `cn`: its certificate (PEM) and what signs with it.
+pub fn test_ca(cn: &str) -> anyhow::Result<(String, rcgen::Issuer<'static, rcgen::KeyPair>)> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), rcgen::Issuer::new(params, key)))
 }
 
 /// Where `initdb`, `pg_ctl` and `postgres` are.

@@ -26,6 +26,10 @@ pub const ALL: &[(&str, Scenario)] = &[
     ("sealed_artifacts", |e| Box::pin(sealed_artifacts(e))),
 ];
 
+/// Scenarios of the PostgreSQL backend alone.
+pub const POSTGRES: &[(&str, Scenario)] =
+    &[("tls_required_and_checked", |e| Box::pin(tls_required_and_checked(e)))];
+
 /// A small valid model (a 2-3-2 MLP) whose values, and so hash, depend on `seed`.
 fn model(seed: u32) -> SavedModel {
     let t = |name: &str, shape: Vec<usize>| {
@@ -373,5 +377,42 @@ async fn sealed_artifacts(env: Env) -> anyhow::Result<()> {
     for r in [&by_other, &no_keys, &encrypted, &reader] {
         r.close().await;
     }
+    Ok(())
+}
+
+/// The registry speaks TLS to PostgreSQL and checks whom it speaks to. The
+/// test server rejects plaintext (`hostnossl ... reject`); the registry
+/// opens with the server's CA, and refuses, before anything is written, a
+/// CA that did not sign the server's certificate and no CA at all (the
+/// Mozilla roots: a private CA is not among them). Asked for plaintext
+/// (`sslmode=disable`), it is the server that refuses.
+async fn tls_required_and_checked(env: Env) -> anyhow::Result<()> {
+    let reg = open(&env).await?;
+    register_n(&reg, "mnist", 1).await?;
+    reg.close().await;
+    let (other_ca, _) = crate::pg::test_ca("another CA")?;
+    let other = env.root.join("other-ca.pem");
+    std::fs::write(&other, other_ca)?;
+    let base = env.url.split_once('?').map_or(env.url.as_str(), |(b, _)| b);
+    for (what, url, expect) in [
+        (
+            "a CA that did not sign the server",
+            format!("{base}?sslrootcert={}", other.display()),
+            "certificate",
+        ),
+        ("no CA (the Mozilla roots)", base.to_string(), "certificate"),
+        ("plaintext", format!("{base}?sslmode=disable"), "no encryption"),
+    ] {
+        match Registry::open(&url, &env.root).await {
+            Ok(_) => anyhow::bail!("{what}: the registry opened"),
+            Err(e) => {
+                let msg = e.to_string();
+                ensure!(matches!(e, Error::Db(_)), "{what}: {msg}");
+                ensure!(msg.contains(expect), "{what}: expected `{expect}` in: {msg}");
+            }
+        }
+    }
+    let reg = open(&env).await?;
+    ensure!(reg.versions(Some("mnist")).await?.len() == 1, "the refused opens changed nothing");
     Ok(())
 }
