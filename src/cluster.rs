@@ -291,6 +291,15 @@ impl Servers {
         Ok(None)
     }
 
+    /// Whether a checkpoint could restore a shard now: checkpoints are off,
+    /// or one is complete (then a shard killed by fault injection tests
+    /// recovery, not the error of dying before the first checkpoint).
+    fn recoverable(&self) -> bool {
+        let Some(root) = &self.checkpoint_dir else { return true };
+        let Ok(keys) = self.seal.load() else { return true };
+        ps_server::checkpoint::latest(root, &keys).is_ok_and(|c| c.is_some())
+    }
+
     /// SIGTERM to every shard; SIGKILL to any still running after `grace`.
     pub async fn stop(mut self, grace: Duration) {
         for c in &self.children {
@@ -425,6 +434,7 @@ pub async fn run_workers(
                 }
                 if let Some((s, at)) = kill_server_at
                     && !server_killed && tokio::time::Instant::now() >= at
+                    && servers.recoverable()
                 {
                     tracing::warn!(shard = s, "fault injection: SIGKILL to a shard");
                     servers.kill(s);

@@ -207,8 +207,9 @@ struct TrainArgs {
     /// Fault injection: SIGKILL worker W after S seconds (`W:S`).
     #[arg(long, value_parser = parse_kill)]
     kill_worker: Option<(usize, f64)>,
-    /// Fault injection: SIGKILL shard N after S seconds (`N:S`); the
-    /// launcher restarts it from the newest checkpoint.
+    /// Fault injection: SIGKILL shard N after S seconds (`N:S`), and not
+    /// before the run's first complete checkpoint; the launcher restarts it
+    /// from the newest checkpoint.
     #[arg(long, value_parser = parse_kill)]
     kill_server: Option<(usize, f64)>,
     /// Continue a stopped run: its run folder (newest checkpoint) or one

@@ -280,7 +280,9 @@ pub(crate) fn train_with_a_fault(
         if let Some(status) = child.try_wait().expect("wait for ps-cluster") {
             break status;
         }
-        if started.elapsed() > Duration::from_secs(28) {
+        // Generous: a deadlock never ends, and two of these runs share two
+        // cores with the other tests of this binary.
+        if started.elapsed() > Duration::from_secs(90) {
             let _ = child.kill();
             let _ = child.wait();
             panic!(
@@ -336,7 +338,7 @@ straggler = {{ kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 1
     // The shards answered stats after the SIGKILL, and the final evaluation ran.
     assert_eq!(stats["shards"].as_array().map(Vec::len), Some(2), "{stats}");
     assert!(summary["test_score"].as_f64().is_some_and(|a| a > 0.5), "{summary}");
-    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
 }
 
 #[test]
@@ -378,7 +380,7 @@ straggler = { kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 10
     }
     assert!(summary["checkpoints"]["taken"].as_u64().is_some_and(|n| n >= 2), "{summary}");
     assert!(summary["test_score"].as_f64().is_some_and(|a| a > 0.5), "{summary}");
-    assert!(elapsed < Duration::from_secs(30), "took {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(60), "took {elapsed:?}");
 }
 
 /// Every descendant of `pid` (children of all its threads, recursively).
