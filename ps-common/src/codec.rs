@@ -83,8 +83,9 @@ pub fn decode_f32_into(what: &'static str, bytes: &[u8], out: &mut [f32]) -> Res
 
 /// Unpacks little-endian f32 bytes into a new vector.
 pub fn decode_f32(what: &'static str, bytes: &[u8]) -> Result<Vec<f32>> {
-    let mut out = vec![0.0; f32_len(what, bytes)?];
-    decode_f32_into(what, bytes, &mut out)?;
+    // Filled in one pass (no zeroing first): a copy on little-endian.
+    let mut out = Vec::with_capacity(f32_len(what, bytes)?);
+    out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
     Ok(out)
 }
 
