@@ -146,9 +146,10 @@ impl Block {
 /// about as much as its apply (docs/PERFORMANCE.md).
 fn first_outside(values: &[f32], bound: f32) -> Option<usize> {
     const STRIDE: usize = 64;
+    let inside = |v: &f32| v.abs() <= bound;
     values.chunks(STRIDE).enumerate().find_map(|(i, c)| {
-        let all_in = c.iter().fold(true, |ok, v| ok & (v.abs() <= bound));
-        if all_in { None } else { c.iter().position(|v| !(v.abs() <= bound)).map(|j| i * STRIDE + j) }
+        let all_in = c.iter().fold(true, |ok, v| ok & inside(v));
+        if all_in { None } else { c.iter().position(|v| !inside(v)).map(|j| i * STRIDE + j) }
     })
 }
 
