@@ -73,8 +73,12 @@ async fn grpc(running: &Running) -> PredictionClient<tonic::transport::Channel> 
     PredictionClient::connect(format!("http://{}", running.grpc)).await.unwrap()
 }
 
+/// A connection per request: a server may close a connection after refusing
+/// a request (a body over the limit is answered 413 without being read), and
+/// a pooled client that sends the next request on it before noticing fails
+/// with `IncompleteMessage` (seen once under load).
 fn http_client() -> Client<HttpConnector, Full<Bytes>> {
-    Client::builder(TokioExecutor::new()).build_http()
+    Client::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build_http()
 }
 
 /// `POST` (with a body) or `GET` (without); the status and the JSON answer
