@@ -63,19 +63,31 @@ pub fn run(args: &Args) -> Result<()> {
         .build()
         .map_err(|source| Error::Io { what: "starting the runtime".into(), source })?;
     let id = WorkerId { index: args.index, count: args.workers };
-    runtime.block_on(async {
-        let Some(addr) = args.metrics else {
-            return train::run(&config.job, &args.servers, id, &mut StdoutReporter).await;
+    let (servers, metrics) = (args.servers.clone(), args.metrics);
+    let training = async move {
+        let Some(addr) = metrics else {
+            return train::run(&config.job, &servers, id, &mut StdoutReporter).await;
         };
-        let (registry, metrics) = WorkerMetrics::registry(args.index);
+        let (registry, metrics) = WorkerMetrics::registry(id.index);
         let (bound, task) = ps_common::metrics::serve(addr, Arc::new(registry))
             .await
             .map_err(|source| Error::Io { what: format!("binding the metrics listener {addr}"), source })?;
         tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
         let mut reporter = MetricsReporter { inner: &mut StdoutReporter, metrics };
-        let result = train::run(&config.job, &args.servers, id, &mut reporter).await;
+        let result = train::run(&config.job, &servers, id, &mut reporter).await;
         task.abort();
         result
+    };
+    // The training runs as a task on the runtime's threads, not in
+    // `block_on` on this one: there, every answer a runtime thread's I/O
+    // driver received had to wake this thread first (measured on the
+    // reference run, 2 + 2: 25 to 30% more samples/s as a task).
+    runtime.block_on(async move {
+        match tokio::spawn(training).await {
+            Ok(result) => result,
+            // Not cancelled: nothing aborts it, and the runtime outlives it.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
     })
 }
 
