@@ -126,6 +126,18 @@ impl FrameReader {
 /// Bytes fields at least this long are written from their own buffer.
 const SPLIT_AT: usize = 64 << 10;
 
+/// Read buffer beneath a TLS session. rustls reads at most 4 KiB from its
+/// transport per call (its deframer's `READ_SIZE`), so a 110 KB frame took
+/// about 27 `recvfrom` calls, 4.6 times as many as in plaintext (strace of
+/// a shard in the reference run); through this buffer it takes one or two.
+pub const TLS_READ_BUFFER: usize = 64 << 10;
+
+/// `tcp` with a [`TLS_READ_BUFFER`]-sized read buffer, for a TLS session to
+/// run on (writes pass straight through).
+pub fn tls_transport(tcp: TcpStream) -> tokio::io::BufReader<TcpStream> {
+    tokio::io::BufReader::with_capacity(TLS_READ_BUFFER, tcp)
+}
+
 /// An outgoing frame. Its header and small fields are encoded into one
 /// buffer; its large `bytes` fields (a pull's rows, a push's gradients and
 /// keys) are written from their own buffers after the field's key and
@@ -498,13 +510,15 @@ impl DataLink {
             keep_alive(&tcp, interval, timeout);
         }
         let io: Box<dyn Io> = match &link.tls {
-            Some((connector, name)) => Box::new(connector.connect(name.clone(), tcp).await.map_err(|e| {
-                Status::unavailable(format!(
-                    "data plane {}: TLS: {}",
-                    self.addr(),
-                    crate::transport::error_chain(&e)
-                ))
-            })?),
+            Some((connector, name)) => {
+                Box::new(connector.connect(name.clone(), tls_transport(tcp)).await.map_err(|e| {
+                    Status::unavailable(format!(
+                        "data plane {}: TLS: {}",
+                        self.addr(),
+                        crate::transport::error_chain(&e)
+                    ))
+                })?)
+            }
             None => Box::new(tcp),
         };
         let mut conn = Conn { io, reader: FrameReader::new(link.max), out: OutFrame::default() };

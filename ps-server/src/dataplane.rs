@@ -92,8 +92,9 @@ async fn connection(
     match tls {
         None => serve_stream(service, tcp, Peer { addr, certificate: None }, max).await,
         Some(acceptor) => {
-            let stream =
-                tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(tcp)).await.map_err(|_| {
+            let stream = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(dataplane::tls_transport(tcp)))
+                .await
+                .map_err(|_| {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
                 })??;
             let certificate =
