@@ -278,7 +278,11 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { epochs, reps, only } => {
             let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
             let opts = paramserver::bench::BenchOptions { epochs, reps, only };
-            Ok(tokio_runtime()?.block_on(paramserver::bench::run_all(&exe, DEFAULT_CONFIG, &opts))?)
+            // From a task on the runtime's threads, as a worker runs: the
+            // transport figures and their TCP baselines measured from
+            // `block_on` paid a wake-up of the main thread per answer.
+            let bench = async move { paramserver::bench::run_all(&exe, DEFAULT_CONFIG, &opts).await };
+            Ok(tokio_runtime()?.block_on(async { tokio::spawn(bench).await })??)
         }
         Command::Sweep { file, out, fresh, list, report } => {
             let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
