@@ -389,9 +389,10 @@ async fn transport(reps: u32) -> Result<()> {
         }
         if n == REFERENCE_PARAMS {
             // The trainer's iteration: push of clock c with the pull of c + 1.
+            let grads = buf.clone();
             let t = Instant::now();
             for c in 0..u64::from(r) {
-                client.push_and_pull_dense(&set, &buf.clone(), c, &mut buf).await?;
+                client.push_and_pull_dense(&set, &grads, c, &mut buf).await?;
             }
             let both = t.elapsed() / r;
             let tcp_both = tcp.time(bytes, bytes, r).await.map_err(io("TCP push + pull"))?;
