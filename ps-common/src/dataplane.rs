@@ -130,7 +130,7 @@ const SPLIT_AT: usize = 64 << 10;
 /// transport per call (its deframer's `READ_SIZE`), so a 110 KB frame took
 /// about 27 `recvfrom` calls, 4.6 times as many as in plaintext (strace of
 /// a shard in the reference run); through this buffer it takes one or two.
-pub const TLS_READ_BUFFER: usize = 64 << 10;
+const TLS_READ_BUFFER: usize = 64 << 10;
 
 /// `tcp` with a [`TLS_READ_BUFFER`]-sized read buffer, for a TLS session to
 /// run on (writes pass straight through).
