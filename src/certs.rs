@@ -9,9 +9,12 @@
 //! | `serve.pem`, `.key` | `serve` | `ps-serve`'s listeners (same SANs) |
 //! | `admin.pem`, `.key` | `admin` | the launcher and operators (register, checkpoint, stats) |
 //! | `reader.pem`, `.key` | `reader` | read-only clients (`ps-serve --online`, evaluation) |
-//! | `worker-N.pem`, `.key` | `worker:N` | worker N |
+//! | `worker-N.pem`, `.key` | `worker:N` | worker N; also its `/metrics` over HTTPS (SAN: `worker-N` only) |
 //!
-//! The Subject CN is the principal the shards' role checks read. Keys are
+//! The Subject CN is the principal the shards' role checks read. A worker's
+//! certificate serves its metrics endpoint under the name `worker-N` alone,
+//! never the shards' names, so that a worker's key cannot pose as a shard
+//! (a scraper checks it with `server_name = worker-N`). Keys are
 //! written with mode 0600. The CA key stays in the folder so that more
 //! certificates can be made later by hand; a production deployment brings
 //! its own CA instead (docs/SECURITY.md).
@@ -94,27 +97,28 @@ pub fn create(dir: &Path, opts: &Options) -> Result<Vec<PathBuf>> {
 
     let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
     sans.extend(opts.hosts.iter().filter(|h| !h.is_empty()).cloned());
-    let mut leaves: Vec<(String, String, bool)> = vec![
-        ("shard".into(), "shard".into(), true),
-        ("serve".into(), "serve".into(), true),
-        ("admin".into(), "admin".into(), false),
-        ("reader".into(), "reader".into(), false),
+    // (file, principal, server names, client usage)
+    let mut leaves: Vec<(String, String, Vec<String>, bool)> = vec![
+        ("shard".into(), "shard".into(), sans.clone(), false),
+        ("serve".into(), "serve".into(), sans.clone(), false),
+        ("admin".into(), "admin".into(), Vec::new(), true),
+        ("reader".into(), "reader".into(), Vec::new(), true),
     ];
-    leaves.extend((0..opts.workers).map(|i| (worker_file(i), worker_principal(i), false)));
-    for (file, principal, server) in leaves {
-        let mut p = if server {
-            CertificateParams::new(sans.clone()).map_err(cert_error("the server names (--hosts)"))?
-        } else {
-            CertificateParams::default()
-        };
+    leaves
+        .extend((0..opts.workers).map(|i| (worker_file(i), worker_principal(i), vec![worker_file(i)], true)));
+    for (file, principal, names, client) in leaves {
+        let mut p =
+            CertificateParams::new(names.clone()).map_err(cert_error("the server names (--hosts)"))?;
         p.distinguished_name = name(&principal);
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
+        p.extended_key_usages = Vec::new();
+        if !names.is_empty() {
+            p.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+        }
+        if client {
+            p.extended_key_usages.push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
         p.use_authority_key_identifier_extension = true;
         validity(&mut p);
         let key = KeyPair::generate().map_err(cert_error("generating a key"))?;

@@ -171,23 +171,28 @@ impl Servers {
             seal: opts.seal.clone(),
         };
         for shard in 0..n {
-            servers.metrics_addrs.push(free_loopback_addr()?);
-            let (child, addr) = servers.spawn(shard, n, "127.0.0.1:0", opts.restore.as_deref()).await?;
+            // Port 0 for both: each shard binds its own ports and tells them,
+            // so no other process can take a port between choice and bind.
+            let (child, addr, metrics) =
+                servers.spawn(shard, n, "127.0.0.1:0", "127.0.0.1:0", opts.restore.as_deref()).await?;
             servers.addrs.push(addr);
+            servers.metrics_addrs.push(metrics);
             servers.children.push(child);
         }
         Ok(servers)
     }
 
-    /// Starts shard `shard` of `n` listening on `listen`; waits until it
-    /// prints its address.
+    /// Starts shard `shard` of `n` listening on `listen` (metrics on
+    /// `metrics`); waits until it is ready and returns its gRPC and metrics
+    /// addresses, as the shard printed them.
     async fn spawn(
         &self,
         shard: u32,
         n: u32,
         listen: &str,
+        metrics: &str,
         restore: Option<&Path>,
-    ) -> Result<(Child, String)> {
+    ) -> Result<(Child, String, String)> {
         let log_path = self.log_dir.join(format!("server-{shard}.log"));
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -216,9 +221,7 @@ impl Servers {
                 cmd.arg(flag).arg(p);
             }
         }
-        if let Some(addr) = self.metrics_addrs.get(shard as usize) {
-            cmd.args(["--metrics", addr]);
-        }
+        cmd.args(["--metrics", metrics]);
         cmd.args(self.security.args());
         if matches!(self.security, Security::Tls(_)) {
             cmd.arg("--client-auth");
@@ -231,16 +234,10 @@ impl Servers {
         let stdout = child.stdout.take().expect("stdout is piped");
         let mut lines = BufReader::new(stdout).lines();
         let fail = |reason: String| Error::ServerStart { shard, reason, log: log_path.display().to_string() };
-        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-            .await
-            .map_err(|_| fail("no address within 30 s".into()))?
-            .map_err(|e| fail(e.to_string()))?
-            .ok_or_else(|| fail("exited before listening".into()))?;
-        let addr = first
-            .strip_prefix("listening on ")
-            .ok_or_else(|| fail(format!("unexpected first line `{first}`")))?
-            .to_string();
-        Ok((child, addr))
+        // The shard prints both lines at once, when it is ready.
+        let addr = announced(&mut lines, "listening on ").await.map_err(fail)?;
+        let metrics = announced(&mut lines, "metrics on ").await.map_err(fail)?;
+        Ok((child, addr, metrics))
     }
 
     pub fn pids(&self) -> Vec<u32> {
@@ -278,8 +275,9 @@ impl Servers {
                 why: "no checkpoint was complete yet".into(),
             })?;
             tracing::warn!(shard, %exit, checkpoint = %checkpoint.dir.display(), "shard died; restarting it");
-            let listen = self.addrs[shard].clone();
-            let (child, _) = self.spawn(shard as u32, n, &listen, Some(&checkpoint.dir)).await?;
+            // The same ports again: the workers know the one, metrics.txt the other.
+            let (listen, metrics) = (self.addrs[shard].clone(), self.metrics_addrs[shard].clone());
+            let (child, _, _) = self.spawn(shard as u32, n, &listen, &metrics, Some(&checkpoint.dir)).await?;
             self.children[shard] = child;
             return Ok(Some(Restart {
                 shard: shard as u32,
@@ -311,6 +309,21 @@ impl Servers {
             }
         }
     }
+}
+
+/// The address a shard announces on its next stdout line, `PREFIX ADDR`.
+async fn announced(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    prefix: &str,
+) -> std::result::Result<String, String> {
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .map_err(|_| "no address within 30 s".to_string())?
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "exited before listening".to_string())?;
+    line.strip_prefix(prefix)
+        .map(str::to_string)
+        .ok_or_else(|| format!("`{line}` where `{prefix}ADDR` was expected"))
 }
 
 /// What the launcher learns from a run.
@@ -359,9 +372,9 @@ pub async fn run_workers(
     let mut metrics = MetricsLine::create(opts.run_dir, opts.append_metrics)?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, Option<Event>, Option<String>)>();
     let mut children = Vec::new();
-    let worker_metrics = (0..opts.workers).map(|_| free_loopback_addr()).collect::<Result<Vec<_>>>()?;
-    write_metrics_file(opts.run_dir, &servers.metrics_addrs, &worker_metrics)?;
-    for (index, metrics_addr) in worker_metrics.iter().enumerate() {
+    // The shards' endpoints now, each worker's when it reports the port it bound.
+    let mut endpoints = MetricsFile::create(opts.run_dir, &servers.metrics_addrs, opts.security)?;
+    for index in 0..opts.workers as usize {
         let log_path = opts.run_dir.join(format!("worker-{index}.log"));
         let log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
         let mut cmd = command(opts.exe);
@@ -375,7 +388,7 @@ pub async fn run_workers(
             .arg(opts.config_path)
             .args(["--servers", &servers.addrs.join(",")])
             .args(["--index", &index.to_string(), "--workers", &opts.workers.to_string()])
-            .args(["--metrics", metrics_addr])
+            .args(["--metrics", "127.0.0.1:0"])
             .args(opts.security.args())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -416,7 +429,7 @@ pub async fn run_workers(
                 return Err(Error::Interrupted);
             }
             Some((index, event, _)) = rx.recv() => {
-                if let Some(e) = event {
+                if let Some(e) = event.and_then(|e| endpoints.take(e)) {
                     record(&mut metrics, started, index, &e);
                     if matches!(e, Event::Done(_)) {
                         outcome.done.push(e.clone());
@@ -460,6 +473,7 @@ pub async fn run_workers(
     }
     // Drain events still buffered after the last exit.
     while let Ok((index, Some(e), _)) = rx.try_recv() {
+        let Some(e) = endpoints.take(e) else { continue };
         record(&mut metrics, started, index, &e);
         if matches!(e, Event::Done(_)) {
             outcome.done.push(e.clone());
@@ -474,25 +488,49 @@ pub async fn run_workers(
 /// The file of a run folder that lists each process's metrics endpoint.
 pub const METRICS_FILE: &str = "metrics.txt";
 
-/// A loopback address with a port free right now, for a child's metrics
-/// listener (the child binds it a moment later; another process taking the
-/// port in between makes that child fail to start, naming the address).
-pub fn free_loopback_addr() -> Result<String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(io("finding a free port"))?;
-    Ok(listener.local_addr().map_err(io("finding a free port"))?.to_string())
+/// `metrics.txt`: one line per process, `shard-N URL` or `worker-N URL`, so
+/// that a user can curl them while the run trains (HTTPS with TLS on: a
+/// shard's certificate names 127.0.0.1, worker N's names `worker-N`). The
+/// shards' lines are written at once; a worker's when it reports the port
+/// it bound.
+struct MetricsFile {
+    path: PathBuf,
+    file: std::fs::File,
+    scheme: &'static str,
 }
 
-/// Writes `metrics.txt`: one line per process, `shard-N URL` or
-/// `worker-N URL`, so that a user can curl them while the run trains.
-fn write_metrics_file(run_dir: &Path, shards: &[String], workers: &[String]) -> Result<()> {
-    let lines: Vec<String> =
-        (shards.iter().enumerate().map(|(i, a)| format!("shard-{i} http://{a}/metrics")))
-            .chain(workers.iter().enumerate().map(|(i, a)| format!("worker-{i} http://{a}/metrics")))
-            .collect();
-    let path = run_dir.join(METRICS_FILE);
-    std::fs::write(&path, lines.join("\n") + "\n").map_err(io(format!("writing {}", path.display())))?;
-    tracing::info!(file = %path.display(), "metrics endpoints written");
-    Ok(())
+impl MetricsFile {
+    fn create(run_dir: &Path, shards: &[String], security: &Security) -> Result<MetricsFile> {
+        let path = run_dir.join(METRICS_FILE);
+        let file = std::fs::File::create(&path).map_err(io(format!("creating {}", path.display())))?;
+        let scheme = if matches!(security, Security::Tls(_)) { "https" } else { "http" };
+        let mut f = MetricsFile { path, file, scheme };
+        for (i, addr) in shards.iter().enumerate() {
+            f.add(&format!("shard-{i}"), addr);
+        }
+        tracing::info!(file = %f.path.display(), "metrics endpoints written");
+        Ok(f)
+    }
+
+    /// Takes a worker's [`Event::Metrics`] (its line written); hands back
+    /// any other event.
+    fn take(&mut self, event: Event) -> Option<Event> {
+        match event {
+            Event::Metrics { worker, addr } => {
+                self.add(&format!("worker-{worker}"), &addr.to_string());
+                None
+            }
+            e => Some(e),
+        }
+    }
+
+    /// Appends one process's line. A full disk loses the line, not the run.
+    fn add(&mut self, process: &str, addr: &str) {
+        use std::io::Write;
+        if let Err(e) = writeln!(self.file, "{process} {}://{addr}/metrics", self.scheme) {
+            tracing::warn!(file = %self.path.display(), error = %e, "cannot write a metrics endpoint");
+        }
+    }
 }
 
 /// Appends an event to `metrics.jsonl`. A full disk loses curve points, not the run.

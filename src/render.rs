@@ -65,6 +65,7 @@ impl Bars {
                 });
             }
             Event::Done(_) => bar.finish(),
+            Event::Metrics { .. } => {}
         }
     }
 

@@ -375,20 +375,26 @@ pub fn router(registry: Arc<Registry>) -> axum::Router {
     )
 }
 
-/// Binds `addr` and serves `GET /metrics` of `registry` on it, in a task of
-/// the current runtime. Returns the bound address (port 0: a free port) and
-/// the task, which runs until aborted.
+/// Binds `addr` and serves `GET /metrics` of `registry` on it, over HTTPS
+/// with `tls` (plain HTTP without), in a task of the current runtime.
+/// Returns the bound address (port 0: a free port) and the task, which runs
+/// until aborted.
 pub async fn serve(
     addr: SocketAddr,
     registry: Arc<Registry>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(registry)).await {
-            tracing::error!(error = %e, "metrics listener stopped");
-        }
-    });
+    let router = router(registry);
+    let task = match tls {
+        Some(tls) => tokio::spawn(crate::transport::serve_https(listener, router, tls)),
+        None => tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!(error = %e, "metrics listener stopped");
+            }
+        }),
+    };
     Ok((bound, task))
 }
 

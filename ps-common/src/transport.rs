@@ -286,6 +286,59 @@ pub fn rustls_server_config(tls: &TlsConfig) -> Result<std::sync::Arc<tokio_rust
     Ok(std::sync::Arc::new(config))
 }
 
+/// The rustls server settings of a process's `/metrics` over HTTPS: its own
+/// certificate, and no client certificate asked for, whatever its gRPC side
+/// asks. The endpoint shows counters, never parameters; TLS keeps them
+/// private on the wire and lets a scraper check whom it reads, and probes
+/// and scrapers (Kubernetes, Prometheus) need no client identity.
+pub fn metrics_server_config(tls: &TlsConfig) -> Result<std::sync::Arc<tokio_rustls::rustls::ServerConfig>> {
+    rustls_server_config(&TlsConfig { client_auth: false, ..tls.clone() })
+}
+
+/// Serves `router` over HTTPS on `listener` until the task is aborted: each
+/// accepted connection's TLS handshake (bounded in time) and then HTTP/1.1
+/// or HTTP/2 on its own task, so that a slow client holds up no other
+/// (`axum::serve` takes plain TCP listeners only). For `ps-serve`'s HTTP
+/// listener and every process's `/metrics`.
+pub async fn serve_https(
+    listener: TcpListener,
+    router: axum::Router,
+    tls: std::sync::Arc<tokio_rustls::rustls::ServerConfig>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: wait rather than spin.
+                tracing::warn!(error = %e, "HTTPS accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await {
+                tracing::debug!(%peer, error = %e, "HTTPS connection ended with an error");
+            }
+        });
+    }
+}
+
 /// A rustls client configuration from `tls`, for connections tonic does not
 /// make (the data plane, `ps_common::dataplane`): the server must present a
 /// certificate signed by `tls.ca`; this side presents `cert` if given.

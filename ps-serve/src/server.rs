@@ -133,50 +133,7 @@ pub async fn start_with(
                 tracing::error!("HTTP listener stopped: {e}");
             }
         }),
-        Some(tls) => tokio::spawn(serve_https(http_listener, router, tls)),
+        Some(tls) => tokio::spawn(transport::serve_https(http_listener, router, tls)),
     };
     Ok(Running { grpc, http, tasks: vec![grpc_task, http_task] })
-}
-
-/// HTTPS: each accepted connection's TLS handshake (bounded in time) and
-/// then HTTP/1.1 or HTTP/2 on its own task, so that a slow client holds up
-/// no other. (`axum::serve` takes plain TCP listeners only.)
-async fn serve_https(
-    listener: TcpListener,
-    router: axum::Router,
-    tls: Arc<tokio_rustls::rustls::ServerConfig>,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // Out of descriptors and the like: wait rather than spin.
-                tracing::warn!(error = %e, "HTTPS accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let (acceptor, router) = (acceptor.clone(), router.clone());
-        tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        return;
-                    }
-                };
-            let service = hyper_util::service::TowerToHyperService::new(router);
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await {
-                tracing::debug!(%peer, error = %e, "HTTPS connection ended with an error");
-            }
-        });
-    }
 }

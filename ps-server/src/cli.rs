@@ -42,7 +42,8 @@ pub struct Args {
     /// checkpoints (its newest complete one).
     #[arg(long)]
     pub restore: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9100).
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9100;
+    /// HTTPS with TLS on; port 0: a free port, printed as `metrics on ADDR`).
     #[arg(long, env = "PS_METRICS")]
     pub metrics: Option<SocketAddr>,
     /// TLS: this shard's certificate is `shard.pem` in --tls-dir.
@@ -132,8 +133,10 @@ pub fn config(args: &Args) -> Result<ServerConfig> {
     Ok(config)
 }
 
-/// Runs a shard until SIGINT or SIGTERM. Prints `listening on ADDR` as the
-/// first line on stdout.
+/// Runs a shard until SIGINT or SIGTERM. Once it is ready (checkpoint
+/// restored, every listener bound) it prints `listening on ADDR` as the
+/// first line on stdout and, with `--metrics`, `metrics on ADDR` as the
+/// second (the bound ports, useful with port 0).
 pub fn run(args: &Args) -> Result<()> {
     let config = config(args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -145,10 +148,13 @@ pub fn run(args: &Args) -> Result<()> {
         let shard = config.shard;
         crate::bind_and_serve(
             config,
-            |addr| {
-                println!("listening on {addr}");
+            |bound| {
+                println!("listening on {}", bound.grpc);
+                if let Some(metrics) = bound.metrics {
+                    println!("metrics on {metrics}");
+                }
                 let _ = std::io::stdout().flush();
-                tracing::info!(shard, %addr, "shard serving");
+                tracing::info!(shard, addr = %bound.grpc, "shard serving");
             },
             shutdown_signal(),
         )

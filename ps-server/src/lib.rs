@@ -70,7 +70,8 @@ pub struct ServerConfig {
     /// Start from this checkpoint (a checkpoint folder, or a folder of
     /// checkpoints: its newest complete one) instead of empty.
     pub restore: Option<PathBuf>,
-    /// Serve Prometheus metrics at `http://ADDR/metrics` (see `metrics`).
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (see `metrics`);
+    /// HTTPS, with the shard's certificate, when `transport.tls` is set.
     pub metrics: Option<SocketAddr>,
     /// Resource budgets (`[limits]`, see `budget` and docs/SECURITY.md).
     pub limits: budget::Limits,
@@ -151,6 +152,27 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    serve_when_ready(config, listener, |_| {}, shutdown).await
+}
+
+/// Where a shard listens, once every listener it has is bound.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    /// The Prometheus endpoint, when `config.metrics` asked for one (its
+    /// port is known here when the configuration said 0).
+    pub metrics: Option<SocketAddr>,
+}
+
+/// [`serve`], telling `on_ready` where it listens once it is ready: the
+/// checkpoint restored and the metrics and data-plane listeners bound. A
+/// shard that cannot bind one of them fails before it is announced.
+async fn serve_when_ready(
+    config: ServerConfig,
+    listener: tokio::net::TcpListener,
+    on_ready: impl FnOnce(&Bound),
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     config.validate()?;
     let limits = &config.limits;
     let keys = config.seal.load().map_err(|e| Error::Config(e.to_string()))?;
@@ -184,17 +206,19 @@ pub async fn serve(
     });
     let (registry, rpc) = metrics::registry(&shard);
     // The metrics endpoint, if asked for; aborted with the shard.
-    let _metrics = match config.metrics {
+    let (_metrics, metrics_addr) = match config.metrics {
         Some(addr) => {
+            // HTTPS with the shard's certificate, when it has TLS on.
+            let tls = config.transport.tls.as_ref().map(transport::metrics_server_config).transpose()?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
             let (bound, task) =
-                ps_common::metrics::serve(addr, Arc::new(registry)).await.map_err(|source| Error::Io {
-                    what: format!("binding the metrics listener {addr}"),
-                    source,
+                ps_common::metrics::serve(addr, Arc::new(registry), tls).await.map_err(|source| {
+                    Error::Io { what: format!("binding the metrics listener {addr}"), source }
                 })?;
-            tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
-            Some(AbortOnDrop(task))
+            tracing::info!(addr = %bound, "metrics on {scheme}://{bound}/metrics");
+            (Some(AbortOnDrop(task)), Some(bound))
         }
-        None => None,
+        None => (None, None),
     };
     // Aborted on drop too, so a shard whose serve future is dropped (aborted
     // in tests) leaves no reaper behind.
@@ -210,9 +234,9 @@ pub async fn serve(
         })
     });
     let t = &config.transport;
+    let grpc = listener.local_addr().map_err(|e| Error::Io { what: "local_addr".into(), source: e })?;
     // The data plane, beside the gRPC listener; aborted with the shard.
     let _data_plane = if t.data_plane {
-        let grpc = listener.local_addr().map_err(|e| Error::Io { what: "local_addr".into(), source: e })?;
         let data = dataplane::bind(grpc, config.data_port).await?;
         let port = data.local_addr().map_err(|e| Error::Io { what: "local_addr".into(), source: e })?.port();
         shard.data_port.store(port, std::sync::atomic::Ordering::Relaxed);
@@ -227,7 +251,9 @@ pub async fn serve(
     } else {
         None
     };
-    let result = transport::server(t, &rpc)?
+    let server = transport::server(t, &rpc)?;
+    on_ready(&Bound { grpc, metrics: metrics_addr });
+    let result = server
         .max_concurrent_streams(limits.max_concurrent_streams)
         .add_service(transport::service(t, Service(shard)))
         .serve_with_incoming_shutdown(transport::incoming(t, listener), shutdown)
@@ -269,11 +295,11 @@ pub(crate) fn restore(
     Ok((store, clock::Clocks::restore(file.clocks)))
 }
 
-/// Binds `config.listen` and serves; `on_bound` learns the actual address
-/// (useful with port 0).
+/// Binds `config.listen` and serves; `on_ready` learns the actual addresses
+/// (useful with port 0) once the shard is ready to answer.
 pub async fn bind_and_serve(
     config: ServerConfig,
-    on_bound: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(&Bound),
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     config.validate()?;
@@ -282,8 +308,7 @@ pub async fn bind_and_serve(
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| Error::Io { what: format!("bind {}", config.listen), source: e })?;
-    on_bound(listener.local_addr().map_err(|e| Error::Io { what: "local_addr".into(), source: e })?);
-    serve(config, listener, shutdown).await
+    serve_when_ready(config, listener, on_ready, shutdown).await
 }
 
 /// Aborts a spawned task when dropped.

@@ -4,7 +4,8 @@
 //! ps-server --shard 0 --num-shards 2 --listen 0.0.0.0:7000
 //! ps-server --config shard0.toml
 //! ```
-//! The first line on stdout is `listening on ADDR` (useful with port 0).
+//! Once the shard is ready, the first line on stdout is `listening on ADDR`
+//! and, with `--metrics`, the second is `metrics on ADDR` (useful with port 0).
 
 use clap::Parser;
 

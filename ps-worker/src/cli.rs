@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
-use crate::event::StdoutReporter;
+use crate::event::{Event, Reporter, StdoutReporter};
 use crate::metrics::{MetricsReporter, WorkerMetrics};
 use crate::session::WorkerId;
 use crate::train;
@@ -27,7 +27,10 @@ pub struct Args {
     /// Number of workers in the job.
     #[arg(long)]
     pub workers: usize,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9100).
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9100;
+    /// port 0: a free port, told in a `metrics` event on stdout). HTTPS when
+    /// the worker has a TLS certificate, which then also needs the
+    /// serverAuth usage (`ps-cluster certs` makes them so).
     #[arg(long, env = "PS_METRICS")]
     pub metrics: Option<SocketAddr>,
     /// TLS: this worker's certificate is `worker-INDEX.pem` in --tls-dir.
@@ -64,15 +67,23 @@ pub fn run(args: &Args) -> Result<()> {
         .map_err(|source| Error::Io { what: "starting the runtime".into(), source })?;
     let id = WorkerId { index: args.index, count: args.workers };
     let (servers, metrics) = (args.servers.clone(), args.metrics);
+    // /metrics over HTTPS with the worker's own certificate, when it has one.
+    let metrics_tls = match &config.job.client.transport.tls {
+        Some(tls) if metrics.is_some() && tls.cert.is_some() => {
+            Some(ps_common::transport::metrics_server_config(tls)?)
+        }
+        _ => None,
+    };
     let training = async move {
         let Some(addr) = metrics else {
             return train::run(&config.job, &servers, id, &mut StdoutReporter).await;
         };
         let (registry, metrics) = WorkerMetrics::registry(id.index);
-        let (bound, task) = ps_common::metrics::serve(addr, Arc::new(registry))
+        let (bound, task) = ps_common::metrics::serve(addr, Arc::new(registry), metrics_tls)
             .await
             .map_err(|source| Error::Io { what: format!("binding the metrics listener {addr}"), source })?;
         tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+        StdoutReporter.report(Event::Metrics { worker: id.index, addr: bound });
         let mut reporter = MetricsReporter { inner: &mut StdoutReporter, metrics };
         let result = train::run(&config.job, &servers, id, &mut reporter).await;
         task.abort();

@@ -43,6 +43,12 @@ pub enum Event {
     },
     /// The worker finished; see [`WorkerDone`].
     Done(WorkerDone),
+    /// Where the worker serves Prometheus metrics (`--metrics`), once bound:
+    /// the port is known here when the flag said 0.
+    Metrics {
+        worker: usize,
+        addr: std::net::SocketAddr,
+    },
 }
 
 /// A worker's totals when it finishes: iterations, samples, and the seconds

@@ -129,6 +129,7 @@ impl WorkerMetrics {
                 self.bytes_pushed.inc_by(d.bytes_pushed);
                 self.bytes_pulled.inc_by(d.bytes_pulled);
             }
+            Event::Metrics { .. } => {}
         }
     }
 

@@ -185,6 +185,7 @@ impl RunBar {
             Event::Start { total_iters, .. } => self.bar.inc_length(*total_iters),
             Event::Progress { iter, .. } | Event::Eval { iter, .. } => self.iters[worker] = *iter,
             Event::Done(d) => self.iters[worker] = d.iters,
+            Event::Metrics { .. } => {}
         }
         self.bar.set_position(self.iters.iter().sum());
     }

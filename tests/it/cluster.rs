@@ -303,14 +303,36 @@ pub(crate) fn train_with_a_fault(
         let path = run.join(name);
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
             panic!(
-                "{}: {e}; launcher said: {}",
+                "{}: {e}; launcher said: {}\n{}",
                 path.display(),
-                std::fs::read_to_string(dir.0.join("launcher.log")).unwrap_or_default()
+                std::fs::read_to_string(dir.0.join("launcher.log")).unwrap_or_default(),
+                log_tails(&run)
             )
         });
         serde_json::from_str(&text).expect("valid json")
     };
     (status.success(), read("summary.json"), read("stats.json"), elapsed)
+}
+
+/// The end of each process log in a run folder: what a failed run's shards
+/// and workers said, for the test's message (the folder is deleted after).
+fn log_tails(run: &Path) -> String {
+    let mut logs: Vec<_> = std::fs::read_dir(run)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    logs.sort();
+    let mut out = String::new();
+    for path in logs {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        out += &format!("--- {} (last 20 lines)\n{tail}\n", path.display());
+    }
+    out
 }
 
 /// Worker 1 is killed at 3 s, mid-run (workers start within ~1.5 s and

@@ -3,6 +3,8 @@
 //! clients it must refuse (plaintext, no certificate, another CA), each with
 //! an error that says why, while the shard goes on serving the others.
 
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use paramserver::certs;
@@ -134,7 +136,6 @@ async fn bad_tls_files_stop_a_shard_before_it_listens() {
 #[tokio::test]
 async fn ps_serve_answers_grpc_and_https_over_tls_only() {
     use ps_serve::grpc::pb::{HealthRequest, prediction_client::PredictionClient};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let dir = TempDir::new("tls-serve");
     let ours = make_certs(&dir, "ours");
@@ -162,39 +163,47 @@ async fn ps_serve_answers_grpc_and_https_over_tls_only() {
     assert!(refused, "a plaintext gRPC client is refused");
 
     // HTTPS: an HTTP/1.1 request inside TLS, checked against our CA.
-    let https_get = |path: &'static str| {
-        let ca = ours.join("ca.pem");
-        async move {
-            use rustls_pki_types::pem::PemObject;
-            use tokio_rustls::rustls;
-            let mut roots = rustls::RootCertStore::empty();
-            for c in rustls_pki_types::CertificateDer::pem_file_iter(&ca).unwrap() {
-                roots.add(c.unwrap()).unwrap();
-            }
-            let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-            let config = rustls::ClientConfig::builder_with_provider(provider)
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-            let tcp = tokio::net::TcpStream::connect(running.http).await.unwrap();
-            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-            let mut tls = connector.connect(name, tcp).await.expect("TLS handshake with the HTTP listener");
-            let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-            tls.write_all(request.as_bytes()).await.unwrap();
-            let mut answer = String::new();
-            let _ = tls.read_to_string(&mut answer).await;
-            answer
-        }
-    };
-    let answer = https_get("/healthz").await;
+    let answer = https_get(&ours.join("ca.pem"), running.http, "localhost", "/healthz").await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("ok"), "{answer}");
+    assert_plain_http_unanswered(running.http, "/healthz").await;
+    running.abort();
+}
 
-    // Plain HTTP to the HTTPS port gets no HTTP answer.
-    let mut tcp = tokio::net::TcpStream::connect(running.http).await.unwrap();
-    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").await.unwrap();
+/// `GET path` as HTTP/1.1 inside TLS to `addr`, whose certificate must be
+/// signed by `ca` and name `name`: the whole answer, or why the handshake
+/// failed.
+async fn https_get(ca: &Path, addr: SocketAddr, name: &str, path: &str) -> Result<String, String> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let server = rustls_pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let mut tls = connector.connect(server, tcp).await.map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    let _ = tls.read_to_string(&mut answer).await;
+    Ok(answer)
+}
+
+/// Plain HTTP to an HTTPS port gets no HTTP answer.
+async fn assert_plain_http_unanswered(addr: SocketAddr, path: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await;
     assert!(
@@ -202,5 +211,57 @@ async fn ps_serve_answers_grpc_and_https_over_tls_only() {
         "plaintext HTTP was answered: {:?}",
         String::from_utf8_lossy(&answer)
     );
-    running.abort();
+}
+
+/// A shard started as the launcher starts it (TLS, client certificates
+/// required on gRPC, `--metrics 127.0.0.1:0`) prints the metrics port it
+/// bound and serves `/metrics` there over HTTPS only, to a scraper that
+/// checks the shard's certificate and shows none of its own.
+#[tokio::test]
+async fn a_shard_serves_its_metrics_over_https_on_the_port_it_prints() {
+    use tokio::io::AsyncBufReadExt;
+    let dir = TempDir::new("tls-metrics");
+    let ours = make_certs(&dir, "ours");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ps-cluster"))
+        .args(["server", "--shard", "0", "--num-shards", "1", "--listen", "127.0.0.1:0"])
+        .args(["--metrics", "127.0.0.1:0", "--client-auth", "--tls-dir"])
+        .arg(&ours)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start a shard");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap().unwrap()
+    };
+    let (first, second) = (next().await, next().await);
+    assert!(first.starts_with("listening on 127.0.0.1:"), "{first}");
+    let metrics: SocketAddr = second.strip_prefix("metrics on ").expect(&second).parse().unwrap();
+    assert_ne!(metrics.port(), 0);
+
+    let answer = https_get(&ours.join("ca.pem"), metrics, "127.0.0.1", "/metrics").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("ps_read_wait_seconds"), "the shard's own metrics: {answer}");
+    assert_plain_http_unanswered(metrics, "/metrics").await;
+    child.kill().await.unwrap();
+}
+
+/// A worker's certificate serves its metrics under the name `worker-N` and
+/// no other: its key cannot pose as a shard (`localhost`, 127.0.0.1).
+#[tokio::test]
+async fn a_worker_certificate_serves_metrics_as_that_worker_only() {
+    let dir = TempDir::new("tls-worker-metrics");
+    let ours = make_certs(&dir, "ours");
+    let tls = ps_common::transport::metrics_server_config(&TlsConfig::from_dir(&ours, "worker-1")).unwrap();
+    let registry = std::sync::Arc::new(ps_worker::metrics::WorkerMetrics::registry(1).0);
+    let (addr, task) =
+        ps_common::metrics::serve("127.0.0.1:0".parse().unwrap(), registry, Some(tls)).await.unwrap();
+    let ca = ours.join("ca.pem");
+    let answer = https_get(&ca, addr, "worker-1", "/metrics").await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    for name in ["localhost", "127.0.0.1", "worker-0"] {
+        let e = https_get(&ca, addr, name, "/metrics").await.expect_err(name);
+        assert!(e.contains("NotValidForName") || e.contains("not valid for"), "{name}: {e}");
+    }
+    task.abort();
 }

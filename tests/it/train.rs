@@ -123,6 +123,22 @@ lr = 0.001
     assert!(hist.len() <= 3, "staleness above the SSP bound: {hist:?}");
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert!(metrics.lines().any(|l| l.contains("\"event\":\"eval\"")), "no eval event");
+    assert!(!metrics.contains("\"event\":\"metrics\""), "endpoints go to metrics.txt, not the curves");
+    // Each process told the metrics port it bound (port 0 asked): four
+    // distinct, real ports.
+    let endpoints = std::fs::read_to_string(run.join("metrics.txt")).unwrap();
+    let mut names: Vec<&str> = endpoints.lines().filter_map(|l| l.split(' ').next()).collect();
+    names.sort();
+    assert_eq!(names, ["shard-0", "shard-1", "worker-0", "worker-1"], "{endpoints}");
+    assert!(endpoints.lines().all(|l| l.contains(" https://")), "TLS on, so HTTPS: {endpoints}");
+    let mut ports: Vec<u16> = endpoints
+        .lines()
+        .filter_map(|l| l.split("://127.0.0.1:").nth(1))
+        .filter_map(|rest| rest.strip_suffix("/metrics")?.parse().ok())
+        .collect();
+    ports.sort();
+    ports.dedup();
+    assert!(ports.len() == 4 && ports[0] > 0, "{endpoints}");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&registry);
 }
