@@ -842,7 +842,14 @@ impl Store {
                     continue;
                 }
                 let mut stripe = rows.write(s);
-                for &i in part {
+                for (j, &i) in part.iter().enumerate() {
+                    if let Some(&ahead) = part.get(j + rows::PREFETCH_AHEAD) {
+                        let ahead = ahead as usize;
+                        rows::prefetch(&grads[ahead * dim..(ahead + 1) * dim]);
+                        if slots[ahead] != NO_SLOT {
+                            rows::prefetch(stripe.row(slots[ahead], rows.width));
+                        }
+                    }
                     let (i, key) = (i as usize, keys[i as usize]);
                     let slot = match slots[i] {
                         NO_SLOT => {
