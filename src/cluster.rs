@@ -311,14 +311,19 @@ impl Servers {
     }
 }
 
+/// How long a shard may take to say it is ready: restoring a checkpoint
+/// comes first, and a large one takes a while. A shard that dies is seen at
+/// once (its stdout closes).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The address a shard announces on its next stdout line, `PREFIX ADDR`.
 async fn announced(
     lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     prefix: &str,
 ) -> std::result::Result<String, String> {
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+    let line = tokio::time::timeout(START_TIMEOUT, lines.next_line())
         .await
-        .map_err(|_| "no address within 30 s".to_string())?
+        .map_err(|_| format!("not ready within {} s", START_TIMEOUT.as_secs()))?
         .map_err(|e| e.to_string())?
         .ok_or_else(|| "exited before listening".to_string())?;
     line.strip_prefix(prefix)

@@ -74,6 +74,7 @@ pub fn run(args: &Args) -> Result<()> {
         }
         _ => None,
     };
+    let https = metrics_tls.is_some();
     let training = async move {
         let Some(addr) = metrics else {
             return train::run(&config.job, &servers, id, &mut StdoutReporter).await;
@@ -82,7 +83,8 @@ pub fn run(args: &Args) -> Result<()> {
         let (bound, task) = ps_common::metrics::serve(addr, Arc::new(registry), metrics_tls)
             .await
             .map_err(|source| Error::Io { what: format!("binding the metrics listener {addr}"), source })?;
-        tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+        let scheme = if https { "https" } else { "http" };
+        tracing::info!(addr = %bound, "metrics on {scheme}://{bound}/metrics");
         StdoutReporter.report(Event::Metrics { worker: id.index, addr: bound });
         let mut reporter = MetricsReporter { inner: &mut StdoutReporter, metrics };
         let result = train::run(&config.job, &servers, id, &mut reporter).await;
