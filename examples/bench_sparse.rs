@@ -340,11 +340,11 @@ async fn main() -> Result<()> {
             a.memory_keys
         );
         for line in [
-            "  theory per row of width 8 with one state slot (Adagrad):",
-            "    values + state  2 x 8 x 4 = 64 B in one boxed slice; glibc chunk: 64 + 8 rounded up to 16 = 80 B",
-            "    map slot        key u64 + Block (Box<[f32]> 16 B + step u64 8 B) = 32 B + 1 control byte,",
-            "                    at hashbrown load 7/16..7/8 between doublings: 38..75 B",
-            "    total           118..155 B (SGD, no state: 48 B chunk, 86..123 B; Adam, 2 slots: 112 B chunk)",
+            "  theory per row of width 8 with one state slot (Adagrad), rows in slabs (ps_server::store::rows):",
+            "    values + state  2 x 8 x 4 = 64 B, end to end in the stripe's pages",
+            "    key             8 B beside the row in its page (no update count: Adagrad reads none)",
+            "    index slot      u32 slot + 1 control byte = 5 B, at hashbrown load 7/16..7/8 between doublings: 6..11 B",
+            "    total           78..83 B (the rest: partly filled pages, the allocator, the process)",
             "  dense baseline: the same 8 values + state are 64 B with no per-row overhead",
         ] {
             println!("{line}");
