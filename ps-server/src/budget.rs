@@ -12,17 +12,21 @@
 //!   ([`Budget::try_reserve`]) *before* allocating; a reservation beyond the
 //!   budget is refused with [`Error::OverBudget`] (`RESOURCE_EXHAUSTED`),
 //!   and nothing is created.
-//! - [`RateLimiter`] is a token bucket per connection (its peer address).
+//! - [`RateLimiter`] is a token bucket per [`Caller`]: per principal when
+//!   auth is on (however many connections it opens), per connection when
+//!   it is off, and per host for credentials that fail their check.
 //!
 //! ARCHITECTURE.md ("Invariants", "Resource budgets") states the rules and
 //! docs/SECURITY.md ("Resource budgets") the keys and defaults.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use ps_common::auth::Principal;
 use ps_common::spec::TableSpec;
 use serde::{Deserialize, Serialize};
 
@@ -308,15 +312,38 @@ impl Drop for Reservation<'_> {
     }
 }
 
-/// Most connections whose buckets are kept; idle buckets are dropped first.
+/// Most buckets kept; idle (full) buckets are dropped first.
 const MAX_BUCKETS: usize = 4096;
 
-/// A token bucket per connection: `rate` requests a second, up to `burst`
+/// Whose bucket a request takes its token from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Caller {
+    /// Auth on: the principal its credential names, across all the
+    /// connections it opens.
+    Principal(Principal),
+    /// Auth off: there are no identities, so the connection (peer address).
+    Connection(SocketAddr),
+    /// Auth on, a credential that failed its check (or none): the host it
+    /// came from, so that a flood of bad credentials is bounded too.
+    Host(IpAddr),
+}
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Caller::Principal(who) => write!(f, "principal {who}"),
+            Caller::Connection(peer) => write!(f, "connection {peer}"),
+            Caller::Host(ip) => write!(f, "unauthenticated requests from {ip}"),
+        }
+    }
+}
+
+/// A token bucket per [`Caller`]: `rate` requests a second, up to `burst`
 /// at once.
 pub struct RateLimiter {
     rate: f64,
     burst: f64,
-    buckets: Mutex<HashMap<SocketAddr, (f64, Instant)>>,
+    buckets: Mutex<HashMap<Caller, (f64, Instant)>>,
     /// Requests refused.
     pub limited: AtomicU64,
 }
@@ -331,29 +358,49 @@ impl RateLimiter {
         }
     }
 
-    /// Takes one token of `peer`'s bucket (a request without a peer
-    /// address, in-process, is not limited).
-    pub fn admit(&self, peer: Option<SocketAddr>) -> Result<()> {
-        let Some(peer) = peer.filter(|_| self.rate > 0.0) else { return Ok(()) };
+    /// Whether limits are on (`requests_per_sec > 0`).
+    pub fn enabled(&self) -> bool {
+        self.rate > 0.0
+    }
+
+    /// Takes one token of `caller`'s bucket; RESOURCE_EXHAUSTED (counted)
+    /// if it has none.
+    pub fn admit(&self, caller: Caller) -> Result<()> {
+        self.take(caller, 1.0)
+    }
+
+    /// Whether `caller`'s bucket holds a token, without taking it; a
+    /// refusal is counted. (For a check that costs more than the request
+    /// it guards, before making it.)
+    pub fn check(&self, caller: Caller) -> Result<()> {
+        self.take(caller, 0.0)
+    }
+
+    fn take(&self, caller: Caller, cost: f64) -> Result<()> {
+        if !self.enabled() {
+            return Ok(());
+        }
+        let refused = || {
+            self.limited.fetch_add(1, Ordering::Relaxed);
+            Err(Error::RateLimited { caller: caller.to_string(), rate: self.rate as u32 })
+        };
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&peer) {
-            // A full bucket is an idle connection's: forget those.
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(&caller) {
+            // A full bucket is an idle caller's: forget those.
             let (rate, burst) = (self.rate, self.burst);
             buckets.retain(|_, (tokens, at)| *tokens + rate * now.duration_since(*at).as_secs_f64() < burst);
             if buckets.len() >= MAX_BUCKETS {
-                self.limited.fetch_add(1, Ordering::Relaxed);
-                return Err(Error::RateLimited { peer: peer.to_string(), rate: self.rate as u32 });
+                return refused();
             }
         }
-        let (tokens, at) = buckets.entry(peer).or_insert((self.burst, now));
+        let (tokens, at) = buckets.entry(caller).or_insert((self.burst, now));
         *tokens = (*tokens + self.rate * now.duration_since(*at).as_secs_f64()).min(self.burst);
         *at = now;
         if *tokens < 1.0 {
-            self.limited.fetch_add(1, Ordering::Relaxed);
-            return Err(Error::RateLimited { peer: peer.to_string(), rate: self.rate as u32 });
+            return refused();
         }
-        *tokens -= 1.0;
+        *tokens -= cost;
         Ok(())
     }
 }
@@ -400,11 +447,25 @@ mod tests {
         let (a, b): (SocketAddr, SocketAddr) =
             ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
         for _ in 0..3 {
-            r.admit(Some(a)).unwrap();
+            r.check(Caller::Connection(a)).unwrap();
+            r.admit(Caller::Connection(a)).unwrap();
         }
-        assert!(matches!(r.admit(Some(a)), Err(Error::RateLimited { .. })));
-        r.admit(Some(b)).unwrap();
-        r.admit(None).unwrap();
+        assert!(matches!(r.admit(Caller::Connection(a)), Err(Error::RateLimited { .. })));
+        assert!(r.check(Caller::Connection(a)).is_err(), "an empty bucket is seen without taking");
+        r.admit(Caller::Connection(b)).unwrap();
+        // A principal's bucket is its own, whatever connection it comes on.
+        let w1 = Caller::Principal(Principal::Worker(1));
+        for _ in 0..3 {
+            r.admit(w1).unwrap();
+        }
+        assert!(r.admit(w1).is_err());
+        r.admit(Caller::Principal(Principal::Worker(2))).unwrap();
+        r.admit(Caller::Host(a.ip())).unwrap();
+        assert_eq!(r.limited.load(Ordering::Relaxed), 3);
+        let off = RateLimiter::new(&Limits { requests_per_sec: 0, ..Limits::default() });
+        for _ in 0..10 {
+            off.admit(w1).unwrap();
+        }
     }
 
     #[test]

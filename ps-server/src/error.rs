@@ -64,8 +64,8 @@ pub enum Error {
     LimitExceeded { what: &'static str, got: u64, limit: u64 },
     #[error("{what} {value} is out of range: {rule}")]
     OutOfRange { what: &'static str, value: u64, rule: String },
-    #[error("connection {peer} is over the rate limit of {rate} requests a second")]
-    RateLimited { peer: String, rate: u32 },
+    #[error("{caller}: over the rate limit of {rate} requests a second")]
+    RateLimited { caller: String, rate: u32 },
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("invalid server config: {0}")]

@@ -18,7 +18,7 @@ use ps_common::spec::{Backup, Consistency, TableSpec};
 use ps_common::wire::pb::{self, parameter_server_server::ParameterServer};
 use tonic::{Request, Response, Status};
 
-use crate::budget::{Limits, OnHuge, RateLimiter};
+use crate::budget::{Caller, Limits, OnHuge, RateLimiter};
 use crate::checkpoint::{self, ShardFile};
 use crate::clock::{Clocks, Timeliness};
 use crate::error::Error;
@@ -106,27 +106,55 @@ guarded! {
 pub struct Service(pub Arc<Shard>);
 
 impl Shard {
-    /// Admits `req` if its caller may do what the table says (always, with
-    /// auth off); otherwise UNAUTHENTICATED / PERMISSION_DENIED, counted as
-    /// a refusal, and nothing else happens.
-    fn check<T: Guarded>(&self, req: &Request<T>) -> Result<(), Status> {
-        let Some(authenticator) = &self.auth else { return Ok(()) };
-        let need = req.get_ref().access();
-        (authenticator.principal_of(req))
-            .and_then(|who| auth::authorize(who, need))
-            .map_err(|e| self.refuse(Error::Auth(e)))
+    /// Admits `req`: one token of its caller's rate bucket
+    /// (`limits.requests_per_sec`), then, with auth on, the role check of
+    /// the table above. A refusal is RESOURCE_EXHAUSTED, UNAUTHENTICATED or
+    /// PERMISSION_DENIED, counted, and nothing else happens.
+    ///
+    /// The bucket is the principal's with auth on (all its connections
+    /// share it), the connection's with auth off (no identities). A
+    /// credential not seen before is checked (an Ed25519 signature, about
+    /// 50 µs) only while its host has tokens: each failed check takes one of
+    /// the host's bucket, so a flood of bad credentials from one host is
+    /// refused before it costs the shard a signature check each.
+    fn admit<T: Guarded>(&self, req: &Request<T>) -> Result<(), Status> {
+        let peer = req.remote_addr().or_else(|| req.extensions().get::<dataplane::Peer>().map(|p| p.addr));
+        let Some(authenticator) = &self.auth else {
+            // In-process calls have no peer and are not limited.
+            let Some(peer) = peer else { return Ok(()) };
+            return self.rate.admit(Caller::Connection(peer)).map_err(|e| self.refuse(e));
+        };
+        let host = peer.map(|p| Caller::Host(p.ip()));
+        let known = authenticator.known_principal_of(req);
+        let who = match known {
+            Ok(Some(who)) => Ok(who),
+            Ok(None) => match host.map_or(Ok(()), |h| self.rate.check(h)) {
+                Ok(()) => authenticator.principal_of(req),
+                Err(limited) => return Err(self.refuse(limited)),
+            },
+            Err(e) => Err(e),
+        };
+        let who = match who {
+            Ok(who) => who,
+            Err(e) => {
+                if let Some(h) = host {
+                    // The refusal is UNAUTHENTICATED either way; the token
+                    // taken bounds the checks the host gets.
+                    let _ = self.rate.admit(h);
+                }
+                return Err(self.refuse(Error::Auth(e)));
+            }
+        };
+        if peer.is_some() {
+            self.rate.admit(Caller::Principal(who)).map_err(|e| self.refuse(e))?;
+        }
+        auth::authorize(who, req.get_ref().access()).map_err(|e| self.refuse(Error::Auth(e)))
     }
 
     /// Counts a refused request and turns it into its status.
     fn refuse(&self, e: impl Into<Error>) -> Status {
         self.store.counters.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Status::from(e.into())
-    }
-
-    /// Takes a token of the request's connection (`limits.requests_per_sec`).
-    fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        let peer = req.remote_addr().or_else(|| req.extensions().get::<dataplane::Peer>().map(|p| p.addr));
-        self.rate.admit(peer).map_err(|e| self.refuse(e))
     }
 
     /// Refuses a clock out of range: at or over `limits.max_clock`, or more
@@ -289,7 +317,6 @@ impl ParameterServer for Service {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         let req = req.into_inner();
         let table = req.table.ok_or(ps_common::Error::MissingField("table")).map_err(|e| self.0.refuse(e))?;
         let spec = TableSpec::try_from(table).map_err(|e| self.0.refuse(e))?;
@@ -307,7 +334,6 @@ impl ParameterServer for Service {
         req: Request<pb::PullDenseRequest>,
     ) -> Result<Response<pb::PullDenseResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let ids: Vec<(&str, u32)> = req.chunks.iter().map(|c| (c.tensor.as_str(), c.index)).collect();
@@ -347,7 +373,6 @@ impl ParameterServer for Service {
         req: Request<pb::PushDenseRequest>,
     ) -> Result<Response<pb::PushResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
         let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
@@ -371,7 +396,6 @@ impl ParameterServer for Service {
         req: Request<pb::PullSparseRequest>,
     ) -> Result<Response<pb::PullSparseResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
@@ -416,7 +440,6 @@ impl ParameterServer for Service {
         req: Request<pb::PushSparseRequest>,
     ) -> Result<Response<pb::PushResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         let req = req.into_inner();
         let meta = req.meta.unwrap_or_default();
         let _admitted = self.0.gate.enter(meta.worker, meta.clock).await;
@@ -434,7 +457,6 @@ impl ParameterServer for Service {
 
     async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         let req = req.into_inner();
         let model = match req.consistency {
             Some(c) => Consistency::try_from(c).map_err(|e| self.0.refuse(e))?,
@@ -456,7 +478,6 @@ impl ParameterServer for Service {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         self.0.clocks.touch(req.into_inner().worker);
         let members = self.0.clocks.status();
         Ok(Response::new(pb::HeartbeatResponse {
@@ -467,7 +488,6 @@ impl ParameterServer for Service {
 
     async fn leave(&self, req: Request<pb::LeaveRequest>) -> Result<Response<pb::LeaveResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         let worker = req.into_inner().worker;
         self.0.clocks.leave(worker);
         self.0.store.forget_reads(worker);
@@ -476,7 +496,6 @@ impl ParameterServer for Service {
 
     async fn stats(&self, req: Request<pb::StatsRequest>) -> Result<Response<pb::StatsResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         use std::sync::atomic::Ordering::Relaxed;
         let s = &self.0.store;
         let c = &s.counters;
@@ -530,7 +549,6 @@ impl ParameterServer for Service {
 
     async fn hold(&self, req: Request<pb::HoldRequest>) -> Result<Response<pb::HoldResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         let timeout = Duration::from_millis(u64::from(req.into_inner().timeout_ms.clamp(1, 60_000)));
         self.0.gate.hold(timeout).await.map_err(|e| self.0.refuse(e))?;
         Ok(Response::new(pb::HoldResponse {
@@ -543,7 +561,6 @@ impl ParameterServer for Service {
     #[tracing::instrument(skip_all, fields(shard = self.0.store.shard(), checkpoint = %req.get_ref().checkpoint))]
     async fn cut(&self, req: Request<pb::CutRequest>) -> Result<Response<pb::CutResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         let req = req.into_inner();
         let shard = &self.0;
         let dir = shard.checkpoint_folder(&req.checkpoint).map_err(|e| shard.refuse(e))?;
@@ -590,7 +607,6 @@ impl ParameterServer for Service {
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         self.0.gate.open();
         Ok(Response::new(pb::ReleaseResponse {}))
     }
@@ -600,7 +616,6 @@ impl ParameterServer for Service {
         req: Request<pb::ListTablesRequest>,
     ) -> Result<Response<pb::ListTablesResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         let s = &self.0.store;
         let tables = s.specs().iter().map(pb::TableSpec::from).collect();
         Ok(Response::new(pb::ListTablesResponse { tables, num_shards: s.num_shards() }))
@@ -612,7 +627,6 @@ impl ParameterServer for Service {
         req: Request<pb::ScanSparseRequest>,
     ) -> Result<Response<pb::ScanSparseResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         let req = req.into_inner();
         let after = (!req.from_start).then_some(req.start_after);
         let (mut keys, mut values) = (Vec::new(), Vec::new());
@@ -635,7 +649,6 @@ impl ParameterServer for Service {
         req: Request<pb::TakeRangeRequest>,
     ) -> Result<Response<pb::TakeRangeResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         use crate::queue::{Plan, Range};
         let req = req.into_inner();
         let p = req.plan.ok_or(ps_common::Error::MissingField("plan")).map_err(|e| self.0.refuse(e))?;
@@ -663,7 +676,6 @@ impl ParameterServer for Service {
         req: Request<pb::DataPlaneRequest>,
     ) -> Result<Response<pb::DataPlaneResponse>, Status> {
         self.0.admit(&req)?;
-        self.0.check(&req)?;
         let port = self.0.data_port.load(std::sync::atomic::Ordering::Relaxed);
         Ok(Response::new(pb::DataPlaneResponse { port: u32::from(port) }))
     }

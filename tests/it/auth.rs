@@ -10,6 +10,7 @@ use ps_common::optim::Rule;
 use ps_common::spec::{Init, TableSpec};
 use ps_common::transport::{self, ShardClient, TransportConfig};
 use ps_common::wire::pb;
+use ps_server::budget::Limits;
 use ps_server::local::LocalShards;
 use ps_server::{AuthConfig, ServerConfig};
 use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
@@ -26,6 +27,10 @@ struct Secured {
 
 impl Secured {
     async fn start() -> Secured {
+        Secured::start_with(Limits::default()).await
+    }
+
+    async fn start_with(limits: Limits) -> Secured {
         let dir = TempDir::new("auth");
         let pair = auth::generate_key_pair().unwrap();
         let key = dir.0.join("token.pub");
@@ -33,6 +38,7 @@ impl Secured {
         let config = ServerConfig {
             auth: AuthConfig { enabled: true, token_key: Some(key) },
             reap_interval_ms: 50,
+            limits,
             ..ServerConfig::default()
         };
         let shards = LocalShards::start_with(&config, 1).await.unwrap();
@@ -287,5 +293,72 @@ async fn readers_read_without_creating_and_workers_train_with_roles_on() {
     reader.lookup_sparse("e", 2, &[99], 0, &mut unseen).await.unwrap();
     let stats = reader.stats().await.unwrap();
     assert_eq!(stats[0].sparse_rows, 1, "a reader's lookup created a row");
+    s.shards.stop().await.unwrap();
+}
+
+/// Sends `n` ListTables on `client`; the number admitted. Every refusal
+/// must be RESOURCE_EXHAUSTED.
+async fn admitted(client: &mut ShardClient, n: usize) -> usize {
+    let mut ok = 0;
+    for _ in 0..n {
+        match client.list_tables(pb::ListTablesRequest {}).await {
+            Ok(_) => ok += 1,
+            Err(s) => assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message()),
+        }
+    }
+    ok
+}
+
+#[tokio::test]
+async fn the_rate_limit_is_per_principal_and_bad_credentials_are_bounded_per_host() {
+    const BURST: usize = 20;
+    let s =
+        Secured::start_with(Limits { requests_per_sec: 1, burst: BURST as u32, ..Limits::default() }).await;
+    let started = std::time::Instant::now();
+    // Worker 1 on ten connections: one bucket among them.
+    let w1 = s.credential(Principal::Worker(1));
+    let mut ok = 0;
+    for _ in 0..10 {
+        ok += admitted(&mut s.client_with(w1.clone()).await, 5).await;
+    }
+    // The bucket refills at 1 a second while the test runs.
+    let refill = started.elapsed().as_secs() as usize + 1;
+    assert!((BURST..=BURST + refill).contains(&ok), "worker 1 got {ok} of 50 over 10 connections");
+    // Worker 2 has its own bucket; its token is checked now, before the flood.
+    let mut w2 = s.client(Principal::Worker(2)).await;
+    assert_eq!(admitted(&mut w2, 10).await, 10);
+
+    // Tokens signed by another key, from this host: each failed check takes
+    // a token of the host's bucket; once it is empty they are refused before
+    // their signature is checked.
+    let stranger = TokenIssuer::from_pem(auth::generate_key_pair().unwrap().private_pem.as_bytes()).unwrap();
+    let forged = Credential::bearer(&stranger.issue(Principal::Worker(1), Duration::from_secs(600)).unwrap());
+    let mut bad = s.client_with(forged.unwrap()).await;
+    let (mut unauthenticated, mut limited) = (0, 0);
+    for _ in 0..2 * BURST {
+        match bad.list_tables(pb::ListTablesRequest {}).await {
+            Err(st) if st.code() == Code::Unauthenticated => unauthenticated += 1,
+            Err(st) if st.code() == Code::ResourceExhausted => {
+                assert!(st.message().contains("unauthenticated requests from 127.0.0.1"), "{}", st.message());
+                limited += 1;
+            }
+            other => panic!("a forged token got {other:?}"),
+        }
+    }
+    assert!(unauthenticated >= BURST && limited > 0, "{unauthenticated} checked, {limited} limited");
+    // A token checked before the flood still works; a new one from the same
+    // host waits for the host's bucket to refill.
+    assert_eq!(admitted(&mut w2, 5).await, 5);
+    let mut w3 = s.client(Principal::Worker(3)).await;
+    refused(
+        "a new token while its host is limited",
+        w3.list_tables(pb::ListTablesRequest {}).await,
+        Code::ResourceExhausted,
+    );
+    let mut admin = s.client(Principal::Admin).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let stats = admin.stats(pb::StatsRequest {}).await.unwrap().into_inner();
+    // Worker 1's refusals, the unchecked forged tokens and worker 3's.
+    assert!(stats.rate_limited as usize > 50 - ok + limited, "{stats:?}");
     s.shards.stop().await.unwrap();
 }
