@@ -265,3 +265,86 @@ async fn a_worker_certificate_serves_metrics_as_that_worker_only() {
     }
     task.abort();
 }
+
+/// `ps-serve-load`, which `cargo test --workspace` builds beside this test
+/// binary (`target/<profile>/`).
+fn ps_serve_load() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let path = exe.parent().and_then(Path::parent).expect("target/<profile>/deps").join("ps-serve-load");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds ps-serve's binaries",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ps_serve_load_drives_a_tls_server_over_grpc_and_https() {
+    use std::sync::Arc;
+
+    use ps_model::{ModelKind, SavedModel};
+    use ps_registry::{NewVersion, Registry};
+    use ps_serve::slot::{ModelSlot, Source};
+
+    let dir = TempDir::new("tls-load");
+    let ours = make_certs(&dir, "ours");
+    let root = dir.0.join("registry");
+    std::fs::create_dir_all(&root).unwrap();
+    let url = format!("sqlite://{}", root.join("registry.db").display());
+    let registry = Arc::new(Registry::open(&url, &root).await.unwrap());
+    let layers = vec![784, 16, 10];
+    let params = ps_model::Mlp::new(&layers).init_params(1);
+    let model = SavedModel::from_flat(ModelKind::Mlp { layers }, &params).unwrap();
+    let new = NewVersion {
+        model: "mnist_mlp".into(),
+        artifact: model.to_bytes().unwrap(),
+        metrics: Default::default(),
+        lineage: Default::default(),
+        created_by: "test".into(),
+    };
+    registry.register(new).await.unwrap();
+    let slot = Arc::new(ModelSlot::from_registry("mnist_mlp".into(), Source::Latest, registry, None, 100));
+    slot.refresh().await.unwrap();
+    let transport = TransportConfig::default().with_tls(Some(TlsConfig::from_dir(&ours, "serve")));
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let models = Arc::new(ps_serve::server::Models::new(vec![slot]));
+    let running =
+        ps_serve::server::start_with(models, any, any, ps_serve::server::Limits::default(), &transport)
+            .await
+            .expect("start ps-serve with TLS");
+
+    let load = |interface: &str, addr: SocketAddr, security: &[&str]| {
+        let mut cmd = std::process::Command::new(ps_serve_load());
+        cmd.args(["--interface", interface, "--addr", &format!("localhost:{}", addr.port())])
+            .args(["--model", "mnist_mlp", "--concurrency", "1,4", "--seconds", "0.3", "--warmup", "0.1"])
+            .args(["--mnist", "data/mnist"])
+            .args(security);
+        let child = tokio::process::Command::from(cmd).output();
+        async move {
+            let out = child.await.expect("run ps-serve-load");
+            let text =
+                format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            (out.status.success(), text)
+        }
+    };
+    let tls_dir = ours.to_str().unwrap();
+    for (interface, addr) in [("grpc", running.grpc), ("http", running.http)] {
+        let (ok, text) = load(interface, addr, &["--tls-dir", tls_dir]).await;
+        assert!(ok, "{interface} over TLS: {text}");
+        // One row per concurrency, each with requests and none failed.
+        let rows: Vec<&str> = text.lines().filter(|l| l.contains(" failed / ")).collect();
+        assert_eq!(rows.len(), 2, "{text}");
+        for row in rows {
+            let requests: u64 = row.split_whitespace().nth(2).and_then(|n| n.parse().ok()).expect(row);
+            assert!(requests > 0 && row.contains(" 0 failed / v1:"), "{interface}: {row}");
+        }
+        // Neither TLS nor --plaintext: refused before any request.
+        let (ok, text) = load(interface, addr, &[]).await;
+        assert!(!ok && text.contains("--plaintext"), "{text}");
+        // Plaintext against the TLS server: the first request fails.
+        let (ok, text) = load(interface, addr, &["--plaintext"]).await;
+        assert!(!ok, "{interface} in plaintext against TLS: {text}");
+    }
+    running.abort();
+}

@@ -7,6 +7,10 @@
 //! pass of the same model version (loaded from the registry), batch 1 and
 //! batch `--baseline-batch`, in the same run: the ceiling the service is
 //! measured against.
+//!
+//! Like every client here it speaks TLS (`--tls-dir`, with the `reader`
+//! certificate for a server that asks for one) or, when told,
+//! `--plaintext`: gRPC over TLS, or HTTPS with one connection per task.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -84,6 +88,8 @@ struct Args {
     /// A label for the printed rows (e.g. "batching").
     #[arg(long, default_value = "")]
     tag: String,
+    #[command(flatten)]
+    tls: ps_common::transport::TlsArgs,
 }
 
 /// What one measurement saw.
@@ -162,6 +168,39 @@ impl Verifier {
 enum Link {
     Grpc(PredictionClient<tonic::transport::Channel>),
     Http(Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>, hyper::Uri),
+    /// HTTPS: each task opens its own connection on its first request.
+    Https(Https, hyper::Uri, Own),
+}
+
+/// A task's own HTTPS connection, opened on first use; a clone (another
+/// task) opens its own.
+#[derive(Default)]
+struct Own(Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>);
+
+impl Clone for Own {
+    fn clone(&self) -> Own {
+        Own(None)
+    }
+}
+
+/// How to open an HTTPS connection to the server.
+#[derive(Clone)]
+struct Https {
+    addr: String,
+    name: rustls_pki_types::ServerName<'static>,
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl Https {
+    async fn connect(&self) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
+        let tcp = tokio::net::TcpStream::connect(&self.addr).await?;
+        tcp.set_nodelay(true)?;
+        let tls = self.connector.connect(self.name.clone(), tcp).await?;
+        let (send, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+        tokio::spawn(connection);
+        Ok(send)
+    }
 }
 
 impl Sender {
@@ -183,11 +222,26 @@ impl Sender {
                 let r = client.predict(req).await?.into_inner();
                 Ok((r.version, r.outputs))
             }
-            Link::Http(client, uri) => {
-                let req = hyper::Request::post(uri.clone())
-                    .header("content-type", "application/json")
-                    .body(Full::new(body.clone()))?;
-                let resp = client.request(req).await?;
+            Link::Http(..) | Link::Https(..) => {
+                let post = |uri: &hyper::Uri| {
+                    hyper::Request::post(uri.clone())
+                        .header("content-type", "application/json")
+                        .body(Full::new(body.clone()))
+                };
+                let resp = match &mut self.link {
+                    Link::Http(client, uri) => client.request(post(uri)?).await?,
+                    Link::Https(https, uri, Own(connection)) => {
+                        if connection.as_ref().is_none_or(|c| c.is_closed()) {
+                            *connection = Some(https.connect().await?);
+                        }
+                        let send = connection.as_mut().context("no connection")?;
+                        let mut req = post(uri)?;
+                        let host = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+                        req.headers_mut().insert(hyper::header::HOST, host.parse()?);
+                        send.send_request(req).await?
+                    }
+                    Link::Grpc(_) => unreachable!("matched above"),
+                };
                 let status = resp.status();
                 let body = resp.into_body().collect().await?.to_bytes();
                 let v: serde_json::Value = serde_json::from_slice(&body)?;
@@ -308,15 +362,29 @@ async fn main() -> anyhow::Result<()> {
     let test = load_mnist(&args.mnist, Split::Test)
         .with_context(|| format!("reading the MNIST test set in {}", args.mnist.display()))?;
     let x = test.x.as_slice().context("MNIST images are row-major")?;
-    let link = match args.interface {
-        Interface::Grpc => Link::Grpc(
-            PredictionClient::connect(format!("http://{}", args.addr))
-                .await
-                .with_context(|| format!("connecting to {}", args.addr))?,
-        ),
-        Interface::Http => {
+    let transport = args.tls.client_transport("reader")?;
+    let link = match (args.interface, &transport.tls) {
+        (Interface::Grpc, _) => {
+            let endpoint = ps_common::transport::endpoint(&transport, &args.addr)?;
+            let channel = endpoint.connect().await.with_context(|| format!("connecting to {}", args.addr))?;
+            Link::Grpc(PredictionClient::new(channel))
+        }
+        (Interface::Http, None) => {
             let uri: hyper::Uri = format!("http://{}/v1/models/{}:predict", args.addr, args.model).parse()?;
             Link::Http(Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build_http(), uri)
+        }
+        (Interface::Http, Some(tls)) => {
+            let uri: hyper::Uri =
+                format!("https://{}/v1/models/{}:predict", args.addr, args.model).parse()?;
+            let host = tls.server_name.clone().unwrap_or_else(|| uri.host().unwrap_or_default().to_string());
+            let mut config = ps_common::transport::rustls_client_config(tls)?;
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let https = Https {
+                addr: args.addr.clone(),
+                name: rustls_pki_types::ServerName::try_from(host)?,
+                connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            };
+            Link::Https(https, uri, Own::default())
         }
     };
     let mut sender = Sender {
