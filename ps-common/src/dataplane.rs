@@ -24,6 +24,11 @@
 //!          | kind c (a gRPC code), body the status message (UTF-8)
 //! ```
 //!
+//! A client may send several requests before reading (a push and the next
+//! pull, [`DataLink::call_pair`]): the shard answers them in order, and
+//! writes its answers together once no further request is waiting in its
+//! buffer.
+//!
 //! A frame longer than the message limit (`transport.max_message_mib`) is
 //! refused before it is read; a frame's buffer grows only as its bytes
 //! arrive, so a peer that announces a large frame and stalls holds little.
@@ -121,6 +126,15 @@ impl FrameReader {
         frame.advance(HEADER);
         Ok(Some((kind, frame.freeze())))
     }
+
+    /// Whether a whole frame is already buffered: the next [`FrameReader::next`]
+    /// returns without reading.
+    pub fn has_frame(&self) -> bool {
+        self.buf.len() >= HEADER && {
+            let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+            self.buf.len() >= 4 + len
+        }
+    }
 }
 
 /// Bytes fields at least this long are written from their own buffer.
@@ -144,7 +158,7 @@ pub fn tls_transport(tcp: TcpStream) -> tokio::io::BufReader<TcpStream> {
 /// length, not copied in: copying a 32 MiB answer into a fresh frame buffer
 /// cost a pass over it and a page fault every 4 KiB (docs/PERFORMANCE.md).
 /// Protobuf decoders accept fields in any order, so the body still decodes
-/// as the message.
+/// as the message. It may hold several frames, written together.
 #[derive(Default)]
 pub struct OutFrame {
     head: BytesMut,
@@ -153,15 +167,28 @@ pub struct OutFrame {
 }
 
 impl OutFrame {
+    /// Starts a frame after those already held.
     fn start(&mut self, kind: u8, body_len: usize) {
+        if !self.head.is_empty() {
+            self.parts.push(self.head.split().freeze());
+        }
+        self.head.put_u32_le((body_len + 1) as u32);
+        self.head.put_u8(kind);
+    }
+
+    /// Forgets the frames held (after writing them).
+    pub fn clear(&mut self) {
         self.parts.clear();
         self.head.clear();
         // A large answer's buffer is not kept for a connection's lifetime.
         if self.head.capacity() > 1 << 20 {
             self.head = BytesMut::new();
         }
-        self.head.put_u32_le((body_len + 1) as u32);
-        self.head.put_u8(kind);
+    }
+
+    /// Whether no frame is held.
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty() && self.head.is_empty()
     }
 
     /// A frame of `kind` holding `body` as it is.
@@ -172,10 +199,10 @@ impl OutFrame {
 
     /// A frame of `kind` holding `msg`.
     pub fn message<M: Body>(&mut self, kind: u8, msg: &M) {
-        let len = msg.encoded_len();
+        let (len, before) = (msg.encoded_len(), self.len());
         self.start(kind, len);
         msg.put(self);
-        debug_assert_eq!(self.len(), HEADER + len, "a Body's put writes its encoded_len");
+        debug_assert_eq!(self.len() - before, HEADER + len, "a Body's put writes its encoded_len");
     }
 
     /// An answer: OK and `msg`, or the status's code and message.
@@ -228,13 +255,14 @@ impl OutFrame {
         self.put_bytes(3, &chunk.values);
     }
 
-    /// The frame's length in bytes, header included.
-    fn len(&self) -> usize {
+    /// The frames' length in bytes, headers included.
+    pub fn len(&self) -> usize {
         self.parts.iter().map(Bytes::len).sum::<usize>() + self.head.len()
     }
 
-    /// Writes the frame (in as few system calls as the stream allows: one
-    /// vectored write of all its pieces on TCP) and flushes.
+    /// Writes the frames (in as few system calls as the stream allows: one
+    /// vectored write of all their pieces on TCP) and flushes. They stay
+    /// held until [`OutFrame::clear`] or the next [`OutFrame::send`].
     pub async fn write_to<W: AsyncWrite + Unpin + ?Sized>(&self, w: &mut W) -> std::io::Result<()> {
         let mut slices: Vec<std::io::IoSlice<'_>> =
             self.parts.iter().map(|p| &p[..]).chain([&self.head[..]]).map(std::io::IoSlice::new).collect();
@@ -247,6 +275,13 @@ impl OutFrame {
             std::io::IoSlice::advance_slices(&mut rest, n);
         }
         w.flush().await
+    }
+
+    /// Writes the frames held, then forgets them.
+    pub async fn send<W: AsyncWrite + Unpin + ?Sized>(&mut self, w: &mut W) -> std::io::Result<()> {
+        let written = self.write_to(w).await;
+        self.clear();
+        written
     }
 }
 
@@ -328,9 +363,27 @@ struct Conn {
 impl Conn {
     /// Sends the frame `build` makes and reads the answer.
     async fn round_trip(&mut self, build: impl FnOnce(&mut OutFrame)) -> std::io::Result<(u8, Bytes)> {
+        let [answer] = self.round_trips(build).await?;
+        Ok(answer)
+    }
+
+    /// Sends the `N` frames `build` makes, together, and reads their `N`
+    /// answers.
+    async fn round_trips<const N: usize>(
+        &mut self,
+        build: impl FnOnce(&mut OutFrame),
+    ) -> std::io::Result<[(u8, Bytes); N]> {
         build(&mut self.out);
-        self.out.write_to(&mut self.io).await?;
-        self.reader.next(&mut self.io).await?.ok_or_else(|| std::io::ErrorKind::UnexpectedEof.into())
+        self.out.send(&mut self.io).await?;
+        let mut answers = [const { (OK, Bytes::new()) }; N];
+        for answer in &mut answers {
+            *answer = self
+                .reader
+                .next(&mut self.io)
+                .await?
+                .ok_or(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        }
+        Ok(answers)
     }
 }
 
@@ -428,9 +481,39 @@ impl DataLink {
         msg: &Req,
         timeout: Duration,
     ) -> std::result::Result<Resp, Status> {
+        let [(k, body)] = self.exchange(|out| out.message(kind as u8, msg), timeout).await?;
+        decode_answer(k, body)
+    }
+
+    /// Sends two requests on one connection, back to back in one write, and
+    /// waits up to `timeout` for both answers: the shard runs them in
+    /// order (`a`, then `b`) and writes the answers together. The outer
+    /// error is the connection's (neither answer came back; `a` may or may
+    /// not have run); the inner ones are each request's own status.
+    #[allow(clippy::type_complexity)]
+    pub async fn call_pair<A: Body, RA: Message + Default, B: Body, RB: Message + Default>(
+        &self,
+        (kind_a, a): (Kind, &A),
+        (kind_b, b): (Kind, &B),
+        timeout: Duration,
+    ) -> std::result::Result<(std::result::Result<RA, Status>, std::result::Result<RB, Status>), Status> {
+        let build = |out: &mut OutFrame| {
+            out.message(kind_a as u8, a);
+            out.message(kind_b as u8, b);
+        };
+        let [(ka, body_a), (kb, body_b)] = self.exchange(build, timeout).await?;
+        Ok((decode_answer(ka, body_a), decode_answer(kb, body_b)))
+    }
+
+    /// Sends the `N` requests `build` makes on a pooled (or new) connection
+    /// and reads their answers by `timeout`.
+    async fn exchange<const N: usize>(
+        &self,
+        build: impl Fn(&mut OutFrame),
+        timeout: Duration,
+    ) -> std::result::Result<[(u8, Bytes); N], Status> {
         let link = &self.0;
         let deadline = tokio::time::Instant::now() + timeout;
-        let frame = |out: &mut OutFrame| out.message(kind as u8, msg);
         // A pooled connection the shard has closed meanwhile (restarted, or
         // idle too long) fails at once: then one fresh connection is tried.
         // Requests are safe to repeat: pushes carry their (worker, seq).
@@ -439,9 +522,9 @@ impl DataLink {
             Some(c) => (c, true),
             None => (self.connect_by(deadline).await?, false),
         };
-        let answer = loop {
-            match tokio::time::timeout_at(deadline, conn.round_trip(frame)).await {
-                Ok(Ok(answer)) => break answer,
+        let answers = loop {
+            match tokio::time::timeout_at(deadline, conn.round_trips(&build)).await {
+                Ok(Ok(answers)) => break answers,
                 Ok(Err(e)) if retry => {
                     tracing::debug!(addr = %self.addr(), error = %e, "pooled data-plane connection failed; reconnecting");
                     conn = self.connect_by(deadline).await?;
@@ -456,7 +539,7 @@ impl DataLink {
             idle.push(conn);
         }
         drop(idle);
-        decode_answer(answer.0, answer.1)
+        Ok(answers)
     }
 
     fn broken(&self, e: std::io::Error) -> Status {
@@ -595,13 +678,28 @@ mod tests {
         let mut out = OutFrame::default();
         let mut two = Vec::new();
         out.raw(3, b"hello");
-        out.write_to(&mut two).await.unwrap();
+        out.send(&mut two).await.unwrap();
+        assert!(out.is_empty());
         out.raw(0, b"");
-        out.write_to(&mut two).await.unwrap();
+        out.send(&mut two).await.unwrap();
+        // Two frames held at once go out together, in order.
+        out.raw(5, b"a");
+        let pull = pb::PullDenseRequest {
+            chunks: Vec::new(),
+            meta: Some(pb::ReadMeta { worker: 1, clock: 2, compressed: false }),
+        };
+        out.message(6, &pull);
+        out.send(&mut two).await.unwrap();
         let mut r = FrameReader::new(16);
         let mut src = two.as_slice();
         assert_eq!(r.next(&mut src).await.unwrap(), Some((3, Bytes::from_static(b"hello"))));
+        // Everything was read into the buffer at once: the rest is there.
+        assert!(r.has_frame());
         assert_eq!(r.next(&mut src).await.unwrap(), Some((0, Bytes::new())));
+        assert_eq!(r.next(&mut src).await.unwrap(), Some((5, Bytes::from_static(b"a"))));
+        let (kind, body) = r.next(&mut src).await.unwrap().unwrap();
+        assert_eq!((kind, pb::PullDenseRequest::decode(body).unwrap()), (6, pull));
+        assert!(!r.has_frame());
         assert_eq!(r.next(&mut src).await.unwrap(), None);
         // A header announcing more than the limit: refused, nothing allocated for it.
         let mut big: &[u8] = &[0xff, 0xff, 0xff, 0x7f, 1];
@@ -650,6 +748,7 @@ mod tests {
             macro_rules! check {
                 ($msg:expr) => {{
                     let msg = $msg;
+                    out.clear();
                     out.message(2, &msg);
                     let (kind, body) = read_back(&out).await;
                     assert_eq!(kind, 2);

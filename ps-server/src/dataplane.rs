@@ -34,6 +34,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no request for this long is closed (a client whose
 /// host vanished leaves no slot taken for good); clients reconnect.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Answers held for a client's pipelined requests are written once they
+/// reach this many bytes.
+const HOLD_AT: usize = 256 << 10;
 
 /// Serves the data plane on `listener` until dropped: the task is aborted
 /// with the shard, and its connections with it (they live in its `JoinSet`),
@@ -121,11 +124,11 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(token) => token,
         Err(status) => {
             out.status(&status);
-            return out.write_to(&mut io).await;
+            return out.send(&mut io).await;
         }
     };
     out.raw(dataplane::OK, b"");
-    out.write_to(&mut io).await?;
+    out.send(&mut io).await?;
     loop {
         let Ok(next) = tokio::time::timeout(IDLE_TIMEOUT, reader.next(&mut io)).await else { break };
         let Some((kind, body)) = next? else { break };
@@ -137,7 +140,13 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
             Some(Kind::PushSparse) => out.answer(call(body, &context, |r| service.push_sparse(r)).await),
             None => out.status(&Status::unimplemented(format!("no data-plane request of kind {kind}"))),
         }
-        out.write_to(&mut io).await?;
+        // A client that sent several requests at once gets its answers
+        // together, once none is left waiting (`DataLink::call_pair`), or
+        // once they hold `HOLD_AT` bytes: a client that sends requests and
+        // reads nothing makes the shard hold at most that plus one answer.
+        if !reader.has_frame() || out.len() >= HOLD_AT {
+            out.send(&mut io).await?;
+        }
     }
     Ok(())
 }

@@ -577,13 +577,9 @@ impl ShardedClient {
     /// `clock` (BSP/SSP reads block until the clock set allows it).
     pub async fn pull_dense(&self, set: &DenseSet, clock: u64, out: &mut [f32]) -> Result<()> {
         check_len("pull buffer", out.len(), set.len)?;
-        let compressed = set.tensors.iter().any(|(t, _)| self.codecs_of(t).pull.is_lossy());
-        let meta = pb::ReadMeta { worker: self.worker, clock, compressed };
-        let calls = set.by_shard.iter().enumerate().filter(|(_, c)| !c.is_empty()).map(|(i, chunks)| {
+        let calls = set.by_shard.iter().enumerate().filter(|(_, c)| !c.is_empty()).map(|(i, _)| {
             let (mut c, data) = (self.shards[i].clone(), self.data[i].clone());
-            let ids =
-                chunks.iter().map(|(t, idx, _)| pb::ChunkId { tensor: t.clone(), index: *idx }).collect();
-            let msg = pb::PullDenseRequest { chunks: ids, meta: Some(meta) };
+            let msg = self.pull_request(set, i, clock);
             let call = hot_call(data, Kind::PullDense, msg, self.opts.read_timeout, move |req| async move {
                 c.pull_dense(req).await
             });
@@ -591,26 +587,48 @@ impl ShardedClient {
         });
         for (i, r) in join_all(calls).await {
             let resp = r.map_err(|s| self.status(i, s))?.into_inner();
-            let expected = &set.by_shard[i];
-            if resp.chunks.len() != expected.len() {
-                return Err(Error::Protocol(format!(
-                    "shard {i} returned {} chunks for {} requested",
-                    resp.chunks.len(),
-                    expected.len()
-                )));
-            }
-            if !resp.codecs.is_empty() && resp.codecs.len() != expected.len() {
-                return Err(Error::Protocol(format!("shard {i} named {} codecs", resp.codecs.len())));
-            }
-            self.count_pulled(&resp);
-            for (j, (chunk, (_, _, range))) in resp.chunks.iter().zip(expected).enumerate() {
-                let kind = match resp.codecs.get(j) {
-                    Some(&k) => CodecKind::from_wire("pulled chunk", k)?,
-                    None => CodecKind::F32,
-                };
-                let len = range.len();
-                compress::decode_into(kind, "pulled values", &chunk.values, len, &mut out[range.clone()])?;
-            }
+            self.take_pulled(set, i, &resp, out)?;
+        }
+        Ok(())
+    }
+
+    /// The pull of shard `i`'s chunks of `set`, reading at `clock`.
+    fn pull_request(&self, set: &DenseSet, i: usize, clock: u64) -> pb::PullDenseRequest {
+        let compressed = set.tensors.iter().any(|(t, _)| self.codecs_of(t).pull.is_lossy());
+        let meta = pb::ReadMeta { worker: self.worker, clock, compressed };
+        let chunks = &set.by_shard[i];
+        let ids = chunks.iter().map(|(t, idx, _)| pb::ChunkId { tensor: t.clone(), index: *idx }).collect();
+        pb::PullDenseRequest { chunks: ids, meta: Some(meta) }
+    }
+
+    /// Decodes shard `i`'s answer to [`ShardedClient::pull_request`] into
+    /// its places in `out`.
+    fn take_pulled(
+        &self,
+        set: &DenseSet,
+        i: usize,
+        resp: &pb::PullDenseResponse,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let expected = &set.by_shard[i];
+        if resp.chunks.len() != expected.len() {
+            return Err(Error::Protocol(format!(
+                "shard {i} returned {} chunks for {} requested",
+                resp.chunks.len(),
+                expected.len()
+            )));
+        }
+        if !resp.codecs.is_empty() && resp.codecs.len() != expected.len() {
+            return Err(Error::Protocol(format!("shard {i} named {} codecs", resp.codecs.len())));
+        }
+        self.count_pulled(resp);
+        for (j, (chunk, (_, _, range))) in resp.chunks.iter().zip(expected).enumerate() {
+            let kind = match resp.codecs.get(j) {
+                Some(&k) => CodecKind::from_wire("pulled chunk", k)?,
+                None => CodecKind::F32,
+            };
+            let len = range.len();
+            compress::decode_into(kind, "pulled values", &chunk.values, len, &mut out[range.clone()])?;
         }
         Ok(())
     }
@@ -630,13 +648,16 @@ impl ShardedClient {
         self.send_dense_pushes(requests).await
     }
 
-    /// Pushes the gradient of iteration `clock` (with `tick`) and, at the same
-    /// time, pulls the parameters for iteration `clock + 1` into `out`. Under
-    /// BSP the shards serve the pull only after this push; under SSP and ASP
-    /// the pull may miss it (one iteration of staleness on the worker's own
-    /// update), which is what buys the overlap. Returns false if the push
-    /// went through but a shard could not be reached for the pull: the
-    /// iteration is complete, and the caller pulls again.
+    /// Pushes the gradient of iteration `clock` (with `tick`) and, in the
+    /// same round trip, pulls the parameters for iteration `clock + 1` into
+    /// `out`. On the data plane each shard gets both on one connection and
+    /// runs the pull after the push, so the pull sees it
+    /// ([`ShardedClient::push_then_pull`]). Over gRPC the two go at once:
+    /// under BSP the shards serve the pull only after this push; under SSP
+    /// and ASP the pull may miss it (one iteration of staleness on the
+    /// worker's own update). Returns false if the push went through but a
+    /// shard could not be reached for the pull: the iteration is complete,
+    /// and the caller pulls again.
     pub async fn push_and_pull_dense(
         &mut self,
         set: &DenseSet,
@@ -644,15 +665,80 @@ impl ShardedClient {
         clock: u64,
         out: &mut [f32],
     ) -> Result<bool> {
+        check_len("pull buffer", out.len(), set.len)?;
         let requests = self.dense_push_requests(set, grads, clock, clock, true)?;
-        let (pushed, pulled) =
-            tokio::join!(self.send_dense_pushes(requests), self.pull_dense(set, clock + 1, out));
+        let (pushed, pulled) = if self.data.iter().all(Option::is_some) {
+            self.push_then_pull(set, requests, clock + 1, out).await
+        } else {
+            tokio::join!(self.send_dense_pushes(requests), self.pull_dense(set, clock + 1, out))
+        };
         pushed?;
         match pulled {
             Ok(()) => Ok(true),
             Err(e) if e.is_unreachable() => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// [`ShardedClient::push_and_pull_dense`] on the data plane: to each
+    /// shard, its push and its pull in one write on one connection
+    /// ([`DataLink::call_pair`]); the shard runs the pull after the push
+    /// and answers both together, so an iteration is one round trip per
+    /// shard, and the pull sees the push. A push the shard did not answer
+    /// is sent again with its seq, as [`ShardedClient::push_dense`] would.
+    /// Returns the pushes' result and the pulls'.
+    async fn push_then_pull(
+        &self,
+        set: &DenseSet,
+        requests: Vec<(usize, pb::PushDenseRequest)>,
+        clock: u64,
+        out: &mut [f32],
+    ) -> (Result<()>, Result<()>) {
+        let timeout = self.opts.read_timeout.max(self.opts.request_timeout);
+        let calls = requests.into_iter().map(|(i, push)| {
+            let data = self.data[i].clone();
+            let pull = (!set.by_shard[i].is_empty()).then(|| self.pull_request(set, i, clock));
+            async move {
+                let Some(data) = data else { unreachable!("every shard has a data plane") };
+                let (pushed, pulled) = match &pull {
+                    Some(pull) => {
+                        match data.call_pair((Kind::PushDense, &push), (Kind::PullDense, pull), timeout).await
+                        {
+                            Ok((pushed, pulled)) => (pushed, Some(pulled)),
+                            Err(s) => (Err(s.clone()), Some(Err(s))),
+                        }
+                    }
+                    None => (data.call(Kind::PushDense, &push, timeout).await, None),
+                };
+                let pushed = match pushed {
+                    Ok(r) => Ok(Some(r)),
+                    Err(s) if is_transient(&s) || is_unreachable(&s) => {
+                        if is_unreachable(&s) {
+                            self.lost_contact.store(true, Ordering::Relaxed);
+                        }
+                        tracing::warn!(code = ?s.code(), "push failed, retrying with the same seq");
+                        self.send_dense_pushes(vec![(i, push)]).await.map(|()| None)
+                    }
+                    Err(s) => Err(self.status(i, s)),
+                };
+                (i, pushed, pulled)
+            }
+        });
+        let (mut pushes, mut pulls) = (Ok(()), Ok(()));
+        for (i, pushed, pulled) in join_all(calls).await {
+            match pushed {
+                Ok(Some(r)) => self.took_push(&r),
+                Ok(None) => {}
+                Err(e) => pushes = pushes.and(Err(e)),
+            }
+            let taken = match pulled {
+                Some(Ok(resp)) => self.take_pulled(set, i, &resp, out),
+                Some(Err(s)) => Err(self.status(i, s)),
+                None => Ok(()),
+            };
+            pulls = pulls.and(taken);
+        }
+        (pushes, pulls)
     }
 
     /// Builds one push per shard, taking the next seq of each.
@@ -716,12 +802,17 @@ impl ShardedClient {
         });
         for (i, r) in join_all(calls).await {
             let r = r.map_err(|s| self.status(i, s))?;
-            self.pushed_clock.fetch_max(r.clock, Ordering::Relaxed);
-            if r.late {
-                self.late_pushes.fetch_add(1, Ordering::Relaxed);
-            }
+            self.took_push(&r);
         }
         Ok(())
+    }
+
+    /// Notes a push's answer: the clock it moved the worker to, lateness.
+    fn took_push(&self, r: &pb::PushResponse) {
+        self.pushed_clock.fetch_max(r.clock, Ordering::Relaxed);
+        if r.late {
+            self.late_pushes.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn next_meta(&mut self, shard: usize, clock: u64, read_clock: u64, tick: bool) -> pb::PushMeta {

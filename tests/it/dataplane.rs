@@ -209,3 +209,52 @@ async fn a_stopped_shard_is_noticed_not_waited_for() {
     assert!(err.is_unreachable(), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5), "noticed in {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn a_push_and_the_next_pull_in_one_write_run_in_order() {
+    // Two clusters in the same state: one trained through the pipelined
+    // push-and-pull of the data plane, the other with a push, then a pull,
+    // over gRPC. The pipelined pull sees its own push: both read the same.
+    let (a, b) = (LocalShards::start(2).await.expect("start"), LocalShards::start(2).await.expect("start"));
+    let (dense, _) = specs();
+    let mut fast = client(&a, 1, true).await;
+    let mut slow = client(&b, 1, false).await;
+    fast.register(&dense).await.unwrap();
+    slow.register(&dense).await.unwrap();
+    let set = DenseSet::new(&[dense], 2).unwrap();
+    let (mut x, mut y) = (vec![0.0; set.len()], vec![0.0; set.len()]);
+    for clock in 0..5u64 {
+        let grad: Vec<f32> = (0..set.len()).map(|i| ((i as u64 + clock) % 7) as f32 - 3.0).collect();
+        assert!(fast.push_and_pull_dense(&set, &grad, clock, &mut x).await.unwrap());
+        slow.push_dense(&set, &grad, clock, clock, true).await.unwrap();
+        slow.pull_dense(&set, clock + 1, &mut y).await.unwrap();
+        assert_eq!(x, y, "values read after the push of clock {clock}");
+    }
+    let stats = fast.stats().await.unwrap();
+    assert_eq!(stats.iter().map(|s| s.pushes).sum::<u64>(), 5 * 2, "one push per shard per clock");
+    assert_eq!(stats.iter().map(|s| s.duplicate_pushes).sum::<u64>(), 0);
+
+    // A client that writes many requests at once and reads nothing until
+    // the end: every answer comes back, in order.
+    let owner = ps_common::partition::chunk_shard("w", 0, 2);
+    let port = data_port(&a.addrs[owner as usize]).await;
+    let mut bytes = frame(0, b"PSD1");
+    let pull =
+        |index| pb::PullDenseRequest { chunks: vec![pb::ChunkId { tensor: "w".into(), index }], meta: None };
+    for n in 0..2000u32 {
+        let msg = if n % 2 == 0 { pull(0) } else { pull(u32::MAX) };
+        bytes.extend(frame(Kind::PullDense as u8, &prost::Message::encode_to_vec(&msg)));
+    }
+    let answer = send_raw(port, &bytes).await;
+    let mut reader = ps_common::dataplane::FrameReader::new(1 << 26);
+    let mut src = answer.as_slice();
+    let mut kinds = Vec::new();
+    while let Some((kind, _)) = reader.next(&mut src).await.unwrap() {
+        kinds.push(kind);
+    }
+    assert_eq!(kinds.len(), 2001, "the hello's answer and one per request");
+    assert!(kinds[1..].iter().step_by(2).all(|&k| k == 0), "the good pulls are answered OK");
+    assert!(kinds[2..].iter().step_by(2).all(|&k| k != 0), "the bad ones are refused, in their places");
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}

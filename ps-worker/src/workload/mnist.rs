@@ -2,8 +2,8 @@
 //! tensors in dense tables (`fc1.weight`, `fc1.bias`, ...).
 //!
 //! With `overlap` (the default) the pull for iteration `c + 1` travels with
-//! the push of `c` (`push_and_pull_dense`), so an iteration's pull phase is
-//! usually empty.
+//! the push of `c` (`push_and_pull_dense`: on the data plane, in one round
+//! trip per shard), so an iteration's pull phase is usually empty.
 //!
 //! Two options serve model compression (`ps-cluster models prune` and
 //! `distill`):
