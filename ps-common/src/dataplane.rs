@@ -5,8 +5,8 @@
 //! framing and HPACK, and copies a large one through tonic's encode and
 //! decode buffers. The four hot RPCs (`PullDense`, `PushDense`,
 //! `PullSparse`, `PushSparse`) therefore also travel here, as the same
-//! protobuf messages in a frame of our own, one request at a time per
-//! connection, answered by the connection's own task on the shard: no
+//! protobuf messages in a frame of our own, answered in order by the
+//! connection's own task on the shard: no
 //! HTTP/2, no task hop. Every other RPC stays on gRPC, and a shard that
 //! offers no data plane (or a client with `transport.data_plane = false`)
 //! is served over gRPC as before. A shard answers a data-plane request
@@ -388,7 +388,8 @@ impl Conn {
 }
 
 /// A client's data plane to one shard: a pool of connections, each used by
-/// one request at a time. Cheap to clone.
+/// one call at a time (a call is one request, or a pair sent together).
+/// Cheap to clone.
 #[derive(Clone)]
 pub struct DataLink(Arc<Link>);
 

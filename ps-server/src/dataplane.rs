@@ -1,7 +1,8 @@
 //! The shard's side of the data plane (`ps_common::dataplane`): the four
 //! pull and push RPCs as frames on plain TCP or TLS, beside gRPC.
 //!
-//! Each connection is served by one task, one request at a time, with the
+//! Each connection is served by one task, one request at a time and in
+//! order (a client may send several before reading), with the
 //! same handlers as gRPC ([`Service`]'s `ParameterServer` methods): the same
 //! rate limit, role check, consistency waits, budget and store calls, and
 //! the same statuses. What differs is only how the request arrived: its
