@@ -359,7 +359,7 @@ impl RateLimiter {
     }
 
     /// Whether limits are on (`requests_per_sec > 0`).
-    pub fn enabled(&self) -> bool {
+    fn enabled(&self) -> bool {
         self.rate > 0.0
     }
 

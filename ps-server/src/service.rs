@@ -125,26 +125,24 @@ impl Shard {
             return self.rate.admit(Caller::Connection(peer)).map_err(|e| self.refuse(e));
         };
         let host = peer.map(|p| Caller::Host(p.ip()));
-        let known = authenticator.known_principal_of(req);
-        let who = match known {
+        let who = match authenticator.known_principal_of(req) {
             Ok(Some(who)) => Ok(who),
-            Ok(None) => match host.map_or(Ok(()), |h| self.rate.check(h)) {
-                Ok(()) => authenticator.principal_of(req),
-                Err(limited) => return Err(self.refuse(limited)),
-            },
+            Ok(None) => {
+                if let Some(h) = host {
+                    self.rate.check(h).map_err(|e| self.refuse(e))?;
+                }
+                authenticator.principal_of(req)
+            }
             Err(e) => Err(e),
         };
-        let who = match who {
-            Ok(who) => who,
-            Err(e) => {
-                if let Some(h) = host {
-                    // The refusal is UNAUTHENTICATED either way; the token
-                    // taken bounds the checks the host gets.
-                    let _ = self.rate.admit(h);
-                }
-                return Err(self.refuse(Error::Auth(e)));
+        let who = who.map_err(|e| {
+            if let Some(h) = host {
+                // The refusal is UNAUTHENTICATED either way; the token
+                // taken bounds the checks the host gets.
+                let _ = self.rate.admit(h);
             }
-        };
+            self.refuse(Error::Auth(e))
+        })?;
         if peer.is_some() {
             self.rate.admit(Caller::Principal(who)).map_err(|e| self.refuse(e))?;
         }

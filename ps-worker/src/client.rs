@@ -401,10 +401,16 @@ impl ShardedClient {
     }
 
     fn status(&self, shard: usize, status: tonic::Status) -> Error {
-        if is_unreachable(&status) {
+        self.note_unreachable(&status);
+        Error::Status { shard: shard as ShardId, addr: self.addrs[shard].clone(), status }
+    }
+
+    /// Remembers that a shard could not be reached (the training loop then
+    /// tells a restored shard where this worker is).
+    fn note_unreachable(&self, status: &tonic::Status) {
+        if is_unreachable(status) {
             self.lost_contact.store(true, Ordering::Relaxed);
         }
-        Error::Status { shard: shard as ShardId, addr: self.addrs[shard].clone(), status }
     }
 
     fn request<T>(&self, msg: T, timeout: Duration) -> tonic::Request<T> {
@@ -577,9 +583,10 @@ impl ShardedClient {
     /// `clock` (BSP/SSP reads block until the clock set allows it).
     pub async fn pull_dense(&self, set: &DenseSet, clock: u64, out: &mut [f32]) -> Result<()> {
         check_len("pull buffer", out.len(), set.len)?;
+        let meta = self.read_meta(set, clock);
         let calls = set.by_shard.iter().enumerate().filter(|(_, c)| !c.is_empty()).map(|(i, _)| {
             let (mut c, data) = (self.shards[i].clone(), self.data[i].clone());
-            let msg = self.pull_request(set, i, clock);
+            let msg = pull_request(set, i, meta);
             let call = hot_call(data, Kind::PullDense, msg, self.opts.read_timeout, move |req| async move {
                 c.pull_dense(req).await
             });
@@ -592,17 +599,14 @@ impl ShardedClient {
         Ok(())
     }
 
-    /// The pull of shard `i`'s chunks of `set`, reading at `clock`.
-    fn pull_request(&self, set: &DenseSet, i: usize, clock: u64) -> pb::PullDenseRequest {
+    /// What a pull of `set` at `clock` says of itself.
+    fn read_meta(&self, set: &DenseSet, clock: u64) -> pb::ReadMeta {
         let compressed = set.tensors.iter().any(|(t, _)| self.codecs_of(t).pull.is_lossy());
-        let meta = pb::ReadMeta { worker: self.worker, clock, compressed };
-        let chunks = &set.by_shard[i];
-        let ids = chunks.iter().map(|(t, idx, _)| pb::ChunkId { tensor: t.clone(), index: *idx }).collect();
-        pb::PullDenseRequest { chunks: ids, meta: Some(meta) }
+        pb::ReadMeta { worker: self.worker, clock, compressed }
     }
 
-    /// Decodes shard `i`'s answer to [`ShardedClient::pull_request`] into
-    /// its places in `out`.
+    /// Decodes shard `i`'s answer to [`pull_request`] into its places in
+    /// `out`.
     fn take_pulled(
         &self,
         set: &DenseSet,
@@ -667,8 +671,9 @@ impl ShardedClient {
     ) -> Result<bool> {
         check_len("pull buffer", out.len(), set.len)?;
         let requests = self.dense_push_requests(set, grads, clock, clock, true)?;
-        let (pushed, pulled) = if self.data.iter().all(Option::is_some) {
-            self.push_then_pull(set, requests, clock + 1, out).await
+        let links: Option<Vec<DataLink>> = self.data.iter().cloned().collect();
+        let (pushed, pulled) = if let Some(links) = links {
+            self.push_then_pull(&links, set, requests, clock + 1, out).await
         } else {
             tokio::join!(self.send_dense_pushes(requests), self.pull_dense(set, clock + 1, out))
         };
@@ -689,17 +694,18 @@ impl ShardedClient {
     /// Returns the pushes' result and the pulls'.
     async fn push_then_pull(
         &self,
+        links: &[DataLink],
         set: &DenseSet,
         requests: Vec<(usize, pb::PushDenseRequest)>,
         clock: u64,
         out: &mut [f32],
     ) -> (Result<()>, Result<()>) {
         let timeout = self.opts.read_timeout.max(self.opts.request_timeout);
+        let meta = self.read_meta(set, clock);
         let calls = requests.into_iter().map(|(i, push)| {
-            let data = self.data[i].clone();
-            let pull = (!set.by_shard[i].is_empty()).then(|| self.pull_request(set, i, clock));
+            let data = &links[i];
+            let pull = (!set.by_shard[i].is_empty()).then(|| pull_request(set, i, meta));
             async move {
-                let Some(data) = data else { unreachable!("every shard has a data plane") };
                 let (pushed, pulled) = match &pull {
                     Some(pull) => {
                         match data.call_pair((Kind::PushDense, &push), (Kind::PullDense, pull), timeout).await
@@ -713,9 +719,7 @@ impl ShardedClient {
                 let pushed = match pushed {
                     Ok(r) => Ok(Some(r)),
                     Err(s) if is_transient(&s) || is_unreachable(&s) => {
-                        if is_unreachable(&s) {
-                            self.lost_contact.store(true, Ordering::Relaxed);
-                        }
+                        self.note_unreachable(&s);
                         tracing::warn!(code = ?s.code(), "push failed, retrying with the same seq");
                         self.send_dense_pushes(vec![(i, push)]).await.map(|()| None)
                     }
@@ -1097,6 +1101,13 @@ async fn data_link(
 /// Sends a pull or push: on the shard's data plane if it has one, else over
 /// gRPC with `grpc`. Either way the answer, or a status that reads the same
 /// (UNAVAILABLE for a shard that cannot be reached, DEADLINE_EXCEEDED).
+/// The pull of shard `i`'s chunks of `set`, with `meta`.
+fn pull_request(set: &DenseSet, i: usize, meta: pb::ReadMeta) -> pb::PullDenseRequest {
+    let ids =
+        set.by_shard[i].iter().map(|(t, idx, _)| pb::ChunkId { tensor: t.clone(), index: *idx }).collect();
+    pb::PullDenseRequest { chunks: ids, meta: Some(meta) }
+}
+
 async fn hot_call<M, R, F, Fut>(
     data: Option<DataLink>,
     kind: Kind,
