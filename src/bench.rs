@@ -61,7 +61,7 @@ pub async fn run_all(exe: &Path, reference: &str, opts: &BenchOptions) -> Result
         training(exe, &config, opts).await?;
     }
     if opts.wants("transport") {
-        println!("\n== transport: dense pulls and pushes over loopback gRPC beside raw loopback TCP ==");
+        println!("\n== transport: dense pulls and pushes on the data plane beside raw loopback sockets ==");
         transport(opts.reps).await?;
     }
     if opts.wants("apply") {
@@ -117,6 +117,8 @@ async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result
         c.cluster.workers = workers;
         c.cluster.plaintext = plaintext;
         c.job.client.transport.data_plane = data_plane;
+        // `tcp` tags: the data plane on loopback TCP, not the shards' Unix sockets.
+        c.job.client.transport.local_socket = !tag.ends_with("tcp");
         c.job.epochs = opts.epochs;
         c.job.eval_every_epochs = 0;
         c.registry.register = false;
@@ -139,12 +141,15 @@ async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result
         }
     }
     // The same 2 + 2 run without TLS, the TLS + data plane default once more
-    // (so that TLS is measured on both sides of the plaintext run), and with
-    // pulls and pushes over gRPC (no data plane).
+    // (so that TLS is measured on both sides of the plaintext run), both on
+    // loopback TCP instead of the shards' Unix sockets, and with pulls and
+    // pushes over gRPC (no data plane).
     let mut plain = 0.0;
     for (label, plaintext, data_plane, tag) in [
         ("plaintext, data plane", true, true, "bench-plain"),
         ("TLS, data plane (again)", false, true, "bench-tls2"),
+        ("plaintext, data plane on loopback TCP", true, true, "bench-plain-tcp"),
+        ("TLS, data plane on loopback TCP", false, true, "bench-tls-tcp"),
         ("TLS, gRPC only (no data plane)", false, false, "bench-grpc"),
     ] {
         let (looped, s) = run(2, plaintext, data_plane, tag).await?;
@@ -155,9 +160,9 @@ async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result
             looped / local,
             s.test_score
         );
-        match (plaintext, data_plane) {
-            (true, _) => plain = looped,
-            (false, true) => tls.push(looped),
+        match (plaintext, data_plane, tag.ends_with("tcp")) {
+            (true, _, false) => plain = looped,
+            (false, true, false) => tls.push(looped),
             _ => {}
         }
     }
@@ -312,100 +317,135 @@ fn local_training(config: &RunConfig, epochs: u32) -> Result<f64> {
 /// The reference model's parameter count (784-64-64-10 with biases).
 pub const REFERENCE_PARAMS: usize = 784 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10;
 
-/// Dense transport over loopback gRPC (1 shard, in-process), each figure
-/// beside raw loopback TCP moving the same bytes in the same run: pulls and
-/// pushes of 1M floats (speed as a fraction of TCP's), 1k-float round trips
-/// against a 32-byte ping-pong, and one training iteration of the reference
-/// model (its push and the next pull, overlapped as the trainer does).
+/// Dense transport on the data plane (1 shard, in-process), each figure
+/// beside a raw loopback socket moving the same bytes in the same run:
+/// pulls and pushes of 1M floats (speed as a fraction of the socket's),
+/// 1k-float round trips against a 32-byte ping-pong, and one training
+/// iteration of the reference model (its push and the next pull, sent
+/// together as the trainer does). Twice: with the client on loopback TCP
+/// (beside raw TCP), then on the shard's Unix socket (beside a raw Unix
+/// socket, and raw TCP).
 async fn transport(reps: u32) -> Result<()> {
     let io = |what: &str| {
         let what = what.to_string();
         move |source| Error::Io { what: what.clone(), source }
     };
+    let tmp = Scratch::new("transport")?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(io("bind"))?;
     let addr = listener.local_addr().map_err(io("addr"))?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(ps_server::serve(ps_server::ServerConfig::default(), listener, async {
+    let config =
+        ps_server::ServerConfig { data_socket: Some(tmp.0.join("shard.sock")), ..Default::default() };
+    let server = tokio::spawn(ps_server::serve(config, listener, async {
         let _ = stopped.await;
     }));
-    let mut client = ShardedClient::connect(&[addr.to_string()], 1, ClientOptions::default()).await?;
-    let mut tcp = baseline::Tcp::connect().await.map_err(io("loopback TCP baseline"))?;
     let memcpy = baseline::memcpy_rate(4 << 20, reps.max(3));
     println!("{:<40} {:>10.0} MB/s (memcpy of 4 MiB, for scale)", "memcpy", memcpy / 1e6);
-    println!(
-        "{:<40} {:>10} {:>12} {:>22}",
-        "dense, 1 shard", "gRPC ms", "raw TCP ms", "gRPC speed / TCP speed"
-    );
-    for (n, chunk_len, rule, small) in [
-        (1usize << 20, 1u32 << 18, Rule::sgd(1e-6), false),
-        (1000, 1 << 18, Rule::sgd(1e-6), true),
-        (REFERENCE_PARAMS, 1 << 16, Rule::adam(1e-3), false),
-    ] {
-        let name = format!("bench.{n}");
-        let mut spec = TableSpec::dense(&name, &[n as u64], Init::zeros(), rule.into());
-        spec.layout = Layout::Dense { shape: vec![n as u64], chunk_len };
-        client.register(&spec).await?;
-        let set = DenseSet::new(&[spec], 1)?;
-        let mut buf = vec![0.5f32; n];
-        let bytes = n * 4;
-        // Enough repetitions for a few hundred ms each.
-        let r = if n >= 1 << 20 { reps.max(3) * 5 } else { reps.max(3) * 300 };
-        client.pull_dense(&set, 0, &mut buf).await?;
-        let t = Instant::now();
-        for _ in 0..r {
+    let mut tcp = baseline::Tcp::connect().await.map_err(io("loopback TCP baseline"))?;
+    let mut unix =
+        baseline::Tcp::connect_unix(&tmp.0.join("raw.sock")).await.map_err(io("Unix socket baseline"))?;
+    for local in [false, true] {
+        let mut options = ClientOptions::default();
+        options.transport.local_socket = local;
+        let mut client = ShardedClient::connect(&[addr.to_string()], 1, options).await?;
+        let (on, raw) = if local { ("Unix socket", "raw Unix") } else { ("loopback TCP", "raw TCP") };
+        println!(
+            "{:<40} {:>10} {:>12} {:>16} {:>16}",
+            format!("dense, 1 shard, on {on}"),
+            "ms",
+            format!("{raw} ms"),
+            format!("speed / {raw}"),
+            "speed / raw TCP"
+        );
+        for (n, chunk_len, rule, small) in [
+            (1usize << 20, 1u32 << 18, Rule::sgd(1e-6), false),
+            (1000, 1 << 18, Rule::sgd(1e-6), true),
+            (REFERENCE_PARAMS, 1 << 16, Rule::adam(1e-3), false),
+        ] {
+            let name = format!("bench.{local}.{n}");
+            let mut spec = TableSpec::dense(&name, &[n as u64], Init::zeros(), rule.into());
+            spec.layout = Layout::Dense { shape: vec![n as u64], chunk_len };
+            client.register(&spec).await?;
+            let set = DenseSet::new(&[spec], 1)?;
+            let mut buf = vec![0.5f32; n];
+            let bytes = n * 4;
+            // Enough repetitions for a few hundred ms each.
+            let r = if n >= 1 << 20 { reps.max(3) * 5 } else { reps.max(3) * 300 };
             client.pull_dense(&set, 0, &mut buf).await?;
-        }
-        let pull = t.elapsed() / r;
-        let t = Instant::now();
-        for _ in 0..r {
-            client.push_dense(&set, &buf, 0, 0, false).await?;
-        }
-        let push = t.elapsed() / r;
-        let tcp_pull = tcp.pull(bytes, r).await.map_err(io("TCP pull"))?;
-        let tcp_push = tcp.push(bytes, r).await.map_err(io("TCP push"))?;
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let label = |op: &str| format!("{op} {n} floats ({} KiB)", bytes >> 10);
-        if small {
-            let ping = tcp.ping_pong(r).await.map_err(io("TCP ping-pong"))?;
-            for (op, d) in [("pull", pull), ("push", push)] {
-                println!(
-                    "{:<40} {:>10.3} {:>12.3} {:>22}",
-                    label(op),
-                    ms(d),
-                    ms(ping),
-                    format!("{:.1}x ping-pong time", d.as_secs_f64() / ping.as_secs_f64())
-                );
-            }
-        } else {
-            for (op, d, tcp_d) in [("pull", pull, tcp_pull), ("push", push, tcp_push)] {
-                println!(
-                    "{:<40} {:>10.3} {:>12.3} {:>22.3}",
-                    label(op),
-                    ms(d),
-                    ms(tcp_d),
-                    tcp_d.as_secs_f64() / d.as_secs_f64()
-                );
-            }
-        }
-        if n == REFERENCE_PARAMS {
-            // The trainer's iteration: push of clock c with the pull of c + 1.
-            let grads = buf.clone();
             let t = Instant::now();
-            for c in 0..u64::from(r) {
-                client.push_and_pull_dense(&set, &grads, c, &mut buf).await?;
+            for _ in 0..r {
+                client.pull_dense(&set, 0, &mut buf).await?;
             }
-            let both = t.elapsed() / r;
-            let tcp_both = tcp.time(bytes, bytes, r).await.map_err(io("TCP push + pull"))?;
-            println!(
-                "{:<40} {:>10.3} {:>12.3} {:>22.3}",
-                "reference model: push + pull (Adam)",
-                ms(both),
-                ms(tcp_both),
-                tcp_both.as_secs_f64() / both.as_secs_f64()
+            let pull = t.elapsed() / r;
+            let t = Instant::now();
+            for _ in 0..r {
+                client.push_dense(&set, &buf, 0, 0, false).await?;
+            }
+            let push = t.elapsed() / r;
+            // The raw socket of the same kind, and raw TCP, moving the same bytes.
+            let same = if local { &mut unix } else { &mut tcp };
+            let (raw_pull, raw_push) = (
+                same.pull(bytes, r).await.map_err(io("raw pull"))?,
+                same.push(bytes, r).await.map_err(io("raw push"))?,
             );
+            let (tcp_pull, tcp_push) = (
+                tcp.pull(bytes, r).await.map_err(io("TCP pull"))?,
+                tcp.push(bytes, r).await.map_err(io("TCP push"))?,
+            );
+            let ms = |d: Duration| d.as_secs_f64() * 1e3;
+            let ratio = |raw: Duration, d: Duration| raw.as_secs_f64() / d.as_secs_f64();
+            let label = |op: &str| format!("{op} {n} floats ({} KiB)", bytes >> 10);
+            if small {
+                let same = if local { &mut unix } else { &mut tcp };
+                let ping = same.ping_pong(r).await.map_err(io("ping-pong"))?;
+                let tcp_ping = tcp.ping_pong(r).await.map_err(io("TCP ping-pong"))?;
+                for (op, d) in [("pull", pull), ("push", push)] {
+                    println!(
+                        "{:<40} {:>10.3} {:>12.3} {:>16} {:>16}",
+                        label(op),
+                        ms(d),
+                        ms(ping),
+                        format!("{:.1}x ping-pong", d.as_secs_f64() / ping.as_secs_f64()),
+                        format!("{:.1}x ping-pong", d.as_secs_f64() / tcp_ping.as_secs_f64())
+                    );
+                }
+            } else {
+                for (op, d, raw_d, tcp_d) in
+                    [("pull", pull, raw_pull, tcp_pull), ("push", push, raw_push, tcp_push)]
+                {
+                    println!(
+                        "{:<40} {:>10.3} {:>12.3} {:>16.3} {:>16.3}",
+                        label(op),
+                        ms(d),
+                        ms(raw_d),
+                        ratio(raw_d, d),
+                        ratio(tcp_d, d)
+                    );
+                }
+            }
+            if n == REFERENCE_PARAMS {
+                // The trainer's iteration: push of clock c with the pull of c + 1.
+                let grads = buf.clone();
+                let t = Instant::now();
+                for c in 0..u64::from(r) {
+                    client.push_and_pull_dense(&set, &grads, c, &mut buf).await?;
+                }
+                let both = t.elapsed() / r;
+                let same = if local { &mut unix } else { &mut tcp };
+                let raw_both = same.time(bytes, bytes, r).await.map_err(io("raw push + pull"))?;
+                let tcp_both = tcp.time(bytes, bytes, r).await.map_err(io("TCP push + pull"))?;
+                println!(
+                    "{:<40} {:>10.3} {:>12.3} {:>16.3} {:>16.3}",
+                    "reference model: push + pull (Adam)",
+                    ms(both),
+                    ms(raw_both),
+                    ratio(raw_both, both),
+                    ratio(tcp_both, both)
+                );
+            }
         }
     }
-    drop(tcp);
+    drop((tcp, unix));
     let _ = stop.send(());
     let _ = server.await;
     Ok(())

@@ -222,6 +222,15 @@ impl Servers {
             }
         }
         cmd.args(["--metrics", metrics]);
+        // The data plane on a Unix socket too, for the workers on this host
+        // (they use it instead of loopback TCP). A run folder too deep for a
+        // socket's path leaves them on TCP.
+        let socket = self.log_dir.join(format!("shard-{shard}.sock"));
+        if socket.as_os_str().len() <= 107 {
+            cmd.arg("--data-socket").arg(&socket);
+        } else {
+            tracing::warn!(path = %socket.display(), "run folder too deep for a Unix socket; the data plane stays on TCP");
+        }
         cmd.args(self.security.args());
         if matches!(self.security, Security::Tls(_)) {
             cmd.arg("--client-auth");

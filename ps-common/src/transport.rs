@@ -77,6 +77,11 @@ pub struct TransportConfig {
     /// run files and job fingerprints from before it read the same.)
     #[serde(skip_serializing_if = "is_true")]
     pub data_plane: bool,
+    /// A client reaches a shard on its own host through the shard's Unix
+    /// socket, when the shard serves one (`data_socket`), instead of
+    /// loopback TCP. (Written out only when off.)
+    #[serde(skip_serializing_if = "is_true")]
+    pub local_socket: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -436,6 +441,7 @@ impl Default for TransportConfig {
             tls: None,
             plaintext: false,
             data_plane: true,
+            local_socket: true,
         }
     }
 }

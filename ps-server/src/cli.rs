@@ -26,6 +26,10 @@ pub struct Args {
     /// listen address; 0 picks a free one, which clients ask for over gRPC.
     #[arg(long, env = "PS_DATA_PORT")]
     pub data_port: Option<u16>,
+    /// Also serve the data plane on a Unix socket at this path, for workers
+    /// on this host (they reach the shard at a loopback address).
+    #[arg(long)]
+    pub data_socket: Option<PathBuf>,
     /// Serve pulls and pushes over gRPC only (`transport.data_plane = false`).
     #[arg(long)]
     pub no_data_plane: bool,
@@ -90,6 +94,9 @@ pub fn config(args: &Args) -> Result<ServerConfig> {
     }
     if let Some(v) = args.data_port {
         config.data_port = v;
+    }
+    if let Some(v) = &args.data_socket {
+        config.data_socket = Some(v.clone());
     }
     if args.no_data_plane {
         config.transport.data_plane = false;

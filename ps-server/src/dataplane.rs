@@ -1,5 +1,6 @@
 //! The shard's side of the data plane (`ps_common::dataplane`): the four
-//! pull and push RPCs as frames on plain TCP or TLS, beside gRPC.
+//! pull and push RPCs as frames on plain TCP or TLS, beside gRPC, and on a
+//! Unix socket for clients on the same host when `data_socket` is set.
 //!
 //! Each connection is served by one task, one request at a time and in
 //! order (a client may send several before reading), with the
@@ -9,8 +10,13 @@
 //! peer (address, and the client certificate the TLS handshake verified)
 //! is put in the request's extensions, and the hello's bearer token, if
 //! any, in its `authorization` metadata, where the handlers look for them.
+//! A Unix-socket peer has no IP address: it reads as 127.0.0.1 (this host),
+//! with a port number of its own per connection, so that the rate limit's
+//! per-connection and per-host buckets (auth off; unchecked credentials)
+//! treat it as a local client.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +26,7 @@ use ps_common::dataplane::{self, FrameReader, Kind, OutFrame, Peer};
 use ps_common::transport::TransportConfig;
 use ps_common::wire::pb::parameter_server_server::ParameterServer;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tonic::Status;
 use tonic::metadata::AsciiMetadataValue;
@@ -39,10 +45,48 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// reach this many bytes.
 const HOLD_AT: usize = 256 << 10;
 
+/// Where the data plane listens: a TCP port, or a Unix socket.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+/// A Unix socket's path, removed when dropped (the shard keeps it until
+/// it stops).
+pub struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl Listener {
+    /// The next connection (with `TCP_NODELAY` as `nodelay` says, on TCP)
+    /// and its peer's address (a Unix-socket peer's is 127.0.0.1 and a port
+    /// number of its own).
+    async fn accept(&self, nodelay: bool) -> std::io::Result<(Box<dyn dataplane::Io>, SocketAddr)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (tcp, addr) = l.accept().await?;
+                let _ = tcp.set_nodelay(nodelay);
+                Ok((Box::new(tcp), addr))
+            }
+            Listener::Unix(l) => {
+                static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(1);
+                let (unix, _) = l.accept().await?;
+                let port = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok((Box::new(unix), SocketAddr::from((Ipv4Addr::LOCALHOST, port))))
+            }
+        }
+    }
+}
+
 /// Serves the data plane on `listener` until dropped: the task is aborted
 /// with the shard, and its connections with it (they live in its `JoinSet`),
-/// so a stopped shard answers nothing more here either.
-pub async fn serve(listener: TcpListener, service: Service, config: TransportConfig, max_connections: usize) {
+/// so a stopped shard answers nothing more here either. `slots` bounds the
+/// connections of every listener of the shard together.
+pub async fn serve(listener: Listener, service: Service, config: TransportConfig, slots: Arc<Semaphore>) {
     let tls = match &config.tls {
         Some(tls) => match dataplane::server_tls(tls) {
             Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
@@ -54,15 +98,14 @@ pub async fn serve(listener: TcpListener, service: Service, config: TransportCon
         },
         None => None,
     };
-    let slots = Arc::new(Semaphore::new(max_connections));
     let max = config.max_message_bytes();
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = listener.accept(config.tcp_nodelay) => accepted,
             Some(_) = connections.join_next() => continue,
         };
-        let (tcp, addr) = match accepted {
+        let (stream, addr) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // Out of file descriptors, mostly: wait rather than spin.
@@ -72,13 +115,12 @@ pub async fn serve(listener: TcpListener, service: Service, config: TransportCon
             }
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::warn!(%addr, max_connections, "data plane: connection refused, at [limits] max_data_connections");
+            tracing::warn!(%addr, "data plane: connection refused, at [limits] max_data_connections");
             continue;
         };
-        let _ = tcp.set_nodelay(config.tcp_nodelay);
         let (service, tls) = (service.clone(), tls.clone());
         connections.spawn(async move {
-            if let Err(e) = connection(service, tcp, addr, tls, max).await {
+            if let Err(e) = connection(service, stream, addr, tls, max).await {
                 tracing::debug!(%addr, error = %e, "data plane: connection closed");
             }
             drop(slot);
@@ -88,7 +130,7 @@ pub async fn serve(listener: TcpListener, service: Service, config: TransportCon
 
 async fn connection(
     service: Service,
-    tcp: TcpStream,
+    tcp: Box<dyn dataplane::Io>,
     addr: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
     max: usize,
@@ -214,4 +256,41 @@ pub async fn bind(grpc: SocketAddr, port: u16) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Io { what: format!("binding the data plane {addr}"), source })
+}
+
+/// Binds the data plane's Unix socket at `path`, readable and writable by
+/// this user only. A socket left there by a shard that did not stop cleanly
+/// (nothing answers on it) is replaced; a socket something still serves,
+/// and any other file, are errors, and are left alone.
+pub fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile)> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    let what = |doing: &str| format!("{doing} the data plane's Unix socket {}", path.display());
+    // sun_path holds 108 bytes with the terminating NUL (Linux).
+    if path.as_os_str().len() > 107 {
+        return Err(Error::Config(format!(
+            "{}: {} bytes long; a Unix socket's path may have at most 107",
+            what("binding"),
+            path.as_os_str().len()
+        )));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::Config(format!(
+                    "{}: another process serves that socket (a shard already running?)",
+                    what("binding")
+                )));
+            }
+            std::fs::remove_file(path).map_err(|source| Error::Io { what: what("replacing"), source })?
+        }
+        Ok(_) => {
+            return Err(Error::Config(format!("{}: a file that is not a socket is there", what("binding"))));
+        }
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(path).map_err(|source| Error::Io { what: what("binding"), source })?;
+    let file = SocketFile(path.to_path_buf());
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|source| Error::Io { what: what("restricting"), source })?;
+    Ok((listener, file))
 }

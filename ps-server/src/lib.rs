@@ -58,6 +58,10 @@ pub struct ServerConfig {
     /// Port of the data plane on `listen`'s address (0: a free one, which
     /// clients learn over gRPC). Served when `transport.data_plane` is on.
     pub data_port: u16,
+    /// Also serve the data plane on a Unix socket at this path, for clients
+    /// on this host (they find it over gRPC, and use it when they reach the
+    /// shard at a loopback address). Absent: TCP only.
+    pub data_socket: Option<PathBuf>,
     /// Longest a BSP/SSP read may wait before failing with DEADLINE_EXCEEDED.
     pub max_wait_ms: u64,
     /// How often expired worker leases are checked.
@@ -118,6 +122,7 @@ impl Default for ServerConfig {
             num_shards: 1,
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_port: 0,
+            data_socket: None,
             max_wait_ms: 120_000,
             reap_interval_ms: 250,
             transport: TransportConfig::default(),
@@ -139,6 +144,9 @@ impl ServerConfig {
         }
         if self.reap_interval_ms == 0 {
             return bad("reap_interval_ms must be positive".into());
+        }
+        if self.data_socket.is_some() && !self.transport.data_plane {
+            return bad("data_socket is set but the data plane is off (transport.data_plane = false)".into());
         }
         self.limits.validate()?;
         self.transport.validate().map_err(|e| Error::Config(e.to_string()))
@@ -203,6 +211,7 @@ async fn serve_when_ready(
         rate: budget::RateLimiter::new(limits),
         limits: limits.clone(),
         data_port: Default::default(),
+        data_socket: Default::default(),
     });
     let (registry, rpc) = metrics::registry(&shard);
     // The metrics endpoint, if asked for; aborted with the shard.
@@ -236,18 +245,32 @@ async fn serve_when_ready(
     let t = &config.transport;
     let grpc = listener.local_addr().map_err(|e| Error::Io { what: "local_addr".into(), source: e })?;
     // The data plane, beside the gRPC listener; aborted with the shard.
+    let mut _socket_file = None;
     let _data_plane = if t.data_plane {
         let data = dataplane::bind(grpc, config.data_port).await?;
         let port = data.local_addr().map_err(|e| Error::Io { what: "local_addr".into(), source: e })?.port();
         shard.data_port.store(port, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(shard = config.shard, port, "data plane listening");
-        let service = Service(Arc::clone(&shard));
-        Some(AbortOnDrop(tokio::spawn(dataplane::serve(
-            data,
-            service,
-            t.clone(),
-            limits.max_data_connections,
-        ))))
+        let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_data_connections));
+        let mut listeners = vec![dataplane::Listener::Tcp(data)];
+        if let Some(path) = &config.data_socket {
+            // Named to clients as an absolute path: theirs may run elsewhere.
+            let path = &std::path::absolute(path)
+                .map_err(|source| Error::Io { what: format!("resolving {}", path.display()), source })?;
+            let (unix, file) = dataplane::bind_unix(path)?;
+            let _ = shard.data_socket.set(path.display().to_string());
+            tracing::info!(shard = config.shard, path = %path.display(), "data plane listening on a Unix socket");
+            listeners.push(dataplane::Listener::Unix(unix));
+            _socket_file = Some(file);
+        }
+        let tasks: Vec<_> = listeners
+            .into_iter()
+            .map(|l| {
+                let service = Service(Arc::clone(&shard));
+                AbortOnDrop(tokio::spawn(dataplane::serve(l, service, t.clone(), Arc::clone(&slots))))
+            })
+            .collect();
+        Some(tasks)
     } else {
         None
     };

@@ -26,12 +26,18 @@ impl LocalShards {
     }
 
     /// Starts `n` shards configured like `config`, except that shard `i` gets
-    /// `shard = i`, `num_shards = n`, and listens on `127.0.0.1:0`
-    /// (`config.listen` is ignored).
+    /// `shard = i`, `num_shards = n`, listens on `127.0.0.1:0`
+    /// (`config.listen` is ignored), and with a `data_socket` `PATH`, serves
+    /// its Unix socket at `PATH-i`.
     pub async fn start_with(config: &ServerConfig, n: u32) -> Result<LocalShards> {
         let mut shards = LocalShards { addrs: Vec::new(), stops: Vec::new(), tasks: Vec::new() };
         for shard in 0..n {
-            let config = ServerConfig { shard, num_shards: n, ..config.clone() };
+            let data_socket = config.data_socket.as_ref().map(|p| {
+                let mut p = p.clone().into_os_string();
+                p.push(format!("-{shard}"));
+                std::path::PathBuf::from(p)
+            });
+            let config = ServerConfig { shard, num_shards: n, data_socket, ..config.clone() };
             config.validate()?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await

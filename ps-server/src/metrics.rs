@@ -275,6 +275,7 @@ mod tests {
             limits: Default::default(),
             auth: None,
             data_port: Default::default(),
+            data_socket: Default::default(),
         });
         let (registry, rpc) = registry(&shard);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -49,6 +49,8 @@ pub struct Shard {
     pub auth: Option<Authenticator>,
     /// The port of this shard's data plane (0: none), set once it is bound.
     pub data_port: std::sync::atomic::AtomicU16,
+    /// The path of this shard's data-plane Unix socket, set once it is bound.
+    pub data_socket: std::sync::OnceLock<String>,
 }
 
 /// Who may call what: the one table of RPC -> access, read by
@@ -675,6 +677,7 @@ impl ParameterServer for Service {
     ) -> Result<Response<pb::DataPlaneResponse>, Status> {
         self.0.admit(&req)?;
         let port = self.0.data_port.load(std::sync::atomic::Ordering::Relaxed);
-        Ok(Response::new(pb::DataPlaneResponse { port: u32::from(port) }))
+        let socket = self.0.data_socket.get().cloned().unwrap_or_default();
+        Ok(Response::new(pb::DataPlaneResponse { port: u32::from(port), socket }))
     }
 }

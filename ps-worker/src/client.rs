@@ -1079,9 +1079,12 @@ async fn data_link(
     }
     let mut req = tonic::Request::new(pb::DataPlaneRequest {});
     req.set_timeout(opts.request_timeout);
-    let port = match client.clone().data_plane(req).await {
-        Ok(r) => r.into_inner().port,
-        Err(s) if s.code() == tonic::Code::Unimplemented => 0,
+    let (port, socket) = match client.clone().data_plane(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            (r.port, r.socket)
+        }
+        Err(s) if s.code() == tonic::Code::Unimplemented => (0, String::new()),
         Err(status) => return Err(Error::Status { shard: shard as ShardId, addr: addr.to_string(), status }),
     };
     if port == 0 || port > u32::from(u16::MAX) {
@@ -1089,10 +1092,10 @@ async fn data_link(
         return Ok(None);
     }
     let host = transport::host_of(addr);
+    let socket = (!socket.is_empty()).then(|| std::path::PathBuf::from(socket));
     Ok(Some(DataLink::new(
         &opts.transport,
-        host,
-        port as u16,
+        (host, port as u16, socket),
         opts.credential.token(),
         Some(client.clone()),
     )?))

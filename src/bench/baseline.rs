@@ -4,7 +4,7 @@
 //! than absolute numbers).
 //!
 //! - [`Tcp`]: round trips over one raw loopback TCP connection
-//!   (`TCP_NODELAY`, buffers allocated once): a pull of `n` bytes is a
+//!   (`TCP_NODELAY`, buffers allocated once), or a Unix socket: a pull of `n` bytes is a
 //!   32-byte request answered by `n` bytes, a push of `n` bytes is `n` bytes
 //!   answered by 32, a ping-pong is 32 bytes each way.
 //! - [`memcpy_rate`]: bytes per second of one large `copy_from_slice`.
@@ -12,44 +12,47 @@
 use std::io;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ps_common::dataplane::Io;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// The size of a small request or answer (ping-pong, pull request, push ack).
 pub const SMALL: usize = 32;
 
-/// One loopback TCP connection to a task that answers every request with
-/// the number of bytes the request asks for. Stopped on drop.
+/// One raw loopback connection (TCP, or a Unix socket) to a task that
+/// answers every request with the number of bytes the request asks for.
+/// Stopped on drop.
 pub struct Tcp {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     out: Vec<u8>,
     back: Vec<u8>,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl Tcp {
+    /// Over loopback TCP (`TCP_NODELAY`).
     pub async fn connect() -> io::Result<Tcp> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let server = tokio::spawn(async move {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((s, _)) = listener.accept().await else { return };
             let _ = s.set_nodelay(true);
-            let (mut inbox, mut answer) = (Vec::new(), Vec::new());
-            // Request: u64 length of the body, u64 length of the answer, body.
-            let mut head = [0u8; 16];
-            while s.read_exact(&mut head).await.is_ok() {
-                let body = u64::from_le_bytes(head[..8].try_into().unwrap_or_default()) as usize;
-                let reply = u64::from_le_bytes(head[8..].try_into().unwrap_or_default()) as usize;
-                inbox.resize(body, 0);
-                answer.resize(reply, 7);
-                if s.read_exact(&mut inbox).await.is_err() || s.write_all(&answer).await.is_err() {
-                    return;
-                }
-            }
+            answer(s).await;
         });
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        Ok(Tcp { stream, out: Vec::new(), back: Vec::new(), server })
+        Ok(Tcp { stream: Box::new(stream), out: Vec::new(), back: Vec::new(), server })
+    }
+
+    /// Over a Unix socket at `path` (which must not exist yet).
+    pub async fn connect_unix(path: &std::path::Path) -> io::Result<Tcp> {
+        let listener = tokio::net::UnixListener::bind(path)?;
+        let server = tokio::spawn(async move {
+            let Ok((s, _)) = listener.accept().await else { return };
+            answer(s).await;
+        });
+        let stream = tokio::net::UnixStream::connect(path).await?;
+        Ok(Tcp { stream: Box::new(stream), out: Vec::new(), back: Vec::new(), server })
     }
 
     /// One round trip: `request` bytes out, `answer` bytes back.
@@ -86,6 +89,22 @@ impl Tcp {
     /// Mean time of a ping-pong of [`SMALL`] bytes each way.
     pub async fn ping_pong(&mut self, reps: u32) -> io::Result<Duration> {
         self.time(SMALL, SMALL, reps).await
+    }
+}
+
+/// Answers requests on `s` until it closes. Request: u64 length of the
+/// body, u64 length of the answer, body.
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut s: S) {
+    let (mut inbox, mut answer) = (Vec::new(), Vec::new());
+    let mut head = [0u8; 16];
+    while s.read_exact(&mut head).await.is_ok() {
+        let body = u64::from_le_bytes(head[..8].try_into().unwrap_or_default()) as usize;
+        let reply = u64::from_le_bytes(head[8..].try_into().unwrap_or_default()) as usize;
+        inbox.resize(body, 0);
+        answer.resize(reply, 7);
+        if s.read_exact(&mut inbox).await.is_err() || s.write_all(&answer).await.is_err() {
+            return;
+        }
     }
 }
 

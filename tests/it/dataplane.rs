@@ -94,7 +94,8 @@ async fn a_refused_request_reads_the_same_on_both_paths() {
     client(&shards, 1, false).await.register(&sparse).await.unwrap();
     let addr = &shards.addrs[0];
     let link =
-        DataLink::new(&TransportConfig::default(), "127.0.0.1", data_port(addr).await, None, None).unwrap();
+        DataLink::new(&TransportConfig::default(), ("127.0.0.1", data_port(addr).await, None), None, None)
+            .unwrap();
     let mut grpc = raw_client(addr).await;
     let other = (0..).find(|&k| key_shard(k, 2) == 1).unwrap();
     let mine = (0..).find(|&k| key_shard(k, 2) == 0).unwrap();
@@ -257,4 +258,107 @@ async fn a_push_and_the_next_pull_in_one_write_run_in_order() {
     assert!(kinds[2..].iter().step_by(2).all(|&k| k != 0), "the bad ones are refused, in their places");
     a.stop().await.unwrap();
     b.stop().await.unwrap();
+}
+
+/// The dense set's values and the rows of `keys` in table `e`.
+async fn read_all(c: &ShardedClient, set: &DenseSet, keys: &[u64]) -> (Vec<f32>, Vec<f32>) {
+    let (mut d, mut s) = (vec![0.0; set.len()], vec![0.0; keys.len() * 4]);
+    c.pull_dense(set, 0, &mut d).await.unwrap();
+    c.pull_sparse("e", 4, keys, 0, &mut s).await.unwrap();
+    (d, s)
+}
+
+/// Connections the kernel holds to the Unix socket at `path` (the shard's
+/// accepted ones; Linux lists them in /proc/net/unix with the path).
+fn connected_to(path: &std::path::Path) -> usize {
+    const SS_CONNECTED: &str = "03";
+    let table = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    let path = path.to_str().expect("a UTF-8 temp path");
+    table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() == 8 && f[5] == SS_CONNECTED && f[7] == path)
+        .count()
+}
+
+#[tokio::test]
+async fn a_client_on_the_shards_host_uses_its_unix_socket_and_tcp_when_it_cannot() {
+    let dir = crate::util::TempDir::new("unix");
+    let config = ps_server::ServerConfig { data_socket: Some(dir.0.join("s")), ..Default::default() };
+    let shards = LocalShards::start_with(&config, 2).await.expect("start");
+    let sockets: Vec<_> = (0..2).map(|i| dir.0.join(format!("s-{i}"))).collect();
+    for (addr, path) in shards.addrs.iter().zip(&sockets) {
+        let answer = raw_client(addr).await.data_plane(pb::DataPlaneRequest {}).await.unwrap().into_inner();
+        assert_eq!(answer.socket, path.to_str().unwrap(), "the shard names its socket, as an absolute path");
+        assert_eq!(connected_to(path), 0);
+    }
+    let (dense, sparse) = specs();
+    let mut local = client(&shards, 1, true).await;
+    let mut grpc = client(&shards, 2, false).await;
+    local.register(&dense).await.unwrap();
+    local.register(&sparse).await.unwrap();
+    let set = DenseSet::new(&[dense], 2).unwrap();
+    let keys: Vec<u64> = (0..300).map(|k| k * 104_729).collect();
+    let grad: Vec<f32> = (0..set.len()).map(|i| (i % 5) as f32 - 2.0).collect();
+    let rows: Vec<f32> = (0..keys.len() * 4).map(|i| (i % 3) as f32 - 1.0).collect();
+    local.push_dense(&set, &grad, 0, 0, false).await.unwrap();
+    local.push_sparse("e", 4, &keys, &rows, 0, 0, false).await.unwrap();
+    // What went over the sockets is what gRPC reads.
+    assert_eq!(read_all(&local, &set, &keys).await, read_all(&grpc, &set, &keys).await);
+    for path in &sockets {
+        assert!(connected_to(path) >= 1, "the same-host client is on {}", path.display());
+    }
+
+    // With `local_socket` off, a client stays on TCP.
+    let before: Vec<usize> = sockets.iter().map(|p| connected_to(p)).collect();
+    let mut opts = ClientOptions::default();
+    opts.transport.local_socket = false;
+    let tcp = ShardedClient::connect(&shards.addrs, 3, opts).await.unwrap();
+    assert_eq!(read_all(&tcp, &set, &keys).await, read_all(&grpc, &set, &keys).await);
+    assert_eq!(sockets.iter().map(|p| connected_to(p)).collect::<Vec<_>>(), before);
+
+    // A socket the client cannot open (not on its file system, say): TCP.
+    std::fs::remove_file(&sockets[0]).unwrap();
+    let fallback = client(&shards, 4, true).await;
+    assert_eq!(read_all(&fallback, &set, &keys).await, read_all(&grpc, &set, &keys).await);
+    grpc.push_dense(&set, &grad, 1, 1, false).await.unwrap();
+    assert_eq!(read_all(&fallback, &set, &keys).await, read_all(&local, &set, &keys).await);
+    drop((local, grpc, tcp, fallback));
+    shards.stop().await.unwrap();
+    assert!(!sockets[1].exists(), "a stopped shard removes its socket");
+}
+
+/// Starts one shard with `data_socket` `path` and returns how it ended
+/// (within a second: a shard that starts is stopped then).
+async fn start_at(path: &std::path::Path) -> ps_server::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let config = ps_server::ServerConfig { data_socket: Some(path.to_path_buf()), ..Default::default() };
+    ps_server::serve(config, listener, tokio::time::sleep(Duration::from_secs(1))).await
+}
+
+#[tokio::test]
+async fn a_data_socket_path_in_use_or_not_a_socket_is_refused_and_left_alone() {
+    let dir = crate::util::TempDir::new("sockpath");
+    // A file that is not a socket.
+    let file = dir.0.join("notes.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    let err = start_at(&file).await.unwrap_err().to_string();
+    assert!(err.contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+    // A socket another process serves.
+    let live = dir.0.join("live.sock");
+    let _other = std::os::unix::net::UnixListener::bind(&live).unwrap();
+    let err = start_at(&live).await.unwrap_err().to_string();
+    assert!(err.contains("another process serves"), "{err}");
+    assert!(live.exists());
+    // A socket left by a process that is gone: replaced, then removed at stop.
+    let stale = dir.0.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    start_at(&stale).await.unwrap();
+    assert!(!stale.exists());
+    // A path longer than a socket address holds.
+    let long = dir.0.join("x".repeat(120));
+    let err = start_at(&long).await.unwrap_err().to_string();
+    assert!(err.contains("at most 107"), "{err}");
 }
