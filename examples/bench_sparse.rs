@@ -298,8 +298,9 @@ async fn bench_width(a: &Args, shards: u32, width: usize, out: &mut Vec<Row>) ->
     cluster.stop().await
 }
 
-/// Creates `keys` rows of width 8 by pulls; returns (bytes per key, rows held).
-async fn bench_memory(keys: usize, shards: u32) -> Result<(f64, u64, u64)> {
+/// Creates `keys` rows of width 8 by pulls; returns the rows held and the
+/// memory they added.
+async fn bench_memory(keys: usize, shards: u32) -> Result<Memory> {
     let cluster = Shards::start(shards).await?;
     let c = ShardedClient::connect(&cluster.addrs, 1, ClientOptions::default()).await?;
     let table = "bench.memory.w8";
@@ -321,9 +322,43 @@ async fn bench_memory(keys: usize, shards: u32) -> Result<(f64, u64, u64)> {
     drop((ks, vals));
     let after = rss_bytes()?;
     let rows: u64 = c.stats().await?.iter().map(|s| s.sparse_rows).sum();
+    // Then the client's connections closed (their buffers held the last
+    // request and answer on both ends) and what the allocator keeps for
+    // reuse (freed buffers, the indexes' tables from before they grew)
+    // given back: what remains is what the shards hold.
     drop(c);
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    purge_allocator();
+    let purged = rss_bytes()?;
     cluster.stop().await?;
-    Ok(((after.saturating_sub(before)) as f64 / keys as f64, after.saturating_sub(before), rows))
+    Ok(Memory { rows, grown: after.saturating_sub(before), purged: purged.saturating_sub(before) })
+}
+
+/// Rows created and the RSS they added, as grown and after
+/// [`purge_allocator`].
+struct Memory {
+    rows: u64,
+    grown: u64,
+    purged: u64,
+}
+
+/// Returns every arena's unused pages to the kernel (jemalloc's
+/// `arena.<MALLCTL_ARENAS_ALL>.purge`).
+fn purge_allocator() {
+    const ALL_ARENAS_PURGE: &[u8] = b"arena.4096.purge\0";
+    // SAFETY: a NUL-terminated name of a void mallctl: no old or new value.
+    let code = unsafe {
+        tikv_jemalloc_sys::mallctl(
+            ALL_ARENAS_PURGE.as_ptr().cast(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    if code != 0 {
+        eprintln!("warning: jemalloc purge failed with {code}; the purged figure is as grown");
+    }
 }
 
 #[tokio::main]
@@ -332,12 +367,21 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     if a.memory_keys > 0 {
         let shards = a.shards[0];
-        let (per_key, total, held) = bench_memory(a.memory_keys, shards).await?;
-        let mib = total as f64 / (1 << 20) as f64;
+        let m = bench_memory(a.memory_keys, shards).await?;
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let per_key = |b: u64| b as f64 / a.memory_keys as f64;
         println!(
-            "memory: {} rows of width 8 (Adagrad) on {shards} shard(s), {held} rows held: \
-             RSS +{mib:.0} MiB = {per_key:.1} B per key",
-            a.memory_keys
+            "memory: {} rows of width 8 (Adagrad) on {shards} shard(s), {} rows held: \
+             RSS +{:.0} MiB = {:.1} B per key ({:.2}x values + state); \
+             +{:.0} MiB = {:.1} B per key ({:.3}x) with the client gone and the allocator's free pages returned",
+            a.memory_keys,
+            m.rows,
+            mib(m.grown),
+            per_key(m.grown),
+            per_key(m.grown) / 64.0,
+            mib(m.purged),
+            per_key(m.purged),
+            per_key(m.purged) / 64.0,
         );
         for line in [
             "  theory per row of width 8 with one state slot (Adagrad), rows in slabs (ps_server::store::rows):",
@@ -349,7 +393,7 @@ async fn main() -> Result<()> {
         ] {
             println!("{line}");
         }
-        println!("  sparse / dense bytes per value: {:.2}\n", per_key / 64.0);
+        println!();
     }
 
     let mut rows = Vec::new();
