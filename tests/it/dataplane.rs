@@ -268,19 +268,6 @@ async fn read_all(c: &ShardedClient, set: &DenseSet, keys: &[u64]) -> (Vec<f32>,
     (d, s)
 }
 
-/// Connections the kernel holds to the Unix socket at `path` (the shard's
-/// accepted ones; Linux lists them in /proc/net/unix with the path).
-fn connected_to(path: &std::path::Path) -> usize {
-    const SS_CONNECTED: &str = "03";
-    let table = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
-    let path = path.to_str().expect("a UTF-8 temp path");
-    table
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .filter(|f| f.len() == 8 && f[5] == SS_CONNECTED && f[7] == path)
-        .count()
-}
-
 #[tokio::test]
 async fn a_client_on_the_shards_host_uses_its_unix_socket_and_tcp_when_it_cannot() {
     let dir = crate::util::TempDir::new("unix");
@@ -290,7 +277,7 @@ async fn a_client_on_the_shards_host_uses_its_unix_socket_and_tcp_when_it_cannot
     for (addr, path) in shards.addrs.iter().zip(&sockets) {
         let answer = raw_client(addr).await.data_plane(pb::DataPlaneRequest {}).await.unwrap().into_inner();
         assert_eq!(answer.socket, path.to_str().unwrap(), "the shard names its socket, as an absolute path");
-        assert_eq!(connected_to(path), 0);
+        assert_eq!(crate::util::connected_to(path), 0);
     }
     let (dense, sparse) = specs();
     let mut local = client(&shards, 1, true).await;
@@ -306,16 +293,16 @@ async fn a_client_on_the_shards_host_uses_its_unix_socket_and_tcp_when_it_cannot
     // What went over the sockets is what gRPC reads.
     assert_eq!(read_all(&local, &set, &keys).await, read_all(&grpc, &set, &keys).await);
     for path in &sockets {
-        assert!(connected_to(path) >= 1, "the same-host client is on {}", path.display());
+        assert!(crate::util::connected_to(path) >= 1, "the same-host client is on {}", path.display());
     }
 
     // With `local_socket` off, a client stays on TCP.
-    let before: Vec<usize> = sockets.iter().map(|p| connected_to(p)).collect();
+    let before: Vec<usize> = sockets.iter().map(|p| crate::util::connected_to(p)).collect();
     let mut opts = ClientOptions::default();
     opts.transport.local_socket = false;
     let tcp = ShardedClient::connect(&shards.addrs, 3, opts).await.unwrap();
     assert_eq!(read_all(&tcp, &set, &keys).await, read_all(&grpc, &set, &keys).await);
-    assert_eq!(sockets.iter().map(|p| connected_to(p)).collect::<Vec<_>>(), before);
+    assert_eq!(sockets.iter().map(|p| crate::util::connected_to(p)).collect::<Vec<_>>(), before);
 
     // A socket the client cannot open (not on its file system, say): TCP.
     std::fs::remove_file(&sockets[0]).unwrap();

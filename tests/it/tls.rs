@@ -348,3 +348,62 @@ async fn ps_serve_load_drives_a_tls_server_over_grpc_and_https() {
     }
     running.abort();
 }
+
+#[tokio::test]
+async fn the_unix_socket_speaks_tls_and_names_workers_by_their_certificates() {
+    use ps_common::auth::OUTSIDE_READERS;
+    use ps_common::optim::Rule;
+    use ps_common::spec::{Init, TableSpec};
+    use ps_worker::client::DenseSet;
+
+    let dir = TempDir::new("tls-unix");
+    let ours = make_certs(&dir, "ours");
+    let socket = dir.0.join("s");
+    let config = ServerConfig {
+        transport: TransportConfig::default()
+            .with_tls(Some(TlsConfig { client_auth: true, ..TlsConfig::from_dir(&ours, "shard") })),
+        auth: ps_server::AuthConfig { enabled: true, token_key: None },
+        data_socket: Some(socket.clone()),
+        ..ServerConfig::default()
+    };
+    let shards = LocalShards::start_with(&config, 1).await.expect("start");
+    let socket = dir.0.join("s-0");
+    let as_cert = |name: &str, worker: u64| {
+        let opts = client_opts(Some(TlsConfig::from_dir(&ours, name)));
+        let addrs = shards.addrs.clone();
+        async move { ShardedClient::connect(&addrs, worker, opts).await.expect("connect") }
+    };
+    let spec = TableSpec::dense("w", &[8], Init::zeros(), Rule::sgd(1.0).into());
+    as_cert("admin", OUTSIDE_READERS).await.register(&spec).await.unwrap();
+    let set = DenseSet::new(std::slice::from_ref(&spec), 1).unwrap();
+
+    // worker-0's certificate pushes as worker 0, over TLS on the socket.
+    let before = crate::util::connected_to(&socket);
+    let mut w0 = as_cert("worker-0", 0).await;
+    w0.push_dense(&set, &[1.0; 8], 0, 0, false).await.unwrap();
+    let mut read = vec![0.0f32; 8];
+    w0.pull_dense(&set, 0, &mut read).await.unwrap();
+    assert_eq!(read, vec![-1.0; 8]);
+    assert!(crate::util::connected_to(&socket) > before, "worker 0 is on the Unix socket");
+
+    // worker-1's certificate claiming worker 0: refused there too, nothing applied.
+    let mut impostor = as_cert("worker-1", 0).await;
+    let e = impostor.push_dense(&set, &[5.0; 8], 1, 1, false).await.unwrap_err();
+    assert!(e.to_string().contains("PermissionDenied") || e.to_string().contains("permission"), "{e}");
+    w0.pull_dense(&set, 0, &mut read).await.unwrap();
+    assert_eq!(read, vec![-1.0; 8], "the refused push changed nothing");
+
+    // A plaintext hello on the socket gets no answer frame: the shard wants TLS.
+    let mut raw = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut hello = 9u32.to_le_bytes().to_vec();
+    hello.push(0);
+    hello.extend_from_slice(b"PSD1");
+    raw.write_all(&hello).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), raw.read_to_end(&mut answer)).await;
+    assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "the shard closes the connection");
+    assert!(!answer.starts_with(&[1, 0, 0, 0, 0]), "no OK frame for plaintext: {answer:?}");
+    drop((w0, impostor));
+    shards.stop().await.expect("stop");
+}

@@ -66,3 +66,16 @@ pub fn small_mlp() -> ps_model::SavedModel {
         Vec::new(),
     )
 }
+
+/// Connections the kernel holds to the Unix socket at `path` (the shard's
+/// accepted ones; Linux lists them in /proc/net/unix with the path).
+pub fn connected_to(path: &std::path::Path) -> usize {
+    const SS_CONNECTED: &str = "03";
+    let table = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    let path = path.to_str().expect("a UTF-8 temp path");
+    table
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() == 8 && f[5] == SS_CONNECTED && f[7] == path)
+        .count()
+}
