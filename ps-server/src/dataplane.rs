@@ -130,19 +130,20 @@ pub async fn serve(listener: Listener, service: Service, config: TransportConfig
 
 async fn connection(
     service: Service,
-    tcp: Box<dyn dataplane::Io>,
+    stream: Box<dyn dataplane::Io>,
     addr: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
     max: usize,
 ) -> std::io::Result<()> {
     match tls {
-        None => serve_stream(service, tcp, Peer { addr, certificate: None }, max).await,
+        None => serve_stream(service, stream, Peer { addr, certificate: None }, max).await,
         Some(acceptor) => {
-            let stream = tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(dataplane::tls_transport(tcp)))
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
-                })??;
+            let stream =
+                tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(dataplane::tls_transport(stream)))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+                    })??;
             let certificate =
                 stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| Arc::new(c.to_vec()));
             serve_stream(service, stream, Peer { addr, certificate }, max).await
@@ -262,7 +263,7 @@ pub async fn bind(grpc: SocketAddr, port: u16) -> Result<TcpListener> {
 /// this user only. A socket left there by a shard that did not stop cleanly
 /// (nothing answers on it) is replaced; a socket something still serves,
 /// and any other file, are errors, and are left alone.
-pub fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile)> {
+pub async fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile)> {
     use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
     let what = |doing: &str| format!("{doing} the data plane's Unix socket {}", path.display());
     // sun_path holds 108 bytes with the terminating NUL (Linux).
@@ -275,7 +276,11 @@ pub fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile)> {
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            // A listener that answers, or one that does not accept within a
+            // second (its backlog full), is alive: not ours to replace.
+            let probe =
+                tokio::time::timeout(Duration::from_secs(1), tokio::net::UnixStream::connect(path)).await;
+            if !matches!(probe, Ok(Err(_))) {
                 return Err(Error::Config(format!(
                     "{}: another process serves that socket (a shard already running?)",
                     what("binding")

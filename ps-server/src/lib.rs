@@ -257,7 +257,7 @@ async fn serve_when_ready(
             // Named to clients as an absolute path: theirs may run elsewhere.
             let path = &std::path::absolute(path)
                 .map_err(|source| Error::Io { what: format!("resolving {}", path.display()), source })?;
-            let (unix, file) = dataplane::bind_unix(path)?;
+            let (unix, file) = dataplane::bind_unix(path).await?;
             let _ = shard.data_socket.set(path.display().to_string());
             tracing::info!(shard = config.shard, path = %path.display(), "data plane listening on a Unix socket");
             listeners.push(dataplane::Listener::Unix(unix));
