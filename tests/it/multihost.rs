@@ -172,11 +172,40 @@ impl Proc {
                 }
                 Some(status) => return Err(format!("{} exited with {status}:\n{}", self.name, self.log())),
                 None if Instant::now() > deadline => {
-                    return Err(format!("{} still running after {within:?}:\n{}", self.name, self.log()));
+                    let (name, log, stuck) = (&self.name, self.log(), self.where_stuck());
+                    return Err(format!(
+                        "{name} still running after {within:?}:\n{log}where it waits:\n{stuck}"
+                    ));
                 }
                 None => std::thread::sleep(Duration::from_millis(20)),
             }
         }
+    }
+}
+
+impl Proc {
+    /// What the kernel says each thread of the process waits in (its
+    /// program name tells whether `ip netns exec` got as far as starting
+    /// it): comm and wchan of every thread, and the kernel stack of the
+    /// main one where readable.
+    fn where_stuck(&self) -> String {
+        let pid = self.child.id();
+        let read = |path: String| std::fs::read_to_string(&path).unwrap_or_else(|e| format!("({path}: {e})"));
+        let mut out = String::new();
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.flatten() {
+                let dir = task.path().display().to_string();
+                let (comm, wchan) = (read(format!("{dir}/comm")), read(format!("{dir}/wchan")));
+                out.push_str(&format!(
+                    "  thread {}: {} in {}\n",
+                    task.file_name().to_string_lossy(),
+                    comm.trim(),
+                    wchan.trim()
+                ));
+            }
+        }
+        out.push_str(&read(format!("/proc/{pid}/stack")));
+        out
     }
 }
 
