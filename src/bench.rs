@@ -383,22 +383,21 @@ async fn transport(reps: u32) -> Result<()> {
             }
             let push = t.elapsed() / r;
             // The raw socket of the same kind, and raw TCP, moving the same bytes.
-            let same = if local { &mut unix } else { &mut tcp };
-            let (raw_pull, raw_push) = (
-                same.pull(bytes, r).await.map_err(io("raw pull"))?,
-                same.push(bytes, r).await.map_err(io("raw push"))?,
-            );
-            let (tcp_pull, tcp_push) = (
-                tcp.pull(bytes, r).await.map_err(io("TCP pull"))?,
-                tcp.push(bytes, r).await.map_err(io("TCP push"))?,
-            );
+            let small_bytes = baseline::SMALL;
+            let (raw_pull, tcp_pull) = raw_times(local.then_some(&mut unix), &mut tcp, small_bytes, bytes, r)
+                .await
+                .map_err(io("raw pull"))?;
+            let (raw_push, tcp_push) = raw_times(local.then_some(&mut unix), &mut tcp, bytes, small_bytes, r)
+                .await
+                .map_err(io("raw push"))?;
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             let ratio = |raw: Duration, d: Duration| raw.as_secs_f64() / d.as_secs_f64();
             let label = |op: &str| format!("{op} {n} floats ({} KiB)", bytes >> 10);
             if small {
-                let same = if local { &mut unix } else { &mut tcp };
-                let ping = same.ping_pong(r).await.map_err(io("ping-pong"))?;
-                let tcp_ping = tcp.ping_pong(r).await.map_err(io("TCP ping-pong"))?;
+                let (ping, tcp_ping) =
+                    raw_times(local.then_some(&mut unix), &mut tcp, small_bytes, small_bytes, r)
+                        .await
+                        .map_err(io("ping-pong"))?;
                 for (op, d) in [("pull", pull), ("push", push)] {
                     println!(
                         "{:<40} {:>10.3} {:>12.3} {:>16} {:>16}",
@@ -431,9 +430,9 @@ async fn transport(reps: u32) -> Result<()> {
                     client.push_and_pull_dense(&set, &grads, c, &mut buf).await?;
                 }
                 let both = t.elapsed() / r;
-                let same = if local { &mut unix } else { &mut tcp };
-                let raw_both = same.time(bytes, bytes, r).await.map_err(io("raw push + pull"))?;
-                let tcp_both = tcp.time(bytes, bytes, r).await.map_err(io("TCP push + pull"))?;
+                let (raw_both, tcp_both) = raw_times(local.then_some(&mut unix), &mut tcp, bytes, bytes, r)
+                    .await
+                    .map_err(io("raw push + pull"))?;
                 println!(
                     "{:<40} {:>10.3} {:>12.3} {:>16.3} {:>16.3}",
                     "reference model: push + pull (Adam)",
@@ -449,6 +448,24 @@ async fn transport(reps: u32) -> Result<()> {
     let _ = stop.send(());
     let _ = server.await;
     Ok(())
+}
+
+/// Mean time of a round trip of `request` bytes out and `answer` bytes back
+/// on the raw Unix socket (when given) and on raw TCP: (the socket's, TCP's);
+/// without a Unix socket both are the one TCP figure.
+async fn raw_times(
+    unix: Option<&mut baseline::Tcp>,
+    tcp: &mut baseline::Tcp,
+    request: usize,
+    answer: usize,
+    reps: u32,
+) -> std::io::Result<(Duration, Duration)> {
+    let on_tcp = tcp.time(request, answer, reps).await?;
+    let on_unix = match unix {
+        Some(unix) => unix.time(request, answer, reps).await?,
+        None => on_tcp,
+    };
+    Ok((on_unix, on_tcp))
 }
 
 fn apply_rates(reps: u32) -> Result<()> {

@@ -226,7 +226,7 @@ impl Servers {
         // (they use it instead of loopback TCP). A run folder too deep for a
         // socket's path leaves them on TCP.
         let socket = self.log_dir.join(format!("shard-{shard}.sock"));
-        if socket.as_os_str().len() <= 107 {
+        if socket.as_os_str().len() <= ps_server::dataplane::MAX_SOCKET_PATH {
             cmd.arg("--data-socket").arg(&socket);
         } else {
             tracing::warn!(path = %socket.display(), "run folder too deep for a Unix socket; the data plane stays on TCP");

@@ -259,6 +259,10 @@ pub async fn bind(grpc: SocketAddr, port: u16) -> Result<TcpListener> {
         .map_err(|source| Error::Io { what: format!("binding the data plane {addr}"), source })
 }
 
+/// The longest path a Unix socket may have: `sun_path` holds 108 bytes with
+/// the terminating NUL (Linux).
+pub const MAX_SOCKET_PATH: usize = 107;
+
 /// Binds the data plane's Unix socket at `path`, readable and writable by
 /// this user only. A socket left there by a shard that did not stop cleanly
 /// (nothing answers on it) is replaced; a socket something still serves,
@@ -266,10 +270,9 @@ pub async fn bind(grpc: SocketAddr, port: u16) -> Result<TcpListener> {
 pub async fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile)> {
     use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
     let what = |doing: &str| format!("{doing} the data plane's Unix socket {}", path.display());
-    // sun_path holds 108 bytes with the terminating NUL (Linux).
-    if path.as_os_str().len() > 107 {
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
         return Err(Error::Config(format!(
-            "{}: {} bytes long; a Unix socket's path may have at most 107",
+            "{}: {} bytes long; a Unix socket's path may have at most {MAX_SOCKET_PATH}",
             what("binding"),
             path.as_os_str().len()
         )));

@@ -245,14 +245,14 @@ async fn serve_when_ready(
     let t = &config.transport;
     let grpc = listener.local_addr().map_err(|e| Error::Io { what: "local_addr".into(), source: e })?;
     // The data plane, beside the gRPC listener; aborted with the shard.
-    let mut _socket_file = None;
-    let _data_plane = if t.data_plane {
+    let (_data_plane, _socket_file) = if t.data_plane {
         let data = dataplane::bind(grpc, config.data_port).await?;
         let port = data.local_addr().map_err(|e| Error::Io { what: "local_addr".into(), source: e })?.port();
         shard.data_port.store(port, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(shard = config.shard, port, "data plane listening");
         let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_data_connections));
         let mut listeners = vec![dataplane::Listener::Tcp(data)];
+        let mut socket_file = None;
         if let Some(path) = &config.data_socket {
             // Named to clients as an absolute path: theirs may run elsewhere.
             let path = &std::path::absolute(path)
@@ -261,7 +261,7 @@ async fn serve_when_ready(
             let _ = shard.data_socket.set(path.display().to_string());
             tracing::info!(shard = config.shard, path = %path.display(), "data plane listening on a Unix socket");
             listeners.push(dataplane::Listener::Unix(unix));
-            _socket_file = Some(file);
+            socket_file = Some(file);
         }
         let tasks: Vec<_> = listeners
             .into_iter()
@@ -270,9 +270,9 @@ async fn serve_when_ready(
                 AbortOnDrop(tokio::spawn(dataplane::serve(l, service, t.clone(), Arc::clone(&slots))))
             })
             .collect();
-        Some(tasks)
+        (tasks, socket_file)
     } else {
-        None
+        (Vec::new(), None)
     };
     let server = transport::server(t, &rpc)?;
     on_ready(&Bound { grpc, metrics: metrics_addr });
