@@ -1346,6 +1346,33 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_dense_update_leaves_values_state_and_step_as_they_were() {
+        let s = limited(Limits { max_gradient: f32::MAX, ..Limits::default() });
+        let len = 3000;
+        let mut spec = TableSpec::dense("w", &[len as u64], Init::zeros(), Rule::adam(1e-3).into());
+        spec.layout = Layout::Dense { shape: vec![len as u64], chunk_len: len as u32 };
+        s.register(spec.clone(), 1).unwrap();
+        let before = s.snapshot("w").unwrap();
+        // Adam's v = (1 - beta2)·g² overflows for g = 1e20 in the last
+        // position only (its value itself would not change: m / inf = 0).
+        let mut grad = vec![0.5f32; len];
+        grad[len - 1] = 1e20;
+        let out = s.push_dense(&[("w", 0, &grad)], PushInfo::default()).unwrap();
+        assert_eq!(out.applied, 0);
+        assert_eq!(s.counters.nonfinite_updates.load(Ordering::Relaxed), 1);
+        assert!(s.snapshot("w").unwrap() == before, "values changed");
+        // The next update is the block's first, from the state it had: Adam's
+        // step 1 from m = v = 0 everywhere, as if the refused one never came
+        // (a v of inf left in the last tile would leave its last value as is).
+        let good = vec![0.25f32; len];
+        assert_eq!(s.push_dense(&[("w", 0, &good)], PushInfo::default()).unwrap().applied, len as u64);
+        let mut expected = Block::new(&spec, 0, len);
+        apply_update(&spec, len, &mut expected.data, 1, &good, &PushInfo::default(), None);
+        let after = s.snapshot("w").unwrap();
+        assert!(after[0].1 == expected.values(len), "not the first step from the old state");
+    }
+
+    #[test]
     fn updates_that_would_be_non_finite_are_not_applied() {
         let s = Store::new(0, 1);
         // lr 1e30: a gradient of 1e10 (under max_gradient) overflows.
