@@ -344,10 +344,13 @@ async fn transport(reps: u32) -> Result<()> {
     let mut tcp = baseline::Tcp::connect().await.map_err(io("loopback TCP baseline"))?;
     let mut unix =
         baseline::Tcp::connect_unix(&tmp.0.join("raw.sock")).await.map_err(io("Unix socket baseline"))?;
-    for local in [false, true] {
+    for (worker, local) in [(1, false), (2, true)] {
         let mut options = ClientOptions::default();
         options.transport.local_socket = local;
-        let mut client = ShardedClient::connect(&[addr.to_string()], 1, options).await?;
+        // A worker id of its own: a second client as the same worker would
+        // start again at seq 1, and the shard would drop its pushes as
+        // duplicates of the first one's instead of applying them.
+        let mut client = ShardedClient::connect(&[addr.to_string()], worker, options).await?;
         let (on, raw) = if local { ("Unix socket", "raw Unix") } else { ("loopback TCP", "raw TCP") };
         println!(
             "{:<40} {:>10} {:>12} {:>16} {:>16}",
@@ -443,6 +446,14 @@ async fn transport(reps: u32) -> Result<()> {
                 );
             }
         }
+    }
+    // Every timed push must have been applied, not dropped as a duplicate.
+    let client = ShardedClient::connect(&[addr.to_string()], 0, ClientOptions::default()).await?;
+    let duplicates: u64 = client.stats().await?.iter().map(|s| s.duplicate_pushes).sum();
+    if duplicates > 0 {
+        return Err(Error::Config(format!(
+            "the shard dropped {duplicates} of the benchmark's pushes as duplicates: the push figures above are void"
+        )));
     }
     drop((tcp, unix));
     let _ = stop.send(());
