@@ -420,6 +420,9 @@ struct Link {
     /// Dead-peer detection: `transport.keep_alive_interval` and `_timeout`.
     keep_alive: Option<(Duration, Duration)>,
     idle: Mutex<Vec<Conn>>,
+    /// Requests sent again on a fresh connection after a pooled one failed
+    /// ([`DataLink::resends`]).
+    resends: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for DataLink {
@@ -473,7 +476,17 @@ impl DataLink {
             keep_alive: (!config.keep_alive_interval.is_zero())
                 .then_some((config.keep_alive_interval, config.keep_alive_timeout)),
             idle: Mutex::new(Vec::new()),
+            resends: 0.into(),
         })))
+    }
+
+    /// How many times a call has sent its requests again, on a fresh
+    /// connection, after a pooled connection failed under them (the shard
+    /// may have run them the first time). A caller that reads it before and
+    /// after a call knows the call sent its requests once if it did not
+    /// change (a call of another task in between may change it too).
+    pub fn resends(&self) -> u64 {
+        self.0.resends.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `host:port` of the shard's data plane.
@@ -543,6 +556,7 @@ impl DataLink {
                     tracing::debug!(addr = %self.addr(), error = %e, "pooled data-plane connection failed; reconnecting");
                     conn = self.connect_by(deadline).await?;
                     retry = false;
+                    link.resends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Ok(Err(e)) => return Err(self.broken(e)),
                 Err(_) => return Err(self.late(timeout)),

@@ -649,7 +649,7 @@ impl ShardedClient {
         tick: bool,
     ) -> Result<()> {
         let requests = self.dense_push_requests(set, grads, clock, read_clock, tick)?;
-        self.send_dense_pushes(requests).await
+        self.send_dense_pushes(requests, Sending::First).await
     }
 
     /// Pushes the gradient of iteration `clock` (with `tick`) and, in the
@@ -675,7 +675,10 @@ impl ShardedClient {
         let (pushed, pulled) = if let Some(links) = links {
             self.push_then_pull(&links, set, requests, clock + 1, out).await
         } else {
-            tokio::join!(self.send_dense_pushes(requests), self.pull_dense(set, clock + 1, out))
+            tokio::join!(
+                self.send_dense_pushes(requests, Sending::First),
+                self.pull_dense(set, clock + 1, out)
+            )
         };
         pushed?;
         match pulled {
@@ -706,6 +709,7 @@ impl ShardedClient {
             let data = &links[i];
             let pull = (!set.by_shard[i].is_empty()).then(|| pull_request(set, i, meta));
             async move {
+                let (seq, resends) = (push.seq(), data.resends());
                 let (pushed, pulled) = match &pull {
                     Some(pull) => {
                         match data.call_pair((Kind::PushDense, &push), (Kind::PullDense, pull), timeout).await
@@ -717,11 +721,12 @@ impl ShardedClient {
                     None => (data.call(Kind::PushDense, &push, timeout).await, None),
                 };
                 let pushed = match pushed {
-                    Ok(r) => Ok(Some(r)),
+                    // Sent once unless the link sent it again under the call.
+                    Ok(r) => Ok(Some((seq, data.resends() == resends, r))),
                     Err(s) if is_transient(&s) || is_unreachable(&s) => {
                         self.note_unreachable(&s);
                         tracing::warn!(code = ?s.code(), "push failed, retrying with the same seq");
-                        self.send_dense_pushes(vec![(i, push)]).await.map(|()| None)
+                        self.send_dense_pushes(vec![(i, push)], Sending::Again).await.map(|()| None)
                     }
                     Err(s) => Err(self.status(i, s)),
                 };
@@ -730,9 +735,8 @@ impl ShardedClient {
         });
         let (mut pushes, mut pulls) = (Ok(()), Ok(()));
         for (i, pushed, pulled) in join_all(calls).await {
-            match pushed {
-                Ok(Some(r)) => self.took_push(&r),
-                Ok(None) => {}
+            match pushed.and_then(|p| p.map_or(Ok(()), |(seq, once, r)| self.took_push(i, seq, once, &r))) {
+                Ok(()) => {}
                 Err(e) => pushes = pushes.and(Err(e)),
             }
             let taken = match pulled {
@@ -778,15 +782,31 @@ impl ShardedClient {
         Ok(requests)
     }
 
-    async fn send_dense_pushes(&self, requests: Vec<(usize, pb::PushDenseRequest)>) -> Result<()> {
-        self.send_pushes(requests, Kind::PushDense, |mut c, req| async move { c.push_dense(req).await }).await
+    async fn send_dense_pushes(
+        &self,
+        requests: Vec<(usize, pb::PushDenseRequest)>,
+        sending: Sending,
+    ) -> Result<()> {
+        self.send_pushes(
+            requests,
+            sending,
+            Kind::PushDense,
+            |mut c, req| async move { c.push_dense(req).await },
+        )
+        .await
     }
 
     /// Sends one push per shard concurrently, each retried on transient
     /// errors with its seq unchanged.
-    async fn send_pushes<M, F, Fut>(&self, requests: Vec<(usize, M)>, kind: Kind, send: F) -> Result<()>
+    async fn send_pushes<M, F, Fut>(
+        &self,
+        requests: Vec<(usize, M)>,
+        sending: Sending,
+        kind: Kind,
+        send: F,
+    ) -> Result<()>
     where
-        M: Body + Clone,
+        M: Body + Clone + Sequenced,
         F: Fn(transport::ShardClient, tonic::Request<M>) -> Fut + Copy,
         Fut: std::future::Future<
                 Output = std::result::Result<tonic::Response<pb::PushResponse>, tonic::Status>,
@@ -796,27 +816,46 @@ impl ShardedClient {
             let (c, data) = (&self.shards[i], &self.data[i]);
             let (opts, lost) = (&self.opts, &*self.lost_contact);
             async move {
+                let (resends, mut sends) = (data.as_ref().map(DataLink::resends), 0);
                 let r = retry(opts, lost, || {
+                    sends += 1;
                     let c = c.clone();
                     hot_call(data.clone(), kind, msg.clone(), opts.request_timeout, move |req| send(c, req))
                 })
                 .await;
-                (i, r)
+                let once = sending == Sending::First
+                    && sends == 1
+                    && data.as_ref().map(DataLink::resends) == resends;
+                (i, msg.seq(), once, r)
             }
         });
-        for (i, r) in join_all(calls).await {
-            let r = r.map_err(|s| self.status(i, s))?;
-            self.took_push(&r);
+        let mut result = Ok(());
+        for (i, seq, once, r) in join_all(calls).await {
+            let took = r.map_err(|s| self.status(i, s)).and_then(|r| self.took_push(i, seq, once, &r));
+            result = result.and(took);
         }
-        Ok(())
+        result
     }
 
     /// Notes a push's answer: the clock it moved the worker to, lateness.
-    fn took_push(&self, r: &pb::PushResponse) {
+    /// A push sent `once` (its seq never sent before, no retry, no resend
+    /// under it) that the shard answers as already applied was not applied:
+    /// the shard holds this seq of this worker id from another sender.
+    /// That is an error, not a push that went through.
+    fn took_push(&self, shard: usize, seq: u64, once: bool, r: &pb::PushResponse) -> Result<()> {
+        if r.duplicate && once {
+            return Err(Error::SeqTaken {
+                shard: shard as ShardId,
+                addr: self.addrs[shard].clone(),
+                worker: self.worker,
+                seq,
+            });
+        }
         self.pushed_clock.fetch_max(r.clock, Ordering::Relaxed);
         if r.late {
             self.late_pushes.fetch_add(1, Ordering::Relaxed);
         }
+        Ok(())
     }
 
     fn next_meta(&mut self, shard: usize, clock: u64, read_clock: u64, tick: bool) -> pb::PushMeta {
@@ -1028,8 +1067,10 @@ impl ShardedClient {
             self.count_pushed(&msg);
             requests.push((i, msg));
         }
-        self.send_pushes(requests, Kind::PushSparse, |mut c, req| async move { c.push_sparse(req).await })
-            .await
+        self.send_pushes(requests, Sending::First, Kind::PushSparse, |mut c, req| async move {
+            c.push_sparse(req).await
+        })
+        .await
     }
 
     /// The specs of every table, as shard 0 lists them (tables are
@@ -1131,6 +1172,32 @@ where
             req.set_timeout(timeout);
             grpc(req).await
         }
+    }
+}
+
+/// Whether a push's seq goes out for the first time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    First,
+    /// Again, after a send whose outcome is unknown (the shard may have
+    /// applied it): a "duplicate" answer is then the push's own.
+    Again,
+}
+
+/// A push's seq.
+trait Sequenced {
+    fn seq(&self) -> u64;
+}
+
+impl Sequenced for pb::PushDenseRequest {
+    fn seq(&self) -> u64 {
+        self.meta.map_or(0, |m| m.seq)
+    }
+}
+
+impl Sequenced for pb::PushSparseRequest {
+    fn seq(&self) -> u64 {
+        self.meta.map_or(0, |m| m.seq)
     }
 }
 

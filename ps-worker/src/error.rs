@@ -10,6 +10,12 @@ pub enum Error {
     Status { shard: ShardId, addr: String, status: tonic::Status },
     #[error("unexpected answer from a server: {0}")]
     Protocol(String),
+    #[error(
+        "shard {shard} ({addr}) had already applied push {seq} of worker {worker}, which this client sent for the \
+         first time, so it did not apply it: another client is pushing as worker {worker}, or this one started \
+         again without `join` (which continues a worker's seqs where the shards left them)"
+    )]
+    SeqTaken { shard: ShardId, addr: String, worker: u64, seq: u64 },
     #[error(transparent)]
     Wire(#[from] ps_common::Error),
     #[error(transparent)]

@@ -9,7 +9,7 @@ use ps_common::codec;
 use ps_common::dataplane::{DataLink, Kind};
 use ps_common::optim::Rule;
 use ps_common::partition::key_shard;
-use ps_common::spec::{Init, InitKind, TableSpec};
+use ps_common::spec::{Consistency, Init, InitKind, TableSpec};
 use ps_common::transport::TransportConfig;
 use ps_common::wire::pb;
 use ps_server::local::LocalShards;
@@ -48,6 +48,63 @@ async fn data_port(addr: &str) -> u16 {
         .port;
     assert_ne!(port, 0, "an in-process shard serves a data plane by default");
     port as u16
+}
+
+/// The dense values of `set` and the rows of `keys` in table "e".
+async fn read(c: &mut ShardedClient, set: &DenseSet, keys: &[u64]) -> (Vec<f32>, Vec<f32>) {
+    let (mut values, mut rows) = (vec![0.0f32; set.len()], vec![0.0f32; keys.len() * 4]);
+    c.pull_dense(set, 0, &mut values).await.unwrap();
+    c.pull_sparse("e", 4, keys, 0, &mut rows).await.unwrap();
+    (values, rows)
+}
+
+/// A second client pushing as a worker id whose seqs the shards already
+/// hold (two processes given one id, or a worker started again without
+/// `join`) is told so, on the data plane and over gRPC, instead of having
+/// its pushes answered as duplicates and dropped unseen; nothing it sent
+/// is applied. After `join` it continues the worker's seqs and its pushes
+/// apply.
+#[tokio::test]
+async fn a_push_whose_seq_another_client_used_is_an_error_not_a_silent_drop() {
+    let shards = LocalShards::start(2).await.expect("start");
+    let (dense, sparse) = specs();
+    let set = DenseSet::new(std::slice::from_ref(&dense), 2).unwrap();
+    let grad = vec![0.5f32; set.len()];
+    let keys: Vec<u64> = (0..64).map(|k| k * 7919).collect();
+    let rows = vec![0.25f32; keys.len() * 4];
+    for (worker, data_plane) in [(10, true), (20, false)] {
+        let mut first = client(&shards, worker, data_plane).await;
+        first.register(&dense).await.unwrap();
+        first.register(&sparse).await.unwrap();
+        for clock in 0..3 {
+            first.push_dense(&set, &grad, clock, clock, false).await.unwrap();
+            first.push_sparse("e", 4, &keys, &rows, clock, clock, false).await.unwrap();
+        }
+        let before = read(&mut first, &set, &keys).await;
+
+        let mut second = client(&shards, worker, data_plane).await;
+        let err = second.push_dense(&set, &grad, 0, 0, false).await.unwrap_err();
+        assert!(
+            matches!(err, ps_worker::Error::SeqTaken { worker: w, seq: 1, .. } if w == worker),
+            "data plane {data_plane}: {err}"
+        );
+        assert!(err.to_string().contains("another client is pushing as worker"), "{err}");
+        let err = second.push_sparse("e", 4, &keys, &rows, 0, 0, false).await.unwrap_err();
+        assert!(matches!(err, ps_worker::Error::SeqTaken { .. }), "data plane {data_plane}: {err}");
+        assert!(
+            read(&mut second, &set, &keys).await == before,
+            "data plane {data_plane}: a refused push changed values"
+        );
+
+        second.join(Consistency::Asp, Duration::from_secs(60), 0).await.unwrap();
+        second.push_dense(&set, &grad, 3, 3, false).await.unwrap();
+        second.push_sparse("e", 4, &keys, &rows, 3, 3, false).await.unwrap();
+        let after = read(&mut second, &set, &keys).await;
+        assert!(
+            after.0 != before.0 && after.1 != before.1,
+            "data plane {data_plane}: pushes after join not applied"
+        );
+    }
 }
 
 #[tokio::test]
