@@ -50,14 +50,6 @@ async fn data_port(addr: &str) -> u16 {
     port as u16
 }
 
-/// The dense values of `set` and the rows of `keys` in table "e".
-async fn read(c: &mut ShardedClient, set: &DenseSet, keys: &[u64]) -> (Vec<f32>, Vec<f32>) {
-    let (mut values, mut rows) = (vec![0.0f32; set.len()], vec![0.0f32; keys.len() * 4]);
-    c.pull_dense(set, 0, &mut values).await.unwrap();
-    c.pull_sparse("e", 4, keys, 0, &mut rows).await.unwrap();
-    (values, rows)
-}
-
 /// A second client pushing as a worker id whose seqs the shards already
 /// hold (two processes given one id, or a worker started again without
 /// `join`) is told so, on the data plane and over gRPC, instead of having
@@ -80,7 +72,7 @@ async fn a_push_whose_seq_another_client_used_is_an_error_not_a_silent_drop() {
             first.push_dense(&set, &grad, clock, clock, false).await.unwrap();
             first.push_sparse("e", 4, &keys, &rows, clock, clock, false).await.unwrap();
         }
-        let before = read(&mut first, &set, &keys).await;
+        let before = read_all(&first, &set, &keys).await;
 
         let mut second = client(&shards, worker, data_plane).await;
         let err = second.push_dense(&set, &grad, 0, 0, false).await.unwrap_err();
@@ -92,14 +84,14 @@ async fn a_push_whose_seq_another_client_used_is_an_error_not_a_silent_drop() {
         let err = second.push_sparse("e", 4, &keys, &rows, 0, 0, false).await.unwrap_err();
         assert!(matches!(err, ps_worker::Error::SeqTaken { .. }), "data plane {data_plane}: {err}");
         assert!(
-            read(&mut second, &set, &keys).await == before,
+            read_all(&second, &set, &keys).await == before,
             "data plane {data_plane}: a refused push changed values"
         );
 
         second.join(Consistency::Asp, Duration::from_secs(60), 0).await.unwrap();
         second.push_dense(&set, &grad, 3, 3, false).await.unwrap();
         second.push_sparse("e", 4, &keys, &rows, 3, 3, false).await.unwrap();
-        let after = read(&mut second, &set, &keys).await;
+        let after = read_all(&second, &set, &keys).await;
         assert!(
             after.0 != before.0 && after.1 != before.1,
             "data plane {data_plane}: pushes after join not applied"
