@@ -27,8 +27,7 @@ use ps_server::store::{PushInfo, Store};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+ps_common::jemalloc!();
 
 fn main() -> Result<()> {
     let (mut keys_n, mut width, mut reps) = (500_000usize, 16usize, 5usize);

@@ -42,11 +42,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::oneshot;
 
-// jemalloc keeps freed pages for reuse; glibc gave every multi-MiB message
-// buffer back to the kernel and faulted it in again on the next request
-// (docs/PERFORMANCE.md).
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+ps_common::jemalloc!();
 
 struct Args {
     keys: usize,

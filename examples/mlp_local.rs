@@ -17,11 +17,7 @@ use ps_common::optim::Rule;
 use ps_model::Mlp;
 use ps_worker::data::{BatchBuf, Batches, Split, load_mnist};
 
-// jemalloc keeps freed pages for reuse; glibc gave every multi-MiB message
-// buffer back to the kernel and faulted it in again on the next request
-// (docs/PERFORMANCE.md).
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+ps_common::jemalloc!();
 
 struct Args {
     epochs: u64,

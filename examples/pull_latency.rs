@@ -15,11 +15,7 @@ use ps_common::optim::Rule;
 use ps_common::spec::{Init, TableSpec};
 use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
 
-// jemalloc keeps freed pages for reuse; glibc gave every multi-MiB message
-// buffer back to the kernel and faulted it in again on the next request
-// (docs/PERFORMANCE.md).
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+ps_common::jemalloc!();
 
 /// Mean (pull, push) time of `reps` dense pulls and pushes of `set`.
 async fn time(

@@ -35,11 +35,7 @@ use ps_worker::config::RunConfig;
 /// The reference job, used when no --config is given.
 const DEFAULT_CONFIG: &str = include_str!("../examples/config/mnist.toml");
 
-// jemalloc keeps freed pages for reuse; glibc gave every multi-MiB message
-// buffer back to the kernel and faulted it in again on the next request
-// (docs/PERFORMANCE.md).
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+ps_common::jemalloc!();
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Parameter-server training: local clusters, experiments, shards and workers")]

@@ -47,3 +47,29 @@ pub mod transport;
 pub mod wire;
 
 pub use error::{Error, Result};
+
+/// Makes jemalloc (`tikv-jemallocator`, which the calling crate depends on)
+/// the program's allocator, with purging of freed memory done by its
+/// background threads.
+///
+/// jemalloc keeps freed pages for reuse, where glibc gave every multi-MiB
+/// message buffer back to the kernel and faulted it in again on the next
+/// request. Left to purge on the threads that free memory, it still gave
+/// back most of a large buffer before the next request of the same size:
+/// a sparse push of 1M keys faulted in its 64 MB of merged gradients every
+/// time (`perf stat`: 656k page faults in a `bench_sparse` run, 373k with
+/// background threads; docs/PERFORMANCE.md). Its background threads purge
+/// pages unused for about 10 s (`dirty_decay_ms`), so memory still goes back.
+/// `_RJEM_MALLOC_CONF` in the environment overrides these options.
+#[macro_export]
+macro_rules! jemalloc {
+    () => {
+        #[global_allocator]
+        static ALLOC: ::tikv_jemallocator::Jemalloc = ::tikv_jemallocator::Jemalloc;
+
+        // Read by jemalloc when it starts (`malloc_conf`, with
+        // tikv-jemalloc-sys's symbol prefix).
+        #[unsafe(export_name = "_rjem_malloc_conf")]
+        static MALLOC_CONF: &[u8; 23] = b"background_thread:true\0";
+    };
+}

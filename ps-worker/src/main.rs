@@ -7,11 +7,7 @@
 
 use clap::Parser;
 
-// jemalloc keeps freed pages for reuse; glibc gave every multi-MiB message
-// buffer back to the kernel and faulted it in again on the next request
-// (docs/PERFORMANCE.md).
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+ps_common::jemalloc!();
 
 #[derive(Parser, Debug)]
 #[command(version, about = "One training worker of the parameter server")]
