@@ -524,3 +524,27 @@ async fn status(
     print!("{}", render::status(&stats));
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The options `ps_common::jemalloc!` defines reach jemalloc: its
+    /// `malloc_conf` symbol is this binary's (a renamed symbol prefix in a
+    /// new tikv-jemalloc-sys would leave jemalloc on its defaults).
+    #[test]
+    fn jemalloc_purges_on_its_background_threads() {
+        let (mut on, mut len) = (false, std::mem::size_of::<bool>());
+        // SAFETY: a NUL-terminated name of a bool mallctl, read into a bool
+        // whose size is given; nothing is written to jemalloc.
+        let code = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                c"opt.background_thread".as_ptr(),
+                (&raw mut on).cast(),
+                &mut len,
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        assert_eq!(code, 0, "mallctl opt.background_thread");
+        assert!(on, "jemalloc runs without its background threads: malloc_conf was not read");
+    }
+}
