@@ -38,6 +38,12 @@ pub(crate) struct SparsePlan {
     pub repeats: Vec<(u32, u32)>,
 }
 
+/// Buckets per shard for a batch of `n` keys: a power of two, so a key's
+/// bucket within its shard is the top bits of its hash.
+fn buckets_per_shard(n: usize, shards: usize) -> usize {
+    (n / shards / BUCKET_KEYS).max(1).next_power_of_two()
+}
+
 impl SparsePlan {
     pub fn new(keys: &[u64], num_shards: u32) -> Result<SparsePlan> {
         let n = keys.len();
@@ -45,9 +51,7 @@ impl SparsePlan {
             return Err(Error::Config(format!("a batch of {n} keys; at most {} in one call", FIRST - 1)));
         }
         let shards = num_shards.max(1) as usize;
-        // Buckets per shard: a power of two, so a key's bucket within its
-        // shard is the top bits of its hash.
-        let per_shard = (n / shards / BUCKET_KEYS).max(1).next_power_of_two();
+        let per_shard = buckets_per_shard(n, shards);
         let shift = 64 - per_shard.trailing_zeros();
         let bucket_of = |key: u64| {
             let top = splitmix64(key).checked_shr(shift).unwrap_or(0) as usize;
@@ -107,7 +111,8 @@ impl SparsePlan {
         for (p, (&k, &b)) in keys.iter().zip(&bucket).enumerate() {
             match link[p] {
                 FIRST => {
-                    let s = b as usize / per_shard;
+                    // Its shard: the bucket over a power of two, a shift.
+                    let s = b as usize >> per_shard.trailing_zeros();
                     let u = next[s];
                     next[s] += 1;
                     unique[u] = k;
@@ -172,7 +177,7 @@ mod tests {
     fn a_large_batch_is_planned_over_several_buckets_per_shard() {
         let keys: Vec<u64> = (0..100_000u64).map(|i| splitmix64(i) % 60_000).collect();
         for shards in [1, 2, 3] {
-            let per_shard = (keys.len() / shards as usize / BUCKET_KEYS).max(1).next_power_of_two();
+            let per_shard = buckets_per_shard(keys.len(), shards as usize);
             assert!(per_shard >= 8, "{per_shard} buckets per shard");
             check_plan(&keys, shards).unwrap();
         }
