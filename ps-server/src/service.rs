@@ -482,7 +482,10 @@ impl ParameterServer for Service {
         let members = self.0.clocks.status();
         Ok(Response::new(pb::HeartbeatResponse {
             members: members.len().min(u32::MAX as usize) as u32,
-            started: members.iter().any(|m| m.clock > 0),
+            // The highest clock any worker has had, not the members' now: a
+            // fast worker may finish its share and leave before a slow one
+            // polls, and the slow one must still see the barrier released.
+            started: self.0.clocks.highest() > 0,
         }))
     }
 

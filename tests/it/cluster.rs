@@ -10,7 +10,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ps_common::spec::Consistency;
+use ps_common::optim::Rule;
+use ps_common::spec::{Consistency, Init, TableSpec};
 use ps_server::ServerConfig;
 use ps_server::local::LocalShards;
 use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
@@ -248,6 +249,37 @@ straggler = { kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 5.
         assert_eq!(s.consistency.and_then(|c| Consistency::try_from(c).ok()), Some(Consistency::Bsp));
     }
     assert!(started.elapsed() < Duration::from_secs(30));
+    shards.stop().await.expect("stop shards");
+}
+
+/// The start barrier stays released when the worker that released it has
+/// finished and left: a fast worker can train its whole share between two
+/// polls of a slow one (seen in `multihost`, where worker 1 joined, trained
+/// 16 iterations and left in 11 ms, and worker 0 then waited out the whole
+/// barrier). The shards answer from the highest clock any worker had, not
+/// from the members' clocks now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_barrier_stays_released_after_the_releasing_worker_left() {
+    let shards = LocalShards::start(2).await.expect("start shards");
+    let spec = TableSpec::dense("w", &[64], Init::zeros(), Rule::sgd(0.1).into());
+    let lease = Duration::from_secs(5);
+    let connect = |w| ShardedClient::connect(&shards.addrs, w, ClientOptions::default());
+    let mut fast = connect(1).await.expect("connect worker 1");
+    fast.register(&spec).await.expect("register");
+    fast.join(Consistency::Asp, lease, 0).await.expect("worker 1 joins");
+    let set = DenseSet::new(std::slice::from_ref(&spec), 2).expect("dense set");
+    for clock in 0..3 {
+        fast.push_dense(&set, &[0.5; 64], clock, clock, true).await.expect("worker 1 pushes");
+    }
+    fast.leave().await.expect("worker 1 leaves");
+
+    let mut slow = connect(0).await.expect("connect worker 0");
+    slow.register(&spec).await.expect("register");
+    slow.join(Consistency::Asp, lease, 0).await.expect("worker 0 joins");
+    let asked = Instant::now();
+    let released = slow.wait_for_members(2, Duration::from_secs(5)).await.expect("heartbeats");
+    assert!(released, "worker 0 waited out the barrier although worker 1 had trained and left");
+    assert!(asked.elapsed() < Duration::from_secs(1), "released after {:?}", asked.elapsed());
     shards.stop().await.expect("stop shards");
 }
 
