@@ -273,17 +273,27 @@ impl OutFrame {
     /// vectored write of all their pieces on TCP) and flushes. They stay
     /// held until [`OutFrame::clear`] or the next [`OutFrame::send`].
     pub async fn write_to<W: AsyncWrite + Unpin + ?Sized>(&self, w: &mut W) -> std::io::Result<()> {
+        self.write_within(w, None).await
+    }
+
+    /// [`OutFrame::write_to`], failing with `TimedOut` if the peer takes no
+    /// byte for `stall` (with `Some`).
+    async fn write_within<W: AsyncWrite + Unpin + ?Sized>(
+        &self,
+        w: &mut W,
+        stall: Option<Duration>,
+    ) -> std::io::Result<()> {
         let mut slices: Vec<std::io::IoSlice<'_>> =
             self.parts.iter().map(|p| &p[..]).chain([&self.head[..]]).map(std::io::IoSlice::new).collect();
         let mut rest = &mut slices[..];
         while !rest.is_empty() {
-            let n = w.write_vectored(rest).await?;
+            let n = within(stall, w.write_vectored(rest)).await?;
             if n == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
             std::io::IoSlice::advance_slices(&mut rest, n);
         }
-        w.flush().await
+        within(stall, w.flush()).await
     }
 
     /// Writes the frames held, then forgets them.
@@ -292,6 +302,33 @@ impl OutFrame {
         self.clear();
         written
     }
+
+    /// [`OutFrame::send`] to a peer that must keep taking bytes: a write
+    /// that makes no progress for `stall` fails with `TimedOut` (a shard's
+    /// answer to a client that stopped reading is not waited on forever).
+    pub async fn send_within<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        w: &mut W,
+        stall: Duration,
+    ) -> std::io::Result<()> {
+        let written = self.write_within(w, Some(stall)).await;
+        self.clear();
+        written
+    }
+}
+
+/// `io`, failing with `TimedOut` if it takes longer than `limit` (with `Some`).
+async fn within<T>(
+    limit: Option<Duration>,
+    io: impl Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    let Some(limit) = limit else { return io.await };
+    tokio::time::timeout(limit, io).await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the peer took no bytes for {limit:?}"),
+        ))
+    })
 }
 
 /// A message as a frame lays it out: by default every field in the head;

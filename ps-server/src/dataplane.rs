@@ -41,6 +41,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection with no request for this long is closed (a client whose
 /// host vanished leaves no slot taken for good); clients reconnect.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A client that takes none of its answers' bytes for this long has
+/// stopped reading (or vanished): its connection is closed, so that it
+/// does not hold a slot (and the answers held for it) for good.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Answers held for a client's pipelined requests are written once they
 /// reach this many bytes.
 const HOLD_AT: usize = 256 << 10;
@@ -168,11 +172,11 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(token) => token,
         Err(status) => {
             out.status(&status);
-            return out.send(&mut io).await;
+            return out.send_within(&mut io, STALL_TIMEOUT).await;
         }
     };
     out.raw(dataplane::OK, b"");
-    out.send(&mut io).await?;
+    out.send_within(&mut io, STALL_TIMEOUT).await?;
     loop {
         let Ok(next) = tokio::time::timeout(IDLE_TIMEOUT, reader.next(&mut io)).await else { break };
         let Some((kind, body)) = next? else { break };
@@ -189,7 +193,7 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
         // once they hold `HOLD_AT` bytes: a client that sends requests and
         // reads nothing makes the shard hold at most that plus one answer.
         if !reader.has_frame() || out.len() >= HOLD_AT {
-            out.send(&mut io).await?;
+            out.send_within(&mut io, STALL_TIMEOUT).await?;
         }
     }
     Ok(())
@@ -301,4 +305,67 @@ pub async fn bind_unix(path: &Path) -> Result<(UnixListener, SocketFile)> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|source| Error::Io { what: what("restricting"), source })?;
     Ok((listener, file))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+    use crate::service::Shard;
+
+    fn service() -> Service {
+        Service(Arc::new(Shard {
+            store: crate::store::Store::new(0, 1),
+            clocks: Default::default(),
+            gate: Default::default(),
+            max_wait: Duration::from_secs(1),
+            checkpoint_dir: None,
+            seal: Default::default(),
+            queue: Default::default(),
+            metrics: Default::default(),
+            rate: crate::budget::RateLimiter::new(&Default::default()),
+            limits: Default::default(),
+            auth: None,
+            data_port: Default::default(),
+            data_socket: Default::default(),
+        }))
+    }
+
+    fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut f = ((body.len() + 1) as u32).to_le_bytes().to_vec();
+        f.push(kind);
+        f.extend_from_slice(body);
+        f
+    }
+
+    /// A client that sends requests and never reads their answers: the
+    /// shard's writes stall, and once none makes progress for
+    /// `STALL_TIMEOUT` the connection ends (it held its slot for good).
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_no_answers_is_dropped_not_waited_on() {
+        let (client, shard) = tokio::io::duplex(64 << 10);
+        let peer = Peer { addr: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)), certificate: None };
+        let started = tokio::time::Instant::now();
+        let connection = tokio::spawn(serve_stream(service(), shard, peer, 1 << 20));
+        let (mut read, mut write) = tokio::io::split(client);
+        let mut hello = [0u8; 5];
+        write.write_all(&frame(0, b"PSD1")).await.unwrap();
+        read.read_exact(&mut hello).await.unwrap();
+        assert_eq!(hello, [1, 0, 0, 0, dataplane::OK]);
+        // Requests of an unknown kind: each answered with a status, ~50 bytes.
+        let requests: Vec<u8> = (0..100_000).flat_map(|_| frame(9, b"")).collect();
+        let _writer = tokio::spawn(async move {
+            let _ = write.write_all(&requests).await;
+            write
+        });
+        let ended = tokio::time::timeout(IDLE_TIMEOUT, connection).await;
+        let err =
+            ended.expect("the connection still waits on a client that reads nothing").unwrap().unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert!(started.elapsed() < STALL_TIMEOUT * 2, "{:?}", started.elapsed());
+        drop(read);
+    }
 }
