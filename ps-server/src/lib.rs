@@ -312,7 +312,7 @@ pub(crate) fn restore(
             file.num_shards
         )));
     }
-    let store = store::Store::restore(config.shard, config.num_shards, file.store)?;
+    let store = store::Store::restore(config.shard, config.num_shards, file.store, &config.limits)?;
     let (tables, chunks, rows) = store.sizes();
     tracing::info!(checkpoint = %ckpt.dir.display(), tables, chunks, rows, "shard restored");
     Ok((store, clock::Clocks::restore(file.clocks)))

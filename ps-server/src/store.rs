@@ -1020,9 +1020,12 @@ impl Store {
     /// Rebuilds a shard's store from a capture, checking everything a file
     /// could get wrong: every spec valid, every block owned by this shard and
     /// of its exact length, every dense chunk present once, no key twice,
-    /// every value finite. Nothing is kept from a capture that fails.
-    pub fn restore(shard: ShardId, num_shards: u32, capture: Capture) -> Result<Store> {
-        let store = Store::new(shard, num_shards);
+    /// every value finite. Nothing is kept from a capture that fails. The
+    /// tables are registered under the shard's own `limits` (its budget,
+    /// table count, chunk count), so what does not fit is refused before
+    /// it is allocated, and a budget above the default one is honoured.
+    pub fn restore(shard: ShardId, num_shards: u32, capture: Capture, limits: &Limits) -> Result<Store> {
+        let store = Store::new(shard, num_shards).with_limits(limits.clone())?;
         let bad = |table: &str, reason: String| Error::BadCheckpoint(format!("table `{table}`: {reason}"));
         for t in capture.tables {
             let name = t.spec.name.clone();

@@ -311,6 +311,23 @@ fn a_checkpoint_of_another_shard_count_is_refused() {
     assert!(matches!(err, Error::BadCheckpoint(ref m) if m.contains("of 2 shards")), "{err}");
 }
 
+/// A checkpoint is restored under the shard's own `[limits]`, not the
+/// defaults: one holding more tables than the shard allows is refused (it
+/// was restored, over the limit), and its tables are checked against the
+/// shard's budget as they are registered.
+#[test]
+fn a_checkpoint_is_restored_under_the_shards_own_limits() {
+    let tmp = TempDir::new("limits");
+    write_checkpoint(&tmp.0, "ckpt-000001");
+    let mut c = config(0, 2, &tmp.0);
+    c.limits.max_tables = 1;
+    let err =
+        crate::restore(&c, &tmp.0, &Keys::none()).err().expect("two tables restored under max_tables = 1");
+    assert!(err.to_string().contains("tables"), "{err}");
+    let (store, _) = crate::restore(&config(0, 2, &tmp.0), &tmp.0, &Keys::none()).unwrap();
+    assert_eq!(store.sizes().0, 2);
+}
+
 /// What a crash while writing leaves behind (a temporary shard file, or
 /// renamed shard files without a manifest) is not a checkpoint: the previous
 /// one stays the latest, and it goes once a newer complete one exists.
