@@ -128,6 +128,10 @@ pub struct ModelSlot {
     /// Versions served, oldest first (swaps included).
     history: Mutex<Vec<i64>>,
     pinned: Mutex<Vec<Arc<Loaded>>>,
+    /// Held while a version for [`ModelSlot::resolve`] is loaded: one load at
+    /// a time, so that concurrent requests naming a version not in memory
+    /// wait for one copy of it instead of each reading its own.
+    loading: tokio::sync::Mutex<()>,
     batcher: Option<Batcher>,
     /// Most examples in one request.
     max_request_rows: usize,
@@ -172,6 +176,7 @@ impl ModelSlot {
             current: RwLock::new(None),
             history: Mutex::new(Vec::new()),
             pinned: Mutex::new(Vec::new()),
+            loading: tokio::sync::Mutex::new(()),
             batcher,
             max_request_rows,
         }
@@ -202,13 +207,20 @@ impl ModelSlot {
         }
         let unknown = || Error::UnknownVersion { model: self.name.clone(), version: v };
         let Some(registry) = &self.registry else { return Err(unknown()) };
-        {
+        let cached = || {
             let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(i) = pinned.iter().position(|l| l.version == v) {
-                let hit = pinned.remove(i);
-                pinned.push(Arc::clone(&hit));
-                return Ok(hit);
-            }
+            let i = pinned.iter().position(|l| l.version == v)?;
+            let hit = pinned.remove(i);
+            pinned.push(Arc::clone(&hit));
+            Some(hit)
+        };
+        if let Some(hit) = cached() {
+            return Ok(hit);
+        }
+        let _loading = self.loading.lock().await;
+        // Loaded by the request this one waited for.
+        if let Some(hit) = cached() {
+            return Ok(hit);
         }
         let loaded = match load(registry, &self.name, v).await {
             Err(Error::Registry(ps_registry::Error::NoVersion { .. })) => return Err(unknown()),

@@ -380,6 +380,24 @@ async fn bad_inputs_are_refused_over_both_interfaces() {
     running.abort();
 }
 
+/// Requests naming a version that is not in memory, all at once, share
+/// one load of it: each used to read, check and build its own copy of the
+/// model, so N concurrent requests held N copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_for_a_version_not_loaded_load_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry(&dir).await;
+    let v1 = register(&reg, "mnist", &mlp(1)).await;
+    let v2 = register(&reg, "mnist", &mlp(2)).await;
+    let slot = ModelSlot::from_registry("mnist".into(), Source::Version(v1), reg, None, MAX_ROWS);
+    slot.refresh().await.unwrap();
+    let loaded = futures::future::join_all((0..16).map(|_| slot.resolve(Some(v2)))).await;
+    let loaded: Vec<_> = loaded.into_iter().map(Result::unwrap).collect();
+    assert!(loaded.iter().all(|l| l.version == v2));
+    let copies = loaded.iter().filter(|l| !Arc::ptr_eq(l, &loaded[0])).count() + 1;
+    assert_eq!(copies, 1, "16 concurrent requests for version {v2} loaded it {copies} times");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_four_model_kinds_predict_what_their_scoring_rules_give() {
     let dir = tempfile::tempdir().unwrap();
