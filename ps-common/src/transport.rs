@@ -641,7 +641,11 @@ pub fn endpoint(config: &TransportConfig, addr: &str) -> Result<Endpoint> {
     }
     if let Some(tls) = &config.tls {
         install_provider();
-        endpoint = endpoint.tls_config(tls.client()?).map_err(|e| Error::InvalidTls(error_chain(&e)))?;
+        // `connect_timeout` covers the TCP connect only: without a handshake
+        // timeout, a peer that accepts and never answers holds a connect
+        // (and a reconnect under a request) for good.
+        let client = tls.client()?.timeout(config.connect_timeout);
+        endpoint = endpoint.tls_config(client).map_err(|e| Error::InvalidTls(error_chain(&e)))?;
     }
     Ok(endpoint)
 }

@@ -91,6 +91,31 @@ async fn a_mutual_tls_shard_serves_its_clients_and_refuses_the_others() {
     shards.stop().await.expect("stop");
 }
 
+/// A peer that accepts the TCP connection and never answers the TLS
+/// handshake (a hung process, a middlebox): the connect gives up after the
+/// transport's `connect_timeout`, which covers the handshake too, and says
+/// where it failed; it does not wait for good.
+#[tokio::test]
+async fn a_peer_that_never_answers_the_tls_handshake_is_given_up_on() {
+    let dir = TempDir::new("tls-silent");
+    let ours = make_certs(&dir, "ours");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address").to_string();
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let mut opts = client_opts(Some(TlsConfig::from_dir(&ours, "worker-0")));
+    opts.transport.connect_timeout = Duration::from_millis(300);
+    let connect = ShardedClient::connect(std::slice::from_ref(&addr), 0, opts);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), connect).await;
+    let err =
+        outcome.expect("the connect still waits on a silent TLS peer").err().expect("no shard answered");
+    assert!(err.to_string().contains(&addr), "{err}");
+}
+
 #[tokio::test]
 async fn a_server_without_client_auth_takes_a_client_with_the_ca_only() {
     let dir = TempDir::new("tls-one-way");
