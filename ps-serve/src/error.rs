@@ -67,6 +67,12 @@ impl Error {
     }
 }
 
+/// The refusal of a request with more than `max` examples, at example
+/// `max + 1` while it is read (so without a count of them all).
+pub(crate) fn too_many_rows(max: usize) -> String {
+    format!("more than {max} examples in one request; the limit is {max}")
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> tonic::Status {
         tonic::Status::new(e.code(), e.to_string())

@@ -15,6 +15,7 @@
 //! object `{"user": u, "item": i}` (MF), an array of slot ids (CTR).
 //! Errors are `{"error": "..."}` with the status of [`Error::http_status`].
 
+use std::fmt;
 use std::sync::Arc;
 
 use axum::Router;
@@ -24,11 +25,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
-use serde::de::DeserializeOwned;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, too_many_rows};
 use crate::model::{Inputs, Servable};
 use crate::server::Models;
 use crate::slot::{Freshness, ModelSlot, Prediction};
@@ -160,45 +161,190 @@ async fn predict_on(slot: &ModelSlot, version: Option<i64>, body: &[u8]) -> Resu
         serde_json::from_slice(body).map_err(|e| Error::bad(format!("malformed JSON body: {e}")))?;
     // One version for the whole request: the one that says how to parse it.
     let loaded = slot.resolve(version).await?;
-    let inputs = parse_instances(&loaded.model, body.instances.get())?;
+    let inputs = parse_instances(&loaded.model, body.instances.get(), slot.max_request_rows())?;
     slot.predict_on(loaded, inputs).await
 }
 
-fn parse_instances(model: &Servable, raw: &str) -> Result<Inputs> {
-    fn parse<T: DeserializeOwned>(raw: &str) -> Result<Vec<T>> {
-        serde_json::from_str(raw).map_err(|e| Error::bad(format!("instances: {e}")))
-    }
+/// The instances of a request as `model`'s inputs, read one at a time and
+/// refused at instance `max_rows + 1` or at a row of the wrong width, before
+/// more of them are parsed: `[[],[],...]` used to become one empty `Vec`
+/// per instance (24 bytes for the 3 of `[],`) before either check ran.
+fn parse_instances(model: &Servable, raw: &str, max_rows: usize) -> Result<Inputs> {
     Ok(match model {
         Servable::Mlp { .. } | Servable::MlpInt8(_) | Servable::MlpSparse(_) => {
-            let rows: Vec<Vec<f32>> = parse(raw)?;
-            let width = model.input_width();
-            if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != width) {
-                return Err(Error::bad(format!(
-                    "instance {i} has {} features; the model takes {width}",
-                    r.len()
-                )));
-            }
-            Inputs::Dense { width, values: rows.concat() }
+            let mut rows = Fixed::new(model.input_width(), "features");
+            read(raw, max_rows, &mut rows)?;
+            Inputs::Dense { width: rows.width, values: rows.values }
         }
         Servable::Logreg { .. } => {
-            Inputs::Sparse(parse::<SparseInstance>(raw)?.into_iter().map(|s| (s.indices, s.values)).collect())
+            let mut rows = Each::<SparseInstance>(Vec::new());
+            read(raw, max_rows, &mut rows)?;
+            Inputs::Sparse(rows.0.into_iter().map(|s| (s.indices, s.values)).collect())
         }
         Servable::Mf { .. } => {
-            let pairs: Vec<PairInstance> = parse(raw)?;
+            let mut pairs = Each::<PairInstance>(Vec::new());
+            read(raw, max_rows, &mut pairs)?;
             Inputs::Pairs {
-                users: pairs.iter().map(|p| p.user).collect(),
-                items: pairs.iter().map(|p| p.item).collect(),
+                users: pairs.0.iter().map(|p| p.user).collect(),
+                items: pairs.0.iter().map(|p| p.item).collect(),
             }
         }
         Servable::Ctr { .. } => {
-            let rows: Vec<Vec<u64>> = parse(raw)?;
-            let slots = model.input_width();
-            if let Some((i, r)) = rows.iter().enumerate().find(|(_, r)| r.len() != slots) {
-                return Err(Error::bad(format!("instance {i} has {} ids; the model takes {slots}", r.len())));
-            }
-            Inputs::Slots { slots, ids: rows.concat() }
+            let mut rows = Fixed::new(model.input_width(), "ids");
+            read(raw, max_rows, &mut rows)?;
+            Inputs::Slots { slots: rows.width, ids: rows.values }
         }
     })
+}
+
+/// Why the instances were refused while they were parsed, in the words of
+/// the refusal (serde_json's message adds where it stopped reading).
+type Refusal = Option<String>;
+
+fn refuse<E: de::Error>(refusal: &mut Refusal, msg: String) -> E {
+    let e = E::custom(&msg);
+    *refusal = Some(msg);
+    e
+}
+
+/// Reads the JSON array `raw` into `rows`, at most `max_rows` instances.
+fn read<'de, R: Rows<'de>>(raw: &'de str, max_rows: usize, rows: &mut R) -> Result<()> {
+    let mut refusal = None;
+    let mut de = serde_json::Deserializer::from_str(raw);
+    Instances { rows, max_rows, refusal: &mut refusal }
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| Error::bad(refusal.take().unwrap_or_else(|| format!("instances: {e}"))))
+}
+
+/// What a model kind makes of its instances, one at a time.
+trait Rows<'de> {
+    /// Reads instance `i` from `seq`; `false` once there is none.
+    fn next<A: SeqAccess<'de>>(
+        &mut self,
+        i: usize,
+        seq: &mut A,
+        refusal: &mut Refusal,
+    ) -> Result<bool, A::Error>;
+}
+
+/// The `instances` array, read into `rows` up to `max_rows` instances; one
+/// more is skipped (not kept) and refuses the request.
+struct Instances<'r, R> {
+    rows: &'r mut R,
+    max_rows: usize,
+    refusal: &'r mut Refusal,
+}
+
+impl<'de, R: Rows<'de>> DeserializeSeed<'de> for Instances<'_, R> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, R: Rows<'de>> Visitor<'de> for Instances<'_, R> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of instances")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        for i in 0..self.max_rows {
+            if !self.rows.next(i, &mut seq, self.refusal)? {
+                return Ok(());
+            }
+        }
+        match seq.next_element::<IgnoredAny>()? {
+            None => Ok(()),
+            Some(_) => Err(refuse(self.refusal, too_many_rows(self.max_rows))),
+        }
+    }
+}
+
+/// Instances that are whole values of their own (sparse features, pairs).
+struct Each<T>(Vec<T>);
+
+impl<'de, T: Deserialize<'de>> Rows<'de> for Each<T> {
+    fn next<A: SeqAccess<'de>>(&mut self, _: usize, seq: &mut A, _: &mut Refusal) -> Result<bool, A::Error> {
+        let row = seq.next_element()?;
+        Ok(row.map(|r| self.0.push(r)).is_some())
+    }
+}
+
+/// Instances that are arrays of exactly `width` values (MLP features, CTR
+/// ids), read into one row-major vector; a row is refused at its value
+/// `width + 1`, or at its end if it is shorter.
+struct Fixed<T> {
+    width: usize,
+    /// What a value is, for the refusal.
+    unit: &'static str,
+    values: Vec<T>,
+}
+
+impl<T> Fixed<T> {
+    fn new(width: usize, unit: &'static str) -> Fixed<T> {
+        Fixed { width, unit, values: Vec::new() }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Rows<'de> for Fixed<T> {
+    fn next<A: SeqAccess<'de>>(
+        &mut self,
+        i: usize,
+        seq: &mut A,
+        refusal: &mut Refusal,
+    ) -> Result<bool, A::Error> {
+        Ok(seq.next_element_seed(Row { i, rows: self, refusal })?.is_some())
+    }
+}
+
+/// Instance `i` of a [`Fixed`].
+struct Row<'r, T> {
+    i: usize,
+    rows: &'r mut Fixed<T>,
+    refusal: &'r mut Refusal,
+}
+
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for Row<'_, T> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for Row<'_, T> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "an array of {} {}", self.rows.width, self.rows.unit)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Fixed { width, unit, values } = self.rows;
+        let (width, i, start) = (*width, self.i, values.len());
+        while values.len() - start < width {
+            match seq.next_element()? {
+                Some(v) => values.push(v),
+                None => break,
+            }
+        }
+        let n = values.len() - start;
+        if n == width && seq.next_element::<IgnoredAny>()?.is_some() {
+            let msg = format!("instance {i} has more than {width} {unit}; the model takes {width}");
+            return Err(refuse(self.refusal, msg));
+        }
+        if n < width {
+            return Err(refuse(
+                self.refusal,
+                format!("instance {i} has {n} {unit}; the model takes {width}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn freshness(f: Option<Freshness>) -> Value {
@@ -261,4 +407,68 @@ async fn version_status(
         "output_width": loaded.model.output_width(),
         "loaded_at_ms": loaded.loaded_at_ms,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use ps_model::{ModelKind, SavedModel};
+
+    use super::*;
+
+    /// Counts the instances it is handed, keeping none.
+    struct Count(usize);
+
+    impl<'de> Rows<'de> for Count {
+        fn next<A: SeqAccess<'de>>(
+            &mut self,
+            _: usize,
+            seq: &mut A,
+            _: &mut Refusal,
+        ) -> Result<bool, A::Error> {
+            let row = seq.next_element::<IgnoredAny>()?;
+            self.0 += usize::from(row.is_some());
+            Ok(row.is_some())
+        }
+    }
+
+    /// A refusal's message.
+    fn refused(r: Result<impl fmt::Debug>) -> String {
+        r.expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn instances_past_the_limit_are_refused_before_they_are_read() {
+        // 1000 instances and then not JSON: a parser that read them all
+        // would fail on the tail, or hand the rows on for counting.
+        let raw = format!("[{}oops", "[],".repeat(1000));
+        let mut count = Count(0);
+        let e = refused(read(&raw, 3, &mut count));
+        assert_eq!(count.0, 3, "instances handed on past the limit");
+        assert_eq!(e, "invalid request: more than 3 examples in one request; the limit is 3");
+        // Up to the limit, every instance is read, and the end is checked.
+        let mut count = Count(0);
+        read("[[], [], []]", 3, &mut count).unwrap();
+        assert_eq!(count.0, 3);
+        assert!(refused(read("[[], []] x", 3, &mut Count(0))).contains("trailing characters"));
+    }
+
+    #[test]
+    fn rows_of_the_wrong_width_are_refused_at_the_first_value_too_many() {
+        let mlp = ps_model::Mlp::new(&[3, 4, 2]);
+        let saved = SavedModel::from_flat(ModelKind::Mlp { layers: vec![3, 4, 2] }, &mlp.init_params(1));
+        let model = Servable::new(saved.unwrap()).unwrap();
+        let parse = |raw: &str| parse_instances(&model, raw, 4);
+        let e = refused(parse(&format!("[[],{}oops", "[],".repeat(1000))));
+        assert_eq!(e, "invalid request: instance 0 has 0 features; the model takes 3");
+        let e = refused(parse(&format!("[[1, 2, 3], [1, 2, 3, {}oops", "4,".repeat(1000))));
+        assert_eq!(e, "invalid request: instance 1 has more than 3 features; the model takes 3");
+        let e = refused(parse(&format!("[{}oops", "[1, 2, 3],".repeat(1000))));
+        assert_eq!(e, "invalid request: more than 4 examples in one request; the limit is 4");
+        // Within both limits: the rows, row-major; serde's own errors say where.
+        let rows = parse("[[1, 2, 3], [4, 5, 6]]").unwrap();
+        assert_eq!(rows, Inputs::Dense { width: 3, values: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0] });
+        assert_eq!(parse("[]").unwrap(), Inputs::Dense { width: 3, values: vec![] });
+        assert!(refused(parse("[[1, \"a\", 3]]")).contains("instances: invalid type: string"));
+        assert!(refused(parse("[{\"user\": 1}]")).contains("expected an array of 3 features"));
+    }
 }

@@ -195,6 +195,12 @@ impl ModelSlot {
         self.current().is_ok()
     }
 
+    /// Most examples in one request: the interfaces stop reading a request
+    /// at the next one.
+    pub fn max_request_rows(&self) -> usize {
+        self.max_request_rows
+    }
+
     /// The version a request asks for: the current one, or registry version
     /// `v` (loaded on first use, a few kept).
     pub async fn resolve(&self, version: Option<i64>) -> Result<Arc<Loaded>> {

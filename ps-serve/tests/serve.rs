@@ -286,6 +286,13 @@ async fn bad_inputs_are_refused_over_both_interfaces() {
     let one = serde_json::to_vec(&json!({"instances": [pixels(1, 0)]})).unwrap();
     let body = |v: Value| Some(serde_json::to_vec(&v).unwrap());
     let huge = format!("{{\"instances\": [[{}]]}}", vec!["0.5"; 600_000].join(","));
+    // Instances past a limit, then something that is not an instance: the
+    // parse stops at the limit, so the refusal names it. A parser that read
+    // every instance first (200k empty rows: 600 KB of JSON, 4.8 MB of
+    // `Vec`s) would refuse the tail instead.
+    let empty_rows = format!("{{\"instances\": [{}\"x\"]}}", "[],".repeat(200_000));
+    let row = format!("[{}]", vec!["0.5"; 784].join(","));
+    let rows_past_limit = format!("{{\"instances\": [{}\"x\"]}}", format!("{row},").repeat(MAX_ROWS + 1));
     // (what, path, body, status, a fragment of the error)
     type Case = (&'static str, &'static str, Option<Vec<u8>>, u16, &'static str);
     let http_cases: Vec<Case> = vec![
@@ -362,6 +369,20 @@ async fn bad_inputs_are_refused_over_both_interfaces() {
             body(json!({"instances": [{"user": 1, "item": 2}]})),
             400,
             "invalid type",
+        ),
+        (
+            "empty rows",
+            "/v1/models/mnist:predict",
+            Some(empty_rows.into_bytes()),
+            400,
+            "instance 0 has 0 features; the model takes 784",
+        ),
+        (
+            "too many rows, then not a row",
+            "/v1/models/mnist:predict",
+            Some(rows_past_limit.into_bytes()),
+            400,
+            "more than 100 examples in one request; the limit is 100",
         ),
         ("body over the limit", "/v1/models/mnist:predict", Some(huge.into_bytes()), 413, ""),
         ("no such endpoint", "/v2/whatever", Some(one.clone()), 404, "no such endpoint"),
