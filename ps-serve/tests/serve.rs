@@ -271,6 +271,18 @@ async fn bad_inputs_are_refused_over_both_interfaces() {
             Code::InvalidArgument,
             "takes dense inputs",
         ),
+        (
+            // 200k empty rows: 400 KB on the wire, 9.6 MB of `SparseRow`s
+            // if decoded before they are counted.
+            "empty sparse rows",
+            req(
+                "mnist",
+                0,
+                Some(PbInputs::Sparse(pb::SparseInputs::new(vec![pb::SparseRow::default(); 200_000]))),
+            ),
+            Code::InvalidArgument,
+            "more than 100 examples in one request; the limit is 100",
+        ),
         // 300 rows of 784 floats: over the 1 MiB message limit.
         ("oversized message", req("mnist", 0, dense(pixels(400, 0))), Code::OutOfRange, ""),
     ];
@@ -519,6 +531,23 @@ async fn the_four_model_kinds_predict_what_their_scoring_rules_give() {
     let bias = row(&lr, 5)[0];
     let z0 = bias + row(&lr, 0)[0] + 2.0 * row(&lr, 1)[0] - row(&lr, 2)[0];
     assert!(near(&got, &[sigmoid(z0), sigmoid(bias)]), "lr {got:?}");
+    // The same rows over gRPC (whose sparse rows are decoded by ps-serve,
+    // with a bound on their count).
+    let sparse = |rows: Vec<pb::SparseRow>| pb::PredictRequest {
+        model: "lr".into(),
+        version: 0,
+        inputs: Some(PbInputs::Sparse(pb::SparseInputs::new(rows))),
+    };
+    let rows = vec![
+        pb::SparseRow { indices: vec![0, 1, 2], values: vec![1.0, 2.0, -1.0] },
+        pb::SparseRow::default(),
+    ];
+    let mut g = grpc(&running).await;
+    let got = g.predict(sparse(rows)).await.unwrap().into_inner().outputs;
+    assert!(near(&got, &[sigmoid(z0), sigmoid(bias)]), "lr over gRPC {got:?}");
+    let e = g.predict(sparse(vec![pb::SparseRow::default(); MAX_ROWS + 1])).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("more than 100 examples in one request; the limit is 100"), "{e}");
 
     // User 3 and item 12 are unseen.
     let got = predict("mf", json!([{"user": 1, "item": 11}, {"user": 3, "item": 12}])).await;
