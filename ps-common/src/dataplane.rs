@@ -66,6 +66,38 @@ const HEADER: usize = 5;
 const GROW: usize = 4 << 20;
 /// Idle connections a client keeps per shard.
 const MAX_IDLE: usize = 8;
+/// After a connection to a shard's data plane could not be made, calls go
+/// over gRPC ([`CallError::NotSent`]) for this long before it is tried again.
+const DOWN_FOR: Duration = Duration::from_secs(1);
+
+/// Why a data-plane call failed.
+#[derive(Debug, Clone)]
+pub enum CallError {
+    /// No request went out: the data plane could not be reached (the shard
+    /// is down or restarting, at its `max_data_connections`, or refused the
+    /// hello), now or within the last [`DOWN_FOR`]. The caller may send the
+    /// same requests over gRPC: they were never sent here.
+    NotSent(Status),
+    /// The requests went out (or may have): the shard's own status, a broken
+    /// connection, or no answer in time.
+    Sent(Status),
+}
+
+impl CallError {
+    pub fn status(&self) -> &Status {
+        match self {
+            CallError::NotSent(s) | CallError::Sent(s) => s,
+        }
+    }
+}
+
+impl From<CallError> for Status {
+    fn from(e: CallError) -> Status {
+        match e {
+            CallError::NotSent(s) | CallError::Sent(s) => s,
+        }
+    }
+}
 
 /// What a request frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -457,6 +489,9 @@ struct Link {
     /// Dead-peer detection: `transport.keep_alive_interval` and `_timeout`.
     keep_alive: Option<(Duration, Duration)>,
     idle: Mutex<Vec<Conn>>,
+    /// Until when calls skip the data plane, and why: set when a
+    /// connection could not be made ([`CallError::NotSent`]).
+    down: Mutex<Option<(tokio::time::Instant, Status)>>,
     /// Requests sent again on a fresh connection after a pooled one failed
     /// ([`DataLink::resends`]).
     resends: std::sync::atomic::AtomicU64,
@@ -513,6 +548,7 @@ impl DataLink {
             keep_alive: (!config.keep_alive_interval.is_zero())
                 .then_some((config.keep_alive_interval, config.keep_alive_timeout)),
             idle: Mutex::new(Vec::new()),
+            down: Mutex::new(None),
             resends: 0.into(),
         })))
     }
@@ -545,22 +581,36 @@ impl DataLink {
         msg: &Req,
         timeout: Duration,
     ) -> std::result::Result<Resp, Status> {
+        Ok(self.try_call(kind, msg, timeout).await?)
+    }
+
+    /// [`DataLink::call`], telling a request that never went out
+    /// ([`CallError::NotSent`]: the caller may send it over gRPC) from
+    /// one that did.
+    pub async fn try_call<Req: Body, Resp: Message + Default>(
+        &self,
+        kind: Kind,
+        msg: &Req,
+        timeout: Duration,
+    ) -> std::result::Result<Resp, CallError> {
         let [(k, body)] = self.exchange(|out| out.message(kind as u8, msg), timeout).await?;
-        decode_answer(k, body)
+        decode_answer(k, body).map_err(CallError::Sent)
     }
 
     /// Sends two requests on one connection, back to back in one write, and
     /// waits up to `timeout` for both answers: the shard runs them in
     /// order (`a`, then `b`) and writes the answers together. The outer
     /// error is the connection's (neither answer came back; `a` may or may
-    /// not have run); the inner ones are each request's own status.
+    /// not have run, unless it is [`CallError::NotSent`]); the inner ones
+    /// are each request's own status.
     #[allow(clippy::type_complexity)]
     pub async fn call_pair<A: Body, RA: Message + Default, B: Body, RB: Message + Default>(
         &self,
         (kind_a, a): (Kind, &A),
         (kind_b, b): (Kind, &B),
         timeout: Duration,
-    ) -> std::result::Result<(std::result::Result<RA, Status>, std::result::Result<RB, Status>), Status> {
+    ) -> std::result::Result<(std::result::Result<RA, Status>, std::result::Result<RB, Status>), CallError>
+    {
         let build = |out: &mut OutFrame| {
             out.message(kind_a as u8, a);
             out.message(kind_b as u8, b);
@@ -569,13 +619,45 @@ impl DataLink {
         Ok((decode_answer(ka, body_a), decode_answer(kb, body_b)))
     }
 
+    /// Whether calls skip the data plane for now (a connection could not
+    /// be made within the last [`DOWN_FOR`]); the reason if so.
+    fn down(&self) -> Option<Status> {
+        let mut down = self.0.down.lock().unwrap_or_else(|p| p.into_inner());
+        match &*down {
+            Some((until, why)) if tokio::time::Instant::now() < *until => Some(why.clone()),
+            Some(_) => {
+                *down = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// A new connection, or [`CallError::NotSent`] (and the data plane
+    /// skipped for [`DOWN_FOR`]) if none can be made by `deadline`.
+    async fn connect_or_skip(&self, deadline: tokio::time::Instant) -> std::result::Result<Conn, CallError> {
+        match self.connect_by(deadline).await {
+            Ok(conn) => Ok(conn),
+            Err(status) => {
+                let until = tokio::time::Instant::now() + DOWN_FOR;
+                let was =
+                    self.0.down.lock().unwrap_or_else(|p| p.into_inner()).replace((until, status.clone()));
+                if was.is_none() {
+                    tracing::warn!(addr = %self.addr(), error = %status.message(),
+                        "data plane unreachable; using gRPC for this shard, trying again in {DOWN_FOR:?}");
+                }
+                Err(CallError::NotSent(status))
+            }
+        }
+    }
+
     /// Sends the `N` requests `build` makes on a pooled (or new) connection
     /// and reads their answers by `timeout`.
     async fn exchange<const N: usize>(
         &self,
         build: impl Fn(&mut OutFrame),
         timeout: Duration,
-    ) -> std::result::Result<[(u8, Bytes); N], Status> {
+    ) -> std::result::Result<[(u8, Bytes); N], CallError> {
         let link = &self.0;
         let deadline = tokio::time::Instant::now() + timeout;
         // A pooled connection the shard has closed meanwhile (restarted, or
@@ -584,19 +666,22 @@ impl DataLink {
         let pooled = link.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let (mut conn, mut retry) = match pooled {
             Some(c) => (c, true),
-            None => (self.connect_by(deadline).await?, false),
+            None => match self.down() {
+                Some(why) => return Err(CallError::NotSent(why)),
+                None => (self.connect_or_skip(deadline).await?, false),
+            },
         };
         let answers = loop {
             match tokio::time::timeout_at(deadline, conn.round_trips(&build)).await {
                 Ok(Ok(answers)) => break answers,
                 Ok(Err(e)) if retry => {
                     tracing::debug!(addr = %self.addr(), error = %e, "pooled data-plane connection failed; reconnecting");
-                    conn = self.connect_by(deadline).await?;
+                    conn = self.connect_by(deadline).await.map_err(CallError::Sent)?;
                     retry = false;
                     link.resends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                Ok(Err(e)) => return Err(self.broken(e)),
-                Err(_) => return Err(self.late(timeout)),
+                Ok(Err(e)) => return Err(CallError::Sent(self.broken(e))),
+                Err(_) => return Err(CallError::Sent(self.late(timeout))),
             }
         };
         let mut idle = link.idle.lock().unwrap_or_else(|p| p.into_inner());

@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use ps_common::codec;
 use ps_common::compress::{self, Codec, CodecKind, Codecs};
-use ps_common::dataplane::{Body, DataLink, Kind};
+use ps_common::dataplane::{Body, CallError, DataLink, Kind};
 use ps_common::partition::{self, ShardId, fnv1a64, splitmix64};
 use ps_common::spec::{Backup, Consistency, Layout, TableSpec};
 use ps_common::transport::{self, TransportConfig, duration_ms};
@@ -599,6 +599,19 @@ impl ShardedClient {
         Ok(())
     }
 
+    /// Shard `i`'s part of a dense pull, over gRPC.
+    async fn pull_shard_grpc(
+        &self,
+        i: usize,
+        msg: pb::PullDenseRequest,
+    ) -> std::result::Result<pb::PullDenseResponse, tonic::Status> {
+        let mut c = self.shards[i].clone();
+        let call = hot_call(None, Kind::PullDense, msg, self.opts.read_timeout, move |req| async move {
+            c.pull_dense(req).await
+        });
+        call.await.map(tonic::Response::into_inner)
+    }
+
     /// What a pull of `set` at `clock` says of itself.
     fn read_meta(&self, set: &DenseSet, clock: u64) -> pb::ReadMeta {
         let compressed = set.tensors.iter().any(|(t, _)| self.codecs_of(t).pull.is_lossy());
@@ -715,10 +728,26 @@ impl ShardedClient {
                         match data.call_pair((Kind::PushDense, &push), (Kind::PullDense, pull), timeout).await
                         {
                             Ok((pushed, pulled)) => (pushed, Some(pulled)),
-                            Err(s) => (Err(s.clone()), Some(Err(s))),
+                            Err(CallError::Sent(s)) => (Err(s.clone()), Some(Err(s))),
+                            // Nothing went out: both over gRPC, the pull after the push.
+                            Err(CallError::NotSent(_)) => {
+                                let pushed = self.send_dense_pushes(vec![(i, push)], Sending::First).await;
+                                let pulled = match pushed {
+                                    Ok(()) => Some(self.pull_shard_grpc(i, pull.clone()).await),
+                                    Err(_) => None,
+                                };
+                                return (i, pushed.map(|()| None), pulled);
+                            }
                         }
                     }
-                    None => (data.call(Kind::PushDense, &push, timeout).await, None),
+                    None => match data.try_call(Kind::PushDense, &push, timeout).await {
+                        Ok(r) => (Ok(r), None),
+                        Err(CallError::Sent(s)) => (Err(s), None),
+                        Err(CallError::NotSent(_)) => {
+                            let pushed = self.send_dense_pushes(vec![(i, push)], Sending::First).await;
+                            return (i, pushed.map(|()| None), None);
+                        }
+                    },
                 };
                 let pushed = match pushed {
                     // Sent once unless the link sent it again under the call.
@@ -1165,14 +1194,20 @@ where
     F: FnOnce(tonic::Request<M>) -> Fut,
     Fut: std::future::Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
 {
-    match data {
-        Some(link) => link.call(kind, &msg, timeout).await.map(tonic::Response::new),
-        None => {
-            let mut req = tonic::Request::new(msg);
-            req.set_timeout(timeout);
-            grpc(req).await
+    if let Some(link) = data {
+        match link.try_call(kind, &msg, timeout).await {
+            Ok(r) => return Ok(tonic::Response::new(r)),
+            Err(CallError::Sent(status)) => return Err(status),
+            // The data plane could not be reached, and nothing went out:
+            // gRPC carries it (the data plane only makes calls faster; a
+            // shard at its connection limit, or a peer holding every slot,
+            // must not stop training).
+            Err(CallError::NotSent(_)) => {}
         }
     }
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(timeout);
+    grpc(req).await
 }
 
 /// Whether a push's seq goes out for the first time.

@@ -136,6 +136,60 @@ async fn both_paths_read_and_change_the_same_state() {
     shards.stop().await.unwrap();
 }
 
+/// A peer holding every data-plane slot of the shards (connections that
+/// send nothing: each holds its slot until the hello timeout) does not stop
+/// a worker: a call that finds no connection goes over gRPC instead, with
+/// the same result, and every push is applied once.
+#[tokio::test]
+async fn a_worker_shut_out_of_the_data_plane_goes_on_over_grpc() {
+    let limits = ps_server::budget::Limits { max_data_connections: 2, ..Default::default() };
+    let config = ps_server::ServerConfig { limits, ..Default::default() };
+    let shards = LocalShards::start_with(&config, 2).await.expect("start");
+    let mut squatters = Vec::new();
+    for addr in &shards.addrs {
+        let port = data_port(addr).await;
+        for _ in 0..2 {
+            squatters.push(tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect"));
+        }
+    }
+    // Both slots of each shard are taken once the shard has accepted them.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (dense, sparse) = specs();
+    let mut opts = ClientOptions { recover_within: Duration::from_secs(2), ..ClientOptions::default() };
+    opts.transport.local_socket = false;
+    let mut worker = ShardedClient::connect(&shards.addrs, 1, opts).await.expect("connect");
+    let reader = client(&shards, 2, false).await;
+    worker.register(&dense).await.unwrap();
+    worker.register(&sparse).await.unwrap();
+    worker.join(Consistency::Asp, Duration::from_secs(30), 0).await.unwrap();
+    let set = DenseSet::new(&[dense], 2).unwrap();
+    let keys: Vec<u64> = (0..300).map(|k| k * 7919).collect();
+    let started = Instant::now();
+    let mut pulled = vec![0.0; set.len()];
+    for clock in 0..3u64 {
+        let grad: Vec<f32> = (0..set.len()).map(|i| ((i as u64 + clock) % 7) as f32 - 3.0).collect();
+        let rows: Vec<f32> = (0..keys.len() * 4).map(|i| ((i as u64 + clock) % 5) as f32 - 2.0).collect();
+        worker.push_sparse("e", 4, &keys, &rows, clock, clock, false).await.expect("sparse push over gRPC");
+        let complete = worker.push_and_pull_dense(&set, &grad, clock, &mut pulled).await;
+        assert!(complete.expect("push and pull over gRPC"), "the pull went through");
+    }
+    let mut exact = vec![0.0; set.len()];
+    reader.pull_dense(&set, 0, &mut exact).await.unwrap();
+    assert_eq!(pulled, exact, "the worker's last pull read every push");
+    let (mut a, mut b) = (vec![0.0; keys.len() * 4], vec![0.0; keys.len() * 4]);
+    worker.pull_sparse("e", 4, &keys, 0, &mut a).await.expect("sparse pull over gRPC");
+    reader.pull_sparse("e", 4, &keys, 0, &mut b).await.unwrap();
+    assert_eq!(a, b);
+    // Within the squatters' hello timeout (10 s): their slots were held throughout.
+    assert!(started.elapsed() < Duration::from_secs(8), "{:?}", started.elapsed());
+    // Each round: a ticking dense push to both shards, rows on both.
+    let stats = reader.stats().await.unwrap();
+    assert_eq!(stats.iter().map(|s| s.pushes).sum::<u64>(), 3 * (2 + 2));
+    assert_eq!(stats.iter().map(|s| s.duplicate_pushes).sum::<u64>(), 0);
+    drop(squatters);
+    shards.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_refused_request_reads_the_same_on_both_paths() {
     let shards = LocalShards::start(2).await.expect("start");
