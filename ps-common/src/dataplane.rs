@@ -64,6 +64,12 @@ pub const ALPN: &[u8] = b"ps-data/1";
 const HEADER: usize = 5;
 /// A frame's buffer grows by at most this much before its bytes arrive.
 const GROW: usize = 4 << 20;
+/// A refused frame is read and dropped this many bytes at a time.
+const SKIP_CHUNK: usize = 64 << 10;
+/// The largest hello a shard reads: the magic and a bearer token (a
+/// token is a header value for gRPC, where HTTP/2 servers take 16 KiB of
+/// headers).
+pub const MAX_HELLO: usize = 16 << 10;
 /// Idle connections a client keeps per shard.
 const MAX_IDLE: usize = 8;
 /// After a connection to a shard's data plane could not be made, calls go
@@ -139,6 +145,24 @@ impl FrameReader {
     /// The next frame as (kind, body); `None` at a clean end of stream
     /// (between frames).
     pub async fn next<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> std::io::Result<Option<(u8, Bytes)>> {
+        match self.next_within(r, &mut |_| Ok(())).await? {
+            None => Ok(None),
+            Some((kind, Ok(body))) => Ok(Some((kind, body))),
+            // Not reached: nothing above refuses.
+            Some((_, Err(status))) => Err(std::io::Error::other(status.message().to_string())),
+        }
+    }
+
+    /// [`FrameReader::next`], asking `allow` for each part of the frame's body
+    /// before its buffer grows for it (at most [`GROW`] bytes ahead of what
+    /// has arrived; the parts add up to the frame's length): a frame `allow`
+    /// refuses is read to its end and dropped, a piece at a time, and comes
+    /// back as its kind and the refusal, so the stream stays in step.
+    pub async fn next_within<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        allow: &mut (dyn FnMut(usize) -> std::result::Result<(), Status> + Send),
+    ) -> std::io::Result<Option<(u8, std::result::Result<Bytes, Status>)>> {
         while self.buf.len() < HEADER {
             self.buf.reserve(64 << 10);
             if r.read_buf(&mut self.buf).await? == 0 {
@@ -152,20 +176,62 @@ impl FrameReader {
         if len == 0 || len - 1 > self.max {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                format!("a frame of {len} bytes; the limit is {} (transport.max_message_mib)", self.max + 1),
+                format!("a frame of {len} bytes; the limit is {} bytes", self.max + 1),
             ));
         }
-        let total = 4 + len;
+        let (total, kind) = (4 + len, self.buf[4]);
+        let mut allowed = 0;
+        let mut ask = |upto: usize| match upto.checked_sub(allowed) {
+            Some(more) if more > 0 => allow(more).map(|()| allowed = upto),
+            _ => Ok(()),
+        };
         while self.buf.len() < total {
-            self.buf.reserve((total - self.buf.len()).min(GROW));
+            let upto = total.min(self.buf.len() + GROW);
+            if let Err(refused) = ask(upto) {
+                self.skip(r, total).await?;
+                return Ok(Some((kind, Err(refused))));
+            }
+            self.buf.reserve(upto - self.buf.len());
             if r.read_buf(&mut self.buf).await? == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
         }
+        // A frame that arrived with the one before it.
+        if let Err(refused) = ask(total) {
+            self.buf.advance(total);
+            return Ok(Some((kind, Err(refused))));
+        }
         let mut frame = self.buf.split_to(total);
-        let kind = frame[4];
         frame.advance(HEADER);
-        Ok(Some((kind, frame.freeze())))
+        Ok(Some((kind, Ok(frame.freeze()))))
+    }
+
+    /// Reads the rest of a frame of `total` bytes (header included), part
+    /// of which is buffered, and drops it, keeping at most [`SKIP_CHUNK`]
+    /// bytes of it at a time.
+    async fn skip<R: AsyncRead + Unpin>(&mut self, r: &mut R, total: usize) -> std::io::Result<()> {
+        let mut left = total - self.buf.len();
+        self.buf.clear();
+        if self.buf.capacity() > SKIP_CHUNK {
+            self.buf = BytesMut::new();
+        }
+        while left > 0 {
+            self.buf.reserve(left.min(SKIP_CHUNK));
+            let n = r.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            // What came beyond the frame is the next frame's.
+            let dropped = n.min(left);
+            self.buf.advance(dropped);
+            left -= dropped;
+        }
+        Ok(())
+    }
+
+    /// Sets the largest frame body accepted from now on.
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
     }
 
     /// Whether a whole frame is already buffered: the next [`FrameReader::next`]
@@ -905,6 +971,55 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
         let mut zero: &[u8] = &[0, 0, 0, 0, 1];
         assert!(FrameReader::new(16).next(&mut zero).await.is_err());
+    }
+
+    /// A frame `allow` refuses is read to its end and dropped, whether it
+    /// was still arriving (10 MiB, read a piece at a time) or had come with
+    /// the frame before it, and the frames after it read as sent; what
+    /// `allow` was asked for adds up to each frame's length.
+    #[tokio::test]
+    async fn a_refused_frame_is_skipped_and_the_next_read_as_sent() {
+        let frame = |kind: u8, body: &[u8]| {
+            let mut f = ((body.len() + 1) as u32).to_le_bytes().to_vec();
+            f.push(kind);
+            f.extend_from_slice(body);
+            f
+        };
+        let mut wire = frame(1, b"small");
+        wire.extend(frame(2, &vec![7; 10 << 20]));
+        wire.extend(frame(3, b"after"));
+        wire.extend(frame(4, b"tiny"));
+        wire.extend(frame(5, b"last"));
+        // A reader that gets at most 100 KB a read, like a socket.
+        let (mut tx, mut rx) = tokio::io::duplex(100 << 10);
+        let writer = tokio::spawn(async move { tokio::io::AsyncWriteExt::write_all(&mut tx, &wire).await });
+        let mut r = FrameReader::new(64 << 20);
+        let mut asked = Vec::new();
+        let mut next = async |r: &mut FrameReader, limit: usize| {
+            let mut frame_asks = 0;
+            let mut allow = |n: usize| {
+                frame_asks += n;
+                if frame_asks > limit { Err(Status::resource_exhausted("over")) } else { Ok(()) }
+            };
+            let (kind, body) = r.next_within(&mut rx, &mut allow).await.unwrap().unwrap();
+            asked.push(frame_asks);
+            (kind, body.map_err(|s| s.code()))
+        };
+        assert_eq!(next(&mut r, 1 << 20).await, (1, Ok(Bytes::from_static(b"small"))));
+        assert_eq!(next(&mut r, 1 << 20).await, (2, Err(Code::ResourceExhausted)));
+        assert_eq!(next(&mut r, 1 << 20).await, (3, Ok(Bytes::from_static(b"after"))));
+        // "tiny" and "last" come with "after" (one read): refused whole, then read.
+        assert_eq!(next(&mut r, 3).await, (4, Err(Code::ResourceExhausted)));
+        assert_eq!(next(&mut r, 1 << 20).await, (5, Ok(Bytes::from_static(b"last"))));
+        writer.await.unwrap().unwrap();
+        assert_eq!(r.next(&mut rx).await.unwrap(), None);
+        // Whole frames are asked for in full; a refused one up to the refusal.
+        assert_eq!(asked[0], 4 + 6);
+        assert!(asked[1] > 1 << 20 && asked[1] <= (1 << 20) + GROW, "{asked:?}");
+        assert_eq!(asked[2], 4 + 6);
+        assert_eq!((asked[3], asked[4]), (4 + 5, 4 + 5));
+        // Skipping kept at most a piece of the 10 MiB frame.
+        assert!(r.buf.capacity() <= 4 * SKIP_CHUNK, "{}", r.buf.capacity());
     }
 
     /// The frame `out` holds, read back.

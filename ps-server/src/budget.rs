@@ -94,6 +94,10 @@ pub struct Limits {
     /// Most open data-plane connections (each serves one request at a
     /// time); a connection beyond it is closed at once.
     pub max_data_connections: usize,
+    /// Bytes of request messages being received or handled at once, in
+    /// MiB, over gRPC and the data plane together (`crate::inflight`): a
+    /// request whose bytes do not fit is refused with `RESOURCE_EXHAUSTED`.
+    pub max_inflight_mib: u64,
     /// Requests a second per connection (a token bucket; 0: no limit).
     pub requests_per_sec: u32,
     /// Bucket size: requests a connection may send at once after a pause.
@@ -120,6 +124,7 @@ impl Default for Limits {
             max_workers: 1024,
             max_concurrent_streams: 256,
             max_data_connections: 256,
+            max_inflight_mib: 1024,
             requests_per_sec: 20_000,
             burst: 20_000,
             max_gradient: 1e15,
@@ -146,6 +151,9 @@ impl Limits {
                 "max_tables, max_workers, max_concurrent_streams and max_data_connections must be positive",
             );
         }
+        if self.max_inflight_mib == 0 || self.max_inflight_mib > 1 << 30 {
+            return bad("max_inflight_mib must be 1..=2^30");
+        }
         if self.max_name_bytes == 0 || self.max_name_bytes > 256 {
             return bad("max_name_bytes must be 1..=256");
         }
@@ -171,6 +179,11 @@ impl Limits {
     /// The memory budget in bytes.
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
+    }
+
+    /// The budget of request bytes in flight.
+    pub fn inflight_bytes(&self) -> u64 {
+        self.max_inflight_mib << 20
     }
 
     /// Checks a new table's name length and the table count (`tables`:
@@ -247,13 +260,20 @@ impl Budget {
 
     /// Takes `bytes` from the budget, or refuses (nothing taken).
     pub fn try_reserve(&self, bytes: u64) -> Result<()> {
+        self.try_reserve_within(bytes, self.limit)
+    }
+
+    /// [`Budget::try_reserve`], refusing when more than `cap` (at most the
+    /// limit) would then be in use.
+    pub fn try_reserve_within(&self, bytes: u64, cap: u64) -> Result<()> {
+        let cap = cap.min(self.limit);
         let mut used = self.used.load(Ordering::Relaxed);
         loop {
             let next = match used.checked_add(bytes) {
-                Some(n) if n <= self.limit => n,
+                Some(n) if n <= cap => n,
                 _ => {
                     self.refused.fetch_add(1, Ordering::Relaxed);
-                    return Err(Error::OverBudget { bytes, used, limit: self.limit });
+                    return Err(Error::OverBudget { bytes, used, limit: cap });
                 }
             };
             match self.used.compare_exchange_weak(used, next, Ordering::Relaxed, Ordering::Relaxed) {

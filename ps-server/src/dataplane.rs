@@ -32,6 +32,7 @@ use tonic::Status;
 use tonic::metadata::AsciiMetadataValue;
 
 use crate::error::{Error, Result};
+use crate::inflight::Charge;
 use crate::service::Service;
 
 /// Longest a new connection may take to finish its TLS handshake and send
@@ -162,7 +163,9 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     peer: Peer,
     max: usize,
 ) -> std::io::Result<()> {
-    let mut reader = FrameReader::new(max);
+    // The hello is a magic and at most a token; requests come after it is
+    // accepted.
+    let mut reader = FrameReader::new(dataplane::MAX_HELLO);
     let mut out = OutFrame::default();
     let hello = tokio::time::timeout(HELLO_TIMEOUT, reader.next(&mut io))
         .await
@@ -177,17 +180,35 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     };
     out.raw(dataplane::OK, b"");
     out.send_within(&mut io, STALL_TIMEOUT).await?;
+    reader.set_max(max);
     loop {
-        let Ok(next) = tokio::time::timeout(IDLE_TIMEOUT, reader.next(&mut io)).await else { break };
+        // Each request's bytes are charged to the shard's in-flight budget
+        // as they arrive, and given back once it is answered.
+        let charge = Charge::new(&service.0.inflight);
+        let mut allow = |bytes| charge.take(bytes);
+        let next = reader.next_within(&mut io, &mut allow);
+        let Ok(next) = tokio::time::timeout(IDLE_TIMEOUT, next).await else { break };
         let Some((kind, body)) = next? else { break };
         let context = Context { peer: &peer, token: token.as_ref() };
-        match Kind::from_byte(kind) {
-            Some(Kind::PullDense) => out.answer(call(body, &context, |r| service.pull_dense(r)).await),
-            Some(Kind::PushDense) => out.answer(call(body, &context, |r| service.push_dense(r)).await),
-            Some(Kind::PullSparse) => out.answer(call(body, &context, |r| service.pull_sparse(r)).await),
-            Some(Kind::PushSparse) => out.answer(call(body, &context, |r| service.push_sparse(r)).await),
-            None => out.status(&Status::unimplemented(format!("no data-plane request of kind {kind}"))),
+        match (body, Kind::from_byte(kind)) {
+            (Err(refused), _) => out.status(&refused),
+            (Ok(body), Some(Kind::PullDense)) => {
+                out.answer(call(body, &context, |r| service.pull_dense(r)).await)
+            }
+            (Ok(body), Some(Kind::PushDense)) => {
+                out.answer(call(body, &context, |r| service.push_dense(r)).await)
+            }
+            (Ok(body), Some(Kind::PullSparse)) => {
+                out.answer(call(body, &context, |r| service.pull_sparse(r)).await)
+            }
+            (Ok(body), Some(Kind::PushSparse)) => {
+                out.answer(call(body, &context, |r| service.push_sparse(r)).await)
+            }
+            (Ok(_), None) => {
+                out.status(&Status::unimplemented(format!("no data-plane request of kind {kind}")))
+            }
         }
+        drop(charge);
         // A client that sent several requests at once gets its answers
         // together, once none is left waiting (`DataLink::call_pair`), or
         // once they hold `HOLD_AT` bytes: a client that sends requests and
@@ -327,6 +348,7 @@ mod tests {
             queue: Default::default(),
             metrics: Default::default(),
             rate: crate::budget::RateLimiter::new(&Default::default()),
+            inflight: Default::default(),
             limits: Default::default(),
             auth: None,
             data_port: Default::default(),

@@ -60,6 +60,12 @@ pub enum Error {
         "memory budget: {bytes} more bytes would exceed the shard's budget ({used} of {limit} bytes used)"
     )]
     OverBudget { bytes: u64, used: u64, limit: u64 },
+    #[error(
+        "requests in flight: {bytes} more bytes would exceed the {limit} bytes a request of this size may \
+         share ({used} held by requests being received or handled; [limits] max_inflight_mib, of which \
+         requests over 256 KiB may fill three quarters)"
+    )]
+    InFlight { bytes: u64, used: u64, limit: u64 },
     #[error("too many {what}: {got} is over the shard's limit of {limit}")]
     LimitExceeded { what: &'static str, got: u64, limit: u64 },
     #[error("{what} {value} is out of range: {rule}")]
@@ -102,6 +108,7 @@ impl From<Error> for tonic::Status {
             Error::WaitTimeout { .. } => Code::DeadlineExceeded,
             Error::TooLarge { .. }
             | Error::OverBudget { .. }
+            | Error::InFlight { .. }
             | Error::LimitExceeded { .. }
             | Error::RateLimited { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,

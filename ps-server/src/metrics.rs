@@ -127,6 +127,11 @@ impl Collector for ShardCollector {
             ),
             ("ps_over_budget", "Allocations refused over the memory budget", &shard.store.budget.refused),
             ("ps_rate_limited", "Requests refused by the rate limit", &shard.rate.limited),
+            (
+                "ps_inflight_refused",
+                "Requests refused over limits.max_inflight_mib (bytes of requests in flight)",
+                &shard.inflight.refused,
+            ),
         ] {
             counter(&mut e, name, help, v.load(Relaxed))?;
         }
@@ -217,6 +222,13 @@ impl Collector for ShardCollector {
         let budget = &shard.store.budget;
         gauge(&mut e, "ps_budget_used_bytes", "Bytes of the memory budget in use", budget.used() as f64)?;
         gauge(&mut e, "ps_budget_limit_bytes", "The shard's memory budget", budget.limit() as f64)?;
+        let inflight = &shard.inflight;
+        gauge(
+            &mut e,
+            "ps_inflight_bytes",
+            "Bytes of requests being received or handled",
+            inflight.used() as f64,
+        )?;
 
         let last = shard.metrics.last_checkpoint_ms.load(Relaxed);
         if last > 0 {
@@ -272,6 +284,7 @@ mod tests {
             queue: Default::default(),
             metrics: ShardMetrics::default(),
             rate: crate::budget::RateLimiter::new(&Default::default()),
+            inflight: Default::default(),
             limits: Default::default(),
             auth: None,
             data_port: Default::default(),

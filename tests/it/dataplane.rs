@@ -296,6 +296,75 @@ async fn hostile_frames_end_their_connection_and_nothing_else() {
     shards.stop().await.unwrap();
 }
 
+/// A push of `values` floats of gradient for chunk 0 of `w`, as worker 5.
+fn dense_push(values: usize, seq: u64) -> pb::PushDenseRequest {
+    pb::PushDenseRequest {
+        chunks: vec![pb::DenseChunk {
+            tensor: "w".into(),
+            index: 0,
+            values: codec::encode_f32(&vec![0.5; values]),
+        }],
+        meta: Some(pb::PushMeta { worker: 5, seq, ..Default::default() }),
+    }
+}
+
+/// Request bytes in flight are charged to the shard's `max_inflight_mib` as
+/// they arrive: a request larger than the budget is refused with
+/// RESOURCE_EXHAUSTED on both paths before the shard holds it, the data-plane
+/// connection goes on (the refused frame is read and dropped), and every
+/// refused request gives its bytes back: requests within the budget are
+/// served after any number of refusals.
+#[tokio::test]
+async fn requests_over_the_in_flight_budget_are_refused_and_give_their_bytes_back() {
+    let limits = ps_server::budget::Limits { max_inflight_mib: 1, ..Default::default() };
+    let config = ps_server::ServerConfig { limits, ..Default::default() };
+    let shards = LocalShards::start_with(&config, 1).await.expect("start");
+    let (dense, _) = specs();
+    client(&shards, 1, false).await.register(&dense).await.unwrap();
+    let addr = &shards.addrs[0];
+    let port = data_port(addr).await;
+    let link = DataLink::new(&TransportConfig::default(), ("127.0.0.1", port, None), None, None).unwrap();
+    let mut grpc = raw_client(addr).await;
+    let t = Duration::from_secs(10);
+    // 2 MiB of gradient: over the whole budget.
+    let big = || dense_push(1 << 19, 1);
+    let mut seq = 0;
+    // Enough rounds that the bytes of the requests, had any stayed charged,
+    // would add up to more than the budget.
+    for _ in 0..50 {
+        let slow = grpc.push_dense(big()).await.unwrap_err();
+        assert_eq!(slow.code(), Code::ResourceExhausted, "{slow:?}");
+        assert!(slow.message().contains("max_inflight_mib"), "{}", slow.message());
+        let fast = link.call::<_, pb::PushResponse>(Kind::PushDense, &big(), t).await.unwrap_err();
+        assert_eq!(fast.code(), Code::ResourceExhausted, "{fast:?}");
+        assert!(fast.message().contains("max_inflight_mib"), "{}", fast.message());
+        // The tensor's 3000 values (12 KB) fit, on both paths, and apply.
+        seq += 1;
+        let ok = grpc.push_dense(dense_push(3000, seq)).await.expect("a push within the budget").into_inner();
+        assert_eq!((ok.applied, ok.duplicate), (3000, false));
+        seq += 1;
+        let ok = link.call::<_, pb::PushResponse>(Kind::PushDense, &dense_push(3000, seq), t).await.unwrap();
+        assert_eq!((ok.applied, ok.duplicate), (3000, false));
+    }
+    assert_eq!(link.resends(), 0, "the refused frames did not cost the connection");
+
+    // On one raw connection: a hello, a refused 2 MiB request, then a request
+    // of an unknown kind: both answered, in order.
+    let mut bytes = frame(0, b"PSD1");
+    bytes.extend(frame(Kind::PushDense as u8, &vec![7; 2 << 20]));
+    bytes.extend(frame(9, b""));
+    let answer = send_raw(port, &bytes).await;
+    let text = String::from_utf8_lossy(&answer);
+    let (refused, unknown) = (text.find("max_inflight_mib"), text.find("no data-plane request of kind 9"));
+    assert!(matches!((refused, unknown), (Some(a), Some(b)) if a < b), "{text}");
+    // A hello is a magic and a token: one of 20 KiB is not read, and the
+    // connection is closed.
+    let mut hello = b"PSD1".to_vec();
+    hello.extend(vec![b'a'; 20 << 10]);
+    assert!(send_raw(port, &frame(0, &hello)).await.is_empty());
+    shards.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_stopped_shard_is_noticed_not_waited_for() {
     let shards = LocalShards::start(1).await.expect("start");
