@@ -38,6 +38,7 @@ pub mod codec;
 pub mod compress;
 pub mod dataplane;
 pub mod error;
+pub mod inflight;
 pub mod metrics;
 pub mod optim;
 pub mod partition;

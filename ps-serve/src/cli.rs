@@ -72,6 +72,12 @@ pub struct Args {
     /// Largest request, in MiB.
     #[arg(long, default_value_t = 16)]
     pub max_request_mib: usize,
+    /// Bytes of requests being received or handled at once, both listeners
+    /// together, in MiB; a request that does not fit is refused (429 /
+    /// RESOURCE_EXHAUSTED) as it arrives. Requests over 256 KiB may fill
+    /// three quarters.
+    #[arg(long, default_value_t = 256)]
+    pub max_inflight_mib: usize,
     /// TLS on both listeners (`serve.pem` in --tls-dir; HTTPS on --http);
     /// online mode reads the cluster as `reader` (`reader.pem` in --tls-dir,
     /// or no client certificate with --tls-ca).

@@ -34,6 +34,20 @@ pub enum Error {
     Io { what: String, source: std::io::Error },
     #[error("internal error: {0}")]
     Internal(String),
+    /// The bytes of requests being received or handled are at the limit.
+    #[error(
+        "requests in flight: {} more bytes would exceed the {} bytes a request of this size may share \
+         ({} held by requests being received or handled; --max-inflight-mib, of which requests over \
+         256 KiB may fill three quarters)",
+        .0.bytes, .0.cap, .0.used
+    )]
+    InFlight(ps_common::inflight::Refused),
+}
+
+impl From<ps_common::inflight::Refused> for Error {
+    fn from(r: ps_common::inflight::Refused) -> Error {
+        Error::InFlight(r)
+    }
 }
 
 impl Error {
@@ -46,7 +60,7 @@ impl Error {
             }
             Error::BadInput(_) => Code::InvalidArgument,
             Error::NotReady(_) | Error::Online(_) | Error::Stopped => Code::Unavailable,
-            Error::Overloaded(_) => Code::ResourceExhausted,
+            Error::Overloaded(_) | Error::InFlight(_) => Code::ResourceExhausted,
             Error::Registry(_) | Error::Model(_) | Error::Io { .. } | Error::Internal(_) => Code::Internal,
         }
     }

@@ -20,8 +20,10 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
@@ -29,14 +31,17 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, SeqAccess, Visi
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use ps_common::inflight::{Errors, InFlight};
+
 use crate::error::{Error, Result, too_many_rows};
 use crate::model::{Inputs, Servable};
 use crate::server::Models;
 use crate::slot::{Freshness, ModelSlot, Prediction};
 
 /// The router of the HTTP interface; bodies above `max_body_bytes` are
-/// refused with 413 before they are read whole.
-pub fn router(models: Arc<Models>, max_body_bytes: usize) -> Router {
+/// refused with 413 before they are read whole, and every body is charged
+/// to `inflight` as it arrives (429 when it does not fit).
+pub fn router(models: Arc<Models>, max_body_bytes: usize, inflight: Arc<InFlight>) -> Router {
     Router::new()
         .route("/v1/models/{name}", get(model_status).post(predict_latest))
         .route("/v1/models/{name}/versions/{version}", get(version_status).post(predict_version))
@@ -45,7 +50,35 @@ pub fn router(models: Arc<Models>, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { Error::bad_path() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(inflight, charge_body))
         .with_state(models)
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Charges the request's body to the in-flight budget until it is answered.
+async fn charge_body(State(inflight): State<Arc<InFlight>>, req: Request, next: Next) -> Response {
+    // A refused body is read to its end (up to 64 MiB) so that an HTTP/1
+    // client gets its 429 rather than a reset.
+    let errors = Errors { refused: |r| Box::new(Error::from(r)) as BoxError, inner: |e| e, drain: 64 << 20 };
+    let (req, charge) = ps_common::inflight::charged(req, &inflight, errors);
+    let resp = next.run(req.map(axum::body::Body::new)).await;
+    drop(charge);
+    resp
+}
+
+/// The answer to a body that could not be read: the in-flight budget's
+/// refusal (429) as every other error of this interface, axum's own for the
+/// rest (413 over the size limit).
+fn unread(rejection: BytesRejection) -> Response {
+    let mut source = std::error::Error::source(&rejection);
+    while let Some(e) = source {
+        if let Some(Error::InFlight(r)) = e.downcast_ref::<Error>() {
+            return Error::InFlight(*r).into_response();
+        }
+        source = e.source();
+    }
+    rejection.into_response()
 }
 
 impl Error {
@@ -94,20 +127,35 @@ fn action<'a>(segment: &'a str, what: &str) -> Result<&'a str> {
 async fn predict_latest(
     State(models): State<Arc<Models>>,
     Path(segment): Path<String>,
-    body: Bytes,
-) -> Result<axum::Json<Value>> {
-    let name = action(&segment, "/v1/models/{name}")?;
-    predict(&models, models.get(name)?, None, &body).await
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return unread(rejection),
+    };
+    let predicted = async {
+        let name = action(&segment, "/v1/models/{name}")?;
+        predict(&models, models.get(name)?, None, &body).await
+    };
+    predicted.await.into_response()
 }
 
 async fn predict_version(
     State(models): State<Arc<Models>>,
     Path((name, segment)): Path<(String, String)>,
-    body: Bytes,
-) -> Result<axum::Json<Value>> {
-    let version = action(&segment, "/v1/models/{name}/versions/{n}")?;
-    let version = version.parse().map_err(|_| Error::bad(format!("version `{version}` is not a number")))?;
-    predict(&models, models.get(&name)?, Some(version), &body).await
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return unread(rejection),
+    };
+    let predicted = async {
+        let version = action(&segment, "/v1/models/{name}/versions/{n}")?;
+        let version =
+            version.parse().map_err(|_| Error::bad(format!("version `{version}` is not a number")))?;
+        predict(&models, models.get(&name)?, Some(version), &body).await
+    };
+    predicted.await.into_response()
 }
 
 #[derive(Deserialize)]

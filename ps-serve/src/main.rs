@@ -23,8 +23,12 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    if args.max_batch == 0 || args.max_request_rows == 0 || args.max_request_mib == 0 {
-        bail!("--max-batch, --max-request-rows and --max-request-mib must be positive");
+    if args.max_batch == 0
+        || args.max_request_rows == 0
+        || args.max_request_mib == 0
+        || args.max_inflight_mib == 0
+    {
+        bail!("--max-batch, --max-request-rows, --max-request-mib and --max-inflight-mib must be positive");
     }
     let transport = args.server_transport()?;
     let batching = (!args.no_batching).then_some(BatchConfig {
@@ -95,7 +99,10 @@ async fn main() -> anyhow::Result<()> {
         slot.spawn_watch(refresh);
     }
     let models = Arc::new(Models::new(slots));
-    let limits = Limits { max_request_bytes: args.max_request_mib << 20 };
+    let limits = Limits {
+        max_request_bytes: args.max_request_mib << 20,
+        max_inflight_bytes: args.max_inflight_mib << 20,
+    };
     let running = server::start_with(models, args.grpc, args.http, limits, &transport).await?;
     println!(
         "ps-serve: gRPC on {}, HTTP on {} (POST {}://{}/v1/models/NAME:predict){}; batching {}",

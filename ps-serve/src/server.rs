@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ps_common::inflight::{Errors, InFlight, InFlightLayer};
 use ps_common::transport::{self, TransportConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -49,11 +50,14 @@ impl Models {
 pub struct Limits {
     /// Largest request body or message, in bytes.
     pub max_request_bytes: usize,
+    /// Bytes of requests being received or handled at once, both
+    /// listeners together (`ps_common::inflight`).
+    pub max_inflight_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_request_bytes: 16 << 20 }
+        Limits { max_request_bytes: 16 << 20, max_inflight_bytes: 256 << 20 }
     }
 }
 
@@ -102,7 +106,18 @@ pub async fn start_with(
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
     };
     // Both TLS configurations first, so that a bad file binds nothing.
-    let grpc_server = transport::server(transport, &models.metrics.rpc).map_err(tls_error)?;
+    // Request bytes in flight, charged as they arrive on either listener.
+    let inflight = InFlight::new(limits.max_inflight_bytes as u64);
+    let charge_grpc = InFlightLayer {
+        inflight: Arc::clone(&inflight),
+        errors: Errors {
+            refused: |r| tonic::Status::from(Error::from(r)),
+            inner: tonic::Status::from_error,
+            drain: 0,
+        },
+    };
+    let grpc_server =
+        transport::server(transport, &models.metrics.rpc).map_err(tls_error)?.layer(charge_grpc);
     let http_tls = match &transport.tls {
         Some(tls) => Some(transport::rustls_server_config(tls).map_err(tls_error)?),
         None => None,
@@ -126,7 +141,7 @@ pub async fn start_with(
             tracing::error!("gRPC listener stopped: {e}");
         }
     });
-    let router = crate::http::router(models, limits.max_request_bytes);
+    let router = crate::http::router(models, limits.max_request_bytes, inflight);
     let http_task = match http_tls {
         None => tokio::spawn(async move {
             if let Err(e) = axum::serve(http_listener, router).await {

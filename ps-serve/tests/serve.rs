@@ -64,9 +64,14 @@ async fn serve(slots: Vec<Arc<ModelSlot>>) -> Running {
         s.refresh().await.unwrap();
     }
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    server::start(Arc::new(Models::new(slots)), any, any, Limits { max_request_bytes: 1 << 20 })
-        .await
-        .unwrap()
+    server::start(
+        Arc::new(Models::new(slots)),
+        any,
+        any,
+        Limits { max_request_bytes: 1 << 20, ..Limits::default() },
+    )
+    .await
+    .unwrap()
 }
 
 async fn grpc(running: &Running) -> PredictionClient<tonic::transport::Channel> {
@@ -410,6 +415,45 @@ async fn bad_inputs_are_refused_over_both_interfaces() {
     let (s, v) = http(&h, running.http, "/v1/models/mnist", None).await;
     assert_eq!((s, v["model_version_status"][0]["state"].as_str()), (200, Some("AVAILABLE")));
     assert_eq!(http(&h, running.http, "/readyz", None).await.0, 200);
+    running.abort();
+}
+
+/// The bytes of requests in flight are charged to `max_inflight_bytes` as
+/// they arrive, on both listeners: a request larger than the budget is
+/// refused (429 / RESOURCE_EXHAUSTED) before the server holds it, and every
+/// request gives its bytes back, so requests within the budget are served
+/// after any number of refusals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_in_flight_budget_are_refused_and_give_their_bytes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry(&dir).await;
+    let v = register(&reg, "mnist", &mlp(1)).await;
+    let slot = Arc::new(ModelSlot::from_registry("mnist".into(), Source::Version(v), reg, None, MAX_ROWS));
+    slot.refresh().await.unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let limits = Limits { max_request_bytes: 8 << 20, max_inflight_bytes: 1 << 20 };
+    let running = server::start(Arc::new(Models::new(vec![slot])), any, any, limits).await.unwrap();
+    let mut g = grpc(&running).await;
+    let h = http_client();
+    // About 2.4 MB of JSON, and a 1.9 MB message: over the whole budget.
+    let big_json = serde_json::to_vec(&json!({"instances": [pixels(600, 0)]})).unwrap();
+    let big_pb = pb::PredictRequest { model: "mnist".into(), version: 0, inputs: dense(pixels(600, 0)) };
+    let one_json = serde_json::to_vec(&json!({"instances": [pixels(1, 0)]})).unwrap();
+    let one_pb = pb::PredictRequest { model: "mnist".into(), version: 0, inputs: dense(pixels(1, 0)) };
+    // Enough rounds that the bytes of the requests, had any stayed charged,
+    // would add up to more than the budget.
+    for round in 0..40 {
+        let (s, answer) = http(&h, running.http, "/v1/models/mnist:predict", Some(big_json.clone())).await;
+        assert_eq!(s, 429, "round {round}: {answer}");
+        assert!(answer["error"].as_str().is_some_and(|e| e.contains("max-inflight-mib")), "{answer}");
+        let e = g.predict(big_pb.clone()).await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "round {round}: {e}");
+        assert!(e.message().contains("max-inflight-mib"), "{e}");
+        let (s, answer) = http(&h, running.http, "/v1/models/mnist:predict", Some(one_json.clone())).await;
+        assert_eq!((s, answer["model_version"].as_i64()), (200, Some(v)), "round {round}: {answer}");
+        let r = g.predict(one_pb.clone()).await.expect("a request within the budget").into_inner();
+        assert_eq!(r.outputs.len(), 10);
+    }
     running.abort();
 }
 

@@ -95,7 +95,7 @@ pub struct Limits {
     /// time); a connection beyond it is closed at once.
     pub max_data_connections: usize,
     /// Bytes of request messages being received or handled at once, in
-    /// MiB, over gRPC and the data plane together (`crate::inflight`): a
+    /// MiB, over gRPC and the data plane together (`ps_common::inflight`): a
     /// request whose bytes do not fit is refused with `RESOURCE_EXHAUSTED`.
     pub max_inflight_mib: u64,
     /// Requests a second per connection (a token bucket; 0: no limit).
@@ -260,20 +260,13 @@ impl Budget {
 
     /// Takes `bytes` from the budget, or refuses (nothing taken).
     pub fn try_reserve(&self, bytes: u64) -> Result<()> {
-        self.try_reserve_within(bytes, self.limit)
-    }
-
-    /// [`Budget::try_reserve`], refusing when more than `cap` (at most the
-    /// limit) would then be in use.
-    pub fn try_reserve_within(&self, bytes: u64, cap: u64) -> Result<()> {
-        let cap = cap.min(self.limit);
         let mut used = self.used.load(Ordering::Relaxed);
         loop {
             let next = match used.checked_add(bytes) {
-                Some(n) if n <= cap => n,
+                Some(n) if n <= self.limit => n,
                 _ => {
                     self.refused.fetch_add(1, Ordering::Relaxed);
-                    return Err(Error::OverBudget { bytes, used, limit: cap });
+                    return Err(Error::OverBudget { bytes, used, limit: self.limit });
                 }
             };
             match self.used.compare_exchange_weak(used, next, Ordering::Relaxed, Ordering::Relaxed) {

@@ -32,7 +32,6 @@ use tonic::Status;
 use tonic::metadata::AsciiMetadataValue;
 
 use crate::error::{Error, Result};
-use crate::inflight::Charge;
 use crate::service::Service;
 
 /// Longest a new connection may take to finish its TLS handshake and send
@@ -184,8 +183,8 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     loop {
         // Each request's bytes are charged to the shard's in-flight budget
         // as they arrive, and given back once it is answered.
-        let charge = Charge::new(&service.0.inflight);
-        let mut allow = |bytes| charge.take(bytes);
+        let charge = ps_common::inflight::Charge::new(&service.0.inflight);
+        let mut allow = |bytes| charge.take(bytes).map_err(|r| Status::from(Error::from(r)));
         let next = reader.next_within(&mut io, &mut allow);
         let Ok(next) = tokio::time::timeout(IDLE_TIMEOUT, next).await else { break };
         let Some((kind, body)) = next? else { break };
@@ -348,7 +347,7 @@ mod tests {
             queue: Default::default(),
             metrics: Default::default(),
             rate: crate::budget::RateLimiter::new(&Default::default()),
-            inflight: Default::default(),
+            inflight: ps_common::inflight::InFlight::new(1 << 30),
             limits: Default::default(),
             auth: None,
             data_port: Default::default(),

@@ -61,11 +61,12 @@ pub enum Error {
     )]
     OverBudget { bytes: u64, used: u64, limit: u64 },
     #[error(
-        "requests in flight: {bytes} more bytes would exceed the {limit} bytes a request of this size may \
-         share ({used} held by requests being received or handled; [limits] max_inflight_mib, of which \
-         requests over 256 KiB may fill three quarters)"
+        "requests in flight: {} more bytes would exceed the {} bytes a request of this size may share \
+         ({} held by requests being received or handled; [limits] max_inflight_mib, of which requests \
+         over 256 KiB may fill three quarters)",
+        .0.bytes, .0.cap, .0.used
     )]
-    InFlight { bytes: u64, used: u64, limit: u64 },
+    InFlight(ps_common::inflight::Refused),
     #[error("too many {what}: {got} is over the shard's limit of {limit}")]
     LimitExceeded { what: &'static str, got: u64, limit: u64 },
     #[error("{what} {value} is out of range: {rule}")]
@@ -83,6 +84,12 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<ps_common::inflight::Refused> for Error {
+    fn from(r: ps_common::inflight::Refused) -> Error {
+        Error::InFlight(r)
+    }
+}
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
@@ -108,7 +115,7 @@ impl From<Error> for tonic::Status {
             Error::WaitTimeout { .. } => Code::DeadlineExceeded,
             Error::TooLarge { .. }
             | Error::OverBudget { .. }
-            | Error::InFlight { .. }
+            | Error::InFlight(_)
             | Error::LimitExceeded { .. }
             | Error::RateLimited { .. } => Code::ResourceExhausted,
             Error::ShuttingDown => Code::Unavailable,

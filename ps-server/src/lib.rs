@@ -27,7 +27,6 @@ pub mod clock;
 pub mod dataplane;
 pub mod error;
 mod gate;
-pub mod inflight;
 pub mod local;
 pub mod metrics;
 pub mod queue;
@@ -210,7 +209,7 @@ async fn serve_when_ready(
         queue: queue::DataQueue::with_max_workers(limits.max_workers),
         metrics: metrics::ShardMetrics::default(),
         rate: budget::RateLimiter::new(limits),
-        inflight: Arc::new(budget::Budget::new(limits.inflight_bytes())),
+        inflight: ps_common::inflight::InFlight::new(limits.inflight_bytes()),
         limits: limits.clone(),
         data_port: Default::default(),
         data_socket: Default::default(),
@@ -276,7 +275,15 @@ async fn serve_when_ready(
     } else {
         (Vec::new(), None)
     };
-    let server = transport::server(t, &rpc)?.layer(inflight::InFlightLayer(Arc::clone(&shard.inflight)));
+    let inflight = ps_common::inflight::InFlightLayer {
+        inflight: Arc::clone(&shard.inflight),
+        errors: ps_common::inflight::Errors {
+            refused: |r| tonic::Status::from(Error::from(r)),
+            inner: tonic::Status::from_error,
+            drain: 0,
+        },
+    };
+    let server = transport::server(t, &rpc)?.layer(inflight);
     on_ready(&Bound { grpc, metrics: metrics_addr });
     let result = server
         .max_concurrent_streams(limits.max_concurrent_streams)

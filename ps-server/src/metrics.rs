@@ -284,7 +284,7 @@ mod tests {
             queue: Default::default(),
             metrics: ShardMetrics::default(),
             rate: crate::budget::RateLimiter::new(&Default::default()),
-            inflight: Default::default(),
+            inflight: ps_common::inflight::InFlight::new(1 << 30),
             limits: Default::default(),
             auth: None,
             data_port: Default::default(),

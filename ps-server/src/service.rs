@@ -43,8 +43,8 @@ pub struct Shard {
     pub metrics: ShardMetrics,
     /// Requests a second per connection.
     pub rate: RateLimiter,
-    /// Bytes of requests being received or handled (`crate::inflight`).
-    pub inflight: crate::inflight::InFlight,
+    /// Bytes of requests being received or handled (`ps_common::inflight`).
+    pub inflight: std::sync::Arc<ps_common::inflight::InFlight>,
     /// The `[limits]` the shard enforces (the store keeps its own copy).
     pub limits: Limits,
     /// Who calls (`None`: auth off, every request is admitted).

@@ -29,8 +29,8 @@ const BUDGET_MIB: u64 = 48;
 /// most 8 MiB here; requests in flight hold at most 16 MiB, which their
 /// decode buffers, grown by doubling, and an admitted message's decoded
 /// copy take about 2.5 times) and allocator slack. Measured: peak 112 MiB
-/// without the large-message case, 149 to 152 with it, 269 with it and no
-/// in-flight budget.
+/// without the large-message case, 141 to 164 with it (4 runs), 269 with it
+/// and no in-flight budget.
 const MARGIN_MIB: u64 = 128;
 /// The address-space limit the shard runs under (RLIMIT_AS): its virtual
 /// size at start plus this. A shard that allocated without bound would hit
