@@ -21,7 +21,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -67,9 +67,7 @@ async fn charge_body(State(inflight): State<Arc<InFlight>>, req: Request, next: 
     resp
 }
 
-/// The answer to a body that could not be read: the in-flight budget's
-/// refusal (429) as every other error of this interface, axum's own for the
-/// rest (413 over the size limit).
+/// The answer to a body that could not be read (see [`Body`]).
 fn unread(rejection: BytesRejection) -> Response {
     let mut source = std::error::Error::source(&rejection);
     while let Some(e) = source {
@@ -127,35 +125,33 @@ fn action<'a>(segment: &'a str, what: &str) -> Result<&'a str> {
 async fn predict_latest(
     State(models): State<Arc<Models>>,
     Path(segment): Path<String>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return unread(rejection),
-    };
-    let predicted = async {
-        let name = action(&segment, "/v1/models/{name}")?;
-        predict(&models, models.get(name)?, None, &body).await
-    };
-    predicted.await.into_response()
+    Body(body): Body,
+) -> Result<axum::Json<Value>> {
+    let name = action(&segment, "/v1/models/{name}")?;
+    predict(&models, models.get(name)?, None, &body).await
 }
 
 async fn predict_version(
     State(models): State<Arc<Models>>,
     Path((name, segment)): Path<(String, String)>,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(rejection) => return unread(rejection),
-    };
-    let predicted = async {
-        let version = action(&segment, "/v1/models/{name}/versions/{n}")?;
-        let version =
-            version.parse().map_err(|_| Error::bad(format!("version `{version}` is not a number")))?;
-        predict(&models, models.get(&name)?, Some(version), &body).await
-    };
-    predicted.await.into_response()
+    Body(body): Body,
+) -> Result<axum::Json<Value>> {
+    let version = action(&segment, "/v1/models/{name}/versions/{n}")?;
+    let version = version.parse().map_err(|_| Error::bad(format!("version `{version}` is not a number")))?;
+    predict(&models, models.get(&name)?, Some(version), &body).await
+}
+
+/// A request's body, read whole. A body that could not be read is answered
+/// with the in-flight budget's refusal (429) as every other error of this
+/// interface, or with axum's own answer (413 over the size limit).
+struct Body(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> std::result::Result<Body, Response> {
+        Bytes::from_request(req, state).await.map(Body).map_err(unread)
+    }
 }
 
 #[derive(Deserialize)]
