@@ -39,6 +39,7 @@ pub mod compress;
 pub mod dataplane;
 pub mod error;
 pub mod inflight;
+pub mod listen;
 pub mod metrics;
 pub mod optim;
 pub mod partition;

@@ -375,6 +375,10 @@ pub fn router(registry: Arc<Registry>) -> axum::Router {
     )
 }
 
+/// Most open connections of a `/metrics` listener (scrapers and probes
+/// hold one or two each).
+const MAX_CONNECTIONS: usize = 64;
+
 /// Binds `addr` and serves `GET /metrics` of `registry` on it, over HTTPS
 /// with `tls` (plain HTTP without), in a task of the current runtime.
 /// Returns the bound address (port 0: a free port) and the task, which runs
@@ -387,6 +391,7 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let router = router(registry);
+    let listener = crate::listen::Listener::new(listener, MAX_CONNECTIONS, true, "/metrics");
     let task = match tls {
         Some(tls) => tokio::spawn(crate::transport::serve_https(listener, router, tls)),
         None => tokio::spawn(async move {

@@ -20,12 +20,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
 use tower_layer::Stack;
 
 use crate::auth::Credential;
+use crate::listen::{Incoming, Listener};
 use crate::metrics::{RpcLayer, RpcMetrics};
 use crate::wire::pb::parameter_server_client::ParameterServerClient;
 use crate::wire::pb::parameter_server_server::{ParameterServer, ParameterServerServer};
@@ -46,7 +47,8 @@ pub struct TransportConfig {
     /// value buffers.
     pub max_frame_bytes: u32,
     /// Client HTTP/2 PING interval (0: no pings); a dead shard is noticed
-    /// within interval + timeout. Shards answer pings and send none.
+    /// within interval + timeout. Servers ping their idle connections too
+    /// (every 60 s, closing them after 20 s without an answer).
     #[serde(rename = "keep_alive_interval_ms", with = "duration_ms")]
     pub keep_alive_interval: Duration,
     /// How long a client waits for a PING's answer before closing the channel.
@@ -115,6 +117,11 @@ pub struct TlsConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
 }
+
+/// How long a server's connection may be idle before the server pings the
+/// peer, and how long it then waits for the answer before closing it.
+const SERVER_PING_INTERVAL: Duration = Duration::from_secs(60);
+const SERVER_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Longest a TLS handshake may take on a server, so that a client that
 /// connects and says nothing holds no handshake slot for long.
@@ -303,25 +310,16 @@ pub fn metrics_server_config(tls: &TlsConfig) -> Result<std::sync::Arc<tokio_rus
 /// Serves `router` over HTTPS on `listener` until the task is aborted: each
 /// accepted connection's TLS handshake (bounded in time) and then HTTP/1.1
 /// or HTTP/2 on its own task, so that a slow client holds up no other
-/// (`axum::serve` takes plain TCP listeners only). For `ps-serve`'s HTTP
-/// listener and every process's `/metrics`.
+/// (`axum::serve` serves no TLS). For `ps-serve`'s HTTP listener and every
+/// process's `/metrics`.
 pub async fn serve_https(
-    listener: TcpListener,
+    mut listener: Listener,
     router: axum::Router,
     tls: std::sync::Arc<tokio_rustls::rustls::ServerConfig>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                // Out of descriptors and the like: wait rather than spin.
-                tracing::warn!(error = %e, "HTTPS accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let (tcp, peer) = listener.accept().await;
         let (acceptor, router) = (acceptor.clone(), router.clone());
         tokio::spawn(async move {
             let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -545,6 +543,10 @@ pub fn server(
         builder = builder.tls_config(tls.server()?).map_err(|e| Error::InvalidTls(error_chain(&e)))?;
     }
     Ok(builder
+        // Pings on idle connections: the connection of a peer whose host
+        // vanished is closed, not kept (and its slot of the listener's cap).
+        .http2_keepalive_interval(Some(SERVER_PING_INTERVAL))
+        .http2_keepalive_timeout(Some(SERVER_PING_TIMEOUT))
         .initial_stream_window_size(config.stream_window_kib << 10)
         .initial_connection_window_size(config.connection_window_kib << 10)
         .max_frame_size(config.max_frame_bytes)
@@ -586,20 +588,12 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The connections accepted on `listener`, with `TCP_NODELAY` set as
-/// `config` says. (The builder's own `tcp_nodelay` only reaches listeners it
-/// binds itself.)
-pub fn incoming(
-    config: &TransportConfig,
-    listener: TcpListener,
-) -> impl tokio_stream::Stream<Item = std::io::Result<TcpStream>> + use<> {
-    let nodelay = config.tcp_nodelay;
-    tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), move |s| {
-        s.inspect(|s| {
-            // Best effort: a socket that refuses the option still works.
-            let _ = s.set_nodelay(nodelay);
-        })
-    })
+/// The connections accepted on `listener`, at most `max` open at once
+/// (`ps_common::listen`), with `TCP_NODELAY` set as `config` says. (The
+/// builder's own `tcp_nodelay` only reaches listeners it binds itself.)
+/// `what` names the listener in its warnings.
+pub fn incoming(config: &TransportConfig, listener: TcpListener, max: usize, what: &'static str) -> Incoming {
+    Listener::new(listener, max, config.tcp_nodelay, what).into_stream()
 }
 
 /// The generated shard service with `config`'s message limits.

@@ -78,6 +78,10 @@ pub struct Args {
     /// three quarters.
     #[arg(long, default_value_t = 256)]
     pub max_inflight_mib: usize,
+    /// Most open connections of each listener; one beyond it is closed at
+    /// once. Keep both under the open-file limit (`ulimit -n`).
+    #[arg(long, default_value_t = 1024)]
+    pub max_connections: usize,
     /// TLS on both listeners (`serve.pem` in --tls-dir; HTTPS on --http);
     /// online mode reads the cluster as `reader` (`reader.pem` in --tls-dir,
     /// or no client certificate with --tls-ca).

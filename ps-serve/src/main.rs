@@ -27,8 +27,12 @@ async fn main() -> anyhow::Result<()> {
         || args.max_request_rows == 0
         || args.max_request_mib == 0
         || args.max_inflight_mib == 0
+        || args.max_connections == 0
     {
-        bail!("--max-batch, --max-request-rows, --max-request-mib and --max-inflight-mib must be positive");
+        bail!(
+            "--max-batch, --max-request-rows, --max-request-mib, --max-inflight-mib and --max-connections must be \
+             positive"
+        );
     }
     let transport = args.server_transport()?;
     let batching = (!args.no_batching).then_some(BatchConfig {
@@ -102,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
     let limits = Limits {
         max_request_bytes: args.max_request_mib << 20,
         max_inflight_bytes: args.max_inflight_mib << 20,
+        max_connections: args.max_connections,
     };
     let running = server::start_with(models, args.grpc, args.http, limits, &transport).await?;
     println!(

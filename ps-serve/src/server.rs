@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use ps_common::inflight::{Errors, InFlight, InFlightLayer};
+use ps_common::listen::Listener;
 use ps_common::transport::{self, TransportConfig};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -53,11 +54,14 @@ pub struct Limits {
     /// Bytes of requests being received or handled at once, both
     /// listeners together (`ps_common::inflight`).
     pub max_inflight_bytes: usize,
+    /// Most open connections of each listener; one beyond it is closed at
+    /// once (`ps_common::listen`).
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_request_bytes: 16 << 20, max_inflight_bytes: 256 << 20 }
+        Limits { max_request_bytes: 16 << 20, max_inflight_bytes: 256 << 20, max_connections: 1024 }
     }
 }
 
@@ -134,7 +138,8 @@ pub async fn start_with(
     let service = PredictionServer::new(PredictionService(Arc::clone(&models)))
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_request_bytes.max(64 << 20));
-    let incoming = transport::incoming(transport, grpc_listener);
+    let incoming = transport::incoming(transport, grpc_listener, limits.max_connections, "ps-serve gRPC");
+    let http_listener = Listener::new(http_listener, limits.max_connections, true, "ps-serve HTTP");
     let grpc_task = tokio::spawn(async move {
         let mut grpc_server = grpc_server;
         if let Err(e) = grpc_server.add_service(service).serve_with_incoming(incoming).await {

@@ -431,7 +431,7 @@ async fn requests_over_the_in_flight_budget_are_refused_and_give_their_bytes_bac
     let slot = Arc::new(ModelSlot::from_registry("mnist".into(), Source::Version(v), reg, None, MAX_ROWS));
     slot.refresh().await.unwrap();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let limits = Limits { max_request_bytes: 8 << 20, max_inflight_bytes: 1 << 20 };
+    let limits = Limits { max_request_bytes: 8 << 20, max_inflight_bytes: 1 << 20, ..Limits::default() };
     let running = server::start(Arc::new(Models::new(vec![slot])), any, any, limits).await.unwrap();
     let mut g = grpc(&running).await;
     let h = http_client();
@@ -454,6 +454,55 @@ async fn requests_over_the_in_flight_budget_are_refused_and_give_their_bytes_bac
         let r = g.predict(one_pb.clone()).await.expect("a request within the budget").into_inner();
         assert_eq!(r.outputs.len(), 10);
     }
+    running.abort();
+}
+
+/// Each listener holds at most `max_connections`: idle connections beyond
+/// it are closed as they are accepted, on gRPC and HTTP alike, and a
+/// request is served again once the idle ones are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_cap_are_closed_on_both_listeners() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry(&dir).await;
+    let v = register(&reg, "mnist", &mlp(1)).await;
+    let slot = Arc::new(ModelSlot::from_registry("mnist".into(), Source::Version(v), reg, None, MAX_ROWS));
+    slot.refresh().await.unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let limits = Limits { max_connections: 4, ..Limits::default() };
+    let running = server::start(Arc::new(Models::new(vec![slot])), any, any, limits).await.unwrap();
+    for addr in [running.grpc, running.http] {
+        let mut idle = Vec::new();
+        for _ in 0..10 {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        // Closed: end of stream or reset within 2 s. Held ones get nothing
+        // (HTTP) or the server's HTTP/2 settings (gRPC).
+        let mut closed = 0;
+        for s in &mut idle {
+            let mut buf = [0u8; 64];
+            let read = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+            closed += matches!(read, Ok(Ok(0) | Err(_))) as usize;
+        }
+        assert_eq!(closed, 6, "{addr}: {closed} of 10 idle connections closed, with 4 slots");
+        drop(idle);
+    }
+    // The slots came back: both interfaces answer.
+    let one_json = serde_json::to_vec(&json!({"instances": [pixels(1, 0)]})).unwrap();
+    let mut answered = false;
+    for _ in 0..50 {
+        let uri = format!("http://{}/v1/models/mnist:predict", running.http);
+        let req = hyper::Request::post(uri).body(Full::new(Bytes::from(one_json.clone()))).unwrap();
+        if http_client().request(req).await.is_ok_and(|r| r.status() == 200) {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered, "HTTP not served after the idle connections closed");
+    let one_pb = pb::PredictRequest { model: "mnist".into(), version: 0, inputs: dense(pixels(1, 0)) };
+    let r = grpc(&running).await.predict(one_pb).await.expect("gRPC served").into_inner();
+    assert_eq!(r.outputs.len(), 10);
     running.abort();
 }
 

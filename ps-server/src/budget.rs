@@ -91,6 +91,10 @@ pub struct Limits {
     pub max_workers: usize,
     /// Most concurrent HTTP/2 streams (requests in flight) per connection.
     pub max_concurrent_streams: u32,
+    /// Most open gRPC connections; a connection beyond it is closed at
+    /// once (`ps_common::listen`). With `max_data_connections`, keep it
+    /// under the process's open-file limit (`ulimit -n`).
+    pub max_connections: usize,
     /// Most open data-plane connections (each serves one request at a
     /// time); a connection beyond it is closed at once.
     pub max_data_connections: usize,
@@ -123,6 +127,7 @@ impl Default for Limits {
             max_chunks_per_table: 1 << 22,
             max_workers: 1024,
             max_concurrent_streams: 256,
+            max_connections: 512,
             max_data_connections: 256,
             max_inflight_mib: 1024,
             requests_per_sec: 20_000,
@@ -145,10 +150,12 @@ impl Limits {
         if self.max_tables == 0
             || self.max_workers == 0
             || self.max_concurrent_streams == 0
+            || self.max_connections == 0
             || self.max_data_connections == 0
         {
             return bad(
-                "max_tables, max_workers, max_concurrent_streams and max_data_connections must be positive",
+                "max_tables, max_workers, max_concurrent_streams, max_connections and max_data_connections \
+                 must be positive",
             );
         }
         if self.max_inflight_mib == 0 || self.max_inflight_mib > 1 << 30 {

@@ -23,6 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use prost::Message;
 use ps_common::dataplane::{self, FrameReader, Kind, OutFrame, Peer};
+use ps_common::listen::ReportEvery;
 use ps_common::transport::TransportConfig;
 use ps_common::wire::pb::parameter_server_server::ParameterServer;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -104,7 +105,7 @@ pub async fn serve(listener: Listener, service: Service, config: TransportConfig
     };
     let max = config.max_message_bytes();
     let mut connections = tokio::task::JoinSet::new();
-    let mut refusals = Refusals::default();
+    let mut refusals = ReportEvery::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept(config.tcp_nodelay) => accepted,
@@ -120,7 +121,14 @@ pub async fn serve(listener: Listener, service: Service, config: TransportConfig
             }
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            refusals.note(addr);
+            if let Some(refused) = refusals.note() {
+                tracing::warn!(
+                    %addr,
+                    refused,
+                    "data plane: connections refused at [limits] max_data_connections (refused: how many since \
+                     the last report; addr: the last one's peer)"
+                );
+            }
             continue;
         };
         let (service, tls) = (service.clone(), tls.clone());
@@ -130,38 +138,6 @@ pub async fn serve(listener: Listener, service: Service, config: TransportConfig
             }
             drop(slot);
         });
-    }
-}
-
-/// How often refused connections are reported.
-const REPORT_EVERY: Duration = Duration::from_secs(10);
-
-/// Connections refused at `max_data_connections`, reported at most once per
-/// [`REPORT_EVERY`] with their count: a peer opening connections in a loop
-/// (one warning each, before) must not flood the log.
-#[derive(Default)]
-struct Refusals {
-    since_report: u64,
-    last_report: Option<std::time::Instant>,
-}
-
-impl Refusals {
-    /// Counts a refused connection from `addr`; reports (and returns true)
-    /// if the last report is old enough.
-    fn note(&mut self, addr: SocketAddr) -> bool {
-        self.since_report += 1;
-        if self.last_report.is_some_and(|t| t.elapsed() < REPORT_EVERY) {
-            return false;
-        }
-        tracing::warn!(
-            %addr,
-            refused = self.since_report,
-            "data plane: connections refused at [limits] max_data_connections (refused: how many since \
-             the last report; addr: the last one's peer)"
-        );
-        self.since_report = 0;
-        self.last_report = Some(std::time::Instant::now());
-        true
     }
 }
 
@@ -386,19 +362,6 @@ mod tests {
             data_port: Default::default(),
             data_socket: Default::default(),
         }))
-    }
-
-    /// A thousand refused connections in a burst make one report, not a
-    /// thousand; the count goes on until the next one.
-    #[test]
-    fn refused_connections_are_reported_once_per_period() {
-        let mut r = Refusals::default();
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
-        let reports = (0..1000).filter(|_| r.note(addr)).count();
-        assert_eq!((reports, r.since_report), (1, 999));
-        r.last_report = Some(std::time::Instant::now() - REPORT_EVERY);
-        assert!(r.note(addr));
-        assert_eq!(r.since_report, 0);
     }
 
     fn frame(kind: u8, body: &[u8]) -> Vec<u8> {

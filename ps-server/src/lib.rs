@@ -288,7 +288,10 @@ async fn serve_when_ready(
     let result = server
         .max_concurrent_streams(limits.max_concurrent_streams)
         .add_service(transport::service(t, Service(shard)))
-        .serve_with_incoming_shutdown(transport::incoming(t, listener), shutdown)
+        .serve_with_incoming_shutdown(
+            transport::incoming(t, listener, limits.max_connections, "shard gRPC"),
+            shutdown,
+        )
         .await;
     result.map_err(Error::from)
 }

@@ -47,12 +47,20 @@ max_tables = 64
 max_name_bytes = 64
 max_workers = 64
 max_concurrent_streams = 16
+max_connections = 160
 max_inflight_mib = 16
 requests_per_sec = 1000
 burst = 1000
 max_clock_lead = 1000
 max_seq_jump = 1000
 "#;
+
+/// The shard's open-file limit (RLIMIT_NOFILE): over `max_connections`
+/// with room for its listeners and data-plane connections, under the
+/// connection flood's count.
+const NOFILE: u64 = 400;
+/// Idle connections the connection-flood case opens and holds.
+const FLOOD: usize = 500;
 
 /// The shard process; killed on drop.
 struct ShardProcess {
@@ -81,6 +89,7 @@ fn start_shard(dir: &TempDir, as_bytes: u64) -> ShardProcess {
     std::fs::write(&config, CONFIG).expect("write config");
     let mut child = Command::new("prlimit")
         .arg(format!("--as={as_bytes}"))
+        .arg(format!("--nofile={NOFILE}"))
         .arg("--")
         .arg(env!("CARGO_BIN_EXE_ps-cluster"))
         .args(["server", "--shard", "0", "--num-shards", "1", "--listen", "127.0.0.1:0", "--config"])
@@ -97,6 +106,21 @@ fn start_shard(dir: &TempDir, as_bytes: u64) -> ShardProcess {
     let addr =
         line.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("got {line:?}")).to_string();
     ShardProcess { child, addr }
+}
+
+/// The CPU time a process has used, user and system (from /proc).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the shard is alive");
+    // The fields after the command name, which ends at the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("stat") + 2..].split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let per_sec: u64 =
+        String::from_utf8(Command::new("getconf").arg("CLK_TCK").output().expect("getconf").stdout)
+            .expect("utf-8")
+            .trim()
+            .parse()
+            .expect("CLK_TCK");
+    Duration::from_secs_f64(ticks as f64 / per_sec as f64)
 }
 
 /// The virtual size of a shard at start, measured on one started without a
@@ -527,6 +551,58 @@ async fn a_shard_under_attack_survives_within_its_budget_and_training_goes_on() 
     .await;
     c.expect(Code::Ok, if conns.iter().all(|&c| c == Code::Ok) { Code::Ok } else { Code::Unknown });
     cases.push(c);
+
+    // A connection flood: more idle connections than the shard may hold
+    // (`max_connections`) and than it has file descriptors. Those over the
+    // cap are closed as they are accepted; the shard neither runs out of
+    // descriptors nor spins; a new client is served once the flood ends.
+    let mut c = Case::new("connection flood");
+    raise_nofile(4096);
+    let mut flood = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        match tokio::net::TcpStream::connect(&shard.addr).await {
+            Ok(s) => flood.push(s),
+            Err(e) => panic!("connect {} of the flood: {e}", flood.len()),
+        }
+    }
+    // Each connection either gets the server's HTTP/2 settings (held) or is
+    // closed (end of stream, or reset).
+    let fates = futures::future::join_all(flood.iter_mut().map(|s| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => "closed",
+            Ok(Ok(_)) => "held",
+            Err(_) => "no answer",
+        }
+    }))
+    .await;
+    let held = fates.iter().filter(|&&f| f == "held").count();
+    let closed = fates.iter().filter(|&&f| f == "closed").count();
+    let before = cpu_time(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let busy = cpu_time(pid) - before;
+    let during = grpc_status(&shard.addr).await;
+    drop(flood);
+    let mut after = Code::Unknown;
+    for _ in 0..50 {
+        after = grpc_status(&shard.addr).await;
+        if after == Code::Ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "connection flood: of {FLOOD}, {held} held and {closed} closed at once (cap 160); shard CPU {busy:?} in \
+         2 s of flood; a new client during it: {during:?}, after it: {after:?}"
+    );
+    c.expect(Code::Ok, if held <= 160 && held + closed == FLOOD { Code::Ok } else { Code::Unknown });
+    c.expect(Code::Ok, if busy < Duration::from_secs(1) { Code::Ok } else { Code::Unknown });
+    // Refused: closed at accept. The client reports the close as UNAVAILABLE,
+    // CANCELLED or UNKNOWN, by when it lands in its HTTP/2 handshake.
+    c.expect(Code::Unavailable, if during == Code::Ok { Code::Ok } else { Code::Unavailable });
+    c.expect(Code::Ok, after);
+    cases.push(c);
     let hostile_secs = started.elapsed().as_secs_f64();
 
     stop.store(true, Ordering::Relaxed);
@@ -603,6 +679,32 @@ async fn a_shard_under_attack_survives_within_its_budget_and_training_goes_on() 
     assert!(training.errors.is_empty(), "the normal client was refused: {:?}", training.errors);
     assert!(training.iterations >= 20);
     assert!(training.last_loss < training.first_loss * 0.1, "{training:?}");
+}
+
+/// Raises this process's soft open-file limit to `n` (or its hard limit),
+/// for the connection flood's sockets.
+fn raise_nofile(n: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    if soft < n {
+        setrlimit(Resource::RLIMIT_NOFILE, n.min(hard), hard).expect("setrlimit");
+    }
+}
+
+/// The code a new connection's `Stats` call gets.
+async fn grpc_status(addr: &str) -> Code {
+    let channel = match tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(2))
+        .connect()
+        .await
+    {
+        Ok(c) => c,
+        Err(_) => return Code::Unavailable,
+    };
+    let mut client = pb::parameter_server_client::ParameterServerClient::new(channel);
+    code(client.stats(pb::StatsRequest {}).await)
 }
 
 fn shard_alive(pid: u32) -> bool {
