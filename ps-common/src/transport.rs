@@ -123,6 +123,10 @@ pub struct TlsConfig {
 const SERVER_PING_INTERVAL: Duration = Duration::from_secs(60);
 const SERVER_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Streams a server may reset for its peer's errors on one connection
+/// before it closes the connection.
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
 /// Longest a TLS handshake may take on a server, so that a client that
 /// connects and says nothing holds no handshake slot for long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -547,6 +551,11 @@ pub fn server(
         // vanished is closed, not kept (and its slot of the listener's cap).
         .http2_keepalive_interval(Some(SERVER_PING_INTERVAL))
         .http2_keepalive_timeout(Some(SERVER_PING_TIMEOUT))
+        // A connection whose peer makes the server reset this many streams
+        // (malformed requests and other stream errors) is closed with
+        // GOAWAY (RUSTSEC-2024-0003). hyper's default, but tonic 0.14 passes
+        // its own default of `None` on to hyper, which turns the limit off.
+        .http2_max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
         .initial_stream_window_size(config.stream_window_kib << 10)
         .initial_connection_window_size(config.connection_window_kib << 10)
         .max_frame_size(config.max_frame_bytes)

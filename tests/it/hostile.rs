@@ -552,6 +552,17 @@ async fn a_shard_under_attack_survives_within_its_budget_and_training_goes_on() 
     c.expect(Code::Ok, if conns.iter().all(|&c| c == Code::Ok) { Code::Ok } else { Code::Unknown });
     cases.push(c);
 
+    // Malformed requests on one HTTP/2 connection (no :method): the shard
+    // resets each, and after 1024 closes the connection with GOAWAY
+    // ENHANCE_YOUR_CALM instead of resetting streams for as long as the
+    // peer sends them (RUSTSEC-2024-0003).
+    let mut c = Case::new("HTTP/2 reset flood");
+    let (resets, goaway) = reset_flood(&shard.addr, 3000).await;
+    eprintln!("HTTP/2 reset flood: 3000 malformed requests, {resets} reset, GOAWAY {goaway:?}");
+    c.expect(Code::Ok, if resets <= 1025 { Code::Ok } else { Code::Unknown });
+    c.expect(Code::Ok, if goaway == Some(ENHANCE_YOUR_CALM) { Code::Ok } else { Code::Unknown });
+    cases.push(c);
+
     // A connection flood: more idle connections than the shard may hold
     // (`max_connections`) and than it has file descriptors. Those over the
     // cap are closed as they are accepted; the shard neither runs out of
@@ -679,6 +690,55 @@ async fn a_shard_under_attack_survives_within_its_budget_and_training_goes_on() 
     assert!(training.errors.is_empty(), "the normal client was refused: {:?}", training.errors);
     assert!(training.iterations >= 20);
     assert!(training.last_loss < training.first_loss * 0.1, "{training:?}");
+}
+
+/// HTTP/2's error code for a peer generating excessive load.
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// Sends `n` malformed requests (HEADERS without `:method`) on one raw
+/// HTTP/2 connection to `addr`, then reads what the server sends until it
+/// closes or is silent for 3 s. Returns the RST_STREAM frames received and
+/// the error code of a GOAWAY, if one came.
+async fn reset_flood(addr: &str, n: u32) -> (usize, Option<u32>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+    // HPACK: `:scheme: http` (static 6), `:path: /` and `:authority: x`
+    // (literals with static names 4 and 1).
+    let block = [0x86, 0x04, 0x01, b'/', 0x01, 0x01, b'x'];
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    for i in 0..n {
+        out.extend(frame(0x1, 0x5, 2 * i + 1, &block)); // HEADERS, END_STREAM | END_HEADERS
+    }
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    // The server may close before it has read everything.
+    let _ = s.write_all(&out).await;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    while let Ok(Ok(read)) = tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+        if read == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..read]);
+    }
+    let (mut resets, mut goaway, mut at) = (0, None, 0);
+    while at + 9 <= got.len() {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        let payload = &got[at + 9..(at + 9 + len).min(got.len())];
+        match got[at + 3] {
+            0x3 => resets += 1,
+            0x7 if payload.len() >= 8 => goaway = Some(u32::from_be_bytes(payload[4..8].try_into().unwrap())),
+            _ => {}
+        }
+        at += 9 + len;
+    }
+    (resets, goaway)
 }
 
 /// Raises this process's soft open-file limit to `n` (or its hard limit),
