@@ -146,25 +146,20 @@ fn is_connection_error(e: &std::io::Error) -> bool {
     matches!(e.kind(), ConnectionAborted | ConnectionReset | ConnectionRefused | Interrupted | WouldBlock)
 }
 
-impl axum::serve::Listener for Listener {
-    type Io = Connection;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Connection, SocketAddr) {
-        Listener::accept(self).await
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-}
-
 /// An accepted TCP connection holding its slot of its [`Listener`]'s cap
 /// until dropped.
 #[derive(Debug)]
 pub struct Connection {
     io: TcpStream,
     _slot: OwnedSemaphorePermit,
+}
+
+impl Connection {
+    /// Waits until the peer has sent something (or closed), reading
+    /// nothing.
+    pub async fn peeked(&self) -> std::io::Result<()> {
+        self.io.peek(&mut [0u8; 1]).await.map(drop)
+    }
 }
 
 impl tonic::transport::server::Connected for Connection {

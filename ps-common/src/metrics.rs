@@ -392,14 +392,7 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let router = router(registry);
     let listener = crate::listen::Listener::new(listener, MAX_CONNECTIONS, true, "/metrics");
-    let task = match tls {
-        Some(tls) => tokio::spawn(crate::transport::serve_https(listener, router, tls)),
-        None => tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
-                tracing::error!(error = %e, "metrics listener stopped");
-            }
-        }),
-    };
+    let task = tokio::spawn(crate::transport::serve_http(listener, router, tls));
     Ok((bound, task))
 }
 

@@ -123,6 +123,9 @@ pub struct TlsConfig {
 const SERVER_PING_INTERVAL: Duration = Duration::from_secs(60);
 const SERVER_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Longest an HTTP server waits for a request's headers.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Streams a server may reset for its peer's errors on one connection
 /// before it closes the connection.
 const MAX_LOCAL_ERROR_RESETS: usize = 1024;
@@ -311,36 +314,58 @@ pub fn metrics_server_config(tls: &TlsConfig) -> Result<std::sync::Arc<tokio_rus
     rustls_server_config(&TlsConfig { client_auth: false, ..tls.clone() })
 }
 
-/// Serves `router` over HTTPS on `listener` until the task is aborted: each
-/// accepted connection's TLS handshake (bounded in time) and then HTTP/1.1
-/// or HTTP/2 on its own task, so that a slow client holds up no other
-/// (`axum::serve` serves no TLS). For `ps-serve`'s HTTP listener and every
-/// process's `/metrics`.
-pub async fn serve_https(
+/// Serves `router` on `listener` until the task is aborted, over HTTPS with
+/// `tls` (plain HTTP without): each accepted connection's TLS handshake
+/// (bounded in time) and then HTTP/1.1 or HTTP/2 on its own task, so that
+/// a slow client holds up no other. A client must send its first bytes (the
+/// TLS handshake's included) within [`HEADER_TIMEOUT`] of connecting, and a
+/// request's headers within [`HEADER_TIMEOUT`] of starting them: a
+/// connection that says nothing, or trickles header bytes, does not hold
+/// its slot of the listener's cap for good (`axum::serve` sets neither
+/// timeout, nor serves TLS). Left: a client that finished a TLS handshake
+/// (with its certificate, under mutual TLS) and then says nothing. For
+/// `ps-serve`'s HTTP listener and every process's `/metrics`.
+pub async fn serve_http(
     mut listener: Listener,
     router: axum::Router,
-    tls: std::sync::Arc<tokio_rustls::rustls::ServerConfig>,
+    tls: Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(SERVER_PING_INTERVAL)
+        .keep_alive_timeout(SERVER_PING_TIMEOUT);
+    let builder = std::sync::Arc::new(builder);
     loop {
         let (tcp, peer) = listener.accept().await;
-        let (acceptor, router) = (acceptor.clone(), router.clone());
+        let (acceptor, router, builder) = (acceptor.clone(), router.clone(), std::sync::Arc::clone(&builder));
         tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
+            // hyper's own header timeout starts with the first bytes.
+            if tokio::time::timeout(HEADER_TIMEOUT, tcp.peeked()).await.is_err() {
+                tracing::debug!(%peer, "nothing sent; closed");
+                return;
+            }
             let service = hyper_util::service::TowerToHyperService::new(router);
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            if let Err(e) = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service).await {
-                tracing::debug!(%peer, error = %e, "HTTPS connection ended with an error");
+            let served = match acceptor {
+                None => builder.serve_connection(TokioIo::new(tcp), service).await,
+                Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => builder.serve_connection(TokioIo::new(stream), service).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            if let Err(e) = served {
+                tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
             }
         });
     }

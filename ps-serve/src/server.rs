@@ -147,13 +147,6 @@ pub async fn start_with(
         }
     });
     let router = crate::http::router(models, limits.max_request_bytes, inflight);
-    let http_task = match http_tls {
-        None => tokio::spawn(async move {
-            if let Err(e) = axum::serve(http_listener, router).await {
-                tracing::error!("HTTP listener stopped: {e}");
-            }
-        }),
-        Some(tls) => tokio::spawn(transport::serve_https(http_listener, router, tls)),
-    };
+    let http_task = tokio::spawn(transport::serve_http(http_listener, router, http_tls));
     Ok(Running { grpc, http, tasks: vec![grpc_task, http_task] })
 }

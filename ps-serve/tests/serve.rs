@@ -506,6 +506,46 @@ async fn connections_over_the_cap_are_closed_on_both_listeners() {
     running.abort();
 }
 
+/// A client that connects and sends nothing, or starts a request's headers
+/// and never finishes them, is closed after the header timeout instead of
+/// holding its connection (and its slot of the cap) for good; a request
+/// beside them is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_clients_that_send_no_headers_are_closed_after_the_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry(&dir).await;
+    let v = register(&reg, "mnist", &mlp(1)).await;
+    let slot = Arc::new(ModelSlot::from_registry("mnist".into(), Source::Version(v), reg, None, MAX_ROWS));
+    slot.refresh().await.unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let running =
+        server::start(Arc::new(Models::new(vec![slot])), any, any, Limits::default()).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(running.http).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(running.http).await.unwrap();
+    partial.write_all(b"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let one_json = serde_json::to_vec(&json!({"instances": [pixels(1, 0)]})).unwrap();
+    let (s, _) = http(&http_client(), running.http, "/v1/models/mnist:predict", Some(one_json)).await;
+    assert_eq!(s, 200);
+    let limit = ps_common::transport::HEADER_TIMEOUT + Duration::from_secs(5);
+    for (name, conn) in [("silent", &mut silent), ("partial", &mut partial)] {
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(limit.saturating_sub(started.elapsed()), conn.read(&mut buf)).await;
+        // Closed: end of stream (or a reset), with or without an error status first.
+        let closed = match read {
+            Ok(Ok(0) | Err(_)) => true,
+            Ok(Ok(n)) => {
+                let rest = conn.read(&mut buf).await;
+                n > 0 && matches!(rest, Ok(0) | Err(_))
+            }
+            Err(_) => false,
+        };
+        assert!(closed, "{name} connection still open after {:?}", started.elapsed());
+    }
+    running.abort();
+}
+
 /// Requests naming a version that is not in memory, all at once, share
 /// one load of it: each used to read, check and build its own copy of the
 /// model, so N concurrent requests held N copies.
