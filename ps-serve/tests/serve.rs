@@ -60,18 +60,26 @@ async fn register(reg: &Registry, name: &str, model: &SavedModel) -> i64 {
 }
 
 async fn serve(slots: Vec<Arc<ModelSlot>>) -> Running {
+    serve_with(slots, Limits { max_request_bytes: 1 << 20, ..Limits::default() }).await
+}
+
+/// A server of `slots` (loaded first) on free loopback ports.
+async fn serve_with(slots: Vec<Arc<ModelSlot>>, limits: Limits) -> Running {
     for s in &slots {
         s.refresh().await.unwrap();
     }
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    server::start(
-        Arc::new(Models::new(slots)),
-        any,
-        any,
-        Limits { max_request_bytes: 1 << 20, ..Limits::default() },
-    )
-    .await
-    .unwrap()
+    server::start(Arc::new(Models::new(slots)), any, any, limits).await.unwrap()
+}
+
+/// A server with `limits` of `mnist` (an MLP of [`LAYERS`]) from a registry
+/// in a fresh folder: the folder, the version and the server.
+async fn serve_mnist(limits: Limits) -> (tempfile::TempDir, i64, Running) {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry(&dir).await;
+    let v = register(&reg, "mnist", &mlp(1)).await;
+    let slot = Arc::new(ModelSlot::from_registry("mnist".into(), Source::Version(v), reg, None, MAX_ROWS));
+    (dir, v, serve_with(vec![slot], limits).await)
 }
 
 async fn grpc(running: &Running) -> PredictionClient<tonic::transport::Channel> {
@@ -425,14 +433,8 @@ async fn bad_inputs_are_refused_over_both_interfaces() {
 /// after any number of refusals.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_over_the_in_flight_budget_are_refused_and_give_their_bytes_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let reg = registry(&dir).await;
-    let v = register(&reg, "mnist", &mlp(1)).await;
-    let slot = Arc::new(ModelSlot::from_registry("mnist".into(), Source::Version(v), reg, None, MAX_ROWS));
-    slot.refresh().await.unwrap();
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let limits = Limits { max_request_bytes: 8 << 20, max_inflight_bytes: 1 << 20, ..Limits::default() };
-    let running = server::start(Arc::new(Models::new(vec![slot])), any, any, limits).await.unwrap();
+    let (_dir, v, running) = serve_mnist(limits).await;
     let mut g = grpc(&running).await;
     let h = http_client();
     // About 2.4 MB of JSON, and a 1.9 MB message: over the whole budget.
@@ -463,14 +465,7 @@ async fn requests_over_the_in_flight_budget_are_refused_and_give_their_bytes_bac
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_cap_are_closed_on_both_listeners() {
     use tokio::io::AsyncReadExt;
-    let dir = tempfile::tempdir().unwrap();
-    let reg = registry(&dir).await;
-    let v = register(&reg, "mnist", &mlp(1)).await;
-    let slot = Arc::new(ModelSlot::from_registry("mnist".into(), Source::Version(v), reg, None, MAX_ROWS));
-    slot.refresh().await.unwrap();
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let limits = Limits { max_connections: 4, ..Limits::default() };
-    let running = server::start(Arc::new(Models::new(vec![slot])), any, any, limits).await.unwrap();
+    let (_dir, _, running) = serve_mnist(Limits { max_connections: 4, ..Limits::default() }).await;
     for addr in [running.grpc, running.http] {
         let mut idle = Vec::new();
         for _ in 0..10 {
@@ -513,14 +508,7 @@ async fn connections_over_the_cap_are_closed_on_both_listeners() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_clients_that_send_no_headers_are_closed_after_the_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let dir = tempfile::tempdir().unwrap();
-    let reg = registry(&dir).await;
-    let v = register(&reg, "mnist", &mlp(1)).await;
-    let slot = Arc::new(ModelSlot::from_registry("mnist".into(), Source::Version(v), reg, None, MAX_ROWS));
-    slot.refresh().await.unwrap();
-    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let running =
-        server::start(Arc::new(Models::new(vec![slot])), any, any, Limits::default()).await.unwrap();
+    let (_dir, _, running) = serve_mnist(Limits::default()).await;
     let started = std::time::Instant::now();
     let mut silent = tokio::net::TcpStream::connect(running.http).await.unwrap();
     let mut partial = tokio::net::TcpStream::connect(running.http).await.unwrap();
