@@ -145,6 +145,15 @@ pub struct InFlightLayer {
     pub errors: Errors<tonic::Status>,
 }
 
+impl InFlightLayer {
+    /// The layer charging to `inflight`; a refusal ends the request with
+    /// `refused`'s status (HTTP/2 resets just the stream: nothing drained).
+    pub fn new(inflight: &Arc<InFlight>, refused: fn(Refused) -> tonic::Status) -> InFlightLayer {
+        let errors = Errors { refused, inner: tonic::Status::from_error, drain: 0 };
+        InFlightLayer { inflight: Arc::clone(inflight), errors }
+    }
+}
+
 impl<S> tower_layer::Layer<S> for InFlightLayer {
     type Service = InFlightService<S>;
 

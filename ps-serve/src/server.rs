@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use ps_common::inflight::{Errors, InFlight, InFlightLayer};
+use ps_common::inflight::{InFlight, InFlightLayer};
 use ps_common::listen::Listener;
 use ps_common::transport::{self, TransportConfig};
 use tokio::net::TcpListener;
@@ -112,14 +112,7 @@ pub async fn start_with(
     // Both TLS configurations first, so that a bad file binds nothing.
     // Request bytes in flight, charged as they arrive on either listener.
     let inflight = InFlight::new(limits.max_inflight_bytes as u64);
-    let charge_grpc = InFlightLayer {
-        inflight: Arc::clone(&inflight),
-        errors: Errors {
-            refused: |r| tonic::Status::from(Error::from(r)),
-            inner: tonic::Status::from_error,
-            drain: 0,
-        },
-    };
+    let charge_grpc = InFlightLayer::new(&inflight, |r| Error::from(r).into());
     let grpc_server =
         transport::server(transport, &models.metrics.rpc).map_err(tls_error)?.layer(charge_grpc);
     let http_tls = match &transport.tls {

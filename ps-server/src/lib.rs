@@ -275,14 +275,7 @@ async fn serve_when_ready(
     } else {
         (Vec::new(), None)
     };
-    let inflight = ps_common::inflight::InFlightLayer {
-        inflight: Arc::clone(&shard.inflight),
-        errors: ps_common::inflight::Errors {
-            refused: |r| tonic::Status::from(Error::from(r)),
-            inner: tonic::Status::from_error,
-            drain: 0,
-        },
-    };
+    let inflight = ps_common::inflight::InFlightLayer::new(&shard.inflight, |r| Error::from(r).into());
     let server = transport::server(t, &rpc)?.layer(inflight);
     on_ready(&Bound { grpc, metrics: metrics_addr });
     let result = server
