@@ -22,6 +22,9 @@
 //! request  = kind 1..=4 (Kind), body a protobuf request
 //! answer   = kind 0 (OK), body the protobuf response
 //!          | kind c (a gRPC code), body the status message (UTF-8)
+//!          | kind 0x40 | c, body pushback_ms:u32 and the message (a refusal
+//!            that may succeed when sent again after that long,
+//!            `transport::with_pushback`)
 //! ```
 //!
 //! A client may send several requests before reading (a push and the next
@@ -129,6 +132,8 @@ impl Kind {
 
 /// The kind byte of a hello and of an OK answer.
 pub const OK: u8 = 0;
+/// The bit of an answer's kind that says its body starts with a pushback.
+const PUSHBACK: u8 = 0x40;
 
 /// Reads frames from one connection into a buffer it reuses.
 pub struct FrameReader {
@@ -323,7 +328,15 @@ impl OutFrame {
     /// A refusal.
     pub fn status(&mut self, status: &Status) {
         let code = (status.code() as i32).clamp(1, 16) as u8;
-        self.raw(code, status.message().as_bytes());
+        let message = status.message().as_bytes();
+        match crate::transport::pushback(status) {
+            Some(after) => {
+                self.start(code | PUSHBACK, 4 + message.len());
+                self.head.put_u32_le(after.as_millis() as u32);
+                self.head.put_slice(message);
+            }
+            None => self.raw(code, message),
+        }
     }
 
     /// Encodes every field of `msg` that is set into the head (a [`Body`]
@@ -485,12 +498,20 @@ impl Body for pb::PushSparseRequest {
 }
 
 /// Decodes an answer frame into the response or the shard's status.
-fn decode_answer<M: Message + Default>(kind: u8, body: Bytes) -> std::result::Result<M, Status> {
+fn decode_answer<M: Message + Default>(kind: u8, mut body: Bytes) -> std::result::Result<M, Status> {
     if kind == OK {
         return M::decode(body).map_err(|e| Status::internal(format!("undecodable data-plane answer: {e}")));
     }
-    let message = String::from_utf8_lossy(&body).into_owned();
-    Err(Status::new(Code::from_i32(i32::from(kind)), message))
+    let pushback = match kind & PUSHBACK {
+        0 => None,
+        _ if body.len() < 4 => return Err(Status::internal("data-plane refusal without its pushback")),
+        _ => Some(Duration::from_millis(u64::from(body.get_u32_le()))),
+    };
+    let status = Status::new(Code::from_i32(i32::from(kind & !PUSHBACK)), String::from_utf8_lossy(&body));
+    Err(match pushback {
+        Some(after) => crate::transport::with_pushback(status, after),
+        None => status,
+    })
 }
 
 /// A connection's byte stream: TCP or a Unix socket, with or without TLS.
@@ -1041,6 +1062,37 @@ mod tests {
         assert!(parse_hello(b"PSD1").unwrap().is_none());
         assert_eq!(parse_hello(b"PSD1abc").unwrap().as_deref(), Some("abc"));
         assert_eq!(parse_hello(b"PRI * HTTP/2.0").unwrap_err().code(), Code::InvalidArgument);
+    }
+
+    /// A refusal's pushback crosses the data plane as it crosses gRPC; a
+    /// pushback frame too short to hold one is an error, not a panic, and
+    /// a pushback beyond the longest one honoured is read as that.
+    #[tokio::test]
+    async fn refusals_carry_their_pushback() {
+        use crate::transport::{MAX_PUSHBACK, pushback, with_pushback};
+        let mut out = OutFrame::default();
+        let busy = with_pushback(Status::resource_exhausted("busy"), Duration::from_millis(75));
+        out.answer::<Welcome>(Err(busy));
+        let (kind, body) = read_back(&out).await;
+        assert_eq!(kind, PUSHBACK | Code::ResourceExhausted as u8);
+        let err = decode_answer::<Welcome>(kind, body).unwrap_err();
+        assert_eq!((err.code(), err.message()), (Code::ResourceExhausted, "busy"));
+        assert_eq!(pushback(&err), Some(Duration::from_millis(75)));
+        // Without one, none comes back.
+        let mut out = OutFrame::default();
+        out.status(&Status::resource_exhausted("full"));
+        let (kind, body) = read_back(&out).await;
+        assert_eq!(pushback(&decode_answer::<Welcome>(kind, body).unwrap_err()), None);
+        // Hostile or broken answers.
+        let short = decode_answer::<Welcome>(PUSHBACK | 8, Bytes::from_static(b"ab")).unwrap_err();
+        assert_eq!(short.code(), Code::Internal);
+        let mut long = u32::MAX.to_le_bytes().to_vec();
+        long.extend_from_slice(b"wait");
+        let err = decode_answer::<Welcome>(PUSHBACK | 8, Bytes::from(long)).unwrap_err();
+        assert_eq!((pushback(&err), err.message()), (Some(MAX_PUSHBACK), "wait"));
+        let mut odd = Status::unavailable("x");
+        odd.metadata_mut().insert(crate::transport::PUSHBACK_KEY, "soon".parse().unwrap());
+        assert_eq!(pushback(&odd), None);
     }
 
     /// Every message a frame splits decodes as itself, large fields or

@@ -42,12 +42,22 @@ pub struct InFlight {
 
 /// A charge that did not fit: `bytes` more would have made more than `cap`
 /// (the part of the budget a request of its size may use) held, with
-/// `used` held.
+/// `used` held; the request would then have held `total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refused {
     pub bytes: u64,
     pub used: u64,
     pub cap: u64,
+    pub total: u64,
+}
+
+impl Refused {
+    /// Whether the request could fit once others give their bytes back
+    /// (sent again later, it may be served); a request larger than its cap
+    /// never fits.
+    pub fn transient(&self) -> bool {
+        self.total <= self.cap
+    }
 }
 
 impl InFlight {
@@ -65,7 +75,7 @@ impl InFlight {
                 Some(n) if n <= cap => n,
                 _ => {
                     self.refused.fetch_add(1, Ordering::Relaxed);
-                    return Err(Refused { bytes, used, cap });
+                    return Err(Refused { bytes, used, cap, total });
                 }
             };
             match self.used.compare_exchange_weak(used, next, Ordering::Relaxed, Ordering::Relaxed) {
@@ -287,14 +297,16 @@ mod tests {
         let big = Charge::new(&inflight);
         big.take(2 << 20).unwrap();
         let refused = big.take(2 << 20).unwrap_err();
-        assert_eq!(refused, Refused { bytes: 2 << 20, used: 2 << 20, cap: 3 << 20 });
+        assert_eq!(refused, Refused { bytes: 2 << 20, used: 2 << 20, cap: 3 << 20, total: 4 << 20 });
+        assert!(!refused.transient(), "4 MiB never fits under a cap of 3 MiB");
         big.take(1 << 20).unwrap();
         let small: Vec<Charge> = (0..4).map(|_| Charge::new(&inflight)).collect();
         for s in &small {
             s.take(256 << 10).unwrap();
         }
         assert_eq!(inflight.used(), 4 << 20);
-        assert!(small[0].take(1).is_err());
+        let full = small[0].take(1).unwrap_err();
+        assert!(full.transient(), "257 KiB fits once others give their bytes back: {full:?}");
         drop(big);
         drop(small);
         assert_eq!(inflight.used(), 0);

@@ -607,6 +607,35 @@ pub fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// The gRPC metadata key of a pushback (gRFC A6: the client may send the
+/// same request again after this many milliseconds).
+pub const PUSHBACK_KEY: &str = "grpc-retry-pushback-ms";
+
+/// The longest pushback a client honours; a larger one (from a confused or
+/// hostile server) is read as this.
+pub const MAX_PUSHBACK: Duration = Duration::from_secs(10);
+
+/// `status` saying that the same request may be sent again after `after`.
+///
+/// Servers refuse some requests only for want of room at the moment (their
+/// bytes in flight are at the limit, the caller is over its rate): those
+/// RESOURCE_EXHAUSTED refusals carry a pushback, and clients wait and send
+/// the request again. The other RESOURCE_EXHAUSTED refusals (a memory
+/// budget, too many tables, a request larger than any budget) carry none:
+/// sent again, the request would be refused again.
+pub fn with_pushback(mut status: tonic::Status, after: Duration) -> tonic::Status {
+    let ms = after.as_millis().clamp(1, MAX_PUSHBACK.as_millis()) as u32;
+    status.metadata_mut().insert(PUSHBACK_KEY, ms.into());
+    status
+}
+
+/// The pushback `status` carries ([`with_pushback`]), at most
+/// [`MAX_PUSHBACK`]; `None` if it has none or one that is not a number.
+pub fn pushback(status: &tonic::Status) -> Option<Duration> {
+    let ms: u64 = status.metadata().get(PUSHBACK_KEY)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_millis(ms).min(MAX_PUSHBACK))
+}
+
 /// An error and its sources, one line (tonic's transport errors say
 /// "transport error" and keep the cause in the source).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

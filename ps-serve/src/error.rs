@@ -65,6 +65,17 @@ impl Error {
         }
     }
 
+    /// How long the caller should wait before sending the same request
+    /// again, for refusals that are only for want of room now (a full
+    /// queue, the bytes in flight at the limit); `None` for the others.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::Overloaded(_) => Some(std::time::Duration::from_millis(10)),
+            Error::InFlight(r) if r.transient() => Some(std::time::Duration::from_millis(20)),
+            _ => None,
+        }
+    }
+
     /// The HTTP status of the error: the usual mapping of its gRPC code.
     pub fn http_status(&self) -> u16 {
         match self.code() {
@@ -89,6 +100,10 @@ pub(crate) fn too_many_rows(max: usize) -> String {
 
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> tonic::Status {
-        tonic::Status::new(e.code(), e.to_string())
+        let status = tonic::Status::new(e.code(), e.to_string());
+        match e.retry_after() {
+            Some(after) => ps_common::transport::with_pushback(status, after),
+            None => status,
+        }
     }
 }

@@ -89,7 +89,15 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, axum::Json(json!({"error": self.to_string()}))).into_response()
+        let body = axum::Json(json!({"error": self.to_string()}));
+        match self.retry_after() {
+            // HTTP says when in whole seconds (RFC 9110, 10.2.3).
+            Some(after) => {
+                let seconds = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+                (status, [(axum::http::header::RETRY_AFTER, seconds.to_string())], body).into_response()
+            }
+            None => (status, body).into_response(),
+        }
     }
 }
 
@@ -458,6 +466,25 @@ mod tests {
     use ps_model::{ModelKind, SavedModel};
 
     use super::*;
+
+    /// A refusal for want of room now tells the client when to come back,
+    /// on HTTP (`Retry-After`, whole seconds) and gRPC (a pushback); one
+    /// that would be refused again does not.
+    #[test]
+    fn only_refusals_that_may_pass_later_say_when_to_retry() {
+        use ps_common::inflight::Refused;
+        use ps_common::transport::pushback;
+        let full = || Error::Overloaded("m".into());
+        let resp = full().into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers().get(axum::http::header::RETRY_AFTER).unwrap(), "1");
+        assert_eq!(pushback(&tonic::Status::from(full())), Some(std::time::Duration::from_millis(10)));
+        let huge = || Error::InFlight(Refused { bytes: 5 << 20, used: 0, cap: 3 << 20, total: 5 << 20 });
+        let resp = huge().into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(resp.headers().get(axum::http::header::RETRY_AFTER).is_none());
+        assert_eq!(pushback(&tonic::Status::from(huge())), None);
+    }
 
     /// Counts the instances it is handed, keeping none.
     struct Count(usize);

@@ -24,7 +24,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ps_common::auth::Principal;
 use ps_common::spec::TableSpec;
@@ -400,9 +400,10 @@ impl RateLimiter {
         if !self.enabled() {
             return Ok(());
         }
-        let refused = || {
+        // A refusal says when the bucket holds a token again.
+        let refused = |after: Duration| {
             self.limited.fetch_add(1, Ordering::Relaxed);
-            Err(Error::RateLimited { caller: caller.to_string(), rate: self.rate as u32 })
+            Err(Error::RateLimited { caller: caller.to_string(), rate: self.rate as u32, after })
         };
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
@@ -411,14 +412,15 @@ impl RateLimiter {
             let (rate, burst) = (self.rate, self.burst);
             buckets.retain(|_, (tokens, at)| *tokens + rate * now.duration_since(*at).as_secs_f64() < burst);
             if buckets.len() >= MAX_BUCKETS {
-                return refused();
+                // Buckets fill in at most burst / rate.
+                return refused(Duration::from_secs_f64((self.burst / self.rate).min(10.0)));
             }
         }
         let (tokens, at) = buckets.entry(caller).or_insert((self.burst, now));
         *tokens = (*tokens + self.rate * now.duration_since(*at).as_secs_f64()).min(self.burst);
         *at = now;
         if *tokens < 1.0 {
-            return refused();
+            return refused(Duration::from_secs_f64(((1.0 - *tokens) / self.rate).min(10.0)));
         }
         *tokens -= cost;
         Ok(())
@@ -428,6 +430,25 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request refused for want of in-flight bytes that others hold is
+    /// pushed back (sent again, it may fit); one larger than its whole cap
+    /// is not, and neither are the memory budget's refusals.
+    #[test]
+    fn only_refusals_that_may_pass_later_carry_a_pushback() {
+        use ps_common::inflight::{Charge, InFlight};
+        use ps_common::transport::pushback;
+        let inflight = InFlight::new(1 << 20);
+        let holder = Charge::new(&inflight);
+        holder.take(200 << 10).unwrap();
+        let busy = Charge::new(&inflight).take(700 << 10).unwrap_err();
+        let huge = Charge::new(&inflight).take(900 << 10).unwrap_err();
+        let status = |e: Error| tonic::Status::from(e);
+        assert_eq!(pushback(&status(busy.into())), Some(crate::error::INFLIGHT_PUSHBACK));
+        assert_eq!(pushback(&status(huge.into())), None);
+        let full = Budget::new(100).try_reserve(101).unwrap_err();
+        assert_eq!(pushback(&status(full)), None);
+    }
 
     #[test]
     fn a_budget_refuses_what_does_not_fit_and_gets_back_what_is_not_kept() {
@@ -470,7 +491,11 @@ mod tests {
             r.check(Caller::Connection(a)).unwrap();
             r.admit(Caller::Connection(a)).unwrap();
         }
-        assert!(matches!(r.admit(Caller::Connection(a)), Err(Error::RateLimited { .. })));
+        let limited = r.admit(Caller::Connection(a)).unwrap_err();
+        assert!(matches!(limited, Error::RateLimited { .. }));
+        // The refusal says when a token is back: within a second at 1 a second.
+        let after = ps_common::transport::pushback(&tonic::Status::from(limited)).expect("a pushback");
+        assert!(after > Duration::ZERO && after <= Duration::from_secs(1), "{after:?}");
         assert!(r.check(Caller::Connection(a)).is_err(), "an empty bucket is seen without taking");
         r.admit(Caller::Connection(b)).unwrap();
         // A principal's bucket is its own, whatever connection it comes on.

@@ -72,7 +72,7 @@ pub enum Error {
     #[error("{what} {value} is out of range: {rule}")]
     OutOfRange { what: &'static str, value: u64, rule: String },
     #[error("{caller}: over the rate limit of {rate} requests a second")]
-    RateLimited { caller: String, rate: u32 },
+    RateLimited { caller: String, rate: u32, after: std::time::Duration },
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("invalid server config: {0}")]
@@ -128,6 +128,21 @@ impl From<Error> for tonic::Status {
             Error::Peer { status, .. } => status.code(),
             Error::Config(_) | Error::Io { .. } | Error::Transport(_) => Code::Internal,
         };
-        tonic::Status::new(code, e.to_string())
+        // Refusals for want of room now say when to try again.
+        let pushback = match &e {
+            Error::InFlight(r) if r.transient() => Some(INFLIGHT_PUSHBACK),
+            Error::RateLimited { after, .. } => Some(*after),
+            _ => None,
+        };
+        let status = tonic::Status::new(code, e.to_string());
+        match pushback {
+            Some(after) => ps_common::transport::with_pushback(status, after),
+            None => status,
+        }
     }
 }
+
+/// How long a client waits before sending a request refused for want of
+/// in-flight bytes again: about as long as a large request takes to be
+/// answered and give its bytes back.
+pub const INFLIGHT_PUSHBACK: std::time::Duration = std::time::Duration::from_millis(20);

@@ -3,7 +3,9 @@
 //! reassembles the answers in request order.
 //!
 //! Pushes carry a `(worker, seq)` pair per shard, so a push that times out is
-//! retried with the same seq and applied once. At most one push per shard is
+//! retried with the same seq and applied once. A pull or push a shard
+//! refuses for want of room now (its bytes in flight, this worker's rate)
+//! comes with a pushback, and is sent again after it ([`Pushbacks`]). At most one push per shard is
 //! in flight at a time from one client (the methods take `&mut self`), which
 //! keeps the seqs a shard sees increasing.
 //!
@@ -176,6 +178,39 @@ pub struct ShardedClient {
     pushed_clock: AtomicU64,
     /// Pushes the shards called late (backup workers).
     late_pushes: AtomicU64,
+    /// Requests refused with a pushback, and sent again.
+    pushbacks: Pushbacks,
+}
+
+/// How a client waits out a shard's pushbacks (`transport::with_pushback`):
+/// it sends the refused request again after the pushback (plus up to half
+/// of it again at random, so that refused workers do not come back
+/// together), for as long as the shard keeps refusing it, up to `within`
+/// (`recover_within`) of waiting per request.
+struct Pushbacks {
+    within: Duration,
+    /// Requests sent again after a pushback.
+    waits: AtomicU64,
+}
+
+impl Pushbacks {
+    /// How long to wait before sending again a request refused with
+    /// `status` after `waited` of waiting so far; `None`: return the
+    /// refusal (none pushed back, or waited long enough).
+    fn wait(&self, status: &tonic::Status, waited: Duration) -> Option<Duration> {
+        use rand::Rng;
+        let after = transport::pushback(status)?;
+        let after = after + after.mul_f64(rand::rng().random_range(0.0..0.5));
+        if waited + after > self.within {
+            return None;
+        }
+        if self.waits.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(code = ?status.code(), message = status.message(), "a shard asked this worker to wait; sending again");
+        } else {
+            tracing::debug!(code = ?status.code(), ?after, "pushed back; sending again");
+        }
+        Some(after)
+    }
 }
 
 /// A range of minibatches from the data queue: `start..end` of epoch
@@ -257,7 +292,7 @@ impl ShardedClient {
             data.push(data_link(&client, shards.len(), addr, &opts).await?);
             shards.push(client);
         }
-        let n = shards.len();
+        let (n, within) = (shards.len(), opts.recover_within);
         Ok(ShardedClient {
             shards,
             data,
@@ -274,6 +309,7 @@ impl ShardedClient {
             backup: Backup::default(),
             pushed_clock: AtomicU64::new(0),
             late_pushes: AtomicU64::new(0),
+            pushbacks: Pushbacks { within, waits: AtomicU64::new(0) },
         })
     }
 
@@ -294,6 +330,12 @@ impl ShardedClient {
         self.late_pushes.load(Ordering::Relaxed)
     }
 
+    /// Pulls and pushes a shard refused with a pushback and this client
+    /// sent again, so far.
+    pub fn pushback_waits(&self) -> u64 {
+        self.pushbacks.waits.load(Ordering::Relaxed)
+    }
+
     /// Reports `done` (ranges whose every push is applied) to the data
     /// queue on shard 0 and takes this worker's next range (the same one
     /// again until it is reported done). Retried like a push.
@@ -304,7 +346,7 @@ impl ShardedClient {
             done: done.iter().map(|r| pb::DataRange { epoch: r.epoch, start: r.start, end: r.end }).collect(),
             lease_ms: lease.as_millis().min(u128::from(u32::MAX)) as u32,
         };
-        let r = retry(&self.opts, &self.lost_contact, || {
+        let r = retry(&self.opts, &self.lost_contact, &self.pushbacks, || {
             let mut c = self.shards[0].clone();
             let req = self.request(msg.clone(), self.opts.request_timeout);
             async move { c.take_range(req).await }
@@ -585,11 +627,19 @@ impl ShardedClient {
         check_len("pull buffer", out.len(), set.len)?;
         let meta = self.read_meta(set, clock);
         let calls = set.by_shard.iter().enumerate().filter(|(_, c)| !c.is_empty()).map(|(i, _)| {
-            let (mut c, data) = (self.shards[i].clone(), self.data[i].clone());
+            let c = &self.shards[i];
             let msg = pull_request(set, i, meta);
-            let call = hot_call(data, Kind::PullDense, msg, self.opts.read_timeout, move |req| async move {
-                c.pull_dense(req).await
-            });
+            let call = hot_call(
+                Some(&self.pushbacks),
+                self.data[i].as_ref(),
+                Kind::PullDense,
+                msg,
+                self.opts.read_timeout,
+                move |req| {
+                    let mut c = c.clone();
+                    async move { c.pull_dense(req).await }
+                },
+            );
             async move { (i, call.await) }
         });
         for (i, r) in join_all(calls).await {
@@ -599,16 +649,19 @@ impl ShardedClient {
         Ok(())
     }
 
-    /// Shard `i`'s part of a dense pull, over gRPC.
-    async fn pull_shard_grpc(
+    /// Shard `i`'s part of a dense pull, over `data` if given, else gRPC.
+    async fn pull_shard(
         &self,
         i: usize,
+        data: Option<&DataLink>,
         msg: pb::PullDenseRequest,
     ) -> std::result::Result<pb::PullDenseResponse, tonic::Status> {
-        let mut c = self.shards[i].clone();
-        let call = hot_call(None, Kind::PullDense, msg, self.opts.read_timeout, move |req| async move {
-            c.pull_dense(req).await
-        });
+        let c = &self.shards[i];
+        let call =
+            hot_call(Some(&self.pushbacks), data, Kind::PullDense, msg, self.opts.read_timeout, move |req| {
+                let mut c = c.clone();
+                async move { c.pull_dense(req).await }
+            });
         call.await.map(tonic::Response::into_inner)
     }
 
@@ -733,7 +786,7 @@ impl ShardedClient {
                             Err(CallError::NotSent(_)) => {
                                 let pushed = self.send_dense_pushes(vec![(i, push)], Sending::First).await;
                                 let pulled = match pushed {
-                                    Ok(()) => Some(self.pull_shard_grpc(i, pull.clone()).await),
+                                    Ok(()) => Some(self.pull_shard(i, None, pull.clone()).await),
                                     Err(_) => None,
                                 };
                                 return (i, pushed.map(|()| None), pulled);
@@ -752,12 +805,23 @@ impl ShardedClient {
                 let pushed = match pushed {
                     // Sent once unless the link sent it again under the call.
                     Ok(r) => Ok(Some((seq, data.resends() == resends, r))),
+                    // Refused before it was applied: sent again after the pushback.
+                    Err(s) if self.pushed_back(&s).await => {
+                        self.send_dense_pushes(vec![(i, push)], Sending::First).await.map(|()| None)
+                    }
                     Err(s) if is_transient(&s) || is_unreachable(&s) => {
                         self.note_unreachable(&s);
                         tracing::warn!(code = ?s.code(), "push failed, retrying with the same seq");
                         self.send_dense_pushes(vec![(i, push)], Sending::Again).await.map(|()| None)
                     }
                     Err(s) => Err(self.status(i, s)),
+                };
+                // A pull pushed back is sent again once the push is in.
+                let pulled = match (pulled, &pull) {
+                    (Some(Err(s)), Some(pull)) if pushed.is_ok() && self.pushed_back(&s).await => {
+                        Some(self.pull_shard(i, Some(data), pull.clone()).await)
+                    }
+                    (pulled, _) => pulled,
                 };
                 (i, pushed, pulled)
             }
@@ -776,6 +840,18 @@ impl ShardedClient {
             pulls = pulls.and(taken);
         }
         (pushes, pulls)
+    }
+
+    /// Whether `status` is a pushback this client waits out
+    /// ([`Pushbacks`]); if so, it has waited when this returns.
+    async fn pushed_back(&self, status: &tonic::Status) -> bool {
+        match self.pushbacks.wait(status, Duration::ZERO) {
+            Some(after) => {
+                tokio::time::sleep(after).await;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Builds one push per shard, taking the next seq of each.
@@ -843,13 +919,14 @@ impl ShardedClient {
     {
         let calls = requests.into_iter().map(|(i, msg)| {
             let (c, data) = (&self.shards[i], &self.data[i]);
-            let (opts, lost) = (&self.opts, &*self.lost_contact);
+            let (opts, lost, pushbacks) = (&self.opts, &*self.lost_contact, &self.pushbacks);
             async move {
                 let (resends, mut sends) = (data.as_ref().map(DataLink::resends), 0);
-                let r = retry(opts, lost, || {
+                let r = retry(opts, lost, pushbacks, || {
                     sends += 1;
-                    let c = c.clone();
-                    hot_call(data.clone(), kind, msg.clone(), opts.request_timeout, move |req| send(c, req))
+                    hot_call(None, data.as_ref(), kind, msg.clone(), opts.request_timeout, move |req| {
+                        send(c.clone(), req)
+                    })
                 })
                 .await;
                 let once = sending == Sending::First
@@ -977,16 +1054,24 @@ impl ShardedClient {
         let compressed = !read_only && self.codecs_of(table).pull.is_lossy();
         let meta = pb::ReadMeta { worker: self.worker, clock, compressed };
         let calls = plan.ranges.iter().enumerate().filter(|(_, r)| !r.is_empty()).map(|(i, r)| {
-            let (mut c, data) = (self.shards[i].clone(), self.data[i].clone());
+            let c = &self.shards[i];
             let msg = pb::PullSparseRequest {
                 table: table.to_string(),
                 keys: codec::encode_u64(&plan.keys[r.clone()]),
                 meta: Some(meta),
                 read_only,
             };
-            let call = hot_call(data, Kind::PullSparse, msg, self.opts.read_timeout, move |req| async move {
-                c.pull_sparse(req).await
-            });
+            let call = hot_call(
+                Some(&self.pushbacks),
+                self.data[i].as_ref(),
+                Kind::PullSparse,
+                msg,
+                self.opts.read_timeout,
+                move |req| {
+                    let mut c = c.clone();
+                    async move { c.pull_sparse(req).await }
+                },
+            );
             async move { (i, call.await) }
         });
         // Each distinct key's row goes straight to its first occurrence in
@@ -1181,31 +1266,57 @@ fn pull_request(set: &DenseSet, i: usize, meta: pb::ReadMeta) -> pb::PullDenseRe
     pb::PullDenseRequest { chunks: ids, meta: Some(meta) }
 }
 
+/// One pull or push: on the shard's data plane if it has one, else (or if
+/// it cannot be reached) over gRPC with `grpc`; sent again while the shard
+/// pushes it back, with `pushbacks` ([`Pushbacks`]; a caller that retries
+/// on its own, [`retry`], passes none).
 async fn hot_call<M, R, F, Fut>(
-    data: Option<DataLink>,
+    pushbacks: Option<&Pushbacks>,
+    data: Option<&DataLink>,
     kind: Kind,
     msg: M,
     timeout: Duration,
     grpc: F,
 ) -> std::result::Result<tonic::Response<R>, tonic::Status>
 where
-    M: Body,
+    M: Body + Clone,
     R: Message + Default,
-    F: FnOnce(tonic::Request<M>) -> Fut,
+    F: Fn(tonic::Request<M>) -> Fut,
     Fut: std::future::Future<Output = std::result::Result<tonic::Response<R>, tonic::Status>>,
 {
-    if let Some(link) = data {
-        match link.try_call(kind, &msg, timeout).await {
-            Ok(r) => return Ok(tonic::Response::new(r)),
-            Err(CallError::Sent(status)) => return Err(status),
-            // The data plane could not be reached, and nothing went out:
-            // gRPC carries it (the data plane only makes calls faster; a
-            // shard at its connection limit, or a peer holding every slot,
-            // must not stop training).
-            Err(CallError::NotSent(_)) => {}
+    let mut waited = Duration::ZERO;
+    loop {
+        let answer = match data.map(|link| link.try_call(kind, &msg, timeout)) {
+            Some(call) => match call.await {
+                Ok(r) => Ok(tonic::Response::new(r)),
+                Err(CallError::Sent(status)) => Err(status),
+                // The data plane could not be reached, and nothing went
+                // out: gRPC carries it (the data plane only makes calls
+                // faster; a shard at its connection limit, or a peer
+                // holding every slot, must not stop training).
+                Err(CallError::NotSent(_)) => grpc_call(&grpc, &msg, timeout).await,
+            },
+            None => grpc_call(&grpc, &msg, timeout).await,
+        };
+        match answer {
+            Err(status) => match pushbacks.and_then(|p| p.wait(&status, waited)) {
+                Some(after) => {
+                    tokio::time::sleep(after).await;
+                    waited += after;
+                }
+                None => return Err(status),
+            },
+            ok => return ok,
         }
     }
-    let mut req = tonic::Request::new(msg);
+}
+
+async fn grpc_call<M: Clone, T, F, Fut>(grpc: &F, msg: &M, timeout: Duration) -> T
+where
+    F: Fn(tonic::Request<M>) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let mut req = tonic::Request::new(msg.clone());
     req.set_timeout(timeout);
     grpc(req).await
 }
@@ -1236,9 +1347,13 @@ impl Sequenced for pb::PushSparseRequest {
     }
 }
 
+/// A call that may be sent again with the same seq: retried while the
+/// shard is unreachable (up to `recover_within`), after a transient error
+/// (up to `push_retries` times), and while the shard pushes it back.
 async fn retry<T, F, Fut>(
     opts: &ClientOptions,
     lost_contact: &AtomicBool,
+    pushbacks: &Pushbacks,
     mut call: F,
 ) -> std::result::Result<T, tonic::Status>
 where
@@ -1247,23 +1362,29 @@ where
 {
     let deadline = tokio::time::Instant::now() + opts.recover_within;
     let mut backoff = Duration::from_millis(50);
-    let mut attempt = 0;
+    let (mut attempt, mut waited) = (0, Duration::ZERO);
     loop {
-        match call().await {
+        let status = match call().await {
             Ok(r) => return Ok(r.into_inner()),
-            Err(s) if is_unreachable(&s) && tokio::time::Instant::now() < deadline => {
-                lost_contact.store(true, Ordering::Relaxed);
-                tracing::warn!(code = ?s.code(), "shard unreachable; retrying the push with the same seq");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
-            }
-            Err(s) if is_transient(&s) && attempt < opts.push_retries => {
-                attempt += 1;
-                tracing::warn!(attempt, code = ?s.code(), "push failed, retrying with the same seq");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
-            Err(s) => return Err(s),
+            Err(s) => s,
+        };
+        if let Some(after) = pushbacks.wait(&status, waited) {
+            tokio::time::sleep(after).await;
+            waited += after;
+            continue;
+        }
+        if is_unreachable(&status) && tokio::time::Instant::now() < deadline {
+            lost_contact.store(true, Ordering::Relaxed);
+            tracing::warn!(code = ?status.code(), "shard unreachable; retrying the push with the same seq");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        } else if is_transient(&status) && attempt < opts.push_retries {
+            attempt += 1;
+            tracing::warn!(attempt, code = ?status.code(), "push failed, retrying with the same seq");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        } else {
+            return Err(status);
         }
     }
 }

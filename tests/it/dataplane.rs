@@ -10,7 +10,7 @@ use ps_common::dataplane::{DataLink, Kind};
 use ps_common::optim::Rule;
 use ps_common::partition::key_shard;
 use ps_common::spec::{Consistency, Init, InitKind, TableSpec};
-use ps_common::transport::TransportConfig;
+use ps_common::transport::{TransportConfig, pushback};
 use ps_common::wire::pb;
 use ps_server::local::LocalShards;
 use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
@@ -337,6 +337,9 @@ async fn requests_over_the_in_flight_budget_are_refused_and_give_their_bytes_bac
         assert!(slow.message().contains("max_inflight_mib"), "{}", slow.message());
         let fast = link.call::<_, pb::PushResponse>(Kind::PushDense, &big(), t).await.unwrap_err();
         assert_eq!(fast.code(), Code::ResourceExhausted, "{fast:?}");
+        // Larger than the budget: it would never fit, so nothing says to
+        // send it again.
+        assert_eq!((pushback(&slow), pushback(&fast)), (None, None));
         assert!(fast.message().contains("max_inflight_mib"), "{}", fast.message());
         // The tensor's 3000 values (12 KB) fit, on both paths, and apply.
         seq += 1;
@@ -520,4 +523,47 @@ async fn a_data_socket_path_in_use_or_not_a_socket_is_refused_and_left_alone() {
     let long = dir.0.join("x".repeat(120));
     let err = start_at(&long).await.unwrap_err().to_string();
     assert!(err.contains("at most 107"), "{err}");
+}
+
+/// A worker over its rate limit is refused with a pushback
+/// (`transport::with_pushback`), waits it out and sends the same request
+/// again, on the data plane and over gRPC, pulls and pushes, dense and
+/// sparse: the job goes on instead of stopping at the first
+/// RESOURCE_EXHAUSTED, and every push is applied exactly once.
+#[tokio::test]
+async fn a_worker_over_its_rate_waits_out_the_pushbacks_and_every_push_applies_once() {
+    const ITERATIONS: u64 = 25;
+    let limits = ps_server::budget::Limits { requests_per_sec: 100, burst: 3, ..Default::default() };
+    let config = ps_server::ServerConfig { limits, ..Default::default() };
+    let shards = LocalShards::start_with(&config, 2).await.expect("start");
+    let init = Init { kind: InitKind::Constant { value: 1.0 }, seed: 0 };
+    for (worker, data_plane) in [(1, true), (2, false)] {
+        let name = format!("w{worker}");
+        let dense = TableSpec::dense(&name, &[3000], init, Rule::sgd(0.5).into());
+        let table = format!("e{worker}");
+        let sparse = TableSpec::sparse(&table, 4, init, Rule::sgd(0.5).into());
+        let mut c = client(&shards, worker, data_plane).await;
+        c.register(&dense).await.unwrap();
+        c.register(&sparse).await.unwrap();
+        let set = DenseSet::new(&[dense], 2).unwrap();
+        let keys: Vec<u64> = (0..64).map(|k| k * 7919).collect();
+        let (grad, rows) = (vec![0.01f32; set.len()], vec![0.01f32; keys.len() * 4]);
+        let (mut values, mut pulled) = (vec![0f32; set.len()], vec![0f32; keys.len() * 4]);
+        for clock in 0..ITERATIONS {
+            assert!(c.push_and_pull_dense(&set, &grad, clock, &mut values).await.unwrap());
+            c.pull_sparse(&table, 4, &keys, clock, &mut pulled).await.unwrap();
+            c.push_sparse(&table, 4, &keys, &rows, clock, clock, false).await.unwrap();
+        }
+        c.pull_dense(&set, ITERATIONS, &mut values).await.unwrap();
+        c.pull_sparse(&table, 4, &keys, ITERATIONS, &mut pulled).await.unwrap();
+        let expected = 1.0 - 0.5 * 0.01 * ITERATIONS as f32;
+        for v in values.iter().chain(&pulled) {
+            assert!((v - expected).abs() < 1e-4, "data plane {data_plane}: {v}, expected {expected}");
+        }
+        // 2 shards x 3 requests an iteration at 100 a second, 3 at once:
+        // most of them were pushed back.
+        let waits = c.pushback_waits();
+        assert!(waits >= ITERATIONS, "data plane {data_plane}: {waits} pushbacks");
+    }
+    shards.stop().await.unwrap();
 }
