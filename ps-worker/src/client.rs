@@ -463,12 +463,14 @@ impl ShardedClient {
 
     /// Registers a table on every shard (idempotent for identical specs),
     /// waiting up to `recover_within` for a shard that cannot be reached (at
-    /// start-up a shard may still be starting, or cut off for a while).
+    /// start-up a shard may still be starting, or cut off for a while), and
+    /// waiting out pushbacks.
     pub async fn register(&self, spec: &TableSpec) -> Result<()> {
         let deadline = tokio::time::Instant::now() + self.opts.recover_within;
-        let mut backoff = Duration::from_millis(50);
+        let (mut backoff, mut waited) = (Duration::from_millis(50), Duration::ZERO);
         loop {
             match self.register_once(spec).await {
+                Err(Error::Status { ref status, .. }) if self.waited_out(status, &mut waited).await => {}
                 Err(e) if e.is_unreachable() && tokio::time::Instant::now() < deadline => {
                     tracing::warn!(worker = self.worker, error = %e, "waiting for a shard to register a table");
                     tokio::time::sleep(backoff).await;
@@ -476,6 +478,20 @@ impl ShardedClient {
                 }
                 r => return r,
             }
+        }
+    }
+
+    /// Whether `status` is a pushback this client waits out ([`Pushbacks`],
+    /// `waited` so far for the same call); if so, it has waited when this
+    /// returns.
+    async fn waited_out(&self, status: &tonic::Status, waited: &mut Duration) -> bool {
+        match self.pushbacks.wait(status, *waited) {
+            Some(after) => {
+                tokio::time::sleep(after).await;
+                *waited += after;
+                true
+            }
+            None => false,
         }
     }
 
@@ -539,13 +555,14 @@ impl ShardedClient {
     /// start-up is waited for like one cut off later.
     pub async fn rejoin(&mut self, consistency: Consistency, lease: Duration, clock: u64) -> Result<u64> {
         let deadline = tokio::time::Instant::now() + self.opts.recover_within;
-        let mut backoff = Duration::from_millis(50);
+        let (mut backoff, mut waited) = (Duration::from_millis(50), Duration::ZERO);
         loop {
             match self.join(consistency, lease, clock).await {
                 Ok(at) => {
                     self.lost_contact.store(false, Ordering::Relaxed);
                     return Ok(at);
                 }
+                Err(Error::Status { ref status, .. }) if self.waited_out(status, &mut waited).await => {}
                 Err(e) if e.is_unreachable() && tokio::time::Instant::now() < deadline => {
                     tracing::warn!(worker = self.worker, error = %e, "waiting for a shard to come back");
                     tokio::time::sleep(backoff).await;
@@ -806,7 +823,7 @@ impl ShardedClient {
                     // Sent once unless the link sent it again under the call.
                     Ok(r) => Ok(Some((seq, data.resends() == resends, r))),
                     // Refused before it was applied: sent again after the pushback.
-                    Err(s) if self.pushed_back(&s).await => {
+                    Err(s) if self.waited_out(&s, &mut Duration::default()).await => {
                         self.send_dense_pushes(vec![(i, push)], Sending::First).await.map(|()| None)
                     }
                     Err(s) if is_transient(&s) || is_unreachable(&s) => {
@@ -818,7 +835,9 @@ impl ShardedClient {
                 };
                 // A pull pushed back is sent again once the push is in.
                 let pulled = match (pulled, &pull) {
-                    (Some(Err(s)), Some(pull)) if pushed.is_ok() && self.pushed_back(&s).await => {
+                    (Some(Err(s)), Some(pull))
+                        if pushed.is_ok() && self.waited_out(&s, &mut Duration::default()).await =>
+                    {
                         Some(self.pull_shard(i, Some(data), pull.clone()).await)
                     }
                     (pulled, _) => pulled,
@@ -840,18 +859,6 @@ impl ShardedClient {
             pulls = pulls.and(taken);
         }
         (pushes, pulls)
-    }
-
-    /// Whether `status` is a pushback this client waits out
-    /// ([`Pushbacks`]); if so, it has waited when this returns.
-    async fn pushed_back(&self, status: &tonic::Status) -> bool {
-        match self.pushbacks.wait(status, Duration::ZERO) {
-            Some(after) => {
-                tokio::time::sleep(after).await;
-                true
-            }
-            None => false,
-        }
     }
 
     /// Builds one push per shard, taking the next seq of each.

@@ -528,7 +528,7 @@ async fn a_data_socket_path_in_use_or_not_a_socket_is_refused_and_left_alone() {
 /// A worker over its rate limit is refused with a pushback
 /// (`transport::with_pushback`), waits it out and sends the same request
 /// again, on the data plane and over gRPC, pulls and pushes, dense and
-/// sparse: the job goes on instead of stopping at the first
+/// sparse, registrations and joins: the job goes on instead of stopping at the first
 /// RESOURCE_EXHAUSTED, and every push is applied exactly once.
 #[tokio::test]
 async fn a_worker_over_its_rate_waits_out_the_pushbacks_and_every_push_applies_once() {
@@ -543,8 +543,12 @@ async fn a_worker_over_its_rate_waits_out_the_pushbacks_and_every_push_applies_o
         let table = format!("e{worker}");
         let sparse = TableSpec::sparse(&table, 4, init, Rule::sgd(0.5).into());
         let mut c = client(&shards, worker, data_plane).await;
-        c.register(&dense).await.unwrap();
-        c.register(&sparse).await.unwrap();
+        // Control calls are pushed back too: more at once than the burst.
+        for _ in 0..3 {
+            c.register(&dense).await.unwrap();
+            c.register(&sparse).await.unwrap();
+            c.rejoin(Consistency::Asp, Duration::from_secs(60), 0).await.unwrap();
+        }
         let set = DenseSet::new(&[dense], 2).unwrap();
         let keys: Vec<u64> = (0..64).map(|k| k * 7919).collect();
         let (grad, rows) = (vec![0.01f32; set.len()], vec![0.01f32; keys.len() * 4]);
