@@ -570,6 +570,7 @@ mod tests {
             straggle_s: 0.0,
             bytes_pushed: 10 * 2048,
             bytes_pulled: 10 * 4096,
+            pushback_waits: 0,
         })
     }
 

@@ -89,7 +89,7 @@ pub fn run_summary(s: &RunSummary) -> String {
         if let Event::Done(d) = e {
             let WorkerDone { worker, samples_per_s, pull_s, compute_s, push_s, straggle_s, wall_s, .. } = d;
             let pct = |x: f64| 100.0 * x / wall_s.max(1e-9);
-            let _ = writeln!(
+            let _ = write!(
                 out,
                 "  worker {worker}: {samples_per_s:>7.0} samples/s; time in pull {:.0}%, compute {:.0}%, push {:.0}%, straggle {:.0}%",
                 pct(*pull_s),
@@ -97,6 +97,12 @@ pub fn run_summary(s: &RunSummary) -> String {
                 pct(*push_s),
                 pct(*straggle_s)
             );
+            // Shards that refused requests for want of room (rate, bytes
+            // in flight) slowed the worker down: say so.
+            let _ = match d.pushback_waits {
+                0 => writeln!(out),
+                n => writeln!(out, "; {n} requests pushed back by shards and sent again"),
+            };
         }
     }
     let _ = writeln!(
@@ -233,7 +239,10 @@ mod tests {
             test_score: 0.9731,
             score_name: "accuracy".into(),
             failed: vec![(1, "signal: 9".into())],
-            done: vec![],
+            done: vec![
+                Event::Done(WorkerDone { worker: 0, wall_s: 1.0, ..Default::default() }),
+                Event::Done(WorkerDone { worker: 1, wall_s: 1.0, pushback_waits: 7, ..Default::default() }),
+            ],
             staleness_histogram: vec![3, 1],
             blocked_s: 0.0,
             server_peak_rss: vec![3 << 20],
@@ -250,5 +259,7 @@ mod tests {
         assert!(text.contains("staleness       mean 0.25, max 1"), "{text}");
         assert!(text.contains("server peak RSS 3.0 MiB"), "{text}");
         assert!(text.contains("FAILED worker 1: signal: 9"), "{text}");
+        assert!(text.contains("straggle 0%\n  worker 1:"), "no pushbacks, nothing said: {text}");
+        assert!(text.contains("straggle 0%; 7 requests pushed back by shards and sent again\n"), "{text}");
     }
 }

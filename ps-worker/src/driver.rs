@@ -195,9 +195,10 @@ impl<'a> Driver<'a> {
         });
     }
 
-    /// Reports `Done` with the time breakdown and the protobuf bytes the
-    /// worker pushed and pulled.
-    pub fn done(self, (bytes_pushed, bytes_pulled): (u64, u64)) {
+    /// Reports `Done` with the time breakdown, the protobuf bytes the
+    /// worker pushed and pulled, and the requests pushed back.
+    pub fn done(self, client: &crate::client::ShardedClient) {
+        let (bytes_pushed, bytes_pulled) = client.wire_bytes();
         let wall = self.elapsed();
         self.reporter.report(Event::Done(WorkerDone {
             worker: self.worker,
@@ -211,6 +212,7 @@ impl<'a> Driver<'a> {
             straggle_s: self.straggle.as_secs_f64(),
             bytes_pushed,
             bytes_pulled,
+            pushback_waits: client.pushback_waits(),
         }));
     }
 }

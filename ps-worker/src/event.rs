@@ -71,6 +71,10 @@ pub struct WorkerDone {
     pub bytes_pushed: u64,
     #[serde(default)]
     pub bytes_pulled: u64,
+    /// Pulls, pushes and control calls a shard refused with a pushback (its
+    /// rate limit, its bytes in flight) and the worker sent again.
+    #[serde(default)]
+    pub pushback_waits: u64,
 }
 
 /// The wall time of one iteration's phases, told to [`Reporter::iteration`]

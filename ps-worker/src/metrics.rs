@@ -38,6 +38,7 @@ pub struct WorkerMetrics {
     test_score: F64Gauge,
     bytes_pushed: Counter,
     bytes_pulled: Counter,
+    pushback_waits: Counter,
 }
 
 impl WorkerMetrics {
@@ -59,6 +60,7 @@ impl WorkerMetrics {
             test_score: F64Gauge::default(),
             bytes_pushed: Counter::default(),
             bytes_pulled: Counter::default(),
+            pushback_waits: Counter::default(),
         };
         r.register(
             "ps_worker_iterations",
@@ -107,6 +109,11 @@ impl WorkerMetrics {
             "Protobuf bytes of the worker's pull answers (counted when it finishes)",
             m.bytes_pulled.clone(),
         );
+        r.register(
+            "ps_worker_pushback_waits",
+            "Requests a shard refused with a pushback (rate limit, bytes in flight) and the worker sent again (counted when it finishes)",
+            m.pushback_waits.clone(),
+        );
         (r, m)
     }
 
@@ -128,6 +135,7 @@ impl WorkerMetrics {
             Event::Done(d) => {
                 self.bytes_pushed.inc_by(d.bytes_pushed);
                 self.bytes_pulled.inc_by(d.bytes_pulled);
+                self.pushback_waits.inc_by(d.pushback_waits);
             }
             Event::Metrics { .. } => {}
         }
@@ -186,13 +194,19 @@ mod tests {
             acc: 0.75,
             samples_per_s: 100.0,
         });
+        r.report(Event::Done(crate::event::WorkerDone {
+            worker: 3,
+            pushback_waits: 4,
+            ..Default::default()
+        }));
         let text = ps_common::metrics::render(&registry);
+        assert!(text.contains(r#"ps_worker_pushback_waits_total{worker="3"} 4"#), "{text}");
         assert!(text.contains(r#"ps_worker_iterations_total{worker="3"} 1"#), "{text}");
         assert!(text.contains(r#"ps_worker_clock{worker="3"} 7"#), "{text}");
         assert!(text.contains(r#"ps_worker_accuracy{worker="3"} 0.75"#), "{text}");
         assert!(text.contains(r#"ps_worker_phase_seconds_sum{worker="3",phase="push"} 0.005"#), "{text}");
         assert!(text.contains(r#"ps_worker_iteration_seconds_count{worker="3"} 1"#), "{text}");
         drop(r);
-        assert_eq!(seen.len(), 1, "events pass through");
+        assert_eq!(seen.len(), 2, "events pass through");
     }
 }

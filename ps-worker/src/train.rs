@@ -131,7 +131,7 @@ async fn train_loop<W: Workload>(
             d.eval(epoch, s.loss, s.score);
         }
     }
-    d.done(client.wire_bytes());
+    d.done(client);
     Ok(())
 }
 
@@ -228,7 +228,7 @@ async fn dynamic_loop<W: Workload>(
         let s = w.evaluate(client, d.clock).await?;
         d.eval(e, s.loss, s.score);
     }
-    d.done(client.wire_bytes());
+    d.done(client);
     Ok(())
 }
 
