@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+
+use crate::bounded::Bounded;
 use http_body::Frame;
 
 /// A request whose bytes are at most this may use the whole budget; larger
@@ -35,7 +37,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug)]
 pub struct InFlight {
     limit: u64,
-    used: AtomicU64,
+    used: Bounded,
     /// Requests refused.
     pub refused: AtomicU64,
 }
@@ -63,36 +65,25 @@ impl Refused {
 impl InFlight {
     /// A budget of `limit` bytes.
     pub fn new(limit: u64) -> Arc<InFlight> {
-        Arc::new(InFlight { limit, used: AtomicU64::new(0), refused: AtomicU64::new(0) })
+        Arc::new(InFlight { limit, used: Bounded::default(), refused: AtomicU64::new(0) })
     }
 
     /// Takes `bytes` for a request that will then hold `total`, or refuses.
     fn take(&self, bytes: u64, total: u64) -> Result<(), Refused> {
         let cap = if total <= SMALL { self.limit } else { self.limit - self.limit / 4 };
-        let mut used = self.used.load(Ordering::Relaxed);
-        loop {
-            let next = match used.checked_add(bytes) {
-                Some(n) if n <= cap => n,
-                _ => {
-                    self.refused.fetch_add(1, Ordering::Relaxed);
-                    return Err(Refused { bytes, used, cap, total });
-                }
-            };
-            match self.used.compare_exchange_weak(used, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return Ok(()),
-                Err(now) => used = now,
-            }
-        }
+        self.used.try_add(bytes, cap).map_err(|used| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            Refused { bytes, used, cap, total }
+        })
     }
 
     fn release(&self, bytes: u64) {
-        let _ =
-            self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(bytes)));
+        self.used.sub(bytes);
     }
 
     /// Bytes held now.
     pub fn used(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
+        self.used.get()
     }
 
     pub fn limit(&self) -> u64 {

@@ -27,6 +27,9 @@
 //! - [`seal`] signs (ed25519) and optionally encrypts (AES-256-GCM) files at
 //!   rest: checkpoints and registry artifacts; it reads and writes key files.
 //!
+//! - [`bounded`] is the lock-free capped count beneath the in-flight and
+//!   memory budgets.
+//!
 //! - [`metrics`] is the per-RPC layer of every server, the process collector
 //!   and the `/metrics` endpoint (Prometheus, `prometheus-client`).
 //!
@@ -34,6 +37,7 @@
 //! tokio; `wire`, `transport`, `dataplane`, `auth` and `metrics` are the only modules that touch them.
 
 pub mod auth;
+pub mod bounded;
 pub mod codec;
 pub mod compress;
 pub mod dataplane;

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ps_common::auth::Principal;
+use ps_common::bounded::Bounded;
 use ps_common::spec::TableSpec;
 use serde::{Deserialize, Serialize};
 
@@ -249,7 +250,7 @@ impl Limits {
 #[derive(Debug)]
 pub struct Budget {
     limit: u64,
-    used: AtomicU64,
+    used: Bounded,
     /// Reservations refused.
     pub refused: AtomicU64,
 }
@@ -262,25 +263,15 @@ impl Default for Budget {
 
 impl Budget {
     pub fn new(limit: u64) -> Budget {
-        Budget { limit, used: AtomicU64::new(0), refused: AtomicU64::new(0) }
+        Budget { limit, used: Bounded::default(), refused: AtomicU64::new(0) }
     }
 
     /// Takes `bytes` from the budget, or refuses (nothing taken).
     pub fn try_reserve(&self, bytes: u64) -> Result<()> {
-        let mut used = self.used.load(Ordering::Relaxed);
-        loop {
-            let next = match used.checked_add(bytes) {
-                Some(n) if n <= self.limit => n,
-                _ => {
-                    self.refused.fetch_add(1, Ordering::Relaxed);
-                    return Err(Error::OverBudget { bytes, used, limit: self.limit });
-                }
-            };
-            match self.used.compare_exchange_weak(used, next, Ordering::Relaxed, Ordering::Relaxed) {
-                Ok(_) => return Ok(()),
-                Err(now) => used = now,
-            }
-        }
+        self.used.try_add(bytes, self.limit).map_err(|used| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            Error::OverBudget { bytes, used, limit: self.limit }
+        })
     }
 
     /// Takes `bytes` and returns them when the [`Reservation`] drops, less
@@ -293,9 +284,7 @@ impl Budget {
 
     /// Gives `bytes` back.
     pub fn release(&self, bytes: u64) {
-        // Saturating: a release never wraps the count.
-        let _ =
-            self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| Some(u.saturating_sub(bytes)));
+        self.used.sub(bytes);
     }
 
     /// Adds what is already allocated (a restored checkpoint): refused if
@@ -305,7 +294,7 @@ impl Budget {
     }
 
     pub fn used(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
+        self.used.get()
     }
 
     pub fn limit(&self) -> u64 {
