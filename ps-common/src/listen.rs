@@ -10,12 +10,17 @@
 //! while the flood lasted (docs/SECURITY.md). Here an `accept` that fails
 //! for want of descriptors or memory is retried after a pause.
 //!
+//! A listener may also cap the connections of one peer host ([`PerHost`],
+//! [`Listener::per_host`]), so that a flood from one host cannot take every
+//! slot from the others.
+//!
 //! The data plane (`ps_server::dataplane`) has its own accept loop, over
-//! TCP and a Unix socket, and reports its refusals with [`ReportEvery`].
+//! TCP and a Unix socket, and uses [`PerHost`] and [`ReportEvery`] too.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -52,6 +57,60 @@ impl ReportEvery {
     }
 }
 
+/// The open connections of each peer host, each host held to `max`. Its
+/// map has an entry per host with a connection open, no more.
+#[derive(Debug)]
+pub struct PerHost {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerHost {
+    /// At most `max` (at least 1) connections from one host.
+    pub fn new(max: usize) -> Arc<PerHost> {
+        Arc::new(PerHost { max: max.max(1), open: Mutex::default() })
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// A slot of `ip`'s, held until dropped; `None` when `ip` holds `max`.
+    pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Option<HostSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(HostSlot { hosts: Arc::clone(self), ip })
+    }
+
+    /// Connections open from `ip`.
+    pub fn open(&self, ip: IpAddr) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).get(&ip).copied().unwrap_or(0)
+    }
+}
+
+/// One connection's place in its host's count ([`PerHost::enter`]).
+#[derive(Debug)]
+pub struct HostSlot {
+    hosts: Arc<PerHost>,
+    ip: IpAddr,
+}
+
+impl Drop for HostSlot {
+    fn drop(&mut self) {
+        let mut open = self.hosts.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// A TCP listener that keeps at most `max` of its connections open: each
 /// accepted [`Connection`] holds a slot until it is dropped, and a
 /// connection accepted with every slot taken is closed at once.
@@ -60,6 +119,7 @@ pub struct Listener {
     listener: TcpListener,
     slots: Arc<Semaphore>,
     max: usize,
+    hosts: Arc<PerHost>,
     nodelay: bool,
     what: &'static str,
     refused: ReportEvery,
@@ -72,7 +132,15 @@ impl Listener {
     pub fn new(listener: TcpListener, max: usize, nodelay: bool, what: &'static str) -> Listener {
         let max = max.max(1);
         let (refused, failing) = (ReportEvery::default(), ReportEvery::default());
-        Listener { listener, slots: Arc::new(Semaphore::new(max)), max, nodelay, what, refused, failing }
+        let (slots, hosts) = (Arc::new(Semaphore::new(max)), PerHost::new(max));
+        Listener { listener, slots, max, hosts, nodelay, what, refused, failing }
+    }
+
+    /// Also at most `max` connections from one peer host (by default, as
+    /// many as the listener's cap).
+    pub fn per_host(mut self, max: usize) -> Listener {
+        self.hosts = PerHost::new(max);
+        self
     }
 
     /// The next connection within the cap, and its peer's address. Never
@@ -80,26 +148,30 @@ impl Listener {
     pub async fn accept(&mut self) -> (Connection, SocketAddr) {
         loop {
             match self.listener.accept().await {
-                Ok((io, addr)) => match Arc::clone(&self.slots).try_acquire_owned() {
-                    Ok(slot) => {
-                        // Best effort: a socket that refuses the option still works.
-                        let _ = io.set_nodelay(self.nodelay);
-                        return (Connection { io, _slot: slot }, addr);
-                    }
-                    Err(_) => {
-                        drop(io);
-                        if let Some(refused) = self.refused.note() {
-                            tracing::warn!(
-                                %addr,
-                                refused,
-                                "{}: connections refused at its limit of {} open (refused: how many since the \
-                                 last report; addr: the last one's peer)",
-                                self.what,
-                                self.max
-                            );
+                Ok((io, addr)) => {
+                    let host = self.hosts.enter(addr.ip());
+                    match (host, Arc::clone(&self.slots).try_acquire_owned()) {
+                        (Some(host), Ok(slot)) => {
+                            // Best effort: a socket that refuses the option still works.
+                            let _ = io.set_nodelay(self.nodelay);
+                            return (Connection { io, _slot: slot, _host: host }, addr);
+                        }
+                        _ => {
+                            drop(io);
+                            if let Some(refused) = self.refused.note() {
+                                tracing::warn!(
+                                    %addr,
+                                    refused,
+                                    "{}: connections refused at its limit of {} open, or of {} from one host \
+                                     (refused: how many since the last report; addr: the last one's peer)",
+                                    self.what,
+                                    self.max,
+                                    self.hosts.max()
+                                );
+                            }
                         }
                     }
-                },
+                }
                 // The connection failed before it was accepted: the next one is unaffected.
                 Err(e) if is_connection_error(&e) => {}
                 Err(e) => {
@@ -152,6 +224,7 @@ fn is_connection_error(e: &std::io::Error) -> bool {
 pub struct Connection {
     io: TcpStream,
     _slot: OwnedSemaphorePermit,
+    _host: HostSlot,
 }
 
 impl Connection {
@@ -256,6 +329,64 @@ mod tests {
         assert!(closed(&mut over).await);
         drop((held.1, third));
         server.abort();
+    }
+
+    /// A connection from `from` (a loopback address) to `to`.
+    async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((from, 0))).unwrap();
+        socket.connect(to).await.unwrap()
+    }
+
+    /// With 2 connections a host among 10 slots, a host's third is closed
+    /// while another host is served; its count comes back as its
+    /// connections close, and hosts with none leave the map.
+    #[tokio::test]
+    async fn one_host_cannot_take_the_slots_of_others() {
+        let tcp = TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let to = SocketAddr::from(([127, 0, 0, 1], port));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let server = tokio::spawn(async move {
+            let mut listener = Listener::new(tcp, 10, true, "test").per_host(2);
+            loop {
+                let (connection, addr) = listener.accept().await;
+                tx.send((connection, addr)).unwrap();
+            }
+        });
+        let mut flood = Vec::new();
+        for _ in 0..5 {
+            flood.push(connect_from([127, 0, 0, 2], to).await);
+        }
+        let mut other = Vec::new();
+        for _ in 0..2 {
+            other.push(connect_from([127, 0, 0, 3], to).await);
+        }
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(rx.recv().await.unwrap());
+        }
+        let mut fates = Vec::new();
+        for c in flood.iter_mut().chain(&mut other) {
+            fates.push(closed(c).await);
+        }
+        assert_eq!(fates, [false, false, true, true, true, false, false]);
+        assert!(rx.try_recv().is_err());
+        // One of the flooding host's connections closes: it may open one more.
+        let i = held.iter().position(|(_, a)| a.ip() == IpAddr::from([127, 0, 0, 2])).unwrap();
+        drop(held.remove(i));
+        let mut again = connect_from([127, 0, 0, 2], to).await;
+        held.push(rx.recv().await.unwrap());
+        assert!(!closed(&mut again).await);
+        server.abort();
+        let _ = server.await;
+        drop(held);
+        let hosts = PerHost::new(1);
+        let slot = hosts.enter(IpAddr::from([10, 0, 0, 1])).unwrap();
+        assert!(hosts.enter(IpAddr::from([10, 0, 0, 1])).is_none());
+        drop(slot);
+        assert_eq!(hosts.open(IpAddr::from([10, 0, 0, 1])), 0);
+        assert!(hosts.open.lock().unwrap().is_empty(), "no entry for a host with nothing open");
     }
 
     /// A thousand refused connections in a burst make one report, not a

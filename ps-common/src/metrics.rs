@@ -376,8 +376,9 @@ pub fn router(registry: Arc<Registry>) -> axum::Router {
 }
 
 /// Most open connections of a `/metrics` listener (scrapers and probes
-/// hold one or two each).
+/// hold one or two each), and from one host.
 const MAX_CONNECTIONS: usize = 64;
+const MAX_CONNECTIONS_PER_HOST: usize = 16;
 
 /// Binds `addr` and serves `GET /metrics` of `registry` on it, over HTTPS
 /// with `tls` (plain HTTP without), in a task of the current runtime.
@@ -391,7 +392,8 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let router = router(registry);
-    let listener = crate::listen::Listener::new(listener, MAX_CONNECTIONS, true, "/metrics");
+    let listener = crate::listen::Listener::new(listener, MAX_CONNECTIONS, true, "/metrics")
+        .per_host(MAX_CONNECTIONS_PER_HOST);
     let task = tokio::spawn(crate::transport::serve_http(listener, router, tls));
     Ok((bound, task))
 }

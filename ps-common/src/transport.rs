@@ -651,12 +651,17 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The connections accepted on `listener`, at most `max` open at once
-/// (`ps_common::listen`), with `TCP_NODELAY` set as `config` says. (The
-/// builder's own `tcp_nodelay` only reaches listeners it binds itself.)
-/// `what` names the listener in its warnings.
-pub fn incoming(config: &TransportConfig, listener: TcpListener, max: usize, what: &'static str) -> Incoming {
-    Listener::new(listener, max, config.tcp_nodelay, what).into_stream()
+/// The connections accepted on `listener`, at most `max` open at once and
+/// `per_host` from one peer host (`ps_common::listen`), with `TCP_NODELAY`
+/// set as `config` says. (The builder's own `tcp_nodelay` only reaches
+/// listeners it binds itself.) `what` names the listener in its warnings.
+pub fn incoming(
+    config: &TransportConfig,
+    listener: TcpListener,
+    (max, per_host): (usize, usize),
+    what: &'static str,
+) -> Incoming {
+    Listener::new(listener, max, config.tcp_nodelay, what).per_host(per_host).into_stream()
 }
 
 /// The generated shard service with `config`'s message limits.

@@ -82,6 +82,10 @@ pub struct Args {
     /// once. Keep both under the open-file limit (`ulimit -n`).
     #[arg(long, default_value_t = 1024)]
     pub max_connections: usize,
+    /// Most open connections of each listener from one peer host, so that
+    /// one host cannot take every slot.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections_per_host: usize,
     /// TLS on both listeners (`serve.pem` in --tls-dir; HTTPS on --http);
     /// online mode reads the cluster as `reader` (`reader.pem` in --tls-dir,
     /// or no client certificate with --tls-ca).

@@ -28,10 +28,11 @@ async fn main() -> anyhow::Result<()> {
         || args.max_request_mib == 0
         || args.max_inflight_mib == 0
         || args.max_connections == 0
+        || args.max_connections_per_host == 0
     {
         bail!(
-            "--max-batch, --max-request-rows, --max-request-mib, --max-inflight-mib and --max-connections must be \
-             positive"
+            "--max-batch, --max-request-rows, --max-request-mib, --max-inflight-mib, --max-connections and \
+             --max-connections-per-host must be positive"
         );
     }
     let transport = args.server_transport()?;
@@ -107,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
         max_request_bytes: args.max_request_mib << 20,
         max_inflight_bytes: args.max_inflight_mib << 20,
         max_connections: args.max_connections,
+        max_connections_per_host: args.max_connections_per_host,
     };
     let running = server::start_with(models, args.grpc, args.http, limits, &transport).await?;
     println!(

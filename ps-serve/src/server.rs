@@ -57,11 +57,18 @@ pub struct Limits {
     /// Most open connections of each listener; one beyond it is closed at
     /// once (`ps_common::listen`).
     pub max_connections: usize,
+    /// Most open connections of each listener from one peer host.
+    pub max_connections_per_host: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_request_bytes: 16 << 20, max_inflight_bytes: 256 << 20, max_connections: 1024 }
+        Limits {
+            max_request_bytes: 16 << 20,
+            max_inflight_bytes: 256 << 20,
+            max_connections: 1024,
+            max_connections_per_host: 256,
+        }
     }
 }
 
@@ -131,8 +138,10 @@ pub async fn start_with(
     let service = PredictionServer::new(PredictionService(Arc::clone(&models)))
         .max_decoding_message_size(limits.max_request_bytes)
         .max_encoding_message_size(limits.max_request_bytes.max(64 << 20));
-    let incoming = transport::incoming(transport, grpc_listener, limits.max_connections, "ps-serve gRPC");
-    let http_listener = Listener::new(http_listener, limits.max_connections, true, "ps-serve HTTP");
+    let caps = (limits.max_connections, limits.max_connections_per_host);
+    let incoming = transport::incoming(transport, grpc_listener, caps, "ps-serve gRPC");
+    let http_listener = Listener::new(http_listener, limits.max_connections, true, "ps-serve HTTP")
+        .per_host(limits.max_connections_per_host);
     let grpc_task = tokio::spawn(async move {
         let mut grpc_server = grpc_server;
         if let Err(e) = grpc_server.add_service(service).serve_with_incoming(incoming).await {

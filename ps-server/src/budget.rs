@@ -99,6 +99,10 @@ pub struct Limits {
     /// Most open data-plane connections (each serves one request at a
     /// time); a connection beyond it is closed at once.
     pub max_data_connections: usize,
+    /// Most open connections from one peer host, on the gRPC port and on
+    /// the data plane's TCP port each (its Unix socket is the host's own),
+    /// so that one host cannot take every slot.
+    pub max_connections_per_host: usize,
     /// Bytes of request messages being received or handled at once, in
     /// MiB, over gRPC and the data plane together (`ps_common::inflight`): a
     /// request whose bytes do not fit is refused with `RESOURCE_EXHAUSTED`.
@@ -130,6 +134,7 @@ impl Default for Limits {
             max_concurrent_streams: 256,
             max_connections: 512,
             max_data_connections: 256,
+            max_connections_per_host: 128,
             max_inflight_mib: 1024,
             requests_per_sec: 20_000,
             burst: 20_000,
@@ -153,10 +158,11 @@ impl Limits {
             || self.max_concurrent_streams == 0
             || self.max_connections == 0
             || self.max_data_connections == 0
+            || self.max_connections_per_host == 0
         {
             return bad(
-                "max_tables, max_workers, max_concurrent_streams, max_connections and max_data_connections \
-                 must be positive",
+                "max_tables, max_workers, max_concurrent_streams, max_connections, max_data_connections and \
+                 max_connections_per_host must be positive",
             );
         }
         if self.max_inflight_mib == 0 || self.max_inflight_mib > 1 << 30 {

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use prost::Message;
 use ps_common::dataplane::{self, FrameReader, Kind, OutFrame, Peer};
-use ps_common::listen::ReportEvery;
+use ps_common::listen::{PerHost, ReportEvery};
 use ps_common::transport::TransportConfig;
 use ps_common::wire::pb::parameter_server_server::ParameterServer;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -90,8 +90,15 @@ impl Listener {
 /// Serves the data plane on `listener` until dropped: the task is aborted
 /// with the shard, and its connections with it (they live in its `JoinSet`),
 /// so a stopped shard answers nothing more here either. `slots` bounds the
-/// connections of every listener of the shard together.
-pub async fn serve(listener: Listener, service: Service, config: TransportConfig, slots: Arc<Semaphore>) {
+/// connections of every listener of the shard together, and `hosts` those
+/// of one peer host on a TCP listener (a Unix socket's peers are all this
+/// host: the socket file's permissions decide who connects).
+pub async fn serve(
+    listener: Listener,
+    service: Service,
+    config: TransportConfig,
+    (slots, hosts): (Arc<Semaphore>, Arc<PerHost>),
+) {
     let tls = match &config.tls {
         Some(tls) => match dataplane::server_tls(tls) {
             Ok(c) => Some(tokio_rustls::TlsAcceptor::from(c)),
@@ -120,13 +127,18 @@ pub async fn serve(listener: Listener, service: Service, config: TransportConfig
                 continue;
             }
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+        let host = match listener {
+            Listener::Tcp(_) => hosts.enter(addr.ip()).map(Some),
+            Listener::Unix(_) => Some(None),
+        };
+        let (Some(host), Ok(slot)) = (host, Arc::clone(&slots).try_acquire_owned()) else {
             if let Some(refused) = refusals.note() {
                 tracing::warn!(
                     %addr,
                     refused,
-                    "data plane: connections refused at [limits] max_data_connections (refused: how many since \
-                     the last report; addr: the last one's peer)"
+                    "data plane: connections refused at [limits] max_data_connections or \
+                     max_connections_per_host (refused: how many since the last report; addr: the last one's \
+                     peer)"
                 );
             }
             continue;
@@ -136,7 +148,7 @@ pub async fn serve(listener: Listener, service: Service, config: TransportConfig
             if let Err(e) = connection(service, stream, addr, tls, max).await {
                 tracing::debug!(%addr, error = %e, "data plane: connection closed");
             }
-            drop(slot);
+            drop((slot, host));
         });
     }
 }

@@ -268,7 +268,9 @@ async fn serve_when_ready(
             .into_iter()
             .map(|l| {
                 let service = Service(Arc::clone(&shard));
-                AbortOnDrop(tokio::spawn(dataplane::serve(l, service, t.clone(), Arc::clone(&slots))))
+                let hosts = ps_common::listen::PerHost::new(limits.max_connections_per_host);
+                let slots = (Arc::clone(&slots), hosts);
+                AbortOnDrop(tokio::spawn(dataplane::serve(l, service, t.clone(), slots)))
             })
             .collect();
         (tasks, socket_file)
@@ -282,7 +284,12 @@ async fn serve_when_ready(
         .max_concurrent_streams(limits.max_concurrent_streams)
         .add_service(transport::service(t, Service(shard)))
         .serve_with_incoming_shutdown(
-            transport::incoming(t, listener, limits.max_connections, "shard gRPC"),
+            transport::incoming(
+                t,
+                listener,
+                (limits.max_connections, limits.max_connections_per_host),
+                "shard gRPC",
+            ),
             shutdown,
         )
         .await;

@@ -297,7 +297,7 @@ mod tests {
         let server = transport::server(&t, &rpc)
             .unwrap()
             .add_service(transport::service(&t, Service(Arc::clone(&shard))))
-            .serve_with_incoming(transport::incoming(&t, listener, 16, "test"));
+            .serve_with_incoming(transport::incoming(&t, listener, (16, 16), "test"));
         let server = tokio::spawn(server);
         let channel = transport::endpoint(&t, &addr).unwrap().connect().await.unwrap();
         let mut client = transport::client(&t, channel, Default::default());
