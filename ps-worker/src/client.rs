@@ -819,11 +819,13 @@ impl ShardedClient {
                         }
                     },
                 };
+                let mut pushed_back = false;
                 let pushed = match pushed {
                     // Sent once unless the link sent it again under the call.
                     Ok(r) => Ok(Some((seq, data.resends() == resends, r))),
                     // Refused before it was applied: sent again after the pushback.
                     Err(s) if self.waited_out(&s, &mut Duration::default()).await => {
+                        pushed_back = true;
                         self.send_dense_pushes(vec![(i, push)], Sending::First).await.map(|()| None)
                     }
                     Err(s) if is_transient(&s) || is_unreachable(&s) => {
@@ -833,8 +835,12 @@ impl ShardedClient {
                     }
                     Err(s) => Err(self.status(i, s)),
                 };
-                // A pull pushed back is sent again once the push is in.
+                // A pull pushed back is sent again once the push is in; so is
+                // one that ran before its push (pushed back), so that it sees it.
                 let pulled = match (pulled, &pull) {
+                    (_, Some(pull)) if pushed.is_ok() && pushed_back => {
+                        Some(self.pull_shard(i, Some(data), pull.clone()).await)
+                    }
                     (Some(Err(s)), Some(pull))
                         if pushed.is_ok() && self.waited_out(&s, &mut Duration::default()).await =>
                     {
