@@ -194,22 +194,25 @@ struct Pushbacks {
 }
 
 impl Pushbacks {
-    /// How long to wait before sending again a request refused with
-    /// `status` after `waited` of waiting so far; `None`: return the
+    /// Whether a request refused with `status`, after `waited` of waiting
+    /// for it so far, is to be sent again; if so, the pushback has been
+    /// waited (and added to `waited`) when this returns. False: return the
     /// refusal (none pushed back, or waited long enough).
-    fn wait(&self, status: &tonic::Status, waited: Duration) -> Option<Duration> {
+    async fn wait_out(&self, status: &tonic::Status, waited: &mut Duration) -> bool {
         use rand::Rng;
-        let after = transport::pushback(status)?;
+        let Some(after) = transport::pushback(status) else { return false };
         let after = after + after.mul_f64(rand::rng().random_range(0.0..0.5));
-        if waited + after > self.within {
-            return None;
+        if *waited + after > self.within {
+            return false;
         }
         if self.waits.fetch_add(1, Ordering::Relaxed) == 0 {
             tracing::warn!(code = ?status.code(), message = status.message(), "a shard asked this worker to wait; sending again");
         } else {
             tracing::debug!(code = ?status.code(), ?after, "pushed back; sending again");
         }
-        Some(after)
+        tokio::time::sleep(after).await;
+        *waited += after;
+        true
     }
 }
 
@@ -470,7 +473,8 @@ impl ShardedClient {
         let (mut backoff, mut waited) = (Duration::from_millis(50), Duration::ZERO);
         loop {
             match self.register_once(spec).await {
-                Err(Error::Status { ref status, .. }) if self.waited_out(status, &mut waited).await => {}
+                Err(Error::Status { ref status, .. })
+                    if self.pushbacks.wait_out(status, &mut waited).await => {}
                 Err(e) if e.is_unreachable() && tokio::time::Instant::now() < deadline => {
                     tracing::warn!(worker = self.worker, error = %e, "waiting for a shard to register a table");
                     tokio::time::sleep(backoff).await;
@@ -478,20 +482,6 @@ impl ShardedClient {
                 }
                 r => return r,
             }
-        }
-    }
-
-    /// Whether `status` is a pushback this client waits out ([`Pushbacks`],
-    /// `waited` so far for the same call); if so, it has waited when this
-    /// returns.
-    async fn waited_out(&self, status: &tonic::Status, waited: &mut Duration) -> bool {
-        match self.pushbacks.wait(status, *waited) {
-            Some(after) => {
-                tokio::time::sleep(after).await;
-                *waited += after;
-                true
-            }
-            None => false,
         }
     }
 
@@ -562,7 +552,8 @@ impl ShardedClient {
                     self.lost_contact.store(false, Ordering::Relaxed);
                     return Ok(at);
                 }
-                Err(Error::Status { ref status, .. }) if self.waited_out(status, &mut waited).await => {}
+                Err(Error::Status { ref status, .. })
+                    if self.pushbacks.wait_out(status, &mut waited).await => {}
                 Err(e) if e.is_unreachable() && tokio::time::Instant::now() < deadline => {
                     tracing::warn!(worker = self.worker, error = %e, "waiting for a shard to come back");
                     tokio::time::sleep(backoff).await;
@@ -644,23 +635,11 @@ impl ShardedClient {
         check_len("pull buffer", out.len(), set.len)?;
         let meta = self.read_meta(set, clock);
         let calls = set.by_shard.iter().enumerate().filter(|(_, c)| !c.is_empty()).map(|(i, _)| {
-            let c = &self.shards[i];
             let msg = pull_request(set, i, meta);
-            let call = hot_call(
-                Some(&self.pushbacks),
-                self.data[i].as_ref(),
-                Kind::PullDense,
-                msg,
-                self.opts.read_timeout,
-                move |req| {
-                    let mut c = c.clone();
-                    async move { c.pull_dense(req).await }
-                },
-            );
-            async move { (i, call.await) }
+            async move { (i, self.pull_shard(i, self.data[i].as_ref(), &msg).await) }
         });
         for (i, r) in join_all(calls).await {
-            let resp = r.map_err(|s| self.status(i, s))?.into_inner();
+            let resp = r.map_err(|s| self.status(i, s))?;
             self.take_pulled(set, i, &resp, out)?;
         }
         Ok(())
@@ -671,7 +650,7 @@ impl ShardedClient {
         &self,
         i: usize,
         data: Option<&DataLink>,
-        msg: pb::PullDenseRequest,
+        msg: &pb::PullDenseRequest,
     ) -> std::result::Result<pb::PullDenseResponse, tonic::Status> {
         let c = &self.shards[i];
         let call =
@@ -803,7 +782,7 @@ impl ShardedClient {
                             Err(CallError::NotSent(_)) => {
                                 let pushed = self.send_dense_pushes(vec![(i, push)], Sending::First).await;
                                 let pulled = match pushed {
-                                    Ok(()) => Some(self.pull_shard(i, None, pull.clone()).await),
+                                    Ok(()) => Some(self.pull_shard(i, None, pull).await),
                                     Err(_) => None,
                                 };
                                 return (i, pushed.map(|()| None), pulled);
@@ -824,7 +803,7 @@ impl ShardedClient {
                     // Sent once unless the link sent it again under the call.
                     Ok(r) => Ok(Some((seq, data.resends() == resends, r))),
                     // Refused before it was applied: sent again after the pushback.
-                    Err(s) if self.waited_out(&s, &mut Duration::default()).await => {
+                    Err(s) if self.pushbacks.wait_out(&s, &mut Duration::default()).await => {
                         pushed_back = true;
                         self.send_dense_pushes(vec![(i, push)], Sending::First).await.map(|()| None)
                     }
@@ -837,16 +816,15 @@ impl ShardedClient {
                 };
                 // A pull pushed back is sent again once the push is in; so is
                 // one that ran before its push (pushed back), so that it sees it.
-                let pulled = match (pulled, &pull) {
-                    (_, Some(pull)) if pushed.is_ok() && pushed_back => {
-                        Some(self.pull_shard(i, Some(data), pull.clone()).await)
-                    }
-                    (Some(Err(s)), Some(pull))
-                        if pushed.is_ok() && self.waited_out(&s, &mut Duration::default()).await =>
-                    {
-                        Some(self.pull_shard(i, Some(data), pull.clone()).await)
-                    }
-                    (pulled, _) => pulled,
+                let again = pushed.is_ok()
+                    && (pushed_back
+                        || match &pulled {
+                            Some(Err(s)) => self.pushbacks.wait_out(s, &mut Duration::default()).await,
+                            _ => false,
+                        });
+                let pulled = match &pull {
+                    Some(pull) if again => Some(self.pull_shard(i, Some(data), pull).await),
+                    _ => pulled,
                 };
                 (i, pushed, pulled)
             }
@@ -937,7 +915,7 @@ impl ShardedClient {
                 let (resends, mut sends) = (data.as_ref().map(DataLink::resends), 0);
                 let r = retry(opts, lost, pushbacks, || {
                     sends += 1;
-                    hot_call(None, data.as_ref(), kind, msg.clone(), opts.request_timeout, move |req| {
+                    hot_call(None, data.as_ref(), kind, &msg, opts.request_timeout, move |req| {
                         send(c.clone(), req)
                     })
                 })
@@ -1074,18 +1052,21 @@ impl ShardedClient {
                 meta: Some(meta),
                 read_only,
             };
-            let call = hot_call(
-                Some(&self.pushbacks),
-                self.data[i].as_ref(),
-                Kind::PullSparse,
-                msg,
-                self.opts.read_timeout,
-                move |req| {
-                    let mut c = c.clone();
-                    async move { c.pull_sparse(req).await }
-                },
-            );
-            async move { (i, call.await) }
+            async move {
+                let data = self.data[i].as_ref();
+                let call = hot_call(
+                    Some(&self.pushbacks),
+                    data,
+                    Kind::PullSparse,
+                    &msg,
+                    self.opts.read_timeout,
+                    |req| {
+                        let mut c = c.clone();
+                        async move { c.pull_sparse(req).await }
+                    },
+                );
+                (i, call.await)
+            }
         });
         // Each distinct key's row goes straight to its first occurrence in
         // `out`; repeats are copied from there at the end.
@@ -1287,7 +1268,7 @@ async fn hot_call<M, R, F, Fut>(
     pushbacks: Option<&Pushbacks>,
     data: Option<&DataLink>,
     kind: Kind,
-    msg: M,
+    msg: &M,
     timeout: Duration,
     grpc: F,
 ) -> std::result::Result<tonic::Response<R>, tonic::Status>
@@ -1299,7 +1280,7 @@ where
 {
     let mut waited = Duration::ZERO;
     loop {
-        let answer = match data.map(|link| link.try_call(kind, &msg, timeout)) {
+        let answer = match data.map(|link| link.try_call(kind, msg, timeout)) {
             Some(call) => match call.await {
                 Ok(r) => Ok(tonic::Response::new(r)),
                 Err(CallError::Sent(status)) => Err(status),
@@ -1307,19 +1288,13 @@ where
                 // out: gRPC carries it (the data plane only makes calls
                 // faster; a shard at its connection limit, or a peer
                 // holding every slot, must not stop training).
-                Err(CallError::NotSent(_)) => grpc_call(&grpc, &msg, timeout).await,
+                Err(CallError::NotSent(_)) => grpc_call(&grpc, msg, timeout).await,
             },
-            None => grpc_call(&grpc, &msg, timeout).await,
+            None => grpc_call(&grpc, msg, timeout).await,
         };
-        match answer {
-            Err(status) => match pushbacks.and_then(|p| p.wait(&status, waited)) {
-                Some(after) => {
-                    tokio::time::sleep(after).await;
-                    waited += after;
-                }
-                None => return Err(status),
-            },
-            ok => return ok,
+        match (answer, pushbacks) {
+            (Err(status), Some(p)) if p.wait_out(&status, &mut waited).await => {}
+            (answer, _) => return answer,
         }
     }
 }
@@ -1381,9 +1356,7 @@ where
             Ok(r) => return Ok(r.into_inner()),
             Err(s) => s,
         };
-        if let Some(after) = pushbacks.wait(&status, waited) {
-            tokio::time::sleep(after).await;
-            waited += after;
+        if pushbacks.wait_out(&status, &mut waited).await {
             continue;
         }
         if is_unreachable(&status) && tokio::time::Instant::now() < deadline {
