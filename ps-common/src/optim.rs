@@ -424,15 +424,42 @@ impl Rule {
     /// same bit for bit whichever runs: every operation is an IEEE add, mul,
     /// div or sqrt on one lane, and no multiply-add is fused.
     pub fn apply(&self, step: u64, lr_scale: f32, param: &mut [f32], grad: &[f32], state: &mut [f32]) {
+        let slots = self.slots(state, param.len());
+        self.apply_slots(step, lr_scale, param, grad, slots);
+    }
+
+    /// [`Rule::apply`] with the state given as its slots (`m` and `v` for
+    /// Adam; an unused slot is empty), each as long as `param`: so that a
+    /// caller can apply a range of a block, slot-major as it is, a tile at a
+    /// time. The result is the same as applying the whole block at once: each
+    /// parameter's update reads only its own values.
+    pub fn apply_slots(
+        &self,
+        step: u64,
+        lr_scale: f32,
+        param: &mut [f32],
+        grad: &[f32],
+        slots: [&mut [f32]; 2],
+    ) {
         match Isa::best() {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::best` names AVX-512F only if the CPU has it.
-            Isa::Avx512 => unsafe { self.apply_avx512(step, lr_scale, param, grad, state) },
+            Isa::Avx512 => unsafe { self.apply_avx512(step, lr_scale, param, grad, slots) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::best` names AVX2 only if the CPU has it.
-            Isa::Avx2 => unsafe { self.apply_avx2(step, lr_scale, param, grad, state) },
-            Isa::Baseline => self.apply_loops(step, lr_scale, param, grad, state),
+            Isa::Avx2 => unsafe { self.apply_avx2(step, lr_scale, param, grad, slots) },
+            Isa::Baseline => self.apply_loops(step, lr_scale, param, grad, slots),
         }
+    }
+
+    /// `state` (`n` floats per slot, slot after slot) as the rule's two
+    /// slots, the unused ones empty.
+    pub fn slots<'a>(&self, state: &'a mut [f32], n: usize) -> [&'a mut [f32]; 2] {
+        debug_assert_eq!(state.len(), n * self.state_per_param(), "state length");
+        let (first, rest) = state.split_at_mut(n.min(state.len()));
+        let second_len = n.min(rest.len());
+        let second = &mut rest[..second_len];
+        [first, second]
     }
 
     /// [`Rule::apply`] with the loops of `isa` (which the CPU must have; the
@@ -447,37 +474,46 @@ impl Rule {
         grad: &[f32],
         state: &mut [f32],
     ) {
+        let n = param.len();
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 if std::arch::is_x86_feature_detected!("avx512f") => unsafe {
-                self.apply_avx512(step, lr_scale, param, grad, state)
+                self.apply_avx512(step, lr_scale, param, grad, self.slots(state, n))
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if std::arch::is_x86_feature_detected!("avx2") => unsafe {
-                self.apply_avx2(step, lr_scale, param, grad, state)
+                self.apply_avx2(step, lr_scale, param, grad, self.slots(state, n))
             },
-            _ => self.apply_loops(step, lr_scale, param, grad, state),
+            _ => self.apply_loops(step, lr_scale, param, grad, self.slots(state, n)),
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn apply_avx2(&self, step: u64, lr_scale: f32, param: &mut [f32], grad: &[f32], state: &mut [f32]) {
-        self.apply_loops(step, lr_scale, param, grad, state)
+    fn apply_avx2(&self, step: u64, lr_scale: f32, param: &mut [f32], grad: &[f32], slots: [&mut [f32]; 2]) {
+        self.apply_loops(step, lr_scale, param, grad, slots)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    fn apply_avx512(&self, step: u64, lr_scale: f32, param: &mut [f32], grad: &[f32], state: &mut [f32]) {
-        self.apply_loops(step, lr_scale, param, grad, state)
+    fn apply_avx512(
+        &self,
+        step: u64,
+        lr_scale: f32,
+        param: &mut [f32],
+        grad: &[f32],
+        slots: [&mut [f32]; 2],
+    ) {
+        self.apply_loops(step, lr_scale, param, grad, slots)
     }
 
     /// The loops of [`Rule::apply`], inlined into each of its builds.
     #[inline(always)]
-    fn apply_loops(&self, step: u64, lr_scale: f32, param: &mut [f32], grad: &[f32], state: &mut [f32]) {
+    fn apply_loops(&self, step: u64, lr_scale: f32, param: &mut [f32], grad: &[f32], slots: [&mut [f32]; 2]) {
         let n = param.len();
         debug_assert_eq!(grad.len(), n, "gradient length");
-        debug_assert_eq!(state.len(), n * self.state_per_param(), "state length");
+        debug_assert!(slots.iter().take(self.state_per_param()).all(|s| s.len() == n), "state slot length");
+        let [first, second] = slots;
         debug_assert!(step >= 1, "step is 1-based");
         debug_assert!(lr_scale.is_finite() && lr_scale > 0.0, "lr_scale {lr_scale}");
         match *self {
@@ -487,15 +523,15 @@ impl Rule {
                 let k = MomentumConsts { lr, momentum, keep: 1.0 - dampening, weight_decay };
                 match (momentum == 0.0, step == 1, nesterov) {
                     (true, _, _) => sgd(lr, weight_decay, param, grad),
-                    (false, true, false) => momentum_kernel::<true, false>(k, param, grad, state),
-                    (false, true, true) => momentum_kernel::<true, true>(k, param, grad, state),
-                    (false, false, false) => momentum_kernel::<false, false>(k, param, grad, state),
-                    (false, false, true) => momentum_kernel::<false, true>(k, param, grad, state),
+                    (false, true, false) => momentum_kernel::<true, false>(k, param, grad, first),
+                    (false, true, true) => momentum_kernel::<true, true>(k, param, grad, first),
+                    (false, false, false) => momentum_kernel::<false, false>(k, param, grad, first),
+                    (false, false, true) => momentum_kernel::<false, true>(k, param, grad, first),
                 }
             }
             Rule::Adagrad { lr, eps, initial_accumulator: _, weight_decay } => {
                 let lr = lr * lr_scale;
-                for ((p, &g), s) in param.iter_mut().zip(grad).zip(state.iter_mut()) {
+                for ((p, &g), s) in param.iter_mut().zip(grad).zip(first.iter_mut()) {
                     let g = g + weight_decay * *p;
                     *s += g * g;
                     *p -= lr * (g / (s.sqrt() + eps));
@@ -514,7 +550,7 @@ impl Rule {
                 let step_size = (f64::from(lr) / bias1) as f32;
                 let inv_sqrt_bias2 = (1.0 / bias2.sqrt()) as f32;
                 let (c1, c2) = (1.0 - beta1, 1.0 - beta2);
-                let (m, v) = state.split_at_mut(n);
+                let (m, v) = (first, second);
                 for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(m).zip(v) {
                     let g = g + l2 * *p;
                     *p *= shrink;
@@ -526,7 +562,7 @@ impl Rule {
             }
             Rule::Ftrl { alpha, beta, l1, l2 } => {
                 let inv_alpha = 1.0 / (alpha * lr_scale);
-                let (z, acc) = state.split_at_mut(n);
+                let (z, acc) = (first, second);
                 for (((w, &g), z), acc) in param.iter_mut().zip(grad).zip(z).zip(acc) {
                     let sqrt_old = acc.sqrt();
                     *acc += g * g;
