@@ -402,7 +402,9 @@ impl Rule {
         }
     }
 
-    /// Applies one update in place.
+    /// Applies one update in place; returns whether every value and state
+    /// it wrote is finite (the caller decides what to do with a block that
+    /// is not: the store puts it back).
     ///
     /// - `step` is the 1-based count of updates applied to this block so far,
     ///   including this one (the caller stores it per block or row). Momentum
@@ -423,9 +425,16 @@ impl Rule {
     /// and the widest the CPU has is picked at run time. The results are the
     /// same bit for bit whichever runs: every operation is an IEEE add, mul,
     /// div or sqrt on one lane, and no multiply-add is fused.
-    pub fn apply(&self, step: u64, lr_scale: f32, param: &mut [f32], grad: &[f32], state: &mut [f32]) {
+    pub fn apply(
+        &self,
+        step: u64,
+        lr_scale: f32,
+        param: &mut [f32],
+        grad: &[f32],
+        state: &mut [f32],
+    ) -> bool {
         let slots = self.slots(state, param.len());
-        self.apply_slots(step, lr_scale, param, grad, slots);
+        self.apply_slots(step, lr_scale, param, grad, slots)
     }
 
     /// [`Rule::apply`] with the state given as its slots (`m` and `v` for
@@ -440,7 +449,7 @@ impl Rule {
         param: &mut [f32],
         grad: &[f32],
         slots: [&mut [f32]; 2],
-    ) {
+    ) -> bool {
         match Isa::best() {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `Isa::best` names AVX-512F only if the CPU has it.
@@ -473,7 +482,7 @@ impl Rule {
         param: &mut [f32],
         grad: &[f32],
         state: &mut [f32],
-    ) {
+    ) -> bool {
         let n = param.len();
         match isa {
             #[cfg(target_arch = "x86_64")]
@@ -490,7 +499,14 @@ impl Rule {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn apply_avx2(&self, step: u64, lr_scale: f32, param: &mut [f32], grad: &[f32], slots: [&mut [f32]; 2]) {
+    fn apply_avx2(
+        &self,
+        step: u64,
+        lr_scale: f32,
+        param: &mut [f32],
+        grad: &[f32],
+        slots: [&mut [f32]; 2],
+    ) -> bool {
         self.apply_loops(step, lr_scale, param, grad, slots)
     }
 
@@ -503,13 +519,20 @@ impl Rule {
         param: &mut [f32],
         grad: &[f32],
         slots: [&mut [f32]; 2],
-    ) {
+    ) -> bool {
         self.apply_loops(step, lr_scale, param, grad, slots)
     }
 
     /// The loops of [`Rule::apply`], inlined into each of its builds.
     #[inline(always)]
-    fn apply_loops(&self, step: u64, lr_scale: f32, param: &mut [f32], grad: &[f32], slots: [&mut [f32]; 2]) {
+    fn apply_loops(
+        &self,
+        step: u64,
+        lr_scale: f32,
+        param: &mut [f32],
+        grad: &[f32],
+        slots: [&mut [f32]; 2],
+    ) -> bool {
         let n = param.len();
         debug_assert_eq!(grad.len(), n, "gradient length");
         debug_assert!(slots.iter().take(self.state_per_param()).all(|s| s.len() == n), "state slot length");
@@ -531,11 +554,14 @@ impl Rule {
             }
             Rule::Adagrad { lr, eps, initial_accumulator: _, weight_decay } => {
                 let lr = lr * lr_scale;
+                let mut ok = true;
                 for ((p, &g), s) in param.iter_mut().zip(grad).zip(first.iter_mut()) {
                     let g = g + weight_decay * *p;
                     *s += g * g;
                     *p -= lr * (g / (s.sqrt() + eps));
+                    ok &= finite(*p) & finite(*s);
                 }
+                ok
             }
             Rule::Adam { lr, beta1, beta2, eps, weight_decay, decoupled } => {
                 let lr = lr * lr_scale;
@@ -551,6 +577,7 @@ impl Rule {
                 let inv_sqrt_bias2 = (1.0 / bias2.sqrt()) as f32;
                 let (c1, c2) = (1.0 - beta1, 1.0 - beta2);
                 let (m, v) = (first, second);
+                let mut ok = true;
                 for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(m).zip(v) {
                     let g = g + l2 * *p;
                     *p *= shrink;
@@ -558,11 +585,14 @@ impl Rule {
                     *v = beta2 * *v + c2 * (g * g);
                     let denom = v.sqrt() * inv_sqrt_bias2 + eps;
                     *p -= step_size * (*m / denom);
+                    ok &= finite(*p) & finite(*m) & finite(*v);
                 }
+                ok
             }
             Rule::Ftrl { alpha, beta, l1, l2 } => {
                 let inv_alpha = 1.0 / (alpha * lr_scale);
                 let (z, acc) = (first, second);
+                let mut ok = true;
                 for (((w, &g), z), acc) in param.iter_mut().zip(grad).zip(z).zip(acc) {
                     let sqrt_old = acc.sqrt();
                     *acc += g * g;
@@ -572,7 +602,9 @@ impl Rule {
                     let denom = (beta + sqrt_new) * inv_alpha + l2;
                     // `l1.copysign(z)` is sign(z)·l1 whenever |z| > l1 >= 0.
                     *w = if z.abs() <= l1 { 0.0 } else { (l1.copysign(*z) - *z) / denom };
+                    ok &= finite(*w) & finite(*z) & finite(*acc);
                 }
+                ok
             }
         }
     }
@@ -607,11 +639,21 @@ impl Isa {
 
 /// `p ← p − lr·(g + weight_decay·p)`.
 #[inline(always)]
-fn sgd(lr: f32, weight_decay: f32, param: &mut [f32], grad: &[f32]) {
+fn sgd(lr: f32, weight_decay: f32, param: &mut [f32], grad: &[f32]) -> bool {
+    let mut ok = true;
     for (p, &g) in param.iter_mut().zip(grad) {
         let g = g + weight_decay * *p;
         *p -= lr * g;
+        ok &= finite(*p);
     }
+    ok
+}
+
+/// Whether `x` is finite, as a comparison the rules' loops vectorize (NaN
+/// compares false).
+#[inline(always)]
+fn finite(x: f32) -> bool {
+    x.abs() <= f32::MAX
 }
 
 #[derive(Clone, Copy)]
@@ -631,13 +673,16 @@ fn momentum_kernel<const FIRST: bool, const NESTEROV: bool>(
     param: &mut [f32],
     grad: &[f32],
     buf: &mut [f32],
-) {
+) -> bool {
+    let mut ok = true;
     for ((p, &g), b) in param.iter_mut().zip(grad).zip(buf) {
         let g = g + k.weight_decay * *p;
         *b = if FIRST { g } else { k.momentum * *b + k.keep * g };
         let d = if NESTEROV { g + k.momentum * *b } else { *b };
         *p -= k.lr * d;
+        ok &= finite(*p) & finite(*b);
     }
+    ok
 }
 
 #[cfg(test)]
@@ -1273,6 +1318,33 @@ mod tests {
                 prop_assert!(run(isa) == baseline, "{isa:?} differs from the baseline for {rule:?}");
             }
             prop_assert_eq!(run(Isa::best()), baseline);
+        }
+
+        /// `apply` says whether what it wrote is finite, in every build of
+        /// the loops: values near `f32::MAX` and huge gradients overflow
+        /// some parameters, in any position.
+        #[test]
+        fn apply_says_whether_everything_it_wrote_is_finite(
+            rule in any_rule(),
+            cells in prop::collection::vec(
+                (prop_oneof![4 => -10.0f32..10.0, 1 => Just(3e38f32), 1 => Just(-3e38f32)],
+                 prop_oneof![4 => -10.0f32..10.0, 1 => Just(2e19f32), 1 => Just(-1e38f32)]),
+                1..40,
+            ),
+        ) {
+            let (param, grad): (Vec<f32>, Vec<f32>) = cells.into_iter().unzip();
+            #[cfg(target_arch = "x86_64")]
+            let isas = [Isa::Baseline, Isa::Avx2, Isa::Avx512];
+            #[cfg(not(target_arch = "x86_64"))]
+            let isas = [Isa::Baseline];
+            for isa in isas {
+                let mut param = param.clone();
+                let mut state = vec![0.0; param.len() * rule.state_per_param()];
+                rule.init_state(&param, &mut state);
+                let said = rule.apply_as(isa, 2, 1.0, &mut param, &grad, &mut state);
+                let finite = param.iter().chain(&state).all(|v| v.is_finite());
+                prop_assert_eq!(said, finite, "{:?} with {:?}", isa, rule);
+            }
         }
 
         #[test]

@@ -109,11 +109,11 @@ impl Block {
     /// Applies one update, unless it would make a value or an optimizer
     /// state non-finite: then the block keeps what it held and this returns
     /// false. The update goes a tile of [`TILE`] parameters at a time: the
-    /// tile's values and state are copied aside, updated and checked while
-    /// they are in the L1 cache, where a copy of the whole block first, then
-    /// the update, then the check took three passes over it
-    /// (docs/PERFORMANCE.md). If a tile fails, it and the tiles before it
-    /// are put back from their copies.
+    /// tile's values and state are copied aside, then updated while they are
+    /// in the L1 cache, the rule checking what it writes as it goes (a copy
+    /// of the whole block first, then the update, then a check took three
+    /// passes over it; docs/PERFORMANCE.md). If a tile fails, it and the
+    /// tiles before it are put back from their copies.
     fn apply(
         &mut self,
         spec: &TableSpec,
@@ -136,11 +136,7 @@ impl Block {
                 for a in 0..arrays {
                     before.extend_from_slice(&self.data[a * len + start..a * len + end]);
                 }
-                let tile = start..end;
-                apply_update(spec, len, &mut self.data, step, tile.clone(), grad, info, read);
-                let finite = (0..arrays)
-                    .all(|a| first_outside(&self.data[a * len + start..a * len + end], f32::MAX).is_none());
-                if !finite {
+                if !apply_update(spec, len, &mut self.data, step, start..end, grad, info, read) {
                     self.put_back(before, len, arrays, end);
                     return false;
                 }
@@ -189,7 +185,8 @@ fn first_outside(values: &[f32], bound: f32) -> Option<usize> {
 /// (`len` values, then the optimizer state, slot after slot) as its update
 /// number `step` (1-based): the table's rule, after delay compensation if
 /// the table has it and `read` is the pushing worker's read of the block.
-/// `grad` and `read` cover the whole block.
+/// `grad` and `read` cover the whole block. Returns whether every value
+/// and state it wrote is finite.
 #[allow(clippy::too_many_arguments)] // one update's inputs, passed as they are
 fn apply_update(
     spec: &TableSpec,
@@ -200,7 +197,7 @@ fn apply_update(
     grad: &[f32],
     info: &PushInfo,
     read: Option<&[f32]>,
-) {
+) -> bool {
     let rule = spec.optimizer.rule;
     let (values, state) = data.split_at_mut(len);
     let (state, mean_square) = state.split_at_mut(len * rule.state_per_param());
@@ -218,8 +215,10 @@ fn apply_update(
             let mut g = [0.0f32; TILE];
             let g = &mut g[..grad.len()];
             g.copy_from_slice(grad);
-            dc.compensate(g, values, &read[tile.clone()], part(mean_square, tile));
-            rule.apply_slots(step, lr_scale, values, g, slots);
+            let (read, mean_square) = (&read[tile.clone()], part(mean_square, tile));
+            dc.compensate(g, values, read, mean_square);
+            let finite = first_outside(mean_square, f32::MAX).is_none();
+            rule.apply_slots(step, lr_scale, values, g, slots) & finite
         }
         _ => rule.apply_slots(step, lr_scale, values, grad, slots),
     }
@@ -915,18 +914,9 @@ impl Store {
                     let next = step.as_deref().map_or(1, |s| *s + 1);
                     before.clear();
                     before.extend_from_slice(data);
-                    apply_update(
-                        &table.spec,
-                        dim,
-                        data,
-                        next,
-                        0..dim,
-                        &grads[i * dim..(i + 1) * dim],
-                        &info,
-                        None,
-                    );
+                    let grad = &grads[i * dim..(i + 1) * dim];
                     // An update that would make a value non-finite is undone.
-                    if data.iter().all(|v| v.is_finite()) {
+                    if apply_update(&table.spec, dim, data, next, 0..dim, grad, &info, None) {
                         if let Some(s) = step {
                             *s = next;
                         }
