@@ -83,11 +83,8 @@ pub trait JsonFile: Serialize + DeserializeOwned {
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path, supported: u32) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
-        what: "reading",
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text = ps_common::files::read_text_capped(path, ps_common::files::MAX_TEXT_FILE)
+        .map_err(|source| Error::Io { what: "reading", path: path.to_path_buf(), source })?;
     check_version(path, None, &text, supported)?;
     serde_json::from_str(&text).map_err(|source| Error::Json { path: path.to_path_buf(), line: None, source })
 }
@@ -443,6 +440,9 @@ pub struct MetricsLine {
     pub data: Event,
 }
 
+/// Largest `metrics.jsonl` read back (a run writes a few hundred KiB).
+const MAX_METRICS_FILE: u64 = 256 << 20;
+
 impl MetricsLine {
     pub const VERSION: u32 = 1;
     pub const FILE: &'static str = "metrics.jsonl";
@@ -467,11 +467,8 @@ impl MetricsLine {
     /// version is an error.
     pub fn read(dir: &Path) -> Result<Vec<MetricsLine>> {
         let path = dir.join(Self::FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
-            what: "reading",
-            path: path.clone(),
-            source,
-        })?;
+        let text = ps_common::files::read_text_capped(&path, MAX_METRICS_FILE)
+            .map_err(|source| Error::Io { what: "reading", path: path.clone(), source })?;
         let mut lines = Vec::new();
         for (i, l) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             if let Err(e @ Error::NewerVersion { .. }) = check_version(&path, Some(i + 1), l, Self::VERSION) {

@@ -202,12 +202,12 @@ struct TrainArgs {
     no_seal: bool,
     /// Fault injection: SIGKILL worker W after S seconds (`W:S`).
     #[arg(long, value_parser = parse_kill)]
-    kill_worker: Option<(usize, f64)>,
+    kill_worker: Option<(usize, Duration)>,
     /// Fault injection: SIGKILL shard N after S seconds (`N:S`), and not
     /// before the run's first complete checkpoint; the launcher restarts it
     /// from the newest checkpoint.
     #[arg(long, value_parser = parse_kill)]
-    kill_server: Option<(usize, f64)>,
+    kill_server: Option<(usize, Duration)>,
     /// Continue a stopped run: its run folder (newest checkpoint) or one
     /// checkpoint folder. The run's own config is used; flags that change the
     /// job are refused.
@@ -219,9 +219,17 @@ struct TrainArgs {
     plaintext: bool,
 }
 
-fn parse_kill(s: &str) -> Result<(usize, f64), String> {
+/// `W:SECONDS`: a process index and a time after the start, finite and at
+/// most a day (`0:nan` or `0:1e300` panicked making the `Duration`).
+fn parse_kill(s: &str) -> Result<(usize, Duration), String> {
+    const MAX: Duration = Duration::from_secs(24 * 3600);
     let (w, t) = s.split_once(':').ok_or_else(|| format!("expected W:SECONDS, got `{s}`"))?;
-    Ok((w.parse().map_err(|e| format!("{e}"))?, t.parse().map_err(|e| format!("{e}"))?))
+    let seconds: f64 = t.parse().map_err(|e| format!("{e}"))?;
+    let after = Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|&d| d <= MAX)
+        .ok_or_else(|| format!("SECONDS must be from 0 to {}, got `{t}`", MAX.as_secs()))?;
+    Ok((w.parse().map_err(|e| format!("{e}"))?, after))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -314,7 +322,8 @@ async fn train(args: TrainArgs) -> anyhow::Result<RunSummary> {
     }
     let (text, source) = match &args.config {
         Some(p) => (
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            ps_common::files::read_text_capped(p, ps_common::files::MAX_TEXT_FILE)
+                .with_context(|| format!("reading {}", p.display()))?,
             p.display().to_string(),
         ),
         None => (DEFAULT_CONFIG.to_string(), "built-in examples/config/mnist.toml".to_string()),
@@ -381,7 +390,7 @@ async fn resume(path: &std::path::Path, args: &TrainArgs) -> anyhow::Result<RunS
             .to_path_buf()
     };
     let config_path = run_dir.join("config.toml");
-    let text = std::fs::read_to_string(&config_path)
+    let text = ps_common::files::read_text_capped(&config_path, ps_common::files::MAX_TEXT_FILE)
         .with_context(|| format!("reading {}", config_path.display()))?;
     let mut config = RunConfig::from_toml(&text).with_context(|| format!("in {}", config_path.display()))?;
     if let Some(v) = args.epochs {
@@ -426,8 +435,8 @@ async fn execute(
     let exe = std::env::current_exe().context("locating the ps-cluster executable")?;
     let bars = render::Bars::new();
     let plan = Plan {
-        kill_worker_after: args.kill_worker.map(|(w, s)| (w, Duration::from_secs_f64(s))),
-        kill_server_after: args.kill_server.map(|(w, s)| (w, Duration::from_secs_f64(s))),
+        kill_worker_after: args.kill_worker,
+        kill_server_after: args.kill_server,
         resume_from,
         seal,
         ..Plan::new(&exe, config, run_dir)
@@ -527,6 +536,19 @@ async fn status(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A kill time that is not a finite number of seconds up to a day is
+    /// refused by the flag's parser (`0:nan`, `0:-1` and `0:1e300` panicked
+    /// when the run started).
+    #[test]
+    fn kill_times_are_finite_and_bounded() {
+        assert_eq!(parse_kill("1:2.5"), Ok((1, Duration::from_millis(2500))));
+        for bad in ["0:nan", "0:-1", "0:1e300", "0:inf", "0:86401", "0", "x:1"] {
+            assert!(parse_kill(bad).is_err(), "{bad} was accepted");
+        }
+    }
+
     /// The options `ps_common::jemalloc!` defines reach jemalloc: its
     /// `malloc_conf` symbol is this binary's (a renamed symbol prefix in a
     /// new tikv-jemalloc-sys would leave jemalloc on its defaults).

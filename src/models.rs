@@ -386,20 +386,17 @@ pub async fn register_run(config: &RegistryConfig, run_dir: &Path) {
 /// the data files it names).
 pub fn from_run(run_dir: &Path, name: Option<&str>, by: &str) -> anyhow::Result<NewVersion> {
     let config_path = run_dir.join("config.toml");
-    let config_text = std::fs::read_to_string(&config_path).with_context(|| {
-        format!("reading {} (is {} a run folder?)", config_path.display(), run_dir.display())
-    })?;
+    let config_text = ps_common::files::read_text_capped(&config_path, ps_common::files::MAX_TEXT_FILE)
+        .with_context(|| {
+            format!("reading {} (is {} a run folder?)", config_path.display(), run_dir.display())
+        })?;
     let config =
         RunConfig::from_toml(&config_text).with_context(|| format!("in {}", config_path.display()))?;
     let summary = RunSummary::read(run_dir).context("the run has no summary: did it finish?")?;
 
     let model_path = run_dir.join("model.msgpack");
-    let len =
-        std::fs::metadata(&model_path).with_context(|| format!("reading {}", model_path.display()))?.len();
-    if len > ps_model::saved::MAX_FILE_BYTES {
-        bail!("{}: {len} bytes is over the model file limit", model_path.display());
-    }
-    let artifact = std::fs::read(&model_path).with_context(|| format!("reading {}", model_path.display()))?;
+    let artifact = ps_common::files::read_capped(&model_path, ps_model::saved::MAX_FILE_BYTES)
+        .with_context(|| format!("reading {}", model_path.display()))?;
     ps_model::SavedModel::from_bytes(&artifact).map_err(|e| e.in_file(&model_path))?;
 
     let mut metrics = BTreeMap::from([
@@ -446,7 +443,7 @@ pub async fn from_checkpoint(path: &Path, name: Option<&str>, by: &str) -> anyho
         .filter(|run| run.join("config.toml").exists())
         .with_context(|| format!("{} is not a checkpoint inside a run folder", ckpt.dir.display()))?;
     let config_path = run_dir.join("config.toml");
-    let config_text = std::fs::read_to_string(&config_path)
+    let config_text = ps_common::files::read_text_capped(&config_path, ps_common::files::MAX_TEXT_FILE)
         .with_context(|| format!("reading {}", config_path.display()))?;
     let config =
         RunConfig::from_toml(&config_text).with_context(|| format!("in {}", config_path.display()))?;

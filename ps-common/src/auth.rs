@@ -320,17 +320,18 @@ impl<V: Copy> Checked<V> {
 }
 
 /// A key file is a few hundred bytes; anything much larger is not one.
+const MAX_KEY_FILE: u64 = 16 << 10;
+
+/// Reads a key or token file, refusing one over [`MAX_KEY_FILE`] without
+/// reading more than one byte past the limit (it was read whole first, so
+/// a path naming a large file or a device allocated its size).
 fn read_key(path: &Path) -> Result<Vec<u8>> {
-    let bytes =
-        std::fs::read(path).map_err(|e| Error::Credential(format!("reading {}: {e}", path.display())))?;
-    if bytes.len() > 16 << 10 {
-        return Err(Error::Credential(format!(
-            "{}: {} bytes is not a key file",
-            path.display(),
-            bytes.len()
-        )));
-    }
-    Ok(bytes)
+    crate::files::read_capped(path, MAX_KEY_FILE).map_err(|e| match e.kind() {
+        std::io::ErrorKind::InvalidData => {
+            Error::Credential(format!("{}: {e}: is not a key file", path.display()))
+        }
+        _ => Error::Credential(format!("reading {}: {e}", path.display())),
+    })
 }
 
 /// A fresh Ed25519 key pair for tokens, as PEM text: the private key
@@ -758,6 +759,32 @@ mod tests {
         assert_eq!(auth.principal_of(&request_with(&cred)).unwrap(), Principal::Worker(1));
         std::fs::write(&token_file, "").unwrap();
         assert!(Credential::from_token_file(&token_file).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A key or token file far over the limit (an 8 GiB sparse file, and a
+    /// device that never ends) is refused without being read whole: it
+    /// was read into memory before its size was checked.
+    #[test]
+    fn huge_key_and_token_files_are_refused_without_reading_them() {
+        let dir = std::env::temp_dir().join(format!("ps-auth-huge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let huge = dir.join("huge");
+        std::fs::File::create(&huge).unwrap().set_len(8 << 30).unwrap();
+        let mut paths = vec![huge];
+        if Path::new("/dev/zero").exists() {
+            paths.push("/dev/zero".into());
+        }
+        for path in &paths {
+            for err in [
+                Credential::from_token_file(path).err(),
+                TokenVerifier::from_file(path).err(),
+                TokenIssuer::from_file(path).err(),
+            ] {
+                let err = err.expect("a huge file is refused").to_string();
+                assert!(err.contains("is not a key file"), "{}: {err}", path.display());
+            }
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -29,6 +29,8 @@
 //!
 //! - [`bounded`] is the lock-free capped count beneath the in-flight and
 //!   memory budgets.
+//! - [`files`] reads a file whole but never past a cap (run files, keys,
+//!   manifests, models): a device or a huge file is an error, not an abort.
 //!
 //! - [`metrics`] is the per-RPC layer of every server, the process collector
 //!   and the `/metrics` endpoint (Prometheus, `prometheus-client`).
@@ -42,6 +44,7 @@ pub mod codec;
 pub mod compress;
 pub mod dataplane;
 pub mod error;
+pub mod files;
 pub mod inflight;
 pub mod listen;
 pub mod metrics;

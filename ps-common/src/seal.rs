@@ -402,11 +402,8 @@ fn key_err(path: &Path, reason: impl Into<String>) -> Error {
 const MAX_KEY_FILE: u64 = 16 << 10;
 
 fn read_text(path: &Path) -> Result<String> {
-    let len = std::fs::metadata(path).map_err(|e| key_err(path, e.to_string()))?.len();
-    if len > MAX_KEY_FILE {
-        return Err(key_err(path, format!("{len} bytes is not a key file")));
-    }
-    std::fs::read_to_string(path).map_err(|e| key_err(path, e.to_string()))
+    crate::files::read_text_capped(path, MAX_KEY_FILE)
+        .map_err(|e| key_err(path, format!("{e}: not a key file")))
 }
 
 pub fn read_signing_key(path: &Path) -> Result<SigningKey> {

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::quant::Int8Tensor;
-use crate::saved::{DenseTensor, MAX_FILE_BYTES, ModelKind, SavedModel, SparseTable};
+use crate::saved::{DenseTensor, MAX_FILE_BYTES, ModelKind, SavedModel, SparseTable, read_file};
 
 /// The value of `format` in the card and the safetensors metadata.
 pub const FORMAT: &str = "ps-model-export";
@@ -218,7 +218,7 @@ impl ModelCard {
     /// Reads `dir/card.json`, refusing another format or format version.
     pub fn read(dir: &Path) -> Result<ModelCard> {
         let path = dir.join(CARD_FILE);
-        let bytes = read_bounded(&path, MAX_CARD_BYTES)?;
+        let bytes = read_file(&path, MAX_CARD_BYTES)?;
         let card: ModelCard =
             serde_json::from_slice(&bytes).map_err(|e| Error::Decode(e.to_string()).in_file(&path))?;
         if card.format != FORMAT {
@@ -395,20 +395,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Reads `path` whole, refusing a file over `limit` bytes.
-fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>> {
-    let io = |source| Error::Io { what: format!("reading {}", path.display()), source };
-    let len = std::fs::metadata(path).map_err(io)?.len();
-    if len > limit {
-        return Err(Error::Decode(format!("{len} bytes is over the {limit}-byte limit")).in_file(path));
-    }
-    std::fs::read(path).map_err(io)
-}
-
 /// Reads `dir/model.safetensors` back into a validated [`SavedModel`].
 pub fn import(dir: &Path) -> Result<SavedModel> {
     let path = dir.join(MODEL_FILE);
-    let bytes = read_bounded(&path, MAX_FILE_BYTES)?;
+    let bytes = read_file(&path, MAX_FILE_BYTES)?;
     from_safetensors(&bytes).map_err(|e| e.in_file(&path))
 }
 

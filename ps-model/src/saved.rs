@@ -357,17 +357,18 @@ impl SavedModel {
     }
 
     pub fn read(path: &Path) -> Result<SavedModel> {
-        let io = |source| Error::Io { what: format!("reading {}", path.display()), source };
-        let len = std::fs::metadata(path).map_err(io)?.len();
-        if len > MAX_FILE_BYTES {
-            return Err(Error::Decode(format!(
-                "{}: {len} bytes is over the {MAX_FILE_BYTES}-byte limit",
-                path.display()
-            )));
-        }
-        let bytes = std::fs::read(path).map_err(io)?;
+        let bytes = read_file(path, MAX_FILE_BYTES)?;
         SavedModel::from_bytes(&bytes).map_err(|e| e.in_file(path))
     }
+}
+
+/// The bytes of `path`, refused past `cap` (a device, a huge file) with a
+/// decode error naming the file.
+pub(crate) fn read_file(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    ps_common::files::read_capped(path, cap).map_err(|source| match source.kind() {
+        std::io::ErrorKind::InvalidData => Error::Decode(source.to_string()).in_file(path),
+        _ => Error::Io { what: format!("reading {}", path.display()), source },
+    })
 }
 
 #[cfg(test)]
@@ -414,6 +415,28 @@ mod tests {
         let path = dir.join("model.msgpack");
         m.write(&path).unwrap();
         assert_eq!(SavedModel::read(&path).unwrap(), m);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A model path naming a device whose length reads as 0 (here by a
+    /// symlink, as in a run folder) is refused unread: the model file and
+    /// an export's safetensors were both read until memory ran out.
+    #[cfg(unix)]
+    #[test]
+    fn a_model_file_that_is_an_endless_device_is_refused() {
+        if !Path::new("/dev/zero").exists() {
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("ps-model-endless-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("model.msgpack");
+        std::os::unix::fs::symlink("/dev/zero", &model).unwrap();
+        let err = SavedModel::read(&model).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        std::os::unix::fs::symlink("/dev/zero", dir.join(crate::export::MODEL_FILE)).unwrap();
+        let err = crate::export::import(&dir).unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

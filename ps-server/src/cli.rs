@@ -77,7 +77,7 @@ pub struct Args {
 pub fn config(args: &Args) -> Result<ServerConfig> {
     let mut config = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
+            let text = ps_common::files::read_text_capped(path, ps_common::files::MAX_TEXT_FILE)
                 .map_err(|source| Error::Io { what: format!("reading {}", path.display()), source })?;
             toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?
         }

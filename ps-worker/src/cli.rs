@@ -44,7 +44,7 @@ pub struct Args {
 
 /// Trains one worker; progress events go to stdout as JSON lines.
 pub fn run(args: &Args) -> Result<()> {
-    let text = std::fs::read_to_string(&args.config)
+    let text = ps_common::files::read_text_capped(&args.config, ps_common::files::MAX_TEXT_FILE)
         .map_err(|source| Error::Io { what: format!("reading {}", args.config.display()), source })?;
     let mut config =
         RunConfig::from_toml(&text).map_err(|e| Error::Config(format!("{}: {e}", args.config.display())))?;

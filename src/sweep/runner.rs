@@ -18,7 +18,7 @@ use crate::run::{self, Plan};
 /// the same `config.toml`.
 pub(super) fn is_done(dir: &Path, config: &RunConfig) -> bool {
     dir.join(RunSummary::FILE).is_file()
-        && std::fs::read_to_string(dir.join("config.toml"))
+        && ps_common::files::read_text_capped(&dir.join("config.toml"), ps_common::files::MAX_TEXT_FILE)
             .ok()
             .and_then(|t| toml::from_str::<RunConfig>(&t).ok())
             .is_some_and(|c| &c == config)
@@ -61,7 +61,8 @@ fn fmt_duration(secs: f64) -> String {
 pub(super) async fn run_points(sweep: &Sweep, opts: &Options, out: &Path) -> Result<Vec<Row>> {
     let n = sweep.points.len();
     std::fs::create_dir_all(out).map_err(io(format!("creating {}", out.display())))?;
-    let source = std::fs::read(&opts.file).map_err(io(format!("reading {}", opts.file.display())))?;
+    let source = ps_common::files::read_capped(&opts.file, ps_common::files::MAX_TEXT_FILE)
+        .map_err(io(format!("reading {}", opts.file.display())))?;
     write_file(&out.join("sweep.toml"), source)?;
 
     // One listener for the whole sweep: a Ctrl-C between runs is not lost.

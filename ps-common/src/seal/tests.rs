@@ -180,6 +180,27 @@ fn key_files_round_trip_and_secrets_are_private() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A key path naming a device that never ends (its size reads as 0) is
+/// refused: it was read to the end, growing without bound.
+#[test]
+fn a_key_path_naming_an_endless_device_is_refused() {
+    let zero = Path::new("/dev/zero");
+    if !zero.exists() {
+        return;
+    }
+    for p in [
+        KeyPaths { signing_key: Some(zero.into()), ..KeyPaths::default() },
+        KeyPaths { verify_key: Some(zero.into()), ..KeyPaths::default() },
+        KeyPaths { encryption_key: Some(zero.into()), ..KeyPaths::default() },
+    ] {
+        assert!(
+            matches!(p.load(), Err(Error::KeyFile { ref reason, .. }) if reason.contains("not a key file")),
+            "{:?}",
+            p.load().map(|_| ())
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2000))]
 

@@ -88,8 +88,16 @@ impl Manifest {
         super::check_name(&self.name)?;
         let mut shards: Vec<u32> = self.shards.iter().map(|s| s.shard).collect();
         shards.sort_unstable();
-        if self.num_shards == 0 || shards != (0..self.num_shards).collect::<Vec<_>>() {
-            return bad(format!("lists shards {shards:?} for {} shards", self.num_shards));
+        // Compared in place: `num_shards` comes from the file, so nothing is
+        // allocated by it (a `0..num_shards` list of 2^32 - 1 was 16 GiB).
+        let listed = shards.len() == self.num_shards as usize
+            && shards.iter().enumerate().all(|(i, &s)| s as usize == i);
+        if self.num_shards == 0 || !listed {
+            let mut listed = format!("{shards:?}");
+            if listed.len() > 200 {
+                listed = format!("{} entries", shards.len());
+            }
+            return bad(format!("lists shards {listed} for {} shards", self.num_shards));
         }
         Ok(())
     }
@@ -119,12 +127,16 @@ impl Manifest {
     /// Reads and checks `<dir>/manifest.json`: its seal first (`keys`).
     pub fn read(dir: &Path, keys: &Keys) -> Result<Manifest> {
         let path = dir.join(MANIFEST);
-        let io = |source| Error::Io { what: format!("reading {}", path.display()), source };
-        let len = std::fs::metadata(&path).map_err(io)?.len();
-        if len > MAX_MANIFEST_BYTES {
-            return Err(Error::BadCheckpoint(format!("{}: {len} bytes is not a manifest", path.display())));
-        }
-        let text = std::fs::read(&path).map_err(io)?;
+        // Never past the cap: a large file, a device (whose length reads as
+        // 0) or a growing file is refused, not read whole.
+        let text = ps_common::files::read_capped(&path, MAX_MANIFEST_BYTES).map_err(|source| match source
+            .kind()
+        {
+            std::io::ErrorKind::InvalidData => {
+                Error::BadCheckpoint(format!("{}: {source}: not a manifest", path.display()))
+            }
+            _ => Error::Io { what: format!("reading {}", path.display()), source },
+        })?;
         let text = (keys.open(MANIFEST_KIND, &text))
             .map_err(|e| Error::BadCheckpoint(format!("{}: {}", path.display(), super::seal_hint(e))))?;
         let m: Manifest = serde_json::from_slice(&text)

@@ -328,6 +328,30 @@ fn a_checkpoint_is_restored_under_the_shards_own_limits() {
     assert_eq!(store.sizes().0, 2);
 }
 
+/// A checkpoint's clock set and seq records are restored under the
+/// shard's `[limits]` too: more workers than `max_workers`, or a clock past
+/// `max_clock`, is refused (both were restored as they were).
+#[test]
+fn a_checkpoints_workers_are_restored_under_the_shards_limits() {
+    let tmp = TempDir::new("worker-limits");
+    write_checkpoint(&tmp.0, "ckpt-000001");
+    // Shard 0 holds workers 7 (clock 3) and 8 (left).
+    for (limits, expected) in [
+        (crate::budget::Limits { max_workers: 1, ..Default::default() }, "max_workers"),
+        (crate::budget::Limits { max_clock: 2, ..Default::default() }, "max_clock"),
+    ] {
+        let c = ServerConfig { limits, ..config(0, 2, &tmp.0) };
+        let err = crate::restore(&c, &tmp.0, &Keys::none()).err().expect("restored over the limits");
+        assert!(matches!(err, Error::BadCheckpoint(ref m) if m.contains(expected)), "{err}");
+    }
+    let c = ServerConfig {
+        limits: crate::budget::Limits { max_workers: 2, max_clock: 3, ..Default::default() },
+        ..config(0, 2, &tmp.0)
+    };
+    let (_, clocks) = crate::restore(&c, &tmp.0, &Keys::none()).unwrap();
+    assert_eq!(clocks.highest(), 3);
+}
+
 /// What a crash while writing leaves behind (a temporary shard file, or
 /// renamed shard files without a manifest) is not a checkpoint: the previous
 /// one stays the latest, and it goes once a newer complete one exists.
@@ -489,4 +513,37 @@ fn an_unsigned_checkpoint_is_refused_until_resealed() {
     assert!(
         crate::restore(&config(1, 2, &tmp.0), &tmp.0, &Keys::none()).unwrap().0.capture() == store.capture()
     );
+}
+
+/// A manifest claiming 2^32 - 1 shards (plain, or signed by a key the
+/// reader trusts) is refused without allocating by that count (it was a
+/// 16 GiB list of shard numbers).
+#[test]
+fn a_manifest_claiming_billions_of_shards_is_refused_without_allocating() {
+    let tmp = TempDir::new("manyshards");
+    let mut m = write_checkpoint(&tmp.0, "ckpt-000001");
+    let dir = tmp.0.join("ckpt-000001");
+    m.num_shards = u32::MAX;
+    for keys in [Keys::none(), seal_keys(false)] {
+        m.write(&dir, &keys).unwrap();
+        let err = Manifest::read(&dir, &keys).unwrap_err();
+        assert!(matches!(err, Error::BadCheckpoint(ref e) if e.contains("for 4294967295 shards")), "{err}");
+    }
+}
+
+/// A manifest that is an endless device (a symlink to one; its length
+/// reads as 0) is refused after one byte: it was read until memory ran out.
+#[cfg(unix)]
+#[test]
+fn a_manifest_that_is_an_endless_device_is_refused() {
+    if !Path::new("/dev/zero").exists() {
+        return;
+    }
+    let tmp = TempDir::new("endless");
+    write_checkpoint(&tmp.0, "ckpt-000001");
+    let dir = tmp.0.join("ckpt-000001");
+    std::fs::remove_file(dir.join(MANIFEST)).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", dir.join(MANIFEST)).unwrap();
+    let err = Manifest::read(&dir, &Keys::none()).unwrap_err();
+    assert!(matches!(err, Error::BadCheckpoint(ref m) if m.contains("not a regular file")), "{err}");
 }
