@@ -279,6 +279,26 @@ impl Checkpointer {
 /// Takes a first checkpoint once every worker has completed an iteration,
 /// then one whenever `every` has passed or the slowest worker has completed
 /// `every_iters` more iterations.
+///
+/// `last`: how long ago the previous checkpoint was taken, and at which
+/// clock of the slowest worker; `clock`: that worker's clock now.
+fn due(
+    last: Option<(Duration, u64)>,
+    clock: Option<u64>,
+    every: Option<Duration>,
+    every_iters: Option<u64>,
+) -> bool {
+    match (last, clock) {
+        (_, None) => false,
+        (None, Some(c)) => c >= 1,
+        // Subtracted, not `from + n`: `every_iters` comes from the run file,
+        // and `u64::MAX` overflowed (a panic that ended the checkpoints).
+        (Some((ago, from)), Some(c)) => {
+            every.is_some_and(|e| ago >= e) || every_iters.is_some_and(|n| c.saturating_sub(from) >= n)
+        }
+    }
+}
+
 async fn periodic(
     shards: Shards,
     opts: coordinator::Options,
@@ -291,14 +311,7 @@ async fn periodic(
     loop {
         tick.tick().await;
         let Ok(clock) = shards.min_worker_clock().await else { continue };
-        let due = match (last, clock) {
-            (_, None) => false,
-            (None, Some(c)) => c >= 1,
-            (Some((at, from)), Some(c)) => {
-                every.is_some_and(|e| at.elapsed() >= e) || every_iters.is_some_and(|n| c >= from + n)
-            }
-        };
-        if !due {
+        if !due(last.map(|(at, from)| (at.elapsed(), from)), clock, every, every_iters) {
             continue;
         }
         match coordinator::take(&shards, &opts).await {
@@ -316,5 +329,26 @@ async fn periodic(
             }
         }
         last = Some((Instant::now(), clock.unwrap_or(0)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint is due after `every` or `every_iters`, whichever comes
+    /// first; `every_iters = u64::MAX` (from a run file) never comes, and
+    /// does not overflow (it panicked once a checkpoint had been taken).
+    #[test]
+    fn checkpoints_fall_due_by_time_or_iterations_without_overflow() {
+        let s = Duration::from_secs;
+        assert!(!due(None, None, Some(s(5)), None));
+        assert!(!due(None, Some(0), Some(s(5)), None));
+        assert!(due(None, Some(1), Some(s(5)), None));
+        assert!(!due(Some((s(4), 10)), Some(12), Some(s(5)), Some(3)));
+        assert!(due(Some((s(5), 10)), Some(12), Some(s(5)), Some(3)));
+        assert!(due(Some((s(1), 10)), Some(13), Some(s(5)), Some(3)));
+        assert!(!due(Some((s(1), 10)), Some(u64::MAX), None, Some(u64::MAX)));
+        assert!(due(Some((s(1), 0)), Some(u64::MAX), None, Some(u64::MAX)));
     }
 }

@@ -103,6 +103,17 @@ impl ArtifactStore {
 
     /// Reads the artifact back, checking its length and hash first.
     pub fn get(&self, artifact: &Artifact) -> Result<Vec<u8>, ArtifactFault> {
+        // The name comes from a database row: only a hash names a file here
+        // (`../../x` opened a file outside the store, which could be a FIFO
+        // that blocks the open forever).
+        let is_hash = artifact.sha256.len() == 64
+            && artifact.sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !is_hash {
+            return Err(ArtifactFault::Corrupted(format!(
+                "{:?} is not a sha256 (64 lowercase hex digits)",
+                artifact.sha256
+            )));
+        }
         self.check(&self.path(&artifact.sha256), artifact)
     }
 
@@ -189,6 +200,26 @@ mod tests {
         assert_eq!(store.get(&a).unwrap(), b"hello");
         std::fs::remove_file(store.path(&a.sha256)).unwrap();
         assert!(matches!(store.get(&a), Err(ArtifactFault::Missing)));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// An artifact name that is not a hash (a database row edited to point
+    /// elsewhere) opens nothing: `../../outside` was read from outside the
+    /// store (and a FIFO there would block the open forever).
+    #[test]
+    fn a_name_that_is_not_a_hash_opens_nothing() {
+        let root = std::env::temp_dir().join(format!("ps-registry-names-{}", std::process::id()));
+        let store = ArtifactStore::new(&root);
+        store.put(b"hello").unwrap();
+        std::fs::write(root.join("outside"), b"hello").unwrap();
+        for name in ["../../outside", "/etc/hostname", "", &"A".repeat(64), &"0".repeat(63)] {
+            let a = Artifact { sha256: name.into(), size: 5 };
+            let got = store.get(&a);
+            assert!(
+                matches!(got, Err(ArtifactFault::Corrupted(ref m)) if m.contains("not a sha256")),
+                "{name}: {got:?}"
+            );
+        }
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -14,6 +14,58 @@ use serde::{Deserialize, Serialize};
 use crate::client::ClientOptions;
 use crate::error::{Error, Result};
 
+/// Largest straggler slowdown factor.
+pub const MAX_STRAGGLER_FACTOR: f64 = 1e6;
+
+/// Longest time a run file may name, in seconds (a year): what a `Duration`
+/// holds with room to spare, where 1e300 seconds panicked converting.
+pub const MAX_SECONDS: f64 = 365.0 * 24.0 * 3600.0;
+
+/// Most servers, and most workers, a run file may ask the launcher for
+/// (a shard accepts 1024 distinct workers by default).
+pub const MAX_PROCESSES: u32 = 1024;
+
+/// Largest mini-batch: a worker holds a batch's activations (at most
+/// [`MAX_DENSE_PARAMS`] of them, checked per workload) and row indices.
+pub const MAX_BATCH_SIZE: usize = 1 << 20;
+
+/// Most parameters of a dense model (an MLP, a CTR tower), which every
+/// worker holds several copies of (4 GiB each at this bound).
+pub const MAX_DENSE_PARAMS: usize = 1 << 30;
+
+/// Most features of a logistic regression, whose evaluation and saving
+/// read every weight (12 bytes each) into one worker.
+pub const MAX_FEATURES: usize = 1 << 28;
+
+/// Most synthetic examples per epoch, or held out, of the CTR workload
+/// (a worker holds an index or a score per example).
+pub const MAX_SYNTHETIC_ROWS: usize = 1 << 28;
+
+/// Whether dense layers `sizes[l] -> sizes[l + 1]` fit a worker: at most
+/// [`MAX_DENSE_PARAMS`] parameters (weights and biases), and at most as many
+/// values in a batch of `batch_size` rows' inputs and activations (the MLP's
+/// workspace holds them all from the start). Otherwise the reason.
+fn check_dense(sizes: &[usize], batch_size: usize) -> std::result::Result<(), String> {
+    let params = sizes
+        .windows(2)
+        .try_fold(0usize, |n, w| n.checked_add(w[0].checked_mul(w[1])?.checked_add(w[1])?))
+        .filter(|&n| n <= MAX_DENSE_PARAMS);
+    if params.is_none() {
+        return Err(format!("layers {sizes:?} have more than {MAX_DENSE_PARAMS} parameters"));
+    }
+    let acts = sizes
+        .iter()
+        .try_fold(0usize, |n, &w| n.checked_add(w))
+        .and_then(|n| n.checked_mul(batch_size))
+        .filter(|&n| n <= MAX_DENSE_PARAMS);
+    if acts.is_none() {
+        return Err(format!(
+            "layers {sizes:?} with batch_size {batch_size} need more than {MAX_DENSE_PARAMS} inputs and activations"
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
@@ -72,8 +124,12 @@ impl Default for CheckpointConfig {
 
 impl CheckpointConfig {
     pub fn validate(&self) -> Result<()> {
-        if !(self.every_s.is_finite() && self.every_s >= 0.0) {
-            return Err(Error::Config(format!("checkpoint every_s must be >= 0, got {}", self.every_s)));
+        // A time the launcher can wait for (`Duration` panics on more).
+        if !(self.every_s >= 0.0 && self.every_s <= MAX_SECONDS) {
+            return Err(Error::Config(format!(
+                "checkpoint every_s must be in [0, {MAX_SECONDS}], got {}",
+                self.every_s
+            )));
         }
         if self.enabled && self.keep == 0 {
             return Err(Error::Config("checkpoint keep must be at least 1".into()));
@@ -540,6 +596,12 @@ impl RunConfig {
         if self.cluster.servers == 0 || self.cluster.workers == 0 {
             return bad("cluster needs at least one server and one worker".into());
         }
+        if self.cluster.servers > MAX_PROCESSES || self.cluster.workers > MAX_PROCESSES {
+            return bad(format!(
+                "cluster servers and workers must be at most {MAX_PROCESSES}, got {} and {}",
+                self.cluster.servers, self.cluster.workers
+            ));
+        }
         self.checkpoint.validate()?;
         self.job.validate()
     }
@@ -572,8 +634,8 @@ impl RunConfig {
 impl JobConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.batch_size == 0 {
-            return bad("batch_size must be positive".into());
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH_SIZE {
+            return bad(format!("batch_size must be 1..={MAX_BATCH_SIZE}, got {}", self.batch_size));
         }
         if self.lease_ms < 100 {
             return bad(format!("lease_ms must be at least 100, got {}", self.lease_ms));
@@ -618,13 +680,14 @@ impl JobConfig {
                         "mnist layers must start at 784, end at 10, all positive: {layers:?}"
                     ));
                 }
+                check_dense(layers, self.batch_size).map_err(|e| Error::Config(format!("mnist {e}")))?;
                 if *chunk_len == 0 {
                     return bad("chunk_len must be positive".into());
                 }
             }
             Workload::A9aLogreg { num_features, .. } => {
-                if *num_features == 0 || *num_features > u32::MAX as usize {
-                    return bad(format!("num_features must be 1..=2^32-1, got {num_features}"));
+                if *num_features == 0 || *num_features > MAX_FEATURES {
+                    return bad(format!("num_features must be 1..={MAX_FEATURES}, got {num_features}"));
                 }
             }
             Workload::MovielensMf { split, dim, reg, init_std, .. } => {
@@ -633,6 +696,13 @@ impl JobConfig {
                 }
                 if *dim == 0 || *dim > 1 << 16 {
                     return bad(format!("dim must be 1..=65536, got {dim}"));
+                }
+                // A batch pulls a user row and an item row per rating.
+                if self.batch_size.saturating_mul(2 * *dim as usize) > MAX_DENSE_PARAMS {
+                    return bad(format!(
+                        "batch_size {} with dim {dim} pulls more than {MAX_DENSE_PARAMS} values a batch",
+                        self.batch_size
+                    ));
                 }
                 if !(reg.is_finite() && *reg >= 0.0 && init_std.is_finite() && *init_std >= 0.0) {
                     return bad(format!(
@@ -659,27 +729,47 @@ impl JobConfig {
                 if !(zipf_exponent.is_finite() && *zipf_exponent >= 0.0) {
                     return bad(format!("zipf_exponent must be finite and >= 0, got {zipf_exponent}"));
                 }
-                if *rows_per_epoch == 0 || *test_rows == 0 {
-                    return bad("rows_per_epoch and test_rows must be positive".into());
+                if !(1..=MAX_SYNTHETIC_ROWS).contains(rows_per_epoch)
+                    || !(1..=MAX_SYNTHETIC_ROWS).contains(test_rows)
+                {
+                    return bad(format!(
+                        "rows_per_epoch and test_rows must be 1..={MAX_SYNTHETIC_ROWS}, got {rows_per_epoch} and \
+                         {test_rows}"
+                    ));
                 }
                 if *emb_dim == 0 || *emb_dim > 1 << 16 || hidden.contains(&0) {
                     return bad(format!(
                         "emb_dim must be 1..=65536 and hidden widths positive: {emb_dim}, {hidden:?}"
                     ));
                 }
+                let tower: Vec<usize> = std::iter::once(slots * *emb_dim as usize)
+                    .chain(hidden.iter().copied())
+                    .chain([1])
+                    .collect();
+                check_dense(&tower, self.batch_size)
+                    .map_err(|e| Error::Config(format!("the ctr tower (slots x emb_dim, hidden, 1): {e}")))?;
                 if let Some(o) = embedding_optimizer {
                     o.rule.validate()?;
                 }
             }
         }
+        // Bounded so that a sleep they make is a `Duration` (1e300 panicked).
         match &self.straggler {
-            Some(Straggler::Factor { factor, .. }) if !(factor.is_finite() && *factor >= 1.0) => {
-                bad(format!("straggler factor must be >= 1, got {factor}"))
+            Some(Straggler::Factor { factor, .. })
+                if !(*factor >= 1.0 && *factor <= MAX_STRAGGLER_FACTOR) =>
+            {
+                bad(format!("straggler factor must be in [1, {MAX_STRAGGLER_FACTOR}], got {factor}"))
             }
             Some(Straggler::Random { probability, mean_ms, .. })
-                if !((0.0..=1.0).contains(probability) && mean_ms.is_finite() && *mean_ms >= 0.0) =>
+                if !((0.0..=1.0).contains(probability)
+                    && *mean_ms >= 0.0
+                    && *mean_ms <= MAX_SECONDS * 1e3) =>
             {
-                bad("random straggler needs probability in [0, 1] and mean_ms >= 0".into())
+                bad(format!(
+                    "random straggler needs probability in [0, 1] and mean_ms in [0, {}], got {probability} and \
+                     {mean_ms}",
+                    MAX_SECONDS * 1e3
+                ))
             }
             _ => Ok(()),
         }
@@ -720,6 +810,66 @@ mod tests {
         ] {
             let err = RunConfig::from_toml(&bad).map(|_| ()).unwrap_err().to_string();
             assert!(err.contains(why), "{why}: {err}");
+        }
+    }
+
+    /// Absurd sizes and times in a run file are clear errors, not a panic
+    /// (a `Duration` of 1e300 s, a layer product that overflows) or an
+    /// allocation sized by them (2^40-wide layers, 2^62 synthetic rows, 4e9
+    /// features, 4e9 processes): each of these was accepted.
+    #[test]
+    fn absurd_sizes_and_times_are_refused() {
+        let ctr = "[job]\nworkload = { kind = \"ctr\" }\n";
+        let cases = [
+            (format!("[checkpoint]\nevery_s = 1e300\n{RUN}"), "every_s"),
+            (format!("[cluster]\nservers = 4000000000\n{RUN}"), "at most 1024"),
+            (format!("[cluster]\nworkers = 100000\n{RUN}"), "at most 1024"),
+            (format!("{RUN}straggler = {{ kind = \"factor\", workers = [0], factor = 1e300 }}\n"), "factor"),
+            (
+                format!(
+                    "{RUN}straggler = {{ kind = \"random\", workers = [0], probability = 1.0, mean_ms = 1e300 }}\n"
+                ),
+                "mean_ms",
+            ),
+            (RUN.replace("\" }", &format!("\", layers = [784, {}, 10] }}", 1u64 << 40)), "parameters"),
+            (RUN.replace("\" }", &format!("\", layers = [784, {}, 10] }}", 1u64 << 62)), "parameters"),
+            (format!("{RUN}batch_size = {}\n", 1u64 << 40), "batch_size"),
+            (
+                format!(
+                    "[job]\nbatch_size = {MAX_BATCH_SIZE}\nworkload = {{ kind = \"movielens_mf\", dim = 65536 }}\n"
+                ),
+                "a batch",
+            ),
+            (
+                format!("{RUN}batch_size = {MAX_BATCH_SIZE}\n")
+                    .replace("\" }", "\", layers = [784, 4096, 10] }"),
+                "activations",
+            ),
+            (
+                "[job]\nworkload = { kind = \"a9a_logreg\", num_features = 4000000000 }\n".into(),
+                "num_features",
+            ),
+            (ctr.replace("\" }", "\", hidden = [1099511627776] }"), "parameters"),
+            (ctr.replace("\" }", &format!("\", rows_per_epoch = {} }}", 1u64 << 62)), "rows_per_epoch"),
+            (ctr.replace("\" }", &format!("\", test_rows = {} }}", 1u64 << 62)), "test_rows"),
+            (ctr.replace("\" }", "\", slots = 65536, emb_dim = 65536 }"), "parameters"),
+        ];
+        for (text, why) in cases {
+            match RunConfig::from_toml(&text) {
+                Err(Error::Config(e)) => assert!(e.contains(why), "{text}: {e}"),
+                other => panic!("{text}: {:?}", other.map(|_| ())),
+            }
+        }
+        // The defaults and the largest accepted values still pass.
+        for text in [
+            RUN.to_string(),
+            ctr.to_string(),
+            format!("[checkpoint]\nevery_s = {MAX_SECONDS}\n{RUN}"),
+            format!(
+                "{RUN}straggler = {{ kind = \"factor\", workers = [0], factor = {MAX_STRAGGLER_FACTOR} }}\n"
+            ),
+        ] {
+            RunConfig::from_toml(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
         }
     }
 

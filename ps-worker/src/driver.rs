@@ -34,12 +34,15 @@ impl Slowdown {
     fn delay(&mut self, took: Duration) -> Duration {
         match &self.straggler {
             None => Duration::ZERO,
-            Some(Straggler::Factor { factor, .. }) => took.mul_f64(factor - 1.0),
+            // Saturating: `mul_f64` and `from_secs_f64` panic past `Duration::MAX`.
+            Some(Straggler::Factor { factor, .. }) => {
+                Duration::try_from_secs_f64(took.as_secs_f64() * (factor - 1.0)).unwrap_or(Duration::MAX)
+            }
             Some(Straggler::Random { probability, mean_ms, .. }) => {
                 if self.rng.random::<f64>() < *probability {
                     // Exponential by inversion.
                     let u: f64 = self.rng.random::<f64>();
-                    Duration::from_secs_f64(-(1.0 - u).ln() * mean_ms / 1e3)
+                    Duration::try_from_secs_f64(-(1.0 - u).ln() * mean_ms / 1e3).unwrap_or(Duration::MAX)
                 } else {
                     Duration::ZERO
                 }
@@ -141,7 +144,7 @@ impl<'a> Driver<'a> {
         let extra = self.slow.delay(m.pushed - m.start);
         if !extra.is_zero() {
             tokio::time::sleep(extra).await;
-            self.straggle += extra;
+            self.straggle = self.straggle.saturating_add(extra);
         }
         let times = IterationTimes {
             pull: m.pulled - m.start,

@@ -12,6 +12,9 @@ use serde::Deserialize;
 
 use super::{Error, Result, io};
 
+/// Most points a grid may have (each is a whole training run).
+pub const MAX_POINTS: usize = 10_000;
+
 /// The `[grid]` table. An empty (or missing) list means the base job's value.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -286,8 +289,10 @@ impl Sweep {
             Some(v) => v.try_into().map_err(|e| format!("[sweep]: {e}"))?,
             None => Settings::default(),
         };
-        if !(settings.run_timeout_s.is_finite() && settings.run_timeout_s > 0.0) {
-            return Err(format!("run_timeout_s must be positive, got {}", settings.run_timeout_s));
+        // At most a year: the runner makes a `Duration` of it (1e300 panicked).
+        let max_s = ps_worker::config::MAX_SECONDS;
+        if !(settings.run_timeout_s > 0.0 && settings.run_timeout_s <= max_s) {
+            return Err(format!("run_timeout_s must be in (0, {max_s}], got {}", settings.run_timeout_s));
         }
         let base: RunConfig = toml::Value::Table(table).try_into().map_err(|e| e.to_string())?;
         base.validate().map_err(|e| e.to_string())?;
@@ -316,11 +321,35 @@ impl Sweep {
             }
         };
         let backups = or(&grid.backup_workers, base.job.backup.workers);
+        let (seeds, workers) = (or(&grid.seeds, base.job.seed), or(&grid.workers, base.cluster.workers));
+        let max_workers = ps_worker::config::MAX_PROCESSES;
+        if let Some(&w) = workers.iter().find(|&&w| w == 0 || w > max_workers) {
+            return Err(format!("grid workers must be 1..={max_workers}, got {w}"));
+        }
+        let staleness = or(&grid.staleness_aware, base.job.optimizer.staleness_aware);
+        // Counted before any point is made: every list is short, their
+        // product need not be (eight lists of 1000 were 10^24 points).
+        let count = [
+            seeds.len(),
+            workers.len(),
+            stragglers.len(),
+            staleness.len(),
+            datas.len(),
+            backups.len(),
+            dcs.len(),
+            models.len(),
+        ]
+        .into_iter()
+        .try_fold(1usize, usize::checked_mul)
+        .filter(|&n| n <= MAX_POINTS);
+        if count.is_none() {
+            return Err(format!("the grid has more than {MAX_POINTS} points"));
+        }
         let mut points = Vec::new();
-        for &seed in &or(&grid.seeds, base.job.seed) {
-            for &workers in &or(&grid.workers, base.cluster.workers) {
+        for &seed in &seeds {
+            for &workers in &workers {
                 for straggler in &stragglers {
-                    for &staleness_aware in &or(&grid.staleness_aware, base.job.optimizer.staleness_aware) {
+                    for &staleness_aware in &staleness {
                         for &data in &datas {
                             for &backup_workers in &backups {
                                 for &delay_compensation in &dcs {
@@ -393,7 +422,8 @@ impl Sweep {
     }
 
     pub fn load(path: &Path) -> Result<Sweep> {
-        let text = std::fs::read_to_string(path).map_err(io(format!("reading {}", path.display())))?;
+        let text = ps_common::files::read_text_capped(path, ps_common::files::MAX_TEXT_FILE)
+            .map_err(io(format!("reading {}", path.display())))?;
         Sweep::parse(&text).map_err(|reason| Error::Config { path: path.display().to_string(), reason })
     }
 }
@@ -511,6 +541,30 @@ kind = "mnist_mlp"
             assert!(err.contains(why), "{grid}: {err}");
         }
         assert!(Sweep::parse(&format!("{BASE}\n[sweep]\nrun_timeout_s = 0\n")).is_err());
+    }
+
+    /// A sweep file naming a timeout no `Duration` holds, workers by the
+    /// billion, or a product of lists with 10^24 points is refused: the
+    /// timeout panicked in the runner, the workers were listed one by one
+    /// (32 GiB), the points made one by one.
+    #[test]
+    fn absurd_sweeps_are_refused_before_anything_is_made() {
+        let seeds: Vec<String> = (0..1000).map(|s| s.to_string()).collect();
+        let seeds = format!("seeds = [{}]", seeds.join(", "));
+        let bools = "staleness_aware = [true, false]";
+        let product =
+            format!("{seeds}\n{bools}\ndata = [\"fixed\", \"dynamic\"]\nworkers = [1, 2, 3, 4, 5, 6]");
+        for (text, why) in [
+            (format!("{BASE}\n[sweep]\nrun_timeout_s = 1e300\n"), "run_timeout_s"),
+            (
+                format!("{BASE}\n[grid]\nworkers = [4000000000]\nstraggler = [\"random:0.5:10\"]\n"),
+                "grid workers",
+            ),
+            (format!("{BASE}\n[grid]\n{product}\n"), "more than 10000 points"),
+        ] {
+            let err = Sweep::parse(&text).err().unwrap_or_else(|| panic!("accepted: {text}"));
+            assert!(err.contains(why), "{why}: {err}");
+        }
     }
 
     #[test]

@@ -102,13 +102,18 @@ fn parse_idx<'a>(path: &Path, bytes: &'a [u8], expected: u32) -> Result<(Vec<usi
         return Err(truncated(header_len));
     }
     let dims: Vec<usize> = (0..num_dims).map(|i| be_u32(4 + 4 * i) as usize).collect();
-    let payload_len = dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| {
-        DataError::BadHeader { path: path.to_owned(), reason: format!("dimensions {dims:?} overflow") }
-    })?;
-    let total = payload_len.checked_add(header_len).ok_or_else(|| DataError::BadHeader {
-        path: path.to_owned(),
-        reason: format!("dimensions {dims:?} overflow"),
-    })?;
+    // The non-zero dimensions must multiply without overflow too (ndarray
+    // refuses such a shape even with no elements): a count of 0 hid 2^32 x
+    // 2^32 images, which panicked making the empty matrix.
+    let overflow =
+        || DataError::BadHeader { path: path.to_owned(), reason: format!("dimensions {dims:?} overflow") };
+    dims.iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .filter(|&n| n <= isize::MAX as usize)
+        .ok_or_else(overflow)?;
+    let payload_len = dims.iter().product::<usize>();
+    let total = payload_len.checked_add(header_len).ok_or_else(overflow)?;
     if bytes.len() < total {
         return Err(truncated(total));
     }
@@ -226,6 +231,17 @@ mod tests {
     fn huge_dimensions_do_not_allocate_or_panic() {
         let err = load_err(&idx(&[u32::MAX, u32::MAX, u32::MAX], &[]), &idx(&[0], &[]));
         assert!(matches!(err, DataError::BadHeader { .. } | DataError::Truncated { .. }), "{err:?}");
+    }
+
+    /// No images, each of 2^32 - 1 by 2^32 - 1 pixels: nothing to read, but
+    /// a row width no matrix can have (it panicked making the empty matrix).
+    #[test]
+    fn zero_images_of_an_impossible_size_are_a_bad_header() {
+        let err = load_err(&idx(&[0, u32::MAX, u32::MAX], &[]), &idx(&[0], &[]));
+        assert!(matches!(err, DataError::BadHeader { .. }), "{err:?}");
+        let dir = TempDir::new("mnist-empty");
+        tiny(&dir, &idx(&[0, 28, 28], &[]), &idx(&[0], &[]));
+        assert_eq!(load_mnist(&dir.0, Split::Test).unwrap().x.dim(), (0, 784));
     }
 
     #[test]

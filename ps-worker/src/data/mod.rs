@@ -112,14 +112,24 @@ pub(crate) fn read_maybe_gz(path: &Path) -> Result<Vec<u8>, DataError> {
     if !raw.starts_with(&[0x1f, 0x8b]) {
         return Ok(raw);
     }
-    // The gzip trailer holds the uncompressed size mod 2^32: a good capacity hint.
-    let hint = match raw.len() {
+    let mut out = Vec::with_capacity(gzip_capacity_hint(&raw));
+    flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(io)?;
+    Ok(out)
+}
+
+/// Deflate expands at most about 1032:1, so no gzip file of `n` bytes holds more.
+const MAX_GZIP_RATIO: usize = 1032;
+
+/// What to reserve for the decompressed bytes of gzip file `raw`: its
+/// trailer's uncompressed size (mod 2^32), which the file may lie about, so
+/// no more than `raw` can expand to (and at most 1 GiB). Unbounded, a
+/// lying trailer made an 18-byte file reserve 1 GiB before it failed.
+fn gzip_capacity_hint(raw: &[u8]) -> usize {
+    let claimed = match raw.len() {
         n if n >= 18 => u32::from_le_bytes([raw[n - 4], raw[n - 3], raw[n - 2], raw[n - 1]]) as usize,
         _ => 0,
     };
-    let mut out = Vec::with_capacity(hint.min(1 << 30));
-    flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(io)?;
-    Ok(out)
+    claimed.min(raw.len().saturating_mul(MAX_GZIP_RATIO)).min(1 << 30)
 }
 
 /// Decodes `bytes` as UTF-8 text, or reports the line holding the first bad byte.
@@ -212,6 +222,22 @@ mod tests {
         let err = read_maybe_gz(&path).unwrap_err();
         assert!(matches!(err, DataError::Io { .. }), "{err:?}");
         assert!(err.to_string().contains("bad.gz"), "{err}");
+    }
+
+    /// A gzip trailer claiming 4 GiB on a file of a few bytes reserves no
+    /// more than those bytes can expand to (it reserved 1 GiB).
+    #[test]
+    fn a_lying_gzip_trailer_does_not_size_the_buffer() {
+        let mut raw = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0];
+        raw.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(gzip_capacity_hint(&raw) <= raw.len() * MAX_GZIP_RATIO, "{}", gzip_capacity_hint(&raw));
+        let dir = TempDir::new("liegz");
+        let path = dir.write("lie.gz", &raw);
+        assert!(matches!(read_maybe_gz(&path), Err(DataError::Io { .. })));
+        // An honest trailer is still the hint.
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut enc, &[7u8; 5000]).unwrap();
+        assert_eq!(gzip_capacity_hint(&enc.finish().unwrap()), 5000);
     }
 
     #[test]
