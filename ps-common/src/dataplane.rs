@@ -65,8 +65,14 @@ pub const MAGIC: &[u8; 4] = b"PSD1";
 pub const ALPN: &[u8] = b"ps-data/1";
 /// A frame's header: length and kind.
 const HEADER: usize = 5;
-/// A frame's buffer grows by at most this much before its bytes arrive.
+/// A frame's buffer grows by at most this much before its bytes arrive:
+/// by as much as has arrived (doubling), [`FIRST_GROW`] at first.
 const GROW: usize = 4 << 20;
+/// What a frame's buffer may grow by before any of its body has arrived.
+/// A header alone used to be charged [`GROW`] (4 MiB of a shard's in-flight
+/// budget for 9 bytes sent, held while the peer stalled), so a few idle
+/// connections could hold the share of large requests.
+const FIRST_GROW: usize = 64 << 10;
 /// A refused frame is read and dropped this many bytes at a time.
 const SKIP_CHUNK: usize = 64 << 10;
 /// The largest hello a shard reads: the magic and a bearer token (a
@@ -159,8 +165,9 @@ impl FrameReader {
     }
 
     /// [`FrameReader::next`], asking `allow` for each part of the frame's body
-    /// before its buffer grows for it (at most [`GROW`] bytes ahead of what
-    /// has arrived; the parts add up to the frame's length): a frame `allow`
+    /// before its buffer grows for it (ahead of what has arrived by at most
+    /// as much again, [`FIRST_GROW`] at first and [`GROW`] at most; the parts
+    /// add up to the frame's length): a frame `allow`
     /// refuses is read to its end and dropped, a piece at a time, and comes
     /// back as its kind and the refusal, so the stream stays in step.
     pub async fn next_within<R: AsyncRead + Unpin>(
@@ -191,7 +198,7 @@ impl FrameReader {
             _ => Ok(()),
         };
         while self.buf.len() < total {
-            let upto = total.min(self.buf.len() + GROW);
+            let upto = total.min(self.buf.len() + self.buf.len().clamp(FIRST_GROW, GROW));
             if let Err(refused) = ask(upto) {
                 self.skip(r, total).await?;
                 return Ok(Some((kind, Err(refused))));
@@ -1041,6 +1048,53 @@ mod tests {
         assert_eq!((asked[3], asked[4]), (4 + 5, 4 + 5));
         // Skipping kept at most a piece of the 10 MiB frame.
         assert!(r.buf.capacity() <= 4 * SKIP_CHUNK, "{}", r.buf.capacity());
+    }
+
+    /// A frame's reader asks for (and a shard charges to its in-flight
+    /// budget) at most as much again as has arrived, 64 KiB at first: a peer
+    /// that sends a header announcing 8 MiB and stalls holds 64 KiB of the
+    /// budget, not 4 MiB, and one that sends the frame slowly at most twice
+    /// what it sent. The frame still reads whole, asked for in full.
+    #[tokio::test]
+    async fn a_frame_is_asked_for_as_its_bytes_arrive_not_ahead() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let len = 8 << 20;
+        let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        let mut wire = ((len + 1) as u32).to_le_bytes().to_vec();
+        wire.push(2);
+        wire.extend_from_slice(&body);
+        let (mut tx, mut rx) = tokio::io::duplex(64 << 10);
+        let (sent, asked, worst) =
+            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let reader = {
+            let (sent, asked, worst) = (Arc::clone(&sent), Arc::clone(&asked), Arc::clone(&worst));
+            tokio::spawn(async move {
+                let mut allow = move |n: usize| {
+                    let total = asked.fetch_add(n, SeqCst) + n;
+                    // Ahead of what was sent: at most as much again, or 64 KiB.
+                    worst.fetch_max(total.saturating_sub(2 * sent.load(SeqCst) + FIRST_GROW), SeqCst);
+                    Ok(())
+                };
+                let mut r = FrameReader::new(16 << 20);
+                r.next_within(&mut rx, &mut allow).await.unwrap().unwrap()
+            })
+        };
+        // The header, then nothing for a while; then the body, 16 KiB at a time.
+        sent.store(HEADER, SeqCst);
+        tx.write_all(&wire[..HEADER]).await.unwrap();
+        while asked.load(SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(asked.load(SeqCst), HEADER + FIRST_GROW, "a stalled header is charged 64 KiB");
+        for piece in wire[HEADER..].chunks(16 << 10) {
+            sent.fetch_add(piece.len(), SeqCst);
+            tx.write_all(piece).await.unwrap();
+        }
+        let (kind, read) = reader.await.unwrap();
+        assert_eq!((kind, read.unwrap()), (2, Bytes::from(body)));
+        assert_eq!(asked.load(SeqCst), wire.len(), "the whole frame is asked for");
+        assert_eq!(worst.load(SeqCst), 0, "asked for more than twice what had arrived, or 64 KiB");
     }
 
     /// The frame `out` holds, read back.

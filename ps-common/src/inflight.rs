@@ -20,6 +20,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 
@@ -144,14 +145,31 @@ impl<E> Copy for Errors<E> {}
 pub struct InFlightLayer {
     pub inflight: Arc<InFlight>,
     pub errors: Errors<tonic::Status>,
+    /// How long a request's body may take to arrive, and the status of one
+    /// that does not ([`InFlightLayer::within`]).
+    pub within: Option<(Duration, SlowStatus)>,
 }
+
+/// The status of a request whose body did not arrive within its limit.
+pub type SlowStatus = fn(Duration) -> tonic::Status;
 
 impl InFlightLayer {
     /// The layer charging to `inflight`; a refusal ends the request with
     /// `refused`'s status (HTTP/2 resets just the stream: nothing drained).
     pub fn new(inflight: &Arc<InFlight>, refused: fn(Refused) -> tonic::Status) -> InFlightLayer {
         let errors = Errors { refused, inner: tonic::Status::from_error, drain: 0 };
-        InFlightLayer { inflight: Arc::clone(inflight), errors }
+        InFlightLayer { inflight: Arc::clone(inflight), errors, within: None }
+    }
+
+    /// Ends a request whose body has not arrived whole `limit` after it is
+    /// first read with `slow`'s status, so that a client that stops sending
+    /// in the middle of a message (HTTP/2 pings keep its connection open)
+    /// does not hold its stream, and the bytes it sent, for good. tonic reads
+    /// a unary request's body to its end before calling the handler, so the
+    /// handler's own time is not counted.
+    pub fn within(mut self, limit: Duration, slow: SlowStatus) -> InFlightLayer {
+        self.within = Some((limit, slow));
+        self
     }
 }
 
@@ -185,6 +203,10 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let (req, charge) = charged(req, &self.layer.inflight, self.layer.errors);
+        let req = req.map(|mut body| {
+            body.deadline = self.layer.within.map(|(limit, slow)| Deadline { limit, slow, sleep: None });
+            body
+        });
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await;
@@ -205,7 +227,14 @@ pub fn charged<B, E>(
 ) -> (http::Request<ChargedBody<B, E>>, Arc<Charge>) {
     let charge = Arc::new(Charge::new(inflight));
     let held = Arc::clone(&charge);
-    (req.map(|inner| ChargedBody { inner, charge, errors, refusal: None, drained: 0 }), held)
+    (req.map(|inner| ChargedBody { inner, charge, errors, refusal: None, drained: 0, deadline: None }), held)
+}
+
+/// When a body must have arrived by: `limit` after it is first read.
+struct Deadline<E> {
+    limit: Duration,
+    slow: fn(Duration) -> E,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// A request body whose DATA frames are charged as they are read; a frame
@@ -217,6 +246,7 @@ pub struct ChargedBody<B, E> {
     /// A refusal waiting for the body's end (`Errors::drain`).
     refusal: Option<E>,
     drained: u64,
+    deadline: Option<Deadline<E>>,
 }
 
 impl<B, E> http_body::Body for ChargedBody<B, E>
@@ -230,6 +260,14 @@ where
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, E>>> {
         let this = &mut *self;
+        if let Some(d) = &mut this.deadline {
+            let sleep = d.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(d.limit)));
+            if sleep.as_mut().poll(cx).is_ready() && !this.inner.is_end_stream() {
+                let late = (d.slow)(d.limit);
+                this.deadline = None;
+                return Poll::Ready(Some(Err(late)));
+            }
+        }
         loop {
             let polled = Pin::new(&mut this.inner).poll_frame(cx);
             if this.refusal.is_some() {
@@ -279,6 +317,101 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body::Body as _;
+    use tower_layer::Layer as _;
+    use tower_service::Service as _;
+
+    /// A request body: `frames`, then the end, or (`stalls`) nothing more.
+    struct Sent {
+        frames: Vec<Bytes>,
+        stalls: bool,
+    }
+
+    impl http_body::Body for Sent {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            match self.frames.pop() {
+                Some(b) => Poll::Ready(Some(Ok(Frame::data(b)))),
+                None if self.stalls => Poll::Pending,
+                None => Poll::Ready(None),
+            }
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.frames.is_empty() && !self.stalls
+        }
+    }
+
+    /// A handler that reads its request's body to its end (as tonic does
+    /// before calling a unary handler), then takes `handling`: the sizes of
+    /// the frames read, and the code that ended the body, if one did.
+    #[derive(Clone)]
+    struct ReadBody {
+        handling: std::time::Duration,
+    }
+
+    type Read = (Vec<usize>, Option<tonic::Code>);
+
+    impl tower_service::Service<http::Request<ChargedBody<Sent, tonic::Status>>> for ReadBody {
+        type Response = Read;
+        type Error = std::convert::Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Read, std::convert::Infallible>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: http::Request<ChargedBody<Sent, tonic::Status>>) -> Self::Future {
+            let handling = self.handling;
+            Box::pin(async move {
+                let mut body = req.into_body();
+                let mut read = (Vec::new(), None);
+                loop {
+                    match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                        Some(Ok(frame)) => read.0.push(frame.into_data().map_or(0, |d| d.len())),
+                        Some(Err(status)) => break read.1 = Some(status.code()),
+                        None => break,
+                    }
+                }
+                tokio::time::sleep(handling).await;
+                Ok(read)
+            })
+        }
+    }
+
+    /// A request whose body has not arrived whole `within`'s limit after it
+    /// is first read ends with the layer's status, and gives its bytes back;
+    /// one whose body arrives in time is read whole, however long its
+    /// handler then takes. Without the limit, the stalled body held its
+    /// request (and its charged bytes) for as long as its client stayed.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_stops_arriving_ends_at_its_deadline() {
+        let inflight = InFlight::new(1 << 20);
+        let limit = std::time::Duration::from_secs(2);
+        let layer = InFlightLayer::new(&inflight, |_| tonic::Status::resource_exhausted("full"))
+            .within(limit, |d| tonic::Status::deadline_exceeded(format!("not within {d:?}")));
+        let handling = std::time::Duration::from_secs(5);
+        let mut service = layer.layer(ReadBody { handling });
+        let body =
+            |stalls| Sent { frames: vec![Bytes::from(vec![1; 300]), Bytes::from(vec![2; 100])], stalls };
+
+        let started = tokio::time::Instant::now();
+        let stalled = service.call(http::Request::new(body(true)));
+        let read = tokio::time::timeout(limit * 10, stalled).await.expect("a stalled body is ended");
+        assert_eq!(read.unwrap(), (vec![100, 300], Some(tonic::Code::DeadlineExceeded)));
+        assert_eq!(started.elapsed(), limit + handling);
+        assert_eq!(inflight.used(), 0, "its bytes went back");
+
+        let started = tokio::time::Instant::now();
+        let whole = service.call(http::Request::new(body(false))).await.unwrap();
+        assert_eq!(whole, (vec![100, 300], None), "a body that arrived is not cut by its handler's time");
+        assert_eq!(started.elapsed(), handling);
+    }
 
     /// Large requests stop at three quarters of the budget, small ones may
     /// use all of it, and every charge goes back when dropped.

@@ -37,6 +37,11 @@ impl Layout {
     }
 }
 
+/// How many standard deviations from the mean a normal draw of
+/// [`Init::fill`] may land, at most: its Box-Muller draw takes `u1 >= 2^-24`,
+/// so `|z| <= sqrt(-2 ln 2^-24) = 5.77`.
+const NORMAL_REACH: f64 = 6.0;
+
 /// How a table's values start: a pure function of (seed, table name, chunk
 /// index or sparse key), so all shards and restarts agree.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -59,6 +64,11 @@ impl Init {
         Init { kind: InitKind::Constant { value: 0.0 }, seed: 0 }
     }
 
+    /// Checks that every value [`Init::fill`] can draw is finite: finite
+    /// parameters, and a range whose width (uniform) or whose mean plus
+    /// [`NORMAL_REACH`] standard deviations (normal) is finite too. A spec
+    /// of finite but huge parameters (uniform -3e38..3e38) used to pass and
+    /// fill every row with infinities and NaN.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::InvalidInitializer(m.to_string()));
         match self.kind {
@@ -66,8 +76,16 @@ impl Init {
             InitKind::Uniform { low, high } if !(low.is_finite() && high.is_finite() && low <= high) => {
                 bad("uniform needs finite low <= high")
             }
+            InitKind::Uniform { low, high } if !(high - low).is_finite() => {
+                bad("uniform needs a range (high - low) that is a finite f32")
+            }
             InitKind::Normal { mean, std } if !(mean.is_finite() && std.is_finite() && std >= 0.0) => {
                 bad("normal needs finite mean and std >= 0")
+            }
+            InitKind::Normal { mean, std }
+                if f64::from(mean).abs() + NORMAL_REACH * f64::from(std) > f64::from(f32::MAX) =>
+            {
+                bad("normal needs |mean| + 6 std within the f32 range")
             }
             _ => Ok(()),
         }
@@ -303,5 +321,44 @@ mod tests {
         assert!(TableSpec::sparse("e", 4, nan, opt).validate().is_err());
         let bad_lr = OptimizerConfig::from(Rule::sgd(-1.0));
         assert!(TableSpec::sparse("e", 4, Init::zeros(), bad_lr).validate().is_err());
+    }
+
+    /// Every initializer that validates fills finite values, at the edges of
+    /// the f32 range too; finite parameters whose draws would overflow
+    /// (a uniform range wider than f32::MAX, a normal reaching past it) are
+    /// refused.
+    #[test]
+    fn initializers_that_validate_draw_only_finite_values() {
+        let max = f32::MAX;
+        let kinds = [
+            InitKind::Uniform { low: -3e38, high: 3e38 },
+            InitKind::Uniform { low: -max, high: max },
+            InitKind::Uniform { low: -max, high: 0.0 },
+            InitKind::Uniform { low: 0.0, high: max },
+            InitKind::Uniform { low: max, high: max },
+            InitKind::Uniform { low: -1.0, high: max },
+            InitKind::Uniform { low: max / 2.0, high: max },
+            InitKind::Normal { mean: 3e38, std: 3e38 },
+            InitKind::Normal { mean: 0.0, std: 1e38 },
+            InitKind::Normal { mean: 0.0, std: max / 6.5 },
+            InitKind::Normal { mean: max, std: 0.0 },
+            InitKind::Normal { mean: -max, std: 1e30 },
+            InitKind::Normal { mean: max / 2.0, std: max / 12.5 },
+            InitKind::Normal { mean: 1.0, std: 2.0 },
+        ];
+        let mut refused = 0;
+        let mut v = vec![0.0; 100_000];
+        for kind in kinds {
+            let init = Init { kind, seed: 3 };
+            if init.validate().is_err() {
+                refused += 1;
+                continue;
+            }
+            for block in 0..4 {
+                init.fill("e", block, &mut v);
+                assert!(v.iter().all(|x| x.is_finite()), "{kind:?} drew a non-finite value");
+            }
+        }
+        assert_eq!(refused, 5, "the ranges that overflow, and only those, are refused");
     }
 }

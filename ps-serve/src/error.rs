@@ -42,6 +42,10 @@ pub enum Error {
         .0.bytes, .0.cap, .0.used
     )]
     InFlight(ps_common::inflight::Refused),
+    /// A request's body did not arrive in time (`http::Body`, and
+    /// `InFlightLayer::within` for gRPC).
+    #[error("the request's body did not arrive within {0:?} of its headers")]
+    SlowBody(std::time::Duration),
 }
 
 impl From<ps_common::inflight::Refused> for Error {
@@ -61,6 +65,7 @@ impl Error {
             Error::BadInput(_) => Code::InvalidArgument,
             Error::NotReady(_) | Error::Online(_) | Error::Stopped => Code::Unavailable,
             Error::Overloaded(_) | Error::InFlight(_) => Code::ResourceExhausted,
+            Error::SlowBody(_) => Code::DeadlineExceeded,
             Error::Registry(_) | Error::Model(_) | Error::Io { .. } | Error::Internal(_) => Code::Internal,
         }
     }
@@ -83,6 +88,8 @@ impl Error {
             Code::NotFound => 404,
             Code::ResourceExhausted => 429,
             Code::Unavailable => 503,
+            // Only a client too slow to send its request's body.
+            Code::DeadlineExceeded => 408,
             _ => 500,
         }
     }

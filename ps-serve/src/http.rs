@@ -17,6 +17,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -38,10 +39,24 @@ use crate::model::{Inputs, Servable};
 use crate::server::Models;
 use crate::slot::{Freshness, ModelSlot, Prediction};
 
+/// Longest a request's body may take to arrive once its headers have, by
+/// default (`server::Limits::body_timeout`). hyper bounds the time to send
+/// the headers (`transport::HEADER_TIMEOUT`) but not the body: a client that
+/// sent the headers of a POST and then stalled, or sent its body a byte at
+/// a time, held its connection, its handler and the bytes it had sent for
+/// as long as it kept the connection open. 16 MiB (the default request
+/// limit) in 30 s is 0.5 MiB/s.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The router of the HTTP interface; bodies above `max_body_bytes` are
-/// refused with 413 before they are read whole, and every body is charged
-/// to `inflight` as it arrives (429 when it does not fit).
-pub fn router(models: Arc<Models>, max_body_bytes: usize, inflight: Arc<InFlight>) -> Router {
+/// refused with 413 before they are read whole, bodies that take longer than
+/// `body_timeout` to arrive with 408, and every body is charged to
+/// `inflight` as it arrives (429 when it does not fit).
+pub fn router(
+    models: Arc<Models>,
+    (max_body_bytes, body_timeout): (usize, Duration),
+    inflight: Arc<InFlight>,
+) -> Router {
     Router::new()
         .route("/v1/models/{name}", get(model_status).post(predict_latest))
         .route("/v1/models/{name}/versions/{version}", get(version_status).post(predict_version))
@@ -50,6 +65,7 @@ pub fn router(models: Arc<Models>, max_body_bytes: usize, inflight: Arc<InFlight
         .route("/metrics", get(metrics))
         .fallback(|| async { Error::bad_path() })
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::Extension(BodyTimeout(body_timeout)))
         .layer(axum::middleware::from_fn_with_state(inflight, charge_body))
         .with_state(models)
 }
@@ -151,14 +167,30 @@ async fn predict_version(
 
 /// A request's body, read whole. A body that could not be read is answered
 /// with the in-flight budget's refusal (429) as every other error of this
-/// interface, or with axum's own answer (413 over the size limit).
+/// interface, or with axum's own answer (413 over the size limit); one that
+/// has not arrived within the router's [`BodyTimeout`] with 408, closing the
+/// connection (the rest of the body is never read).
 struct Body(Bytes);
+
+/// How long a request's body may take to arrive ([`BODY_TIMEOUT`]).
+#[derive(Clone, Copy)]
+struct BodyTimeout(Duration);
 
 impl<S: Send + Sync> FromRequest<S> for Body {
     type Rejection = Response;
 
     async fn from_request(req: Request, state: &S) -> std::result::Result<Body, Response> {
-        Bytes::from_request(req, state).await.map(Body).map_err(unread)
+        let limit = req.extensions().get::<BodyTimeout>().map_or(BODY_TIMEOUT, |t| t.0);
+        match tokio::time::timeout(limit, Bytes::from_request(req, state)).await {
+            Ok(read) => read.map(Body).map_err(unread),
+            Err(_) => {
+                let mut refused = Error::SlowBody(limit).into_response();
+                refused
+                    .headers_mut()
+                    .insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+                Err(refused)
+            }
+        }
     }
 }
 

@@ -109,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
         max_inflight_bytes: args.max_inflight_mib << 20,
         max_connections: args.max_connections,
         max_connections_per_host: args.max_connections_per_host,
+        ..Limits::default()
     };
     let running = server::start_with(models, args.grpc, args.http, limits, &transport).await?;
     println!(

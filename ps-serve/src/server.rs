@@ -59,6 +59,11 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most open connections of each listener from one peer host.
     pub max_connections_per_host: usize,
+    /// Longest a request's body may take to arrive once its headers have:
+    /// a client that stops sending mid-body, or trickles it, is answered 408
+    /// and its connection closed (HTTP, `http::Body`), or DEADLINE_EXCEEDED
+    /// (gRPC, `ps_common::inflight::InFlightLayer::within`).
+    pub body_timeout: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -68,6 +73,7 @@ impl Default for Limits {
             max_inflight_bytes: 256 << 20,
             max_connections: 1024,
             max_connections_per_host: 256,
+            body_timeout: crate::http::BODY_TIMEOUT,
         }
     }
 }
@@ -119,7 +125,8 @@ pub async fn start_with(
     // Both TLS configurations first, so that a bad file binds nothing.
     // Request bytes in flight, charged as they arrive on either listener.
     let inflight = InFlight::new(limits.max_inflight_bytes as u64);
-    let charge_grpc = InFlightLayer::new(&inflight, |r| Error::from(r).into());
+    let charge_grpc = InFlightLayer::new(&inflight, |r| Error::from(r).into())
+        .within(limits.body_timeout, |limit| Error::SlowBody(limit).into());
     let grpc_server =
         transport::server(transport, &models.metrics.rpc).map_err(tls_error)?.layer(charge_grpc);
     let http_tls = match &transport.tls {
@@ -148,7 +155,7 @@ pub async fn start_with(
             tracing::error!("gRPC listener stopped: {e}");
         }
     });
-    let router = crate::http::router(models, limits.max_request_bytes, inflight);
+    let router = crate::http::router(models, (limits.max_request_bytes, limits.body_timeout), inflight);
     let http_task = tokio::spawn(transport::serve_http(http_listener, router, http_tls));
     Ok(Running { grpc, http, tasks: vec![grpc_task, http_task] })
 }

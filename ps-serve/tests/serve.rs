@@ -534,6 +534,77 @@ async fn http_clients_that_send_no_headers_are_closed_after_the_timeout() {
     running.abort();
 }
 
+/// Clients that send a request's headers and then stall in its body (a
+/// `Content-Length` body cut short, a chunked body never ended, over
+/// HTTP/1; a stream whose body never ends, over HTTP/2) are answered 408
+/// after the body timeout, and the HTTP/1 connections closed; a gRPC
+/// message cut short, DEADLINE_EXCEEDED. hyper bounds only the headers'
+/// time, tonic nothing: each used to hold its connection or stream, its
+/// handler and the bytes it sent for as long as the client kept the
+/// connection open. A request beside them is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_clients_that_stall_in_a_body_are_answered_and_closed_after_the_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timeout = Duration::from_secs(1);
+    let (_dir, _, running) = serve_mnist(Limits { body_timeout: timeout, ..Limits::default() }).await;
+    let started = std::time::Instant::now();
+    let head = "POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\n";
+    let mut cut = tokio::net::TcpStream::connect(running.http).await.unwrap();
+    cut.write_all(format!("{head}Content-Length: 1000\r\n\r\n{{\"instan").as_bytes()).await.unwrap();
+    let mut chunked = tokio::net::TcpStream::connect(running.http).await.unwrap();
+    let start = format!("{head}Transfer-Encoding: chunked\r\n\r\n3\r\n{{\"i\r\n");
+    chunked.write_all(start.as_bytes()).await.unwrap();
+    // HTTP/2: one DATA frame, then the body stays open.
+    let (tx, rx) = futures::channel::mpsc::unbounded::<Result<hyper::body::Frame<Bytes>, std::io::Error>>();
+    tx.unbounded_send(Ok(hyper::body::Frame::data(Bytes::from_static(b"{\"inst")))).unwrap();
+    let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+    let req = hyper::Request::post(format!("http://{}/v1/models/mnist:predict", running.http))
+        .body(http_body_util::StreamBody::new(rx))
+        .unwrap();
+    let stream = tokio::spawn(async move { h2.request(req).await.map(|r| r.status().as_u16()) });
+    // gRPC: a message announced as 1000 bytes, 3 of them sent, then the
+    // stream stays open.
+    let (grpc_tx, grpc_rx) =
+        futures::channel::mpsc::unbounded::<Result<hyper::body::Frame<Bytes>, std::io::Error>>();
+    let mut cut_message = vec![0u8];
+    cut_message.extend(1000u32.to_be_bytes());
+    cut_message.extend([0x0a, 0x01, b'm']);
+    grpc_tx.unbounded_send(Ok(hyper::body::Frame::data(Bytes::from(cut_message)))).unwrap();
+    let req = hyper::Request::post(format!("http://{}/ps.serve.v1.Prediction/Predict", running.grpc))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(http_body_util::StreamBody::new(grpc_rx))
+        .unwrap();
+    let h2 = Client::builder(TokioExecutor::new()).http2_only(true).build_http();
+    let grpc_status = tokio::spawn(async move {
+        let resp = h2.request(req).await.unwrap();
+        let status = resp.headers().get("grpc-status").cloned();
+        let message = resp.headers().get("grpc-message").cloned();
+        (status, message)
+    });
+    let one_json = serde_json::to_vec(&json!({"instances": [pixels(1, 0)]})).unwrap();
+    let (s, _) = http(&http_client(), running.http, "/v1/models/mnist:predict", Some(one_json)).await;
+    assert_eq!(s, 200);
+    let limit = timeout + Duration::from_secs(5);
+    for (name, conn) in [("cut", &mut cut), ("chunked", &mut chunked)] {
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(limit.saturating_sub(started.elapsed()), conn.read_to_end(&mut answer));
+        let closed = read.await.is_ok();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(closed, "{name} connection still open after {:?}", started.elapsed());
+        assert!(answer.starts_with("HTTP/1.1 408"), "{name}: {answer}");
+        assert!(answer.contains("did not arrive within 1s"), "{name}: {answer}");
+    }
+    let status = tokio::time::timeout(limit.saturating_sub(started.elapsed()), stream).await;
+    assert_eq!(status.expect("the HTTP/2 stream is answered").unwrap().ok(), Some(408));
+    let grpc = tokio::time::timeout(limit.saturating_sub(started.elapsed()), grpc_status).await;
+    let (code, message) = grpc.expect("the gRPC stream is answered").unwrap();
+    assert_eq!(code.as_ref().and_then(|c| c.to_str().ok()), Some("4"), "DEADLINE_EXCEEDED: {message:?}");
+    drop((tx, grpc_tx));
+    running.abort();
+}
+
 /// Requests naming a version that is not in memory, all at once, share
 /// one load of it: each used to read, check and build its own copy of the
 /// model, so N concurrent requests held N copies.

@@ -73,6 +73,8 @@ pub enum Error {
     OutOfRange { what: &'static str, value: u64, rule: String },
     #[error("{caller}: over the rate limit of {rate} requests a second")]
     RateLimited { caller: String, rate: u32, after: std::time::Duration },
+    #[error("the request's message did not arrive within {0:?} of its start")]
+    SlowRequest(std::time::Duration),
     #[error("server is shutting down")]
     ShuttingDown,
     #[error("invalid server config: {0}")]
@@ -112,7 +114,7 @@ impl From<Error> for tonic::Status {
             | Error::ConsistencyConflict { .. }
             | Error::DataPlan(_) => Code::FailedPrecondition,
             Error::SpecConflict(_) => Code::AlreadyExists,
-            Error::WaitTimeout { .. } => Code::DeadlineExceeded,
+            Error::WaitTimeout { .. } | Error::SlowRequest(_) => Code::DeadlineExceeded,
             Error::TooLarge { .. }
             | Error::OverBudget { .. }
             | Error::InFlight(_)

@@ -45,6 +45,14 @@ use serde::{Deserialize, Serialize};
 pub use error::{Error, Result};
 use service::{Service, Shard};
 
+/// Longest a gRPC request's message may take to arrive once its stream has
+/// started (256 MiB, the largest message by default, at 2.1 MiB/s): a client
+/// that stops sending in the middle of one (its connection kept open by
+/// HTTP/2 pings) is answered DEADLINE_EXCEEDED, and the bytes it sent are
+/// given back to the in-flight budget, instead of holding both for good.
+/// The data plane's frames have their own bound (`dataplane`).
+pub const REQUEST_ARRIVAL: Duration = Duration::from_secs(120);
+
 /// Settings of one shard process (TOML file and/or flags).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -277,7 +285,8 @@ async fn serve_when_ready(
     } else {
         (Vec::new(), None)
     };
-    let inflight = ps_common::inflight::InFlightLayer::new(&shard.inflight, |r| Error::from(r).into());
+    let inflight = ps_common::inflight::InFlightLayer::new(&shard.inflight, |r| Error::from(r).into())
+        .within(REQUEST_ARRIVAL, |limit| Error::SlowRequest(limit).into());
     let server = transport::server(t, &rpc)?.layer(inflight);
     on_ready(&Bound { grpc, metrics: metrics_addr });
     let result = server
@@ -324,10 +333,39 @@ pub(crate) fn restore(
             file.num_shards
         )));
     }
+    check_restored_workers(&ckpt.dir, &file, &config.limits)?;
     let store = store::Store::restore(config.shard, config.num_shards, file.store, &config.limits)?;
     let (tables, chunks, rows) = store.sizes();
     tracing::info!(checkpoint = %ckpt.dir.display(), tables, chunks, rows, "shard restored");
     Ok((store, clock::Clocks::restore(file.clocks)))
+}
+
+/// A restored clock set and seq records are held to the shard's limits as
+/// if their workers had joined and pushed: at most `limits.max_workers`
+/// distinct workers (members and those that left), no clock past
+/// `limits.max_clock` (a tick of the last clock a push may name reaches
+/// it). Unchecked, a file could list any number of workers (a push's
+/// staleness walks every member) and clocks no push may name.
+fn check_restored_workers(
+    dir: &std::path::Path,
+    file: &checkpoint::ShardFile,
+    limits: &budget::Limits,
+) -> Result<()> {
+    let bad = |m: String| Err(Error::BadCheckpoint(format!("{}: {m}", dir.display())));
+    let (clocks, seqs) = (&file.clocks, &file.store.last_seq);
+    let workers = clocks.members.len() + clocks.left.len();
+    if workers > limits.max_workers || seqs.len() > limits.max_workers {
+        return bad(format!(
+            "{workers} workers in the clock set and {} with seq records, over the limit of {} (limits.max_workers)",
+            seqs.len(),
+            limits.max_workers
+        ));
+    }
+    let clock = clocks.members.iter().map(|m| m.1).chain(clocks.left.iter().map(|l| l.1)).max();
+    if let Some(c) = clock.filter(|&c| c > limits.max_clock) {
+        return bad(format!("a worker's clock {c} is over {} (limits.max_clock)", limits.max_clock));
+    }
+    Ok(())
 }
 
 /// Binds `config.listen` and serves; `on_ready` learns the actual addresses
