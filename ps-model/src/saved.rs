@@ -246,6 +246,12 @@ impl SavedModel {
                     reason: format!("{} keys of width {} but {} values", t.keys.len(), t.dim, t.values.len()),
                 });
             }
+            // The values a key without a row reads as (served, and exported):
+            // an initializer that draws non-finite ones is refused as the
+            // shards refuse it at registration.
+            if let Some(init) = &t.init {
+                init.validate().map_err(|e| Error::Decode(format!("sparse table `{}`: {e}", t.name)))?;
+            }
         }
         for t in &self.int8 {
             let len = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
@@ -487,6 +493,10 @@ mod tests {
         let mut m = model();
         m.sparse.push(SparseTable { name: "extra".into(), ..m.sparse[0].clone() });
         check(m, "names tables");
+        let mut m = model();
+        m.sparse[0].init =
+            Some(Init { kind: ps_common::spec::InitKind::Uniform { low: -3e38, high: 3e38 }, seed: 1 });
+        check(m, "sparse table `emb`");
         let mut m = model();
         m.model = ModelKind::Mlp { layers: vec![2, 0, 3] };
         check(m, "all positive");
