@@ -450,15 +450,32 @@ impl Rule {
         grad: &[f32],
         slots: [&mut [f32]; 2],
     ) -> bool {
-        match Isa::best() {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::best` names AVX-512F only if the CPU has it.
-            Isa::Avx512 => unsafe { self.apply_avx512(step, lr_scale, param, grad, slots) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Isa::best` names AVX2 only if the CPU has it.
-            Isa::Avx2 => unsafe { self.apply_avx2(step, lr_scale, param, grad, slots) },
-            Isa::Baseline => self.apply_loops(step, lr_scale, param, grad, slots),
-        }
+        self.run::<false>(Isa::best(), step, lr_scale, param, grad, slots, [&mut [], &mut [], &mut []])
+    }
+
+    /// [`Rule::apply_slots`] that also copies each parameter's value and
+    /// slots as they were before the update into `saved` (`[values, first
+    /// slot, second slot]`, each as long as the slot it keeps: an unused
+    /// slot's is empty), so that the caller can undo the update. The copy is
+    /// made inside the update's own loop, where its stores cost almost
+    /// nothing beside the arithmetic; as a pass of its own before the
+    /// update, it took a seventh of a dense Adam push's time on a shard
+    /// (docs/PERFORMANCE.md). The update is the same bit for bit.
+    ///
+    /// # Panics
+    /// If a part of `saved` is not as long as what it keeps.
+    pub fn apply_saving(
+        &self,
+        step: u64,
+        lr_scale: f32,
+        param: &mut [f32],
+        grad: &[f32],
+        slots: [&mut [f32]; 2],
+        saved: [&mut [f32]; 3],
+    ) -> bool {
+        let lens = [param.len(), slots[0].len(), slots[1].len()];
+        assert!(saved.iter().zip(lens).all(|(s, n)| s.len() == n), "saved lengths");
+        self.run::<true>(Isa::best(), step, lr_scale, param, grad, slots, saved)
     }
 
     /// `state` (`n` floats per slot, slot after slot) as the rule's two
@@ -483,55 +500,78 @@ impl Rule {
         grad: &[f32],
         state: &mut [f32],
     ) -> bool {
-        let n = param.len();
+        let slots = self.slots(state, param.len());
+        self.run::<false>(isa, step, lr_scale, param, grad, slots, [&mut [], &mut [], &mut []])
+    }
+
+    /// The loops of `isa`, where the CPU has it (the baseline's otherwise).
+    #[allow(clippy::too_many_arguments)] // one update's inputs, passed as they are
+    #[inline]
+    fn run<const SAVE: bool>(
+        &self,
+        isa: Isa,
+        step: u64,
+        lr_scale: f32,
+        param: &mut [f32],
+        grad: &[f32],
+        slots: [&mut [f32]; 2],
+        saved: [&mut [f32]; 3],
+    ) -> bool {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if std::arch::is_x86_feature_detected!("avx512f") => unsafe {
-                self.apply_avx512(step, lr_scale, param, grad, self.slots(state, n))
-            },
+            Isa::Avx512 if std::arch::is_x86_feature_detected!("avx512f") => {
+                // SAFETY: the CPU has AVX-512F (checked on the line above).
+                unsafe { self.apply_avx512::<SAVE>(step, lr_scale, param, grad, slots, saved) }
+            }
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if std::arch::is_x86_feature_detected!("avx2") => unsafe {
-                self.apply_avx2(step, lr_scale, param, grad, self.slots(state, n))
-            },
-            _ => self.apply_loops(step, lr_scale, param, grad, self.slots(state, n)),
+            Isa::Avx2 if std::arch::is_x86_feature_detected!("avx2") => {
+                // SAFETY: the CPU has AVX2 (checked on the line above).
+                unsafe { self.apply_avx2::<SAVE>(step, lr_scale, param, grad, slots, saved) }
+            }
+            _ => self.apply_loops::<SAVE>(step, lr_scale, param, grad, slots, saved),
         }
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn apply_avx2(
+    fn apply_avx2<const SAVE: bool>(
         &self,
         step: u64,
         lr_scale: f32,
         param: &mut [f32],
         grad: &[f32],
         slots: [&mut [f32]; 2],
+        saved: [&mut [f32]; 3],
     ) -> bool {
-        self.apply_loops(step, lr_scale, param, grad, slots)
+        self.apply_loops::<SAVE>(step, lr_scale, param, grad, slots, saved)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    fn apply_avx512(
+    fn apply_avx512<const SAVE: bool>(
         &self,
         step: u64,
         lr_scale: f32,
         param: &mut [f32],
         grad: &[f32],
         slots: [&mut [f32]; 2],
+        saved: [&mut [f32]; 3],
     ) -> bool {
-        self.apply_loops(step, lr_scale, param, grad, slots)
+        self.apply_loops::<SAVE>(step, lr_scale, param, grad, slots, saved)
     }
 
-    /// The loops of [`Rule::apply`], inlined into each of its builds.
+    /// The loops of [`Rule::apply`], inlined into each of its builds; with
+    /// `SAVE`, each parameter's value and slots are copied into `saved`
+    /// before its update ([`Rule::apply_saving`]).
     #[inline(always)]
-    fn apply_loops(
+    fn apply_loops<const SAVE: bool>(
         &self,
         step: u64,
         lr_scale: f32,
         param: &mut [f32],
         grad: &[f32],
         slots: [&mut [f32]; 2],
+        saved: [&mut [f32]; 3],
     ) -> bool {
         let n = param.len();
         debug_assert_eq!(grad.len(), n, "gradient length");
@@ -540,28 +580,39 @@ impl Rule {
         debug_assert!(step >= 1, "step is 1-based");
         debug_assert!(lr_scale.is_finite() && lr_scale > 0.0, "lr_scale {lr_scale}");
         match *self {
-            Rule::Sgd { lr, weight_decay } => sgd(lr * lr_scale, weight_decay, param, grad),
+            Rule::Sgd { lr, weight_decay } => sgd::<SAVE>(lr * lr_scale, weight_decay, param, grad, saved),
             Rule::Momentum { lr, momentum, dampening, nesterov, weight_decay } => {
                 let lr = lr * lr_scale;
                 let k = MomentumConsts { lr, momentum, keep: 1.0 - dampening, weight_decay };
                 match (momentum == 0.0, step == 1, nesterov) {
-                    (true, _, _) => sgd(lr, weight_decay, param, grad),
-                    (false, true, false) => momentum_kernel::<true, false>(k, param, grad, first),
-                    (false, true, true) => momentum_kernel::<true, true>(k, param, grad, first),
-                    (false, false, false) => momentum_kernel::<false, false>(k, param, grad, first),
-                    (false, false, true) => momentum_kernel::<false, true>(k, param, grad, first),
+                    (true, _, _) => {
+                        // Plain SGD leaves the buffer as it is: kept as it is.
+                        let [values, buffer, unused] = saved;
+                        if SAVE {
+                            buffer.copy_from_slice(first);
+                        }
+                        sgd::<SAVE>(lr, weight_decay, param, grad, [values, &mut [], unused])
+                    }
+                    (false, true, false) => {
+                        momentum_kernel::<SAVE, true, false>(k, param, grad, first, saved)
+                    }
+                    (false, true, true) => momentum_kernel::<SAVE, true, true>(k, param, grad, first, saved),
+                    (false, false, false) => {
+                        momentum_kernel::<SAVE, false, false>(k, param, grad, first, saved)
+                    }
+                    (false, false, true) => {
+                        momentum_kernel::<SAVE, false, true>(k, param, grad, first, saved)
+                    }
                 }
             }
             Rule::Adagrad { lr, eps, initial_accumulator: _, weight_decay } => {
                 let lr = lr * lr_scale;
-                let mut ok = true;
-                for ((p, &g), s) in param.iter_mut().zip(grad).zip(first.iter_mut()) {
+                each1::<SAVE>(param, grad, first, saved, |p, g, s| {
                     let g = g + weight_decay * *p;
                     *s += g * g;
                     *p -= lr * (g / (s.sqrt() + eps));
-                    ok &= finite(*p) & finite(*s);
-                }
-                ok
+                    finite(*p) & finite(*s)
+                })
             }
             Rule::Adam { lr, beta1, beta2, eps, weight_decay, decoupled } => {
                 let lr = lr * lr_scale;
@@ -576,24 +627,19 @@ impl Rule {
                 let step_size = (f64::from(lr) / bias1) as f32;
                 let inv_sqrt_bias2 = (1.0 / bias2.sqrt()) as f32;
                 let (c1, c2) = (1.0 - beta1, 1.0 - beta2);
-                let (m, v) = (first, second);
-                let mut ok = true;
-                for (((p, &g), m), v) in param.iter_mut().zip(grad).zip(m).zip(v) {
+                each2::<SAVE>(param, grad, first, second, saved, |p, g, m, v| {
                     let g = g + l2 * *p;
                     *p *= shrink;
                     *m = beta1 * *m + c1 * g;
                     *v = beta2 * *v + c2 * (g * g);
                     let denom = v.sqrt() * inv_sqrt_bias2 + eps;
                     *p -= step_size * (*m / denom);
-                    ok &= finite(*p) & finite(*m) & finite(*v);
-                }
-                ok
+                    finite(*p) & finite(*m) & finite(*v)
+                })
             }
             Rule::Ftrl { alpha, beta, l1, l2 } => {
                 let inv_alpha = 1.0 / (alpha * lr_scale);
-                let (z, acc) = (first, second);
-                let mut ok = true;
-                for (((w, &g), z), acc) in param.iter_mut().zip(grad).zip(z).zip(acc) {
+                each2::<SAVE>(param, grad, first, second, saved, |w, g, z, acc| {
                     let sqrt_old = acc.sqrt();
                     *acc += g * g;
                     let sqrt_new = acc.sqrt();
@@ -602,12 +648,85 @@ impl Rule {
                     let denom = (beta + sqrt_new) * inv_alpha + l2;
                     // `l1.copysign(z)` is sign(z)·l1 whenever |z| > l1 >= 0.
                     *w = if z.abs() <= l1 { 0.0 } else { (l1.copysign(*z) - *z) / denom };
-                    ok &= finite(*w) & finite(*z) & finite(*acc);
-                }
-                ok
+                    finite(*w) & finite(*z) & finite(*acc)
+                })
             }
         }
     }
+}
+
+/// Runs `update` on each parameter with its gradient and returns whether
+/// every call returned true; with `SAVE`, copies the parameter into
+/// `saved[0]` first. [`each1`] and [`each2`] do the same with one and two
+/// slots of state.
+#[inline(always)]
+fn each0<const SAVE: bool>(
+    param: &mut [f32],
+    grad: &[f32],
+    saved: [&mut [f32]; 3],
+    mut update: impl FnMut(&mut f32, f32) -> bool,
+) -> bool {
+    let mut ok = true;
+    if SAVE {
+        let [sp, ..] = saved;
+        for ((p, &g), sp) in param.iter_mut().zip(grad).zip(sp) {
+            *sp = *p;
+            ok &= update(p, g);
+        }
+    } else {
+        for (p, &g) in param.iter_mut().zip(grad) {
+            ok &= update(p, g);
+        }
+    }
+    ok
+}
+
+#[inline(always)]
+fn each1<const SAVE: bool>(
+    param: &mut [f32],
+    grad: &[f32],
+    a: &mut [f32],
+    saved: [&mut [f32]; 3],
+    mut update: impl FnMut(&mut f32, f32, &mut f32) -> bool,
+) -> bool {
+    let mut ok = true;
+    if SAVE {
+        let [sp, sa, _] = saved;
+        for (((p, &g), a), (sp, sa)) in param.iter_mut().zip(grad).zip(a).zip(sp.iter_mut().zip(sa)) {
+            (*sp, *sa) = (*p, *a);
+            ok &= update(p, g, a);
+        }
+    } else {
+        for ((p, &g), a) in param.iter_mut().zip(grad).zip(a) {
+            ok &= update(p, g, a);
+        }
+    }
+    ok
+}
+
+#[inline(always)]
+fn each2<const SAVE: bool>(
+    param: &mut [f32],
+    grad: &[f32],
+    a: &mut [f32],
+    b: &mut [f32],
+    saved: [&mut [f32]; 3],
+    mut update: impl FnMut(&mut f32, f32, &mut f32, &mut f32) -> bool,
+) -> bool {
+    let mut ok = true;
+    if SAVE {
+        let [sp, sa, sb] = saved;
+        let saved = sp.iter_mut().zip(sa).zip(sb);
+        for ((((p, &g), a), b), ((sp, sa), sb)) in param.iter_mut().zip(grad).zip(a).zip(b).zip(saved) {
+            (*sp, *sa, *sb) = (*p, *a, *b);
+            ok &= update(p, g, a, b);
+        }
+    } else {
+        for (((p, &g), a), b) in param.iter_mut().zip(grad).zip(a).zip(b) {
+            ok &= update(p, g, a, b);
+        }
+    }
+    ok
 }
 
 /// The vector instructions [`Rule::apply`] runs with.
@@ -639,14 +758,18 @@ impl Isa {
 
 /// `p ← p − lr·(g + weight_decay·p)`.
 #[inline(always)]
-fn sgd(lr: f32, weight_decay: f32, param: &mut [f32], grad: &[f32]) -> bool {
-    let mut ok = true;
-    for (p, &g) in param.iter_mut().zip(grad) {
+fn sgd<const SAVE: bool>(
+    lr: f32,
+    weight_decay: f32,
+    param: &mut [f32],
+    grad: &[f32],
+    saved: [&mut [f32]; 3],
+) -> bool {
+    each0::<SAVE>(param, grad, saved, |p, g| {
         let g = g + weight_decay * *p;
         *p -= lr * g;
-        ok &= finite(*p);
-    }
-    ok
+        finite(*p)
+    })
 }
 
 /// Whether `x` is finite, as a comparison the rules' loops vectorize (NaN
@@ -668,21 +791,20 @@ struct MomentumConsts {
 /// The momentum update, specialized on the first step and on Nesterov so the
 /// loop body has no branches.
 #[inline(always)]
-fn momentum_kernel<const FIRST: bool, const NESTEROV: bool>(
+fn momentum_kernel<const SAVE: bool, const FIRST: bool, const NESTEROV: bool>(
     k: MomentumConsts,
     param: &mut [f32],
     grad: &[f32],
     buf: &mut [f32],
+    saved: [&mut [f32]; 3],
 ) -> bool {
-    let mut ok = true;
-    for ((p, &g), b) in param.iter_mut().zip(grad).zip(buf) {
+    each1::<SAVE>(param, grad, buf, saved, |p, g, b| {
         let g = g + k.weight_decay * *p;
         *b = if FIRST { g } else { k.momentum * *b + k.keep * g };
         let d = if NESTEROV { g + k.momentum * *b } else { *b };
         *p -= k.lr * d;
-        ok &= finite(*p) & finite(*b);
-    }
-    ok
+        finite(*p) & finite(*b)
+    })
 }
 
 #[cfg(test)]
@@ -1344,6 +1466,39 @@ mod tests {
                 let said = rule.apply_as(isa, 2, 1.0, &mut param, &grad, &mut state);
                 let finite = param.iter().chain(&state).all(|v| v.is_finite());
                 prop_assert_eq!(said, finite, "{:?} with {:?}", isa, rule);
+            }
+        }
+
+        /// `apply_saving` updates as `apply` does, bit for bit, in every
+        /// build of the loops, and keeps each value and slot as it was.
+        #[test]
+        fn apply_saving_keeps_what_it_overwrote(rule in any_rule(), case in case()) {
+            #[cfg(target_arch = "x86_64")]
+            let isas = [Isa::Baseline, Isa::Avx2, Isa::Avx512];
+            #[cfg(not(target_arch = "x86_64"))]
+            let isas = [Isa::Baseline];
+            for isa in isas {
+                let n = case.param.len();
+                let (mut plain, mut saving) = (case.param.clone(), case.param.clone());
+                let mut plain_state = vec![0.0; n * rule.state_per_param()];
+                rule.init_state(&plain, &mut plain_state);
+                let mut saving_state = plain_state.clone();
+                for (k, (grad, &lr_scale)) in case.grads.iter().zip(&case.lr_scales).enumerate() {
+                    let step = case.first_step + k as u64;
+                    let before: Vec<f32> = saving.iter().chain(&saving_state).copied().collect();
+                    let said_plain = rule.apply_as(isa, step, lr_scale, &mut plain, grad, &mut plain_state);
+                    let slots = rule.slots(&mut saving_state, n);
+                    let mut kept = vec![f32::NAN; n + slots[0].len() + slots[1].len()];
+                    let (kept_values, rest) = kept.split_at_mut(n);
+                    let (kept_first, kept_second) = rest.split_at_mut(slots[0].len());
+                    let said = rule.run::<true>(isa, step, lr_scale, &mut saving, grad, slots,
+                        [kept_values, kept_first, kept_second]);
+                    prop_assert_eq!(said, said_plain);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    prop_assert_eq!(bits(&saving), bits(&plain), "{:?}: values", isa);
+                    prop_assert_eq!(bits(&saving_state), bits(&plain_state), "{:?}: state", isa);
+                    prop_assert_eq!(bits(&kept), bits(&before), "{:?}: kept", isa);
+                }
             }
         }
 

@@ -108,12 +108,15 @@ impl Block {
 
     /// Applies one update, unless it would make a value or an optimizer
     /// state non-finite: then the block keeps what it held and this returns
-    /// false. The update goes a tile of [`TILE`] parameters at a time: the
-    /// tile's values and state are copied aside, then updated while they are
-    /// in the L1 cache, the rule checking what it writes as it goes (a copy
-    /// of the whole block first, then the update, then a check took three
-    /// passes over it; docs/PERFORMANCE.md). If a tile fails, it and the
-    /// tiles before it are put back from their copies.
+    /// false. The update goes a tile of [`TILE`] parameters at a time, while
+    /// the tile is in the L1 cache: the rule keeps the tile's values and
+    /// state as they were ([`Rule::apply_saving`]) and checks what it writes
+    /// as it goes. If a tile fails, it and the tiles before it are put back
+    /// from what was kept. (A copy of the whole block first, then the
+    /// update, then a check took three passes over it; a copy of each tile
+    /// before its update cost a seventh of a push; docs/PERFORMANCE.md.)
+    ///
+    /// [`Rule::apply_saving`]: ps_common::optim::Rule::apply_saving
     fn apply(
         &mut self,
         spec: &TableSpec,
@@ -130,13 +133,14 @@ impl Block {
         let read = read.filter(|r| r.len() == len);
         let step = self.step + 1;
         BEFORE.with_borrow_mut(|before| {
-            before.clear();
+            // Grown, never shrunk: the largest block this thread has applied.
+            if before.len() < arrays * len {
+                before.resize(arrays * len, 0.0);
+            }
             for start in (0..len).step_by(TILE) {
                 let end = (start + TILE).min(len);
-                for a in 0..arrays {
-                    before.extend_from_slice(&self.data[a * len + start..a * len + end]);
-                }
-                if !apply_update(spec, len, &mut self.data, step, start..end, grad, info, read) {
+                let saved = &mut before[arrays * start..arrays * end];
+                if !apply_update(spec, len, &mut self.data, step, start..end, grad, info, read, saved) {
                     self.put_back(before, len, arrays, end);
                     return false;
                 }
@@ -147,7 +151,8 @@ impl Block {
     }
 
     /// Puts back the first `end` parameters' values and state from
-    /// `before`, where [`Block::apply`] copied them tile by tile.
+    /// `before`, where [`Block::apply`] kept them tile by tile (each tile's
+    /// values, then each array of its state).
     fn put_back(&mut self, before: &[f32], len: usize, arrays: usize, end: usize) {
         let mut from = before;
         for start in (0..end).step_by(TILE) {
@@ -182,11 +187,13 @@ fn first_outside(values: &[f32], bound: f32) -> Option<usize> {
 }
 
 /// Applies one gradient to the parameters `tile` of a block's floats `data`
-/// (`len` values, then the optimizer state, slot after slot) as its update
-/// number `step` (1-based): the table's rule, after delay compensation if
-/// the table has it and `read` is the pushing worker's read of the block.
-/// `grad` and `read` cover the whole block. Returns whether every value
-/// and state it wrote is finite.
+/// (`len` values, then the optimizer state, array after array) as its
+/// update number `step` (1-based): the table's rule, after delay
+/// compensation if the table has it and `read` is the pushing worker's read
+/// of the block. `grad` and `read` cover the whole block. The tile's values
+/// and state as they were are kept in `saved`, laid out as `data` is (the
+/// tile's values, then its part of each state array). Returns whether every
+/// value and state it wrote is finite.
 #[allow(clippy::too_many_arguments)] // one update's inputs, passed as they are
 fn apply_update(
     spec: &TableSpec,
@@ -197,17 +204,25 @@ fn apply_update(
     grad: &[f32],
     info: &PushInfo,
     read: Option<&[f32]>,
+    saved: &mut [f32],
 ) -> bool {
     let rule = spec.optimizer.rule;
     let (values, state) = data.split_at_mut(len);
     let (state, mean_square) = state.split_at_mut(len * rule.state_per_param());
     let [first, second] = rule.slots(state, len);
-    // The tile of a slot the rule uses; an unused slot is empty.
+    // The tile of an array the rule uses; an unused one is empty.
     fn part(s: &mut [f32], tile: std::ops::Range<usize>) -> &mut [f32] {
         if s.is_empty() { s } else { &mut s[tile] }
     }
     let (values, slots) =
         (&mut values[tile.clone()], [part(first, tile.clone()), part(second, tile.clone())]);
+    let (saved_values, rest) = saved.split_at_mut(values.len());
+    let (saved_first, rest) = rest.split_at_mut(slots[0].len());
+    let (saved_second, saved_mean_square) = rest.split_at_mut(slots[1].len());
+    let saved = [saved_values, saved_first, saved_second];
+    // DC-ASGD-a's mean square is kept here: the rule does not know it.
+    let mean_square = part(mean_square, tile.clone());
+    saved_mean_square.copy_from_slice(mean_square);
     let grad = &grad[tile.clone()];
     let lr_scale = info.lr_scale(spec);
     match (spec.optimizer.delay_compensation, read) {
@@ -215,12 +230,12 @@ fn apply_update(
             let mut g = [0.0f32; TILE];
             let g = &mut g[..grad.len()];
             g.copy_from_slice(grad);
-            let (read, mean_square) = (&read[tile.clone()], part(mean_square, tile));
+            let read = &read[tile];
             dc.compensate(g, values, read, mean_square);
             let finite = first_outside(mean_square, f32::MAX).is_none();
-            rule.apply_slots(step, lr_scale, values, g, slots) & finite
+            rule.apply_saving(step, lr_scale, values, g, slots, saved) & finite
         }
-        _ => rule.apply_slots(step, lr_scale, values, grad, slots),
+        _ => rule.apply_saving(step, lr_scale, values, grad, slots, saved),
     }
 }
 
@@ -912,11 +927,10 @@ impl Store {
                     let (data, step) = stripe.row_mut(slot, rows.width);
                     // Rows of rules that read no update count keep none.
                     let next = step.as_deref().map_or(1, |s| *s + 1);
-                    before.clear();
-                    before.extend_from_slice(data);
+                    before.resize(data.len(), 0.0);
                     let grad = &grads[i * dim..(i + 1) * dim];
                     // An update that would make a value non-finite is undone.
-                    if apply_update(&table.spec, dim, data, next, 0..dim, grad, &info, None) {
+                    if apply_update(&table.spec, dim, data, next, 0..dim, grad, &info, None, &mut before) {
                         if let Some(s) = step {
                             *s = next;
                         }
@@ -1415,13 +1429,24 @@ mod tests {
         let good = vec![0.25f32; len];
         assert_eq!(s.push_dense(&[("w", 0, &good)], PushInfo::default()).unwrap().applied, len as u64);
         let mut expected = Block::new(&spec, 0, len);
-        apply_update(&spec, len, &mut expected.data, 1, 0..len, &good, &PushInfo::default(), None);
+        let mut saved = vec![0.0; expected.data.len()];
+        apply_update(
+            &spec,
+            len,
+            &mut expected.data,
+            1,
+            0..len,
+            &good,
+            &PushInfo::default(),
+            None,
+            &mut saved,
+        );
         let after = s.snapshot("w").unwrap();
         assert!(after[0].1 == expected.values(len), "not the first step from the old state");
     }
 
     #[test]
-    fn a_block_updated_a_tile_at_a_time_matches_the_rule_on_the_whole_block() {
+    fn a_block_updated_a_tile_at_a_time_matches_the_rule_on_the_whole_block_and_is_put_back_whole() {
         use ps_common::optim::DelayCompensation;
         let len = 2 * TILE + 37;
         let rules = [
@@ -1454,6 +1479,15 @@ mod tests {
                 let same = block.data.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{rule:?} with {dc:?}, step {t}: tiles differ from the whole block");
             }
+            assert_eq!(block.step, 3);
+            // A gradient that overflows in the last tile: every tile, every
+            // array (values, the rule's state, DC-ASGD-a's mean square) is
+            // put back as it was.
+            let mut grad: Vec<f32> = (0..len).map(|k| wave(k, 4)).collect();
+            grad[len - 1] = f32::INFINITY;
+            assert!(!block.apply(&spec, len, &grad, &PushInfo::default(), Some(&read)));
+            let same = block.data.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{rule:?} with {dc:?}: a failed update was not put back whole");
             assert_eq!(block.step, 3);
         }
     }
