@@ -814,15 +814,18 @@ impl Store {
                 }
                 continue;
             }
+            // The stripe's missing rows are reserved together (one atomic
+            // update, not one a row); over the budget, the pull is refused
+            // (rows of earlier stripes stay). What rows created meanwhile by
+            // another request leave unused is given back.
+            let mut reserved = self.budget.reserve(row_bytes.saturating_mul(missing.len() as u64))?;
             let mut stripe = rows.write(s);
             for &i in &missing {
-                // Created meanwhile by another request.
                 let (key, hash) = (keys[i], rows.hash(keys[i]));
                 let slot = match stripe.find(hash, key) {
                     Some(slot) => slot,
-                    // Over the budget, the pull is refused (rows created so far stay).
                     None => {
-                        self.budget.try_reserve(row_bytes)?;
+                        reserved.keep(row_bytes);
                         stripe.create_row(rows, &table.spec, hash, key, &mut scratch)
                     }
                 };
