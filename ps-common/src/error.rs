@@ -67,3 +67,41 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `error` and its causes as one line, `what: why: ...`, for a binary to
+/// print when it exits. A cause whose text is already part of the line is
+/// left out: most errors here show their cause in their own message, and
+/// the chain would repeat it.
+pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("reading x: {0}")]
+        Shows(#[source] std::io::Error),
+        #[error("loading the model")]
+        Hides(#[source] std::io::Error),
+    }
+
+    #[test]
+    fn an_error_is_one_line_of_its_causes_each_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        assert_eq!(one_line(&Outer::Shows(io())), "reading x: no such file");
+        assert_eq!(one_line(&Outer::Hides(io())), "loading the model: no such file");
+    }
+}

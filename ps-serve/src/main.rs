@@ -15,8 +15,22 @@ use ps_serve::online::Online;
 use ps_serve::server::{self, Limits, Models};
 use ps_serve::slot::{ModelSlot, Source};
 
+/// Reports an error as one line of its causes (`error: what: why`) and
+/// exits with status 1. Returned from `main`, anyhow printed each cause
+/// twice, and its backtrace whenever `RUST_BACKTRACE` was set, after every
+/// mistyped flag or missing file; a panic still prints its own.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", ps_common::error::one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -18,7 +18,21 @@ struct Cli {
     args: ps_server::cli::Args,
 }
 
-fn main() -> anyhow::Result<()> {
+/// Reports an error as one line of its causes (`error: what: why`) and
+/// exits with status 1. Returned from `main`, anyhow printed each cause
+/// twice, and its backtrace whenever `RUST_BACKTRACE` was set, after every
+/// mistyped flag or missing file; a panic still prints its own.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", ps_common::error::one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
