@@ -564,12 +564,24 @@ impl ShardedClient {
         }
     }
 
-    /// Leaves the clock set of every shard (best effort on each).
+    /// Leaves the clock set of every shard, all at once. A shard that
+    /// refuses with a pushback (its rate limit or in-flight budget) is asked
+    /// again after it, as pushes are, up to `recover_within` of waiting; a
+    /// refused `Leave` used to fail the job's end.
     pub async fn leave(&self) -> Result<()> {
         let calls = self.shards.iter().map(|c| {
             let mut c = c.clone();
-            let req = self.request(pb::LeaveRequest { worker: self.worker }, self.opts.request_timeout);
-            async move { c.leave(req).await }
+            async move {
+                let mut waited = Duration::ZERO;
+                loop {
+                    let req =
+                        self.request(pb::LeaveRequest { worker: self.worker }, self.opts.request_timeout);
+                    match c.leave(req).await {
+                        Err(status) if self.pushbacks.wait_out(&status, &mut waited).await => {}
+                        r => return r,
+                    }
+                }
+            }
         });
         for (i, r) in join_all(calls).await.into_iter().enumerate() {
             r.map_err(|s| self.status(i, s))?;

@@ -528,7 +528,7 @@ async fn a_data_socket_path_in_use_or_not_a_socket_is_refused_and_left_alone() {
 /// A worker over its rate limit is refused with a pushback
 /// (`transport::with_pushback`), waits it out and sends the same request
 /// again, on the data plane and over gRPC, pulls and pushes, dense and
-/// sparse, registrations and joins: the job goes on instead of stopping at the first
+/// sparse, registrations, joins and leaves: the job goes on instead of stopping at the first
 /// RESOURCE_EXHAUSTED, and every push is applied exactly once.
 #[tokio::test]
 async fn a_worker_over_its_rate_waits_out_the_pushbacks_and_every_push_applies_once() {
@@ -573,6 +573,12 @@ async fn a_worker_over_its_rate_waits_out_the_pushbacks_and_every_push_applies_o
         // most of them were pushed back.
         let waits = c.pushback_waits();
         assert!(waits >= ITERATIONS, "data plane {data_plane}: {waits} pushbacks");
+        // Leaving is pushed back too (it failed the job's end): each leave
+        // right after a rejoin that emptied the bucket.
+        for _ in 0..3 {
+            c.rejoin(Consistency::Asp, Duration::from_secs(60), ITERATIONS).await.unwrap();
+            c.leave().await.unwrap();
+        }
     }
     shards.stop().await.unwrap();
 }
