@@ -68,6 +68,24 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// What a binary's `main` returns for the `result` of its work: success,
+/// or status 1 after printing the error as one line of its causes
+/// ([`one_line`]: `error: what: why`). Returned from `main` itself, an
+/// `anyhow::Error` printed each cause twice, and a backtrace whenever
+/// `RUST_BACKTRACE` was set, after every mistyped flag or missing file (a
+/// panic still prints its own).
+pub fn exit_code<E: AsRef<dyn std::error::Error + 'static>>(
+    result: std::result::Result<(), E>,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(e.as_ref()));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// `error` and its causes as one line, `what: why: ...`, for a binary to
 /// print when it exits. A cause whose text is already part of the line is
 /// left out: most errors here show their cause in their own message, and

@@ -15,18 +15,8 @@ use ps_serve::online::Online;
 use ps_serve::server::{self, Limits, Models};
 use ps_serve::slot::{ModelSlot, Source};
 
-/// Reports an error as one line of its causes (`error: what: why`) and
-/// exits with status 1. Returned from `main`, anyhow printed each cause
-/// twice, and its backtrace whenever `RUST_BACKTRACE` was set, after every
-/// mistyped flag or missing file; a panic still prints its own.
 fn main() -> std::process::ExitCode {
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", ps_common::error::one_line(e.as_ref()));
-            std::process::ExitCode::FAILURE
-        }
-    }
+    ps_common::error::exit_code(run())
 }
 
 #[tokio::main]
