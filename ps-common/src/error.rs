@@ -69,44 +69,26 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What a binary's `main` returns for the `result` of its work: success,
-/// or status 1 after printing the error as one line of its causes
-/// ([`one_line`]: `error: what: why`). Returned from `main` itself, an
-/// `anyhow::Error` printed each cause twice, and a backtrace whenever
-/// `RUST_BACKTRACE` was set, after every mistyped flag or missing file (a
-/// panic still prints its own).
+/// or status 1 after printing the error as one line of its causes, each
+/// once (`error: what: why`, [`crate::transport::error_chain`]). Returned
+/// from `main` itself, an `anyhow::Error` printed each cause twice, and a
+/// backtrace whenever `RUST_BACKTRACE` was set, after every mistyped flag
+/// or missing file (a panic still prints its own).
 pub fn exit_code<E: AsRef<dyn std::error::Error + 'static>>(
     result: std::result::Result<(), E>,
 ) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(e.as_ref()));
+            eprintln!("error: {}", crate::transport::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
 }
 
-/// `error` and its causes as one line, `what: why: ...`, for a binary to
-/// print when it exits. A cause whose text is already part of the line is
-/// left out: most errors here show their cause in their own message, and
-/// the chain would repeat it.
-pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = error.to_string();
-    let mut cause = error.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        cause = c.source();
-    }
-    line
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::transport::error_chain;
 
     #[derive(Debug, thiserror::Error)]
     enum Outer {
@@ -119,7 +101,7 @@ mod tests {
     #[test]
     fn an_error_is_one_line_of_its_causes_each_once() {
         let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
-        assert_eq!(one_line(&Outer::Shows(io())), "reading x: no such file");
-        assert_eq!(one_line(&Outer::Hides(io())), "loading the model: no such file");
+        assert_eq!(error_chain(&Outer::Shows(io())), "reading x: no such file");
+        assert_eq!(error_chain(&Outer::Hides(io())), "loading the model: no such file");
     }
 }
