@@ -34,7 +34,7 @@ async fn time(
     let pull = t0.elapsed() / reps;
     let t0 = Instant::now();
     for _ in 0..reps {
-        c.push_dense(set, buf, 0, 0, false).await?;
+        c.push_dense(set, &*buf, 0, 0, false).await?;
     }
     Ok((pull, t0.elapsed() / reps))
 }

@@ -21,6 +21,7 @@ pub mod baseline;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use ps_common::codec::SharedF32;
 use ps_common::optim::Rule;
 use ps_common::spec::{Init, InitKind, Layout, TableSpec};
 use ps_model::Mlp;
@@ -380,9 +381,11 @@ async fn transport(reps: u32) -> Result<()> {
                 client.pull_dense(&set, 0, &mut buf).await?;
             }
             let pull = t.elapsed() / r;
+            // Sent as the trainer sends its gradient: its floats' own bytes.
+            let grads = SharedF32::new(buf.clone());
             let t = Instant::now();
             for _ in 0..r {
-                client.push_dense(&set, &buf, 0, 0, false).await?;
+                client.push_dense(&set, &grads, 0, 0, false).await?;
             }
             let push = t.elapsed() / r;
             // The raw socket of the same kind, and raw TCP, moving the same bytes.
@@ -427,7 +430,6 @@ async fn transport(reps: u32) -> Result<()> {
             }
             if n == REFERENCE_PARAMS {
                 // The trainer's iteration: push of clock c with the pull of c + 1.
-                let grads = buf.clone();
                 let t = Instant::now();
                 for c in 0..u64::from(r) {
                     client.push_and_pull_dense(&set, &grads, c, &mut buf).await?;

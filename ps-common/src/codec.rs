@@ -31,6 +31,117 @@ impl AsRef<[u8]> for F32s {
     }
 }
 
+/// Floats whose little-endian bytes requests carry without a copy: the
+/// bytes of a range of them are a view of the same memory
+/// ([`SharedF32::bytes`]). Made from a vector that is given up; with a
+/// pool, the vector goes back to it once this value and every view of it
+/// are dropped, for the next gradient ([`F32Pool::take`]). Cheap to clone.
+#[derive(Clone)]
+pub struct SharedF32 {
+    floats: std::sync::Arc<Pooled>,
+    /// The floats' bytes: a view of `floats` on a little-endian machine, a
+    /// copy on a big-endian one.
+    bytes: Bytes,
+}
+
+impl SharedF32 {
+    /// Takes `values`.
+    pub fn new(values: Vec<f32>) -> SharedF32 {
+        SharedF32::with_pool(values, None)
+    }
+
+    /// Takes `values`, which go back to `pool` when no longer viewed.
+    pub fn pooled(values: Vec<f32>, pool: &F32Pool) -> SharedF32 {
+        SharedF32::with_pool(values, Some(pool.clone()))
+    }
+
+    fn with_pool(values: Vec<f32>, pool: Option<F32Pool>) -> SharedF32 {
+        let floats = std::sync::Arc::new(Pooled { values, pool });
+        let bytes = match cfg!(target_endian = "little") {
+            true => Bytes::from_owner(PooledBytes(floats.clone())),
+            false => encode_f32(&floats.values),
+        };
+        SharedF32 { floats, bytes }
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        &self.floats.values
+    }
+
+    pub fn len(&self) -> usize {
+        self.floats.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.floats.values.is_empty()
+    }
+
+    /// The little-endian bytes of the floats in `range` (floats, not bytes),
+    /// without a copy.
+    ///
+    /// # Panics
+    /// If `range` is out of bounds, as slicing is.
+    pub fn bytes(&self, range: std::ops::Range<usize>) -> Bytes {
+        self.bytes.slice(range.start * 4..range.end * 4)
+    }
+}
+
+impl std::fmt::Debug for SharedF32 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedF32({} floats)", self.len())
+    }
+}
+
+/// The vector a [`SharedF32`] took, and where it goes back.
+struct Pooled {
+    values: Vec<f32>,
+    pool: Option<F32Pool>,
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(pool) = &self.pool {
+            pool.put(std::mem::take(&mut self.values));
+        }
+    }
+}
+
+/// A [`Pooled`]'s floats seen as their bytes (little-endian machines only).
+struct PooledBytes(std::sync::Arc<Pooled>);
+
+impl AsRef<[u8]> for PooledBytes {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0.values)
+    }
+}
+
+/// Float vectors given back by [`SharedF32`]s, handed out again: a worker
+/// that sends its gradient without copying it computes the next one in the
+/// same memory once the push is done. Holds at most [`F32Pool::KEEP`]
+/// vectors. Cheap to clone (clones share the vectors).
+#[derive(Clone, Default)]
+pub struct F32Pool(std::sync::Arc<std::sync::Mutex<Vec<Vec<f32>>>>);
+
+impl F32Pool {
+    /// How many vectors the pool keeps; more are freed.
+    pub const KEEP: usize = 2;
+
+    /// A vector of `len` floats: one given back (its values are those it
+    /// held, so the caller overwrites them all), or a new one of zeros.
+    pub fn take(&self, len: usize) -> Vec<f32> {
+        let mut values = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+        values.resize(len, 0.0);
+        values
+    }
+
+    fn put(&self, values: Vec<f32>) {
+        let mut free = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() < F32Pool::KEEP {
+            free.push(values);
+        }
+    }
+}
+
 /// Appends `values` to `out` as little-endian f32 bytes (for answers built
 /// block by block).
 pub fn append_f32(out: &mut Vec<u8>, values: &[f32]) {
@@ -141,5 +252,29 @@ mod tests {
             Err(Error::LengthMismatch { what: "values", expected: 2, got: 3 })
         );
         assert_eq!(out, [0.0, 0.0], "a failed decode writes nothing");
+    }
+
+    #[test]
+    fn shared_floats_are_their_bytes_and_go_back_to_the_pool_after_the_last_view() {
+        let pool = F32Pool::default();
+        let values: Vec<f32> = (0..10).map(|i| i as f32 * 0.5 - 1.0).collect();
+        let owned = values.clone();
+        let at = owned.as_ptr();
+        let shared = SharedF32::pooled(owned, &pool);
+        let view = shared.bytes(3..7);
+        assert_eq!(view, encode_f32(&values[3..7]));
+        assert_eq!(shared.as_slice(), &values[..]);
+        if cfg!(target_endian = "little") {
+            assert_eq!(view.as_ptr(), at.wrapping_add(3).cast(), "a view, not a copy");
+        }
+        drop(shared);
+        assert!(pool.0.lock().unwrap().is_empty(), "a view still holds the floats");
+        drop(view);
+        let again = pool.take(10);
+        assert_eq!(again.as_ptr(), at, "the same vector, handed out again");
+        assert_eq!(again, values, "with its old values");
+        drop(SharedF32::pooled(again, &pool));
+        assert_eq!(pool.take(12)[8..], [3.0, 3.5, 0.0, 0.0], "grown with zeros");
+        assert_eq!(pool.take(3), vec![0.0; 3], "an empty pool makes a new vector");
     }
 }

@@ -23,7 +23,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures::future::join_all;
-use ps_common::codec;
+use ps_common::codec::{self, SharedF32};
 use ps_common::compress::{self, Codec, CodecKind, Codecs};
 use ps_common::dataplane::{Body, CallError, DataLink, Kind};
 use ps_common::partition::{self, ShardId, fnv1a64, splitmix64};
@@ -89,6 +89,49 @@ impl ClientOptions {
         }
         self.transport.validate()?;
         Ok(())
+    }
+}
+
+/// A dense gradient to push, laid out like its [`DenseSet`]: floats the
+/// request copies (or encodes), or [`SharedF32`] floats whose bytes an f32
+/// push carries as they are, without a copy (the reference trainer's
+/// gradients; a compressed push encodes them as it would a slice).
+#[derive(Debug, Clone, Copy)]
+pub enum Grads<'a> {
+    Copied(&'a [f32]),
+    Shared(&'a SharedF32),
+}
+
+impl Grads<'_> {
+    pub fn as_slice(&self) -> &[f32] {
+        match self {
+            Grads::Copied(floats) => floats,
+            Grads::Shared(shared) => shared.as_slice(),
+        }
+    }
+}
+
+impl<'a> From<&'a [f32]> for Grads<'a> {
+    fn from(floats: &'a [f32]) -> Self {
+        Grads::Copied(floats)
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for Grads<'a> {
+    fn from(floats: &'a Vec<f32>) -> Self {
+        Grads::Copied(floats)
+    }
+}
+
+impl<'a, const N: usize> From<&'a [f32; N]> for Grads<'a> {
+    fn from(floats: &'a [f32; N]) -> Self {
+        Grads::Copied(floats)
+    }
+}
+
+impl<'a> From<&'a SharedF32> for Grads<'a> {
+    fn from(shared: &'a SharedF32) -> Self {
+        Grads::Shared(shared)
     }
 }
 
@@ -717,12 +760,12 @@ impl ShardedClient {
     pub async fn push_dense(
         &mut self,
         set: &DenseSet,
-        grads: &[f32],
+        grads: impl Into<Grads<'_>>,
         clock: u64,
         read_clock: u64,
         tick: bool,
     ) -> Result<()> {
-        let requests = self.dense_push_requests(set, grads, clock, read_clock, tick)?;
+        let requests = self.dense_push_requests(set, grads.into(), clock, read_clock, tick)?;
         self.send_dense_pushes(requests, Sending::First).await
     }
 
@@ -739,12 +782,12 @@ impl ShardedClient {
     pub async fn push_and_pull_dense(
         &mut self,
         set: &DenseSet,
-        grads: &[f32],
+        grads: impl Into<Grads<'_>>,
         clock: u64,
         out: &mut [f32],
     ) -> Result<bool> {
         check_len("pull buffer", out.len(), set.len)?;
-        let requests = self.dense_push_requests(set, grads, clock, clock, true)?;
+        let requests = self.dense_push_requests(set, grads.into(), clock, clock, true)?;
         let links: Option<Vec<DataLink>> = self.data.iter().cloned().collect();
         let (pushed, pulled) = if let Some(links) = links {
             self.push_then_pull(&links, set, requests, clock + 1, out).await
@@ -861,12 +904,13 @@ impl ShardedClient {
     fn dense_push_requests(
         &mut self,
         set: &DenseSet,
-        grads: &[f32],
+        grads: Grads<'_>,
         clock: u64,
         read_clock: u64,
         tick: bool,
     ) -> Result<Vec<(usize, pb::PushDenseRequest)>> {
-        check_len("gradient", grads.len(), set.len)?;
+        let floats = grads.as_slice();
+        check_len("gradient", floats.len(), set.len)?;
         let mut requests = Vec::new();
         for (i, chunks) in set.by_shard.iter().enumerate() {
             if chunks.is_empty() && !tick {
@@ -877,8 +921,11 @@ impl ShardedClient {
             for (t, idx, r) in chunks {
                 let codec = self.codecs_of(t).push;
                 let seed = self.seed(clock, t, u64::from(*idx));
-                let values = self.encode_push(codec, &grads[r.clone()], t, *idx, seed)?;
-                out.push(pb::DenseChunk { tensor: t.clone(), index: *idx, values: values.into() });
+                let values = match grads {
+                    Grads::Shared(shared) if codec == Codec::F32 => shared.bytes(r.clone()),
+                    _ => self.encode_push(codec, &floats[r.clone()], t, *idx, seed)?.into(),
+                };
+                out.push(pb::DenseChunk { tensor: t.clone(), index: *idx, values });
                 kinds.push(codec.kind());
             }
             let mut meta = self.next_meta(i, clock, read_clock, tick);

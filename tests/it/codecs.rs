@@ -6,6 +6,7 @@
 //! when asked, so evaluators read exact values.
 
 use anyhow::{Context, Result, ensure};
+use ps_common::codec::SharedF32;
 use ps_common::compress::{self, Codec, CodecKind, Codecs};
 use ps_common::optim::Rule;
 use ps_common::partition::{chunk_range, chunk_shard};
@@ -73,7 +74,11 @@ async fn check_feedback_conserves(codec: Codec) -> Result<()> {
     for clock in 0..15 {
         // Heavy-tailed gradients: a few large values among many small ones.
         let g: Vec<f32> = (0..W_LEN).map(|_| rng.random_range(-1.0f32..1.0).powi(5) * 10.0).collect();
-        c.push_dense(&set, &g, clock, clock, false).await?;
+        // Every other gradient as the trainer hands it over (encoded all the same).
+        match clock % 2 {
+            0 => c.push_dense(&set, &g, clock, clock, false).await?,
+            _ => c.push_dense(&set, &SharedF32::new(g.clone()), clock, clock, false).await?,
+        }
         let keys: Vec<u64> = (0..30).map(|_| rng.random_range(0..KEYS)).collect();
         let rows: Vec<f32> = (0..keys.len() * E_DIM).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         c.push_sparse(E, E_DIM, &keys, &rows, clock, clock, false).await?;

@@ -136,6 +136,50 @@ async fn both_paths_read_and_change_the_same_state() {
     shards.stop().await.unwrap();
 }
 
+/// A gradient handed over as [`SharedF32`] (its bytes sent as they are, the
+/// trainer's way) is applied bit for bit as the same floats copied into the
+/// request, on the data plane and over gRPC, alone and with the next pull;
+/// and its vector is back in its pool once the push is done.
+#[tokio::test]
+async fn a_shared_gradient_is_applied_as_a_copied_one() {
+    let shards = LocalShards::start(2).await.expect("start");
+    // Constant: a seeded initializer draws other values for another table's name.
+    let init = Init { kind: InitKind::Constant { value: 0.5 }, seed: 5 };
+    for data_plane in [true, false] {
+        let mut c = client(&shards, if data_plane { 1 } else { 2 }, data_plane).await;
+        let [copied, shared] = ["copied", "shared"]
+            .map(|t| TableSpec::dense(format!("{t}.{data_plane}"), &[3000], init, Rule::adam(0.01).into()));
+        c.register(&copied).await.unwrap();
+        c.register(&shared).await.unwrap();
+        let (copied, shared) = (DenseSet::new(&[copied], 2).unwrap(), DenseSet::new(&[shared], 2).unwrap());
+        let pool = codec::F32Pool::default();
+        let (mut a, mut b) = (vec![0.0; copied.len()], vec![0.0; shared.len()]);
+        for clock in 0..6u64 {
+            let mut grad = pool.take(shared.len());
+            let at = grad.as_ptr();
+            grad.iter_mut().enumerate().for_each(|(i, g)| *g = ((i as u64 * 7 + clock) % 11) as f32 - 5.0);
+            let copy = grad.clone();
+            let grad = codec::SharedF32::pooled(grad, &pool);
+            if clock % 2 == 0 {
+                c.push_dense(&copied, &copy, clock, clock, false).await.unwrap();
+                c.push_dense(&shared, &grad, clock, clock, false).await.unwrap();
+            } else {
+                assert!(c.push_and_pull_dense(&copied, &copy, clock, &mut a).await.unwrap());
+                assert!(c.push_and_pull_dense(&shared, &grad, clock, &mut b).await.unwrap());
+                assert_eq!(a, b, "pulled with push {clock} (data plane {data_plane})");
+            }
+            drop(grad);
+            let back = pool.take(shared.len());
+            assert_eq!(back.as_ptr(), at, "push {clock}: the vector is back");
+        }
+        c.pull_dense(&copied, 0, &mut a).await.unwrap();
+        c.pull_dense(&shared, 0, &mut b).await.unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&a), bits(&b), "data plane {data_plane}");
+    }
+    shards.stop().await.unwrap();
+}
+
 /// A peer holding every data-plane slot of the shards (connections that
 /// send nothing: each holds its slot until the hello timeout) does not stop
 /// a worker: a call that finds no connection goes over gRPC instead, with

@@ -22,6 +22,7 @@
 
 use std::ops::Range;
 
+use ps_common::codec::{F32Pool, SharedF32};
 use ps_common::spec::TableSpec;
 use ps_model::{Distill, InitKind, Mlp, ModelKind, SavedModel, Workspace};
 
@@ -137,7 +138,11 @@ struct Train {
     data: DenseDataset,
     rows: Range<usize>,
     batch: BatchBuf,
+    /// The gradient being computed: handed to the push without a copy
+    /// ([`SharedF32`]), and back from `pool` (the same memory, once the push
+    /// is done) for the next one.
     grads: Vec<f32>,
+    pool: F32Pool,
     ws: Workspace,
     overlap: bool,
     /// `params` already hold this iteration's values (pulled with the last push).
@@ -196,7 +201,8 @@ impl Workload for Mnist {
                     rows: 0..data.len(),
                     data,
                     batch: BatchBuf::new(),
-                    grads: vec![0.0; set.len()],
+                    grads: Vec::new(),
+                    pool: F32Pool::default(),
                     ws: mlp.workspace(job.batch_size),
                     overlap: job.overlap,
                     prefetched: false,
@@ -234,6 +240,10 @@ impl Workload for Mnist {
 
     fn compute(&mut self) -> BatchLoss {
         let Some(t) = &mut self.train else { return BatchLoss { samples: 0, loss: f32::NAN, score: 0.0 } };
+        if t.grads.len() != self.set.len() {
+            // Given to the last push. What it holds is overwritten (`Mlp::loss_and_grad`).
+            t.grads = t.pool.take(self.set.len());
+        }
         let params = match &self.base {
             Some(base) => {
                 base.apply(&self.params, &mut self.weights);
@@ -263,14 +273,14 @@ impl Workload for Mnist {
 
     async fn push(&mut self, client: &mut ShardedClient, it: Iteration<'_>) -> Result<()> {
         let t = trainer(&mut self.train)?;
+        let grads = SharedF32::pooled(std::mem::take(&mut t.grads), &t.pool);
         if t.overlap && !it.last {
             // A pull that missed a shard is done again in the next iteration.
-            t.prefetched =
-                client.push_and_pull_dense(&self.set, &t.grads, it.clock, &mut self.params).await?;
+            t.prefetched = client.push_and_pull_dense(&self.set, &grads, it.clock, &mut self.params).await?;
             Ok(())
         } else {
             t.prefetched = false;
-            client.push_dense(&self.set, &t.grads, it.clock, it.clock, true).await
+            client.push_dense(&self.set, &grads, it.clock, it.clock, true).await
         }
     }
 
