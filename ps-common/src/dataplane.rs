@@ -175,6 +175,16 @@ impl FrameReader {
         r: &mut R,
         allow: &mut (dyn FnMut(usize) -> std::result::Result<(), Status> + Send),
     ) -> std::io::Result<Option<(u8, std::result::Result<Bytes, Status>)>> {
+        if self.buf.is_empty() {
+            // The frame starts at a 4-byte boundary, so that what its sender
+            // aligned (a push's gradients) lies aligned in memory. The
+            // buffer's growth keeps the frame's start aligned: it copies it
+            // to the start of a new allocation, or keeps its offset in one.
+            self.buf.reserve(FIRST_GROW + 4);
+            let skip = (4 - self.buf.as_ptr() as usize % 4) % 4;
+            self.buf.put_bytes(0, skip);
+            self.buf.advance(skip);
+        }
         while self.buf.len() < HEADER {
             self.buf.reserve(64 << 10);
             if r.read_buf(&mut self.buf).await? == 0 {
@@ -318,10 +328,10 @@ impl OutFrame {
 
     /// A frame of `kind` holding `msg`.
     pub fn message<M: Body>(&mut self, kind: u8, msg: &M) {
-        let (len, before) = (msg.encoded_len(), self.len());
+        let (len, before) = (msg.body_len(), self.len());
         self.start(kind, len);
         msg.put(self);
-        debug_assert_eq!(self.len() - before, HEADER + len, "a Body's put writes its encoded_len");
+        debug_assert_eq!(self.len() - before, HEADER + len, "a Body's put writes its body_len");
     }
 
     /// An answer: OK and `msg`, or the status's code and message.
@@ -369,16 +379,23 @@ impl OutFrame {
         self.parts.push(value.clone());
     }
 
-    /// Length-delimited field `tag` holding `chunk`, its values put with
+    /// Length-delimited field `tag` holding `chunk` with `pad` bytes of
+    /// padding before its values ([`ChunkLayout`]), which are put with
     /// [`OutFrame::put_bytes`].
-    fn put_chunk(&mut self, tag: u32, chunk: &pb::DenseChunk) {
+    fn put_chunk(&mut self, tag: u32, chunk: &pb::DenseChunk, pad: usize) {
+        let head = chunk_head(chunk);
         prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, &mut self.head);
-        prost::encoding::encode_varint(chunk.encoded_len() as u64, &mut self.head);
-        self.put_fields(&pb::DenseChunk {
-            tensor: chunk.tensor.clone(),
-            index: chunk.index,
-            values: Bytes::new(),
-        });
+        prost::encoding::encode_varint((chunk.encoded_len() + pad) as u64, &mut self.head);
+        self.put_fields(&head);
+        if pad > 0 {
+            prost::encoding::encode_key(
+                PAD_FIELD,
+                prost::encoding::WireType::LengthDelimited,
+                &mut self.head,
+            );
+            prost::encoding::encode_varint((pad - 2) as u64, &mut self.head);
+            self.head.put_bytes(0, pad - 2);
+        }
         self.put_bytes(3, &chunk.values);
     }
 
@@ -453,6 +470,12 @@ async fn within<T>(
 /// the pulls' answers and the pushes put their large `bytes` fields after
 /// it, from their own buffers ([`OutFrame`]).
 pub trait Body: Message + Sized {
+    /// The body's length in a frame: its encoded length, and the padding
+    /// `put` adds, if any.
+    fn body_len(&self) -> usize {
+        self.encoded_len()
+    }
+
     fn put(&self, out: &mut OutFrame) {
         out.put_fields(self);
     }
@@ -466,17 +489,85 @@ impl Body for pb::PullDenseResponse {
     fn put(&self, out: &mut OutFrame) {
         out.put_fields(&pb::PullDenseResponse { chunks: Vec::new(), codecs: self.codecs.clone() });
         for chunk in &self.chunks {
-            out.put_chunk(1, chunk);
+            out.put_chunk(1, chunk, 0);
         }
     }
 }
 
+/// A push's gradients are laid out 4-byte aligned from the frame's start
+/// ([`ChunkLayout`]): a shard whose read buffer starts the frame at a 4-byte
+/// boundary ([`FrameReader`]) applies them where they lie instead of
+/// copying them out first.
 impl Body for pb::PushDenseRequest {
+    fn body_len(&self) -> usize {
+        let head = pb::PushDenseRequest { chunks: Vec::new(), meta: self.meta };
+        let layout = ChunkLayout::new(head.encoded_len(), &self.chunks);
+        head.encoded_len() + layout.map(|(_, framed)| framed).sum::<usize>()
+    }
+
     fn put(&self, out: &mut OutFrame) {
-        out.put_fields(&pb::PushDenseRequest { chunks: Vec::new(), meta: self.meta });
-        for chunk in &self.chunks {
-            out.put_chunk(1, chunk);
+        let head = pb::PushDenseRequest { chunks: Vec::new(), meta: self.meta };
+        out.put_fields(&head);
+        for (chunk, (pad, _)) in self.chunks.iter().zip(ChunkLayout::new(head.encoded_len(), &self.chunks)) {
+            out.put_chunk(1, chunk, pad);
         }
+    }
+}
+
+/// The field number of a chunk's padding: reserved in `DenseChunk`, so a
+/// decoder skips it as an unknown field.
+const PAD_FIELD: u32 = 15;
+
+/// A dense chunk without its values.
+fn chunk_head(chunk: &pb::DenseChunk) -> pb::DenseChunk {
+    pb::DenseChunk { tensor: chunk.tensor.clone(), index: chunk.index, values: Bytes::new() }
+}
+
+/// The padding of each chunk of a message whose chunks (field 1) follow
+/// `head` bytes of other fields, so that each chunk's values start at a
+/// multiple of 4 bytes from the frame's start; with each chunk's length in
+/// the body (key, length and padding included). The padding is a `bytes`
+/// field of [`PAD_FIELD`] before the values: 0 bytes, or its key, its
+/// length and 0 to 3 zeros (2 to 5 bytes), which reaches every remainder.
+struct ChunkLayout<'a> {
+    at: usize,
+    chunks: std::slice::Iter<'a, pb::DenseChunk>,
+}
+
+impl ChunkLayout<'_> {
+    fn new(head: usize, chunks: &[pb::DenseChunk]) -> ChunkLayout<'_> {
+        ChunkLayout { at: HEADER + head, chunks: chunks.iter() }
+    }
+}
+
+impl Iterator for ChunkLayout<'_> {
+    /// (padding, length in the body)
+    type Item = (usize, usize);
+
+    fn next(&mut self) -> Option<(usize, usize)> {
+        use prost::encoding::{encoded_len_varint, key_len};
+        let chunk = self.chunks.next()?;
+        let (fields, values) = (chunk_head(chunk).encoded_len(), chunk.values.len());
+        let framed = |pad: usize| {
+            let len = chunk.encoded_len() + pad;
+            key_len(1) + encoded_len_varint(len as u64) + len
+        };
+        let values_at = |pad: usize| {
+            let len = chunk.encoded_len() + pad;
+            self.at
+                + key_len(1)
+                + encoded_len_varint(len as u64)
+                + fields
+                + pad
+                + key_len(3)
+                + encoded_len_varint(values as u64)
+        };
+        let pad = match values {
+            0 => 0,
+            _ => [0, 2, 3, 4, 5].into_iter().find(|&pad| values_at(pad) % 4 == 0).unwrap_or(0),
+        };
+        self.at += framed(pad);
+        Some((pad, framed(pad)))
     }
 }
 
@@ -1149,6 +1240,53 @@ mod tests {
         assert_eq!(pushback(&odd), None);
     }
 
+    /// A push's gradients lie at a 4-byte boundary of the frame, whatever
+    /// the lengths of the fields before them, and so in a reader's memory,
+    /// wherever the frames before ended in its buffer.
+    #[tokio::test]
+    async fn a_push_lays_its_gradients_four_byte_aligned() {
+        let mut reader = FrameReader::new(1 << 30);
+        let mut checked = 0;
+        for (round, len) in [0usize, 1, 4, 12, 4096, 100_000, 70_001].into_iter().enumerate() {
+            for name in 0..6 {
+                let chunk = |i: u32| pb::DenseChunk {
+                    tensor: "w".repeat(name + i as usize),
+                    index: i * 97 + 200 * round as u32,
+                    values: Bytes::from(vec![i as u8; len + 4 * i as usize]),
+                };
+                let meta = (name % 2 == 0).then(|| pb::PushMeta {
+                    worker: 3,
+                    seq: 1 << (7 * name),
+                    ..Default::default()
+                });
+                let push = pb::PushDenseRequest { chunks: (0..4).map(chunk).collect(), meta };
+                let mut out = OutFrame::default();
+                // A frame of any length before it, read on its own, long
+                // enough that the reader's buffer has room after it.
+                out.raw(OK, &vec![7u8; 300_000 + name]);
+                let mut bytes = Vec::new();
+                out.send(&mut bytes).await.unwrap();
+                reader.next(&mut bytes.as_slice()).await.unwrap().unwrap();
+                out.message(2, &push);
+                let mut bytes = Vec::new();
+                out.send(&mut bytes).await.unwrap();
+                let (_, body) = reader.next(&mut bytes.as_slice()).await.unwrap().unwrap();
+                let back = pb::PushDenseRequest::decode(body).unwrap();
+                assert_eq!(back, push, "it decodes as itself");
+                for c in back.chunks.iter().filter(|c| !c.values.is_empty()) {
+                    assert_eq!(
+                        c.values.as_ptr() as usize % 4,
+                        0,
+                        "values of {} bytes, name {name}",
+                        c.values.len()
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 6 * 4 * 6 + 6 * 3);
+    }
+
     /// Every message a frame splits decodes as itself, large fields or
     /// small, empty or not.
     #[tokio::test]
@@ -1167,7 +1305,7 @@ mod tests {
                     out.message(2, &msg);
                     let (kind, body) = read_back(&out).await;
                     assert_eq!(kind, 2);
-                    assert_eq!(body.len(), msg.encoded_len());
+                    assert_eq!(body.len(), msg.body_len());
                     assert_eq!(Message::decode(body).ok(), Some(msg));
                 }};
             }

@@ -5,6 +5,7 @@
 //! gradients are decoded here (`ps_common::codec`) before the store sees
 //! them, and pulled values are encoded here as the store hands them out.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -167,13 +168,14 @@ impl Shard {
 
     /// Clips a push's gradient to `limits.max_gradient` in clip mode
     /// (counted); in refuse mode the store refuses it whole.
-    fn clip(&self, grad: &mut [f32]) {
+    fn clip(&self, grad: &mut Cow<'_, [f32]>) {
         let max = self.limits.max_gradient;
-        if self.limits.on_huge_gradient != OnHuge::Clip {
+        let huge = |g: &f32| g.is_finite() && g.abs() > max;
+        if self.limits.on_huge_gradient != OnHuge::Clip || !grad.iter().any(huge) {
             return;
         }
         let mut clipped = 0;
-        for g in grad.iter_mut().filter(|g| g.is_finite() && g.abs() > max) {
+        for g in grad.to_mut().iter_mut().filter(|g| huge(g)) {
             *g = g.clamp(-max, max);
             clipped += 1;
         }
@@ -258,12 +260,19 @@ impl Shard {
     /// table's push codec). An f32 gradient is decoded as it comes and its
     /// length checked by the store (naming the chunk); a compressed one is
     /// decoded to the chunk's length, which the store knows.
-    fn dense_gradient(&self, c: &pb::DenseChunk, kind: CodecKind) -> Result<Vec<f32>, Error> {
+    /// An f32 gradient that lies 4-byte aligned (as the data plane lays a
+    /// push out) is used where it lies, on a little-endian machine.
+    fn dense_gradient<'a>(&self, c: &'a pb::DenseChunk, kind: CodecKind) -> Result<Cow<'a, [f32]>, Error> {
         if kind == CodecKind::F32 {
-            return Ok(codec::decode_f32("gradient", &c.values)?);
+            if let (true, Ok(floats)) =
+                (cfg!(target_endian = "little"), bytemuck::try_cast_slice::<u8, f32>(&c.values))
+            {
+                return Ok(Cow::Borrowed(floats));
+            }
+            return Ok(Cow::Owned(codec::decode_f32("gradient", &c.values)?));
         }
         let (_, len) = self.store.dense_wire(&c.tensor, c.index)?;
-        Ok(compress::decode(kind, "gradient", &c.values, len, len)?)
+        Ok(Cow::Owned(compress::decode(kind, "gradient", &c.values, len, len)?))
     }
 
     /// Decodes the gradient of a sparse push of `keys` rows, sent as `kind`
@@ -274,14 +283,14 @@ impl Shard {
         grads: &[u8],
         keys: usize,
         kind: CodecKind,
-    ) -> Result<Vec<f32>, Error> {
+    ) -> Result<Cow<'static, [f32]>, Error> {
         if kind == CodecKind::F32 {
-            return Ok(codec::decode_f32("gradient", grads)?);
+            return Ok(Cow::Owned(codec::decode_f32("gradient", grads)?));
         }
         let (_, dim) = self.store.sparse_wire(table)?;
         let n = keys.checked_mul(dim);
         self.store.check_push_size(n)?;
-        Ok(compress::decode(kind, "gradient", grads, n.unwrap_or(0), dim)?)
+        Ok(Cow::Owned(compress::decode(kind, "gradient", grads, n.unwrap_or(0), dim)?))
     }
 
     async fn before_read(&self, meta: Option<&pb::ReadMeta>) -> Result<(), Error> {
@@ -387,7 +396,7 @@ impl ParameterServer for Service {
             .map_err(|e| self.0.refuse(e))?;
         grads.iter_mut().for_each(|g| self.0.clip(g));
         let chunks: Vec<(&str, u32, &[f32])> =
-            req.chunks.iter().zip(&grads).map(|(c, g)| (c.tensor.as_str(), c.index, g.as_slice())).collect();
+            req.chunks.iter().zip(&grads).map(|(c, g)| (c.tensor.as_str(), c.index, &g[..])).collect();
         let out = self.0.store.push_dense(&chunks, info.0).map_err(|e| self.0.refuse(e))?;
         Ok(Response::new(self.0.after_push(&meta, info, out)))
     }

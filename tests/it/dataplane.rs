@@ -180,6 +180,43 @@ async fn a_shared_gradient_is_applied_as_a_copied_one() {
     shards.stop().await.unwrap();
 }
 
+/// With `on_huge_gradient = "clip"`, a gradient value over `max_gradient`
+/// is applied clipped and counted, on the data plane (where the shard uses
+/// the gradient where it lies in the frame) and over gRPC, dense and
+/// sparse; the values the worker handed over are left as they were.
+#[tokio::test]
+async fn huge_gradient_values_are_clipped_on_both_paths() {
+    use ps_server::budget::{Limits, OnHuge};
+    let limits = Limits { max_gradient: 10.0, on_huge_gradient: OnHuge::Clip, ..Default::default() };
+    let shards = LocalShards::start_with(&ps_server::ServerConfig { limits, ..Default::default() }, 1)
+        .await
+        .expect("start");
+    let init = Init { kind: InitKind::Constant { value: 0.0 }, seed: 0 };
+    for (worker, data_plane) in [(1, true), (2, false)] {
+        let mut c = client(&shards, worker, data_plane).await;
+        let dense = TableSpec::dense(format!("w{worker}"), &[4000], init, Rule::sgd(1.0).into());
+        let table = format!("e{worker}");
+        c.register(&dense).await.unwrap();
+        c.register(&TableSpec::sparse(&table, 4, init, Rule::sgd(1.0).into())).await.unwrap();
+        let set = DenseSet::new(&[dense], 1).unwrap();
+        let grad: Vec<f32> = (0..set.len()).map(|i| [1e6, -3.0, -50.0, 7.5][i % 4]).collect();
+        let shared = codec::SharedF32::new(grad.clone());
+        c.push_dense(&set, &shared, 0, 0, false).await.unwrap();
+        c.push_sparse(&table, 4, &[5, 9], &grad[..8], 0, 0, false).await.unwrap();
+        assert_eq!(shared.as_slice(), &grad[..], "the worker's floats are not clipped in place");
+        let (mut values, mut rows) = (vec![0.0; set.len()], vec![0.0; 8]);
+        c.pull_dense(&set, 0, &mut values).await.unwrap();
+        c.pull_sparse(&table, 4, &[5, 9], 0, &mut rows).await.unwrap();
+        for (v, g) in values.iter().chain(&rows).zip(grad.iter().chain(&grad[..8])) {
+            assert_eq!(*v, -g.clamp(-10.0, 10.0), "data plane {data_plane}");
+        }
+    }
+    let stats = client(&shards, 9, false).await.stats().await.unwrap();
+    // Half of each push's values were over the limit, on each path.
+    assert_eq!(stats.iter().map(|s| s.clipped_values).sum::<u64>(), 2 * (4000 / 2 + 8 / 2));
+    shards.stop().await.unwrap();
+}
+
 /// A peer holding every data-plane slot of the shards (connections that
 /// send nothing: each holds its slot until the hello timeout) does not stop
 /// a worker: a call that finds no connection goes over gRPC instead, with
