@@ -2,6 +2,8 @@
 //! travel as little-endian bytes. Encoding is one copy; decoding is one copy
 //! into a caller-owned buffer, and checks the length before touching it.
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 
 use crate::{Error, Result};
@@ -16,19 +18,8 @@ pub fn encode_f32(values: &[f32]) -> Bytes {
 /// `values` as little-endian f32 bytes, without a copy on a little-endian
 /// machine: the bytes are the vector's own, which the `Bytes` keeps.
 pub fn into_f32_bytes(values: Vec<f32>) -> Bytes {
-    if cfg!(target_endian = "little") {
-        return Bytes::from_owner(F32s(values));
-    }
-    encode_f32(&values)
-}
-
-/// Floats seen as their bytes (little-endian machines only).
-struct F32s(Vec<f32>);
-
-impl AsRef<[u8]> for F32s {
-    fn as_ref(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.0)
-    }
+    let len = values.len();
+    SharedF32::new(values).bytes(0..len)
 }
 
 /// Floats whose little-endian bytes requests carry without a copy: the
@@ -200,6 +191,16 @@ pub fn decode_f32(what: &'static str, bytes: &[u8]) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// Little-endian f32 bytes as values: where they lie when they are 4-byte
+/// aligned on a little-endian machine (as the data plane lays out a dense
+/// push's gradients), else unpacked into a new vector.
+pub fn f32s<'a>(what: &'static str, bytes: &'a [u8]) -> Result<Cow<'a, [f32]>> {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(values) if cfg!(target_endian = "little") => Ok(Cow::Borrowed(values)),
+        _ => decode_f32(what, bytes).map(Cow::Owned),
+    }
+}
+
 /// Unpacks little-endian u64 bytes into a new vector.
 pub fn decode_u64(what: &'static str, bytes: &[u8]) -> Result<Vec<u64>> {
     if !bytes.len().is_multiple_of(8) {
@@ -241,6 +242,20 @@ mod tests {
             prop_assert_eq!(decode_f32("v", &bytes).is_ok(), len % 4 == 0);
             prop_assert_eq!(decode_u64("k", &bytes).is_ok(), len % 8 == 0);
         }
+    }
+
+    #[test]
+    fn aligned_f32_bytes_are_read_where_they_lie_and_others_copied() {
+        let values = [1.5f32, -2.0, 3.25];
+        let mut bytes = vec![0u8; 4];
+        bytes.extend_from_slice(&encode_f32(&values));
+        for at in 0..4 {
+            let read = f32s("values", &bytes[at..at + 12]).unwrap();
+            let aligned = (bytes[at..].as_ptr() as usize).is_multiple_of(4);
+            assert_eq!(matches!(read, Cow::Borrowed(_)), aligned && cfg!(target_endian = "little"));
+            assert_eq!(&*read, &decode_f32("values", &bytes[at..at + 12]).unwrap()[..]);
+        }
+        assert!(f32s("values", &bytes[..7]).is_err());
     }
 
     #[test]

@@ -547,24 +547,16 @@ impl Iterator for ChunkLayout<'_> {
     fn next(&mut self) -> Option<(usize, usize)> {
         use prost::encoding::{encoded_len_varint, key_len};
         let chunk = self.chunks.next()?;
-        let (fields, values) = (chunk_head(chunk).encoded_len(), chunk.values.len());
+        let values = chunk.values.len();
         let framed = |pad: usize| {
             let len = chunk.encoded_len() + pad;
             key_len(1) + encoded_len_varint(len as u64) + len
         };
-        let values_at = |pad: usize| {
-            let len = chunk.encoded_len() + pad;
-            self.at
-                + key_len(1)
-                + encoded_len_varint(len as u64)
-                + fields
-                + pad
-                + key_len(3)
-                + encoded_len_varint(values as u64)
-        };
+        // The values are the chunk's last bytes.
+        let values_at = |pad: usize| self.at + framed(pad) - values;
         let pad = match values {
             0 => 0,
-            _ => [0, 2, 3, 4, 5].into_iter().find(|&pad| values_at(pad) % 4 == 0).unwrap_or(0),
+            _ => std::iter::once(0).chain(2..6).find(|&pad| values_at(pad) % 4 == 0).unwrap_or(0),
         };
         self.at += framed(pad);
         Some((pad, framed(pad)))

@@ -264,12 +264,7 @@ impl Shard {
     /// push out) is used where it lies, on a little-endian machine.
     fn dense_gradient<'a>(&self, c: &'a pb::DenseChunk, kind: CodecKind) -> Result<Cow<'a, [f32]>, Error> {
         if kind == CodecKind::F32 {
-            if let (true, Ok(floats)) =
-                (cfg!(target_endian = "little"), bytemuck::try_cast_slice::<u8, f32>(&c.values))
-            {
-                return Ok(Cow::Borrowed(floats));
-            }
-            return Ok(Cow::Owned(codec::decode_f32("gradient", &c.values)?));
+            return Ok(codec::f32s("gradient", &c.values)?);
         }
         let (_, len) = self.store.dense_wire(&c.tensor, c.index)?;
         Ok(Cow::Owned(compress::decode(kind, "gradient", &c.values, len, len)?))
@@ -277,15 +272,15 @@ impl Shard {
 
     /// Decodes the gradient of a sparse push of `keys` rows, sent as `kind`
     /// (int8: one scale per row).
-    fn sparse_gradient(
+    fn sparse_gradient<'a>(
         &self,
         table: &str,
-        grads: &[u8],
+        grads: &'a [u8],
         keys: usize,
         kind: CodecKind,
-    ) -> Result<Cow<'static, [f32]>, Error> {
+    ) -> Result<Cow<'a, [f32]>, Error> {
         if kind == CodecKind::F32 {
-            return Ok(Cow::Owned(codec::decode_f32("gradient", grads)?));
+            return Ok(codec::f32s("gradient", grads)?);
         }
         let (_, dim) = self.store.sparse_wire(table)?;
         let n = keys.checked_mul(dim);
