@@ -111,7 +111,7 @@ async fn training_rate(exe: &Path, config: RunConfig, dir: &Path, name: &str) ->
 async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result<()> {
     println!("== training throughput (reference MLP, batch 32, {} epoch(s)) ==", opts.epochs);
     let local = local_training(config, opts.epochs)?;
-    println!("{:<44} {:>10.0} samples/s   (baseline)", "1 process, no servers (local Adam)", local);
+    println!("{:<58} {:>10.0} samples/s   (baseline)", "1 process, no servers (local Adam)", local);
     let tmp = Scratch::new("train")?;
     let run = |workers: u32, plaintext: bool, data_plane: bool, tag: &'static str| {
         let mut c = config.clone();
@@ -120,6 +120,8 @@ async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result
         c.job.client.transport.data_plane = data_plane;
         // `tcp` tags: the data plane on loopback TCP, not the shards' Unix sockets.
         c.job.client.transport.local_socket = !tag.ends_with("tcp");
+        // `kept` tags: TLS on the Unix socket's frames too, not only its handshake.
+        c.job.client.transport.local_socket_tls = tag.ends_with("kept");
         c.job.epochs = opts.epochs;
         c.job.eval_every_epochs = 0;
         c.registry.register = false;
@@ -130,7 +132,7 @@ async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result
         let (looped, s) =
             run(workers, false, true, if workers == 1 { "bench-w1" } else { "bench-w2" }).await?;
         println!(
-            "{:<44} {:>10.0} samples/s   ({:.2}x baseline; {:.0} samples/s end to end incl. start-up; test acc {:.4})",
+            "{:<58} {:>10.0} samples/s   ({:.2}x baseline; {:.0} samples/s end to end incl. start-up; test acc {:.4})",
             format!("2 shard + {workers} worker process(es)"),
             looped,
             looped / local,
@@ -142,37 +144,46 @@ async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result
         }
     }
     // The same 2 + 2 run without TLS, the TLS + data plane default once more
-    // (so that TLS is measured on both sides of the plaintext run), both on
-    // loopback TCP instead of the shards' Unix sockets, and with pulls and
-    // pushes over gRPC (no data plane).
-    let mut plain = 0.0;
+    // (so that TLS is measured on both sides of the plaintext run), with TLS
+    // kept on the Unix socket's frames (before and after the plaintext run
+    // too), both on loopback TCP instead of the shards' Unix sockets, and
+    // with pulls and pushes over gRPC (no data plane).
+    let (mut plain, mut kept) = (0.0, Vec::new());
     for (label, plaintext, data_plane, tag) in [
+        ("TLS kept on the Unix socket", false, true, "bench-tls-kept"),
         ("plaintext, data plane", true, true, "bench-plain"),
         ("TLS, data plane (again)", false, true, "bench-tls2"),
+        ("TLS kept on the Unix socket (again)", false, true, "bench-tls2-kept"),
         ("plaintext, data plane on loopback TCP", true, true, "bench-plain-tcp"),
         ("TLS, data plane on loopback TCP", false, true, "bench-tls-tcp"),
         ("TLS, gRPC only (no data plane)", false, false, "bench-grpc"),
     ] {
         let (looped, s) = run(2, plaintext, data_plane, tag).await?;
         println!(
-            "{:<44} {:>10.0} samples/s   ({:.2}x baseline; test acc {:.4})",
+            "{:<58} {:>10.0} samples/s   ({:.2}x baseline; test acc {:.4})",
             format!("2 shard + 2 workers, {label}"),
             looped,
             looped / local,
             s.test_score
         );
-        match (plaintext, data_plane, tag.ends_with("tcp")) {
-            (true, _, false) => plain = looped,
-            (false, true, false) => tls.push(looped),
+        match (plaintext, data_plane, tag.ends_with("tcp"), tag.ends_with("kept")) {
+            (true, _, false, _) => plain = looped,
+            (false, true, false, false) => tls.push(looped),
+            (false, true, false, true) => kept.push(looped),
             _ => {}
         }
     }
-    let tls_mean = tls.iter().sum::<f64>() / tls.len().max(1) as f64;
-    println!(
-        "TLS against plaintext (data plane, 2 + 2): the TLS runs before and after it average {tls_mean:.0} samples/s, \
-         {:.1}% below plaintext's {plain:.0}",
-        100.0 * (1.0 - tls_mean / plain.max(f64::MIN_POSITIVE))
-    );
+    let below = |runs: &[f64], what: &str| {
+        let mean = runs.iter().sum::<f64>() / runs.len().max(1) as f64;
+        let below = 100.0 * (1.0 - mean / plain.max(f64::MIN_POSITIVE));
+        let (by, side) = if below >= 0.0 { (below, "below") } else { (-below, "above") };
+        println!(
+            "TLS against plaintext (data plane, 2 + 2), {what}: the runs before and after it average {mean:.0} \
+             samples/s, {by:.1}% {side} plaintext's {plain:.0}"
+        );
+    };
+    below(&tls, "TLS on TCP and for the Unix socket's handshake (the default)");
+    below(&kept, "TLS on all the Unix socket's frames too (local_socket_tls)");
     Ok(())
 }
 

@@ -19,6 +19,10 @@
 //! frame    = len:u32 kind:u8 body      (len counts kind and body)
 //! hello    = kind 0, body "PSD1" token  (the client's first frame; token: a
 //!            bearer token's text, or empty)
+//!          | kind 0, body "PSC1" token  (the same, on a Unix socket under
+//!            TLS, asking to leave TLS once it is answered)
+//! welcome  = kind 0, body a Welcome (the hello's answer; `clear`: both
+//!            ends leave TLS now)
 //! request  = kind 1..=4 (Kind), body a protobuf request
 //! answer   = kind 0 (OK), body the protobuf response
 //!          | kind c (a gRPC code), body the status message (UTF-8)
@@ -35,7 +39,11 @@
 //! A shard may also serve the data plane on a Unix socket (its
 //! `data_socket`), for clients on its own host: the same frames and hello,
 //! and TLS on top when TLS is on, without the TCP stack (a 110 KB round
-//! trip takes half the time of loopback TCP's, docs/PERFORMANCE.md). A
+//! trip takes half the time of loopback TCP's, docs/PERFORMANCE.md). Under
+//! TLS, a connection there runs the handshake and the hello under TLS and
+//! then leaves it: its frames go in the clear, which only the kernel and
+//! the two authenticated processes see ([`TransportConfig::local_socket_tls`]
+//! keeps TLS on instead; [`into_clear`]). A
 //! client uses it where the shard names one, the shard's address is a
 //! loopback one (so the socket is on the client's host), and
 //! `transport.local_socket` is on; if it cannot connect there it uses TCP.
@@ -61,6 +69,10 @@ use crate::wire::pb;
 
 /// The first bytes of a client's hello.
 pub const MAGIC: &[u8; 4] = b"PSD1";
+/// The first bytes of the hello of a client on a shard's Unix socket that
+/// asks to go on in the clear, without TLS, once the hello is answered, if
+/// the answer ([`Welcome`]) lets it ([`TransportConfig::local_socket_tls`]).
+pub const CLEAR_MAGIC: &[u8; 4] = b"PSC1";
 /// The ALPN protocol of a data-plane TLS connection.
 pub const ALPN: &[u8] = b"ps-data/1";
 /// A frame's header: length and kind.
@@ -254,6 +266,11 @@ impl FrameReader {
     /// Sets the largest frame body accepted from now on.
     pub fn set_max(&mut self, max: usize) {
         self.max = max;
+    }
+
+    /// Whether it holds no bytes of a frame.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
     }
 
     /// Whether a whole frame is already buffered: the next [`FrameReader::next`]
@@ -616,12 +633,6 @@ struct Conn {
 }
 
 impl Conn {
-    /// Sends the frame `build` makes and reads the answer.
-    async fn round_trip(&mut self, build: impl FnOnce(&mut OutFrame)) -> std::io::Result<(u8, Bytes)> {
-        let [answer] = self.round_trips(build).await?;
-        Ok(answer)
-    }
-
     /// Sends the `N` frames `build` makes, together, and reads their `N`
     /// answers.
     async fn round_trips<const N: usize>(
@@ -659,7 +670,11 @@ struct Link {
     /// The shard's gRPC client, which says where its data plane is now.
     discover: Option<crate::transport::ShardClient>,
     tls: Option<(tokio_rustls::TlsConnector, rustls_pki_types::ServerName<'static>)>,
-    hello: Bytes,
+    /// The hello's token (a bearer token's text), or empty.
+    token: Bytes,
+    /// On the Unix socket under TLS, leave TLS once the hello is answered
+    /// (`transport.local_socket_tls` off).
+    clear_local: bool,
     max: usize,
     connect_timeout: Duration,
     nodelay: bool,
@@ -709,16 +724,15 @@ impl DataLink {
             }
             None => None,
         };
-        let mut hello = MAGIC.to_vec();
-        hello.extend_from_slice(token.unwrap_or("").as_bytes());
         Ok(DataLink(Arc::new(Link {
             // Unbracketed, as a socket address's host (an IPv6 literal).
             host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
             port: port.into(),
             local: socket.filter(|_| use_local_socket(config, host)),
             discover,
+            clear_local: tls.is_some() && !config.local_socket_tls,
             tls,
-            hello: hello.into(),
+            token: Bytes::copy_from_slice(token.unwrap_or("").as_bytes()),
             max: config.max_message_bytes(),
             connect_timeout: config.connect_timeout,
             nodelay: config.tcp_nodelay,
@@ -918,7 +932,7 @@ impl DataLink {
         let link = &self.0;
         if let Some(path) = &link.local {
             match tokio::net::UnixStream::connect(path).await {
-                Ok(unix) => return self.start(unix).await,
+                Ok(unix) => return self.start(unix, link.clear_local).await,
                 // Not on this host after all (another container, say), or
                 // the shard is restarting: TCP finds it, or says why not.
                 Err(e) => {
@@ -931,33 +945,85 @@ impl DataLink {
         if let Some((interval, timeout)) = link.keep_alive {
             keep_alive(&tcp, interval, timeout);
         }
-        self.start(tcp).await
+        self.start(tcp, false).await
     }
 
-    /// Sets up TLS (if on) over `stream` and has the hello answered.
+    /// Sets up TLS (if on) over `stream` and has the hello answered; with
+    /// `clear` (a Unix socket), TLS is left once it is.
     async fn start<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         &self,
         stream: S,
+        clear: bool,
     ) -> std::result::Result<Conn, Status> {
         let link = &self.0;
         let io: Box<dyn Io> = match &link.tls {
             Some((connector, name)) => {
-                Box::new(connector.connect(name.clone(), tls_transport(stream)).await.map_err(|e| {
+                let mut tls = connector.connect(name.clone(), tls_transport(stream)).await.map_err(|e| {
                     Status::unavailable(format!(
                         "data plane {}: TLS: {}",
                         self.addr(),
                         crate::transport::error_chain(&e)
                     ))
-                })?)
+                })?;
+                let magic = if clear { CLEAR_MAGIC } else { MAGIC };
+                if self.greet(&mut tls, magic).await?.clear && clear {
+                    let (io, session) = tls.into_inner();
+                    Box::new(into_clear(io, session).map_err(|e| self.broken(e))?)
+                } else {
+                    Box::new(tls)
+                }
             }
-            None => Box::new(stream),
+            None => {
+                let mut stream = stream;
+                self.greet(&mut stream, MAGIC).await?;
+                Box::new(stream)
+            }
         };
-        let mut conn = Conn { io, reader: FrameReader::new(link.max), out: OutFrame::default() };
-        let (kind, body) =
-            conn.round_trip(|out| out.raw(OK, &link.hello)).await.map_err(|e| self.broken(e))?;
-        decode_answer::<Welcome>(kind, body)?;
-        Ok(conn)
+        Ok(Conn { io, reader: FrameReader::new(link.max), out: OutFrame::default() })
     }
+
+    /// Sends the hello (`magic` and the token) on `io` and reads its answer.
+    async fn greet<S: Io>(&self, io: &mut S, magic: &[u8; 4]) -> std::result::Result<Welcome, Status> {
+        let mut out = OutFrame::default();
+        out.raw(OK, &[magic.as_slice(), &self.0.token].concat());
+        out.send(io).await.map_err(|e| self.broken(e))?;
+        let mut reader = FrameReader::new(MAX_HELLO);
+        let (kind, body) = reader
+            .next(io)
+            .await
+            .and_then(|f| f.ok_or(std::io::ErrorKind::UnexpectedEof.into()))
+            .map_err(|e| self.broken(e))?;
+        let welcome = decode_answer::<Welcome>(kind, body)?;
+        if !reader.is_empty() {
+            return Err(self.broken(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the shard sent more than the hello's answer",
+            )));
+        }
+        Ok(welcome)
+    }
+}
+
+/// The stream beneath a TLS session whose hello has been answered, for the
+/// connection to go on in the clear (on a Unix socket only): an error if
+/// the session, or the read buffer beneath it, still holds bytes that
+/// were not read or not sent, which would be lost and put the frames out
+/// of step. Both ends call it at the same point of the exchange: the
+/// client once it has read the hello's answer, the shard once it has sent
+/// it, before either sends anything more.
+pub fn into_clear<S: AsyncRead, D>(
+    io: tokio::io::BufReader<S>,
+    mut session: impl std::ops::DerefMut<Target = tokio_rustls::rustls::ConnectionCommon<D>>,
+) -> std::io::Result<S> {
+    let state = session.process_new_packets().map_err(std::io::Error::other)?;
+    let held = state.plaintext_bytes_to_read() + state.tls_bytes_to_write() + io.buffer().len();
+    if held > 0 || state.peer_has_closed() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{held} bytes beside the hello when leaving TLS (or the peer closed it)"),
+        ));
+    }
+    Ok(io.into_inner())
 }
 
 /// Whether a client with `config` uses the Unix socket of the shard at
@@ -999,18 +1065,34 @@ pub fn server_tls(tls: &TlsConfig) -> Result<Arc<tokio_rustls::rustls::ServerCon
     Ok(Arc::new(config))
 }
 
-/// What a shard learns from a connection's hello: the token, if one was sent.
-pub fn parse_hello(body: &[u8]) -> std::result::Result<Option<String>, Status> {
-    let token = body.strip_prefix(MAGIC.as_slice()).ok_or_else(|| {
-        Status::invalid_argument("not a data-plane client (no PSD1 hello); use gRPC on the shard's address")
-    })?;
-    if token.is_empty() {
-        return Ok(None);
-    }
-    match std::str::from_utf8(token) {
-        Ok(t) if t.is_ascii() => Ok(Some(t.to_string())),
-        _ => Err(Status::unauthenticated("the hello's token is not ASCII")),
-    }
+/// What a shard learns from a connection's hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The token, if one was sent.
+    pub token: Option<String>,
+    /// The client asks to leave TLS once the hello is answered
+    /// ([`CLEAR_MAGIC`]).
+    pub clear: bool,
+}
+
+/// Reads a connection's hello.
+pub fn parse_hello(body: &[u8]) -> std::result::Result<Hello, Status> {
+    let (token, clear) =
+        match (body.strip_prefix(MAGIC.as_slice()), body.strip_prefix(CLEAR_MAGIC.as_slice())) {
+            (Some(token), _) => (token, false),
+            (_, Some(token)) => (token, true),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "not a data-plane client (no PSD1 hello); use gRPC on the shard's address",
+                ));
+            }
+        };
+    let token = match std::str::from_utf8(token) {
+        _ if token.is_empty() => None,
+        Ok(t) if t.is_ascii() => Some(t.to_string()),
+        _ => return Err(Status::unauthenticated("the hello's token is not ASCII")),
+    };
+    Ok(Hello { token, clear })
 }
 
 /// The peer of a data-plane request, put in its extensions by the shard:
@@ -1023,9 +1105,15 @@ pub struct Peer {
     pub certificate: Option<Arc<Vec<u8>>>,
 }
 
-/// The hello's answer: an empty message.
+/// The hello's answer.
 #[derive(Clone, PartialEq, Message)]
-struct Welcome {}
+pub struct Welcome {
+    /// Both ends leave TLS now: the client asked ([`CLEAR_MAGIC`]) on the
+    /// shard's Unix socket, and the shard lets it. Otherwise the
+    /// connection stays as it is.
+    #[prost(bool, tag = "1")]
+    pub clear: bool,
+}
 
 #[cfg(test)]
 mod tests {
@@ -1196,8 +1284,10 @@ mod tests {
         let err = decode_answer::<Welcome>(kind, body).unwrap_err();
         assert_eq!(err.code(), Code::PermissionDenied);
         assert_eq!(err.message(), "not yours");
-        assert!(parse_hello(b"PSD1").unwrap().is_none());
-        assert_eq!(parse_hello(b"PSD1abc").unwrap().as_deref(), Some("abc"));
+        assert_eq!(parse_hello(b"PSD1").unwrap(), Hello { token: None, clear: false });
+        assert_eq!(parse_hello(b"PSD1abc").unwrap(), Hello { token: Some("abc".into()), clear: false });
+        assert_eq!(parse_hello(b"PSC1abc").unwrap(), Hello { token: Some("abc".into()), clear: true });
+        assert_eq!(parse_hello(b"PSC1").unwrap(), Hello { token: None, clear: true });
         assert_eq!(parse_hello(b"PRI * HTTP/2.0").unwrap_err().code(), Code::InvalidArgument);
     }
 

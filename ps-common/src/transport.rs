@@ -84,6 +84,18 @@ pub struct TransportConfig {
     /// loopback TCP. (Written out only when off.)
     #[serde(skip_serializing_if = "is_true")]
     pub local_socket: bool,
+    /// Keep TLS on a data-plane connection over a shard's Unix socket for
+    /// all its frames. Off (the default), such a connection runs the TLS
+    /// handshake and the hello under TLS, both ends authenticated as on
+    /// TCP, and then carries its frames in the clear: the kernel moves them
+    /// between the two processes, and the socket (mode 0600) admits only
+    /// processes of its owner, who can read the keys anyway; as gRPC's
+    /// local credentials rate a Unix socket private and intact. Encrypting
+    /// them cost a quarter of the reference run's throughput
+    /// (docs/SECURITY.md). A shard with it on keeps TLS whatever its
+    /// clients ask; TCP connections always keep it.
+    #[serde(skip_serializing_if = "is_false")]
+    pub local_socket_tls: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -469,6 +481,7 @@ impl Default for TransportConfig {
             plaintext: false,
             data_plane: true,
             local_socket: true,
+            local_socket_tls: false,
         }
     }
 }

@@ -144,8 +144,11 @@ pub async fn serve(
             continue;
         };
         let (service, tls) = (service.clone(), tls.clone());
+        // Leaving TLS after the hello: on the Unix socket only, and only if
+        // this shard does not keep it there.
+        let may_clear = matches!(listener, Listener::Unix(_)) && !config.local_socket_tls;
         connections.spawn(async move {
-            if let Err(e) = connection(service, stream, addr, tls, max).await {
+            if let Err(e) = connection(service, stream, addr, tls, (max, may_clear)).await {
                 tracing::debug!(%addr, error = %e, "data plane: connection closed");
             }
             drop((slot, host));
@@ -158,12 +161,12 @@ async fn connection(
     stream: Box<dyn dataplane::Io>,
     addr: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    max: usize,
+    (max, may_clear): (usize, bool),
 ) -> std::io::Result<()> {
     match tls {
         None => serve_stream(service, stream, Peer { addr, certificate: None }, max).await,
         Some(acceptor) => {
-            let stream =
+            let mut stream =
                 tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(dataplane::tls_transport(stream)))
                     .await
                     .map_err(|_| {
@@ -171,35 +174,89 @@ async fn connection(
                     })??;
             let certificate =
                 stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| Arc::new(c.to_vec()));
-            serve_stream(service, stream, Peer { addr, certificate }, max).await
+            let peer = Peer { addr, certificate };
+            let Some((token, reader)) = greet(&service, &mut stream, &peer, (true, may_clear)).await? else {
+                return Ok(());
+            };
+            match reader {
+                // The client asked to leave TLS, and may: both ends do it
+                // now, before either sends anything more.
+                None => {
+                    let (io, session) = stream.into_inner();
+                    let io = dataplane::into_clear(io, session)?;
+                    serve_requests(service, io, (peer, token), FrameReader::new(max), max).await
+                }
+                Some(reader) => serve_requests(service, stream, (peer, token), reader, max).await,
+            }
         }
     }
 }
 
-/// Answers the hello, then each request in turn until the client closes.
+/// Answers the hello, then each request in turn until the client closes
+/// (a connection without TLS).
 async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     service: Service,
     mut io: S,
     peer: Peer,
     max: usize,
 ) -> std::io::Result<()> {
+    match greet(&service, &mut io, &peer, (false, false)).await? {
+        Some((token, Some(reader))) => serve_requests(service, io, (peer, token), reader, max).await,
+        _ => Ok(()),
+    }
+}
+
+/// Reads and answers the hello: `None` if the client closed, or was
+/// refused (its refusal sent). Otherwise the token the connection's
+/// requests carry, and the reader to go on with, or `None` for it when the
+/// client asked to leave TLS and the answer said it may (`tls`: the
+/// connection is under TLS; `may_clear`: it may leave it).
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
+    service: &Service,
+    io: &mut S,
+    peer: &Peer,
+    (tls, may_clear): (bool, bool),
+) -> std::io::Result<Option<(Option<AsciiMetadataValue>, Option<FrameReader>)>> {
     // The hello is a magic and at most a token; requests come after it is
     // accepted.
     let mut reader = FrameReader::new(dataplane::MAX_HELLO);
     let mut out = OutFrame::default();
-    let hello = tokio::time::timeout(HELLO_TIMEOUT, reader.next(&mut io))
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, reader.next(io))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no hello"))??;
-    let Some((_, body)) = hello else { return Ok(()) };
-    let token = match hello_token(&service, &body, &peer) {
-        Ok(token) => token,
+    let Some((_, body)) = hello else { return Ok(None) };
+    let accepted = dataplane::parse_hello(&body).and_then(|hello| {
+        // Without TLS there is nothing to leave; on TCP, or with
+        // `local_socket_tls`, the shard keeps it and says so.
+        let clear = hello.clear && tls && may_clear;
+        // What came with the hello would be lost when leaving TLS.
+        if clear && !reader.is_empty() {
+            return Err(Status::invalid_argument("a hello that leaves TLS must come alone"));
+        }
+        Ok((hello_token(service, hello.token, peer)?, clear))
+    });
+    let (token, clear) = match accepted {
+        Ok(accepted) => accepted,
         Err(status) => {
             out.status(&status);
-            return out.send_within(&mut io, STALL_TIMEOUT).await;
+            out.send_within(io, STALL_TIMEOUT).await?;
+            return Ok(None);
         }
     };
-    out.raw(dataplane::OK, b"");
-    out.send_within(&mut io, STALL_TIMEOUT).await?;
+    out.raw(dataplane::OK, &dataplane::Welcome { clear }.encode_to_vec());
+    out.send_within(io, STALL_TIMEOUT).await?;
+    Ok(Some((token, (!clear).then_some(reader))))
+}
+
+/// Answers each request in turn until the client closes.
+async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
+    service: Service,
+    mut io: S,
+    (peer, token): (Peer, Option<AsciiMetadataValue>),
+    mut reader: FrameReader,
+    max: usize,
+) -> std::io::Result<()> {
+    let mut out = OutFrame::default();
     reader.set_max(max);
     loop {
         // Each request's bytes are charged to the shard's in-flight budget
@@ -246,15 +303,14 @@ struct Context<'a> {
     token: Option<&'a AsciiMetadataValue>,
 }
 
-/// Checks the hello: the magic, and with auth on, that the connection
-/// names a principal (its token or client certificate). Returns the token
-/// as the `authorization` metadata each request will carry.
+/// Checks the hello's token: with auth on, that the connection names a
+/// principal (its token or client certificate). Returns the token as the
+/// `authorization` metadata each request will carry.
 fn hello_token(
     service: &Service,
-    body: &[u8],
+    token: Option<String>,
     peer: &Peer,
 ) -> std::result::Result<Option<AsciiMetadataValue>, Status> {
-    let token = dataplane::parse_hello(body)?;
     let header = match token {
         Some(t) => Some(
             format!("Bearer {t}")

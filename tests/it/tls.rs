@@ -432,3 +432,179 @@ async fn the_unix_socket_speaks_tls_and_names_workers_by_their_certificates() {
     drop((w0, impostor));
     shards.stop().await.expect("stop");
 }
+
+/// Waits until the shard's data plane has bound its socket at `path`
+/// (it starts beside the gRPC listener).
+async fn wait_for(path: &Path) {
+    for _ in 0..500 {
+        if path.exists() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no socket at {}", path.display());
+}
+
+/// A frame of `kind` with `body`, as the data plane writes it.
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = ((body.len() + 1) as u32).to_le_bytes().to_vec();
+    f.push(kind);
+    f.extend_from_slice(body);
+    f
+}
+
+/// Reads one frame: (kind, body).
+async fn read_frame<S: tokio::io::AsyncRead + Unpin>(io: &mut S) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 5];
+    io.read_exact(&mut head).await.expect("a frame's header");
+    let mut body = vec![0u8; u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize - 1];
+    io.read_exact(&mut body).await.expect("a frame's body");
+    (head[4], body)
+}
+
+/// A data-plane connection by hand on `stream`: TLS as worker 0 of
+/// `certs`, then the hello with `magic`; returns the session and whether
+/// the shard's answer lets it leave TLS.
+async fn hello_by_hand<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    certs: &Path,
+    stream: S,
+    magic: &[u8],
+) -> (tokio_rustls::client::TlsStream<tokio::io::BufReader<S>>, bool) {
+    use prost::Message as _;
+    use tokio::io::AsyncWriteExt;
+    let config = ps_common::transport::rustls_client_config(&TlsConfig::from_dir(certs, "worker-0"))
+        .expect("client TLS");
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let mut tls =
+        connector.connect(name, ps_common::dataplane::tls_transport(stream)).await.expect("handshake");
+    tls.write_all(&frame(0, magic)).await.unwrap();
+    tls.flush().await.unwrap();
+    let (kind, body) = read_frame(&mut tls).await;
+    assert_eq!(kind, ps_common::dataplane::OK, "the hello is answered: {}", String::from_utf8_lossy(&body));
+    let welcome = ps_common::dataplane::Welcome::decode(body.as_slice()).expect("a Welcome");
+    (tls, welcome.clear)
+}
+
+/// Under TLS, a data-plane connection on the shard's Unix socket runs the
+/// handshake and the hello under TLS and then carries its frames in the
+/// clear (`transport.local_socket_tls` off, the default): the kernel moves
+/// them between two authenticated processes. On TCP the shard keeps TLS
+/// whatever the client asks, and so does a shard with `local_socket_tls`
+/// on; its clients then stay under TLS on the socket, still served there.
+#[tokio::test]
+async fn a_unix_socket_connection_leaves_tls_after_its_hello_and_tcp_ones_never_do() {
+    use ps_common::dataplane::{CLEAR_MAGIC, MAGIC};
+    use ps_common::optim::Rule;
+    use ps_common::spec::{Init, TableSpec};
+    use ps_worker::client::DenseSet;
+    use tokio::io::AsyncWriteExt;
+
+    let dir = TempDir::new("tls-clear");
+    let ours = make_certs(&dir, "ours");
+    let start = |keep_tls: bool, name: &str| {
+        let mut transport = TransportConfig::default()
+            .with_tls(Some(TlsConfig { client_auth: true, ..TlsConfig::from_dir(&ours, "shard") }));
+        transport.local_socket_tls = keep_tls;
+        let config =
+            ServerConfig { transport, data_socket: Some(dir.0.join(name)), ..ServerConfig::default() };
+        async move { LocalShards::start_with(&config, 1).await.expect("start") }
+    };
+    // An unknown request kind: the shard answers it with UNIMPLEMENTED.
+    let unknown = frame(9, b"");
+    let unimplemented = tonic::Code::Unimplemented as u8;
+
+    let shards = start(false, "clear").await;
+    let socket = dir.0.join("clear-0");
+    wait_for(&socket).await;
+    // On the socket: the shard lets the client leave TLS, and then reads
+    // and answers frames in the clear.
+    let unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let (tls, clear) = hello_by_hand(&ours, unix, CLEAR_MAGIC).await;
+    assert!(clear, "the shard leaves TLS on its Unix socket");
+    let (io, session) = tls.into_inner();
+    let mut unix = ps_common::dataplane::into_clear(io, session).expect("nothing held beside the hello");
+    unix.write_all(&unknown).await.unwrap();
+    let (kind, body) = read_frame(&mut unix).await;
+    assert_eq!(kind, unimplemented, "a clear request read as such: {}", String::from_utf8_lossy(&body));
+
+    // The old hello on the socket: TLS stays, and frames go under it.
+    let unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let (mut tls, clear) = hello_by_hand(&ours, unix, MAGIC).await;
+    assert!(!clear);
+    tls.write_all(&unknown).await.unwrap();
+    tls.flush().await.unwrap();
+    assert_eq!(read_frame(&mut tls).await.0, unimplemented);
+
+    // On TCP: asking to leave TLS is answered "stay", and frames go under TLS.
+    let transport = client_opts(Some(TlsConfig::from_dir(&ours, "worker-0"))).transport;
+    let channel =
+        ps_common::transport::endpoint(&transport, &shards.addrs[0]).unwrap().connect().await.unwrap();
+    let mut rpc = ps_common::transport::client(&transport, channel, ps_common::auth::Credential::none());
+    let port =
+        rpc.data_plane(ps_common::wire::pb::DataPlaneRequest {}).await.unwrap().into_inner().port as u16;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut tls, clear) = hello_by_hand(&ours, tcp, CLEAR_MAGIC).await;
+    assert!(!clear, "TCP keeps TLS");
+    tls.write_all(&unknown).await.unwrap();
+    tls.flush().await.unwrap();
+    assert_eq!(read_frame(&mut tls).await.0, unimplemented);
+
+    // A request sent with the hello that leaves TLS would be lost: refused.
+    let unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let config = ps_common::transport::rustls_client_config(&TlsConfig::from_dir(&ours, "worker-0"))
+        .expect("client TLS");
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, ps_common::dataplane::tls_transport(unix)).await.unwrap();
+    tls.write_all(&[frame(0, CLEAR_MAGIC), unknown.clone()].concat()).await.unwrap();
+    tls.flush().await.unwrap();
+    let (kind, body) = read_frame(&mut tls).await;
+    assert_eq!(kind, tonic::Code::InvalidArgument as u8, "{}", String::from_utf8_lossy(&body));
+
+    // The client leaves TLS on the socket by default; what it pushes and
+    // pulls there is what gRPC reads.
+    let spec = TableSpec::dense("w", &[8], Init::zeros(), Rule::sgd(1.0).into());
+    let client = |data_plane: bool, addrs: Vec<String>| {
+        let mut opts = client_opts(Some(TlsConfig::from_dir(&ours, "worker-0")));
+        opts.transport.data_plane = data_plane;
+        async move { ShardedClient::connect(&addrs, 0, opts).await.expect("connect") }
+    };
+    let set = DenseSet::new(std::slice::from_ref(&spec), 1).unwrap();
+    let mut w = client(true, shards.addrs.clone()).await;
+    w.register(&spec).await.unwrap();
+    let before = crate::util::connected_to(&socket);
+    w.push_dense(&set, &[1.0; 8], 0, 0, false).await.unwrap();
+    assert!(crate::util::connected_to(&socket) > before, "the client is on the Unix socket");
+    let mut read = vec![0.0f32; 8];
+    w.pull_dense(&set, 0, &mut read).await.unwrap();
+    assert_eq!(read, vec![-1.0; 8]);
+    let grpc = client(false, shards.addrs.clone()).await;
+    let mut over_grpc = vec![0.0f32; 8];
+    grpc.pull_dense(&set, 0, &mut over_grpc).await.unwrap();
+    assert_eq!(over_grpc, read);
+    drop((w, grpc));
+    shards.stop().await.expect("stop");
+
+    // A shard that keeps TLS on its socket: asked to leave it, it says stay,
+    // and a default client is served there under TLS.
+    let shards = start(true, "kept").await;
+    let socket = dir.0.join("kept-0");
+    wait_for(&socket).await;
+    let unix = tokio::net::UnixStream::connect(&socket).await.unwrap();
+    let (mut tls, clear) = hello_by_hand(&ours, unix, CLEAR_MAGIC).await;
+    assert!(!clear, "local_socket_tls keeps TLS");
+    tls.write_all(&unknown).await.unwrap();
+    tls.flush().await.unwrap();
+    assert_eq!(read_frame(&mut tls).await.0, unimplemented);
+    let mut w = client(true, shards.addrs.clone()).await;
+    w.register(&spec).await.unwrap();
+    let before = crate::util::connected_to(&socket);
+    w.push_dense(&set, &[1.0; 8], 0, 0, false).await.unwrap();
+    w.pull_dense(&set, 0, &mut read).await.unwrap();
+    assert_eq!(read, vec![-1.0; 8]);
+    assert!(crate::util::connected_to(&socket) > before, "the client is on the Unix socket, under TLS");
+    drop(w);
+    shards.stop().await.expect("stop");
+}
