@@ -450,7 +450,7 @@ impl Rule {
         grad: &[f32],
         slots: [&mut [f32]; 2],
     ) -> bool {
-        self.run::<false>(Isa::best(), step, lr_scale, param, grad, slots, [&mut [], &mut [], &mut []])
+        self.at(step, lr_scale).apply_slots(param, grad, slots)
     }
 
     /// [`Rule::apply_slots`] that also copies each parameter's value and
@@ -473,9 +473,26 @@ impl Rule {
         slots: [&mut [f32]; 2],
         saved: [&mut [f32]; 3],
     ) -> bool {
-        let lens = [param.len(), slots[0].len(), slots[1].len()];
-        assert!(saved.iter().zip(lens).all(|(s, n)| s.len() == n), "saved lengths");
-        self.run::<true>(Isa::best(), step, lr_scale, param, grad, slots, saved)
+        self.at(step, lr_scale).apply_saving(param, grad, slots, saved)
+    }
+
+    /// Update number `step` (1-based) with learning-rate scale `lr_scale`
+    /// ([`Rule::apply`]), its constants worked out once: for a caller that
+    /// applies one update to a block a tile at a time. Adam's bias
+    /// corrections (two `powi` in f64) cost about as much as the update of
+    /// a few dozen parameters, and were worked out again for every tile.
+    pub fn at(&self, step: u64, lr_scale: f32) -> Update {
+        let adam = match *self {
+            Rule::Adam { lr, beta1, beta2, .. } => {
+                // β^t underflows to 0 long before t reaches i32::MAX.
+                let t = i32::try_from(step).unwrap_or(i32::MAX);
+                let bias1 = 1.0 - f64::from(beta1).powi(t);
+                let bias2 = 1.0 - f64::from(beta2).powi(t);
+                ((f64::from(lr * lr_scale) / bias1) as f32, (1.0 / bias2.sqrt()) as f32)
+            }
+            _ => (0.0, 0.0),
+        };
+        Update { rule: *self, step, lr_scale, adam, isa: Isa::best() }
     }
 
     /// `state` (`n` floats per slot, slot after slot) as the rule's two
@@ -501,34 +518,70 @@ impl Rule {
         state: &mut [f32],
     ) -> bool {
         let slots = self.slots(state, param.len());
-        self.run::<false>(isa, step, lr_scale, param, grad, slots, [&mut [], &mut [], &mut []])
+        Update { isa, ..self.at(step, lr_scale) }.apply_slots(param, grad, slots)
+    }
+}
+
+/// One update of a [`Rule`] ([`Rule::at`]): the rule, its step and
+/// learning-rate scale, and the constants its loop uses, worked out once.
+#[derive(Debug, Clone, Copy)]
+pub struct Update {
+    rule: Rule,
+    step: u64,
+    lr_scale: f32,
+    /// Adam: its step size `lr·lr_scale / (1 − β1ᵗ)` and `1 / √(1 − β2ᵗ)`.
+    adam: (f32, f32),
+    isa: Isa,
+}
+
+impl Update {
+    /// The step (1-based) this update is.
+    pub fn step(&self) -> u64 {
+        self.step
     }
 
-    /// The loops of `isa`, where the CPU has it (the baseline's otherwise).
-    #[allow(clippy::too_many_arguments)] // one update's inputs, passed as they are
-    #[inline]
-    fn run<const SAVE: bool>(
+    /// [`Rule::apply_slots`] with this update's step and scale.
+    pub fn apply_slots(&self, param: &mut [f32], grad: &[f32], slots: [&mut [f32]; 2]) -> bool {
+        self.run::<false>(param, grad, slots, [&mut [], &mut [], &mut []])
+    }
+
+    /// [`Rule::apply_saving`] with this update's step and scale.
+    ///
+    /// # Panics
+    /// If a part of `saved` is not as long as what it keeps.
+    pub fn apply_saving(
         &self,
-        isa: Isa,
-        step: u64,
-        lr_scale: f32,
         param: &mut [f32],
         grad: &[f32],
         slots: [&mut [f32]; 2],
         saved: [&mut [f32]; 3],
     ) -> bool {
-        match isa {
+        let lens = [param.len(), slots[0].len(), slots[1].len()];
+        assert!(saved.iter().zip(lens).all(|(s, n)| s.len() == n), "saved lengths");
+        self.run::<true>(param, grad, slots, saved)
+    }
+
+    /// The loops of `self.isa`, where the CPU has it (the baseline's otherwise).
+    #[inline]
+    fn run<const SAVE: bool>(
+        &self,
+        param: &mut [f32],
+        grad: &[f32],
+        slots: [&mut [f32]; 2],
+        saved: [&mut [f32]; 3],
+    ) -> bool {
+        match self.isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 if std::arch::is_x86_feature_detected!("avx512f") => {
                 // SAFETY: the CPU has AVX-512F (checked on the line above).
-                unsafe { self.apply_avx512::<SAVE>(step, lr_scale, param, grad, slots, saved) }
+                unsafe { self.apply_avx512::<SAVE>(param, grad, slots, saved) }
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if std::arch::is_x86_feature_detected!("avx2") => {
                 // SAFETY: the CPU has AVX2 (checked on the line above).
-                unsafe { self.apply_avx2::<SAVE>(step, lr_scale, param, grad, slots, saved) }
+                unsafe { self.apply_avx2::<SAVE>(param, grad, slots, saved) }
             }
-            _ => self.apply_loops::<SAVE>(step, lr_scale, param, grad, slots, saved),
+            _ => self.apply_loops::<SAVE>(param, grad, slots, saved),
         }
     }
 
@@ -536,28 +589,24 @@ impl Rule {
     #[target_feature(enable = "avx2")]
     fn apply_avx2<const SAVE: bool>(
         &self,
-        step: u64,
-        lr_scale: f32,
         param: &mut [f32],
         grad: &[f32],
         slots: [&mut [f32]; 2],
         saved: [&mut [f32]; 3],
     ) -> bool {
-        self.apply_loops::<SAVE>(step, lr_scale, param, grad, slots, saved)
+        self.apply_loops::<SAVE>(param, grad, slots, saved)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     fn apply_avx512<const SAVE: bool>(
         &self,
-        step: u64,
-        lr_scale: f32,
         param: &mut [f32],
         grad: &[f32],
         slots: [&mut [f32]; 2],
         saved: [&mut [f32]; 3],
     ) -> bool {
-        self.apply_loops::<SAVE>(step, lr_scale, param, grad, slots, saved)
+        self.apply_loops::<SAVE>(param, grad, slots, saved)
     }
 
     /// The loops of [`Rule::apply`], inlined into each of its builds; with
@@ -566,20 +615,22 @@ impl Rule {
     #[inline(always)]
     fn apply_loops<const SAVE: bool>(
         &self,
-        step: u64,
-        lr_scale: f32,
         param: &mut [f32],
         grad: &[f32],
         slots: [&mut [f32]; 2],
         saved: [&mut [f32]; 3],
     ) -> bool {
+        let (step, lr_scale) = (self.step, self.lr_scale);
         let n = param.len();
         debug_assert_eq!(grad.len(), n, "gradient length");
-        debug_assert!(slots.iter().take(self.state_per_param()).all(|s| s.len() == n), "state slot length");
+        debug_assert!(
+            slots.iter().take(self.rule.state_per_param()).all(|s| s.len() == n),
+            "state slot length"
+        );
         let [first, second] = slots;
         debug_assert!(step >= 1, "step is 1-based");
         debug_assert!(lr_scale.is_finite() && lr_scale > 0.0, "lr_scale {lr_scale}");
-        match *self {
+        match self.rule {
             Rule::Sgd { lr, weight_decay } => sgd::<SAVE>(lr * lr_scale, weight_decay, param, grad, saved),
             Rule::Momentum { lr, momentum, dampening, nesterov, weight_decay } => {
                 let lr = lr * lr_scale;
@@ -620,12 +671,7 @@ impl Rule {
                 // scales `p` by `shrink` first; the other factor is neutral.
                 let (l2, shrink) =
                     if decoupled { (0.0, 1.0 - lr * weight_decay) } else { (weight_decay, 1.0) };
-                // β^t underflows to 0 long before t reaches i32::MAX.
-                let t = i32::try_from(step).unwrap_or(i32::MAX);
-                let bias1 = 1.0 - f64::from(beta1).powi(t);
-                let bias2 = 1.0 - f64::from(beta2).powi(t);
-                let step_size = (f64::from(lr) / bias1) as f32;
-                let inv_sqrt_bias2 = (1.0 / bias2.sqrt()) as f32;
+                let (step_size, inv_sqrt_bias2) = self.adam;
                 let (c1, c2) = (1.0 - beta1, 1.0 - beta2);
                 each2::<SAVE>(param, grad, first, second, saved, |p, g, m, v| {
                     let g = g + l2 * *p;
@@ -1491,7 +1537,8 @@ mod tests {
                     let mut kept = vec![f32::NAN; n + slots[0].len() + slots[1].len()];
                     let (kept_values, rest) = kept.split_at_mut(n);
                     let (kept_first, kept_second) = rest.split_at_mut(slots[0].len());
-                    let said = rule.run::<true>(isa, step, lr_scale, &mut saving, grad, slots,
+                    let update = Update { isa, ..rule.at(step, lr_scale) };
+                    let said = update.apply_saving(&mut saving, grad, slots,
                         [kept_values, kept_first, kept_second]);
                     prop_assert_eq!(said, said_plain);
                     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use ps_common::compress::Codecs;
+use ps_common::optim::Update;
 use ps_common::partition::{self, ShardId};
 use ps_common::spec::{LateGradients, Layout, TableSpec};
 
@@ -110,13 +111,13 @@ impl Block {
     /// state non-finite: then the block keeps what it held and this returns
     /// false. The update goes a tile of [`TILE`] parameters at a time, while
     /// the tile is in the L1 cache: the rule keeps the tile's values and
-    /// state as they were ([`Rule::apply_saving`]) and checks what it writes
+    /// state as they were ([`Update::apply_saving`]) and checks what it writes
     /// as it goes. If a tile fails, it and the tiles before it are put back
     /// from what was kept. (A copy of the whole block first, then the
     /// update, then a check took three passes over it; a copy of each tile
     /// before its update cost a seventh of a push; docs/PERFORMANCE.md.)
     ///
-    /// [`Rule::apply_saving`]: ps_common::optim::Rule::apply_saving
+    /// [`Update::apply_saving`]: ps_common::optim::Update::apply_saving
     fn apply(
         &mut self,
         spec: &TableSpec,
@@ -132,6 +133,7 @@ impl Block {
         debug_assert_eq!(self.data.len(), arrays * len, "block length");
         let read = read.filter(|r| r.len() == len);
         let step = self.step + 1;
+        let update = spec.optimizer.rule.at(step, info.lr_scale(spec));
         BEFORE.with_borrow_mut(|before| {
             // Grown, never shrunk: the largest block this thread has applied.
             if before.len() < arrays * len {
@@ -140,7 +142,7 @@ impl Block {
             for start in (0..len).step_by(TILE) {
                 let end = (start + TILE).min(len);
                 let saved = &mut before[arrays * start..arrays * end];
-                if !apply_update(spec, len, &mut self.data, step, start..end, grad, info, read, saved) {
+                if !apply_update(spec, &update, len, &mut self.data, start..end, grad, read, saved) {
                     self.put_back(before, len, arrays, end);
                     return false;
                 }
@@ -187,22 +189,20 @@ fn first_outside(values: &[f32], bound: f32) -> Option<usize> {
 }
 
 /// Applies one gradient to the parameters `tile` of a block's floats `data`
-/// (`len` values, then the optimizer state, array after array) as its
-/// update number `step` (1-based): the table's rule, after delay
-/// compensation if the table has it and `read` is the pushing worker's read
-/// of the block. `grad` and `read` cover the whole block. The tile's values
+/// (`len` values, then the optimizer state, array after array) as `update`
+/// (the table's rule at the block's next step), after delay compensation if
+/// the table has it and `read` is the pushing worker's read of the block. `grad` and `read` cover the whole block. The tile's values
 /// and state as they were are kept in `saved`, laid out as `data` is (the
 /// tile's values, then its part of each state array). Returns whether every
 /// value and state it wrote is finite.
 #[allow(clippy::too_many_arguments)] // one update's inputs, passed as they are
 fn apply_update(
     spec: &TableSpec,
+    update: &Update,
     len: usize,
     data: &mut [f32],
-    step: u64,
     tile: std::ops::Range<usize>,
     grad: &[f32],
-    info: &PushInfo,
     read: Option<&[f32]>,
     saved: &mut [f32],
 ) -> bool {
@@ -224,7 +224,6 @@ fn apply_update(
     let mean_square = part(mean_square, tile.clone());
     saved_mean_square.copy_from_slice(mean_square);
     let grad = &grad[tile.clone()];
-    let lr_scale = info.lr_scale(spec);
     match (spec.optimizer.delay_compensation, read) {
         (Some(dc), Some(read)) => {
             let mut g = [0.0f32; TILE];
@@ -233,9 +232,9 @@ fn apply_update(
             let read = &read[tile];
             dc.compensate(g, values, read, mean_square);
             let finite = first_outside(mean_square, f32::MAX).is_none();
-            rule.apply_saving(step, lr_scale, values, g, slots, saved) & finite
+            update.apply_saving(values, g, slots, saved) & finite
         }
-        _ => rule.apply_saving(step, lr_scale, values, grad, slots, saved),
+        _ => update.apply_saving(values, grad, slots, saved),
     }
 }
 
@@ -898,6 +897,8 @@ impl Store {
                 return 0;
             }
             let (mut scratch, mut before) = (Vec::new(), Vec::new());
+            let lr_scale = info.lr_scale(&table.spec);
+            let mut update = table.spec.optimizer.rule.at(1, lr_scale);
             let mut applied = 0;
             for s in 0..STRIPES {
                 let part = &order[starts[s]..starts[s + 1]];
@@ -933,7 +934,12 @@ impl Store {
                     before.resize(data.len(), 0.0);
                     let grad = &grads[i * dim..(i + 1) * dim];
                     // An update that would make a value non-finite is undone.
-                    if apply_update(&table.spec, dim, data, next, 0..dim, grad, &info, None, &mut before) {
+                    // Rows pushed together mostly share their step: the
+                    // update's constants are worked out again only when not.
+                    if update.step() != next {
+                        update = table.spec.optimizer.rule.at(next, lr_scale);
+                    }
+                    if apply_update(&table.spec, &update, dim, data, 0..dim, grad, None, &mut before) {
                         if let Some(s) = step {
                             *s = next;
                         }
@@ -1433,17 +1439,8 @@ mod tests {
         assert_eq!(s.push_dense(&[("w", 0, &good)], PushInfo::default()).unwrap().applied, len as u64);
         let mut expected = Block::new(&spec, 0, len);
         let mut saved = vec![0.0; expected.data.len()];
-        apply_update(
-            &spec,
-            len,
-            &mut expected.data,
-            1,
-            0..len,
-            &good,
-            &PushInfo::default(),
-            None,
-            &mut saved,
-        );
+        let first = spec.optimizer.rule.at(1, PushInfo::default().lr_scale(&spec));
+        apply_update(&spec, &first, len, &mut expected.data, 0..len, &good, None, &mut saved);
         let after = s.snapshot("w").unwrap();
         assert!(after[0].1 == expected.values(len), "not the first step from the old state");
     }
