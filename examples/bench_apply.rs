@@ -20,7 +20,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ps_common::optim::Rule;
 use ps_common::spec::{Init, InitKind, TableSpec};
 use ps_server::store::{PushInfo, Store};
@@ -29,18 +29,23 @@ use rand::{Rng, SeedableRng};
 
 ps_common::jemalloc!();
 
+/// The sparse store alone, beside a memcpy (see the file's doc comment).
+#[derive(clap::Parser)]
+struct Args {
+    /// Keys drawn (repeats dropped).
+    #[arg(long, default_value_t = 500_000)]
+    keys: usize,
+    /// Row width.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+    width: u16,
+    /// Repetitions of each timed call.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    reps: u32,
+}
+
 fn main() -> Result<()> {
-    let (mut keys_n, mut width, mut reps) = (500_000usize, 16usize, 5usize);
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        let value: usize = args.next().with_context(|| format!("{flag} needs a value"))?.parse()?;
-        match flag.as_str() {
-            "--keys" => keys_n = value,
-            "--width" => width = value,
-            "--reps" => reps = value.max(1),
-            _ => anyhow::bail!("unknown flag {flag}"),
-        }
-    }
+    let args = <Args as clap::Parser>::parse();
+    let (keys_n, width, reps) = (args.keys, usize::from(args.width), args.reps as usize);
     let mut rng = StdRng::seed_from_u64(7);
     let mut keys: Vec<u64> = (0..keys_n).map(|_| rng.random_range(0..100_000_000_000u64)).collect();
     // A request may not repeat a key; the order stays random.

@@ -44,43 +44,36 @@ use tokio::sync::oneshot;
 
 ps_common::jemalloc!();
 
+/// Sparse-table throughput and memory, beside the dense path and raw
+/// loopback TCP (see the file's doc comment).
+#[derive(clap::Parser)]
 struct Args {
+    /// Keys per batch.
+    #[arg(long, default_value_t = 1_000_000)]
     keys: usize,
+    /// Keys are drawn from 0..SPACE.
+    #[arg(long, default_value_t = 100_000_000)]
     space: u64,
+    /// Row widths to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [8, 16, 64])]
     widths: Vec<usize>,
+    /// Shard counts to measure, comma-separated; the first is also the
+    /// memory figure's.
+    #[arg(long, value_delimiter = ',', default_values_t = [2, 1])]
     shards: Vec<u32>,
+    /// The Zipf exponent of the skewed keys.
+    #[arg(long, default_value_t = 1.05)]
     zipf: f64,
+    /// Repetitions of each timed pull and push.
+    #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Rows created for the memory figure (0: skip it).
+    #[arg(long, default_value_t = 10_000_000)]
     memory_keys: usize,
 }
 
 fn parse_args() -> Result<Args> {
-    let mut a = Args {
-        keys: 1_000_000,
-        space: 100_000_000,
-        widths: vec![8, 16, 64],
-        shards: vec![2, 1],
-        zipf: 1.05,
-        reps: 3,
-        memory_keys: 10_000_000,
-    };
-    let list = |v: &str| -> Result<Vec<u64>> {
-        v.split(',').map(|x| x.trim().parse().with_context(|| format!("bad number {x:?}"))).collect()
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--keys" => a.keys = value.parse()?,
-            "--space" => a.space = value.parse()?,
-            "--widths" => a.widths = list(&value)?.into_iter().map(|w| w as usize).collect(),
-            "--shards" => a.shards = list(&value)?.into_iter().map(|s| s as u32).collect(),
-            "--zipf" => a.zipf = value.parse()?,
-            "--reps" => a.reps = value.parse()?,
-            "--memory-keys" => a.memory_keys = value.parse()?,
-            _ => bail!("unknown flag {flag}; see the doc comment of examples/bench_sparse.rs"),
-        }
-    }
+    let a = <Args as clap::Parser>::parse();
     if a.keys == 0 || a.space == 0 || a.reps == 0 || a.widths.contains(&0) || a.shards.contains(&0) {
         bail!("keys, space, reps, widths and shards must be positive");
     }

@@ -12,54 +12,44 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use ps_common::optim::Rule;
 use ps_model::Mlp;
 use ps_worker::data::{BatchBuf, Batches, Split, load_mnist};
 
 ps_common::jemalloc!();
 
+/// The one-process trainer (see the file's doc comment).
+#[derive(clap::Parser)]
 struct Args {
+    #[arg(long, default_value_t = 1)]
     epochs: u64,
+    /// Minibatch size.
+    #[arg(long, default_value_t = 32, value_parser = positive)]
     batch: usize,
+    /// Adam's learning rate.
+    #[arg(long, default_value_t = 1e-3)]
     lr: f32,
+    #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The MNIST files (gzipped IDX).
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/mnist"))]
     data: PathBuf,
+    /// Turn off the zero-skipping first layer, to compare.
+    #[arg(long)]
     dense: bool,
 }
 
+fn positive(s: &str) -> Result<usize, String> {
+    match s.parse() {
+        Ok(0) => Err("must be positive".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
+}
+
 fn parse_args() -> Result<Args> {
-    let mut args = Args {
-        epochs: 1,
-        batch: 32,
-        lr: 1e-3,
-        seed: 0,
-        data: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data/mnist"),
-        dense: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
-            "--epochs" => args.epochs = value()?.parse().context("--epochs")?,
-            "--batch" => args.batch = value()?.parse().context("--batch")?,
-            "--lr" => args.lr = value()?.parse().context("--lr")?,
-            "--seed" => args.seed = value()?.parse().context("--seed")?,
-            "--data" => args.data = value()?.into(),
-            "--dense" => args.dense = true,
-            "-h" | "--help" => {
-                println!(
-                    "usage: mlp_local [--epochs N] [--batch N] [--lr F] [--seed N] [--data DIR] [--dense]"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?} (try --help)"),
-        }
-    }
-    if args.batch == 0 {
-        bail!("--batch must be positive");
-    }
-    Ok(args)
+    Ok(<Args as clap::Parser>::parse())
 }
 
 /// The servers' Adam (`ps_common::optim::Rule`, PyTorch semantics) applied

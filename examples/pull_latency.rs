@@ -9,7 +9,6 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use paramserver::bench::baseline;
 use ps_common::optim::Rule;
 use ps_common::spec::{Init, TableSpec};
@@ -44,10 +43,19 @@ async fn main() -> anyhow::Result<()> {
     // Measured from a task on the runtime's threads, as a worker trains
     // (`ps_worker::cli`), not from `block_on` on the main thread, which
     // every answer would have to wake; the TCP baselines run there too.
-    let mut args = std::env::args().skip(1);
-    let n: u64 = args.next().map(|s| s.parse()).transpose().context("n")?.unwrap_or(55_050);
-    let reps: u32 = args.next().map(|s| s.parse()).transpose().context("reps")?.unwrap_or(200);
-    tokio::spawn(run(n, reps)).await?
+    let args = <Args as clap::Parser>::parse();
+    tokio::spawn(run(args.n, args.reps)).await?
+}
+
+/// One dense pull and push beside raw TCP (see the file's doc comment).
+#[derive(clap::Parser)]
+struct Args {
+    /// Floats per pull and push (the reference model's 55,050 by default).
+    #[arg(default_value_t = 55_050, value_parser = clap::value_parser!(u64).range(1..))]
+    n: u64,
+    /// Repetitions of each.
+    #[arg(default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    reps: u32,
 }
 
 async fn run(n: u64, reps: u32) -> anyhow::Result<()> {

@@ -24,18 +24,19 @@ use ps_server::checkpoint::{ShardFile, read_shard, write_shard};
 use ps_server::clock::Clocks;
 use ps_server::store::Store;
 
+/// What sealing a checkpoint costs (see the file's doc comment).
+#[derive(clap::Parser)]
+struct Args {
+    /// Parameters of the checkpointed table.
+    #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    params: u64,
+    /// Repetitions of each timed step.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    reps: u32,
+}
+
 fn main() -> Result<()> {
-    let mut params: u64 = 16 << 20;
-    let mut reps = 3;
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = || args.next().ok_or_else(|| anyhow::anyhow!("{a} needs a value"));
-        match a.as_str() {
-            "--params" => params = value()?.parse()?,
-            "--reps" => reps = value()?.parse()?,
-            _ => bail!("unknown flag {a} (expected --params N, --reps N)"),
-        }
-    }
+    let Args { params, reps } = <Args as clap::Parser>::parse();
     let store = Store::new(0, 1);
     let mut spec = TableSpec::dense("big", &[params], Init::zeros(), Rule::adam(1e-3).into());
     spec.layout = Layout::Dense { shape: vec![params], chunk_len: 1 << 16 };
