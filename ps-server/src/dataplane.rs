@@ -175,19 +175,19 @@ async fn connection(
             let certificate =
                 stream.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| Arc::new(c.to_vec()));
             let peer = Peer { addr, certificate };
-            let Some((token, reader)) = greet(&service, &mut stream, &peer, (true, may_clear)).await? else {
+            let Some(Greeted { token, reader, clear }) =
+                greet(&service, &mut stream, &peer, (true, may_clear)).await?
+            else {
                 return Ok(());
             };
-            match reader {
-                // The client asked to leave TLS, and may: both ends do it
-                // now, before either sends anything more.
-                None => {
-                    let (io, session) = stream.into_inner();
-                    let io = dataplane::into_clear(io, session)?;
-                    serve_requests(service, io, (peer, token), FrameReader::new(max), max).await
-                }
-                Some(reader) => serve_requests(service, stream, (peer, token), reader, max).await,
+            if !clear {
+                return serve_requests(service, stream, (peer, token), reader, max).await;
             }
+            // The client asked to leave TLS, and may: both ends do it now,
+            // before either sends anything more.
+            let (io, session) = stream.into_inner();
+            let io = dataplane::into_clear(io, session)?;
+            serve_requests(service, io, (peer, token), reader, max).await
         }
     }
 }
@@ -201,22 +201,31 @@ async fn serve_stream<S: AsyncRead + AsyncWrite + Unpin>(
     max: usize,
 ) -> std::io::Result<()> {
     match greet(&service, &mut io, &peer, (false, false)).await? {
-        Some((token, Some(reader))) => serve_requests(service, io, (peer, token), reader, max).await,
-        _ => Ok(()),
+        Some(Greeted { token, reader, .. }) => serve_requests(service, io, (peer, token), reader, max).await,
+        None => Ok(()),
     }
 }
 
+/// A connection whose hello was answered OK.
+struct Greeted {
+    /// The token its requests carry.
+    token: Option<AsciiMetadataValue>,
+    /// The reader to go on with (empty when `clear`).
+    reader: FrameReader,
+    /// Both ends leave TLS now.
+    clear: bool,
+}
+
 /// Reads and answers the hello: `None` if the client closed, or was
-/// refused (its refusal sent). Otherwise the token the connection's
-/// requests carry, and the reader to go on with, or `None` for it when the
-/// client asked to leave TLS and the answer said it may (`tls`: the
-/// connection is under TLS; `may_clear`: it may leave it).
+/// refused (its refusal sent). With `clear` in the answer, the client
+/// asked to leave TLS and may (`tls`: the connection is under TLS;
+/// `may_clear`: it may leave it).
 async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
     service: &Service,
     io: &mut S,
     peer: &Peer,
     (tls, may_clear): (bool, bool),
-) -> std::io::Result<Option<(Option<AsciiMetadataValue>, Option<FrameReader>)>> {
+) -> std::io::Result<Option<Greeted>> {
     // The hello is a magic and at most a token; requests come after it is
     // accepted.
     let mut reader = FrameReader::new(dataplane::MAX_HELLO);
@@ -245,7 +254,7 @@ async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
     };
     out.raw(dataplane::OK, &dataplane::Welcome { clear }.encode_to_vec());
     out.send_within(io, STALL_TIMEOUT).await?;
-    Ok(Some((token, (!clear).then_some(reader))))
+    Ok(Some(Greeted { token, reader, clear }))
 }
 
 /// Answers each request in turn until the client closes.

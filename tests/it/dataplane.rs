@@ -330,7 +330,7 @@ async fn send_raw(port: u16, bytes: &[u8]) -> Vec<u8> {
     answer
 }
 
-fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
     let mut f = ((body.len() + 1) as u32).to_le_bytes().to_vec();
     f.push(kind);
     f.extend_from_slice(body);

@@ -13,6 +13,7 @@ use ps_server::ServerConfig;
 use ps_server::local::LocalShards;
 use ps_worker::client::{ClientOptions, ShardedClient};
 
+use crate::dataplane::frame;
 use crate::util::TempDir;
 
 /// Certificates of a cluster with two workers in `dir/name`.
@@ -443,14 +444,6 @@ async fn wait_for(path: &Path) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("no socket at {}", path.display());
-}
-
-/// A frame of `kind` with `body`, as the data plane writes it.
-fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut f = ((body.len() + 1) as u32).to_le_bytes().to_vec();
-    f.push(kind);
-    f.extend_from_slice(body);
-    f
 }
 
 /// Reads one frame: (kind, body).
