@@ -300,6 +300,26 @@ impl Shard {
     }
 }
 
+/// Floats a request's store call touches from which it leaves its runtime
+/// thread to the thread's other tasks ([`heavy`]): about a millisecond of
+/// work.
+const HEAVY_FLOATS: usize = 1 << 20;
+
+/// Runs `work`, a store call touching `floats` floats. One that holds its
+/// runtime thread for milliseconds runs in `block_in_place`, which hands
+/// the thread's queue to another thread meanwhile. Without it, a task woken
+/// while the call runs (another connection's request, when a client
+/// writes to several shards of one process) may wait for the call's end in
+/// the thread's LIFO slot, which no other thread steals: two shards'
+/// halves of a large push ran one after the other instead of together
+/// (docs/PERFORMANCE.md, nineteenth session). A current-thread runtime
+/// (tests) has no other thread, and the call runs as it is.
+fn heavy<T>(floats: usize, work: impl FnOnce() -> T) -> T {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if floats >= HEAVY_FLOATS && multi { tokio::task::block_in_place(work) } else { work() }
+}
+
 /// A push's codec fingerprint (`PushMeta.codecs`) must be that of its
 /// blocks' tables' push codecs: a worker that encodes otherwise is refused
 /// before anything is decoded.
@@ -392,7 +412,8 @@ impl ParameterServer for Service {
         grads.iter_mut().for_each(|g| self.0.clip(g));
         let chunks: Vec<(&str, u32, &[f32])> =
             req.chunks.iter().zip(&grads).map(|(c, g)| (c.tensor.as_str(), c.index, &g[..])).collect();
-        let out = self.0.store.push_dense(&chunks, info.0).map_err(|e| self.0.refuse(e))?;
+        let floats = grads.iter().map(|g| g.len()).sum();
+        let out = heavy(floats, || self.0.store.push_dense(&chunks, info.0)).map_err(|e| self.0.refuse(e))?;
         Ok(Response::new(self.0.after_push(&meta, info, out)))
     }
 
@@ -416,10 +437,9 @@ impl ParameterServer for Service {
         // the pull's size.
         let (mut values, mut scratch) = (Vec::new(), Vec::new());
         let n = keys.len();
-        let dim = self
-            .0
-            .store
-            .pull_sparse(&req.table, &keys, req.read_only, |i, row| {
+        let floats = n.saturating_mul(self.0.store.sparse_wire(&req.table).map_or(0, |(_, dim)| dim));
+        let dim = heavy(floats, || {
+            self.0.store.pull_sparse(&req.table, &keys, req.read_only, |i, row| {
                 let width = compress::encoded_len(codec.kind(), row.len(), row.len()).unwrap_or(0);
                 if values.is_empty() {
                     values = vec![0u8; n * width];
@@ -435,7 +455,8 @@ impl ParameterServer for Service {
                     out.copy_from_slice(&scratch);
                 }
             })
-            .map_err(|e| self.0.refuse(e))?;
+        })
+        .map_err(|e| self.0.refuse(e))?;
         let codec = codec.kind().to_wire();
         Ok(Response::new(pb::PullSparseResponse { values: values.into(), dim: dim as u32, codec }))
     }
@@ -456,8 +477,8 @@ impl ParameterServer for Service {
         let mut grads =
             self.0.sparse_gradient(&req.table, &req.grads, keys.len(), kind).map_err(|e| self.0.refuse(e))?;
         self.0.clip(&mut grads);
-        let out =
-            self.0.store.push_sparse(&req.table, &keys, &grads, info.0).map_err(|e| self.0.refuse(e))?;
+        let out = heavy(grads.len(), || self.0.store.push_sparse(&req.table, &keys, &grads, info.0))
+            .map_err(|e| self.0.refuse(e))?;
         Ok(Response::new(self.0.after_push(&meta, info, out)))
     }
 
@@ -688,5 +709,43 @@ impl ParameterServer for Service {
         let port = self.0.data_port.load(std::sync::atomic::Ordering::Relaxed);
         let socket = self.0.data_socket.get().cloned().unwrap_or_default();
         Ok(Response::new(pb::DataPlaneResponse { port: u32::from(port), socket }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A task woken while a large store call runs is run by another thread
+    /// meanwhile: here the call itself waits for it. Woken from a runtime
+    /// thread, the task goes into that thread's LIFO slot, which no other
+    /// thread steals, so without `block_in_place` it would run only after
+    /// the call (and the call would wait out its 10 s for nothing).
+    #[test]
+    fn a_task_woken_during_a_heavy_call_runs_meanwhile() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_time().build().unwrap();
+        let ran = rt.block_on(async {
+            tokio::spawn(async {
+                let (wake, woken) = tokio::sync::oneshot::channel::<()>();
+                let (done, seen) = std::sync::mpsc::channel();
+                let waiter = tokio::spawn(async move {
+                    if woken.await.is_ok() {
+                        let _ = done.send(());
+                    }
+                });
+                // Let the waiter park on its channel before it is woken.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = wake.send(());
+                let ran = heavy(HEAVY_FLOATS, || seen.recv_timeout(Duration::from_secs(10)).is_ok());
+                waiter.await.unwrap();
+                ran
+            })
+            .await
+            .unwrap()
+        });
+        assert!(ran, "the woken task waited for the call's end");
+        // Small calls, and calls outside a multi-thread runtime, run as they are.
+        assert_eq!(heavy(HEAVY_FLOATS - 1, || 7), 7);
+        assert_eq!(heavy(HEAVY_FLOATS, || 8), 8);
     }
 }
