@@ -157,12 +157,16 @@ const PUSHBACK: u8 = 0x40;
 pub struct FrameReader {
     buf: BytesMut,
     max: usize,
+    /// The capacity the buffer grew to for the largest frame read into it:
+    /// taken back whole at the start of a frame once the frames handed out
+    /// are dropped ([`FrameReader::next_within`]).
+    held: usize,
 }
 
 impl FrameReader {
     /// A reader refusing frames whose body exceeds `max` bytes.
     pub fn new(max: usize) -> FrameReader {
-        FrameReader { buf: BytesMut::new(), max }
+        FrameReader { buf: BytesMut::new(), max, held: 0 }
     }
 
     /// The next frame as (kind, body); `None` at a clean end of stream
@@ -187,6 +191,20 @@ impl FrameReader {
         r: &mut R,
         allow: &mut (dyn FnMut(usize) -> std::result::Result<(), Status> + Send),
     ) -> std::io::Result<Option<(u8, std::result::Result<Bytes, Status>)>> {
+        // The memory of the frames before, once they are dropped, is taken
+        // back whole (with the few bytes of this frame that came with the
+        // last one, if any, copied to its start), so that a frame no larger
+        // than them is read without the buffer growing. Left to `reserve`,
+        // the buffer kept its place after the last frame's end, and grew,
+        // copying, each time a frame reached the allocation's end: a 36 MB
+        // sparse push was copied once more on every push
+        // (docs/PERFORMANCE.md, nineteenth session). Only memory this
+        // connection already holds is taken ahead of the bytes; what the
+        // frame is charged still follows its bytes (`allow`). With a frame
+        // handed out still alive, this takes nothing.
+        if self.held > 0 && self.buf.len() <= GROW {
+            let _ = self.buf.try_reclaim(self.held.saturating_sub(self.buf.len()));
+        }
         if self.buf.is_empty() {
             // The frame starts at a 4-byte boundary, so that what its sender
             // aligned (a push's gradients) lies aligned in memory. The
@@ -235,6 +253,7 @@ impl FrameReader {
             self.buf.advance(total);
             return Ok(Some((kind, Err(refused))));
         }
+        self.held = self.held.max(self.buf.capacity());
         let mut frame = self.buf.split_to(total);
         frame.advance(HEADER);
         Ok(Some((kind, Ok(frame.freeze()))))
@@ -248,6 +267,7 @@ impl FrameReader {
         self.buf.clear();
         if self.buf.capacity() > SKIP_CHUNK {
             self.buf = BytesMut::new();
+            self.held = 0;
         }
         while left > 0 {
             self.buf.reserve(left.min(SKIP_CHUNK));
@@ -1266,6 +1286,72 @@ mod tests {
         assert_eq!((kind, read.unwrap()), (2, Bytes::from(body)));
         assert_eq!(asked.load(SeqCst), wire.len(), "the whole frame is asked for");
         assert_eq!(worst.load(SeqCst), 0, "asked for more than twice what had arrived, or 64 KiB");
+    }
+
+    /// Gives `data` `step` bytes a read, noting where each read's bytes
+    /// went (less their place in the stream: constant while the reader's
+    /// buffer stays where it is).
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+        /// (place in the stream, destination address less that place)
+        reads: Vec<(usize, usize)>,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let n = self.step.min(self.data.len() - self.at).min(buf.remaining());
+            let (at, dest) = (self.at, buf.initialize_unfilled_to(n).as_ptr() as usize);
+            self.reads.push((at, dest.wrapping_sub(at)));
+            buf.put_slice(&self.data[at..at + n]);
+            self.at += n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Once the frames read are dropped, the next frame no larger than them
+    /// is read into their memory from the first byte on: the buffer is not
+    /// grown or moved (copying what has arrived) while it arrives. A frame
+    /// still held keeps its memory, and the next one goes elsewhere.
+    #[tokio::test]
+    async fn a_buffer_is_reused_whole_once_its_frames_are_dropped() {
+        let frame = |kind: u8, len: usize| {
+            let mut wire = ((len + 1) as u32).to_le_bytes().to_vec();
+            wire.push(kind);
+            wire.extend((0..len).map(|i| (i % 253) as u8));
+            wire
+        };
+        let len = 3 << 20;
+        let (mut data, mut ends) = (Vec::new(), Vec::new());
+        for kind in 1..=4 {
+            data.extend(frame(kind, len - usize::from(kind) * 1000));
+            ends.push(data.len());
+        }
+        let mut src = Trickle { data, at: 0, step: 256 << 10, reads: Vec::new() };
+        let mut r = FrameReader::new(64 << 20);
+        let (_, first) = r.next(&mut src).await.unwrap().unwrap();
+        let at = first.as_ptr();
+        drop(first);
+        let (kind, second) = r.next(&mut src).await.unwrap().unwrap();
+        assert_eq!(kind, 2);
+        assert_eq!(second[..], frame(2, len - 2000)[HEADER..]);
+        assert_eq!(second.as_ptr(), at, "the second frame is read where the first was");
+        let places: std::collections::HashSet<usize> =
+            src.reads.iter().filter(|(p, _)| (ends[0]..ends[1]).contains(p)).map(|(_, d)| *d).collect();
+        assert_eq!(places.len(), 1, "the buffer moved while the second frame arrived");
+        // Held: the third frame cannot take its memory.
+        let (_, third) = r.next(&mut src).await.unwrap().unwrap();
+        assert_ne!(third.as_ptr(), at);
+        assert_eq!(third[..], frame(3, len - 3000)[HEADER..]);
+        drop((second, third));
+        let (_, fourth) = r.next(&mut src).await.unwrap().unwrap();
+        assert_eq!(fourth[..], frame(4, len - 4000)[HEADER..]);
+        assert_eq!(r.next(&mut src).await.unwrap(), None);
     }
 
     /// The frame `out` holds, read back.
