@@ -192,8 +192,8 @@ impl FrameReader {
         allow: &mut (dyn FnMut(usize) -> std::result::Result<(), Status> + Send),
     ) -> std::io::Result<Option<(u8, std::result::Result<Bytes, Status>)>> {
         // The memory of the frames before, once they are dropped, is taken
-        // back whole (with the few bytes of this frame that came with the
-        // last one, if any, copied to its start), so that a frame no larger
+        // back whole (with what came of this frame with the last one, up to
+        // `GROW` bytes, copied to its start), so that a frame no larger
         // than them is read without the buffer growing. Left to `reserve`,
         // the buffer kept its place after the last frame's end, and grew,
         // copying, each time a frame reached the allocation's end: a 36 MB

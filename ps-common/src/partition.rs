@@ -40,8 +40,14 @@ pub fn fnv1a64(name: &str) -> u64 {
 
 /// The shard that owns sparse key `key`.
 pub fn key_shard(key: u64, num_shards: u32) -> ShardId {
+    hash_shard(splitmix64(key), num_shards)
+}
+
+/// The shard that owns the key whose routing hash (`splitmix64`) is
+/// `hash`: for a caller that uses the hash for more than the shard.
+pub fn hash_shard(hash: u64, num_shards: u32) -> ShardId {
     debug_assert!(num_shards > 0);
-    (splitmix64(key) % u64::from(num_shards.max(1))) as ShardId
+    (hash % u64::from(num_shards.max(1))) as ShardId
 }
 
 /// The shard that owns chunk `index` of dense tensor `tensor`.

@@ -303,9 +303,9 @@ impl Shard {
 /// Floats a request's store call touches from which it leaves its runtime
 /// thread to the thread's other tasks ([`heavy`]): milliseconds of work (a
 /// sparse row costs 40 to 90 ns, a dense float 1 to 3 ns). Below it the
-/// hand-off costs more than it saves: a dense push of 1M floats took 2.5
-/// instead of 1.2 to 1.3 ms with it on loopback TCP (bench --only
-/// transport).
+/// hand-off costs more than it saves: a dense push of 1M floats on
+/// loopback TCP took 2.5 to 2.9 ms with it, 1.9 to 2.3 ms without (bench
+/// --only transport, alternated).
 const HEAVY_FLOATS: usize = 1 << 22;
 
 /// Runs `work`, a store call touching `floats` floats. One that holds its

@@ -14,7 +14,7 @@
 
 use std::ops::Range;
 
-use ps_common::partition::splitmix64;
+use ps_common::partition::{hash_shard, splitmix64};
 
 use crate::error::{Error, Result};
 
@@ -53,12 +53,12 @@ impl SparsePlan {
         let shards = num_shards.max(1) as usize;
         let per_shard = buckets_per_shard(n, shards);
         let shift = 64 - per_shard.trailing_zeros();
-        // The routing hash once: its remainder is the shard (`key_shard`),
-        // its top bits the bucket within the shard.
+        // The routing hash once: it gives the shard and, by its top bits,
+        // the bucket within the shard.
         let bucket_of = |key: u64| {
             let hash = splitmix64(key);
             let top = hash.checked_shr(shift).unwrap_or(0) as usize;
-            (hash % shards as u64) as usize * per_shard + top
+            hash_shard(hash, shards as u32) as usize * per_shard + top
         };
 
         // Counting sort of (key, position) by bucket, stable. Each key's
