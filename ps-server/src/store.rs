@@ -37,7 +37,7 @@ use crate::error::{Error, Result};
 
 mod rows;
 
-use rows::{Rows, STRIPES};
+use rows::{Grouped, NO_SLOT, Rows, STRIPES, Seen};
 
 /// Identity and clock of a push, as the store needs it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -379,22 +379,10 @@ fn keep_read(table: &Table, budget: &Budget, worker: u64, clock: u64, index: u32
     }
 }
 
-/// Refuses a key that appears twice in one request (`keys` grouped by
-/// stripe as `order` and `starts`, from [`Rows::group`]).
-fn check_distinct(name: &str, keys: &[u64], order: &[u32], starts: &[usize; STRIPES + 1]) -> Result<()> {
-    match Rows::repeated(keys, order, starts) {
-        Some(k) => Err(Error::Duplicate { what: format!("key {k} of `{name}`") }),
-        None => Ok(()),
-    }
+/// The error of a key named twice in one request.
+fn duplicate(name: &str, key: u64) -> Error {
+    Error::Duplicate { what: format!("key {key} of `{name}`") }
 }
-
-/// Keys grouped by stripe: positions in stripe order, and where each
-/// stripe's start ([`Rows::group`]).
-type Grouped = (Vec<u32>, [usize; STRIPES + 1]);
-
-/// A key's slot not found yet. A real slot is below it unless one stripe
-/// held 2^32 rows, which no memory budget allows.
-const NO_SLOT: u32 = u32::MAX;
 
 /// A validated dense chunk reference: table, chunk index, chunk length.
 type ChunkRef = (Arc<Table>, u32, usize);
@@ -781,46 +769,84 @@ impl Store {
         let (table, dim) = self.sparse_table(name)?;
         self.check_keys(name, keys)?;
         self.check_pull_size(keys.len().checked_mul(dim))?;
-        let (order, starts) = Rows::group(keys);
-        check_distinct(name, keys, &order, &starts)?;
+        let g = Rows::group(keys);
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("checked") };
-        let row_bytes = budget::block_bytes(&table.spec, dim);
-        let (mut missing, mut scratch) = (Vec::new(), Vec::new());
+        // Each stripe under its read lock: its keys' slots (and the check
+        // that none is named twice), then its rows, each asked for a few
+        // rows ahead. Rows are created only once every stripe is checked.
+        let (mut slots, mut seen) = (vec![NO_SLOT; keys.len()], Seen::default());
+        let mut missing = false;
         for s in 0..STRIPES {
-            let part = &order[starts[s]..starts[s + 1]];
+            let part = g.part(s);
             if part.is_empty() {
                 continue;
             }
-            missing.clear();
-            {
-                let stripe = rows.read(s);
-                for &i in part {
-                    let key = keys[i as usize];
-                    match stripe.find(rows.hash(key), key) {
-                        Some(slot) => visit(i as usize, &stripe.row(slot, rows.width)[..dim]),
-                        None => missing.push(i as usize),
-                    }
+            let stripe = rows.read(s);
+            let slots = &mut slots[part.clone()];
+            missing |= stripe
+                .locate(rows, &g.keys[part.clone()], slots, &mut seen)
+                .map_err(|k| duplicate(name, k))?
+                > 0;
+            for (j, (&i, &slot)) in g.order[part].iter().zip(slots.iter()).enumerate() {
+                if let Some(&ahead) = slots.get(j + rows::PREFETCH_AHEAD).filter(|&&s| s != NO_SLOT) {
+                    rows::prefetch(&stripe.row(ahead, rows.width)[..dim]);
+                }
+                if slot != NO_SLOT {
+                    visit(i as usize, &stripe.row(slot, rows.width)[..dim]);
                 }
             }
+        }
+        if missing {
+            self.pull_missing(&table, rows, &g, &slots, read_only, &mut visit)?;
+        }
+        self.counters.pulls.fetch_add(1, Ordering::Relaxed);
+        self.counters.values_pulled.fetch_add((keys.len() * dim) as u64, Ordering::Relaxed);
+        Ok(dim)
+    }
+
+    /// The rows of a pull's keys that had none ([`NO_SLOT`] in `slots`):
+    /// read as their initial values (`read_only`) or created, stripe by
+    /// stripe, each stripe's reserved from the budget together (one atomic
+    /// update, not one a row). Over the budget, the pull is refused (rows of
+    /// earlier stripes stay); rows another request created meanwhile are
+    /// read, and what they leave of the reservation is given back.
+    #[allow(clippy::too_many_arguments)]
+    fn pull_missing(
+        &self,
+        table: &Table,
+        rows: &Rows,
+        g: &Grouped,
+        slots: &[u32],
+        read_only: bool,
+        visit: &mut impl FnMut(usize, &[f32]),
+    ) -> Result<()> {
+        let dim = rows.dim;
+        let row_bytes = budget::block_bytes(&table.spec, dim);
+        let (mut missing, mut scratch) = (Vec::new(), Vec::new());
+        for s in 0..STRIPES {
+            missing.clear();
+            let part = g.part(s);
+            let (order, keys) = (&g.order[part.clone()], &g.keys[part.clone()]);
+            missing.extend(
+                (0..part.len())
+                    .filter(|&j| slots[part.start + j] == NO_SLOT)
+                    .map(|j| (order[j] as usize, keys[j])),
+            );
             if missing.is_empty() {
                 continue;
             }
             if read_only {
-                for &i in &missing {
+                for &(i, key) in &missing {
                     scratch.resize(dim, 0.0);
-                    table.spec.init.fill(&table.spec.name, keys[i], &mut scratch);
+                    table.spec.init.fill(&table.spec.name, key, &mut scratch);
                     visit(i, &scratch);
                 }
                 continue;
             }
-            // The stripe's missing rows are reserved together (one atomic
-            // update, not one a row); over the budget, the pull is refused
-            // (rows of earlier stripes stay). What rows created meanwhile by
-            // another request leave unused is given back.
             let mut reserved = self.budget.reserve(row_bytes.saturating_mul(missing.len() as u64))?;
             let mut stripe = rows.write(s);
-            for &i in &missing {
-                let (key, hash) = (keys[i], rows.hash(keys[i]));
+            for &(i, key) in &missing {
+                let hash = rows.hash(key);
                 let slot = match stripe.find(hash, key) {
                     Some(slot) => slot,
                     None => {
@@ -831,9 +857,7 @@ impl Store {
                 visit(i, &stripe.row(slot, rows.width)[..dim]);
             }
         }
-        self.counters.pulls.fetch_add(1, Ordering::Relaxed);
-        self.counters.values_pulled.fetch_add((keys.len() * dim) as u64, Ordering::Relaxed);
-        Ok(dim)
+        Ok(())
     }
 
     /// Checks a sparse push; returns its table, row width and keys grouped by
@@ -850,13 +874,12 @@ impl Store {
             let (expected, got) = (keys.len() * dim, grads.len());
             return Err(ps_common::Error::LengthMismatch { what: "sparse gradient", expected, got }.into());
         }
-        let (order, starts) = Rows::group(keys);
-        check_distinct(name, keys, &order, &starts)?;
+        let grouped = Rows::group(keys);
         let max = self.limits.max_gradient;
         if let Some(i) = first_outside(grads, max) {
             self.check_gradient(&grads[i..=i], || format!("row of key {} of `{name}`", keys[i / dim]))?;
         }
-        Ok((table, dim, (order, starts)))
+        Ok((table, dim, grouped))
     }
 
     /// Applies a sparse push: `grads` holds `dim` values per key, in key
@@ -868,27 +891,22 @@ impl Store {
         grads: &[f32],
         info: PushInfo,
     ) -> Result<PushOutcome> {
-        let (table, dim, (order, starts)) = self.validate_sparse(name, keys, grads)?;
+        let (table, dim, g) = self.validate_sparse(name, keys, grads)?;
         let Blocks::Sparse { rows, .. } = &table.blocks else { unreachable!("validated") };
         // Each key's slot, found under its stripe's read lock (rows never
         // move and are never removed, so a slot found stays valid); the
         // rows it would create are reserved before anything is applied, and
         // those a concurrent request creates first go back on drop.
-        let mut slots = vec![NO_SLOT; keys.len()];
+        // The check that no key is named twice comes with it (`locate`).
+        let (mut slots, mut seen) = (vec![NO_SLOT; keys.len()], Seen::default());
         let mut missing = 0u64;
         for s in 0..STRIPES {
-            let part = &order[starts[s]..starts[s + 1]];
+            let part = g.part(s);
             if part.is_empty() {
                 continue;
             }
-            let stripe = rows.read(s);
-            for &i in part {
-                let key = keys[i as usize];
-                match stripe.find(rows.hash(key), key) {
-                    Some(slot) => slots[i as usize] = slot,
-                    None => missing += 1,
-                }
-            }
+            let found = rows.read(s).locate(rows, &g.keys[part.clone()], &mut slots[part], &mut seen);
+            missing += found.map_err(|k| duplicate(name, k))? as u64;
         }
         let row_bytes = budget::block_bytes(&table.spec, dim);
         let mut reserved = self.budget.reserve(row_bytes.saturating_mul(missing))?;
@@ -901,21 +919,23 @@ impl Store {
             let mut update = table.spec.optimizer.rule.at(1, lr_scale);
             let mut applied = 0;
             for s in 0..STRIPES {
-                let part = &order[starts[s]..starts[s + 1]];
+                let part = g.part(s);
                 if part.is_empty() {
                     continue;
                 }
                 let mut stripe = rows.write(s);
-                for (j, &i) in part.iter().enumerate() {
+                let (slots, keys) = (&slots[part.clone()], &g.keys[part.clone()]);
+                let part = &g.order[part];
+                for (j, (&i, &slot)) in part.iter().zip(slots).enumerate() {
                     if let Some(&ahead) = part.get(j + rows::PREFETCH_AHEAD) {
-                        let ahead = ahead as usize;
-                        rows::prefetch(&grads[ahead * dim..(ahead + 1) * dim]);
-                        if slots[ahead] != NO_SLOT {
-                            rows::prefetch(stripe.row(slots[ahead], rows.width));
+                        let ahead_i = ahead as usize;
+                        rows::prefetch(&grads[ahead_i * dim..(ahead_i + 1) * dim]);
+                        if slots[j + rows::PREFETCH_AHEAD] != NO_SLOT {
+                            rows::prefetch(stripe.row(slots[j + rows::PREFETCH_AHEAD], rows.width));
                         }
                     }
-                    let (i, key) = (i as usize, keys[i as usize]);
-                    let slot = match slots[i] {
+                    let (i, key) = (i as usize, keys[j]);
+                    let slot = match slot {
                         NO_SLOT => {
                             let hash = rows.hash(key);
                             match stripe.find(hash, key) {
@@ -1414,6 +1434,43 @@ mod tests {
         assert!(matches!(s.pull_sparse("e", &[3, 3], true, |_, _| {}), Err(Error::Duplicate { .. })));
         assert!(matches!(s.pull_dense(&[("w", 1), ("w", 1)], |_| {}), Err(Error::Duplicate { .. })));
         assert_eq!(s.sizes(), (2, 3, 0));
+    }
+
+    /// The check of repeated keys goes with the lookup of their rows
+    /// (`Stripe::locate`): a key named twice is refused whether its row
+    /// exists or not, before any row is created or updated, and the
+    /// lookup's scratch leaves nothing behind for the next stripe or call.
+    #[test]
+    fn a_key_named_twice_is_refused_with_or_without_its_row_and_changes_nothing() {
+        let s = Store::new(0, 1);
+        s.register(TableSpec::sparse("e", 2, Init::zeros(), Rule::sgd(1.0).into()), 1).unwrap();
+        // Enough rows that every stripe has several pages.
+        let keys: Vec<u64> = (0..20_000).collect();
+        for _ in 0..3 {
+            assert_eq!(
+                s.pull_sparse("e", &keys, false, |_, _| {}).unwrap(),
+                2,
+                "distinct keys, again and again"
+            );
+        }
+        let before = s.snapshot("e").unwrap();
+        let old = |k: u64| keys.iter().copied().chain([k]).collect::<Vec<u64>>();
+        let new = |k: u64| keys.iter().copied().chain([k, 99_999, k]).collect::<Vec<u64>>();
+        for k in [0, 12_345, 19_999] {
+            let (o, n) = (old(k), new(100_000 + k));
+            assert!(matches!(s.pull_sparse("e", &o, false, |_, _| {}), Err(Error::Duplicate { .. })), "{k}");
+            assert!(matches!(s.pull_sparse("e", &o, true, |_, _| {}), Err(Error::Duplicate { .. })), "{k}");
+            assert!(matches!(s.pull_sparse("e", &n, false, |_, _| {}), Err(Error::Duplicate { .. })), "{k}");
+            let push =
+                |keys: &[u64]| s.push_sparse("e", keys, &vec![1.0; keys.len() * 2], PushInfo::default());
+            assert!(matches!(push(&o), Err(Error::Duplicate { .. })), "{k}");
+            assert!(matches!(push(&n), Err(Error::Duplicate { .. })), "{k}");
+        }
+        assert_eq!(s.snapshot("e").unwrap(), before, "no row created or updated");
+        assert_eq!(s.sizes().2, 20_000);
+        let g = vec![1.0; keys.len() * 2];
+        s.push_sparse("e", &keys, &g, PushInfo::default()).unwrap();
+        s.pull_sparse("e", &keys, false, |_, row| assert_eq!(row, [-1.0, -1.0])).unwrap();
     }
 
     #[test]

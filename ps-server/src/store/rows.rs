@@ -46,6 +46,10 @@ const PAGE_SHIFT: u32 = PAGE_ROWS.trailing_zeros();
 /// latency.
 pub const PREFETCH_AHEAD: usize = 8;
 
+/// A key's slot not found yet ([`Stripe::locate`]). A real slot is below it
+/// unless one stripe held 2^32 rows, which no memory budget allows.
+pub const NO_SLOT: u32 = u32::MAX;
+
 /// Starts loading `floats` into the cache without waiting for them. A
 /// request's rows (and its gradient rows, in request order) are visited in
 /// stripe order, which no hardware prefetcher can guess: each row is a miss
@@ -87,6 +91,31 @@ pub struct Stripe {
     pages: Vec<Page>,
 }
 
+/// A request's keys grouped by stripe ([`Rows::group`]): stripe `s`'s are
+/// at `part(s)` of `order` (their positions in the request, ascending) and
+/// of `keys` (the keys themselves, so that a stripe's keys are read front to
+/// back rather than one cache line each).
+pub struct Grouped {
+    pub order: Vec<u32>,
+    pub keys: Vec<u64>,
+    starts: [usize; STRIPES + 1],
+}
+
+impl Grouped {
+    /// Where stripe `s`'s keys are in `order` and `keys`.
+    pub fn part(&self, s: usize) -> std::ops::Range<usize> {
+        self.starts[s]..self.starts[s + 1]
+    }
+}
+
+/// Scratch of [`Stripe::locate`], reused from stripe to stripe: a bit per
+/// slot of the stripe (all zero between calls) and the keys without a row.
+#[derive(Default)]
+pub struct Seen {
+    slots: Vec<u64>,
+    new: hashbrown::HashSet<u64>,
+}
+
 /// Where a row is: page and row within it.
 fn place(slot: u32) -> (usize, usize) {
     ((slot >> PAGE_SHIFT) as usize, slot as usize & (PAGE_ROWS - 1))
@@ -101,6 +130,52 @@ impl Stripe {
     /// The slot of `key` (its hash `hash`), if the row exists.
     pub fn find(&self, hash: u64, key: u64) -> Option<u32> {
         self.index.find(hash, |&s| self.key(s) == key).copied()
+    }
+
+    /// Finds the slot of each of `keys` (keys of this stripe) into `slots`
+    /// (one for each key), [`NO_SLOT`] where the key has no row yet, and
+    /// returns how many have none; or `Err(key)` for a key named twice (a
+    /// request names each key once). The check costs no set of every key:
+    /// two found keys are the same when their slots are, which a bit per
+    /// slot tells, and only keys without a row go into a set.
+    pub fn locate(
+        &self,
+        rows: &Rows,
+        keys: &[u64],
+        slots: &mut [u32],
+        seen: &mut Seen,
+    ) -> Result<usize, u64> {
+        debug_assert_eq!(keys.len(), slots.len());
+        let words = self.pages.len() << (PAGE_SHIFT - 6);
+        if seen.slots.len() < words {
+            seen.slots.resize(words, 0);
+        }
+        seen.new.clear();
+        let (mut missing, mut repeated) = (0, None);
+        for (&key, out) in keys.iter().zip(slots.iter_mut()) {
+            *out = NO_SLOT;
+            match self.find(rows.hash(key), key) {
+                Some(slot) => {
+                    let (word, bit) = (slot as usize >> 6, 1u64 << (slot & 63));
+                    if seen.slots[word] & bit != 0 {
+                        repeated = Some(key);
+                        break;
+                    }
+                    seen.slots[word] |= bit;
+                    *out = slot;
+                }
+                None if seen.new.insert(key) => missing += 1,
+                None => {
+                    repeated = Some(key);
+                    break;
+                }
+            }
+        }
+        // The bits go back to zero for the next stripe (only those set).
+        for &slot in slots.iter().filter(|&&s| s != NO_SLOT) {
+            seen.slots[slot as usize >> 6] = 0;
+        }
+        repeated.map_or(Ok(missing), Err)
     }
 
     /// Row `slot`'s floats (values, then state).
@@ -237,10 +312,8 @@ impl Rows {
         rule.init_state(values, &mut state[..self.dim * rule.state_per_param()]);
     }
 
-    /// The positions of `keys` grouped by stripe: `(order, starts)` where
-    /// stripe `s`'s keys are `order[starts[s]..starts[s + 1]]` (indices
-    /// into `keys`, ascending). A counting sort: two passes over the keys.
-    pub fn group(keys: &[u64]) -> (Vec<u32>, [usize; STRIPES + 1]) {
+    /// `keys` grouped by stripe (a counting sort: two passes over the keys).
+    pub fn group(keys: &[u64]) -> Grouped {
         let stripe: Vec<u8> = keys.iter().map(|&k| Self::stripe_of(k) as u8).collect();
         let mut starts = [0usize; STRIPES + 1];
         for &s in &stripe {
@@ -250,30 +323,13 @@ impl Rows {
             starts[s + 1] += starts[s];
         }
         let mut next = starts;
-        let mut order = vec![0u32; keys.len()];
-        for (i, &s) in stripe.iter().enumerate() {
+        let (mut order, mut sorted) = (vec![0u32; keys.len()], vec![0u64; keys.len()]);
+        for (i, (&s, &k)) in stripe.iter().zip(keys).enumerate() {
             order[next[s as usize]] = i as u32;
+            sorted[next[s as usize]] = k;
             next[s as usize] += 1;
         }
-        (order, starts)
-    }
-
-    /// A key that appears twice in `keys`, grouped as [`Rows::group`]
-    /// returns them, if any. One small set per stripe (a few thousand keys
-    /// of a large request), which stays in cache, instead of one set of
-    /// every key.
-    pub fn repeated(keys: &[u64], order: &[u32], starts: &[usize; STRIPES + 1]) -> Option<u64> {
-        let most = (0..STRIPES).map(|s| starts[s + 1] - starts[s]).max().unwrap_or(0);
-        let mut seen = hashbrown::HashSet::with_capacity(most);
-        for s in 0..STRIPES {
-            seen.clear();
-            for &i in &order[starts[s]..starts[s + 1]] {
-                if !seen.insert(keys[i as usize]) {
-                    return Some(keys[i as usize]);
-                }
-            }
-        }
-        None
+        Grouped { order, keys: sorted, starts }
     }
 
     /// Bytes a row costs beside its floats: its key, its index slot (4 B
@@ -370,15 +426,16 @@ mod tests {
     #[test]
     fn grouping_by_stripe_keeps_every_position_once_in_order() {
         let keys: Vec<u64> = (0..5000u64).map(|k| k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect();
-        let (order, starts) = Rows::group(&keys);
-        assert_eq!(starts[STRIPES], keys.len());
-        let mut all = order.clone();
+        let g = Rows::group(&keys);
+        assert_eq!(g.part(STRIPES - 1).end, keys.len());
+        let mut all = g.order.clone();
         all.sort_unstable();
         assert!(all.iter().enumerate().all(|(i, &o)| o as usize == i));
         for s in 0..STRIPES {
-            let part = &order[starts[s]..starts[s + 1]];
+            let part = &g.order[g.part(s)];
             assert!(part.windows(2).all(|w| w[0] < w[1]));
             assert!(part.iter().all(|&i| Rows::stripe_of(keys[i as usize]) == s));
+            assert!(part.iter().zip(&g.keys[g.part(s)]).all(|(&i, &k)| keys[i as usize] == k));
         }
     }
 }
