@@ -29,17 +29,19 @@
 //!
 //! - [`bounded`] is the lock-free capped count beneath the in-flight and
 //!   memory budgets.
+//! - [`cache`] asks for memory a loop will touch a few rows ahead.
 //! - [`files`] reads a file whole but never past a cap (run files, keys,
 //!   manifests, models): a device or a huge file is an error, not an abort.
 //!
 //! - [`metrics`] is the per-RPC layer of every server, the process collector
 //!   and the `/metrics` endpoint (Prometheus, `prometheus-client`).
 //!
-//! `partition`, `optim`, `codec`, `compress` and `spec` do no I/O and use neither tonic nor
+//! `partition`, `optim`, `cache`, `codec`, `compress` and `spec` do no I/O and use neither tonic nor
 //! tokio; `wire`, `transport`, `dataplane`, `auth` and `metrics` are the only modules that touch them.
 
 pub mod auth;
 pub mod bounded;
+pub mod cache;
 pub mod codec;
 pub mod compress;
 pub mod dataplane;

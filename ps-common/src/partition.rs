@@ -50,6 +50,17 @@ pub fn hash_shard(hash: u64, num_shards: u32) -> ShardId {
     (hash % u64::from(num_shards.max(1))) as ShardId
 }
 
+/// A shard's store groups a request's sparse keys by the top
+/// `STRIPE_BITS` bits of their routing hash ([`splitmix64`]): one group
+/// per lock stripe. A client that sends each shard its keys in that order
+/// lets the store read the request and write its answer front to back.
+pub const STRIPE_BITS: u32 = 6;
+
+/// The stripe of the key whose routing hash is `hash` (see [`STRIPE_BITS`]).
+pub fn hash_stripe(hash: u64) -> usize {
+    (hash >> (64 - STRIPE_BITS)) as usize
+}
+
 /// The shard that owns chunk `index` of dense tensor `tensor`.
 pub fn chunk_shard(tensor: &str, index: u32, num_shards: u32) -> ShardId {
     debug_assert!(num_shards > 0);

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
+use ps_common::cache::{PREFETCH_AHEAD, prefetch};
 use ps_common::compress::Codecs;
 use ps_common::optim::Update;
 use ps_common::partition::{self, ShardId};
@@ -788,8 +789,8 @@ impl Store {
                 .map_err(|k| duplicate(name, k))?
                 > 0;
             for (j, (&i, &slot)) in g.order[part].iter().zip(slots.iter()).enumerate() {
-                if let Some(&ahead) = slots.get(j + rows::PREFETCH_AHEAD).filter(|&&s| s != NO_SLOT) {
-                    rows::prefetch(&stripe.row(ahead, rows.width)[..dim]);
+                if let Some(&ahead) = slots.get(j + PREFETCH_AHEAD).filter(|&&s| s != NO_SLOT) {
+                    prefetch(&stripe.row(ahead, rows.width)[..dim]);
                 }
                 if slot != NO_SLOT {
                     visit(i as usize, &stripe.row(slot, rows.width)[..dim]);
@@ -927,11 +928,11 @@ impl Store {
                 let (slots, keys) = (&slots[part.clone()], &g.keys[part.clone()]);
                 let part = &g.order[part];
                 for (j, (&i, &slot)) in part.iter().zip(slots).enumerate() {
-                    if let Some(&ahead) = part.get(j + rows::PREFETCH_AHEAD) {
+                    if let Some(&ahead) = part.get(j + PREFETCH_AHEAD) {
                         let ahead_i = ahead as usize;
-                        rows::prefetch(&grads[ahead_i * dim..(ahead_i + 1) * dim]);
-                        if slots[j + rows::PREFETCH_AHEAD] != NO_SLOT {
-                            rows::prefetch(stripe.row(slots[j + rows::PREFETCH_AHEAD], rows.width));
+                        prefetch(&grads[ahead_i * dim..(ahead_i + 1) * dim]);
+                        if slots[j + PREFETCH_AHEAD] != NO_SLOT {
+                            prefetch(stripe.row(slots[j + PREFETCH_AHEAD], rows.width));
                         }
                     }
                     let (i, key) = (i as usize, keys[j]);

@@ -36,6 +36,7 @@ use crate::error::{Error, Result};
 use crate::feedback::Residuals;
 use crate::plan::SparsePlan;
 use prost::Message;
+use ps_common::cache::{PREFETCH_AHEAD, prefetch};
 
 /// Connection and retry settings (the `[job.client]` table of a run file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -1151,7 +1152,12 @@ impl ShardedClient {
                     }
                     .into());
                 }
-                for (row, &p) in resp.values.chunks_exact(dim * 4).zip(first) {
+                // Rows come in the shard's order: each place in `out` is
+                // asked for a few rows ahead.
+                for (j, (row, &p)) in resp.values.chunks_exact(dim * 4).zip(first).enumerate() {
+                    if let Some(&q) = first.get(j + PREFETCH_AHEAD) {
+                        prefetch(&out[q as usize * dim..(q as usize + 1) * dim]);
+                    }
                     let p = p as usize;
                     codec::decode_f32_into("pulled rows", row, &mut out[p * dim..(p + 1) * dim])?;
                 }
@@ -1188,7 +1194,10 @@ impl ShardedClient {
         // One row per distinct key, shard after shard (each shard's rows are
         // one range): a first occurrence's gradient, plus its repeats'.
         let mut merged = Vec::with_capacity(plan.keys.len() * dim);
-        for &p in &plan.first {
+        for (j, &p) in plan.first.iter().enumerate() {
+            if let Some(&q) = plan.first.get(j + PREFETCH_AHEAD) {
+                prefetch(&grads[q as usize * dim..(q as usize + 1) * dim]);
+            }
             let p = p as usize;
             merged.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
         }

@@ -6,49 +6,53 @@
 //! summed by the client). One hash map of every key of a 1M-key batch missed
 //! the cache on nearly every key and was a sixth of a sparse pull's time
 //! (docs/PERFORMANCE.md). Here the keys are scattered into buckets by shard
-//! and hash (two sequential passes), each bucket (a few hundred keys) is
-//! deduplicated with one small map that stays in cache, and a last pass in
-//! batch order lays out each shard's distinct keys in the order they first
-//! appear, so that rows are read from and written to the caller's buffers
-//! front to back.
+//! and the top bits of their routing hash (two sequential passes), and each
+//! bucket (a few thousand keys) is deduplicated with one small map that
+//! stays in cache. A shard's distinct keys are laid out bucket by bucket:
+//! there are at least as many buckets as the shard has lock stripes
+//! (`partition::STRIPE_BITS`), so its request comes in the order its store
+//! groups keys in, and the store reads the request and writes its answer
+//! front to back. The caller's rows are visited out of order instead, on
+//! the client, where each is asked for a few rows ahead.
 
 use std::ops::Range;
 
-use ps_common::partition::{hash_shard, splitmix64};
+use hashbrown::hash_map::Entry;
+use ps_common::partition::{STRIPE_BITS, hash_shard, splitmix64};
 
 use crate::error::{Error, Result};
 
 /// Keys a bucket holds on average: its map stays in the L1/L2 cache.
 const BUCKET_KEYS: usize = 4096;
-/// In `link`: a first occurrence (not yet given its distinct index).
-const FIRST: u32 = u32::MAX;
 
 #[derive(Debug)]
 pub(crate) struct SparsePlan {
     /// The distinct keys, shard after shard (`ranges[s]` are shard `s`'s),
-    /// each shard's in the order they first appear in the batch; a key's
-    /// index here is its "distinct index".
+    /// each shard's in the order of the top bits of their routing hash (its
+    /// store's stripe order), and in batch order among keys of one bucket;
+    /// a key's index here is its "distinct index".
     pub keys: Vec<u64>,
     pub ranges: Vec<Range<usize>>,
     /// For each distinct key, the position of its first occurrence in the
-    /// batch (increasing within each shard's range).
+    /// batch.
     pub first: Vec<u32>,
-    /// Every later occurrence of a key, in batch order: its position and
-    /// the key's distinct index.
+    /// Every later occurrence of a key: its position and the key's distinct
+    /// index.
     pub repeats: Vec<(u32, u32)>,
 }
 
-/// Buckets per shard for a batch of `n` keys: a power of two, so a key's
-/// bucket within its shard is the top bits of its hash.
+/// Buckets per shard for a batch of `n` keys: a power of two, at least one
+/// per stripe of a shard's store, so that bucket order is stripe order; a
+/// key's bucket within its shard is the top bits of its hash.
 fn buckets_per_shard(n: usize, shards: usize) -> usize {
-    (n / shards / BUCKET_KEYS).max(1).next_power_of_two()
+    (n / shards / BUCKET_KEYS).max(1 << STRIPE_BITS).next_power_of_two()
 }
 
 impl SparsePlan {
     pub fn new(keys: &[u64], num_shards: u32) -> Result<SparsePlan> {
         let n = keys.len();
-        if n >= FIRST as usize {
-            return Err(Error::Config(format!("a batch of {n} keys; at most {} in one call", FIRST - 1)));
+        if n >= u32::MAX as usize {
+            return Err(Error::Config(format!("a batch of {n} keys; at most {} in one call", u32::MAX - 1)));
         }
         let shards = num_shards.max(1) as usize;
         let per_shard = buckets_per_shard(n, shards);
@@ -57,8 +61,7 @@ impl SparsePlan {
         // the bucket within the shard.
         let bucket_of = |key: u64| {
             let hash = splitmix64(key);
-            let top = hash.checked_shr(shift).unwrap_or(0) as usize;
-            hash_shard(hash, shards as u32) as usize * per_shard + top
+            hash_shard(hash, shards as u32) as usize * per_shard + (hash >> shift) as usize
         };
 
         // Counting sort of (key, position) by bucket, stable. Each key's
@@ -80,50 +83,31 @@ impl SparsePlan {
             at[next[b]] = p as u32;
             next[b] += 1;
         }
+        drop(bucket);
 
-        // Per bucket: each repeat is linked to its key's first occurrence;
-        // each shard's distinct keys are counted.
-        let mut link = vec![FIRST; n];
-        let mut distinct = vec![0usize; shards];
+        // Bucket by bucket, in batch order within each (the sort is
+        // stable): a key seen first takes the next distinct index, a repeat
+        // is linked to it.
+        let (mut unique, mut first, mut repeats) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::new());
+        let mut ranges = Vec::with_capacity(shards);
         let most = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
         let mut seen: hashbrown::HashMap<u64, u32> = hashbrown::HashMap::with_capacity(most);
-        for b in 0..shards * per_shard {
-            seen.clear();
-            for i in starts[b]..starts[b + 1] {
-                let p = at[i];
-                let first = *seen.entry(sorted[i]).or_insert(p);
-                if first != p {
-                    link[p as usize] = first;
+        for s in 0..shards {
+            let start = unique.len();
+            for b in s * per_shard..(s + 1) * per_shard {
+                seen.clear();
+                for i in starts[b]..starts[b + 1] {
+                    match seen.entry(sorted[i]) {
+                        Entry::Vacant(e) => {
+                            e.insert(unique.len() as u32);
+                            unique.push(sorted[i]);
+                            first.push(at[i]);
+                        }
+                        Entry::Occupied(e) => repeats.push((at[i], *e.get())),
+                    }
                 }
             }
-            distinct[b / per_shard] += seen.len();
-        }
-        drop((sorted, at));
-
-        // In batch order: a first occurrence takes the next distinct index of
-        // its shard (kept in `link` for its repeats, which come later).
-        let mut ranges = Vec::with_capacity(shards);
-        let mut start = 0;
-        for d in distinct {
-            ranges.push(start..start + d);
-            start += d;
-        }
-        let mut next: Vec<usize> = ranges.iter().map(|r| r.start).collect();
-        let (mut unique, mut first) = (vec![0u64; start], vec![0u32; start]);
-        let mut repeats = Vec::new();
-        for (p, (&k, &b)) in keys.iter().zip(&bucket).enumerate() {
-            match link[p] {
-                FIRST => {
-                    // Its shard: the bucket over a power of two, a shift.
-                    let s = b as usize >> per_shard.trailing_zeros();
-                    let u = next[s];
-                    next[s] += 1;
-                    unique[u] = k;
-                    first[u] = p as u32;
-                    link[p] = u as u32;
-                }
-                f => repeats.push((p as u32, link[f as usize])),
-            }
+            ranges.push(start..unique.len());
         }
         Ok(SparsePlan { keys: unique, ranges, first, repeats })
     }
@@ -133,7 +117,7 @@ impl SparsePlan {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use ps_common::partition::key_shard;
+    use ps_common::partition::{hash_stripe, key_shard};
 
     /// The plan accounts for every position once, sends each distinct key
     /// once to its owner, and maps every repeat to its own key.
@@ -147,7 +131,12 @@ mod tests {
                 prop_assert_eq!(keys[plan.first[u] as usize], plan.keys[u]);
                 seen[plan.first[u] as usize] += 1;
             }
-            prop_assert!(plan.first[r.clone()].windows(2).all(|w| w[0] < w[1]), "in batch order");
+            let order: Vec<(usize, u32)> = plan.keys[r.clone()]
+                .iter()
+                .zip(&plan.first[r.clone()])
+                .map(|(&k, &p)| (hash_stripe(splitmix64(k)), p))
+                .collect();
+            prop_assert!(order.windows(2).all(|w| w[0].0 <= w[1].0), "in the store's stripe order");
         }
         prop_assert_eq!(plan.ranges.last().map_or(0, |r| r.end), plan.keys.len());
         let mut distinct = plan.keys.clone();
@@ -161,7 +150,6 @@ mod tests {
             seen[p] += 1;
         }
         prop_assert!(seen.iter().all(|&c| c == 1));
-        prop_assert!(plan.repeats.windows(2).all(|w| w[0].0 < w[1].0), "repeats in batch order");
         Ok(())
     }
 

@@ -26,12 +26,12 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use hashbrown::DefaultHashBuilder;
 use hashbrown::HashTable;
 use ps_common::optim::Rule;
-use ps_common::partition::splitmix64;
+use ps_common::partition::{self, splitmix64};
 use ps_common::spec::TableSpec;
 
 /// Lock stripes per table: enough that concurrent requests rarely meet on
 /// one, few enough that an empty table costs a few KiB.
-pub const STRIPES: usize = 64;
+pub const STRIPES: usize = 1 << partition::STRIPE_BITS;
 /// Rows of a stripe's largest page; its first page holds
 /// [`FIRST_PAGE_ROWS`], and each next one twice as many, up to this. Large
 /// pages, because jemalloc gives each large allocation a random offset
@@ -41,32 +41,9 @@ pub const PAGE_ROWS: usize = 8192;
 const FIRST_PAGE_ROWS: usize = 16;
 const PAGE_SHIFT: u32 = PAGE_ROWS.trailing_zeros();
 
-/// How many rows ahead a loop over a request's rows asks for the memory it
-/// will touch ([`prefetch`]): enough misses in flight to cover memory's
-/// latency.
-pub const PREFETCH_AHEAD: usize = 8;
-
 /// A key's slot not found yet ([`Stripe::locate`]). A real slot is below it
 /// unless one stripe held 2^32 rows, which no memory budget allows.
 pub const NO_SLOT: u32 = u32::MAX;
-
-/// Starts loading `floats` into the cache without waiting for them. A
-/// request's rows (and its gradient rows, in request order) are visited in
-/// stripe order, which no hardware prefetcher can guess: each row is a miss
-/// to memory, and asked for a few rows ahead, those misses overlap instead
-/// of coming one after another.
-pub fn prefetch(floats: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    for line in floats.chunks(16) {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        // SAFETY: SSE is part of every x86_64 target; a prefetch changes
-        // nothing the program sees and cannot fault, and the address is
-        // inside a live slice.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = floats;
-}
 
 /// Whether `rule` reads the update count (momentum's first step, Adam's
 /// bias correction); the rows of the others keep none.
@@ -290,7 +267,7 @@ impl Rows {
     /// the shard, which is the hash mod the shard count) rather than from
     /// the index hash, whose top bits hashbrown uses inside a stripe.
     fn stripe_of(key: u64) -> usize {
-        (splitmix64(key) >> (64 - STRIPES.trailing_zeros())) as usize
+        partition::hash_stripe(splitmix64(key))
     }
 
     pub fn read(&self, i: usize) -> RwLockReadGuard<'_, Stripe> {
