@@ -9,6 +9,7 @@
 pub const PREFETCH_AHEAD: usize = 8;
 
 /// Starts loading `floats` into the cache without waiting for them.
+#[inline]
 pub fn prefetch(floats: &[f32]) {
     #[cfg(target_arch = "x86_64")]
     for line in floats.chunks(16) {

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::feedback::Residuals;
-use crate::plan::SparsePlan;
+use crate::plan::{PARALLEL_KEYS, SparsePlan, in_parallel};
 use prost::Message;
 use ps_common::cache::{PREFETCH_AHEAD, prefetch};
 
@@ -1169,7 +1169,7 @@ impl ShardedClient {
                 out[p * dim..(p + 1) * dim].copy_from_slice(row);
             }
         }
-        for &(p, u) in &plan.repeats {
+        for &(p, u) in plan.repeats.iter().flatten() {
             let from = plan.first[u as usize] as usize * dim;
             out.copy_within(from..from + dim, p as usize * dim);
         }
@@ -1191,45 +1191,51 @@ impl ShardedClient {
     ) -> Result<()> {
         check_len("gradient", grads.len(), keys.len() * dim)?;
         let plan = SparsePlan::new(keys, self.num_shards())?;
-        // One row per distinct key, shard after shard (each shard's rows are
-        // one range): a first occurrence's gradient, plus its repeats'.
-        let mut merged = Vec::with_capacity(plan.keys.len() * dim);
-        for (j, &p) in plan.first.iter().enumerate() {
-            if let Some(&q) = plan.first.get(j + PREFETCH_AHEAD) {
-                prefetch(&grads[q as usize * dim..(q as usize + 1) * dim]);
+        // Each shard's rows (on up to one thread each, for a large batch):
+        // one per distinct key, a first occurrence's gradient plus its
+        // repeats'. The first occurrences are visited in the shard's order,
+        // each asked for a few rows ahead.
+        let merge = |s: usize| {
+            let range = plan.ranges[s].clone();
+            let first = &plan.first[range.clone()];
+            let mut rows = Vec::with_capacity(first.len() * dim);
+            for (j, &p) in first.iter().enumerate() {
+                if let Some(&q) = first.get(j + PREFETCH_AHEAD) {
+                    prefetch(&grads[q as usize * dim..(q as usize + 1) * dim]);
+                }
+                let p = p as usize;
+                rows.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
             }
-            let p = p as usize;
-            merged.extend_from_slice(&grads[p * dim..(p + 1) * dim]);
-        }
-        for &(p, u) in &plan.repeats {
-            let (p, u) = (p as usize, u as usize);
-            for (m, v) in merged[u * dim..(u + 1) * dim].iter_mut().zip(&grads[p * dim..(p + 1) * dim]) {
-                *m += v;
+            for &(p, u) in &plan.repeats[s] {
+                let (p, u) = (p as usize, u as usize - range.start);
+                for (m, v) in rows[u * dim..(u + 1) * dim].iter_mut().zip(&grads[p * dim..(p + 1) * dim]) {
+                    *m += v;
+                }
             }
-        }
+            rows
+        };
+        let merged = in_parallel((0..plan.ranges.len()).collect(), keys.len() >= PARALLEL_KEYS, merge);
         let codec = self.codecs_of(table).push;
-        // f32: the rows' own bytes, each shard's request a slice of them (no copy).
-        let raw = (codec == Codec::F32).then(|| codec::into_f32_bytes(std::mem::take(&mut merged)));
         let mut requests = Vec::new();
-        for (i, range) in plan.ranges.iter().enumerate() {
+        for (i, (range, rows)) in plan.ranges.iter().zip(merged).enumerate() {
             let ks = &plan.keys[range.clone()];
             if ks.is_empty() && !tick {
                 continue;
             }
-            let rows = range.start * dim..range.end * dim;
             // int8: one scale per row; top-k: over the whole push.
             let seed = self.seed(clock, table, i as u64);
-            let grads = if let Some(raw) = &raw {
-                raw.slice(rows.start * 4..rows.end * 4)
+            let grads = if codec == Codec::F32 {
+                // The rows' own bytes, no copy.
+                codec::into_f32_bytes(rows)
             } else if codec.is_lossy() && self.error_feedback {
                 let (mut residual, mut out) = (vec![0.0f32; rows.len()], Vec::new());
                 self.residuals.take_rows(table, ks, dim, &mut residual);
-                compress::encode_with_feedback(codec, &merged[rows], &mut residual, dim, seed, &mut out)?;
+                compress::encode_with_feedback(codec, &rows, &mut residual, dim, seed, &mut out)?;
                 self.residuals.put_rows(table, ks, dim, &residual);
                 out.into()
             } else {
                 let mut out = Vec::new();
-                compress::encode(codec, &merged[rows], dim, seed, &mut out);
+                compress::encode(codec, &rows, dim, seed, &mut out);
                 out.into()
             };
             let mut meta = self.next_meta(i, clock, read_clock, tick);

@@ -27,18 +27,20 @@ const BUCKET_KEYS: usize = 4096;
 
 #[derive(Debug)]
 pub(crate) struct SparsePlan {
-    /// The distinct keys, shard after shard (`ranges[s]` are shard `s`'s),
-    /// each shard's in the order of the top bits of their routing hash (its
-    /// store's stripe order), and in batch order among keys of one bucket;
-    /// a key's index here is its "distinct index".
+    /// The distinct keys, shard after shard (`ranges[s]` are shard `s`'s;
+    /// what lies between two ranges is unused), each shard's in the order of
+    /// the top bits of their routing hash (its store's stripe order), and in
+    /// batch order among keys of one bucket; a key's index here is its
+    /// "distinct index".
     pub keys: Vec<u64>,
     pub ranges: Vec<Range<usize>>,
-    /// For each distinct key, the position of its first occurrence in the
-    /// batch.
+    /// For each distinct key (at its distinct index), the position of its
+    /// first occurrence in the batch.
     pub first: Vec<u32>,
-    /// Every later occurrence of a key: its position and the key's distinct
+    /// Every later occurrence of a key, shard by shard (`repeats[s]` are
+    /// those of shard `s`'s keys): its position and the key's distinct
     /// index.
-    pub repeats: Vec<(u32, u32)>,
+    pub repeats: Vec<Vec<(u32, u32)>>,
 }
 
 /// Buckets per shard for a batch of `n` keys: a power of two, at least one
@@ -85,32 +87,84 @@ impl SparsePlan {
         }
         drop(bucket);
 
-        // Bucket by bucket, in batch order within each (the sort is
+        // Shard by shard (on up to one thread each, for a large batch),
+        // bucket by bucket, in batch order within each (the sort is
         // stable): a key seen first takes the next distinct index, a repeat
-        // is linked to it.
-        let (mut unique, mut first, mut repeats) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::new());
-        let mut ranges = Vec::with_capacity(shards);
-        let most = starts.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
-        let mut seen: hashbrown::HashMap<u64, u32> = hashbrown::HashMap::with_capacity(most);
+        // is linked to it. Shard `s`'s distinct keys are written from the
+        // place its keys start in the sorted order: at most that many, so
+        // the shards write apart, and the gaps they leave are not used.
+        let region = |s: usize| starts[s * per_shard]..starts[(s + 1) * per_shard];
+        let (mut unique, mut first) = (vec![0u64; n], vec![0u32; n]);
+        let mut work = Vec::with_capacity(shards);
+        let (mut rest_u, mut rest_f) = (&mut unique[..], &mut first[..]);
         for s in 0..shards {
-            let start = unique.len();
+            let (u, more_u) = std::mem::take(&mut rest_u).split_at_mut(region(s).len());
+            let (f, more_f) = std::mem::take(&mut rest_f).split_at_mut(region(s).len());
+            (rest_u, rest_f) = (more_u, more_f);
+            work.push((s, u, f));
+        }
+        let dedup = |(s, unique, first): (usize, &mut [u64], &mut [u32])| {
+            let base = region(s).start;
+            let (mut d, mut repeats) = (0, Vec::new());
+            let most =
+                (s * per_shard..(s + 1) * per_shard).map(|b| starts[b + 1] - starts[b]).max().unwrap_or(0);
+            let mut seen: hashbrown::HashMap<u64, u32> = hashbrown::HashMap::with_capacity(most);
             for b in s * per_shard..(s + 1) * per_shard {
                 seen.clear();
                 for i in starts[b]..starts[b + 1] {
                     match seen.entry(sorted[i]) {
                         Entry::Vacant(e) => {
-                            e.insert(unique.len() as u32);
-                            unique.push(sorted[i]);
-                            first.push(at[i]);
+                            e.insert((base + d) as u32);
+                            unique[d] = sorted[i];
+                            first[d] = at[i];
+                            d += 1;
                         }
                         Entry::Occupied(e) => repeats.push((at[i], *e.get())),
                     }
                 }
             }
-            ranges.push(start..unique.len());
-        }
+            (base..base + d, repeats)
+        };
+        let (ranges, repeats) = in_parallel(work, n >= PARALLEL_KEYS, dedup).into_iter().unzip();
         Ok(SparsePlan { keys: unique, ranges, first, repeats })
     }
+}
+
+/// Keys of a batch from which its per-shard work runs on several threads:
+/// below it, a thread's start (tens of µs) costs more than it saves.
+pub(crate) const PARALLEL_KEYS: usize = 1 << 16;
+
+/// `f` of each of `items`, in their order: on up to one thread per core
+/// when `parallel` (each thread takes a run of consecutive items), else on
+/// this thread.
+pub(crate) fn in_parallel<I: Send, T: Send>(
+    items: Vec<I>,
+    parallel: bool,
+    f: impl Fn(I) -> T + Sync,
+) -> Vec<T> {
+    let threads = if parallel { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { 1 };
+    let per_thread = items.len().div_ceil(threads.max(1)).max(1);
+    if items.len() <= per_thread {
+        return items.into_iter().map(f).collect();
+    }
+    let mut groups: Vec<Vec<I>> = Vec::new();
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        groups.push(items.by_ref().take(per_thread).collect());
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let mut groups = groups.into_iter();
+        let here = groups.next().unwrap_or_default();
+        let others: Vec<_> =
+            groups.map(|g| scope.spawn(move || g.into_iter().map(f).collect::<Vec<T>>())).collect();
+        let mut out: Vec<T> = here.into_iter().map(f).collect();
+        for h in others {
+            // A panic on a helper thread is one of this thread's.
+            out.extend(h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)));
+        }
+        out
+    })
 }
 
 #[cfg(test)]
@@ -138,12 +192,18 @@ mod tests {
                 .collect();
             prop_assert!(order.windows(2).all(|w| w[0].0 <= w[1].0), "in the store's stripe order");
         }
-        prop_assert_eq!(plan.ranges.last().map_or(0, |r| r.end), plan.keys.len());
-        let mut distinct = plan.keys.clone();
+        prop_assert!(plan.ranges.windows(2).all(|w| w[0].end <= w[1].start), "shard after shard");
+        let sent: Vec<u64> = plan.ranges.iter().flat_map(|r| plan.keys[r.clone()].iter().copied()).collect();
+        let mut distinct = sent.clone();
         distinct.sort_unstable();
         distinct.dedup();
-        prop_assert_eq!(distinct.len(), plan.keys.len());
-        for &(p, u) in &plan.repeats {
+        prop_assert_eq!(distinct.len(), sent.len());
+        for (s, repeats) in plan.repeats.iter().enumerate() {
+            for &(_, u) in repeats {
+                prop_assert!(plan.ranges[s].contains(&(u as usize)), "a repeat of one of its shard's keys");
+            }
+        }
+        for &(p, u) in plan.repeats.iter().flatten() {
             let (p, u) = (p as usize, u as usize);
             prop_assert_eq!(keys[p], plan.keys[u]);
             prop_assert!((plan.first[u] as usize) < p, "a repeat comes after its first occurrence");
@@ -163,15 +223,32 @@ mod tests {
         }
     }
 
-    /// Batches large enough for several buckets per shard (one per 4096
-    /// keys), with repeats across buckets' boundaries in the batch.
+    /// Batches large enough for several buckets per shard and for the
+    /// shards' work on several threads, with repeats across buckets'
+    /// boundaries in the batch.
     #[test]
     fn a_large_batch_is_planned_over_several_buckets_per_shard() {
         let keys: Vec<u64> = (0..100_000u64).map(|i| splitmix64(i) % 60_000).collect();
         for shards in [1, 2, 3] {
             let per_shard = buckets_per_shard(keys.len(), shards as usize);
             assert!(per_shard >= 8, "{per_shard} buckets per shard");
+            assert!(keys.len() >= PARALLEL_KEYS);
             check_plan(&keys, shards).unwrap();
+        }
+    }
+
+    #[test]
+    fn work_in_parallel_comes_back_in_order() {
+        for n in [0, 1, 2, 3, 7] {
+            let items: Vec<usize> = (0..n).collect();
+            assert_eq!(
+                in_parallel(items.clone(), true, |i| i * 10),
+                items.iter().map(|i| i * 10).collect::<Vec<_>>()
+            );
+            assert_eq!(
+                in_parallel(items.clone(), false, |i| i + 1),
+                items.iter().map(|i| i + 1).collect::<Vec<_>>()
+            );
         }
     }
 }
