@@ -11,7 +11,10 @@
 //!
 //! - `cold pull`: the first pull of a batch of `--keys` keys, which creates
 //!   every row (initializer + optimizer state);
-//! - `pull` / `push`: the same batch again (mean of `--reps`), rows in place.
+//! - `pull` / `push`: the same batch again (mean of `--reps`), rows in place,
+//!   after one push unmeasured (as the TCP baseline's first round trip is:
+//!   the first push on a connection grows the shard's read buffer to its
+//!   size, about 30 ms for 36 MB of fresh memory on the reference VM).
 //!
 //! Keys/s counts the keys of the request, duplicates included (the client
 //! sends each distinct key once; the `distinct` column says how many). Beside
@@ -258,6 +261,9 @@ async fn bench_width(a: &Args, shards: u32, width: usize, out: &mut Vec<Row>) ->
         c.register(&TableSpec::sparse(&table, width as u32, init, adagrad())).await?;
         let mut vals = vec![0.0f32; n * width];
         let cold = pull(&c, &table, width, &keys, &mut vals, step).await?;
+        // One push unmeasured, as the TCP baseline's first round trip: a
+        // shard's connection grows its read buffer to the push's size once.
+        push(&mut c, &table, width, &keys, &vals, step).await?;
         let (mut tp, mut tq) = (0.0, 0.0);
         for _ in 0..a.reps {
             tp += pull(&c, &table, width, &keys, &mut vals, step).await?;
