@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::feedback::Residuals;
-use crate::plan::{PARALLEL_KEYS, SparsePlan, in_parallel};
+use crate::plan::{PARALLEL_KEYS, SparsePlan, in_parallel, threads};
 use prost::Message;
 use ps_common::cache::{PREFETCH_AHEAD, prefetch};
 
@@ -1128,8 +1128,9 @@ impl ShardedClient {
                 (i, call.await)
             }
         });
-        // Each distinct key's row goes straight to its first occurrence in
-        // `out`; repeats are copied from there at the end.
+        // Each shard's rows, checked: the answer's f32 bytes as they came,
+        // or the values of a lossy codec decoded.
+        let mut pulled = Vec::with_capacity(plan.ranges.len());
         for (i, r) in join_all(calls).await {
             let resp = r.map_err(|s| self.status(i, s))?.into_inner();
             if resp.dim as usize != dim {
@@ -1140,10 +1141,8 @@ impl ShardedClient {
             }
             self.count_pulled(&resp);
             let kind = CodecKind::from_wire("pulled rows", resp.codec)?;
-            let first = &plan.first[plan.ranges[i].clone()];
-            let n = first.len() * dim;
-            if kind == CodecKind::F32 && dim > 0 {
-                // Straight from the answer's bytes into place (one copy).
+            let n = plan.ranges[i].len() * dim;
+            let rows = if kind == CodecKind::F32 {
                 if resp.values.len() != n * 4 {
                     return Err(ps_common::Error::LengthMismatch {
                         what: "pulled rows",
@@ -1152,22 +1151,48 @@ impl ShardedClient {
                     }
                     .into());
                 }
-                // Rows come in the shard's order: each place in `out` is
-                // asked for a few rows ahead.
-                for (j, (row, &p)) in resp.values.chunks_exact(dim * 4).zip(first).enumerate() {
-                    if let Some(&q) = first.get(j + PREFETCH_AHEAD) {
-                        prefetch(&out[q as usize * dim..(q as usize + 1) * dim]);
+                Pulled::Raw(resp.values)
+            } else {
+                Pulled::Decoded(compress::decode(kind, "pulled rows", &resp.values, n, dim)?)
+            };
+            pulled.push((i, rows));
+        }
+        // Each distinct key's row goes straight to its first occurrence in
+        // `out` (one copy from an f32 answer). For a large batch `out` is cut
+        // into one part per core, each filled on its own thread from every
+        // answer. Rows come in the shard's order: each place in `out` is
+        // asked for a few rows ahead. Repeats are copied at the end.
+        if dim > 0 {
+            let per = keys.len().div_ceil(threads(keys.len() >= PARALLEL_KEYS)).max(1);
+            let parts: Vec<(usize, &mut [f32])> =
+                out.chunks_mut(per * dim).enumerate().map(|(t, o)| (t * per, o)).collect();
+            let fill = |(start, part): (usize, &mut [f32])| -> Result<()> {
+                let mine = start..start + part.len() / dim;
+                for (i, rows) in &pulled {
+                    let first = &plan.first[plan.ranges[*i].clone()];
+                    for (j, &p) in first.iter().enumerate() {
+                        if let Some(&q) =
+                            first.get(j + PREFETCH_AHEAD).filter(|&&q| mine.contains(&(q as usize)))
+                        {
+                            let q = q as usize - start;
+                            prefetch(&part[q * dim..(q + 1) * dim]);
+                        }
+                        let p = p as usize;
+                        if !mine.contains(&p) {
+                            continue;
+                        }
+                        let to = &mut part[(p - start) * dim..(p - start + 1) * dim];
+                        match rows {
+                            Pulled::Raw(b) => {
+                                codec::decode_f32_into("pulled rows", &b[j * dim * 4..(j + 1) * dim * 4], to)?
+                            }
+                            Pulled::Decoded(v) => to.copy_from_slice(&v[j * dim..(j + 1) * dim]),
+                        }
                     }
-                    let p = p as usize;
-                    codec::decode_f32_into("pulled rows", row, &mut out[p * dim..(p + 1) * dim])?;
                 }
-                continue;
-            }
-            let values = compress::decode(kind, "pulled rows", &resp.values, n, dim)?;
-            for (row, &p) in values.chunks_exact(dim).zip(first) {
-                let p = p as usize;
-                out[p * dim..(p + 1) * dim].copy_from_slice(row);
-            }
+                Ok(())
+            };
+            in_parallel(parts, keys.len() >= PARALLEL_KEYS, fill).into_iter().collect::<Result<()>>()?;
         }
         for &(p, u) in plan.repeats.iter().flatten() {
             let from = plan.first[u as usize] as usize * dim;
@@ -1447,6 +1472,14 @@ where
             return Err(status);
         }
     }
+}
+
+/// One shard's answer to a sparse pull, checked ([`ShardedClient::pull_sparse`]).
+enum Pulled {
+    /// f32 rows as the answer's little-endian bytes.
+    Raw(bytes::Bytes),
+    /// Rows decoded from a lossy codec.
+    Decoded(Vec<f32>),
 }
 
 #[cfg(test)]

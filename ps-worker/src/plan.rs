@@ -134,6 +134,11 @@ impl SparsePlan {
 /// below it, a thread's start (tens of µs) costs more than it saves.
 pub(crate) const PARALLEL_KEYS: usize = 1 << 16;
 
+/// Threads [`in_parallel`] uses: one per core when `parallel`, else one.
+pub(crate) fn threads(parallel: bool) -> usize {
+    if parallel { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { 1 }
+}
+
 /// `f` of each of `items`, in their order: on up to one thread per core
 /// when `parallel` (each thread takes a run of consecutive items), else on
 /// this thread.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use ps_common::codec;
 use ps_common::dataplane::{DataLink, Kind};
 use ps_common::optim::Rule;
-use ps_common::partition::key_shard;
+use ps_common::partition::{key_shard, splitmix64};
 use ps_common::spec::{Consistency, Init, InitKind, TableSpec};
 use ps_common::transport::{TransportConfig, pushback};
 use ps_common::wire::pb;
@@ -662,4 +662,34 @@ async fn a_worker_over_its_rate_waits_out_the_pushbacks_and_every_push_applies_o
         }
     }
     shards.stop().await.unwrap();
+}
+
+/// A batch large enough for the client's per-shard work on several threads
+/// (64k keys and more), most of its keys named several times: a push sums
+/// each key's gradients and updates its row once, and a pull puts each
+/// key's row at every place the batch names it.
+#[tokio::test]
+async fn a_large_batch_with_repeats_is_read_and_updated_key_by_key() {
+    for n in [2, 3] {
+        let shards = LocalShards::start(n).await.expect("start");
+        let mut c = client(&shards, 1, true).await;
+        c.register(&TableSpec::sparse("big", 2, Init::zeros(), Rule::sgd(1.0).into())).await.unwrap();
+        let keys: Vec<u64> = (0..100_000u64).map(|i| splitmix64(i) % 30_000).collect();
+        // Small whole numbers: their sums are exact in f32.
+        let grads: Vec<f32> = (0..keys.len() * 2).map(|i| (i % 3) as f32).collect();
+        c.push_sparse("big", 2, &keys, &grads, 0, 0, false).await.unwrap();
+        let mut want: std::collections::HashMap<u64, [f32; 2]> = std::collections::HashMap::new();
+        for (j, &k) in keys.iter().enumerate() {
+            let row = want.entry(k).or_default();
+            row[0] -= grads[2 * j];
+            row[1] -= grads[2 * j + 1];
+        }
+        assert!(want.len() < keys.len() / 3, "most keys are repeated");
+        let mut out = vec![f32::NAN; keys.len() * 2];
+        c.pull_sparse("big", 2, &keys, 0, &mut out).await.unwrap();
+        for (j, &k) in keys.iter().enumerate() {
+            assert_eq!(out[2 * j..2 * j + 2], want[&k], "{n} shards: key {k} at {j}");
+        }
+        shards.stop().await.unwrap();
+    }
 }
