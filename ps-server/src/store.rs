@@ -811,7 +811,6 @@ impl Store {
     /// update, not one a row). Over the budget, the pull is refused (rows of
     /// earlier stripes stay); rows another request created meanwhile are
     /// read, and what they leave of the reservation is given back.
-    #[allow(clippy::too_many_arguments)]
     fn pull_missing(
         &self,
         table: &Table,
@@ -928,11 +927,13 @@ impl Store {
                 let (slots, keys) = (&slots[part.clone()], &g.keys[part.clone()]);
                 let part = &g.order[part];
                 for (j, (&i, &slot)) in part.iter().zip(slots).enumerate() {
-                    if let Some(&ahead) = part.get(j + PREFETCH_AHEAD) {
-                        let ahead_i = ahead as usize;
-                        prefetch(&grads[ahead_i * dim..(ahead_i + 1) * dim]);
-                        if slots[j + PREFETCH_AHEAD] != NO_SLOT {
-                            prefetch(stripe.row(slots[j + PREFETCH_AHEAD], rows.width));
+                    if let (Some(&ahead), Some(&slot)) =
+                        (part.get(j + PREFETCH_AHEAD), slots.get(j + PREFETCH_AHEAD))
+                    {
+                        let ahead = ahead as usize;
+                        prefetch(&grads[ahead * dim..(ahead + 1) * dim]);
+                        if slot != NO_SLOT {
+                            prefetch(stripe.row(slot, rows.width));
                         }
                     }
                     let (i, key) = (i as usize, keys[j]);

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::feedback::Residuals;
-use crate::plan::{PARALLEL_KEYS, SparsePlan, in_parallel, threads};
+use crate::plan::{SparsePlan, in_parallel, threads};
 use prost::Message;
 use ps_common::cache::{PREFETCH_AHEAD, prefetch};
 
@@ -1163,7 +1163,7 @@ impl ShardedClient {
         // answer. Rows come in the shard's order: each place in `out` is
         // asked for a few rows ahead. Repeats are copied at the end.
         if dim > 0 {
-            let per = keys.len().div_ceil(threads(keys.len() >= PARALLEL_KEYS)).max(1);
+            let per = keys.len().div_ceil(threads(keys.len())).max(1);
             let parts: Vec<(usize, &mut [f32])> =
                 out.chunks_mut(per * dim).enumerate().map(|(t, o)| (t * per, o)).collect();
             let fill = |(start, part): (usize, &mut [f32])| -> Result<()> {
@@ -1192,7 +1192,7 @@ impl ShardedClient {
                 }
                 Ok(())
             };
-            in_parallel(parts, keys.len() >= PARALLEL_KEYS, fill).into_iter().collect::<Result<()>>()?;
+            in_parallel(parts, keys.len(), fill).into_iter().collect::<Result<()>>()?;
         }
         for &(p, u) in plan.repeats.iter().flatten() {
             let from = plan.first[u as usize] as usize * dim;
@@ -1239,7 +1239,7 @@ impl ShardedClient {
             }
             rows
         };
-        let merged = in_parallel((0..plan.ranges.len()).collect(), keys.len() >= PARALLEL_KEYS, merge);
+        let merged = in_parallel((0..plan.ranges.len()).collect(), keys.len(), merge);
         let codec = self.codecs_of(table).push;
         let mut requests = Vec::new();
         for (i, (range, rows)) in plan.ranges.iter().zip(merged).enumerate() {

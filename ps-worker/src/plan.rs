@@ -125,30 +125,26 @@ impl SparsePlan {
             }
             (base..base + d, repeats)
         };
-        let (ranges, repeats) = in_parallel(work, n >= PARALLEL_KEYS, dedup).into_iter().unzip();
+        let (ranges, repeats) = in_parallel(work, n, dedup).into_iter().unzip();
         Ok(SparsePlan { keys: unique, ranges, first, repeats })
     }
 }
 
 /// Keys of a batch from which its per-shard work runs on several threads:
 /// below it, a thread's start (tens of µs) costs more than it saves.
-pub(crate) const PARALLEL_KEYS: usize = 1 << 16;
+const PARALLEL_KEYS: usize = 1 << 16;
 
-/// Threads [`in_parallel`] uses: one per core when `parallel`, else one.
-pub(crate) fn threads(parallel: bool) -> usize {
-    if parallel { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { 1 }
+/// Threads [`in_parallel`] uses for the work of a batch of `keys` keys: one
+/// per core from [`PARALLEL_KEYS`], else one.
+pub(crate) fn threads(keys: usize) -> usize {
+    if keys >= PARALLEL_KEYS { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { 1 }
 }
 
-/// `f` of each of `items`, in their order: on up to one thread per core
-/// when `parallel` (each thread takes a run of consecutive items), else on
-/// this thread.
-pub(crate) fn in_parallel<I: Send, T: Send>(
-    items: Vec<I>,
-    parallel: bool,
-    f: impl Fn(I) -> T + Sync,
-) -> Vec<T> {
-    let threads = if parallel { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { 1 };
-    let per_thread = items.len().div_ceil(threads.max(1)).max(1);
+/// `f` of each of `items` (the work of a batch of `keys` keys), in their
+/// order: on up to [`threads`] threads, each taking a run of consecutive
+/// items.
+pub(crate) fn in_parallel<I: Send, T: Send>(items: Vec<I>, keys: usize, f: impl Fn(I) -> T + Sync) -> Vec<T> {
+    let per_thread = items.len().div_ceil(threads(keys)).max(1);
     if items.len() <= per_thread {
         return items.into_iter().map(f).collect();
     }
@@ -247,11 +243,11 @@ mod tests {
         for n in [0, 1, 2, 3, 7] {
             let items: Vec<usize> = (0..n).collect();
             assert_eq!(
-                in_parallel(items.clone(), true, |i| i * 10),
+                in_parallel(items.clone(), PARALLEL_KEYS, |i| i * 10),
                 items.iter().map(|i| i * 10).collect::<Vec<_>>()
             );
             assert_eq!(
-                in_parallel(items.clone(), false, |i| i + 1),
+                in_parallel(items.clone(), 1, |i| i + 1),
                 items.iter().map(|i| i + 1).collect::<Vec<_>>()
             );
         }
