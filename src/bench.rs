@@ -115,6 +115,8 @@ async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result
     let tmp = Scratch::new("train")?;
     let run = |workers: u32, plaintext: bool, data_plane: bool, tag: &'static str| {
         let mut c = config.clone();
+        // `pipe` tags: each batch computed while the last push is in flight.
+        c.job.pipeline = tag.contains("pipe");
         c.cluster.workers = workers;
         c.cluster.plaintext = plaintext;
         c.job.client.transport.data_plane = data_plane;
@@ -146,8 +148,10 @@ async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result
     // The same 2 + 2 run without TLS, the TLS + data plane default once more
     // (so that TLS is measured on both sides of the plaintext run), with TLS
     // kept on the Unix socket's frames (before and after the plaintext run
-    // too), both on loopback TCP instead of the shards' Unix sockets, and
-    // with pulls and pushes over gRPC (no data plane).
+    // too), both on loopback TCP instead of the shards' Unix sockets, with
+    // pulls and pushes over gRPC (no data plane), and plaintext with and
+    // without `pipeline` (1 worker, where the worker waits on its round
+    // trips, and 2, where the two cores are busy).
     let (mut plain, mut kept) = (0.0, Vec::new());
     for (label, plaintext, data_plane, tag) in [
         ("TLS kept on the Unix socket", false, true, "bench-tls-kept"),
@@ -157,16 +161,21 @@ async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result
         ("plaintext, data plane on loopback TCP", true, true, "bench-plain-tcp"),
         ("TLS, data plane on loopback TCP", false, true, "bench-tls-tcp"),
         ("TLS, gRPC only (no data plane)", false, false, "bench-grpc"),
+        ("plaintext, data plane", true, true, "bench-plain-w1"),
+        ("plaintext, data plane, pipelined", true, true, "bench-plain-w1-pipe"),
+        ("plaintext, data plane, pipelined", true, true, "bench-plain-pipe"),
     ] {
-        let (looped, s) = run(2, plaintext, data_plane, tag).await?;
+        let workers = if tag.contains("-w1") { 1 } else { 2 };
+        let (looped, s) = run(workers, plaintext, data_plane, tag).await?;
         println!(
             "{:<58} {:>10.0} samples/s   ({:.2}x baseline; test acc {:.4})",
-            format!("2 shard + 2 workers, {label}"),
+            format!("2 shard + {workers} worker(s), {label}"),
             looped,
             looped / local,
             s.test_score
         );
         match (plaintext, data_plane, tag.ends_with("tcp"), tag.ends_with("kept")) {
+            _ if workers == 1 || tag.contains("pipe") => {}
             (true, _, false, _) => plain = looped,
             (false, true, false, false) => tls.push(looped),
             (false, true, false, true) => kept.push(looped),

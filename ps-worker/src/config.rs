@@ -192,6 +192,15 @@ pub struct JobConfig {
     /// communication overlaps (see `ShardedClient::push_and_pull_dense`).
     #[serde(default = "defaults::yes")]
     pub overlap: bool,
+    /// Compute each batch while the previous iteration's push (and the pull
+    /// it carries) is in flight, on another core: the batch's gradient is
+    /// then computed on weights that miss this worker's own last push (one
+    /// more iteration of staleness). ASP only (BSP and SSP promise fresher
+    /// reads), `mnist_mlp` with `overlap` and fixed data shares only. Not
+    /// written when false, so the job fingerprint of earlier runs is
+    /// unchanged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pipeline: bool,
     /// Minimum time between progress events.
     #[serde(default = "defaults::progress_every_ms")]
     pub progress_every_ms: u64,
@@ -658,6 +667,21 @@ impl JobConfig {
             }
         }
         self.codecs.validate()?;
+        if self.pipeline {
+            if self.consistency.bound().is_some() {
+                return bad("pipeline needs ASP: it computes a batch on weights that miss this worker's \
+                            last push, fresher reads than BSP and SSP promise"
+                    .into());
+            }
+            if !self.overlap
+                || self.data != DataAssignment::Fixed
+                || !matches!(self.workload, Workload::MnistMlp { .. })
+            {
+                return bad(
+                    "pipeline needs overlap = true, fixed data shares and the mnist_mlp workload".into()
+                );
+            }
+        }
         match &self.workload {
             Workload::MnistMlp { layers, chunk_len, init_from, keep_zeros, teacher, .. } => {
                 if *keep_zeros && init_from.is_none() {
@@ -817,6 +841,29 @@ mod tests {
     /// (a `Duration` of 1e300 s, a layer product that overflows) or an
     /// allocation sized by them (2^40-wide layers, 2^62 synthetic rows, 4e9
     /// features, 4e9 processes): each of these was accepted.
+    /// `pipeline` reads from the run file, stays out of it (and its
+    /// fingerprint) when off, and is refused where it would break a promise
+    /// or do nothing.
+    #[test]
+    fn pipeline_is_asp_and_mnist_only() {
+        let plain = RunConfig::from_toml(RUN).unwrap();
+        assert!(!toml::to_string(&plain).unwrap().contains("pipeline"));
+        let text = format!("{RUN}pipeline = true\n");
+        let c = RunConfig::from_toml(&text).unwrap();
+        assert!(c.job.pipeline);
+        assert_ne!(c.fingerprint(), plain.fingerprint());
+        for (bad, why) in [
+            (format!("{text}consistency = {{ model = \"bsp\" }}\n"), "ASP"),
+            (format!("{text}consistency = {{ model = \"ssp\", staleness = 3 }}\n"), "ASP"),
+            (format!("{text}overlap = false\n"), "overlap"),
+            (format!("{text}data = \"dynamic\"\n"), "fixed data"),
+            (text.replace("mnist_mlp\" }", "a9a_logreg\", num_features = 123 }"), "mnist_mlp"),
+        ] {
+            let err = RunConfig::from_toml(&bad).map(|_| ()).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
     #[test]
     fn absurd_sizes_and_times_are_refused() {
         let ctr = "[job]\nworkload = { kind = \"ctr\" }\n";

@@ -26,6 +26,9 @@ pub enum Error {
     Io { what: String, source: std::io::Error },
     #[error("training diverged: loss is {0}")]
     Diverged(f32),
+    /// The thread computing a pipelined batch panicked (a bug).
+    #[error("computing a batch on its own thread failed: {0}")]
+    Compute(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

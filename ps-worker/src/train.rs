@@ -122,7 +122,10 @@ async fn train_loop<W: Workload>(
                 break 'epochs;
             }
             let rows = batches.batch(batch as usize);
-            let it = Iteration { epoch, batch, clock: d.clock, rows, last: d.clock + 1 >= d.total_iters };
+            let last = d.clock + 1 >= d.total_iters;
+            let next =
+                (job.pipeline && !last && batch + 1 < per_epoch).then(|| batches.batch(batch as usize + 1));
+            let it = Iteration { epoch, batch, clock: d.clock, rows, last, next };
             step(w, client, job, &mut d, it).await?;
         }
         if d.should_eval(epoch) {
@@ -209,7 +212,7 @@ async fn dynamic_loop<W: Workload>(
                 break;
             }
             let rows = batches.batch(batch as usize);
-            let it = Iteration { epoch: range.epoch, batch, clock: d.clock, rows, last: false };
+            let it = Iteration { epoch: range.epoch, batch, clock: d.clock, rows, last: false, next: None };
             step(w, client, job, &mut d, it).await?;
         }
         if d.finished() {

@@ -195,6 +195,61 @@ straggler = { kind = "random", workers = [0, 1], probability = 1.0, mean_ms = 50
     assert!(wrong > 100.0 * err.max(1e-6), "sequential updates differ by only {wrong}");
 }
 
+/// One worker under ASP with SGD, by the serial reading of `pipeline`:
+/// each epoch's first batch is computed on the weights as they are, every
+/// later one on the weights before the last update was applied (the
+/// worker's push of it was still in flight). `delayed = false` is the
+/// plain loop's reading, for comparison.
+fn simulate_one(job: &JobConfig, init: &[f32], lr: f32, delayed: bool) -> Vec<f32> {
+    let (mlp, _) = mnist::model(job).expect("an MNIST job");
+    let (data, _) = mnist::load(job).expect("load mnist");
+    let mut batches = Batches::new(data.len(), job.batch_size, job.seed);
+    let (mut params, mut before) = (init.to_vec(), init.to_vec());
+    let mut grad = vec![0.0; params.len()];
+    let mut ws = mlp.workspace(job.batch_size);
+    let mut batch = BatchBuf::new();
+    for epoch in 0..u64::from(job.epochs) {
+        for (i, rows) in batches.epoch(epoch).enumerate() {
+            data.gather(rows, &mut batch);
+            let at = if delayed && i > 0 { &before } else { &params };
+            mlp.loss_and_grad(at, batch.x(), batch.y(), &mut grad, &mut ws);
+            before.copy_from_slice(&params);
+            params.iter_mut().zip(&grad).for_each(|(p, g)| *p -= lr * g);
+        }
+    }
+    params
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_worker_computes_each_batch_on_the_weights_before_its_last_push() {
+    // One worker, so ASP is deterministic and the result is exact.
+    let text = run_file(
+        "[784, 16, 10]",
+        r#"epochs = 2
+train_limit = 640
+consistency = { model = "asp" }
+pipeline = true"#,
+    );
+    let job = job(&text);
+    let shards = LocalShards::start(2).await.expect("start shards");
+    let init = pull_params(&job, &shards.addrs).await;
+    let mut events = Vec::new();
+    let mut reporter = |e: Event| events.push(e);
+    train::run(&job, &shards.addrs, WorkerId { index: 0, count: 1 }, &mut reporter)
+        .await
+        .expect("worker trains");
+    assert!(matches!(events.last(), Some(Event::Done(d)) if d.iters == 40), "{:?}", events.last());
+    let trained = pull_params(&job, &shards.addrs).await;
+    shards.stop().await.expect("stop shards");
+
+    let err = max_abs_diff(&trained, &simulate_one(&job, &init, 0.05, true));
+    assert!(err < 1e-4, "the pipelined run differs from its serial reading by {err}");
+    // The check has teeth: the plain loop's reading lands elsewhere.
+    let fresh = simulate_one(&job, &init, 0.05, false);
+    let gap = max_abs_diff(&trained, &fresh);
+    assert!(gap > 100.0 * err.max(1e-6), "fresh-weight SGD differs by only {gap}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_dies_in_process_is_reaped_and_the_shards_keep_serving() {
     // Worker 1 runs on a runtime of its own; shutting that runtime down ends

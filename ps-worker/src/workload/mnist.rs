@@ -3,7 +3,11 @@
 //!
 //! With `overlap` (the default) the pull for iteration `c + 1` travels with
 //! the push of `c` (`push_and_pull_dense`: on the data plane, in one round
-//! trip per shard), so an iteration's pull phase is usually empty.
+//! trip per shard), so an iteration's pull phase is usually empty. With
+//! `pipeline` too (ASP only), the next batch's gradient is computed on a
+//! blocking thread while that round trip is in flight, on the weights
+//! pulled with the push before (so it misses this worker's own last push):
+//! the worker's compute and its communication then run at once.
 //!
 //! Two options serve model compression (`ps-cluster models prune` and
 //! `distill`):
@@ -21,6 +25,7 @@
 //!   worker opens.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use ps_common::codec::{F32Pool, SharedF32};
 use ps_common::spec::TableSpec;
@@ -40,7 +45,7 @@ pub struct Mnist {
     /// What the shards hold: the weights, or their change from `base`.
     params: Vec<f32>,
     /// `init_from`'s weights and mask, if any.
-    base: Option<Base>,
+    base: Option<Arc<Base>>,
     /// The weights computed with when there is a base (`base + params`).
     weights: Vec<f32>,
     train: Option<Train>,
@@ -137,19 +142,108 @@ fn soft_targets(t: &TeacherConfig, x: &DenseDataset) -> Result<Vec<f32>> {
 struct Train {
     data: DenseDataset,
     rows: Range<usize>,
-    batch: BatchBuf,
-    /// The gradient being computed: handed to the push without a copy
-    /// ([`SharedF32`]), and back from `pool` (the same memory, once the push
-    /// is done) for the next one.
-    grads: Vec<f32>,
+    /// What computing a batch needs (boxed: it moves to a blocking thread
+    /// and back while a pipelined push is in flight; `None` only after that
+    /// thread failed, which ends the run).
+    step: Option<Box<Step>>,
+    /// Where the gradients' vectors come back to once their push is done.
     pool: F32Pool,
-    ws: Workspace,
     overlap: bool,
+    pipeline: bool,
     /// `params` already hold this iteration's values (pulled with the last push).
     prefetched: bool,
-    /// Distillation: the teacher's soft targets of every row of `data`, the
-    /// batch's, and the temperature and weight.
-    teacher: Option<(Vec<f32>, Vec<f32>, TeacherConfig)>,
+    /// Pipelined: the batch computed during the last push, `(epoch, batch)`,
+    /// and its loss; its gradient is in `step.grads`.
+    ahead: Option<((u32, u64), BatchLoss)>,
+    /// Pipelined: the vector the next pull writes into while `params` are
+    /// computed with.
+    spare: Vec<f32>,
+    /// Distillation: the teacher's soft targets of every row of `data`.
+    teacher: Option<Vec<f32>>,
+}
+
+impl Train {
+    fn step(&mut self) -> Result<&mut Step> {
+        self.step.as_deref_mut().ok_or_else(Train::no_step)
+    }
+
+    /// Gathers `rows` (and their soft targets) into the step.
+    fn gather(&mut self, rows: &[usize]) -> Result<()> {
+        let step = self.step.as_deref_mut().ok_or_else(Train::no_step)?;
+        step.gather(&self.data, self.teacher.as_deref(), rows);
+        Ok(())
+    }
+
+    fn no_step() -> Error {
+        Error::Compute("an earlier batch's computation failed".into())
+    }
+}
+
+/// One batch's inputs, gradient and scratch: everything [`Step::run`]
+/// touches but the parameters.
+struct Step {
+    mlp: Mlp,
+    batch: BatchBuf,
+    /// The gradient being computed: handed to the push without a copy
+    /// ([`SharedF32`]), and back from the pool (the same memory, once the
+    /// push is done) for the next one.
+    grads: Vec<f32>,
+    ws: Workspace,
+    /// `base + params`, when there is a base.
+    weights: Vec<f32>,
+    base: Option<Arc<Base>>,
+    /// Distillation: the batch's soft targets, and the temperature and weight.
+    teacher: Option<(Vec<f32>, TeacherConfig)>,
+}
+
+impl Step {
+    /// Gathers `rows` of `data` (and their soft targets, from `soft`).
+    fn gather(&mut self, data: &DenseDataset, soft: Option<&[f32]>, rows: &[usize]) {
+        data.gather(rows, &mut self.batch);
+        if let (Some((batch, _)), Some(soft)) = (&mut self.teacher, soft) {
+            let classes = data.num_classes;
+            batch.clear();
+            for &r in rows {
+                batch.extend_from_slice(&soft[r * classes..(r + 1) * classes]);
+            }
+        }
+    }
+
+    /// The gathered batch's loss and gradient (into `grads`, `len` floats)
+    /// at `params`.
+    fn run(&mut self, params: &[f32], pool: &F32Pool) -> BatchLoss {
+        if self.grads.len() != params.len() {
+            // Given to the last push. What it holds is overwritten (`Mlp::loss_and_grad`).
+            self.grads = pool.take(params.len());
+        }
+        let params = match &self.base {
+            Some(base) => {
+                base.apply(params, &mut self.weights);
+                &self.weights
+            }
+            None => params,
+        };
+        let (loss, correct) = match &self.teacher {
+            Some((soft, c)) => {
+                let target = Distill { soft, temperature: c.temperature, alpha: c.alpha };
+                self.mlp.distill_loss_and_grad(
+                    params,
+                    self.batch.x(),
+                    self.batch.y(),
+                    target,
+                    &mut self.grads,
+                    &mut self.ws,
+                )
+            }
+            None => {
+                self.mlp.loss_and_grad(params, self.batch.x(), self.batch.y(), &mut self.grads, &mut self.ws)
+            }
+        };
+        if let Some(mask) = self.base.as_ref().and_then(|b| b.mask.as_ref()) {
+            self.grads.iter_mut().zip(mask).filter(|(_, keep)| !**keep).for_each(|(g, _)| *g = 0.0);
+        }
+        BatchLoss { samples: self.batch.len(), loss, score: correct as f64 }
+    }
 }
 
 /// Loads the training set (limited by `train_limit`) and the test set.
@@ -187,25 +281,33 @@ impl Workload for Mnist {
             return Err(wrong_kind("mnist_mlp", job));
         };
         let set = DenseSet::new(&tables, num_shards)?;
-        let base = init_from.as_deref().map(|p| Base::read(p, layers, *keep_zeros)).transpose()?;
+        let base =
+            init_from.as_deref().map(|p| Base::read(p, layers, *keep_zeros).map(Arc::new)).transpose()?;
         let (test, train) = match role {
             Role::Train(id) => {
                 let (train, test) = load(job)?;
                 let data = train.shard(id.index, id.count)?;
-                let teacher = match teacher {
-                    Some(t) => Some((soft_targets(t, &data)?, Vec::new(), t.clone())),
-                    None => None,
-                };
-                let train = Train {
-                    teacher,
-                    rows: 0..data.len(),
-                    data,
+                let soft = teacher.as_ref().map(|t| soft_targets(t, &data)).transpose()?;
+                let step = Some(Box::new(Step {
+                    mlp: mlp.clone(),
                     batch: BatchBuf::new(),
                     grads: Vec::new(),
-                    pool: F32Pool::default(),
                     ws: mlp.workspace(job.batch_size),
+                    weights: Vec::new(),
+                    base: base.clone(),
+                    teacher: teacher.as_ref().map(|t| (Vec::new(), t.clone())),
+                }));
+                let train = Train {
+                    teacher: soft,
+                    rows: 0..data.len(),
+                    data,
+                    step,
+                    pool: F32Pool::default(),
                     overlap: job.overlap,
+                    pipeline: job.pipeline,
                     prefetched: false,
+                    ahead: None,
+                    spare: Vec::new(),
                 };
                 (test, Some(train))
             }
@@ -224,13 +326,12 @@ impl Workload for Mnist {
 
     async fn pull(&mut self, client: &ShardedClient, it: Iteration<'_>) -> Result<()> {
         let t = trainer(&mut self.train)?;
-        t.data.gather(it.rows, &mut t.batch);
-        if let Some((soft, batch, _)) = &mut t.teacher {
-            let classes = t.data.num_classes;
-            batch.clear();
-            for &r in it.rows {
-                batch.extend_from_slice(&soft[r * classes..(r + 1) * classes]);
-            }
+        if t.ahead.as_ref().is_some_and(|(at, _)| *at != (it.epoch, it.batch)) {
+            // Not the batch the loop went on with (it stopped early): dropped.
+            t.ahead = None;
+        }
+        if t.ahead.is_none() {
+            t.gather(it.rows)?;
         }
         if !t.prefetched {
             client.pull_dense(&self.set, it.clock, &mut self.params).await?;
@@ -239,48 +340,53 @@ impl Workload for Mnist {
     }
 
     fn compute(&mut self) -> BatchLoss {
+        // Not reached without a trainer and its step (`pull` said so); a
+        // NaN loss would end the run.
         let Some(t) = &mut self.train else { return BatchLoss { samples: 0, loss: f32::NAN, score: 0.0 } };
-        if t.grads.len() != self.set.len() {
-            // Given to the last push. What it holds is overwritten (`Mlp::loss_and_grad`).
-            t.grads = t.pool.take(self.set.len());
+        match (t.ahead.take(), &mut t.step) {
+            (Some((_, out)), _) => out,
+            (None, Some(step)) => step.run(&self.params, &t.pool),
+            (None, None) => BatchLoss { samples: 0, loss: f32::NAN, score: 0.0 },
         }
-        let params = match &self.base {
-            Some(base) => {
-                base.apply(&self.params, &mut self.weights);
-                &self.weights
-            }
-            None => &self.params,
-        };
-        let (loss, correct) = match &t.teacher {
-            Some((_, soft, c)) => {
-                let target = Distill { soft, temperature: c.temperature, alpha: c.alpha };
-                self.mlp.distill_loss_and_grad(
-                    params,
-                    t.batch.x(),
-                    t.batch.y(),
-                    target,
-                    &mut t.grads,
-                    &mut t.ws,
-                )
-            }
-            None => self.mlp.loss_and_grad(params, t.batch.x(), t.batch.y(), &mut t.grads, &mut t.ws),
-        };
-        if let Some(mask) = self.base.as_ref().and_then(|b| b.mask.as_ref()) {
-            t.grads.iter_mut().zip(mask).filter(|(_, keep)| !**keep).for_each(|(g, _)| *g = 0.0);
-        }
-        BatchLoss { samples: t.batch.len(), loss, score: correct as f64 }
     }
 
     async fn push(&mut self, client: &mut ShardedClient, it: Iteration<'_>) -> Result<()> {
         let t = trainer(&mut self.train)?;
-        let grads = SharedF32::pooled(std::mem::take(&mut t.grads), &t.pool);
-        if t.overlap && !it.last {
-            // A pull that missed a shard is done again in the next iteration.
-            t.prefetched = client.push_and_pull_dense(&self.set, &grads, it.clock, &mut self.params).await?;
-            Ok(())
-        } else {
-            t.prefetched = false;
-            client.push_dense(&self.set, &grads, it.clock, it.clock, true).await
+        let grads = SharedF32::pooled(std::mem::take(&mut t.step()?.grads), &t.pool);
+        match it.next {
+            _ if !t.overlap || it.last => {
+                t.prefetched = false;
+                client.push_dense(&self.set, &grads, it.clock, it.clock, true).await
+            }
+            Some(next) if t.pipeline => {
+                // The next batch is computed at the weights this one was,
+                // on a blocking thread, while the round trip brings the
+                // weights after this push into `spare`.
+                t.gather(next)?;
+                let mut step = t.step.take().ok_or_else(Train::no_step)?;
+                let (params, pool) = (std::mem::take(&mut self.params), t.pool.clone());
+                let computing = tokio::task::spawn_blocking(move || {
+                    let out = step.run(&params, &pool);
+                    (step, params, out)
+                });
+                let mut into = std::mem::take(&mut t.spare);
+                into.resize(self.set.len(), 0.0);
+                let pushed = client.push_and_pull_dense(&self.set, &grads, it.clock, &mut into).await;
+                let (step, params, out) = computing.await.map_err(|e| Error::Compute(e.to_string()))?;
+                t.step = Some(step);
+                t.ahead = Some(((it.epoch, it.batch + 1), out));
+                t.prefetched = matches!(pushed, Ok(true));
+                // A pull that missed a shard leaves `params` as they were
+                // and is done again in the next iteration.
+                (self.params, t.spare) = if t.prefetched { (into, params) } else { (params, into) };
+                pushed.map(|_| ())
+            }
+            _ => {
+                // A pull that missed a shard is done again in the next iteration.
+                t.prefetched =
+                    client.push_and_pull_dense(&self.set, &grads, it.clock, &mut self.params).await?;
+                Ok(())
+            }
         }
     }
 

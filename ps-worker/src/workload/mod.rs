@@ -47,6 +47,9 @@ pub struct Iteration<'a> {
     pub rows: &'a [usize],
     /// No iteration of this worker follows (so nothing is prefetched).
     pub last: bool,
+    /// The rows of this worker's next iteration, where it follows in the
+    /// same epoch and the job pipelines (`JobConfig::pipeline`).
+    pub next: Option<&'a [usize]>,
 }
 
 /// The result of one batch's [`Workload::compute`].
