@@ -117,6 +117,8 @@ async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result
         let mut c = config.clone();
         // `pipe` tags: each batch computed while the last push is in flight.
         c.job.pipeline = tag.contains("pipe");
+        // `free` tags: processes not pinned to CPUs (the reference run pins them).
+        c.cluster.pin_cpus &= !tag.contains("free");
         c.cluster.workers = workers;
         c.cluster.plaintext = plaintext;
         c.job.client.transport.data_plane = data_plane;
@@ -156,6 +158,7 @@ async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result
     for (label, plaintext, data_plane, tag) in [
         ("TLS kept on the Unix socket", false, true, "bench-tls-kept"),
         ("plaintext, data plane", true, true, "bench-plain"),
+        ("plaintext, data plane, not pinned to CPUs", true, true, "bench-plain-free"),
         ("TLS, data plane (again)", false, true, "bench-tls2"),
         ("TLS kept on the Unix socket (again)", false, true, "bench-tls2-kept"),
         ("plaintext, data plane on loopback TCP", true, true, "bench-plain-tcp"),
@@ -175,7 +178,7 @@ async fn training(exe: &Path, config: &RunConfig, opts: &BenchOptions) -> Result
             s.test_score
         );
         match (plaintext, data_plane, tag.ends_with("tcp"), tag.ends_with("kept")) {
-            _ if workers == 1 || tag.contains("pipe") => {}
+            _ if workers == 1 || tag.contains("pipe") || tag.contains("free") => {}
             (true, _, false, _) => plain = looped,
             (false, true, false, false) => tls.push(looped),
             (false, true, false, true) => kept.push(looped),

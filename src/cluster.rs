@@ -51,18 +51,87 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-/// Sets up a child so it dies with the launcher (Linux `PR_SET_PDEATHSIG`).
-fn command(exe: &Path) -> Command {
+/// Sets up a child so it dies with the launcher (Linux `PR_SET_PDEATHSIG`)
+/// and, with `cpu`, runs on that CPU only (every thread it starts too).
+fn command(exe: &Path, cpu: Option<usize>) -> Command {
     let mut cmd = Command::new(exe);
     cmd.kill_on_drop(true).stdin(Stdio::null());
     #[cfg(target_os = "linux")]
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM).map_err(std::io::Error::from)
+    {
+        let only = cpu.and_then(|c| {
+            let mut set = nix::sched::CpuSet::new();
+            set.set(c).ok().map(|()| set)
         });
+        // SAFETY: prctl and sched_setaffinity are async-signal-safe system
+        // calls, and the CPU set was made before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+                if let Some(set) = &only {
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)?;
+                }
+                Ok(())
+            });
+        }
     }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cpu;
     cmd
+}
+
+/// The CPUs the processes of a local cluster are pinned to
+/// (`[cluster] pin_cpus`): the launcher's own allowed CPUs, taken in turn
+/// by shard 0, 1, ... and then worker 0, 1, ...; on 2 CPUs, shard `k` and
+/// worker `k` share CPU `k`, so half of each worker's traffic and each
+/// shard's optimizer state stay in one core's cache (docs/PERFORMANCE.md,
+/// twenty-first session).
+#[derive(Debug, Clone, Default)]
+pub struct Pinning {
+    cpus: Vec<usize>,
+    servers: usize,
+}
+
+impl Pinning {
+    /// The pinning of `servers` shards and their workers, or none (each
+    /// process may run anywhere) when off, not on Linux, or when the
+    /// launcher may use only one CPU.
+    pub fn new(on: bool, servers: u32) -> Pinning {
+        let none = Pinning::default();
+        if !on {
+            return none;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let Ok(allowed) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) else {
+                return none;
+            };
+            let cpus: Vec<usize> =
+                (0..nix::sched::CpuSet::count()).filter(|&c| allowed.is_set(c).unwrap_or(false)).collect();
+            if cpus.len() < 2 {
+                return none;
+            }
+            Pinning { cpus, servers: servers as usize }
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = servers;
+            none
+        }
+    }
+
+    /// Shard `k`'s CPU.
+    pub fn server(&self, k: usize) -> Option<usize> {
+        self.nth(k)
+    }
+
+    /// Worker `k`'s CPU.
+    pub fn worker(&self, k: usize) -> Option<usize> {
+        self.nth(self.servers + k)
+    }
+
+    fn nth(&self, i: usize) -> Option<usize> {
+        (!self.cpus.is_empty()).then(|| self.cpus[i % self.cpus.len()])
+    }
 }
 
 /// Sends SIGTERM (graceful stop) to a child.
@@ -98,6 +167,8 @@ pub struct Servers {
     /// The launcher's own credential towards these shards (admin).
     pub admin: ps_common::auth::Credential,
     seal: KeyPaths,
+    /// Which CPU each shard runs on (a restarted one too), if pinned.
+    pub pinning: Pinning,
 }
 
 /// Where shards keep checkpoints and what they start from.
@@ -113,6 +184,8 @@ pub struct ServerOptions {
     pub auth_key: Option<PathBuf>,
     /// The keys that seal and check the shards' checkpoint files.
     pub seal: KeyPaths,
+    /// Which CPU each shard runs on, if pinned.
+    pub pinning: Pinning,
 }
 
 /// How the processes of a local cluster talk: mutual TLS with the
@@ -169,6 +242,7 @@ impl Servers {
             auth_key: opts.auth_key.clone(),
             admin: ps_common::auth::Credential::none(),
             seal: opts.seal.clone(),
+            pinning: opts.pinning.clone(),
         };
         for shard in 0..n {
             // Port 0 for both: each shard binds its own ports and tells them,
@@ -199,7 +273,7 @@ impl Servers {
             .append(true)
             .open(&log_path)
             .map_err(io(format!("opening {}", log_path.display())))?;
-        let mut cmd = command(&self.exe);
+        let mut cmd = command(&self.exe, self.pinning.server(shard as usize));
         cmd.args(["server", "--shard", &shard.to_string(), "--num-shards", &n.to_string()])
             .args(["--listen", listen]);
         if let Some(dir) = &self.checkpoint_dir {
@@ -372,6 +446,8 @@ pub struct RunOptions<'a> {
     pub transport: &'a TransportConfig,
     /// Issues each worker its token (`PS_TOKEN_FILE`); `None`: auth off.
     pub auth: Option<&'a crate::credentials::LocalAuth>,
+    /// Which CPU each worker runs on, if pinned.
+    pub pinning: &'a Pinning,
 }
 
 /// Starts the workers of `config` against `servers`, forwards their events
@@ -391,7 +467,7 @@ pub async fn run_workers(
     for index in 0..opts.workers as usize {
         let log_path = opts.run_dir.join(format!("worker-{index}.log"));
         let log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
-        let mut cmd = command(opts.exe);
+        let mut cmd = command(opts.exe, opts.pinning.worker(index));
         if let Some(auth) = opts.auth {
             let token = auth.token_file(ps_common::auth::Principal::Worker(index as u64))?;
             cmd.env(ps_common::auth::TOKEN_FILE_ENV, token);
@@ -575,4 +651,43 @@ pub fn write_config(dir: &Path, config: &RunConfig) -> Result<PathBuf> {
     let text = toml::to_string_pretty(config).map_err(|e| Error::Config(e.to_string()))?;
     std::fs::write(&path, text).map_err(io(format!("writing {}", path.display())))?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_then_workers_take_the_cpus_in_turn() {
+        let pin = Pinning { cpus: vec![3, 5], servers: 2 };
+        let got: Vec<_> = [pin.server(0), pin.server(1), pin.worker(0), pin.worker(1), pin.worker(2)].into();
+        assert_eq!(got, [Some(3), Some(5), Some(3), Some(5), Some(3)]);
+        let off = Pinning::new(false, 2);
+        assert_eq!((off.server(0), off.worker(0)), (None, None));
+    }
+
+    /// A pinned child and every thread it starts run on its CPU only.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_pinned_child_runs_on_its_cpu() {
+        let pin = Pinning::new(true, 1);
+        let Some(cpu) = pin.worker(0) else {
+            // One allowed CPU: nothing is pinned, by design.
+            assert!(Pinning::new(true, 1).server(0).is_none());
+            return;
+        };
+        let out = command(Path::new("/bin/sh"), Some(cpu))
+            .args(["-c", "grep Cpus_allowed_list /proc/self/status"])
+            .output()
+            .await
+            .expect("run sh");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.split_whitespace().nth(1), Some(cpu.to_string().as_str()), "{text}");
+        let free = command(Path::new("/bin/sh"), None)
+            .args(["-c", "grep Cpus_allowed_list /proc/self/status"])
+            .output()
+            .await
+            .expect("run sh");
+        assert_ne!(String::from_utf8_lossy(&free.stdout), text, "an unpinned child may run anywhere");
+    }
 }

@@ -19,7 +19,7 @@ use ps_worker::config::RunConfig;
 use ps_worker::event::Event;
 
 use crate::artifact::{CheckpointLog, JsonFile, RunSummary, ShardStats, StatsFile};
-use crate::cluster::{self, Result, RunOptions, Security, ServerOptions, Servers};
+use crate::cluster::{self, Pinning, Result, RunOptions, Security, ServerOptions, Servers};
 use crate::credentials::LocalAuth;
 
 /// The file of a run folder that lists the shard addresses, comma-separated.
@@ -129,6 +129,7 @@ pub async fn run(mut plan: Plan<'_>, on_event: impl FnMut(usize, &Event)) -> Res
         security: security.clone(),
         auth_key: Some(auth.public_key.clone()),
         seal: plan.seal.clone().unwrap_or_default(),
+        pinning: Pinning::new(plan.config.cluster.pin_cpus, plan.config.cluster.servers),
     };
     let mut servers =
         Servers::start(plan.exe, plan.config.cluster.servers, &plan.run_dir, &server_opts).await?;
@@ -174,6 +175,7 @@ async fn run_on(
         ),
         false => None,
     };
+    let pinning = servers.pinning.clone();
     let opts = RunOptions {
         exe: plan.exe,
         run_dir: &plan.run_dir,
@@ -185,6 +187,7 @@ async fn run_on(
         security,
         transport: &transport,
         auth: Some(auth),
+        pinning: &pinning,
     };
     let outcome = cluster::run_workers(opts, servers, on_event).await;
     let checkpoints = match checkpointer {

@@ -150,11 +150,16 @@ pub struct ClusterConfig {
     /// fingerprint of earlier runs is unchanged.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub plaintext: bool,
+    /// Pin each process of the local cluster to one CPU (shard `k` and
+    /// worker `k` to the `k`-th CPU the launcher may use, in turn). Not
+    /// written when false.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pin_cpus: bool,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        ClusterConfig { servers: 2, workers: 2, plaintext: false }
+        ClusterConfig { servers: 2, workers: 2, plaintext: false, pin_cpus: false }
     }
 }
 
@@ -633,8 +638,8 @@ impl RunConfig {
             cluster: &'a ClusterConfig,
             job: JobConfig,
         }
-        // How the processes talk is not the job.
-        let cluster = ClusterConfig { plaintext: false, ..self.cluster.clone() };
+        // How the processes talk, and where they run, is not the job.
+        let cluster = ClusterConfig { plaintext: false, pin_cpus: false, ..self.cluster.clone() };
         let text = toml::to_string(&Identity { cluster: &cluster, job }).unwrap_or_default();
         format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()))
     }
