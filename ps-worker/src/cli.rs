@@ -105,8 +105,9 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// Runtime threads: `PS_THREADS`, default 2 (measured: one thread per process
-/// was 10% slower on the reference run with 4 processes on 2 cores;
-/// the knob is for larger machines).
+/// was 10% slower on the reference run with 4 processes on 2 cores, not pinned;
+/// the knob is for larger machines). The launcher gives a process it pins to
+/// one CPU 1.
 fn threads() -> usize {
     std::env::var("PS_THREADS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(2)
 }
