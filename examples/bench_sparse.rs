@@ -11,10 +11,14 @@
 //!
 //! - `cold pull`: the first pull of a batch of `--keys` keys, which creates
 //!   every row (initializer + optimizer state);
-//! - `pull` / `push`: the same batch again (mean of `--reps`), rows in place,
+//! - `pull` / `push`: the same rows again (mean of `--reps`), in place,
 //!   after one push unmeasured (as the TCP baseline's first round trip is:
 //!   the first push on a connection grows the shard's read buffer to its
-//!   size, about 30 ms for 36 MB of fresh memory on the reference VM).
+//!   size, about 30 ms for 36 MB of fresh memory on the reference VM). As
+//!   in a training step, each pull is of a batch the client did not send
+//!   last (every other rep the batch's keys in another order), and each push
+//!   is of the keys just pulled, so the push takes the pull's plan
+//!   (`PlanCache` in `ps_worker::plan`) and the pull plans anew.
 //!
 //! Keys/s counts the keys of the request, duplicates included (the client
 //! sends each distinct key once; the `distinct` column says how many). Beside
@@ -42,6 +46,7 @@ use ps_common::optim::Rule;
 use ps_common::spec::{Init, InitKind, OptimizerConfig, TableSpec};
 use ps_worker::client::{ClientOptions, DenseSet, ShardedClient};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tokio::sync::oneshot;
 
@@ -264,10 +269,14 @@ async fn bench_width(a: &Args, shards: u32, width: usize, out: &mut Vec<Row>) ->
         // One push unmeasured, as the TCP baseline's first round trip: a
         // shard's connection grows its read buffer to the push's size once.
         push(&mut c, &table, width, &keys, &vals, step).await?;
+        // The same keys in another order: the same rows, another plan.
+        let mut shuffled = keys.clone();
+        shuffled.shuffle(&mut rng);
         let (mut tp, mut tq) = (0.0, 0.0);
-        for _ in 0..a.reps {
-            tp += pull(&c, &table, width, &keys, &mut vals, step).await?;
-            tq += push(&mut c, &table, width, &keys, &vals, step).await?;
+        for rep in 0..a.reps {
+            let batch = if rep % 2 == 0 { &shuffled } else { &keys };
+            tp += pull(&c, &table, width, batch, &mut vals, step).await?;
+            tq += push(&mut c, &table, width, batch, &vals, step).await?;
         }
         let nk = n as f64;
         let mut tcp = baseline::Tcp::connect().await?;

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::feedback::Residuals;
-use crate::plan::{SparsePlan, in_parallel, threads};
+use crate::plan::{PlanCache, in_parallel, threads};
 use prost::Message;
 use ps_common::cache::{PREFETCH_AHEAD, prefetch};
 
@@ -224,6 +224,9 @@ pub struct ShardedClient {
     late_pushes: AtomicU64,
     /// Requests refused with a pushback, and sent again.
     pushbacks: Pushbacks,
+    /// Each sparse table's last batch's plan, for a push of the keys just
+    /// pulled.
+    plans: PlanCache,
 }
 
 /// How a client waits out a shard's pushbacks (`transport::with_pushback`):
@@ -357,6 +360,7 @@ impl ShardedClient {
             pushed_clock: AtomicU64::new(0),
             late_pushes: AtomicU64::new(0),
             pushbacks: Pushbacks { within, waits: AtomicU64::new(0) },
+            plans: PlanCache::default(),
         })
     }
 
@@ -1100,15 +1104,15 @@ impl ShardedClient {
         read_only: bool,
     ) -> Result<()> {
         check_len("pull buffer", out.len(), keys.len() * dim)?;
-        let plan = SparsePlan::new(keys, self.num_shards())?;
+        let (plan, sent) = self.plans.plan(table, keys, self.num_shards())?;
         // Evaluation (read-only lookups) reads exact values.
         let compressed = !read_only && self.codecs_of(table).pull.is_lossy();
         let meta = pb::ReadMeta { worker: self.worker, clock, compressed };
-        let calls = plan.ranges.iter().enumerate().filter(|(_, r)| !r.is_empty()).map(|(i, r)| {
+        let calls = plan.ranges.iter().enumerate().filter(|(_, r)| !r.is_empty()).map(|(i, _)| {
             let c = &self.shards[i];
             let msg = pb::PullSparseRequest {
                 table: table.to_string(),
-                keys: codec::encode_u64(&plan.keys[r.clone()]),
+                keys: sent[i].clone(),
                 meta: Some(meta),
                 read_only,
             };
@@ -1215,7 +1219,8 @@ impl ShardedClient {
         tick: bool,
     ) -> Result<()> {
         check_len("gradient", grads.len(), keys.len() * dim)?;
-        let plan = SparsePlan::new(keys, self.num_shards())?;
+        // A training step pushes the keys it pulled: their plan is kept.
+        let (plan, sent) = self.plans.plan(table, keys, self.num_shards())?;
         // Each shard's rows (on up to one thread each, for a large batch):
         // one per distinct key, a first occurrence's gradient plus its
         // repeats'. The first occurrences are visited in the shard's order,
@@ -1267,7 +1272,7 @@ impl ShardedClient {
             meta.codecs = compress::codecs_tag([codec.kind()]);
             let msg = pb::PushSparseRequest {
                 table: table.to_string(),
-                keys: codec::encode_u64(ks),
+                keys: sent[i].clone(),
                 grads,
                 meta: Some(meta),
             };

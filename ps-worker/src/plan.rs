@@ -15,9 +15,13 @@
 //! front to back. The caller's rows are visited out of order instead, on
 //! the client, where each is asked for a few rows ahead.
 
+use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use hashbrown::hash_map::Entry;
+use ps_common::codec;
 use ps_common::partition::{STRIPE_BITS, hash_shard, splitmix64};
 
 use crate::error::{Error, Result};
@@ -168,6 +172,40 @@ pub(crate) fn in_parallel<I: Send, T: Send>(items: Vec<I>, keys: usize, f: impl 
     })
 }
 
+/// The plan of the last batch a client sent to each sparse table, kept with
+/// the batch's keys and each shard's keys as sent: a push of the keys just
+/// pulled (a training step's) takes them instead of planning again. The
+/// batch is compared key by key, so another batch never takes a stale plan.
+/// Holds about 30 bytes per key of each table's last batch.
+#[derive(Default)]
+pub(crate) struct PlanCache(Mutex<HashMap<String, Planned>>);
+
+struct Planned {
+    batch: Vec<u64>,
+    plan: Arc<SparsePlan>,
+    /// `plan.keys[plan.ranges[s]]`, encoded for the wire.
+    sent: Vec<Bytes>,
+}
+
+impl PlanCache {
+    /// The plan of `keys` of `table` on `num_shards` shards and each
+    /// shard's keys encoded: the table's last batch's if `keys` are the
+    /// same, else new (and kept).
+    pub fn plan(&self, table: &str, keys: &[u64], num_shards: u32) -> Result<(Arc<SparsePlan>, Vec<Bytes>)> {
+        if let Some(p) = self.0.lock().unwrap_or_else(|p| p.into_inner()).get(table)
+            && p.sent.len() == num_shards as usize
+            && p.batch == keys
+        {
+            return Ok((Arc::clone(&p.plan), p.sent.clone()));
+        }
+        let plan = Arc::new(SparsePlan::new(keys, num_shards)?);
+        let sent: Vec<Bytes> = plan.ranges.iter().map(|r| codec::encode_u64(&plan.keys[r.clone()])).collect();
+        let kept = Planned { batch: keys.to_vec(), plan: Arc::clone(&plan), sent: sent.clone() };
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(table.to_string(), kept);
+        Ok((plan, sent))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +250,34 @@ mod tests {
         }
         prop_assert!(seen.iter().all(|&c| c == 1));
         Ok(())
+    }
+
+    /// The same batch of a table (another vector, equal keys) takes the
+    /// kept plan, whatever other tables did in between; a batch that
+    /// differs in one key, or the same keys on another number of shards,
+    /// gets its own.
+    #[test]
+    fn only_the_same_batch_takes_the_kept_plan() {
+        let cache = PlanCache::default();
+        let keys: Vec<u64> = (0..10_000).map(|i| i * 7 % 3_001).collect();
+        let (first, sent) = cache.plan("a", &keys, 2).unwrap();
+        let (elsewhere, _) = cache.plan("b", &keys[..100], 2).unwrap();
+        let (again, sent_again) = cache.plan("a", &keys.clone(), 2).unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(!Arc::ptr_eq(&first, &elsewhere));
+        assert_eq!(sent, sent_again);
+        let mut other = keys.clone();
+        other[5_000] = 1 << 40;
+        let (changed, sent_changed) = cache.plan("a", &other, 2).unwrap();
+        assert!(!Arc::ptr_eq(&first, &changed));
+        assert!(changed.keys.contains(&(1 << 40)) && !first.keys.contains(&(1 << 40)));
+        assert_ne!(sent, sent_changed);
+        let (three, sent_three) = cache.plan("a", &other, 3).unwrap();
+        assert!(!Arc::ptr_eq(&changed, &three));
+        assert_eq!((three.ranges.len(), sent_three.len()), (3, 3));
+        for (r, bytes) in three.ranges.iter().zip(&sent_three) {
+            assert_eq!(bytes, &codec::encode_u64(&three.keys[r.clone()]));
+        }
     }
 
     proptest! {
