@@ -176,7 +176,8 @@ pub struct Servers {
     /// The launcher's own credential towards these shards (admin).
     pub admin: ps_common::auth::Credential,
     seal: KeyPaths,
-    /// Which CPU each shard runs on (a restarted one too), if pinned.
+    /// Which CPU each shard (a restarted one too) and each worker runs
+    /// on, if pinned.
     pub pinning: Pinning,
 }
 
@@ -455,8 +456,6 @@ pub struct RunOptions<'a> {
     pub transport: &'a TransportConfig,
     /// Issues each worker its token (`PS_TOKEN_FILE`); `None`: auth off.
     pub auth: Option<&'a crate::credentials::LocalAuth>,
-    /// Which CPU each worker runs on, if pinned.
-    pub pinning: &'a Pinning,
 }
 
 /// Starts the workers of `config` against `servers`, forwards their events
@@ -476,7 +475,7 @@ pub async fn run_workers(
     for index in 0..opts.workers as usize {
         let log_path = opts.run_dir.join(format!("worker-{index}.log"));
         let log = std::fs::File::create(&log_path).map_err(io(format!("creating {}", log_path.display())))?;
-        let mut cmd = command(opts.exe, opts.pinning.worker(index));
+        let mut cmd = command(opts.exe, servers.pinning.worker(index));
         if let Some(auth) = opts.auth {
             let token = auth.token_file(ps_common::auth::Principal::Worker(index as u64))?;
             cmd.env(ps_common::auth::TOKEN_FILE_ENV, token);

@@ -175,7 +175,6 @@ async fn run_on(
         ),
         false => None,
     };
-    let pinning = servers.pinning.clone();
     let opts = RunOptions {
         exe: plan.exe,
         run_dir: &plan.run_dir,
@@ -187,7 +186,6 @@ async fn run_on(
         security,
         transport: &transport,
         auth: Some(auth),
-        pinning: &pinning,
     };
     let outcome = cluster::run_workers(opts, servers, on_event).await;
     let checkpoints = match checkpointer {
