@@ -5,9 +5,9 @@
 //!     [--widths 8,16,64] [--shards 2,1] [--zipf 1.05] [--reps 3] [--memory-keys 10000000]
 //! ```
 //!
-//! Starts in-process shards on loopback (a fresh set per shard count and row
-//! width) and, for uniform and Zipf keys over `--space`, times with one
-//! client:
+//! Starts in-process shards on loopback (a fresh set per shard count, row
+//! width and `--via`) and, for uniform and Zipf keys over `--space`, times
+//! with one client:
 //!
 //! - `cold pull`: the first pull of a batch of `--keys` keys, which creates
 //!   every row (initializer + optimizer state);
@@ -28,6 +28,12 @@
 //! CTR workload's embeddings do. A second table puts each pull and push
 //! beside raw loopback TCP moving the same bytes in the same run
 //! (`paramserver::bench::baseline`): `x TCP` is the time over TCP's time.
+//!
+//! `--via` says how the client reaches the shards' data plane: `tcp`
+//! (loopback TCP, as from another host) and `unix` (each shard's Unix
+//! socket, as every worker of a local cluster reaches its shards); a
+//! `unix` row is also put beside a raw Unix socket moving the same bytes
+//! (`x Unix`).
 //!
 //! Memory is measured first, in a fresh process (so freed memory the
 //! allocator keeps does not hide growth): RSS (`VmRSS`) before and after
@@ -75,9 +81,29 @@ struct Args {
     /// Repetitions of each timed pull and push.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// How the client reaches the shards, comma-separated: `tcp` (loopback
+    /// TCP), `unix` (the shards' Unix sockets).
+    #[arg(long, value_delimiter = ',', default_values = ["tcp", "unix"])]
+    via: Vec<Via>,
     /// Rows created for the memory figure (0: skip it).
     #[arg(long, default_value_t = 10_000_000)]
     memory_keys: usize,
+}
+
+/// How the client reaches the shards' data plane.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Via {
+    Tcp,
+    Unix,
+}
+
+impl Via {
+    fn name(self) -> &'static str {
+        match self {
+            Via::Tcp => "tcp",
+            Via::Unix => "unix",
+        }
+    }
 }
 
 fn parse_args() -> Result<Args> {
@@ -85,10 +111,14 @@ fn parse_args() -> Result<Args> {
     if a.keys == 0 || a.space == 0 || a.reps == 0 || a.widths.contains(&0) || a.shards.contains(&0) {
         bail!("keys, space, reps, widths and shards must be positive");
     }
+    if a.via.is_empty() {
+        bail!("--via needs tcp, unix or both");
+    }
     Ok(a)
 }
 
-/// In-process shards on 127.0.0.1:0; stopped on drop.
+/// In-process shards on 127.0.0.1:0, each also on a Unix socket in `dir`
+/// if given; stopped on drop.
 struct Shards {
     addrs: Vec<String>,
     stops: Vec<oneshot::Sender<()>>,
@@ -96,10 +126,11 @@ struct Shards {
 }
 
 impl Shards {
-    async fn start(n: u32) -> Result<Shards> {
+    async fn start(n: u32, dir: Option<&std::path::Path>) -> Result<Shards> {
         let mut s = Shards { addrs: Vec::new(), stops: Vec::new(), tasks: Vec::new() };
         for shard in 0..n {
-            let config = ps_server::ServerConfig { shard, num_shards: n, ..Default::default() };
+            let data_socket = dir.map(|d| d.join(format!("shard-{shard}.sock")));
+            let config = ps_server::ServerConfig { shard, num_shards: n, data_socket, ..Default::default() };
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             s.addrs.push(listener.local_addr()?.to_string());
             let (tx, rx) = oneshot::channel();
@@ -201,6 +232,7 @@ fn dense_specs(name: &str, floats: usize, shards: u32) -> Vec<TableSpec> {
 }
 
 struct Row {
+    via: Via,
     shards: u32,
     width: usize,
     dist: &'static str,
@@ -215,10 +247,14 @@ struct Row {
     /// gradients out, a small answer back).
     tcp_pull: f64,
     tcp_push: f64,
+    /// The same through a raw Unix socket, for rows `via` Unix.
+    unix: Option<(f64, f64)>,
 }
 
-async fn bench_width(a: &Args, shards: u32, width: usize, out: &mut Vec<Row>) -> Result<()> {
-    let cluster = Shards::start(shards).await?;
+async fn bench_width(a: &Args, via: Via, shards: u32, width: usize, out: &mut Vec<Row>) -> Result<()> {
+    // Short paths: a Unix socket's path is limited to about 100 bytes.
+    let dir = tempfile::Builder::new().prefix("bench-sparse").tempdir_in("/tmp")?;
+    let cluster = Shards::start(shards, (via == Via::Unix).then_some(dir.path())).await?;
     let mut c = ShardedClient::connect(&cluster.addrs, 1, ClientOptions::default()).await?;
     let step = keys_per_request(width, shards);
     let n = a.keys;
@@ -284,7 +320,18 @@ async fn bench_width(a: &Args, shards: u32, width: usize, out: &mut Vec<Row>) ->
         let tcp_pull = tcp.time(distinct * 8, distinct * width * 4, reps32).await?.as_secs_f64();
         let tcp_push = tcp.push(distinct * (8 + width * 4), reps32).await?.as_secs_f64();
         drop(tcp);
+        let unix = match via {
+            Via::Tcp => None,
+            Via::Unix => {
+                let mut raw =
+                    baseline::Tcp::connect_unix(&dir.path().join(format!("raw-{dist}.sock"))).await?;
+                let pull = raw.time(distinct * 8, distinct * width * 4, reps32).await?.as_secs_f64();
+                let push = raw.push(distinct * (8 + width * 4), reps32).await?.as_secs_f64();
+                Some((pull, push))
+            }
+        };
         out.push(Row {
+            via,
             shards,
             width,
             dist,
@@ -296,6 +343,7 @@ async fn bench_width(a: &Args, shards: u32, width: usize, out: &mut Vec<Row>) ->
             dense_push,
             tcp_pull,
             tcp_push,
+            unix,
         });
     }
     drop(c);
@@ -305,7 +353,7 @@ async fn bench_width(a: &Args, shards: u32, width: usize, out: &mut Vec<Row>) ->
 /// Creates `keys` rows of width 8 by pulls; returns the rows held and the
 /// memory they added.
 async fn bench_memory(keys: usize, shards: u32) -> Result<Memory> {
-    let cluster = Shards::start(shards).await?;
+    let cluster = Shards::start(shards, None).await?;
     let c = ShardedClient::connect(&cluster.addrs, 1, ClientOptions::default()).await?;
     let table = "bench.memory.w8";
     let init = Init { kind: InitKind::Uniform { low: -0.01, high: 0.01 }, seed: 1 };
@@ -403,7 +451,9 @@ async fn main() -> Result<()> {
     let mut rows = Vec::new();
     for &shards in &a.shards {
         for &width in &a.widths {
-            bench_width(&a, shards, width, &mut rows).await?;
+            for &via in &a.via {
+                bench_width(&a, via, shards, width, &mut rows).await?;
+            }
         }
     }
     println!(
@@ -411,7 +461,8 @@ async fn main() -> Result<()> {
         a.keys, a.space, a.zipf, a.reps
     );
     println!(
-        "{:>6} {:>5} {:>7} {:>9} | {:>11} {:>11} {:>11} | {:>9} {:>9} | {:>12} {:>12} | {:>7} {:>7}",
+        "{:>4} {:>6} {:>5} {:>7} {:>9} | {:>11} {:>11} {:>11} | {:>9} {:>9} | {:>12} {:>12} | {:>7} {:>7}",
+        "via",
         "shards",
         "width",
         "keys",
@@ -427,7 +478,8 @@ async fn main() -> Result<()> {
         "push"
     );
     println!(
-        "{:>6} {:>5} {:>7} {:>9} | {:>37} | {:>19} | {:>25} | {:>15}",
+        "{:>4} {:>6} {:>5} {:>7} {:>9} | {:>37} | {:>19} | {:>25} | {:>15}",
+        "",
         "",
         "",
         "",
@@ -440,7 +492,8 @@ async fn main() -> Result<()> {
     for r in &rows {
         let floats = |keys_per_s: f64| keys_per_s * r.width as f64;
         println!(
-            "{:>6} {:>5} {:>7} {:>9} | {:>11.3e} {:>11.3e} {:>11.3e} | {:>9.0} {:>9.0} | {:>12.3e} {:>12.3e} | {:>7.2} {:>7.2}",
+            "{:>4} {:>6} {:>5} {:>7} {:>9} | {:>11.3e} {:>11.3e} {:>11.3e} | {:>9.0} {:>9.0} | {:>12.3e} {:>12.3e} | {:>7.2} {:>7.2}",
+            r.via.name(),
             r.shards,
             r.width,
             r.dist,
@@ -458,25 +511,51 @@ async fn main() -> Result<()> {
     }
     println!(
         "\nbeside raw loopback TCP moving the same bytes in one round trip on one socket (same run; \
-         pull: distinct keys out, rows back; push: keys + gradients out):"
+         pull: distinct keys out, rows back; push: keys + gradients out), and for `unix` rows a raw \
+         Unix socket likewise:"
     );
     println!(
-        "{:>6} {:>5} {:>7} | {:>9} {:>9} {:>7} | {:>9} {:>9} {:>7}",
-        "shards", "width", "keys", "pull ms", "TCP ms", "x TCP", "push ms", "TCP ms", "x TCP"
+        "{:>4} {:>6} {:>5} {:>7} | {:>9} {:>9} {:>7} {:>9} {:>7} | {:>9} {:>9} {:>7} {:>9} {:>7}",
+        "via",
+        "shards",
+        "width",
+        "keys",
+        "pull ms",
+        "TCP ms",
+        "x TCP",
+        "Unix ms",
+        "x Unix",
+        "push ms",
+        "TCP ms",
+        "x TCP",
+        "Unix ms",
+        "x Unix"
     );
     for r in &rows {
         let (pull, push) = (a.keys as f64 / r.pull, a.keys as f64 / r.push);
+        // A raw time and the time over it, or dashes.
+        let raw = |ours: f64, raw: Option<f64>| match raw {
+            Some(t) => (format!("{:.1}", t * 1e3), format!("{:.2}", ours / t)),
+            None => ("-".to_string(), "-".to_string()),
+        };
+        let (unix_pull, x_unix_pull) = raw(pull, r.unix.map(|u| u.0));
+        let (unix_push, x_unix_push) = raw(push, r.unix.map(|u| u.1));
         println!(
-            "{:>6} {:>5} {:>7} | {:>9.1} {:>9.1} {:>7.2} | {:>9.1} {:>9.1} {:>7.2}",
+            "{:>4} {:>6} {:>5} {:>7} | {:>9.1} {:>9.1} {:>7.2} {:>9} {:>7} | {:>9.1} {:>9.1} {:>7.2} {:>9} {:>7}",
+            r.via.name(),
             r.shards,
             r.width,
             r.dist,
             pull * 1e3,
             r.tcp_pull * 1e3,
             pull / r.tcp_pull,
+            unix_pull,
+            x_unix_pull,
             push * 1e3,
             r.tcp_push * 1e3,
-            push / r.tcp_push
+            push / r.tcp_push,
+            unix_push,
+            x_unix_push,
         );
     }
     println!("\ntotal {:.1} s", started.elapsed().as_secs_f64());
