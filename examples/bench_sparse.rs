@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run --release --example bench_sparse -- [--keys 1000000] [--space 100000000]
-//!     [--widths 8,16,64] [--shards 2,1] [--zipf 1.05] [--reps 3] [--memory-keys 10000000]
+//!     [--widths 8,16,64] [--shards 2,1] [--zipf 1.05] [--reps 3] [--via tcp,unix]
+//!     [--memory-keys 10000000]
 //! ```
 //!
 //! Starts in-process shards on loopback (a fresh set per shard count, row
