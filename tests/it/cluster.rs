@@ -251,6 +251,39 @@ pipeline = true"#,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlapped_worker_trains_as_serial_sgd() {
+    // One worker under ASP with `overlap`: each push travels with the next
+    // pull, which the shard runs after it, so every batch is computed on
+    // the weights after the worker's own last push: serial SGD exactly. A
+    // pull served before its push (or a batch computed on stale weights,
+    // as `pipeline` does knowingly) lands elsewhere.
+    let text = run_file(
+        "[784, 16, 10]",
+        r#"epochs = 2
+train_limit = 640
+consistency = { model = "asp" }
+overlap = true"#,
+    );
+    let job = job(&text);
+    let shards = LocalShards::start(2).await.expect("start shards");
+    let init = pull_params(&job, &shards.addrs).await;
+    let mut events = Vec::new();
+    let mut reporter = |e: Event| events.push(e);
+    train::run(&job, &shards.addrs, WorkerId { index: 0, count: 1 }, &mut reporter)
+        .await
+        .expect("worker trains");
+    assert!(matches!(events.last(), Some(Event::Done(d)) if d.iters == 40), "{:?}", events.last());
+    let trained = pull_params(&job, &shards.addrs).await;
+    shards.stop().await.expect("stop shards");
+
+    let err = max_abs_diff(&trained, &simulate_one(&job, &init, 0.05, false));
+    assert!(err < 1e-4, "the overlapped run differs from serial SGD by {err}");
+    let delayed = simulate_one(&job, &init, 0.05, true);
+    let gap = max_abs_diff(&trained, &delayed);
+    assert!(gap > 100.0 * err.max(1e-6), "delayed-gradient SGD differs by only {gap}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_dies_in_process_is_reaped_and_the_shards_keep_serving() {
     // Worker 1 runs on a runtime of its own; shutting that runtime down ends
     // its training and heartbeat tasks and drops its connections without a
