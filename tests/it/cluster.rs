@@ -220,15 +220,14 @@ fn simulate_one(job: &JobConfig, init: &[f32], lr: f32, delayed: bool) -> Vec<f3
     params
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pipelined_worker_computes_each_batch_on_the_weights_before_its_last_push() {
-    // One worker, so ASP is deterministic and the result is exact.
+/// One worker under ASP (deterministic, so exact) with SGD and `option`
+/// (a line of the job table), 2 epochs of 640 rows on 2 shards: how far
+/// the trained parameters are from `simulate_one`'s reading with `delayed`,
+/// and from the other reading.
+async fn one_asp_worker(option: &str, delayed: bool) -> (f32, f32) {
     let text = run_file(
         "[784, 16, 10]",
-        r#"epochs = 2
-train_limit = 640
-consistency = { model = "asp" }
-pipeline = true"#,
+        &format!("epochs = 2\ntrain_limit = 640\nconsistency = {{ model = \"asp\" }}\n{option}"),
     );
     let job = job(&text);
     let shards = LocalShards::start(2).await.expect("start shards");
@@ -241,46 +240,29 @@ pipeline = true"#,
     assert!(matches!(events.last(), Some(Event::Done(d)) if d.iters == 40), "{:?}", events.last());
     let trained = pull_params(&job, &shards.addrs).await;
     shards.stop().await.expect("stop shards");
+    let err = max_abs_diff(&trained, &simulate_one(&job, &init, 0.05, delayed));
+    let other = max_abs_diff(&trained, &simulate_one(&job, &init, 0.05, !delayed));
+    (err, other)
+}
 
-    let err = max_abs_diff(&trained, &simulate_one(&job, &init, 0.05, true));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_worker_computes_each_batch_on_the_weights_before_its_last_push() {
+    let (err, fresh) = one_asp_worker("pipeline = true", true).await;
     assert!(err < 1e-4, "the pipelined run differs from its serial reading by {err}");
     // The check has teeth: the plain loop's reading lands elsewhere.
-    let fresh = simulate_one(&job, &init, 0.05, false);
-    let gap = max_abs_diff(&trained, &fresh);
-    assert!(gap > 100.0 * err.max(1e-6), "fresh-weight SGD differs by only {gap}");
+    assert!(fresh > 100.0 * err.max(1e-6), "fresh-weight SGD differs by only {fresh}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overlapped_worker_trains_as_serial_sgd() {
-    // One worker under ASP with `overlap`: each push travels with the next
-    // pull, which the shard runs after it, so every batch is computed on
-    // the weights after the worker's own last push: serial SGD exactly. A
-    // pull served before its push (or a batch computed on stale weights,
-    // as `pipeline` does knowingly) lands elsewhere.
-    let text = run_file(
-        "[784, 16, 10]",
-        r#"epochs = 2
-train_limit = 640
-consistency = { model = "asp" }
-overlap = true"#,
-    );
-    let job = job(&text);
-    let shards = LocalShards::start(2).await.expect("start shards");
-    let init = pull_params(&job, &shards.addrs).await;
-    let mut events = Vec::new();
-    let mut reporter = |e: Event| events.push(e);
-    train::run(&job, &shards.addrs, WorkerId { index: 0, count: 1 }, &mut reporter)
-        .await
-        .expect("worker trains");
-    assert!(matches!(events.last(), Some(Event::Done(d)) if d.iters == 40), "{:?}", events.last());
-    let trained = pull_params(&job, &shards.addrs).await;
-    shards.stop().await.expect("stop shards");
-
-    let err = max_abs_diff(&trained, &simulate_one(&job, &init, 0.05, false));
+    // With `overlap` each push travels with the next pull, which the shard
+    // runs after it, so every batch is computed on the weights after the
+    // worker's own last push: serial SGD exactly. A pull served before its
+    // push (or a batch computed on stale weights, as `pipeline` does
+    // knowingly) lands on the delayed reading instead.
+    let (err, delayed) = one_asp_worker("overlap = true", false).await;
     assert!(err < 1e-4, "the overlapped run differs from serial SGD by {err}");
-    let delayed = simulate_one(&job, &init, 0.05, true);
-    let gap = max_abs_diff(&trained, &delayed);
-    assert!(gap > 100.0 * err.max(1e-6), "delayed-gradient SGD differs by only {gap}");
+    assert!(delayed > 100.0 * err.max(1e-6), "delayed-gradient SGD differs by only {delayed}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
