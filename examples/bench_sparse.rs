@@ -253,9 +253,13 @@ struct Row {
 }
 
 async fn bench_width(a: &Args, via: Via, shards: u32, width: usize, out: &mut Vec<Row>) -> Result<()> {
-    // Short paths: a Unix socket's path is limited to about 100 bytes.
-    let dir = tempfile::Builder::new().prefix("bench-sparse").tempdir_in("/tmp")?;
-    let cluster = Shards::start(shards, (via == Via::Unix).then_some(dir.path())).await?;
+    // The shards' and the raw baseline's Unix sockets, in a short path (a
+    // Unix socket's path is limited to about 100 bytes).
+    let dir = match via {
+        Via::Tcp => None,
+        Via::Unix => Some(tempfile::Builder::new().prefix("bench-sparse").tempdir_in("/tmp")?),
+    };
+    let cluster = Shards::start(shards, dir.as_ref().map(|d| d.path())).await?;
     let mut c = ShardedClient::connect(&cluster.addrs, 1, ClientOptions::default()).await?;
     let step = keys_per_request(width, shards);
     let n = a.keys;
@@ -316,20 +320,13 @@ async fn bench_width(a: &Args, via: Via, shards: u32, width: usize, out: &mut Ve
             tq += push(&mut c, &table, width, batch, &vals, step).await?;
         }
         let nk = n as f64;
-        let mut tcp = baseline::Tcp::connect().await?;
-        let reps32 = a.reps as u32;
-        let tcp_pull = tcp.time(distinct * 8, distinct * width * 4, reps32).await?.as_secs_f64();
-        let tcp_push = tcp.push(distinct * (8 + width * 4), reps32).await?.as_secs_f64();
-        drop(tcp);
-        let unix = match via {
-            Via::Tcp => None,
-            Via::Unix => {
-                let mut raw =
-                    baseline::Tcp::connect_unix(&dir.path().join(format!("raw-{dist}.sock"))).await?;
-                let pull = raw.time(distinct * 8, distinct * width * 4, reps32).await?.as_secs_f64();
-                let push = raw.push(distinct * (8 + width * 4), reps32).await?.as_secs_f64();
-                Some((pull, push))
-            }
+        let raw = |link: baseline::Tcp| raw_times(link, distinct, width, a.reps as u32);
+        let (tcp_pull, tcp_push) = raw(baseline::Tcp::connect().await?).await?;
+        let unix = match &dir {
+            Some(d) => Some(
+                raw(baseline::Tcp::connect_unix(&d.path().join(format!("raw-{dist}.sock"))).await?).await?,
+            ),
+            None => None,
         };
         out.push(Row {
             via,
@@ -349,6 +346,15 @@ async fn bench_width(a: &Args, via: Via, shards: u32, width: usize, out: &mut Ve
     }
     drop(c);
     cluster.stop().await
+}
+
+/// Seconds of one raw round trip on `link` moving the bytes of a pull of
+/// `distinct` rows of `width` (keys out, rows back) and of their push (keys
+/// and gradients out, a small answer back).
+async fn raw_times(mut link: baseline::Tcp, distinct: usize, width: usize, reps: u32) -> Result<(f64, f64)> {
+    let pull = link.time(distinct * 8, distinct * width * 4, reps).await?.as_secs_f64();
+    let push = link.push(distinct * (8 + width * 4), reps).await?.as_secs_f64();
+    Ok((pull, push))
 }
 
 /// Creates `keys` rows of width 8 by pulls; returns the rows held and the
