@@ -428,6 +428,8 @@ impl ParameterServer for Service {
         self.0.admit(&req)?;
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
+        // An answer over the limit is refused before the keys are copied.
+        self.0.store.check_sparse_pull(&req.table, req.keys.len() / 8).map_err(|e| self.0.refuse(e))?;
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
         let compressed = req.meta.is_some_and(|m| m.compressed);
         let codec = match self.0.store.codecs(&req.table) {

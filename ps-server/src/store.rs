@@ -555,6 +555,13 @@ impl Store {
         Ok((table.spec.codecs, dim))
     }
 
+    /// Refuses, before its keys are decoded, a pull of `keys` keys from
+    /// sparse table `name` whose answer would be over the limit.
+    pub fn check_sparse_pull(&self, name: &str, keys: usize) -> Result<()> {
+        let (_, dim) = self.sparse_table(name)?;
+        self.check_pull_size(keys.checked_mul(dim))
+    }
+
     /// The codecs of table `name`, if it exists.
     pub fn codecs(&self, name: &str) -> Option<Codecs> {
         self.tables.get(name).map(|t| t.spec.codecs)
