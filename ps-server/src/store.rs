@@ -1333,6 +1333,12 @@ mod tests {
         let err = s.pull_sparse("e", &[4, 5, 6, 7], false, |_, _| panic!("nothing is read")).unwrap_err();
         assert!(matches!(err, Error::TooLarge { values: Some(12), limit: 10, .. }), "{err}");
         assert_eq!(s.sizes(), (2, 1, 3), "the refused pull created no row");
+        // The check a caller makes before it decodes the keys agrees.
+        assert!(s.check_sparse_pull("e", 3).is_ok());
+        let err = s.check_sparse_pull("e", 4).unwrap_err();
+        assert!(matches!(err, Error::TooLarge { values: Some(12), limit: 10, .. }), "{err}");
+        assert!(s.check_sparse_pull("e", usize::MAX).is_err(), "an overflowing size is refused");
+        assert!(matches!(s.check_sparse_pull("d", 1), Err(Error::WrongKind { .. })));
         // The same chunk asked for twice is counted twice.
         assert!(s.pull_dense(&[("d", 0)], |_| {}).is_ok());
         let err = s.pull_dense(&[("d", 0), ("d", 0)], |_| panic!("nothing is read")).unwrap_err();
