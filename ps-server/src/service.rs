@@ -429,7 +429,8 @@ impl ParameterServer for Service {
         let req = req.into_inner();
         self.0.before_read(req.meta.as_ref()).await.map_err(|e| self.0.refuse(e))?;
         // An answer over the limit is refused before the keys are copied.
-        self.0.store.check_sparse_pull(&req.table, req.keys.len() / 8).map_err(|e| self.0.refuse(e))?;
+        let dim =
+            self.0.store.check_sparse_pull(&req.table, req.keys.len() / 8).map_err(|e| self.0.refuse(e))?;
         let keys = codec::decode_u64("keys", &req.keys).map_err(|e| self.0.refuse(e))?;
         let compressed = req.meta.is_some_and(|m| m.compressed);
         let codec = match self.0.store.codecs(&req.table) {
@@ -442,7 +443,7 @@ impl ParameterServer for Service {
         // the pull's size.
         let (mut values, mut scratch) = (Vec::new(), Vec::new());
         let n = keys.len();
-        let floats = n.saturating_mul(self.0.store.sparse_wire(&req.table).map_or(0, |(_, dim)| dim));
+        let floats = n.saturating_mul(dim);
         let dim = heavy(floats, || {
             self.0.store.pull_sparse(&req.table, &keys, req.read_only, |i, row| {
                 let width = compress::encoded_len(codec.kind(), row.len(), row.len()).unwrap_or(0);

@@ -556,10 +556,12 @@ impl Store {
     }
 
     /// Refuses, before its keys are decoded, a pull of `keys` keys from
-    /// sparse table `name` whose answer would be over the limit.
-    pub fn check_sparse_pull(&self, name: &str, keys: usize) -> Result<()> {
+    /// sparse table `name` whose answer would be over the limit; returns the
+    /// table's row width.
+    pub fn check_sparse_pull(&self, name: &str, keys: usize) -> Result<usize> {
         let (_, dim) = self.sparse_table(name)?;
-        self.check_pull_size(keys.checked_mul(dim))
+        self.check_pull_size(keys.checked_mul(dim))?;
+        Ok(dim)
     }
 
     /// The codecs of table `name`, if it exists.
