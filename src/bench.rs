@@ -348,7 +348,9 @@ pub const REFERENCE_PARAMS: usize = 784 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10;
 /// iteration of the reference model (its push and the next pull, sent
 /// together as the trainer does). Twice: with the client on loopback TCP
 /// (beside raw TCP), then on the shard's Unix socket (beside a raw Unix
-/// socket, and raw TCP).
+/// socket, and raw TCP). Each figure and its baselines are timed in
+/// alternating rounds ([`ROUNDS`]), so that a slow spell of the machine
+/// falls on both.
 async fn transport(reps: u32) -> Result<()> {
     let io = |what: &str| {
         let what = what.to_string();
@@ -396,37 +398,44 @@ async fn transport(reps: u32) -> Result<()> {
             let set = DenseSet::new(&[spec], 1)?;
             let mut buf = vec![0.5f32; n];
             let bytes = n * 4;
-            // Enough repetitions for a few hundred ms each.
-            let r = if n >= 1 << 20 { reps.max(3) * 5 } else { reps.max(3) * 300 };
+            // Enough repetitions for a few hundred ms each, in rounds.
+            let per = if n >= 1 << 20 { reps.max(3) } else { reps.max(3) * 60 };
+            let r = per * ROUNDS;
             client.pull_dense(&set, 0, &mut buf).await?;
-            let t = Instant::now();
-            for _ in 0..r {
-                client.pull_dense(&set, 0, &mut buf).await?;
-            }
-            let pull = t.elapsed() / r;
             // Sent as the trainer sends its gradient: its floats' own bytes.
             let grads = SharedF32::new(buf.clone());
-            let t = Instant::now();
-            for _ in 0..r {
-                client.push_dense(&set, &grads, 0, 0, false).await?;
-            }
-            let push = t.elapsed() / r;
             // The raw socket of the same kind, and raw TCP, moving the same bytes.
             let small_bytes = baseline::SMALL;
-            let (raw_pull, tcp_pull) = raw_times(local.then_some(&mut unix), &mut tcp, small_bytes, bytes, r)
-                .await
-                .map_err(io("raw pull"))?;
-            let (raw_push, tcp_push) = raw_times(local.then_some(&mut unix), &mut tcp, bytes, small_bytes, r)
-                .await
-                .map_err(io("raw push"))?;
+            let mut unix = local.then_some(&mut unix);
+            let [mut pull, mut push, mut raw_pull, mut tcp_pull, mut raw_push, mut tcp_push] =
+                [Duration::ZERO; 6];
+            for _ in 0..ROUNDS {
+                let t = Instant::now();
+                for _ in 0..per {
+                    client.pull_dense(&set, 0, &mut buf).await?;
+                }
+                pull += t.elapsed() / r;
+                let t = Instant::now();
+                for _ in 0..per {
+                    client.push_dense(&set, &grads, 0, 0, false).await?;
+                }
+                push += t.elapsed() / r;
+                let (on_raw, on_tcp) = raw_times(unix.as_deref_mut(), &mut tcp, small_bytes, bytes, per)
+                    .await
+                    .map_err(io("raw pull"))?;
+                (raw_pull, tcp_pull) = (raw_pull + on_raw / ROUNDS, tcp_pull + on_tcp / ROUNDS);
+                let (on_raw, on_tcp) = raw_times(unix.as_deref_mut(), &mut tcp, bytes, small_bytes, per)
+                    .await
+                    .map_err(io("raw push"))?;
+                (raw_push, tcp_push) = (raw_push + on_raw / ROUNDS, tcp_push + on_tcp / ROUNDS);
+            }
             let ms = |d: Duration| d.as_secs_f64() * 1e3;
             let ratio = |raw: Duration, d: Duration| raw.as_secs_f64() / d.as_secs_f64();
             let label = |op: &str| format!("{op} {n} floats ({} KiB)", bytes >> 10);
             if small {
-                let (ping, tcp_ping) =
-                    raw_times(local.then_some(&mut unix), &mut tcp, small_bytes, small_bytes, r)
-                        .await
-                        .map_err(io("ping-pong"))?;
+                let (ping, tcp_ping) = raw_times(unix.as_deref_mut(), &mut tcp, small_bytes, small_bytes, r)
+                    .await
+                    .map_err(io("ping-pong"))?;
                 for (op, d) in [("pull", pull), ("push", push)] {
                     println!(
                         "{:<40} {:>10.3} {:>12.3} {:>16} {:>16}",
@@ -453,14 +462,20 @@ async fn transport(reps: u32) -> Result<()> {
             }
             if n == REFERENCE_PARAMS {
                 // The trainer's iteration: push of clock c with the pull of c + 1.
-                let t = Instant::now();
-                for c in 0..u64::from(r) {
-                    client.push_and_pull_dense(&set, &grads, c, &mut buf).await?;
+                let [mut both, mut raw_both, mut tcp_both] = [Duration::ZERO; 3];
+                for round in 0..ROUNDS {
+                    let t = Instant::now();
+                    for c in 0..u64::from(per) {
+                        client
+                            .push_and_pull_dense(&set, &grads, u64::from(round * per) + c, &mut buf)
+                            .await?;
+                    }
+                    both += t.elapsed() / r;
+                    let (on_raw, on_tcp) = raw_times(unix.as_deref_mut(), &mut tcp, bytes, bytes, per)
+                        .await
+                        .map_err(io("raw push + pull"))?;
+                    (raw_both, tcp_both) = (raw_both + on_raw / ROUNDS, tcp_both + on_tcp / ROUNDS);
                 }
-                let both = t.elapsed() / r;
-                let (raw_both, tcp_both) = raw_times(local.then_some(&mut unix), &mut tcp, bytes, bytes, r)
-                    .await
-                    .map_err(io("raw push + pull"))?;
                 println!(
                     "{:<40} {:>10.3} {:>12.3} {:>16.3} {:>16.3}",
                     "reference model: push + pull (Adam)",
@@ -485,6 +500,9 @@ async fn transport(reps: u32) -> Result<()> {
     let _ = server.await;
     Ok(())
 }
+
+/// Rounds in which [`transport`] alternates a figure with its baselines.
+const ROUNDS: u32 = 5;
 
 /// Mean time of a round trip of `request` bytes out and `answer` bytes back
 /// on the raw Unix socket (when given) and on raw TCP: (the socket's, TCP's);
