@@ -22,6 +22,25 @@ pub fn into_f32_bytes(values: Vec<f32>) -> Bytes {
     SharedF32::new(values).bytes(0..len)
 }
 
+/// The little-endian bytes of `values`, without a copy on a little-endian
+/// machine: the `Bytes` holds a clone of the `Arc` (a shard's dense chunk,
+/// which its next update copies first while one is held).
+pub fn shared_f32_bytes(values: &std::sync::Arc<[f32]>) -> Bytes {
+    if cfg!(target_endian = "little") {
+        return Bytes::from_owner(ArcBytes(values.clone()));
+    }
+    encode_f32(values)
+}
+
+/// Shared floats seen as their bytes (little-endian machines only).
+struct ArcBytes(std::sync::Arc<[f32]>);
+
+impl AsRef<[u8]> for ArcBytes {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
 /// Floats whose little-endian bytes requests carry without a copy: the
 /// bytes of a range of them are a view of the same memory
 /// ([`SharedF32::bytes`]). Made from a vector that is given up; with a

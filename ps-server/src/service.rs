@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ps_common::auth::{self, Access, Authenticator};
 use ps_common::codec;
-use ps_common::compress::{self, CodecKind};
+use ps_common::compress::{self, Codec, CodecKind};
 use ps_common::dataplane;
 use ps_common::spec::{Backup, Consistency, TableSpec};
 use ps_common::wire::pb::{self, parameter_server_server::ParameterServer};
@@ -377,13 +377,20 @@ impl ParameterServer for Service {
         // A training member's read is kept for delay compensation.
         let reader =
             req.meta.filter(|m| self.0.clocks.clock_of(m.worker).is_some()).map(|m| (m.worker, m.clock));
-        // Encoded straight from each block, under its lock: one copy.
+        // Uncompressed, an answer holds each block's values themselves (no
+        // copy; the block's next update copies them while it is held);
+        // compressed, they are encoded straight from the block, under its lock.
         (self.0.store)
             .pull_dense_as(reader, &ids, |v| {
-                let mut out = Vec::new();
                 let codec = codecs.get(values.len()).copied().unwrap_or_default();
-                compress::encode(codec, v, v.len(), 0, &mut out);
-                values.push(out.into());
+                values.push(match codec {
+                    Codec::F32 => codec::shared_f32_bytes(v),
+                    _ => {
+                        let mut out = Vec::new();
+                        compress::encode(codec, v, v.len(), 0, &mut out);
+                        out.into()
+                    }
+                });
             })
             .map_err(|e| self.0.refuse(e))?;
         let chunks = req

@@ -1,8 +1,9 @@
 //! The shard's parameter store: tables of blocks in concurrent maps.
 //!
 //! A dense tensor is stored as the chunks this shard owns, each keeping its
-//! values, its optimizer state and its update count together in one boxed
-//! slice. A sparse table is stored as the rows this shard owns, created on
+//! values, its optimizer state and its update count. A chunk's values are
+//! shared, copy on write, with the pull answers still being written
+//! ([`Block`]), so a pull answers from them without a copy. A sparse table is stored as the rows this shard owns, created on
 //! first touch, in slabs under lock stripes ([`rows`]): no allocation of
 //! their own, and a request takes each stripe's lock once for all its keys.
 //!
@@ -18,8 +19,9 @@
 //! `f32` slices. It never sees protobuf types or wire bytes; [`crate::service`]
 //! decodes requests and encodes answers at the edge. Reads hand each block's
 //! values to a caller's closure while the block is locked, so the service
-//! encodes straight from the block (one copy) and a checkpoint or another
-//! codec can consume the same values without a wire format in between.
+//! encodes straight from the block (a dense chunk's values uncompressed: no
+//! copy, [`Store::pull_dense_as`]) and a checkpoint or another codec can
+//! consume the same values without a wire format in between.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -85,27 +87,56 @@ pub struct PushOutcome {
     pub duplicate: bool,
 }
 
-/// A chunk of a dense tensor or a row of a sparse table, with its optimizer
-/// state: `data = values ++ state`, `values.len() = len`.
+/// A chunk of a dense tensor, with its optimizer state.
+///
+/// The values are shared with the answers of the pulls that read them
+/// while those are written to their sockets ([`Store::pull_dense_as`]): a
+/// pull answers from the values themselves instead of a copy. An update
+/// made while an answer still holds them copies them first (copy on write,
+/// [`Arc::make_mut`]), so an answer always holds the values as they were
+/// when it read them. Copying each pulled 4 MiB chunk into its answer took
+/// about a third of a pull's time on loopback TCP (docs/PERFORMANCE.md,
+/// twenty-fourth session); the copy is now made only when a push meets an
+/// answer still being written.
 struct Block {
-    data: Box<[f32]>,
-    /// Updates applied so far (Adam's bias correction; lazy Adam per row).
+    values: Arc<[f32]>,
+    /// The rule's state arrays one after another, then DC-ASGD-a's mean
+    /// square: `state_per_param` arrays of `values.len()` floats.
+    state: Box<[f32]>,
+    /// Updates applied so far (Adam's bias correction).
     step: u64,
 }
 
 impl Block {
     fn new(spec: &TableSpec, index: u64, len: usize) -> Block {
         let rule = spec.optimizer.rule;
-        let mut data = vec![0.0f32; len * (1 + spec.optimizer.state_per_param())].into_boxed_slice();
-        let (values, state) = data.split_at_mut(len);
-        spec.init.fill(&spec.name, index, values);
+        let mut values = vec![0.0f32; len];
+        let mut state = vec![0.0f32; len * spec.optimizer.state_per_param()].into_boxed_slice();
+        spec.init.fill(&spec.name, index, &mut values);
         // The rule's slots first; DC-ASGD-a's mean square (zeros) after them.
-        rule.init_state(values, &mut state[..len * rule.state_per_param()]);
-        Block { data, step: 0 }
+        rule.init_state(&values, &mut state[..len * rule.state_per_param()]);
+        Block { values: values.into(), state, step: 0 }
     }
 
-    fn values(&self, len: usize) -> &[f32] {
-        &self.data[..len]
+    /// A block from `data` = values ++ state, as a checkpoint holds it.
+    fn from_data(data: &[f32], len: usize, step: u64) -> Block {
+        let (values, state) = data.split_at(len);
+        Block { values: values.into(), state: state.into(), step }
+    }
+
+    fn values(&self) -> &Arc<[f32]> {
+        &self.values
+    }
+
+    /// How many floats it holds: values and state.
+    fn floats(&self) -> usize {
+        self.values.len() + self.state.len()
+    }
+
+    /// Its values, then its state.
+    #[cfg(test)]
+    fn data(&self) -> Vec<f32> {
+        [&self.values[..], &self.state[..]].concat()
     }
 
     /// Applies one update, unless it would make a value or an optimizer
@@ -131,7 +162,7 @@ impl Block {
             static BEFORE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
         }
         let arrays = 1 + spec.optimizer.state_per_param();
-        debug_assert_eq!(self.data.len(), arrays * len, "block length");
+        debug_assert_eq!(self.floats(), arrays * len, "block length");
         let read = read.filter(|r| r.len() == len);
         let step = self.step + 1;
         let update = spec.optimizer.rule.at(step, info.lr_scale(spec));
@@ -143,7 +174,8 @@ impl Block {
             for start in (0..len).step_by(TILE) {
                 let end = (start + TILE).min(len);
                 let saved = &mut before[arrays * start..arrays * end];
-                if !apply_update(spec, &update, len, &mut self.data, start..end, grad, read, saved) {
+                let values = Arc::make_mut(&mut self.values);
+                if !apply_update(spec, &update, values, &mut self.state, start..end, grad, read, saved) {
                     self.put_back(before, len, arrays, end);
                     return false;
                 }
@@ -162,7 +194,11 @@ impl Block {
             let tile_end = (start + TILE).min(end);
             for a in 0..arrays {
                 let (kept, rest) = from.split_at(tile_end - start);
-                self.data[a * len + start..a * len + tile_end].copy_from_slice(kept);
+                let array = match a {
+                    0 => Arc::make_mut(&mut self.values),
+                    _ => &mut self.state[(a - 1) * len..a * len],
+                };
+                array[start..tile_end].copy_from_slice(kept);
                 from = rest;
             }
         }
@@ -189,26 +225,26 @@ fn first_outside(values: &[f32], bound: f32) -> Option<usize> {
     })
 }
 
-/// Applies one gradient to the parameters `tile` of a block's floats `data`
-/// (`len` values, then the optimizer state, array after array) as `update`
+/// Applies one gradient to the parameters `tile` of a block's `values` and
+/// `state` (the optimizer state, array after array) as `update`
 /// (the table's rule at the block's next step), after delay compensation if
 /// the table has it and `read` is the pushing worker's read of the block. `grad` and `read` cover the whole block. The tile's values
-/// and state as they were are kept in `saved`, laid out as `data` is (the
-/// tile's values, then its part of each state array). Returns whether every
+/// and state as they were are kept in `saved` (the tile's values, then its
+/// part of each state array). Returns whether every
 /// value and state it wrote is finite.
 #[allow(clippy::too_many_arguments)] // one update's inputs, passed as they are
 fn apply_update(
     spec: &TableSpec,
     update: &Update,
-    len: usize,
-    data: &mut [f32],
+    values: &mut [f32],
+    state: &mut [f32],
     tile: std::ops::Range<usize>,
     grad: &[f32],
     read: Option<&[f32]>,
     saved: &mut [f32],
 ) -> bool {
     let rule = spec.optimizer.rule;
-    let (values, state) = data.split_at_mut(len);
+    let len = values.len();
     let (state, mean_square) = state.split_at_mut(len * rule.state_per_param());
     let [first, second] = rule.slots(state, len);
     // The tile of an array the rule uses; an unused one is empty.
@@ -594,19 +630,23 @@ impl Store {
     /// Reads dense chunks: `visit` gets each chunk's values, in request order,
     /// while that chunk is locked. Every chunk is checked before the first
     /// is read, so on an error `visit` has not been called.
-    pub fn pull_dense(&self, chunks: &[(&str, u32)], visit: impl FnMut(&[f32])) -> Result<()> {
-        self.pull_dense_as(None, chunks, visit)
+    pub fn pull_dense(&self, chunks: &[(&str, u32)], mut visit: impl FnMut(&[f32])) -> Result<()> {
+        self.pull_dense_as(None, chunks, |v| visit(v))
     }
 
     /// As [`Store::pull_dense`], for training worker `reader` = (worker,
     /// read clock), a member of the clock set: of a table with delay
     /// compensation, the values read are kept as that worker's read of the
     /// chunk at that clock, under the chunk's lock.
+    ///
+    /// `visit` gets the chunk's values themselves: a clone of the `Arc` may
+    /// be kept (an answer written from them without a copy), and the chunk's
+    /// next update copies them first while it is ([`Block`]).
     pub fn pull_dense_as(
         &self,
         reader: Option<(u64, u64)>,
         chunks: &[(&str, u32)],
-        mut visit: impl FnMut(&[f32]),
+        mut visit: impl FnMut(&Arc<[f32]>),
     ) -> Result<()> {
         let resolved = self.resolve_chunks(chunks)?;
         self.check_pull_size(resolved.iter().try_fold(0usize, |n, (_, _, len)| n.checked_add(*len)))?;
@@ -618,7 +658,8 @@ impl Store {
         for (table, index, len) in &resolved {
             let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("checked by check_chunk") };
             let block = chunks.get(index).expect("owned chunks are created at registration");
-            let values = block.values(*len);
+            let values = block.values();
+            debug_assert_eq!(values.len(), *len, "chunk length");
             if let Some((worker, clock)) = reader
                 && table.spec.optimizer.delay_compensation.is_some()
             {
@@ -970,7 +1011,8 @@ impl Store {
                     if update.step() != next {
                         update = table.spec.optimizer.rule.at(next, lr_scale);
                     }
-                    if apply_update(&table.spec, &update, dim, data, 0..dim, grad, None, &mut before) {
+                    let (values, state) = data.split_at_mut(dim);
+                    if apply_update(&table.spec, &update, values, state, 0..dim, grad, None, &mut before) {
                         if let Some(s) = step {
                             *s = next;
                         }
@@ -1012,7 +1054,7 @@ impl Store {
             .map(|t| {
                 let (blocks, floats) = match &t.blocks {
                     Blocks::Dense { chunks, .. } => {
-                        (chunks.len() as u64, chunks.iter().map(|c| c.data.len() as u64).sum::<u64>())
+                        (chunks.len() as u64, chunks.iter().map(|c| c.floats() as u64).sum::<u64>())
                     }
                     Blocks::Sparse { rows, .. } => (rows.len() as u64, rows.len() as u64 * rows.width as u64),
                 };
@@ -1080,7 +1122,8 @@ impl Store {
                 let mut push = |key: u64, b: &Block| {
                     keys.push(key);
                     steps.push(b.step);
-                    data.extend_from_slice(&b.data);
+                    data.extend_from_slice(&b.values);
+                    data.extend_from_slice(&b.state);
                 };
                 match &t.blocks {
                     Blocks::Dense { chunks, .. } => {
@@ -1165,7 +1208,7 @@ impl Store {
                             return Err(bad(&name, format!("chunk {index} twice")));
                         }
                         let data = take(len * width)?;
-                        chunks.insert(index, Block { data, step });
+                        chunks.insert(index, Block::from_data(&data, len, step));
                     }
                 }
                 Blocks::Sparse { dim, rows } => {
@@ -1192,13 +1235,9 @@ impl Store {
     pub fn snapshot(&self, name: &str) -> Result<Vec<(u64, Vec<f32>)>> {
         let table = self.table(name)?;
         let mut out: Vec<(u64, Vec<f32>)> = match &table.blocks {
-            Blocks::Dense { len, chunk_len, chunks, .. } => chunks
-                .iter()
-                .map(|b| {
-                    let n = partition::chunk_range(*len, *chunk_len, *b.key() as usize).len();
-                    (u64::from(*b.key()), b.values(n).to_vec())
-                })
-                .collect(),
+            Blocks::Dense { chunks, .. } => {
+                chunks.iter().map(|b| (u64::from(*b.key()), b.values().to_vec())).collect()
+            }
             Blocks::Sparse { dim, rows } => {
                 let mut out = Vec::with_capacity(rows.len());
                 rows.for_each(|k, _, row| out.push((k, row[..*dim].to_vec())));
@@ -1512,11 +1551,39 @@ mod tests {
         let good = vec![0.25f32; len];
         assert_eq!(s.push_dense(&[("w", 0, &good)], PushInfo::default()).unwrap().applied, len as u64);
         let mut expected = Block::new(&spec, 0, len);
-        let mut saved = vec![0.0; expected.data.len()];
+        let mut saved = vec![0.0; expected.floats()];
         let first = spec.optimizer.rule.at(1, PushInfo::default().lr_scale(&spec));
-        apply_update(&spec, &first, len, &mut expected.data, 0..len, &good, None, &mut saved);
+        let values = Arc::make_mut(&mut expected.values);
+        apply_update(&spec, &first, values, &mut expected.state, 0..len, &good, None, &mut saved);
         let after = s.snapshot("w").unwrap();
-        assert!(after[0].1 == expected.values(len), "not the first step from the old state");
+        assert!(after[0].1[..] == expected.values[..], "not the first step from the old state");
+    }
+
+    #[test]
+    fn a_pull_answers_from_the_values_themselves_and_keeps_what_it_read_while_pushes_apply() {
+        let s = Store::new(0, 1);
+        s.register(TableSpec::dense("w", &[4], Init::zeros(), Rule::sgd(1.0).into()), 1).unwrap();
+        let read = |s: &Store| {
+            let mut held = None;
+            s.pull_dense_as(None, &[("w", 0)], |v| held = Some(v.clone())).unwrap();
+            held.unwrap()
+        };
+        let push = |s: &Store| s.push_dense(&[("w", 0, &[1.0; 4][..])], PushInfo::default()).unwrap();
+        // Held by an answer being written: the push copies, the answer keeps
+        // what it read.
+        let answer = read(&s);
+        push(&s);
+        assert_eq!(&answer[..], &[0.0; 4], "an answer changed under its reader");
+        let now = read(&s);
+        assert_eq!(&now[..], &[-1.0; 4]);
+        assert!(!Arc::ptr_eq(&answer, &now), "the push did not copy the values it shared");
+        // Held by no answer: updated where they are.
+        let at = now.as_ptr();
+        drop((answer, now));
+        push(&s);
+        let after = read(&s);
+        assert_eq!(&after[..], &[-2.0; 4]);
+        assert_eq!(after.as_ptr(), at, "values no answer held were copied");
     }
 
     #[test]
@@ -1538,7 +1605,7 @@ mod tests {
             let optimizer = ps_common::spec::OptimizerConfig { delay_compensation: dc, ..rule.into() };
             let spec = TableSpec::dense("w", &[len as u64], Init::zeros(), optimizer);
             let mut block = Block::new(&spec, 0, len);
-            let mut whole = block.data.to_vec();
+            let mut whole = block.data();
             let read: Vec<f32> = (0..len).map(|k| wave(k, 5)).collect();
             for t in 1..=3u64 {
                 let grad: Vec<f32> = (0..len).map(|k| wave(k, t as usize)).collect();
@@ -1550,7 +1617,7 @@ mod tests {
                     dc.compensate(&mut g, values, &read, mean_square);
                 }
                 rule.apply(t, 1.0, values, &g, state);
-                let same = block.data.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = block.data().iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{rule:?} with {dc:?}, step {t}: tiles differ from the whole block");
             }
             assert_eq!(block.step, 3);
@@ -1560,7 +1627,7 @@ mod tests {
             let mut grad: Vec<f32> = (0..len).map(|k| wave(k, 4)).collect();
             grad[len - 1] = f32::INFINITY;
             assert!(!block.apply(&spec, len, &grad, &PushInfo::default(), Some(&read)));
-            let same = block.data.iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits());
+            let same = block.data().iter().zip(&whole).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "{rule:?} with {dc:?}: a failed update was not put back whole");
             assert_eq!(block.step, 3);
         }
