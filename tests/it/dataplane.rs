@@ -9,7 +9,7 @@ use ps_common::codec;
 use ps_common::dataplane::{DataLink, Kind};
 use ps_common::optim::Rule;
 use ps_common::partition::{key_shard, splitmix64};
-use ps_common::spec::{Consistency, Init, InitKind, TableSpec};
+use ps_common::spec::{Consistency, Init, InitKind, Layout, TableSpec};
 use ps_common::transport::{TransportConfig, pushback};
 use ps_common::wire::pb;
 use ps_server::local::LocalShards;
@@ -517,6 +517,51 @@ async fn a_push_and_the_next_pull_in_one_write_run_in_order() {
 }
 
 /// The dense set's values and the rows of `keys` in table `e`.
+/// A pull's answer carries a chunk as it was when the pull read it, even
+/// when a push to that chunk is applied while the answer is still being
+/// written out: the shard answers from the chunk's values themselves, and a
+/// push copies them first while an answer holds them (copy on write,
+/// `ps-server/src/store.rs`). One 1M-float chunk (4 MiB, more than a
+/// loopback socket takes at once), pushed a gradient of ones under SGD with
+/// learning rate 1 while another client pulls it: every value of a pull is
+/// the same, and the pulls saw several pushes' results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_answer_being_written_never_shows_a_push_applied_meanwhile() {
+    const ROUNDS: u64 = 40;
+    let shards = LocalShards::start(1).await.expect("start");
+    let n = 1usize << 20;
+    let mut spec = TableSpec::dense("big", &[n as u64], Init::zeros(), Rule::sgd(1.0).into());
+    spec.layout = Layout::Dense { shape: vec![n as u64], chunk_len: n as u32 };
+    let mut pusher = client(&shards, 1, true).await;
+    pusher.register(&spec).await.unwrap();
+    let puller = client(&shards, 2, true).await;
+    let set = DenseSet::new(std::slice::from_ref(&spec), 1).unwrap();
+    let pushes = tokio::spawn({
+        let set = set.clone();
+        async move {
+            let grad = vec![1.0f32; n];
+            for c in 0..ROUNDS {
+                pusher.push_dense(&set, &grad, c, c, false).await.unwrap();
+            }
+        }
+    });
+    let mut out = vec![0.0f32; n];
+    let mut seen = Vec::new();
+    while !pushes.is_finished() {
+        puller.pull_dense(&set, 0, &mut out).await.unwrap();
+        let first = out[0];
+        if let Some(i) = out.iter().position(|v| v.to_bits() != first.to_bits()) {
+            panic!("a torn pull: value 0 is {first}, value {i} is {}", out[i]);
+        }
+        seen.push(first);
+    }
+    pushes.await.unwrap();
+    seen.dedup();
+    assert!(seen.len() >= 3, "the pulls saw only {seen:?}: they did not overlap the pushes");
+    puller.pull_dense(&set, 0, &mut out).await.unwrap();
+    assert!(out.iter().all(|&v| v == -(ROUNDS as f32)), "every push applied once");
+}
+
 async fn read_all(c: &ShardedClient, set: &DenseSet, keys: &[u64]) -> (Vec<f32>, Vec<f32>) {
     let (mut d, mut s) = (vec![0.0; set.len()], vec![0.0; keys.len() * 4]);
     c.pull_dense(set, 0, &mut d).await.unwrap();
