@@ -125,6 +125,11 @@ impl Collector for ShardCollector {
                 "Gradient values clipped to limits.max_gradient",
                 &c.clipped_values,
             ),
+            (
+                "ps_values_copied_on_write",
+                "Dense values an update copied first because a pull's answer being written still held them",
+                &c.values_copied_on_write,
+            ),
             ("ps_over_budget", "Allocations refused over the memory budget", &shard.store.budget.refused),
             ("ps_rate_limited", "Requests refused by the rate limit", &shard.rate.limited),
             (

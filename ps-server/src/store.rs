@@ -339,6 +339,9 @@ pub struct Counters {
     pub nonfinite_updates: AtomicU64,
     /// Gradient values clipped to `limits.max_gradient` (clip mode).
     pub clipped_values: AtomicU64,
+    /// Dense values an update copied first because a pull's answer still
+    /// held them ([`Block`]).
+    pub values_copied_on_write: AtomicU64,
 }
 
 /// Bytes a dense chunk costs beside its floats (see [`budget::BLOCK_OVERHEAD`];
@@ -724,6 +727,9 @@ impl Store {
                 let mut block = chunks.get_mut(index).expect("owned chunks are created at registration");
                 let reads = table.reads.get(&(info.worker, *index));
                 let read = reads.as_deref().and_then(|r| r.at(info.read_clock));
+                if Arc::strong_count(&block.values) > 1 {
+                    self.counters.values_copied_on_write.fetch_add(*len as u64, Ordering::Relaxed);
+                }
                 if block.apply(&table.spec, *len, grad, &info, read) {
                     applied += *len as u64;
                 } else {
@@ -1577,6 +1583,7 @@ mod tests {
         let now = read(&s);
         assert_eq!(&now[..], &[-1.0; 4]);
         assert!(!Arc::ptr_eq(&answer, &now), "the push did not copy the values it shared");
+        assert_eq!(s.counters.values_copied_on_write.load(Ordering::Relaxed), 4);
         // Held by no answer: updated where they are.
         let at = now.as_ptr();
         drop((answer, now));
@@ -1584,6 +1591,7 @@ mod tests {
         let after = read(&s);
         assert_eq!(&after[..], &[-2.0; 4]);
         assert_eq!(after.as_ptr(), at, "values no answer held were copied");
+        assert_eq!(s.counters.values_copied_on_write.load(Ordering::Relaxed), 4, "a copy counted");
     }
 
     #[test]
