@@ -3,9 +3,10 @@
 //! A dense tensor is stored as the chunks this shard owns, each keeping its
 //! values, its optimizer state and its update count. A chunk's values are
 //! shared, copy on write, with the pull answers still being written
-//! ([`Block`]), so a pull answers from them without a copy. A sparse table is stored as the rows this shard owns, created on
-//! first touch, in slabs under lock stripes ([`rows`]): no allocation of
-//! their own, and a request takes each stripe's lock once for all its keys.
+//! ([`Block`]), so a pull answers from them without a copy. A sparse table
+//! is stored as the rows this shard owns, created on first touch, in slabs
+//! under lock stripes ([`rows`]): no allocation of their own, and a request
+//! takes each stripe's lock once for all its keys.
 //!
 //! Locking: a chunk's [`DashMap`] entry lock, or a row's stripe lock, is held
 //! while it is read or updated, so each block (chunk or row) is updated
@@ -228,10 +229,10 @@ fn first_outside(values: &[f32], bound: f32) -> Option<usize> {
 /// Applies one gradient to the parameters `tile` of a block's `values` and
 /// `state` (the optimizer state, array after array) as `update`
 /// (the table's rule at the block's next step), after delay compensation if
-/// the table has it and `read` is the pushing worker's read of the block. `grad` and `read` cover the whole block. The tile's values
-/// and state as they were are kept in `saved` (the tile's values, then its
-/// part of each state array). Returns whether every
-/// value and state it wrote is finite.
+/// the table has it and `read` is the pushing worker's read of the block.
+/// `grad` and `read` cover the whole block. The tile's values and state as
+/// they were are kept in `saved` (the tile's values, then its part of each
+/// state array). Returns whether every value and state it wrote is finite.
 #[allow(clippy::too_many_arguments)] // one update's inputs, passed as they are
 fn apply_update(
     spec: &TableSpec,
