@@ -27,17 +27,18 @@ pub fn into_f32_bytes(values: Vec<f32>) -> Bytes {
 /// which its next update copies first while one is held).
 pub fn shared_f32_bytes(values: &std::sync::Arc<[f32]>) -> Bytes {
     if cfg!(target_endian = "little") {
-        return Bytes::from_owner(ArcBytes(values.clone()));
+        return Bytes::from_owner(F32Bytes(values.clone()));
     }
     encode_f32(values)
 }
 
-/// Shared floats seen as their bytes (little-endian machines only).
-struct ArcBytes(std::sync::Arc<[f32]>);
+/// Shared floats seen as their bytes, for a `Bytes` to keep (little-endian
+/// machines only): an `Arc<[f32]>`, or a [`SharedF32`]'s vector.
+struct F32Bytes<T>(T);
 
-impl AsRef<[u8]> for ArcBytes {
+impl<T: std::ops::Deref<Target: AsRef<[f32]>>> AsRef<[u8]> for F32Bytes<T> {
     fn as_ref(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.0)
+        bytemuck::cast_slice((*self.0).as_ref())
     }
 }
 
@@ -68,7 +69,7 @@ impl SharedF32 {
     fn with_pool(values: Vec<f32>, pool: Option<F32Pool>) -> SharedF32 {
         let floats = std::sync::Arc::new(Pooled { values, pool });
         let bytes = match cfg!(target_endian = "little") {
-            true => Bytes::from_owner(PooledBytes(floats.clone())),
+            true => Bytes::from_owner(F32Bytes(floats.clone())),
             false => encode_f32(&floats.values),
         };
         SharedF32 { floats, bytes }
@@ -116,12 +117,9 @@ impl Drop for Pooled {
     }
 }
 
-/// A [`Pooled`]'s floats seen as their bytes (little-endian machines only).
-struct PooledBytes(std::sync::Arc<Pooled>);
-
-impl AsRef<[u8]> for PooledBytes {
-    fn as_ref(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.0.values)
+impl AsRef<[f32]> for Pooled {
+    fn as_ref(&self) -> &[f32] {
+        &self.values
     }
 }
 

@@ -125,10 +125,6 @@ impl Block {
         Block { values: values.into(), state: state.into(), step }
     }
 
-    fn values(&self) -> &Arc<[f32]> {
-        &self.values
-    }
-
     /// How many floats it holds: values and state.
     fn floats(&self) -> usize {
         self.values.len() + self.state.len()
@@ -167,6 +163,8 @@ impl Block {
         let read = read.filter(|r| r.len() == len);
         let step = self.step + 1;
         let update = spec.optimizer.rule.at(step, info.lr_scale(spec));
+        // Copied here if a pull's answer still holds them.
+        let (values, state) = (Arc::make_mut(&mut self.values), &mut self.state[..]);
         BEFORE.with_borrow_mut(|before| {
             // Grown, never shrunk: the largest block this thread has applied.
             if before.len() < arrays * len {
@@ -175,9 +173,8 @@ impl Block {
             for start in (0..len).step_by(TILE) {
                 let end = (start + TILE).min(len);
                 let saved = &mut before[arrays * start..arrays * end];
-                let values = Arc::make_mut(&mut self.values);
-                if !apply_update(spec, &update, values, &mut self.state, start..end, grad, read, saved) {
-                    self.put_back(before, len, arrays, end);
+                if !apply_update(spec, &update, values, state, start..end, grad, read, saved) {
+                    put_back(values, state, before, arrays, end);
                     return false;
                 }
             }
@@ -185,23 +182,24 @@ impl Block {
             true
         })
     }
+}
 
-    /// Puts back the first `end` parameters' values and state from
-    /// `before`, where [`Block::apply`] kept them tile by tile (each tile's
-    /// values, then each array of its state).
-    fn put_back(&mut self, before: &[f32], len: usize, arrays: usize, end: usize) {
-        let mut from = before;
-        for start in (0..end).step_by(TILE) {
-            let tile_end = (start + TILE).min(end);
-            for a in 0..arrays {
-                let (kept, rest) = from.split_at(tile_end - start);
-                let array = match a {
-                    0 => Arc::make_mut(&mut self.values),
-                    _ => &mut self.state[(a - 1) * len..a * len],
-                };
-                array[start..tile_end].copy_from_slice(kept);
-                from = rest;
-            }
+/// Puts back the first `end` parameters of a block's `values` and `state`
+/// from `before`, where [`Block::apply`] kept them tile by tile (each
+/// tile's values, then each array of its state).
+fn put_back(values: &mut [f32], state: &mut [f32], before: &[f32], arrays: usize, end: usize) {
+    let len = values.len();
+    let mut from = before;
+    for start in (0..end).step_by(TILE) {
+        let tile_end = (start + TILE).min(end);
+        for a in 0..arrays {
+            let (kept, rest) = from.split_at(tile_end - start);
+            let array = match a {
+                0 => &mut values[..],
+                _ => &mut state[(a - 1) * len..a * len],
+            };
+            array[start..tile_end].copy_from_slice(kept);
+            from = rest;
         }
     }
 }
@@ -662,7 +660,7 @@ impl Store {
         for (table, index, len) in &resolved {
             let Blocks::Dense { chunks, .. } = &table.blocks else { unreachable!("checked by check_chunk") };
             let block = chunks.get(index).expect("owned chunks are created at registration");
-            let values = block.values();
+            let values = &block.values;
             debug_assert_eq!(values.len(), *len, "chunk length");
             if let Some((worker, clock)) = reader
                 && table.spec.optimizer.delay_compensation.is_some()
@@ -1243,7 +1241,7 @@ impl Store {
         let table = self.table(name)?;
         let mut out: Vec<(u64, Vec<f32>)> = match &table.blocks {
             Blocks::Dense { chunks, .. } => {
-                chunks.iter().map(|b| (u64::from(*b.key()), b.values().to_vec())).collect()
+                chunks.iter().map(|b| (u64::from(*b.key()), b.values.to_vec())).collect()
             }
             Blocks::Sparse { dim, rows } => {
                 let mut out = Vec::with_capacity(rows.len());
