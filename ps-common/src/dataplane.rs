@@ -32,7 +32,7 @@
 //! ```
 //!
 //! A client may send several requests before reading (a push and the next
-//! pull, [`DataLink::call_pair`]): the shard answers them in order, and
+//! pull, [`DataLink::push_then_pull`]): the shard answers them in order, and
 //! writes its answers together once no further request is waiting in its
 //! buffer.
 //!
@@ -205,26 +205,7 @@ impl FrameReader {
         if self.held > 0 && self.buf.len() <= GROW {
             let _ = self.buf.try_reclaim(self.held.saturating_sub(self.buf.len()));
         }
-        if self.buf.is_empty() {
-            // The frame starts at a 4-byte boundary, so that what its sender
-            // aligned (a push's gradients) lies aligned in memory. The
-            // buffer's growth keeps the frame's start aligned: it copies it
-            // to the start of a new allocation, or keeps its offset in one.
-            self.buf.reserve(FIRST_GROW + 4);
-            let skip = (4 - self.buf.as_ptr() as usize % 4) % 4;
-            self.buf.put_bytes(0, skip);
-            self.buf.advance(skip);
-        }
-        while self.buf.len() < HEADER {
-            self.buf.reserve(64 << 10);
-            if r.read_buf(&mut self.buf).await? == 0 {
-                if self.buf.is_empty() {
-                    return Ok(None);
-                }
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        let Some(len) = self.header(r).await? else { return Ok(None) };
         if len == 0 || len - 1 > self.max {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
@@ -257,6 +238,93 @@ impl FrameReader {
         let mut frame = self.buf.split_to(total);
         frame.advance(HEADER);
         Ok(Some((kind, Ok(frame.freeze()))))
+    }
+
+    /// Reads until a frame's header is buffered, and returns the frame's
+    /// length (as its header says: kind and body); `None` at a clean end of
+    /// stream (before the header's first byte).
+    async fn header<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> std::io::Result<Option<usize>> {
+        if self.buf.is_empty() {
+            // The frame starts at a 4-byte boundary, so that what its sender
+            // aligned (a push's gradients) lies aligned in memory. The
+            // buffer's growth keeps the frame's start aligned: it copies it
+            // to the start of a new allocation, or keeps its offset in one.
+            self.buf.reserve(FIRST_GROW + 4);
+            let skip = (4 - self.buf.as_ptr() as usize % 4) % 4;
+            self.buf.put_bytes(0, skip);
+            self.buf.advance(skip);
+        }
+        while self.buf.len() < HEADER {
+            self.buf.reserve(64 << 10);
+            if r.read_buf(&mut self.buf).await? == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(Some(u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize))
+    }
+
+    /// The next frame, an answer to a dense pull: if it is an OK answer laid
+    /// out as `place` expects (as a shard lays out an uncompressed pull's
+    /// answer), each chunk's values are read from the stream straight into
+    /// their place, with no pass through the buffer, and
+    /// [`Answer::Placed`] comes back. Any other frame (a refusal, or an
+    /// answer laid out otherwise) is read whole, as by [`FrameReader::next`];
+    /// values already placed are then put back where they were in it, so the
+    /// frame comes back as it was sent.
+    pub async fn next_placed<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        place: &mut Placement<'_>,
+    ) -> std::io::Result<Answer> {
+        let len = self.header(r).await?.ok_or(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        if self.buf[4] != OK || len != place.body_len + 1 || place.body_len > self.max {
+            return self.next_answer(r).await;
+        }
+        let mut kept = BytesMut::with_capacity(HEADER + place.heads);
+        kept.extend_from_slice(&self.buf.split_to(HEADER));
+        // Where in `kept` each chunk placed so far had its values.
+        let mut placed = Vec::with_capacity(place.chunks.len());
+        for j in 0..place.chunks.len() {
+            let (head, _) = &place.chunks[j];
+            let at = kept.len();
+            kept.resize(at + head.len(), 0);
+            self.read_exact(r, &mut kept[at..]).await?;
+            if kept[at..] != head[..] {
+                // Not the layout expected: the frame as it came, then the rest.
+                let mut frame = BytesMut::with_capacity(len + 4);
+                let mut from = 0;
+                for (&to, (_, values)) in placed.iter().zip(&place.chunks) {
+                    frame.extend_from_slice(&kept[from..to]);
+                    frame.extend_from_slice(bytemuck::cast_slice::<f32, u8>(values));
+                    from = to;
+                }
+                frame.extend_from_slice(&kept[from..]);
+                frame.extend_from_slice(&self.buf);
+                self.buf = frame;
+                return self.next_answer(r).await;
+            }
+            self.read_exact(r, bytemuck::cast_slice_mut::<f32, u8>(place.chunks[j].1)).await?;
+            placed.push(kept.len());
+        }
+        Ok(Answer::Placed)
+    }
+
+    /// [`FrameReader::next`], where the stream may not end.
+    async fn next_answer<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> std::io::Result<Answer> {
+        match self.next(r).await? {
+            Some((kind, body)) => Ok(Answer::Frame(kind, body)),
+            None => Err(std::io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+
+    /// Fills `to` with the stream's next bytes: those buffered first.
+    async fn read_exact<R: AsyncRead + Unpin>(&mut self, r: &mut R, to: &mut [u8]) -> std::io::Result<()> {
+        let buffered = to.len().min(self.buf.len());
+        self.buf.copy_to_slice(&mut to[..buffered]);
+        r.read_exact(&mut to[buffered..]).await.map(drop)
     }
 
     /// Reads the rest of a frame of `total` bytes (header included), part
@@ -300,6 +368,75 @@ impl FrameReader {
             let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
             self.buf.len() >= 4 + len
         }
+    }
+}
+
+/// An answer as [`FrameReader::next_placed`] reads it.
+#[derive(Debug)]
+pub enum Answer {
+    /// An OK answer to a dense pull, its values read into their place.
+    Placed,
+    /// Any other frame: its kind and body.
+    Frame(u8, Bytes),
+}
+
+/// Where the values of the answer to one dense pull go: each chunk's
+/// straight into the caller's floats ([`FrameReader::next_placed`]). A
+/// client that took them from the frame copied every pulled byte once
+/// more: a quarter of a 1M-float pull's time on loopback TCP
+/// (docs/PERFORMANCE.md, twenty-fifth session).
+pub struct Placement<'a> {
+    /// Per chunk: the answer's bytes before its values (the chunk's key and
+    /// length, its tensor and index, and the values' key and length), and
+    /// the floats its values go to.
+    chunks: Vec<(Vec<u8>, &'a mut [f32])>,
+    /// The length of the heads, and of the answer's body.
+    heads: usize,
+    body_len: usize,
+}
+
+impl<'a> Placement<'a> {
+    /// The placement of the uncompressed answer to `request` in `outs`
+    /// (one per chunk, in the request's order, each as long as its chunk).
+    /// `None` where there is none: a compressed pull, a count of `outs`
+    /// that is not the request's, or a big-endian machine (where the wire's
+    /// little-endian floats are not the machine's).
+    pub fn new(request: &pb::PullDenseRequest, outs: Vec<&'a mut [f32]>) -> Option<Placement<'a>> {
+        use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+        let compressed = request.meta.is_some_and(|m| m.compressed);
+        if cfg!(target_endian = "big") || compressed || outs.len() != request.chunks.len() {
+            return None;
+        }
+        let (mut heads, mut body_len) = (0, 0);
+        let chunks = (request.chunks.iter().zip(outs))
+            .map(|(id, out)| {
+                // As a shard writes it (`Body for pb::PullDenseResponse`).
+                let head =
+                    pb::DenseChunk { tensor: id.tensor.clone(), index: id.index, values: Bytes::new() };
+                let values = 4 * out.len();
+                let field = match values {
+                    0 => 0,
+                    n => key_len(3) + encoded_len_varint(n as u64) + n,
+                };
+                let mut bytes = Vec::new();
+                encode_key(1, WireType::LengthDelimited, &mut bytes);
+                encode_varint((head.encoded_len() + field) as u64, &mut bytes);
+                let _ = head.encode(&mut bytes);
+                if values > 0 {
+                    encode_key(3, WireType::LengthDelimited, &mut bytes);
+                    encode_varint(values as u64, &mut bytes);
+                }
+                heads += bytes.len();
+                body_len += bytes.len() + values;
+                (bytes, out)
+            })
+            .collect();
+        Some(Placement { chunks, heads, body_len })
+    }
+
+    /// The answer's body length, laid out as expected.
+    pub fn body_len(&self) -> usize {
+        self.body_len
     }
 }
 
@@ -624,6 +761,14 @@ impl Body for pb::PushSparseRequest {
     }
 }
 
+/// Decodes an answer into the response or the shard's status.
+fn decode<M: Message + Default>(answer: Answer) -> std::result::Result<M, Status> {
+    match answer {
+        Answer::Frame(kind, body) => decode_answer(kind, body),
+        Answer::Placed => Err(Status::internal("a dense pull's placed answer read as a message")),
+    }
+}
+
 /// Decodes an answer frame into the response or the shard's status.
 fn decode_answer<M: Message + Default>(kind: u8, mut body: Bytes) -> std::result::Result<M, Status> {
     if kind == OK {
@@ -641,6 +786,23 @@ fn decode_answer<M: Message + Default>(kind: u8, mut body: Bytes) -> std::result
     })
 }
 
+/// A dense pull's answer, as [`DataLink::pull_into`] reads it.
+#[derive(Debug)]
+pub enum Pulled {
+    /// The values are in their place.
+    Placed,
+    /// The answer as sent (compressed, or laid out otherwise).
+    Answer(pb::PullDenseResponse),
+}
+
+/// Decodes a dense pull's answer, unless it was placed.
+fn pulled(answer: Answer) -> std::result::Result<Pulled, Status> {
+    match answer {
+        Answer::Placed => Ok(Pulled::Placed),
+        answer => decode(answer).map(Pulled::Answer),
+    }
+}
+
 /// A connection's byte stream: TCP or a Unix socket, with or without TLS.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -654,20 +816,21 @@ struct Conn {
 
 impl Conn {
     /// Sends the `N` frames `build` makes, together, and reads their `N`
-    /// answers.
+    /// answers; the last one into `place`, if given
+    /// ([`FrameReader::next_placed`]).
     async fn round_trips<const N: usize>(
         &mut self,
         build: impl FnOnce(&mut OutFrame),
-    ) -> std::io::Result<[(u8, Bytes); N]> {
+        mut place: Option<&mut Placement<'_>>,
+    ) -> std::io::Result<[Answer; N]> {
         build(&mut self.out);
         self.out.send(&mut self.io).await?;
-        let mut answers = [const { (OK, Bytes::new()) }; N];
-        for answer in &mut answers {
-            *answer = self
-                .reader
-                .next(&mut self.io)
-                .await?
-                .ok_or(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        let mut answers = [const { Answer::Frame(OK, Bytes::new()) }; N];
+        for (k, answer) in answers.iter_mut().enumerate() {
+            *answer = match place.as_deref_mut() {
+                Some(place) if k + 1 == N => self.reader.next_placed(&mut self.io, place).await?,
+                _ => self.reader.next_answer(&mut self.io).await?,
+            };
         }
         Ok(answers)
     }
@@ -804,30 +967,47 @@ impl DataLink {
         msg: &Req,
         timeout: Duration,
     ) -> std::result::Result<Resp, CallError> {
-        let [(k, body)] = self.exchange(|out| out.message(kind as u8, msg), timeout).await?;
-        decode_answer(k, body).map_err(CallError::Sent)
+        let [answer] = self.exchange(|out| out.message(kind as u8, msg), None, timeout).await?;
+        decode(answer).map_err(CallError::Sent)
     }
 
-    /// Sends two requests on one connection, back to back in one write, and
-    /// waits up to `timeout` for both answers: the shard runs them in
-    /// order (`a`, then `b`) and writes the answers together. The outer
-    /// error is the connection's (neither answer came back; `a` may or may
-    /// not have run, unless it is [`CallError::NotSent`]); the inner ones
-    /// are each request's own status.
-    #[allow(clippy::type_complexity)]
-    pub async fn call_pair<A: Body, RA: Message + Default, B: Body, RB: Message + Default>(
+    /// A dense pull, as [`DataLink::try_call`] would send it, its answer's
+    /// values read straight into `place` where it is laid out as expected.
+    pub async fn pull_into(
         &self,
-        (kind_a, a): (Kind, &A),
-        (kind_b, b): (Kind, &B),
+        msg: &pb::PullDenseRequest,
+        place: Option<&mut Placement<'_>>,
         timeout: Duration,
-    ) -> std::result::Result<(std::result::Result<RA, Status>, std::result::Result<RB, Status>), CallError>
-    {
+    ) -> std::result::Result<Pulled, CallError> {
+        let [answer] = self.exchange(|out| out.message(Kind::PullDense as u8, msg), place, timeout).await?;
+        pulled(answer).map_err(CallError::Sent)
+    }
+
+    /// Sends a dense push and a dense pull on one connection, back to back
+    /// in one write, and waits up to `timeout` for both answers: the shard
+    /// runs them in order (the push, then the pull) and writes the answers
+    /// together; the pull's values are read into `place` as by
+    /// [`DataLink::pull_into`]. The outer error is the connection's
+    /// (neither answer came back; the push may or may not have run, unless
+    /// it is [`CallError::NotSent`]); the inner ones are each request's own
+    /// status.
+    #[allow(clippy::type_complexity)]
+    pub async fn push_then_pull(
+        &self,
+        push: &pb::PushDenseRequest,
+        pull: &pb::PullDenseRequest,
+        place: Option<&mut Placement<'_>>,
+        timeout: Duration,
+    ) -> std::result::Result<
+        (std::result::Result<pb::PushResponse, Status>, std::result::Result<Pulled, Status>),
+        CallError,
+    > {
         let build = |out: &mut OutFrame| {
-            out.message(kind_a as u8, a);
-            out.message(kind_b as u8, b);
+            out.message(Kind::PushDense as u8, push);
+            out.message(Kind::PullDense as u8, pull);
         };
-        let [(ka, body_a), (kb, body_b)] = self.exchange(build, timeout).await?;
-        Ok((decode_answer(ka, body_a), decode_answer(kb, body_b)))
+        let [pushed, answer] = self.exchange(build, place, timeout).await?;
+        Ok((decode(pushed), pulled(answer)))
     }
 
     /// Whether calls skip the data plane for now (a connection could not
@@ -867,8 +1047,9 @@ impl DataLink {
     async fn exchange<const N: usize>(
         &self,
         build: impl Fn(&mut OutFrame),
+        mut place: Option<&mut Placement<'_>>,
         timeout: Duration,
-    ) -> std::result::Result<[(u8, Bytes); N], CallError> {
+    ) -> std::result::Result<[Answer; N], CallError> {
         let link = &self.0;
         let deadline = tokio::time::Instant::now() + timeout;
         // A pooled connection the shard has closed meanwhile (restarted, or
@@ -883,7 +1064,7 @@ impl DataLink {
             },
         };
         let answers = loop {
-            match tokio::time::timeout_at(deadline, conn.round_trips(&build)).await {
+            match tokio::time::timeout_at(deadline, conn.round_trips(&build, place.as_deref_mut())).await {
                 Ok(Ok(answers)) => break answers,
                 Ok(Err(e)) if retry => {
                     tracing::debug!(addr = %self.addr(), error = %e, "pooled data-plane connection failed; reconnecting");
@@ -1499,5 +1680,76 @@ mod tests {
                 meta: Some(meta)
             });
         }
+    }
+
+    /// A dense pull's answer as a shard writes it is read into its places:
+    /// chunks small and large (their values written from their own
+    /// buffer), an empty one, after a frame that brought the answer's first
+    /// bytes into the buffer with it; any other answer comes back whole and
+    /// as sent, values placed before the difference put back.
+    #[tokio::test]
+    async fn a_pull_answer_is_read_into_its_places_or_else_whole() {
+        let floats = |n: usize, k: f32| (0..n).map(|i| i as f32 * k).collect::<Vec<f32>>();
+        let sizes = [3, 0, 100_000, 7];
+        let request = pb::PullDenseRequest {
+            chunks: (0..4).map(|i| pb::ChunkId { tensor: format!("w{i}"), index: i }).collect(),
+            meta: Some(pb::ReadMeta { worker: 1, clock: 2, compressed: false }),
+        };
+        let answer = |tensor: &dyn Fn(u32) -> String, codecs: Vec<i32>| pb::PullDenseResponse {
+            chunks: (0..4u32)
+                .map(|i| pb::DenseChunk {
+                    tensor: tensor(i),
+                    index: i,
+                    values: crate::codec::encode_f32(&floats(sizes[i as usize], 0.5 + i as f32)),
+                })
+                .collect(),
+            codecs,
+        };
+        // The bytes of a short answer, then those of `pull` (as a shard
+        // writes them, or a refusal), read after the short one.
+        let read = async |pull: std::result::Result<pb::PullDenseResponse, Status>| {
+            let mut out = OutFrame::default();
+            out.answer::<pb::PushResponse>(Ok(pb::PushResponse::default()));
+            out.answer(pull);
+            let mut wire = Vec::new();
+            out.send(&mut wire).await.unwrap();
+            let mut places: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![-1.0; n]).collect();
+            let mut r = FrameReader::new(1 << 20);
+            let mut src = wire.as_slice();
+            assert_eq!(r.next(&mut src).await.unwrap().map(|(k, _)| k), Some(OK));
+            let outs = places.iter_mut().map(Vec::as_mut_slice).collect();
+            let mut place = Placement::new(&request, outs).unwrap();
+            let got = r.next_placed(&mut src, &mut place).await.unwrap();
+            assert!(r.is_empty() && src.is_empty());
+            (got, places)
+        };
+        let name = |i: u32| format!("w{i}");
+        let (got, places) = read(Ok(answer(&name, Vec::new()))).await;
+        assert!(matches!(got, Answer::Placed), "{got:?}");
+        for (i, place) in places.iter().enumerate() {
+            assert_eq!(*place, floats(sizes[i], 0.5 + i as f32));
+        }
+        // Laid out otherwise (the third chunk's tensor differs, the length
+        // does not; or a compressed answer's codecs), or refused: the frame
+        // as sent.
+        let other = |i: u32| if i == 2 { "x2".to_string() } else { name(i) };
+        for sent in [answer(&other, Vec::new()), answer(&name, vec![0, 0, 0, 0])] {
+            let (got, _) = read(Ok(sent.clone())).await;
+            let Answer::Frame(kind, body) = got else { panic!("placed {sent:?}") };
+            assert_eq!((kind, pb::PullDenseResponse::decode(body).unwrap()), (OK, sent));
+        }
+        let (got, _) = read(Err(Status::unavailable("gone"))).await;
+        let Answer::Frame(kind, body) = got else { panic!("a refusal placed") };
+        assert_eq!((kind, &body[..]), (Code::Unavailable as u8, &b"gone"[..]));
+        // No placement for a compressed pull, or places that are not the chunks'.
+        let mut compressed = request.clone();
+        compressed.meta = Some(pb::ReadMeta { worker: 1, clock: 2, compressed: true });
+        let mut four: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+        fn outs(four: &mut [Vec<f32>]) -> Vec<&mut [f32]> {
+            four.iter_mut().map(Vec::as_mut_slice).collect()
+        }
+        assert!(Placement::new(&request, outs(&mut four)).is_some());
+        assert!(Placement::new(&compressed, outs(&mut four)).is_none());
+        assert!(Placement::new(&request, outs(&mut four).into_iter().skip(1).collect()).is_none());
     }
 }

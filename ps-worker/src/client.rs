@@ -25,7 +25,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use ps_common::codec::{self, SharedF32};
 use ps_common::compress::{self, Codec, CodecKind, Codecs};
-use ps_common::dataplane::{Body, CallError, DataLink, Kind};
+use ps_common::dataplane::{Body, CallError, DataLink, Kind, Placement, Pulled};
 use ps_common::partition::{self, ShardId, fnv1a64, splitmix64};
 use ps_common::spec::{Backup, Consistency, Layout, TableSpec};
 use ps_common::transport::{self, TransportConfig, duration_ms};
@@ -190,6 +190,40 @@ impl DenseSet {
     /// Elements held by each shard.
     pub fn shard_loads(&self) -> Vec<usize> {
         self.by_shard.iter().map(|c| c.iter().map(|(_, _, r)| r.len()).sum()).collect()
+    }
+
+    /// `out` (laid out like this set) cut into each chunk's elements: per
+    /// shard, in the order of its chunks. `None` if the chunks do not fit
+    /// in `out` side by side.
+    fn places<'a>(&self, out: &'a mut [f32]) -> Option<Vec<Vec<&'a mut [f32]>>> {
+        let mut order: Vec<(usize, usize, &Range<usize>)> = (self.by_shard.iter().enumerate())
+            .flat_map(|(i, chunks)| chunks.iter().enumerate().map(move |(j, (_, _, r))| (i, j, r)))
+            .collect();
+        order.sort_by_key(|(_, _, r)| r.start);
+        let mut places: Vec<Vec<Option<&'a mut [f32]>>> =
+            self.by_shard.iter().map(|chunks| chunks.iter().map(|_| None).collect()).collect();
+        let (mut rest, mut at) = (out, 0);
+        for (i, j, r) in order {
+            let rest_len = rest.len();
+            let skip = r.start.checked_sub(at).filter(|skip| skip + r.len() <= rest_len)?;
+            let (place, tail) = std::mem::take(&mut rest)[skip..].split_at_mut(r.len());
+            places[i][j] = Some(place);
+            (rest, at) = (tail, r.start + r.len());
+        }
+        places.into_iter().map(|chunks| chunks.into_iter().collect()).collect()
+    }
+
+    /// Where in `out` the answers to `pulls` (by shard) go, each read
+    /// straight into its place ([`Placement`]); `None` for one whose
+    /// answer is taken from its frame.
+    fn placements<'a>(
+        &self,
+        pulls: &[(usize, pb::PullDenseRequest)],
+        out: &'a mut [f32],
+    ) -> Vec<Option<Placement<'a>>> {
+        let mut places = self.places(out).unwrap_or_default();
+        let mut place = |i: usize, pull| Placement::new(pull, std::mem::take(places.get_mut(i)?));
+        pulls.iter().map(|(i, pull)| place(*i, pull)).collect()
     }
 }
 
@@ -694,31 +728,54 @@ impl ShardedClient {
     pub async fn pull_dense(&self, set: &DenseSet, clock: u64, out: &mut [f32]) -> Result<()> {
         check_len("pull buffer", out.len(), set.len)?;
         let meta = self.read_meta(set, clock);
-        let calls = set.by_shard.iter().enumerate().filter(|(_, c)| !c.is_empty()).map(|(i, _)| {
-            let msg = pull_request(set, i, meta);
-            async move { (i, self.pull_shard(i, self.data[i].as_ref(), &msg).await) }
+        let pulls: Vec<_> = (0..set.by_shard.len())
+            .filter(|&i| !set.by_shard[i].is_empty())
+            .map(|i| (i, pull_request(set, i, meta)))
+            .collect();
+        let placements = set.placements(&pulls, out);
+        let calls = pulls.iter().zip(placements).map(|((i, msg), mut place)| async move {
+            (*i, self.pull_shard(*i, self.data[*i].as_ref(), msg, place.as_mut()).await)
         });
-        for (i, r) in join_all(calls).await {
-            let resp = r.map_err(|s| self.status(i, s))?;
-            self.take_pulled(set, i, &resp, out)?;
+        let answers = join_all(calls).await;
+        for (i, r) in answers {
+            let pulled = r.map_err(|s| self.status(i, s))?;
+            self.take_pulled(set, i, pulled, out)?;
         }
         Ok(())
     }
 
-    /// Shard `i`'s part of a dense pull, over `data` if given, else gRPC.
+    /// Shard `i`'s part of a dense pull, over `data` if given (its values
+    /// read straight into `place`, if given), else gRPC.
     async fn pull_shard(
         &self,
         i: usize,
         data: Option<&DataLink>,
         msg: &pb::PullDenseRequest,
-    ) -> std::result::Result<pb::PullDenseResponse, tonic::Status> {
-        let c = &self.shards[i];
-        let call =
-            hot_call(Some(&self.pushbacks), data, Kind::PullDense, msg, self.opts.read_timeout, move |req| {
-                let mut c = c.clone();
-                async move { c.pull_dense(req).await }
-            });
-        call.await.map(tonic::Response::into_inner)
+        mut place: Option<&mut Placement<'_>>,
+    ) -> std::result::Result<Pulled, tonic::Status> {
+        let timeout = self.opts.read_timeout;
+        let grpc = || {
+            let mut c = self.shards[i].clone();
+            let req = self.request(msg.clone(), timeout);
+            async move { c.pull_dense(req).await.map(|r| Pulled::Answer(r.into_inner())) }
+        };
+        // As `hot_call`, with the answer read into `place`.
+        let mut waited = Duration::ZERO;
+        loop {
+            let answer = match data {
+                Some(link) => or_grpc(link.pull_into(msg, place.as_deref_mut(), timeout).await, grpc).await,
+                None => grpc().await,
+            };
+            match answer {
+                Err(status) if self.pushbacks.wait_out(&status, &mut waited).await => {}
+                Ok(Pulled::Placed) => {
+                    let placed = place.as_ref().map_or(0, |p| p.body_len());
+                    self.bytes_pulled.fetch_add(placed as u64, Ordering::Relaxed);
+                    return Ok(Pulled::Placed);
+                }
+                answer => return answer,
+            }
+        }
     }
 
     /// What a pull of `set` at `clock` says of itself.
@@ -728,14 +785,9 @@ impl ShardedClient {
     }
 
     /// Decodes shard `i`'s answer to [`pull_request`] into its places in
-    /// `out`.
-    fn take_pulled(
-        &self,
-        set: &DenseSet,
-        i: usize,
-        resp: &pb::PullDenseResponse,
-        out: &mut [f32],
-    ) -> Result<()> {
+    /// `out`, unless it is there already.
+    fn take_pulled(&self, set: &DenseSet, i: usize, pulled: Pulled, out: &mut [f32]) -> Result<()> {
+        let Pulled::Answer(resp) = pulled else { return Ok(()) };
         let expected = &set.by_shard[i];
         if resp.chunks.len() != expected.len() {
             return Err(Error::Protocol(format!(
@@ -747,7 +799,7 @@ impl ShardedClient {
         if !resp.codecs.is_empty() && resp.codecs.len() != expected.len() {
             return Err(Error::Protocol(format!("shard {i} named {} codecs", resp.codecs.len())));
         }
-        self.count_pulled(resp);
+        self.count_pulled(&resp);
         for (j, (chunk, (_, _, range))) in resp.chunks.iter().zip(expected).enumerate() {
             let kind = match resp.codecs.get(j) {
                 Some(&k) => CodecKind::from_wire("pulled chunk", k)?,
@@ -827,22 +879,28 @@ impl ShardedClient {
     ) -> (Result<()>, Result<()>) {
         let timeout = self.opts.read_timeout.max(self.opts.request_timeout);
         let meta = self.read_meta(set, clock);
+        let pulls: Vec<_> = (requests.iter())
+            .filter(|(i, _)| !set.by_shard[*i].is_empty())
+            .map(|&(i, _)| (i, pull_request(set, i, meta)))
+            .collect();
+        let mut placements: Vec<_> = pulls.iter().map(|(i, _)| *i).zip(set.placements(&pulls, out)).collect();
         let calls = requests.into_iter().map(|(i, push)| {
             let data = &links[i];
-            let pull = (!set.by_shard[i].is_empty()).then(|| pull_request(set, i, meta));
+            let pull = pulls.iter().find(|(at, _)| *at == i).map(|(_, pull)| pull);
+            let at = placements.iter().position(|(at, _)| *at == i);
+            let mut place = at.and_then(|at| placements[at].1.take());
             async move {
                 let (seq, resends) = (push.seq(), data.resends());
-                let (pushed, pulled) = match &pull {
+                let (pushed, pulled) = match pull {
                     Some(pull) => {
-                        match data.call_pair((Kind::PushDense, &push), (Kind::PullDense, pull), timeout).await
-                        {
+                        match data.push_then_pull(&push, pull, place.as_mut(), timeout).await {
                             Ok((pushed, pulled)) => (pushed, Some(pulled)),
                             Err(CallError::Sent(s)) => (Err(s.clone()), Some(Err(s))),
                             // Nothing went out: both over gRPC, the pull after the push.
                             Err(CallError::NotSent(_)) => {
                                 let pushed = self.send_dense_pushes(vec![(i, push)], Sending::First).await;
                                 let pulled = match pushed {
-                                    Ok(()) => Some(self.pull_shard(i, None, pull).await),
+                                    Ok(()) => Some(self.pull_shard(i, None, pull, None).await),
                                     Err(_) => None,
                                 };
                                 return (i, pushed.map(|()| None), pulled);
@@ -882,21 +940,22 @@ impl ShardedClient {
                             Some(Err(s)) => self.pushbacks.wait_out(s, &mut Duration::default()).await,
                             _ => false,
                         });
-                let pulled = match &pull {
-                    Some(pull) if again => Some(self.pull_shard(i, Some(data), pull).await),
+                let pulled = match pull {
+                    Some(pull) if again => Some(self.pull_shard(i, Some(data), pull, place.as_mut()).await),
                     _ => pulled,
                 };
                 (i, pushed, pulled)
             }
         });
+        let answers = join_all(calls).await;
         let (mut pushes, mut pulls) = (Ok(()), Ok(()));
-        for (i, pushed, pulled) in join_all(calls).await {
+        for (i, pushed, pulled) in answers {
             match pushed.and_then(|p| p.map_or(Ok(()), |(seq, once, r)| self.took_push(i, seq, once, &r))) {
                 Ok(()) => {}
                 Err(e) => pushes = pushes.and(Err(e)),
             }
             let taken = match pulled {
-                Some(Ok(resp)) => self.take_pulled(set, i, &resp, out),
+                Some(Ok(pulled)) => self.take_pulled(set, i, pulled, out),
                 Some(Err(s)) => Err(self.status(i, s)),
                 None => Ok(()),
             };
@@ -1155,9 +1214,9 @@ impl ShardedClient {
                     }
                     .into());
                 }
-                Pulled::Raw(resp.values)
+                SparseRows::Raw(resp.values)
             } else {
-                Pulled::Decoded(compress::decode(kind, "pulled rows", &resp.values, n, dim)?)
+                SparseRows::Decoded(compress::decode(kind, "pulled rows", &resp.values, n, dim)?)
             };
             pulled.push((i, rows));
         }
@@ -1187,10 +1246,10 @@ impl ShardedClient {
                         }
                         let to = &mut part[(p - start) * dim..(p - start + 1) * dim];
                         match rows {
-                            Pulled::Raw(b) => {
+                            SparseRows::Raw(b) => {
                                 codec::decode_f32_into("pulled rows", &b[j * dim * 4..(j + 1) * dim * 4], to)?
                             }
-                            Pulled::Decoded(v) => to.copy_from_slice(&v[j * dim..(j + 1) * dim]),
+                            SparseRows::Decoded(v) => to.copy_from_slice(&v[j * dim..(j + 1) * dim]),
                         }
                     }
                 }
@@ -1384,22 +1443,34 @@ where
 {
     let mut waited = Duration::ZERO;
     loop {
-        let answer = match data.map(|link| link.try_call(kind, msg, timeout)) {
-            Some(call) => match call.await {
-                Ok(r) => Ok(tonic::Response::new(r)),
-                Err(CallError::Sent(status)) => Err(status),
-                // The data plane could not be reached, and nothing went
-                // out: gRPC carries it (the data plane only makes calls
-                // faster; a shard at its connection limit, or a peer
-                // holding every slot, must not stop training).
-                Err(CallError::NotSent(_)) => grpc_call(&grpc, msg, timeout).await,
-            },
+        let answer = match data {
+            Some(link) => {
+                let sent = link.try_call(kind, msg, timeout).await.map(tonic::Response::new);
+                or_grpc(sent, || grpc_call(&grpc, msg, timeout)).await
+            }
             None => grpc_call(&grpc, msg, timeout).await,
         };
         match (answer, pushbacks) {
             (Err(status), Some(p)) if p.wait_out(&status, &mut waited).await => {}
             (answer, _) => return answer,
         }
+    }
+}
+
+/// A data-plane call's answer, or if it could not be sent, `grpc`'s: the
+/// data plane only makes calls faster, and a shard at its connection limit,
+/// or a peer holding every slot, must not stop training.
+async fn or_grpc<R, Fut>(
+    sent: std::result::Result<R, CallError>,
+    grpc: impl FnOnce() -> Fut,
+) -> std::result::Result<R, tonic::Status>
+where
+    Fut: std::future::Future<Output = std::result::Result<R, tonic::Status>>,
+{
+    match sent {
+        Ok(r) => Ok(r),
+        Err(CallError::Sent(status)) => Err(status),
+        Err(CallError::NotSent(_)) => grpc().await,
     }
 }
 
@@ -1480,7 +1551,7 @@ where
 }
 
 /// One shard's answer to a sparse pull, checked ([`ShardedClient::pull_sparse`]).
-enum Pulled {
+enum SparseRows {
     /// f32 rows as the answer's little-endian bytes.
     Raw(bytes::Bytes),
     /// Rows decoded from a lossy codec.
@@ -1490,6 +1561,31 @@ enum Pulled {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each chunk's place is its range of the buffer, cut out per shard in
+    /// the shard's order; a buffer too short gets no places.
+    #[test]
+    fn a_buffer_is_cut_into_each_chunks_place() {
+        use ps_common::spec::{Init, Layout, TableSpec};
+        let opt = ps_common::optim::Rule::sgd(0.1).into();
+        let mut specs = vec![TableSpec::dense("a", &[10, 7], Init::zeros(), opt)];
+        specs.push(TableSpec::dense("b", &[25], Init::zeros(), opt));
+        for spec in &mut specs {
+            let Layout::Dense { chunk_len, .. } = &mut spec.layout else { unreachable!() };
+            *chunk_len = 8;
+        }
+        let set = DenseSet::new(&specs, 3).unwrap();
+        let mut out: Vec<f32> = (0..set.len()).map(|i| i as f32).collect();
+        let expected: Vec<Vec<Vec<f32>>> = (set.by_shard.iter())
+            .map(|chunks| chunks.iter().map(|(_, _, r)| out[r.clone()].to_vec()).collect())
+            .collect();
+        assert!(expected.iter().filter(|chunks| chunks.len() > 1).count() > 1, "{:?}", set.by_shard);
+        let places = set.places(&mut out).unwrap();
+        let got: Vec<Vec<Vec<f32>>> =
+            places.iter().map(|chunks| chunks.iter().map(|place| place.to_vec()).collect()).collect();
+        assert_eq!(got, expected);
+        assert!(set.places(&mut out[1..]).is_none());
+    }
 
     #[test]
     fn options_read_from_a_run_file_table() {
