@@ -724,7 +724,9 @@ impl ShardedClient {
     }
 
     /// Pulls every element of `set` into `out` (same layout), reading at
-    /// `clock` (BSP/SSP reads block until the clock set allows it).
+    /// `clock` (BSP/SSP reads block until the clock set allows it). On an
+    /// error `out` may hold part of the answer (values are read into it as
+    /// they arrive).
     pub async fn pull_dense(&self, set: &DenseSet, clock: u64, out: &mut [f32]) -> Result<()> {
         check_len("pull buffer", out.len(), set.len)?;
         let meta = self.read_meta(set, clock);
@@ -835,7 +837,7 @@ impl ShardedClient {
     /// and ASP the pull may miss it (one iteration of staleness on the
     /// worker's own update). Returns false if the push went through but a
     /// shard could not be reached for the pull: the iteration is complete,
-    /// and the caller pulls again.
+    /// and the caller pulls again (`out` may hold part of the answer).
     pub async fn push_and_pull_dense(
         &mut self,
         set: &DenseSet,
