@@ -489,6 +489,18 @@ impl ShardedClient {
         self.bytes_pulled.fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
     }
 
+    /// Counts the bytes of a pull's answer read into `place`.
+    fn count_placed<E>(
+        &self,
+        pulled: std::result::Result<Pulled, E>,
+        place: Option<&Placement<'_>>,
+    ) -> std::result::Result<Pulled, E> {
+        if let (Ok(Pulled::Placed), Some(place)) = (&pulled, place) {
+            self.bytes_pulled.fetch_add(place.body_len() as u64, Ordering::Relaxed);
+        }
+        pulled
+    }
+
     fn count_pushed(&self, msg: &impl Message) {
         self.bytes_pushed.fetch_add(msg.encoded_len() as u64, Ordering::Relaxed);
     }
@@ -770,12 +782,7 @@ impl ShardedClient {
             };
             match answer {
                 Err(status) if self.pushbacks.wait_out(&status, &mut waited).await => {}
-                Ok(Pulled::Placed) => {
-                    let placed = place.as_ref().map_or(0, |p| p.body_len());
-                    self.bytes_pulled.fetch_add(placed as u64, Ordering::Relaxed);
-                    return Ok(Pulled::Placed);
-                }
-                answer => return answer,
+                answer => return self.count_placed(answer, place.as_deref()),
             }
         }
     }
@@ -896,7 +903,7 @@ impl ShardedClient {
                 let (pushed, pulled) = match pull {
                     Some(pull) => {
                         match data.push_then_pull(&push, pull, place.as_mut(), timeout).await {
-                            Ok((pushed, pulled)) => (pushed, Some(pulled)),
+                            Ok((pushed, pulled)) => (pushed, Some(self.count_placed(pulled, place.as_ref()))),
                             Err(CallError::Sent(s)) => (Err(s.clone()), Some(Err(s))),
                             // Nothing went out: both over gRPC, the pull after the push.
                             Err(CallError::NotSent(_)) => {
