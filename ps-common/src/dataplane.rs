@@ -1799,6 +1799,16 @@ mod tests {
             four.iter_mut().map(Vec::as_mut_slice).collect()
         }
         assert!(Placement::new(&request, outs(&mut four)).is_some());
+        // An answer cut short, in its heads or its values: an error, not a hang.
+        let mut out = OutFrame::default();
+        out.answer(Ok(answer(&name, Vec::new())));
+        let mut wire = Vec::new();
+        out.send(&mut wire).await.unwrap();
+        for cut in [HEADER + 3, wire.len() / 2, wire.len() - 1] {
+            let mut place = Placement::new(&request, outs(&mut four)).unwrap();
+            let err = FrameReader::new(1 << 20).next_placed(&mut &wire[..cut], &mut place).await.unwrap_err();
+            assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof, "cut at {cut}");
+        }
         assert!(Placement::new(&compressed, outs(&mut four)).is_none());
         assert!(Placement::new(&request, outs(&mut four).into_iter().skip(1).collect()).is_none());
     }
