@@ -179,7 +179,17 @@ impl FrameReader {
     /// The next frame as (kind, body); `None` at a clean end of stream
     /// (between frames).
     pub async fn next<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> std::io::Result<Option<(u8, Bytes)>> {
-        match self.next_within(r, &mut |_| Ok(())).await? {
+        self.next_ahead(r, None).await
+    }
+
+    /// [`FrameReader::next`], reading at most `ahead` bytes (with `Some`)
+    /// beyond what the frame still needs.
+    async fn next_ahead<R: AsyncRead + Unpin>(
+        &mut self,
+        r: &mut R,
+        ahead: Option<usize>,
+    ) -> std::io::Result<Option<(u8, Bytes)>> {
+        match self.read_frame(r, &mut |_| Ok(()), ahead).await? {
             None => Ok(None),
             Some((kind, Ok(body))) => Ok(Some((kind, body))),
             // Not reached: nothing above refuses.
@@ -358,10 +368,8 @@ impl FrameReader {
     /// that the answer after it (one read into its place) is left in the
     /// socket, not taken into the buffer.
     async fn next_answer<R: AsyncRead + Unpin>(&mut self, r: &mut R, short: bool) -> std::io::Result<Answer> {
-        match self.read_frame(r, &mut |_| Ok(()), short.then_some(SHORT_AHEAD)).await? {
-            Some((kind, Ok(body))) => Ok(Answer::Frame(kind, body)),
-            // Not reached: nothing above refuses.
-            Some((_, Err(status))) => Err(std::io::Error::other(status.message().to_string())),
+        match self.next_ahead(r, short.then_some(SHORT_AHEAD)).await? {
+            Some((kind, body)) => Ok(Answer::Frame(kind, body)),
             None => Err(std::io::ErrorKind::UnexpectedEof.into()),
         }
     }

@@ -892,12 +892,14 @@ impl ShardedClient {
             .filter(|(i, _)| !set.by_shard[*i].is_empty())
             .map(|&(i, _)| (i, pull_request(set, i, meta)))
             .collect();
-        let mut placements: Vec<_> = pulls.iter().map(|(i, _)| *i).zip(set.placements(&pulls, out)).collect();
+        // In the requests' order: each shard's pull (if it has one) with its placement.
+        let mut pending = pulls.iter().zip(set.placements(&pulls, out)).peekable();
         let calls = requests.into_iter().map(|(i, push)| {
             let data = &links[i];
-            let pull = pulls.iter().find(|(at, _)| *at == i).map(|(_, pull)| pull);
-            let at = placements.iter().position(|(at, _)| *at == i);
-            let mut place = at.and_then(|at| placements[at].1.take());
+            let (pull, mut place) = match pending.next_if(|((at, _), _)| *at == i) {
+                Some(((_, pull), place)) => (Some(pull), place),
+                None => (None, None),
+            };
             async move {
                 let (seq, resends) = (push.seq(), data.resends());
                 let (pushed, pulled) = match pull {
