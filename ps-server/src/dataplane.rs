@@ -296,7 +296,7 @@ async fn serve_requests<S: AsyncRead + AsyncWrite + Unpin>(
         }
         drop(charge);
         // A client that sent several requests at once gets its answers
-        // together, once none is left waiting (`DataLink::call_pair`), or
+        // together, once none is left waiting (`DataLink::push_then_pull`), or
         // once they hold `HOLD_AT` bytes: a client that sends requests and
         // reads nothing makes the shard hold at most that plus one answer.
         if !reader.has_frame() || out.len() >= HOLD_AT {

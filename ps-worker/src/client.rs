@@ -873,7 +873,7 @@ impl ShardedClient {
 
     /// [`ShardedClient::push_and_pull_dense`] on the data plane: to each
     /// shard, its push and its pull in one write on one connection
-    /// ([`DataLink::call_pair`]); the shard runs the pull after the push
+    /// ([`DataLink::push_then_pull`]); the shard runs the pull after the push
     /// and answers both together, so an iteration is one round trip per
     /// shard, and the pull sees the push. A push the shard did not answer
     /// is sent again with its seq, as [`ShardedClient::push_dense`] would.

@@ -738,3 +738,111 @@ async fn a_large_batch_with_repeats_is_read_and_updated_key_by_key() {
         shards.stop().await.unwrap();
     }
 }
+
+/// Well-framed requests with mangled bodies (bytes changed, cut, inserted,
+/// repeated; a body sent as another kind of request), all on one
+/// connection: each is answered, with a status or an answer, within
+/// seconds; the connection and the shard go on serving; and whatever the
+/// mangled requests that still decode did, every value stays finite.
+#[tokio::test]
+async fn mangled_requests_are_each_answered_and_every_value_stays_finite() {
+    use prost::Message;
+    use rand::{Rng, SeedableRng};
+
+    let shards = LocalShards::start(1).await.expect("start");
+    let (dense, sparse) = specs();
+    let good = client(&shards, 1, true).await;
+    good.register(&dense).await.unwrap();
+    good.register(&sparse).await.unwrap();
+    let port = data_port(&shards.addrs[0]).await;
+    let keys = codec::encode_u64(&[1, 2, 3, 1 << 40]);
+    let read = Some(pb::ReadMeta { worker: 7, clock: 0, compressed: false });
+    let push = |seq| Some(pb::PushMeta { worker: 7, seq, ..Default::default() });
+    let chunk = pb::ChunkId { tensor: "w".into(), index: 0 };
+    let valid: [(Kind, Vec<u8>); 4] = [
+        (Kind::PullDense, pb::PullDenseRequest { chunks: vec![chunk], meta: read }.encode_to_vec()),
+        (
+            Kind::PushDense,
+            pb::PushDenseRequest {
+                chunks: vec![pb::DenseChunk {
+                    tensor: "w".into(),
+                    index: 0,
+                    values: codec::encode_f32(&[0.25; 3000]),
+                }],
+                meta: push(0),
+            }
+            .encode_to_vec(),
+        ),
+        (
+            Kind::PullSparse,
+            pb::PullSparseRequest { table: "e".into(), keys: keys.clone(), meta: read, read_only: false }
+                .encode_to_vec(),
+        ),
+        (
+            Kind::PushSparse,
+            pb::PushSparseRequest {
+                table: "e".into(),
+                keys,
+                grads: codec::encode_f32(&[0.5; 16]),
+                meta: push(0),
+            }
+            .encode_to_vec(),
+        ),
+    ];
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(&frame(0, b"PSD1")).await.unwrap();
+    let (ok, _) = read_answer(&mut s).await;
+    assert_eq!(ok, 0, "welcome");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+    let (mut answered, mut refused) = (0, 0);
+    for round in 0..3000 {
+        let (kind, body) = &valid[rng.random_range(0..valid.len())];
+        let mut body = body.clone();
+        for _ in 0..rng.random_range(1..=2) {
+            let at = rng.random_range(0..=body.len());
+            match rng.random_range(0..6) {
+                0..3 if at < body.len() => body[at] = rng.random(),
+                3 => body.truncate(at),
+                4 => {
+                    let junk: Vec<u8> = (0..rng.random_range(1..9)).map(|_| rng.random()).collect();
+                    body.splice(at..at, junk);
+                }
+                _ => {
+                    let end = (at + rng.random_range(1..64)).min(body.len());
+                    let piece = body[at..end].to_vec();
+                    body.splice(at..at, piece);
+                }
+            }
+        }
+        // Now and then a body goes as another kind of request, or none.
+        let kind = match rng.random_range(0..10) {
+            0 => rng.random_range(1..=6),
+            _ => *kind as u8,
+        };
+        s.write_all(&frame(kind, &body)).await.unwrap();
+        let (status, _) = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut s))
+            .await
+            .unwrap_or_else(|_| panic!("request {round} (kind {kind}) was not answered"));
+        if status == 0 { answered += 1 } else { refused += 1 }
+    }
+    // Both happened: the mangling neither left every request valid nor
+    // made every one undecodable.
+    assert!(answered >= 300 && refused >= 300, "{answered} answered, {refused} refused");
+    // The connection still serves a valid pull, and so does the shard.
+    s.write_all(&frame(Kind::PullDense as u8, &valid[0].1)).await.unwrap();
+    assert_eq!(read_answer(&mut s).await.0, 0);
+    let set = DenseSet::new(&[dense], 1).unwrap();
+    let (values, rows) = read_all(&good, &set, &[1, 2, 3, 1 << 40]).await;
+    assert!(values.iter().chain(&rows).all(|v| v.is_finite()), "a value is not finite");
+    shards.stop().await.unwrap();
+}
+
+/// Reads one answer frame: its kind (0: OK, else a status code) and body.
+async fn read_answer(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    let len = s.read_u32_le().await.expect("an answer's length") as usize;
+    assert!(len >= 1, "an answer frame holds at least its kind");
+    let kind = s.read_u8().await.unwrap();
+    let mut body = vec![0; len - 1];
+    s.read_exact(&mut body).await.unwrap();
+    (kind, body)
+}
