@@ -264,6 +264,16 @@ impl ModelSlot {
                 out
             }
         };
+        // Finite inputs far outside what a model was trained on (an MLP's
+        // features at 1e37) can overflow its sums: refused, not answered
+        // with NaN (which JSON cannot carry).
+        if let Some(i) = outputs.iter().position(|v| !v.is_finite()) {
+            return Err(Error::bad(format!(
+                "the prediction for example {} is not a finite number: its inputs overflow the model's \
+                 arithmetic (they are far outside the range it was trained on)",
+                i / width.max(1)
+            )));
+        }
         Ok(Prediction { version, width, outputs, freshness })
     }
 

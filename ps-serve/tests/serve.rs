@@ -272,6 +272,12 @@ async fn bad_inputs_are_refused_over_both_interfaces() {
         ("NaN", req("mnist", 0, dense(nan)), Code::InvalidArgument, "NaN"),
         ("infinity", req("mnist", 0, dense(vec![f32::INFINITY; 784])), Code::InvalidArgument, "inf"),
         (
+            "finite inputs that overflow",
+            req("mnist", 0, dense([pixels(1, 0), vec![f32::MAX; 784]].concat())),
+            Code::InvalidArgument,
+            "the prediction for example 1 is not a finite number",
+        ),
+        (
             "oversized batch",
             req("mnist", 0, dense(pixels(MAX_ROWS + 1, 0))),
             Code::InvalidArgument,
@@ -380,6 +386,13 @@ async fn bad_inputs_are_refused_over_both_interfaces() {
             Some(format!("{{\"instances\": [[1e300{}]]}}", ",0.5".repeat(783)).into_bytes()),
             400,
             "not a finite number",
+        ),
+        (
+            "finite features that overflow the model",
+            "/v1/models/mnist:predict",
+            Some(format!("{{\"instances\": [{row}, [3.4e38{}]]}}", ",3.4e38".repeat(783)).into_bytes()),
+            400,
+            "the prediction for example 1 is not a finite number",
         ),
         (
             "oversized batch",
