@@ -519,51 +519,6 @@ mod tests {
         assert_eq!(pushback(&tonic::Status::from(huge())), None);
     }
 
-    /// One model of each kind the service serves: MLP (f32, int8, pruned),
-    /// logistic regression, matrix factorization, CTR.
-    fn every_kind() -> Vec<Servable> {
-        use ps_common::spec::{Init, InitKind};
-        use ps_model::SparseTable;
-        let init = Some(Init { kind: InitKind::Normal { mean: 0.0, std: 0.1 }, seed: 2 });
-        let table = |name: &str, dim: usize, keys: Vec<u64>| {
-            let values = (0..keys.len() * dim).map(|i| (i % 5) as f32 / 10.0).collect();
-            SparseTable { name: name.into(), dim, keys, values, init }
-        };
-        let layers = vec![3, 4, 2];
-        let mlp = ps_model::Mlp::new(&layers);
-        let mlp = SavedModel::from_flat(ModelKind::Mlp { layers }, &mlp.init_params(1)).unwrap();
-        let logreg = ModelKind::Logreg { num_features: 5, table: "w".into() };
-        let logreg = SavedModel::new(logreg, vec![], vec![table("w", 1, vec![0, 2, 5])]);
-        let (users, items, user_bias, item_bias) = ("u".into(), "i".into(), "ub".into(), "ib".into());
-        let mf = ModelKind::Mf { dim: 3, global_mean: 3.5, users, items, user_bias, item_bias };
-        let mf = SavedModel::new(
-            mf,
-            vec![],
-            vec![
-                table("u", 3, vec![1, 2]),
-                table("i", 3, vec![10]),
-                table("ub", 1, vec![1]),
-                table("ib", 1, vec![]),
-            ],
-        );
-        let ctr = ModelKind::Ctr {
-            slots: 2,
-            key_space: 1000,
-            emb_dim: 2,
-            hidden: vec![3],
-            embeddings: "e".into(),
-            tower_prefix: "t.".into(),
-        };
-        let tower = ps_model::Tower::new(4, &[3]);
-        let params: Vec<f32> = (0..tower.num_params()).map(|i| (i % 7) as f32 / 10.0 - 0.3).collect();
-        let mut ctr = SavedModel::from_flat(ctr, &params).unwrap();
-        ctr.sparse.push(table("e", 2, vec![ps_model::ctr::key(0, 42, 1000)]));
-        let int8 = ps_model::quant::quantize_mlp(&mlp).unwrap();
-        let pruned =
-            ps_model::prune::to_sparse(&ps_model::prune::magnitude_prune(&mlp, 0.5).unwrap()).unwrap();
-        [mlp, int8, pruned, logreg, mf, ctr].into_iter().map(|m| Servable::new(m).unwrap()).collect()
-    }
-
     /// A request's instances as JSON-like text: an array of the shapes
     /// examples take (an array of numbers, an object with the fields of a
     /// sparse example or of a pair), with numbers from the small whole ones
@@ -614,7 +569,7 @@ mod tests {
         /// such an answer, `bad_inputs_are_refused_over_both_interfaces`.)
         #[test]
         fn any_instances_are_refused_or_predicted(raw in json_like()) {
-            for model in every_kind() {
+            for model in crate::model::tests::every_kind() {
                 let Ok(inputs) = parse_instances(&model, &raw, 8) else { continue };
                 if model.check(&inputs).is_err() {
                     continue;

@@ -371,9 +371,104 @@ impl Servable {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
 
     use super::*;
+
+    /// One model of each kind the service serves: MLP (f32, int8, pruned),
+    /// logistic regression, matrix factorization, CTR.
+    pub(crate) fn every_saved() -> Vec<SavedModel> {
+        use ps_common::spec::{Init, InitKind};
+        use ps_model::SparseTable;
+        let init = Some(Init { kind: InitKind::Normal { mean: 0.0, std: 0.1 }, seed: 2 });
+        let table = |name: &str, dim: usize, keys: Vec<u64>| {
+            let values = (0..keys.len() * dim).map(|i| (i % 5) as f32 / 10.0).collect();
+            SparseTable { name: name.into(), dim, keys, values, init }
+        };
+        let layers = vec![3, 4, 2];
+        let mlp = ps_model::Mlp::new(&layers);
+        let mlp = SavedModel::from_flat(ModelKind::Mlp { layers }, &mlp.init_params(1)).unwrap();
+        let logreg = ModelKind::Logreg { num_features: 5, table: "w".into() };
+        let logreg = SavedModel::new(logreg, vec![], vec![table("w", 1, vec![0, 2, 5])]);
+        let (users, items, user_bias, item_bias) = ("u".into(), "i".into(), "ub".into(), "ib".into());
+        let mf = ModelKind::Mf { dim: 3, global_mean: 3.5, users, items, user_bias, item_bias };
+        let mf = SavedModel::new(
+            mf,
+            vec![],
+            vec![
+                table("u", 3, vec![1, 2]),
+                table("i", 3, vec![10]),
+                table("ub", 1, vec![1]),
+                table("ib", 1, vec![]),
+            ],
+        );
+        let ctr = ModelKind::Ctr {
+            slots: 2,
+            key_space: 1000,
+            emb_dim: 2,
+            hidden: vec![3],
+            embeddings: "e".into(),
+            tower_prefix: "t.".into(),
+        };
+        let tower = ps_model::Tower::new(4, &[3]);
+        let params: Vec<f32> = (0..tower.num_params()).map(|i| (i % 7) as f32 / 10.0 - 0.3).collect();
+        let mut ctr = SavedModel::from_flat(ctr, &params).unwrap();
+        ctr.sparse.push(table("e", 2, vec![ps_model::ctr::key(0, 42, 1000)]));
+        let int8 = ps_model::quant::quantize_mlp(&mlp).unwrap();
+        let pruned =
+            ps_model::prune::to_sparse(&ps_model::prune::magnitude_prune(&mlp, 0.5).unwrap()).unwrap();
+        vec![mlp, int8, pruned, logreg, mf, ctr]
+    }
+
+    /// An example of the kind `model` takes (a zero row; feature 0; user 1
+    /// and item 10; ids 0).
+    fn one_example(model: &Servable) -> Inputs {
+        let width = model.input_width();
+        match model {
+            Servable::Mlp { .. } | Servable::MlpInt8(_) | Servable::MlpSparse(_) => {
+                Inputs::Dense { width, values: vec![0.0; width] }
+            }
+            Servable::Logreg { .. } => Inputs::Sparse(vec![(vec![0], vec![1.0])]),
+            Servable::Mf { .. } => Inputs::Pairs { users: vec![1], items: vec![10] },
+            Servable::Ctr { .. } => Inputs::Slots { slots: width, ids: vec![0; width] },
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+
+        /// A model file with bytes changed or cut off is refused when it is
+        /// read or built, or it serves: what it accepts it predicts, and
+        /// nothing panics or allocates past what the file holds.
+        #[test]
+        fn a_mangled_model_file_is_refused_or_serves(
+            kind in 0usize..6,
+            changes in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), proptest::prelude::any::<u8>()), 1..4),
+            cut in proptest::option::weighted(0.2, proptest::prelude::any::<proptest::sample::Index>()),
+        ) {
+            let mut bytes = every_saved().swap_remove(kind).to_bytes().unwrap();
+            for (at, byte) in changes {
+                let at = at.index(bytes.len());
+                bytes[at] = byte;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            let Ok(saved) = SavedModel::from_bytes(&bytes) else { return Ok(()) };
+            let Ok(model) = Servable::new(saved) else { return Ok(()) };
+            let inputs = one_example(&model);
+            if model.check(&inputs).is_ok() {
+                let mut out = Vec::new();
+                model.predict(&inputs, &mut out).unwrap();
+                proptest::prop_assert_eq!(out.len(), model.output_width());
+            }
+        }
+    }
+
+    /// [`every_saved`], ready to serve.
+    pub(crate) fn every_kind() -> Vec<Servable> {
+        every_saved().into_iter().map(|m| Servable::new(m).unwrap()).collect()
+    }
 
     fn mlp() -> Servable {
         let net = ps_model::Mlp::new(&[3, 4, 2]);
