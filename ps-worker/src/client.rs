@@ -797,27 +797,8 @@ impl ShardedClient {
     /// `out`, unless it is there already.
     fn take_pulled(&self, set: &DenseSet, i: usize, pulled: Pulled, out: &mut [f32]) -> Result<()> {
         let Pulled::Answer(resp) = pulled else { return Ok(()) };
-        let expected = &set.by_shard[i];
-        if resp.chunks.len() != expected.len() {
-            return Err(Error::Protocol(format!(
-                "shard {i} returned {} chunks for {} requested",
-                resp.chunks.len(),
-                expected.len()
-            )));
-        }
-        if !resp.codecs.is_empty() && resp.codecs.len() != expected.len() {
-            return Err(Error::Protocol(format!("shard {i} named {} codecs", resp.codecs.len())));
-        }
         self.count_pulled(&resp);
-        for (j, (chunk, (_, _, range))) in resp.chunks.iter().zip(expected).enumerate() {
-            let kind = match resp.codecs.get(j) {
-                Some(&k) => CodecKind::from_wire("pulled chunk", k)?,
-                None => CodecKind::F32,
-            };
-            let len = range.len();
-            compress::decode_into(kind, "pulled values", &chunk.values, len, &mut out[range.clone()])?;
-        }
-        Ok(())
+        decode_pulled(&set.by_shard[i], i, &resp, out)
     }
 
     /// Pushes `grads` (laid out like `set`) computed at `read_clock` as part of
@@ -1569,6 +1550,44 @@ enum SparseRows {
     Decoded(Vec<f32>),
 }
 
+/// Decodes shard `i`'s answer to a dense pull of the chunks `expected`
+/// (tensor, index, place in `out`) into their places. The answer must name
+/// the chunks asked for, in the order asked: a shard that answered others
+/// (another build, or a hostile peer) would otherwise put one chunk's values
+/// where another's belong whenever their lengths match.
+fn decode_pulled(
+    expected: &[(String, u32, Range<usize>)],
+    i: usize,
+    resp: &pb::PullDenseResponse,
+    out: &mut [f32],
+) -> Result<()> {
+    if resp.chunks.len() != expected.len() {
+        return Err(Error::Protocol(format!(
+            "shard {i} returned {} chunks for {} requested",
+            resp.chunks.len(),
+            expected.len()
+        )));
+    }
+    if !resp.codecs.is_empty() && resp.codecs.len() != expected.len() {
+        return Err(Error::Protocol(format!("shard {i} named {} codecs", resp.codecs.len())));
+    }
+    for (j, (chunk, (tensor, index, range))) in resp.chunks.iter().zip(expected).enumerate() {
+        if (&chunk.tensor, chunk.index) != (tensor, *index) {
+            return Err(Error::Protocol(format!(
+                "shard {i} answered chunk {} of `{}` where chunk {index} of `{tensor}` was asked",
+                chunk.index, chunk.tensor
+            )));
+        }
+        let kind = match resp.codecs.get(j) {
+            Some(&k) => CodecKind::from_wire("pulled chunk", k)?,
+            None => CodecKind::F32,
+        };
+        let len = range.len();
+        compress::decode_into(kind, "pulled values", &chunk.values, len, &mut out[range.clone()])?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1596,6 +1615,38 @@ mod tests {
             places.iter().map(|chunks| chunks.iter().map(|place| place.to_vec()).collect()).collect();
         assert_eq!(got, expected);
         assert!(set.places(&mut out[1..]).is_none());
+    }
+
+    /// A pull's answer goes into its places only if it names the chunks
+    /// asked for, in order: swapped chunks of equal length, a chunk of
+    /// another tensor, or one too few are refused, not decoded.
+    #[test]
+    fn a_pull_answer_naming_other_chunks_is_refused() {
+        let expected =
+            vec![("a".to_string(), 0, 0..2), ("a".to_string(), 1, 2..4), ("b".to_string(), 0, 4..6)];
+        let chunk = |t: &str, i, v: [f32; 2]| pb::DenseChunk {
+            tensor: t.into(),
+            index: i,
+            values: ps_common::codec::encode_f32(&v),
+        };
+        let answer = |chunks| pb::PullDenseResponse { chunks, codecs: vec![] };
+        let mut out = [0.0; 6];
+        let right =
+            answer(vec![chunk("a", 0, [1.0, 2.0]), chunk("a", 1, [3.0, 4.0]), chunk("b", 0, [5.0, 6.0])]);
+        decode_pulled(&expected, 0, &right, &mut out).unwrap();
+        assert_eq!(out, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let swapped = answer(vec![chunk("a", 1, [0.0; 2]), chunk("a", 0, [0.0; 2]), chunk("b", 0, [0.0; 2])]);
+        let e = decode_pulled(&expected, 1, &swapped, &mut out).unwrap_err().to_string();
+        assert!(e.contains("shard 1 answered chunk 1 of `a` where chunk 0 of `a` was asked"), "{e}");
+        assert_eq!(out, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], "nothing decoded from a refused first chunk");
+        let other = answer(vec![chunk("a", 0, [0.0; 2]), chunk("a", 1, [0.0; 2]), chunk("c", 0, [0.0; 2])]);
+        assert!(decode_pulled(&expected, 0, &other, &mut out).is_err());
+        // As documented on `pull_dense`: a failed pull may leave part of its
+        // answer in the buffer (the chunks before the one refused), no more.
+        assert_eq!(out, [0.0, 0.0, 0.0, 0.0, 5.0, 6.0]);
+        let short = answer(vec![chunk("a", 0, [9.0; 2]), chunk("a", 1, [9.0; 2])]);
+        assert!(decode_pulled(&expected, 0, &short, &mut out).is_err());
+        assert_eq!(out, [0.0, 0.0, 0.0, 0.0, 5.0, 6.0], "a short answer is refused before any chunk");
     }
 
     #[test]
