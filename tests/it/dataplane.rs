@@ -791,8 +791,13 @@ async fn mangled_requests_are_each_answered_and_every_value_stays_finite() {
     ];
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     s.write_all(&frame(0, b"PSD1")).await.unwrap();
-    let (ok, _) = read_answer(&mut s).await;
-    assert_eq!(ok, 0, "welcome");
+    // Answers are read as a client reads them (`FrameReader`): each one
+    // whole, its kind 0 (OK) or a status code.
+    let mut answers = ps_common::dataplane::FrameReader::new(64 << 20);
+    let mut kind_of_next = async |s: &mut tokio::net::TcpStream| {
+        answers.next(s).await.expect("an answer").expect("an answer, not the end of the stream").0
+    };
+    assert_eq!(kind_of_next(&mut s).await, 0, "welcome");
     let mut rng = rand::rngs::StdRng::seed_from_u64(14);
     let (mut answered, mut refused) = (0, 0);
     for round in 0..3000 {
@@ -820,7 +825,7 @@ async fn mangled_requests_are_each_answered_and_every_value_stays_finite() {
             _ => *kind as u8,
         };
         s.write_all(&frame(kind, &body)).await.unwrap();
-        let (status, _) = tokio::time::timeout(Duration::from_secs(10), read_answer(&mut s))
+        let status = tokio::time::timeout(Duration::from_secs(10), kind_of_next(&mut s))
             .await
             .unwrap_or_else(|_| panic!("request {round} (kind {kind}) was not answered"));
         if status == 0 { answered += 1 } else { refused += 1 }
@@ -830,19 +835,9 @@ async fn mangled_requests_are_each_answered_and_every_value_stays_finite() {
     assert!(answered >= 300 && refused >= 300, "{answered} answered, {refused} refused");
     // The connection still serves a valid pull, and so does the shard.
     s.write_all(&frame(Kind::PullDense as u8, &valid[0].1)).await.unwrap();
-    assert_eq!(read_answer(&mut s).await.0, 0);
+    assert_eq!(kind_of_next(&mut s).await, 0);
     let set = DenseSet::new(&[dense], 1).unwrap();
     let (values, rows) = read_all(&good, &set, &[1, 2, 3, 1 << 40]).await;
     assert!(values.iter().chain(&rows).all(|v| v.is_finite()), "a value is not finite");
     shards.stop().await.unwrap();
-}
-
-/// Reads one answer frame: its kind (0: OK, else a status code) and body.
-async fn read_answer(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
-    let len = s.read_u32_le().await.expect("an answer's length") as usize;
-    assert!(len >= 1, "an answer frame holds at least its kind");
-    let kind = s.read_u8().await.unwrap();
-    let mut body = vec![0; len - 1];
-    s.read_exact(&mut body).await.unwrap();
-    (kind, body)
 }
